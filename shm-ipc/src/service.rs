@@ -1,0 +1,218 @@
+//! Services: one server endpoint serving many clients, each over its own
+//! two-party channel (fan-in of channels, never a shared multi-writer ring).
+//!
+//! Fairness and isolation come from the structure: each client owns its own
+//! request ring, so a client that floods, stalls, stops reading its replies,
+//! corrupts its segment or dies only affects its own channel. Per round the
+//! server takes at most `quota` requests from each client.
+
+use std::os::fd::BorrowedFd;
+use std::time::Instant;
+
+use crate::bytes::{ShmSlice, SlotWriter};
+use crate::channel::{ChannelError, HandlerResult, ServerChannel, ServerEnd, WaitStrategy};
+use crate::doorbell;
+
+/// Identifies one client of a [`Server`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+/// Why a client left the server.
+#[derive(Debug)]
+pub enum ClientGone {
+    /// It closed its end or died.
+    Disconnected(ClientId),
+    /// It broke the protocol; its channel was dropped.
+    Misbehaved(ClientId, ChannelError),
+}
+
+/// A fan-in server over many channels.
+#[derive(Debug)]
+pub struct Server {
+    clients: Vec<(ClientId, ServerChannel)>,
+    next_id: u64,
+    quota: u32,
+    wait: WaitStrategy,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    /// A server with no clients, a quota of 8 requests per client per
+    /// round, and the default wait strategy.
+    pub fn new() -> Self {
+        Self { clients: Vec::new(), next_id: 1, quota: 8, wait: WaitStrategy::default() }
+    }
+
+    /// Sets the most requests one client gets served per round (at least 1).
+    pub fn set_quota(&mut self, quota: u32) {
+        self.quota = quota.max(1);
+    }
+
+    /// Sets how long to spin before parking.
+    pub fn set_wait(&mut self, wait: WaitStrategy) {
+        self.wait = wait;
+    }
+
+    /// Opens and adds a client's channel.
+    pub fn add(&mut self, end: ServerEnd) -> Result<ClientId, ChannelError> {
+        Ok(self.add_channel(ServerChannel::open(end)?))
+    }
+
+    /// Adds an open channel.
+    pub fn add_channel(&mut self, channel: ServerChannel) -> ClientId {
+        let id = ClientId(self.next_id);
+        self.next_id += 1;
+        self.clients.push((id, channel));
+        id
+    }
+
+    /// Number of connected clients.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Serves up to `quota` pending requests of each client, once around.
+    /// Clients that are gone or misbehaved are removed and reported.
+    pub fn serve_round(
+        &mut self,
+        handler: &mut impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
+        gone: &mut Vec<ClientGone>,
+    ) -> usize {
+        let mut served = 0;
+        let quota = self.quota;
+        self.clients.retain_mut(|(id, ch)| {
+            let id = *id;
+            for _ in 0..quota {
+                match ch.serve_one(&mut |req, w| handler(id, req, w)) {
+                    Ok(true) => served += 1,
+                    Ok(false) => break,
+                    Err(e) => {
+                        gone.push(ClientGone::Misbehaved(id, e));
+                        return false;
+                    }
+                }
+            }
+            if ch.peer_gone() {
+                gone.push(ClientGone::Disconnected(id));
+                return false;
+            }
+            true
+        });
+        served
+    }
+
+    /// Serves until `deadline` or until no client is left, spinning
+    /// briefly when idle and then parking on every client's doorbell.
+    /// Returns the clients that left.
+    pub fn run(
+        &mut self,
+        deadline: Option<Instant>,
+        mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
+    ) -> Result<Vec<ClientGone>, ChannelError> {
+        let mut gone = Vec::new();
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            if self.clients.is_empty() {
+                return Ok(gone);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(gone);
+            }
+            if self.serve_round(&mut handler, &mut gone) > 0 {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.wait.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.park(deadline, &mut gone)?;
+            idle_since = None;
+        }
+    }
+
+    /// Parks until some client rings or `deadline` passes.
+    fn park(&mut self, deadline: Option<Instant>, gone: &mut Vec<ClientGone>) -> Result<(), ChannelError> {
+        let mut work = false;
+        let mut bad = Vec::new();
+        for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
+            match ch.prepare_park() {
+                Ok(true) => work = true,
+                Ok(false) => {}
+                Err(e) => bad.push((i, e)),
+            }
+        }
+        let rang = if work || !bad.is_empty() {
+            vec![false; self.clients.len()]
+        } else {
+            let socks: Vec<BorrowedFd<'_>> = self.clients.iter().map(|(_, ch)| ch.sock()).collect();
+            doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os { op: "poll(doorbells)", source: e })?
+        };
+        for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
+            if let Err(e) = ch.unpark(rang[i]) {
+                bad.push((i, e));
+            }
+        }
+        bad.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        bad.dedup_by_key(|(i, _)| *i);
+        for (i, e) in bad {
+            let (id, _) = self.clients.remove(i);
+            gone.push(ClientGone::Misbehaved(id, e));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::{channel_pair, ChannelConfig, Client};
+    use std::time::Duration;
+
+    #[test]
+    fn stuck_client_does_not_block_others() {
+        let cfg = ChannelConfig { slots: 2, slot_capacity: 64 };
+        let mut server = Server::new();
+        let (stuck_end, s1) = channel_pair(&cfg).unwrap();
+        let (good_end, s2) = channel_pair(&cfg).unwrap();
+        server.add(s1).unwrap();
+        server.add(s2).unwrap();
+        // The stuck client fills its ring and never reads replies.
+        let mut stuck = Client::open(stuck_end).unwrap();
+        for _ in 0..2 {
+            stuck.send_with(None, |w| w.write(b"x")).unwrap();
+        }
+        let mut good = Client::open(good_end).unwrap();
+        let mut gone = Vec::new();
+        for round in 0..4 {
+            let id = good.send_with(None, |w| w.write(&[round])).unwrap();
+            server.serve_round(&mut |_, req, w| w.write(&req.to_vec()).map_err(|e| e.to_string()), &mut gone);
+            assert_eq!(good.recv_reply(id, None, |r| r.to_vec()).unwrap(), vec![round]);
+        }
+        assert!(gone.is_empty());
+    }
+
+    #[test]
+    fn departed_client_is_reported() {
+        let mut server = Server::new();
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        server.add(s).unwrap();
+        drop(c);
+        let gone = server
+            .run(Some(Instant::now() + Duration::from_secs(5)), |_, _, _| Ok(()))
+            .unwrap();
+        assert!(matches!(gone.as_slice(), [ClientGone::Disconnected(ClientId(1))]), "{gone:?}");
+        assert!(server.is_empty());
+    }
+}
