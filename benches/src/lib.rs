@@ -1,1 +1,122 @@
-//! Shared helpers for the benchmarks.
+//! Shared helpers for the benchmarks: latency statistics and the JSON line
+//! every benchmark prints last.
+
+use std::time::Duration;
+
+/// Latency samples in nanoseconds.
+#[derive(Debug, Default, Clone)]
+pub struct Samples(Vec<u64>);
+
+impl Samples {
+    /// Room for `n` samples.
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    /// Records one sample.
+    pub fn push(&mut self, d: Duration) {
+        self.0.push(d.as_nanos() as u64);
+    }
+
+    /// The `p`-th percentile (0..=100), nearest rank.
+    pub fn percentile(&mut self, p: f64) -> u64 {
+        assert!(!self.0.is_empty(), "no samples");
+        self.0.sort_unstable();
+        let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
+        self.0[rank.clamp(1, self.0.len()) - 1]
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Ordered `key: value` pairs printed as one JSON object on one line.
+#[derive(Debug, Default)]
+pub struct JsonLine(Vec<(String, String)>);
+
+impl JsonLine {
+    /// Adds an integer field.
+    pub fn int(&mut self, key: &str, v: u64) -> &mut Self {
+        self.0.push((key.to_string(), v.to_string()));
+        self
+    }
+
+    /// Adds a number field, rounded to 3 decimals.
+    pub fn num(&mut self, key: &str, v: f64) -> &mut Self {
+        self.0.push((key.to_string(), format!("{:.3}", v)));
+        self
+    }
+
+    /// Adds a string field.
+    pub fn str(&mut self, key: &str, v: &str) -> &mut Self {
+        self.0.push((key.to_string(), format!("{v:?}")));
+        self
+    }
+
+    /// Adds a boolean field.
+    pub fn bool(&mut self, key: &str, v: bool) -> &mut Self {
+        self.0.push((key.to_string(), v.to_string()));
+        self
+    }
+
+    /// The object as one line of JSON.
+    pub fn render(&self) -> String {
+        let body: Vec<String> = self.0.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+        format!("{{{}}}", body.join(","))
+    }
+}
+
+/// Wrapping sum of the little-endian u64 words of `bytes` (and its tail
+/// bytes): a cheap way to make a receiver read every byte.
+pub fn word_sum(bytes: &[u8]) -> u64 {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut sum = 0u64;
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    }
+    chunks
+        .remainder()
+        .iter()
+        .fold(sum, |s, &b| s.wrapping_add(b as u64))
+}
+
+/// Whether `--json` was passed.
+pub fn json_requested() -> bool {
+    std::env::args().any(|a| a == "--json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut s = Samples::default();
+        for n in 1..=100 {
+            s.push(Duration::from_nanos(n));
+        }
+        assert_eq!(
+            (s.percentile(50.0), s.percentile(99.0), s.percentile(100.0)),
+            (50, 99, 100)
+        );
+    }
+
+    #[test]
+    fn json_line_is_one_object() {
+        let mut j = JsonLine::default();
+        j.int("a", 1).num("b", 0.5).str("c", "x").bool("d", true);
+        assert_eq!(j.render(), r#"{"a":1,"b":0.500,"c":"x","d":true}"#);
+    }
+
+    #[test]
+    fn word_sum_reads_tails() {
+        assert_eq!(word_sum(&[1, 0, 0, 0, 0, 0, 0, 0, 5]), 6);
+    }
+}

@@ -40,7 +40,10 @@ impl<'a> ShmSlice<'a> {
     /// # Panics
     /// If `dst` is longer than the message.
     pub fn copy_to(&self, dst: &mut [u8]) {
-        assert!(dst.len() <= self.len, "copy_to: destination longer than message");
+        assert!(
+            dst.len() <= self.len,
+            "copy_to: destination longer than message"
+        );
         self.region.copy_out(self.off, dst);
     }
 
@@ -69,7 +72,10 @@ impl<'a> ShmSlice<'a> {
     /// # Panics
     /// If the range is out of bounds.
     pub fn slice(&self, start: usize, len: usize) -> ShmSlice<'a> {
-        assert!(start.checked_add(len).is_some_and(|end| end <= self.len), "slice out of bounds");
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "slice out of bounds"
+        );
         ShmSlice::new(self.region, self.off + start, len)
     }
 }
@@ -96,8 +102,15 @@ pub struct SlotFull {
 
 impl<'a> SlotWriter<'a> {
     pub(crate) fn new(region: &'a Region, off: usize, capacity: usize) -> Self {
-        assert!(off.checked_add(capacity).is_some_and(|end| end <= region.len()));
-        Self { region, off, capacity, len: 0 }
+        assert!(off
+            .checked_add(capacity)
+            .is_some_and(|end| end <= region.len()));
+        Self {
+            region,
+            off,
+            capacity,
+            len: 0,
+        }
     }
 
     /// Bytes the slot can hold.
@@ -119,7 +132,10 @@ impl<'a> SlotWriter<'a> {
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SlotFull> {
         let needed = self.len + bytes.len();
         if needed > self.capacity {
-            return Err(SlotFull { needed, capacity: self.capacity });
+            return Err(SlotFull {
+                needed,
+                capacity: self.capacity,
+            });
         }
         self.region.copy_in(self.off + self.len, bytes);
         self.len = needed;
@@ -130,7 +146,10 @@ impl<'a> SlotWriter<'a> {
     pub fn write_at(&mut self, pos: usize, bytes: &[u8]) -> Result<(), SlotFull> {
         let end = pos.saturating_add(bytes.len());
         if end > self.capacity {
-            return Err(SlotFull { needed: end, capacity: self.capacity });
+            return Err(SlotFull {
+                needed: end,
+                capacity: self.capacity,
+            });
         }
         self.region.copy_in(self.off + pos, bytes);
         self.len = self.len.max(end);
@@ -141,7 +160,10 @@ impl<'a> SlotWriter<'a> {
     pub fn fill(&mut self, byte: u8, len: usize) -> Result<(), SlotFull> {
         let needed = self.len + len;
         if needed > self.capacity {
-            return Err(SlotFull { needed, capacity: self.capacity });
+            return Err(SlotFull {
+                needed,
+                capacity: self.capacity,
+            });
         }
         self.region.fill(self.off + self.len, len, byte);
         self.len = needed;

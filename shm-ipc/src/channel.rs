@@ -63,22 +63,55 @@ pub struct ChannelConfig {
 
 impl Default for ChannelConfig {
     fn default() -> Self {
-        Self { slots: 16, slot_capacity: 4096 }
+        Self {
+            slots: 16,
+            slot_capacity: 4096,
+        }
     }
 }
 
 /// How long an endpoint spins before it parks.
+///
+/// Parking costs a wake-up through the kernel (tens of microseconds on a
+/// virtual machine), so a waiter first busy-waits for a while. The spin
+/// yields the CPU now and then, so a peer on the same core still runs, and it
+/// is bounded, so an idle channel burns no CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitStrategy {
-    /// Busy-wait this long for the peer before parking on the doorbell. Zero
-    /// parks at once; the spin yields the CPU now and then, so a peer on the
-    /// same core still runs.
+    /// Busy-wait at least this long before parking. Zero (with
+    /// `adaptive_max` zero) parks at once.
     pub spin: Duration,
+    /// Adaptive spinning: an endpoint keeps a moving average of how long its
+    /// waits take and, while twice that average is at most `adaptive_max`,
+    /// spins that long instead, so a peer that answers in 100 µs is caught
+    /// spinning rather than paying for a wake-up; waits longer than that
+    /// park after `spin`. Zero disables it.
+    pub adaptive_max: Duration,
+}
+
+impl WaitStrategy {
+    /// Park at once, never spin: lowest CPU use, highest latency.
+    pub const PARK: Self = Self {
+        spin: Duration::ZERO,
+        adaptive_max: Duration::ZERO,
+    };
+
+    fn budget(&self, avg_wait: Duration) -> Duration {
+        let adaptive = avg_wait * 2;
+        if !self.adaptive_max.is_zero() && adaptive <= self.adaptive_max {
+            self.spin.max(adaptive)
+        } else {
+            self.spin
+        }
+    }
 }
 
 impl Default for WaitStrategy {
     fn default() -> Self {
-        Self { spin: Duration::from_micros(50) }
+        Self {
+            spin: Duration::from_micros(50),
+            adaptive_max: Duration::from_millis(1),
+        }
     }
 }
 
@@ -123,7 +156,10 @@ pub enum ChannelError {
 
 impl ChannelError {
     fn os(op: &'static str, e: impl Into<std::io::Error>) -> Self {
-        Self::Os { op, source: e.into() }
+        Self::Os {
+            op,
+            source: e.into(),
+        }
     }
 }
 
@@ -142,7 +178,10 @@ impl Layout {
         if capacity == 0 || capacity > MAX_SLOT_CAPACITY || capacity % 64 != 0 {
             return Err("slot capacity must be a multiple of 64 in 64..=256 MiB");
         }
-        Ok(Self { slots, capacity: capacity as usize })
+        Ok(Self {
+            slots,
+            capacity: capacity as usize,
+        })
     }
 
     fn stride(&self) -> usize {
@@ -220,24 +259,42 @@ end_type!(ServerEnd, "The server's unopened end of a channel.");
 /// socketpair. Hand the ends to the two processes that will use them (the
 /// creator should keep neither, or peer death cannot be detected).
 pub fn channel_pair(config: &ChannelConfig) -> Result<(ClientEnd, ServerEnd), ChannelError> {
-    let capacity = config.slot_capacity.checked_next_multiple_of(64).ok_or(ChannelError::Config("slot capacity too large"))?;
+    let capacity = config
+        .slot_capacity
+        .checked_next_multiple_of(64)
+        .ok_or(ChannelError::Config("slot capacity too large"))?;
     let layout = Layout::new(config.slots, capacity).map_err(ChannelError::Config)?;
     let total = layout.total();
     let memfd = segment::create_memfd(c"ember-channel", total as u64)?;
     segment::add_seals(memfd.as_fd(), BASE_SEALS)?;
     let region = Region::map_rw(&memfd, total).map_err(|e| SegmentError::os("mmap", e))?;
     region.u64_at(H_MAGIC).store(MAGIC, Ordering::Relaxed);
-    region.u32_at(H_VERSION).store(LAYOUT_VERSION, Ordering::Relaxed);
-    region.u32_at(H_SLOTS).store(layout.slots, Ordering::Relaxed);
+    region
+        .u32_at(H_VERSION)
+        .store(LAYOUT_VERSION, Ordering::Relaxed);
+    region
+        .u32_at(H_SLOTS)
+        .store(layout.slots, Ordering::Relaxed);
     region.u32_at(H_CAPACITY).store(capacity, Ordering::Relaxed);
     // Release: pairs with the Acquire in `Endpoint::open`; everything above
     // is visible to whoever sees `ready == 1`.
     region.u32_at(H_READY).store(1, Ordering::Release);
     drop(region);
-    let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| ChannelError::os("socketpair", e))?;
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| ChannelError::os("socketpair", e))?;
     let memfd2 = memfd.try_clone().map_err(|e| ChannelError::os("dup", e))?;
-    Ok((ClientEnd { memfd, sock: a }, ServerEnd { memfd: memfd2, sock: b }))
+    Ok((
+        ClientEnd { memfd, sock: a },
+        ServerEnd {
+            memfd: memfd2,
+            sock: b,
+        },
+    ))
 }
 
 /// What both sides share: the mapping, the rings' private state, the doorbell.
@@ -251,6 +308,8 @@ struct Endpoint {
     rx: Consumer,
     peer_gone: bool,
     wait: WaitStrategy,
+    /// Moving average (1/8 weight) of recent wait durations, in ns.
+    avg_wait_ns: u64,
 }
 
 /// A message header read once from a slot and checked.
@@ -265,9 +324,14 @@ impl Endpoint {
     fn open(memfd: OwnedFd, sock: OwnedFd, tx_ring: usize) -> Result<Self, ChannelError> {
         let size = segment::check_sealed(&memfd, BASE_SEALS)?;
         if size < SLOTS_BASE as u64 || size > usize::MAX as u64 {
-            return Err(SegmentError::BadSize { actual: size, reason: "smaller than a channel header" }.into());
+            return Err(SegmentError::BadSize {
+                actual: size,
+                reason: "smaller than a channel header",
+            }
+            .into());
         }
-        let region = Region::map_rw(&memfd, size as usize).map_err(|e| SegmentError::os("mmap", e))?;
+        let region =
+            Region::map_rw(&memfd, size as usize).map_err(|e| SegmentError::os("mmap", e))?;
         // Acquire: pairs with the Release in `channel_pair`.
         if region.u32_at(H_READY).load(Ordering::Acquire) != 1 {
             return Err(SegmentError::BadHeader("channel not initialized").into());
@@ -282,11 +346,21 @@ impl Endpoint {
         let capacity = region.u32_at(H_CAPACITY).load(Ordering::Relaxed);
         let layout = Layout::new(slots, capacity).map_err(SegmentError::BadHeader)?;
         if layout.total() as u64 > size {
-            return Err(SegmentError::BadSize { actual: size, reason: "smaller than its header's layout" }.into());
+            return Err(SegmentError::BadSize {
+                actual: size,
+                reason: "smaller than its header's layout",
+            }
+            .into());
         }
-        let flags = fcntl(&sock, FcntlArg::F_GETFL).map_err(|e| ChannelError::os("fcntl(F_GETFL)", e))?;
-        fcntl(&sock, FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK))
-            .map_err(|e| ChannelError::os("fcntl(F_SETFL)", e))?;
+        // The doorbell stays in blocking mode: a park without deadline is
+        // one blocking read; every other operation passes MSG_DONTWAIT.
+        let flags =
+            fcntl(&sock, FcntlArg::F_GETFL).map_err(|e| ChannelError::os("fcntl(F_GETFL)", e))?;
+        fcntl(
+            &sock,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) & !OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| ChannelError::os("fcntl(F_SETFL)", e))?;
         drop(memfd);
         Ok(Self {
             region,
@@ -297,11 +371,15 @@ impl Endpoint {
             rx: Consumer::new(slots),
             peer_gone: false,
             wait: WaitStrategy::default(),
+            avg_wait_ns: 0,
         })
     }
 
     fn ring(&self, which: usize) -> RingAt<'_> {
-        RingAt { region: &self.region, base: RING_CTRL[which] }
+        RingAt {
+            region: &self.region,
+            base: RING_CTRL[which],
+        }
     }
 
     fn tx_words(&self) -> RingAt<'_> {
@@ -317,18 +395,26 @@ impl Endpoint {
     }
 
     fn try_reserve(&mut self) -> Result<Option<u32>, ChannelError> {
-        let w = RingAt { region: &self.region, base: RING_CTRL[self.tx_ring] };
+        let w = RingAt {
+            region: &self.region,
+            base: RING_CTRL[self.tx_ring],
+        };
         self.tx.reserve(&w).map_err(Self::corrupt)
     }
 
     fn try_peek(&mut self) -> Result<Option<u32>, ChannelError> {
-        let w = RingAt { region: &self.region, base: RING_CTRL[1 - self.tx_ring] };
+        let w = RingAt {
+            region: &self.region,
+            base: RING_CTRL[1 - self.tx_ring],
+        };
         self.rx.peek(&w).map_err(Self::corrupt)
     }
 
     /// Drains the doorbell after a wake-up; notes a gone peer.
     fn drain(&mut self) -> Result<(), ChannelError> {
-        if doorbell::drain(self.sock.as_fd()).map_err(|e| ChannelError::os("recv(doorbell)", e))? == Drained::PeerGone {
+        if doorbell::drain(self.sock.as_fd()).map_err(|e| ChannelError::os("recv(doorbell)", e))?
+            == Drained::PeerGone
+        {
             self.peer_gone = true;
         }
         Ok(())
@@ -339,14 +425,29 @@ impl Endpoint {
         &mut self,
         deadline: Option<Instant>,
         mut ready: impl FnMut(&mut Self) -> Result<Option<u32>, ChannelError>,
-        mut park: impl FnMut(&mut Self) -> Result<Option<u32>, ChannelError>,
+        park: impl FnMut(&mut Self) -> Result<Option<u32>, ChannelError>,
         unpark: impl Fn(&Self),
     ) -> Result<u32, ChannelError> {
         if let Some(slot) = ready(self)? {
             return Ok(slot);
         }
-        if !self.wait.spin.is_zero() && !self.peer_gone {
-            let start = Instant::now();
+        let start = Instant::now();
+        let out = self.spin_then_park(start, deadline, &mut ready, park, unpark);
+        let took = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.avg_wait_ns = self.avg_wait_ns - self.avg_wait_ns / 8 + took / 8;
+        out
+    }
+
+    fn spin_then_park(
+        &mut self,
+        start: Instant,
+        deadline: Option<Instant>,
+        ready: &mut impl FnMut(&mut Self) -> Result<Option<u32>, ChannelError>,
+        mut park: impl FnMut(&mut Self) -> Result<Option<u32>, ChannelError>,
+        unpark: impl Fn(&Self),
+    ) -> Result<u32, ChannelError> {
+        let budget = self.wait.budget(Duration::from_nanos(self.avg_wait_ns));
+        if !budget.is_zero() && !self.peer_gone {
             let mut i: u32 = 0;
             loop {
                 std::hint::spin_loop();
@@ -355,7 +456,8 @@ impl Endpoint {
                 }
                 i = i.wrapping_add(1);
                 if i % 64 == 0 {
-                    if start.elapsed() >= self.wait.spin {
+                    let spun = start.elapsed();
+                    if spun >= budget || deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
                     if i % 1024 == 0 {
@@ -374,11 +476,27 @@ impl Endpoint {
             if let Some(slot) = park(self)? {
                 return Ok(slot);
             }
-            let woke = doorbell::wait_one(&self.sock, deadline).map_err(|e| ChannelError::os("poll(doorbell)", e))?;
-            unpark(self);
-            if woke {
-                self.drain()?;
-            }
+            let woke = match deadline {
+                // No deadline: one blocking read is both the wait and the drain.
+                None => {
+                    let alive = doorbell::wait_and_drain(self.sock.as_fd())
+                        .map_err(|e| ChannelError::os("recv(doorbell)", e))?;
+                    if alive == Drained::PeerGone {
+                        self.peer_gone = true;
+                    }
+                    unpark(self);
+                    true
+                }
+                Some(_) => {
+                    let woke = doorbell::wait_one(&self.sock, deadline)
+                        .map_err(|e| ChannelError::os("poll(doorbell)", e))?;
+                    unpark(self);
+                    if woke {
+                        self.drain()?;
+                    }
+                    woke
+                }
+            };
             if let Some(slot) = ready(self)? {
                 return Ok(slot);
             }
@@ -393,7 +511,10 @@ impl Endpoint {
             deadline,
             Self::try_reserve,
             |s| {
-                let w = RingAt { region: &s.region, base: RING_CTRL[s.tx_ring] };
+                let w = RingAt {
+                    region: &s.region,
+                    base: RING_CTRL[s.tx_ring],
+                };
                 s.tx.prepare_park(&w).map_err(Self::corrupt)
             },
             |s| s.tx.unpark(&s.tx_words()),
@@ -405,7 +526,10 @@ impl Endpoint {
             deadline,
             Self::try_peek,
             |s| {
-                let w = RingAt { region: &s.region, base: RING_CTRL[1 - s.tx_ring] };
+                let w = RingAt {
+                    region: &s.region,
+                    base: RING_CTRL[1 - s.tx_ring],
+                };
                 s.rx.prepare_park(&w).map_err(Self::corrupt)
             },
             |s| s.rx.unpark(&s.rx_words()),
@@ -413,16 +537,27 @@ impl Endpoint {
     }
 
     fn writer(&self, slot: u32) -> SlotWriter<'_> {
-        SlotWriter::new(&self.region, self.layout.slot(self.tx_ring, slot) + SLOT_HEADER, self.layout.capacity)
+        SlotWriter::new(
+            &self.region,
+            self.layout.slot(self.tx_ring, slot) + SLOT_HEADER,
+            self.layout.capacity,
+        )
     }
 
     /// Writes the header of the reserved slot and publishes it.
     fn publish(&mut self, slot: u32, len: usize, status: u32, id: u64) {
         let base = self.layout.slot(self.tx_ring, slot);
-        self.region.u32_at(base + S_LEN).store(len as u32, Ordering::Relaxed);
-        self.region.u32_at(base + S_STATUS).store(status, Ordering::Relaxed);
+        self.region
+            .u32_at(base + S_LEN)
+            .store(len as u32, Ordering::Relaxed);
+        self.region
+            .u32_at(base + S_STATUS)
+            .store(status, Ordering::Relaxed);
         self.region.u64_at(base + S_ID).store(id, Ordering::Relaxed);
-        let w = RingAt { region: &self.region, base: RING_CTRL[self.tx_ring] };
+        let w = RingAt {
+            region: &self.region,
+            base: RING_CTRL[self.tx_ring],
+        };
         if self.tx.publish(&w) {
             doorbell::ring(self.sock.as_fd());
         }
@@ -433,7 +568,9 @@ impl Endpoint {
         let base = self.layout.slot(1 - self.tx_ring, slot);
         let len = self.region.u32_at(base + S_LEN).load(Ordering::Relaxed) as usize;
         if len > self.layout.capacity {
-            return Err(ChannelError::Corrupt("message length exceeds slot capacity"));
+            return Err(ChannelError::Corrupt(
+                "message length exceeds slot capacity",
+            ));
         }
         Ok(SlotHeader {
             len,
@@ -443,11 +580,18 @@ impl Endpoint {
     }
 
     fn payload(&self, slot: u32, len: usize) -> ShmSlice<'_> {
-        ShmSlice::new(&self.region, self.layout.slot(1 - self.tx_ring, slot) + SLOT_HEADER, len)
+        ShmSlice::new(
+            &self.region,
+            self.layout.slot(1 - self.tx_ring, slot) + SLOT_HEADER,
+            len,
+        )
     }
 
     fn release(&mut self) {
-        let w = RingAt { region: &self.region, base: RING_CTRL[1 - self.tx_ring] };
+        let w = RingAt {
+            region: &self.region,
+            base: RING_CTRL[1 - self.tx_ring],
+        };
         if self.rx.release(&w) {
             doorbell::ring(self.sock.as_fd());
         }
@@ -482,7 +626,10 @@ pub struct Client {
 impl Client {
     /// Maps the channel after checking its seals, size and header.
     pub fn open(end: ClientEnd) -> Result<Self, ChannelError> {
-        Ok(Self { ep: Endpoint::open(end.memfd, end.sock, REQUESTS)?, next_id: 1 })
+        Ok(Self {
+            ep: Endpoint::open(end.memfd, end.sock, REQUESTS)?,
+            next_id: 1,
+        })
     }
 
     /// Sets how long to spin before parking.
@@ -501,7 +648,11 @@ impl Client {
     }
 
     /// Sends `req` and waits for its reply until `deadline`.
-    pub fn call_deadline(&mut self, req: &[u8], deadline: Instant) -> Result<Vec<u8>, ChannelError> {
+    pub fn call_deadline(
+        &mut self,
+        req: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ChannelError> {
         self.call_with(Some(deadline), |w| w.write(req), |reply| reply.to_vec())
     }
 
@@ -533,6 +684,14 @@ impl Client {
             None => self.ep.try_reserve()?.ok_or(ChannelError::Full)?,
             Some(_) => self.ep.wait_tx(deadline)?,
         };
+        self.fill_and_publish(slot, write)
+    }
+
+    fn fill_and_publish(
+        &mut self,
+        slot: u32,
+        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
+    ) -> Result<u64, ChannelError> {
         let mut w = self.ep.writer(slot);
         write(&mut w)?;
         let len = w.len();
@@ -550,29 +709,146 @@ impl Client {
         deadline: Option<Instant>,
         read: impl FnOnce(ShmSlice<'_>) -> R,
     ) -> Result<R, ChannelError> {
+        let mut read = Some(read);
         loop {
             let slot = self.ep.wait_rx(deadline)?;
-            let h = self.ep.read_header(slot)?;
-            if h.id < id {
-                self.ep.release();
-                continue;
+            if let Some(out) = self.take_reply(slot, id, &mut read)? {
+                return out;
             }
-            if h.id > id {
-                return Err(ChannelError::Corrupt("reply to a request never sent"));
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(ChannelError::TimedOut);
             }
-            let out = match h.status {
-                STATUS_OK => Ok(read(self.ep.payload(slot, h.len))),
-                STATUS_ERROR => Err(ChannelError::Remote(String::from_utf8_lossy(&self.ep.payload(slot, h.len).to_vec()).into_owned())),
-                _ => Err(ChannelError::Corrupt("unknown reply status")),
-            };
-            self.ep.release();
-            return out;
         }
     }
 
-    /// The doorbell descriptor, for async integration.
-    pub(crate) fn sock(&self) -> BorrowedFd<'_> {
-        self.ep.sock.as_fd()
+    /// Consumes the reply in `slot`: `None` if it was a stale reply to an
+    /// abandoned request (skipped), else the outcome for request `id`.
+    #[allow(clippy::type_complexity)]
+    fn take_reply<R>(
+        &mut self,
+        slot: u32,
+        id: u64,
+        read: &mut Option<impl FnOnce(ShmSlice<'_>) -> R>,
+    ) -> Result<Option<Result<R, ChannelError>>, ChannelError> {
+        let h = self.ep.read_header(slot)?;
+        if h.id < id {
+            self.ep.release();
+            return Ok(None);
+        }
+        if h.id > id {
+            return Err(ChannelError::Corrupt("reply to a request never sent"));
+        }
+        let out = match h.status {
+            STATUS_OK => {
+                let read = read.take().expect("a reply is taken once");
+                Ok(read(self.ep.payload(slot, h.len)))
+            }
+            STATUS_ERROR => Err(ChannelError::Remote(
+                String::from_utf8_lossy(&self.ep.payload(slot, h.len).to_vec()).into_owned(),
+            )),
+            _ => Err(ChannelError::Corrupt("unknown reply status")),
+        };
+        self.ep.release();
+        Ok(Some(out))
+    }
+}
+
+/// A client for async code: the same channel, parked on tokio's reactor
+/// instead of a blocking `poll`.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct AsyncClient {
+    client: Client,
+    doorbell: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+#[cfg(feature = "tokio")]
+impl AsyncClient {
+    /// Wraps an open client; must be called inside a tokio runtime.
+    pub fn new(client: Client) -> Result<Self, ChannelError> {
+        let dup = client
+            .ep
+            .sock
+            .try_clone()
+            .map_err(|e| ChannelError::os("dup", e))?;
+        // SAFETY: `dup` is an open descriptor owned by the AsyncFd for its
+        // whole life; OwnedFd::as_raw_fd always returns that same descriptor.
+        let doorbell = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| ChannelError::os("epoll_ctl", e.into_parts().1))?;
+        Ok(Self { client, doorbell })
+    }
+
+    /// Sends `req` and returns a copy of the reply.
+    pub async fn call(&mut self, req: &[u8]) -> Result<Vec<u8>, ChannelError> {
+        self.call_with(|w| w.write(req), |r| r.to_vec()).await
+    }
+
+    /// The zero-copy call (see [`Client::call_with`]); waits for room and for
+    /// the reply without blocking the runtime. Wrap it in
+    /// `tokio::time::timeout` for a deadline.
+    pub async fn call_with<R>(
+        &mut self,
+        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
+        read: impl FnOnce(ShmSlice<'_>) -> R,
+    ) -> Result<R, ChannelError> {
+        let slot = self.wait(true).await?;
+        let id = self.client.fill_and_publish(slot, write)?;
+        let mut read = Some(read);
+        loop {
+            let slot = self.wait(false).await?;
+            if let Some(out) = self.client.take_reply(slot, id, &mut read)? {
+                return out;
+            }
+        }
+    }
+
+    /// Waits for a free request slot (`tx`) or a reply.
+    async fn wait(&mut self, tx: bool) -> Result<u32, ChannelError> {
+        loop {
+            let ep = &mut self.client.ep;
+            let ready = if tx {
+                ep.try_reserve()?
+            } else {
+                ep.try_peek()?
+            };
+            if let Some(slot) = ready {
+                return Ok(slot);
+            }
+            if ep.peer_gone {
+                return Err(ChannelError::PeerGone);
+            }
+            let parked = if tx {
+                let w = RingAt {
+                    region: &ep.region,
+                    base: RING_CTRL[ep.tx_ring],
+                };
+                ep.tx.prepare_park(&w)
+            } else {
+                let w = RingAt {
+                    region: &ep.region,
+                    base: RING_CTRL[1 - ep.tx_ring],
+                };
+                ep.rx.prepare_park(&w)
+            };
+            if let Some(slot) = parked.map_err(Endpoint::corrupt)? {
+                return Ok(slot);
+            }
+            let mut guard = self
+                .doorbell
+                .readable()
+                .await
+                .map_err(|e| ChannelError::os("epoll_wait", e))?;
+            let ep = &mut self.client.ep;
+            if tx {
+                ep.tx.unpark(&ep.tx_words());
+            } else {
+                ep.rx.unpark(&ep.rx_words());
+            }
+            ep.drain()?;
+            guard.clear_ready();
+        }
     }
 }
 
@@ -589,7 +865,9 @@ pub struct ServerChannel {
 impl ServerChannel {
     /// Maps the channel after checking its seals, size and header.
     pub fn open(end: ServerEnd) -> Result<Self, ChannelError> {
-        Ok(Self { ep: Endpoint::open(end.memfd, end.sock, REPLIES)? })
+        Ok(Self {
+            ep: Endpoint::open(end.memfd, end.sock, REPLIES)?,
+        })
     }
 
     /// Sets how long to spin before parking.
@@ -667,11 +945,27 @@ impl ServerChannel {
         }
         if self.ep.try_peek()?.is_some() {
             // A request waits for reply space: park on the reply ring.
-            let w = RingAt { region: &self.ep.region, base: RING_CTRL[self.ep.tx_ring] };
-            return Ok(self.ep.tx.prepare_park(&w).map_err(Endpoint::corrupt)?.is_some());
+            let w = RingAt {
+                region: &self.ep.region,
+                base: RING_CTRL[self.ep.tx_ring],
+            };
+            return Ok(self
+                .ep
+                .tx
+                .prepare_park(&w)
+                .map_err(Endpoint::corrupt)?
+                .is_some());
         }
-        let w = RingAt { region: &self.ep.region, base: RING_CTRL[1 - self.ep.tx_ring] };
-        Ok(self.ep.rx.prepare_park(&w).map_err(Endpoint::corrupt)?.is_some())
+        let w = RingAt {
+            region: &self.ep.region,
+            base: RING_CTRL[1 - self.ep.tx_ring],
+        };
+        Ok(self
+            .ep
+            .rx
+            .prepare_park(&w)
+            .map_err(Endpoint::corrupt)?
+            .is_some())
     }
 
     /// Clears both parked flags and drains the doorbell if it rang.
@@ -687,6 +981,18 @@ impl ServerChannel {
     pub(crate) fn sock(&self) -> BorrowedFd<'_> {
         self.ep.sock.as_fd()
     }
+
+    /// Blocks on the doorbell until it rings (draining it) or the client
+    /// leaves; call between `prepare_park` and `unpark(false)`.
+    pub(crate) fn park_blocking(&mut self) -> Result<(), ChannelError> {
+        if doorbell::wait_and_drain(self.ep.sock.as_fd())
+            .map_err(|e| ChannelError::os("recv(doorbell)", e))?
+            == Drained::PeerGone
+        {
+            self.ep.peer_gone = true;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -699,7 +1005,11 @@ mod tests {
 
     #[test]
     fn round_trip_in_one_process() {
-        let (c, s) = channel_pair(&ChannelConfig { slots: 2, slot_capacity: 64 }).unwrap();
+        let (c, s) = channel_pair(&ChannelConfig {
+            slots: 2,
+            slot_capacity: 64,
+        })
+        .unwrap();
         let mut c = Client::open(c).unwrap();
         let mut s = ServerChannel::open(s).unwrap();
         for i in 0..10u8 {
@@ -711,21 +1021,44 @@ mod tests {
 
     #[test]
     fn full_ring_is_an_error_without_deadline() {
-        let (c, _s) = channel_pair(&ChannelConfig { slots: 2, slot_capacity: 64 }).unwrap();
+        let (c, _s) = channel_pair(&ChannelConfig {
+            slots: 2,
+            slot_capacity: 64,
+        })
+        .unwrap();
         let mut c = Client::open(c).unwrap();
         c.send_with(None, |w| w.write(b"a")).unwrap();
         c.send_with(None, |w| w.write(b"b")).unwrap();
-        assert!(matches!(c.send_with(None, |w| w.write(b"c")), Err(ChannelError::Full)));
+        assert!(matches!(
+            c.send_with(None, |w| w.write(b"c")),
+            Err(ChannelError::Full)
+        ));
         let d = Instant::now() + Duration::from_millis(20);
-        assert!(matches!(c.send_with(Some(d), |w| w.write(b"c")), Err(ChannelError::TimedOut)));
+        assert!(matches!(
+            c.send_with(Some(d), |w| w.write(b"c")),
+            Err(ChannelError::TimedOut)
+        ));
     }
 
     #[test]
     fn oversized_request_is_refused_before_sending() {
-        let (c, _s) = channel_pair(&ChannelConfig { slots: 2, slot_capacity: 64 }).unwrap();
+        let (c, _s) = channel_pair(&ChannelConfig {
+            slots: 2,
+            slot_capacity: 64,
+        })
+        .unwrap();
         let mut c = Client::open(c).unwrap();
         let err = c.send_with(None, |w| w.write(&[0; 65])).unwrap_err();
-        assert!(matches!(err, ChannelError::TooLarge(SlotFull { needed: 65, capacity: 64 })), "{err}");
+        assert!(
+            matches!(
+                err,
+                ChannelError::TooLarge(SlotFull {
+                    needed: 65,
+                    capacity: 64
+                })
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -734,9 +1067,13 @@ mod tests {
         let mut c = Client::open(c).unwrap();
         let mut s = ServerChannel::open(s).unwrap();
         let id = c.send_with(None, |w| w.write(b"x")).unwrap();
-        s.serve_one(&mut |_, _| Err("no such key".to_string())).unwrap();
+        s.serve_one(&mut |_, _| Err("no such key".to_string()))
+            .unwrap();
         let err = c.recv_reply(id, None, |_| ()).unwrap_err();
-        assert!(matches!(&err, ChannelError::Remote(m) if m == "no such key"), "{err}");
+        assert!(
+            matches!(&err, ChannelError::Remote(m) if m == "no such key"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -747,25 +1084,117 @@ mod tests {
         assert!(matches!(c.call(b"x"), Err(ChannelError::PeerGone)));
     }
 
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn async_client_parks_on_the_reactor() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut s = ServerChannel::open(s).unwrap();
+            s.set_wait(WaitStrategy::PARK);
+            for _ in 0..3 {
+                s.serve_next(None, |req, w| {
+                    w.write(&req.to_vec()).map_err(|e| e.to_string())
+                })
+                .unwrap();
+            }
+        });
+        let mut c = AsyncClient::new(Client::open(c).unwrap()).unwrap();
+        for msg in [&b"a"[..], b"bb", b"ccc"] {
+            assert_eq!(c.call(msg).await.unwrap(), msg);
+        }
+        server.join().unwrap();
+        assert!(matches!(c.call(b"x").await, Err(ChannelError::PeerGone)));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// A third party with a writable mapping scribbles over every page of
+        /// a live channel while a client and a server keep working: each call
+        /// either answers correctly or fails with a channel error, the server
+        /// thread ends cleanly, and nothing panics, hangs or reads out of
+        /// bounds.
+        #[test]
+        fn scribbling_over_a_live_channel_never_crashes(
+            writes in proptest::collection::vec((0usize..2 * 4096 + 8 * 2 * (64 + 128), proptest::prelude::any::<u32>()), 1..48),
+        ) {
+            let (c, s) = channel_pair(&ChannelConfig { slots: 8, slot_capacity: 128 }).unwrap();
+            let attacker = Region::map_rw(c.fds()[0], Layout::new(8, 128).unwrap().total()).unwrap();
+            let server = std::thread::spawn(move || {
+                let mut s = ServerChannel::open(s).unwrap();
+                s.set_wait(WaitStrategy::PARK);
+                let end = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match s.serve_next(Some(end), |req, w| w.write(&req.to_vec()).map_err(|e| e.to_string())) {
+                        Ok(()) => {}
+                        Err(ChannelError::PeerGone | ChannelError::TimedOut | ChannelError::Corrupt(_)) => return,
+                        Err(e) => panic!("server: unexpected {e}"),
+                    }
+                }
+            });
+            let mut client = Client::open(c).unwrap();
+            for (i, (off, val)) in writes.iter().enumerate() {
+                let off = (off % attacker.len()) & !3;
+                attacker.u32_at(off).store(*val, Ordering::Relaxed);
+                let msg = (i as u32).to_le_bytes();
+                match client.call_deadline(&msg, Instant::now() + Duration::from_millis(20)) {
+                    Ok(reply) => proptest::prop_assert!(reply.len() <= 128),
+                    Err(ChannelError::Corrupt(_) | ChannelError::TimedOut | ChannelError::Remote(_) | ChannelError::PeerGone | ChannelError::Full) => {}
+                    Err(e) => proptest::prop_assert!(false, "client: unexpected {e}"),
+                }
+            }
+            drop(client);
+            server.join().unwrap();
+        }
+    }
+
     #[test]
     fn invalid_configs_are_refused() {
         for (slots, cap) in [(0, 64), (3, 64), (8192, 64), (2, 0)] {
-            let err = channel_pair(&ChannelConfig { slots, slot_capacity: cap }).unwrap_err();
-            assert!(matches!(err, ChannelError::Config(_)), "{slots}/{cap}: {err}");
+            let err = channel_pair(&ChannelConfig {
+                slots,
+                slot_capacity: cap,
+            })
+            .unwrap_err();
+            assert!(
+                matches!(err, ChannelError::Config(_)),
+                "{slots}/{cap}: {err}"
+            );
         }
     }
 
     #[test]
     fn unsealed_or_foreign_segments_are_refused() {
         let fd = segment::create_memfd(c"x", 8192).unwrap();
-        let (a, _b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (a, _b) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
         let err = Client::open(ClientEnd::from_fds(fd, a)).unwrap_err();
-        assert!(matches!(err, ChannelError::Segment(SegmentError::MissingSeals { .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                ChannelError::Segment(SegmentError::MissingSeals { .. })
+            ),
+            "{err}"
+        );
 
         let fd = segment::create_memfd(c"x", 8192).unwrap();
         segment::add_seals(fd.as_fd(), BASE_SEALS).unwrap();
-        let (a, _b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (a, _b) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
         let err = Client::open(ClientEnd::from_fds(fd, a)).unwrap_err();
-        assert!(matches!(err, ChannelError::Segment(SegmentError::BadHeader(_))), "{err}");
+        assert!(
+            matches!(err, ChannelError::Segment(SegmentError::BadHeader(_))),
+            "{err}"
+        );
     }
 }

@@ -64,7 +64,10 @@ pub enum DataError {
 }
 
 fn os(op: &'static str, e: impl Into<std::io::Error>) -> DataError {
-    DataError::Os { op, source: e.into() }
+    DataError::Os {
+        op,
+        source: e.into(),
+    }
 }
 
 /// Writes `archive` into a new sealed data segment and returns its
@@ -77,8 +80,10 @@ pub fn seal_bytes(archive: &[u8], generation: u64) -> Result<OwnedFd, SegmentErr
     header[16..24].copy_from_slice(&generation.to_le_bytes());
     header[24..32].copy_from_slice(&(archive.len() as u64).to_le_bytes());
     let mut file = std::fs::File::from(fd);
-    file.write_all(&header).map_err(|e| SegmentError::os("write", e))?;
-    file.write_all(archive).map_err(|e| SegmentError::os("write", e))?;
+    file.write_all(&header)
+        .map_err(|e| SegmentError::os("write", e))?;
+    file.write_all(archive)
+        .map_err(|e| SegmentError::os("write", e))?;
     let fd = OwnedFd::from(file);
     segment::add_seals(fd.as_fd(), DATA_SEALS)?;
     Ok(fd)
@@ -97,24 +102,36 @@ impl SealedData {
     pub fn open(fd: impl AsFd) -> Result<Self, SegmentError> {
         let size = segment::check_sealed(fd.as_fd(), DATA_SEALS)?;
         if size < PAYLOAD as u64 || size > usize::MAX as u64 {
-            return Err(SegmentError::BadSize { actual: size, reason: "smaller than a data header" });
+            return Err(SegmentError::BadSize {
+                actual: size,
+                reason: "smaller than a data header",
+            });
         }
-        let region = Region::map_ro(fd.as_fd(), size as usize).map_err(|e| SegmentError::os("mmap", e))?;
+        let region =
+            Region::map_ro(fd.as_fd(), size as usize).map_err(|e| SegmentError::os("mmap", e))?;
         // SAFETY: F_SEAL_WRITE was checked above: no process can write this
         // memfd any more, and our mapping is read-only.
         let bytes = unsafe { region.sealed_bytes() };
         let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         if word(0) != DATA_MAGIC {
-            return Err(SegmentError::BadHeader("not a shared data segment (bad magic)"));
+            return Err(SegmentError::BadHeader(
+                "not a shared data segment (bad magic)",
+            ));
         }
         if u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) != LAYOUT_VERSION {
-            return Err(SegmentError::BadHeader("unsupported shared data layout version"));
+            return Err(SegmentError::BadHeader(
+                "unsupported shared data layout version",
+            ));
         }
         let len = word(24);
         if len > size - PAYLOAD as u64 {
             return Err(SegmentError::BadHeader("payload length exceeds segment"));
         }
-        Ok(Self { generation: word(16), len: len as usize, region })
+        Ok(Self {
+            generation: word(16),
+            len: len as usize,
+            region,
+        })
     }
 
     /// The version number the publisher gave this data.
@@ -198,10 +215,17 @@ impl Publisher {
     /// Creates the control segment (sealed so only this mapping can write).
     pub fn new() -> Result<Self, DataError> {
         let control_fd = segment::create_memfd(c"ember-data-control", CONTROL_LEN as u64)?;
-        let control = Region::map_rw(&control_fd, CONTROL_LEN).map_err(|e| SegmentError::os("mmap", e))?;
+        let control =
+            Region::map_rw(&control_fd, CONTROL_LEN).map_err(|e| SegmentError::os("mmap", e))?;
         control.u64_at(0).store(CONTROL_MAGIC, Ordering::Relaxed);
         segment::add_seals(control_fd.as_fd(), CONTROL_SEALS)?;
-        Ok(Self { control, control_fd, subscribers: Vec::new(), generation: 0, current: None })
+        Ok(Self {
+            control,
+            control_fd,
+            subscribers: Vec::new(),
+            generation: 0,
+            current: None,
+        })
     }
 
     /// The generation of the latest version (0: none yet).
@@ -212,7 +236,13 @@ impl Publisher {
     /// Archives `value` with rkyv and publishes it as the next version.
     pub fn publish<T>(&mut self, value: &T) -> Result<u64, DataError>
     where
-        T: for<'a> rkyv::Serialize<rkyv::api::high::HighSerializer<rkyv::util::AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>>,
+        T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
     {
         let bytes = rkyv::to_bytes::<rancor::Error>(value).map_err(DataError::Serialize)?;
         self.publish_bytes(&bytes)
@@ -223,7 +253,8 @@ impl Publisher {
     pub fn publish_bytes(&mut self, archive: &[u8]) -> Result<u64, DataError> {
         let generation = self.generation + 1;
         let fd = seal_bytes(archive, generation)?;
-        self.subscribers.retain(|sock| announce(sock.as_fd(), generation, fd.as_fd()).is_ok());
+        self.subscribers
+            .retain(|sock| announce(sock.as_fd(), generation, fd.as_fd()).is_ok());
         self.generation = generation;
         // Release: pairs with the Acquire in `Subscriber::latest`; the
         // announcement is queued on every socket before readers see it.
@@ -234,14 +265,22 @@ impl Publisher {
 
     /// Adds a subscriber; it is sent the current version at once.
     pub fn subscribe(&mut self) -> Result<SubscriberEnd, DataError> {
-        let (mine, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-            .map_err(|e| os("socketpair", e))?;
+        let (mine, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| os("socketpair", e))?;
         if let Some(fd) = &self.current {
             announce(mine.as_fd(), self.generation, fd.as_fd()).map_err(|e| os("sendmsg", e))?;
         }
         self.subscribers.push(mine);
         let control = self.control_fd.try_clone().map_err(|e| os("dup", e))?;
-        Ok(SubscriberEnd { control, sock: theirs })
+        Ok(SubscriberEnd {
+            control,
+            sock: theirs,
+        })
     }
 }
 
@@ -275,13 +314,22 @@ impl Subscriber {
     pub fn open(end: SubscriberEnd) -> Result<Self, DataError> {
         let size = segment::check_sealed(&end.control, CONTROL_SEALS)?;
         if size < CONTROL_LEN as u64 {
-            return Err(SegmentError::BadSize { actual: size, reason: "smaller than a control segment" }.into());
+            return Err(SegmentError::BadSize {
+                actual: size,
+                reason: "smaller than a control segment",
+            }
+            .into());
         }
-        let control = Region::map_ro(&end.control, CONTROL_LEN).map_err(|e| SegmentError::os("mmap", e))?;
+        let control =
+            Region::map_ro(&end.control, CONTROL_LEN).map_err(|e| SegmentError::os("mmap", e))?;
         if control.u64_at(0).load(Ordering::Relaxed) != CONTROL_MAGIC {
             return Err(SegmentError::BadHeader("not a shared data control segment").into());
         }
-        Ok(Self { control, sock: end.sock, current: None })
+        Ok(Self {
+            control,
+            sock: end.sock,
+            current: None,
+        })
     }
 
     /// The newest version published, or `None` before the first. Versions a
@@ -291,7 +339,8 @@ impl Subscriber {
         let want = self.control.u64_at(8).load(Ordering::Acquire);
         while self.current.as_ref().map_or(0, |c| c.generation) < want {
             let mut buf = [0u8; 8];
-            let (n, fds) = fdpass::recv_with_fds_flags(self.sock.as_fd(), &mut buf, true).map_err(|e| os("recvmsg", e))?;
+            let (n, fds) = fdpass::recv_with_fds_flags(self.sock.as_fd(), &mut buf, true)
+                .map_err(|e| os("recvmsg", e))?;
             if n == 0 {
                 return Err(DataError::PublisherGone);
             }
@@ -300,7 +349,9 @@ impl Subscriber {
             };
             let data = SealedData::open(&fd)?;
             if data.generation != u64::from_le_bytes(buf) {
-                return Err(SegmentError::BadHeader("announced generation does not match segment").into());
+                return Err(
+                    SegmentError::BadHeader("announced generation does not match segment").into(),
+                );
             }
             self.current = Some(Arc::new(data));
         }
@@ -322,8 +373,14 @@ mod tests {
         p.publish(&String::from("two")).unwrap();
         p.publish(&String::from("three")).unwrap();
         let v3 = s.latest().unwrap().unwrap();
-        assert_eq!(v1.access::<rkyv::Archived<String>>().unwrap().as_str(), "one");
-        assert_eq!(v3.access::<rkyv::Archived<String>>().unwrap().as_str(), "three");
+        assert_eq!(
+            v1.access::<rkyv::Archived<String>>().unwrap().as_str(),
+            "one"
+        );
+        assert_eq!(
+            v3.access::<rkyv::Archived<String>>().unwrap().as_str(),
+            "three"
+        );
         assert_eq!((v1.generation(), v3.generation()), (1, 3));
     }
 
@@ -331,8 +388,14 @@ mod tests {
     fn data_segment_cannot_be_written_or_mapped_writable() {
         let fd = seal_bytes(b"payload", 1).unwrap();
         let mut f = std::fs::File::from(fd.try_clone().unwrap());
-        assert!(f.write_all(b"x").is_err(), "write to sealed segment must fail");
-        assert!(Region::map_rw(&fd, 4096).is_err(), "writable mapping must fail");
+        assert!(
+            f.write_all(b"x").is_err(),
+            "write to sealed segment must fail"
+        );
+        assert!(
+            Region::map_rw(&fd, 4096).is_err(),
+            "writable mapping must fail"
+        );
         assert_eq!(SealedData::open(&fd).unwrap().bytes(), b"payload");
     }
 
@@ -346,7 +409,10 @@ mod tests {
     #[test]
     fn unsealed_segment_is_refused() {
         let fd = segment::create_memfd(c"x", 128).unwrap();
-        assert!(matches!(SealedData::open(&fd), Err(SegmentError::MissingSeals { .. })));
+        assert!(matches!(
+            SealedData::open(&fd),
+            Err(SegmentError::MissingSeals { .. })
+        ));
     }
 
     #[test]

@@ -25,16 +25,33 @@ pub(crate) enum Drained {
 /// Writes one wake-up byte. A full socket buffer already holds wake-ups, and a
 /// gone peer is noticed by the next wait, so both are ignored here.
 pub(crate) fn ring(sock: BorrowedFd<'_>) {
-    let _ = send(sock.as_raw_fd(), &[1], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL);
+    let _ = send(
+        sock.as_raw_fd(),
+        &[1],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    );
 }
 
 /// Reads every pending wake-up byte without blocking.
 pub(crate) fn drain(sock: BorrowedFd<'_>) -> std::io::Result<Drained> {
+    read_wakeups(sock, MsgFlags::MSG_DONTWAIT)
+}
+
+/// Blocks until at least one wake-up byte (or end of stream) arrives, then
+/// drains the rest.
+pub(crate) fn wait_and_drain(sock: BorrowedFd<'_>) -> std::io::Result<Drained> {
+    read_wakeups(sock, MsgFlags::empty())
+}
+
+fn read_wakeups(sock: BorrowedFd<'_>, first: MsgFlags) -> std::io::Result<Drained> {
     let mut buf = [0u8; 64];
+    let mut flags = first;
     loop {
-        match recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        match recv(sock.as_raw_fd(), &mut buf, flags) {
             Ok(0) => return Ok(Drained::PeerGone),
-            Ok(_) => continue,
+            // A short read took everything that was queued.
+            Ok(n) if n < buf.len() => return Ok(Drained::Alive),
+            Ok(_) => flags = MsgFlags::MSG_DONTWAIT,
             Err(Errno::EAGAIN) => return Ok(Drained::Alive),
             Err(Errno::EINTR) => continue,
             Err(Errno::ECONNRESET) => return Ok(Drained::PeerGone),
@@ -57,9 +74,15 @@ pub(crate) fn poll_timeout(deadline: Option<Instant>) -> PollTimeout {
 
 /// Blocks until some socket in `socks` is readable or `deadline` passes.
 /// Returns which sockets are readable (or hung up); all false on timeout.
-pub(crate) fn wait_any(socks: &[BorrowedFd<'_>], deadline: Option<Instant>) -> std::io::Result<Vec<bool>> {
+pub(crate) fn wait_any(
+    socks: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> std::io::Result<Vec<bool>> {
     loop {
-        let mut fds: Vec<PollFd<'_>> = socks.iter().map(|s| PollFd::new(*s, PollFlags::POLLIN)).collect();
+        let mut fds: Vec<PollFd<'_>> = socks
+            .iter()
+            .map(|s| PollFd::new(*s, PollFlags::POLLIN))
+            .collect();
         match poll(&mut fds, poll_timeout(deadline)) {
             Ok(_) => {
                 return Ok(fds

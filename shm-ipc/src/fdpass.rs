@@ -9,25 +9,44 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 pub const MAX_FDS: usize = 32;
 
 /// Sends `data` (at least one byte) with `fds` attached.
-pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<usize> {
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<usize> {
     if data.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "send_with_fds needs at least one data byte"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "send_with_fds needs at least one data byte",
+        ));
     }
     if fds.len() > MAX_FDS {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many descriptors in one message"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "too many descriptors in one message",
+        ));
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
     let iov = [IoSlice::new(data)];
-    Ok(sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?)
+    Ok(sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?)
 }
 
 /// Receives one message into `buf` with up to [`MAX_FDS`] descriptors, all
 /// close-on-exec. Returns the number of bytes (0 at end of stream) and the
 /// descriptors. A message whose descriptors did not fit is an error, and the
 /// ones that did arrive are closed.
-pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     recv_with_fds_flags(sock, buf, false)
 }
 
@@ -37,7 +56,11 @@ pub(crate) fn recv_with_fds_flags(
     buf: &mut [u8],
     nonblocking: bool,
 ) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let flags = if nonblocking { MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT } else { MsgFlags::MSG_CMSG_CLOEXEC };
+    let flags = if nonblocking {
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
+    } else {
+        MsgFlags::MSG_CMSG_CLOEXEC
+    };
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags)?;
@@ -52,7 +75,9 @@ pub(crate) fn recv_with_fds_flags(
         }
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(std::io::Error::other("descriptor list truncated (too many descriptors)"));
+        return Err(std::io::Error::other(
+            "descriptor list truncated (too many descriptors)",
+        ));
     }
     Ok((msg.bytes, fds))
 }
@@ -66,7 +91,13 @@ mod tests {
 
     #[test]
     fn passes_a_file_descriptor() {
-        let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
         let mut f = std::fs::File::from(crate::segment::create_memfd(c"t", 0).unwrap());
         f.write_all(b"hello").unwrap();
         send_with_fds(a.as_fd(), b"x", &[f.as_fd()]).unwrap();
@@ -82,7 +113,13 @@ mod tests {
 
     #[test]
     fn empty_data_is_rejected() {
-        let (a, _b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (a, _b) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
         assert!(send_with_fds(a.as_fd(), b"", &[]).is_err());
     }
 }

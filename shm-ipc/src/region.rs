@@ -80,7 +80,9 @@ impl Region {
         // cannot alias `dst`, which is private memory. The source may change
         // while we copy; we only ever copy bytes (no invalid values exist for
         // u8) and never create a reference to the shared range.
-        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
     }
 
     /// Copies `src` into the mapping at `off`.
@@ -90,7 +92,9 @@ impl Region {
         // writable regions are ever written: callers hold a `map_rw` region)
         // and cannot alias the private `src`. No reference to shared memory
         // is created.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(off), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(off), src.len())
+        }
     }
 
     /// Fills `len` bytes at `off` with `byte`.

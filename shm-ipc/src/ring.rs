@@ -48,7 +48,11 @@ pub(crate) struct Producer {
 impl Producer {
     pub(crate) fn new(slots: u32) -> Self {
         debug_assert!(slots.is_power_of_two());
-        Self { head: 0, cached_tail: 0, slots }
+        Self {
+            head: 0,
+            cached_tail: 0,
+            slots,
+        }
     }
 
     /// The slot the next message goes into, or `None` while the ring is full.
@@ -110,7 +114,11 @@ pub(crate) struct Consumer {
 impl Consumer {
     pub(crate) fn new(slots: u32) -> Self {
         debug_assert!(slots.is_power_of_two());
-        Self { tail: 0, cached_head: 0, slots }
+        Self {
+            tail: 0,
+            cached_head: 0,
+            slots,
+        }
     }
 
     /// The slot holding the next message, or `None` while the ring is empty.
@@ -187,8 +195,16 @@ mod tests {
         let w = Words::default();
         w.0[0].store(u32::MAX - 3, Ordering::Relaxed);
         w.0[1].store(u32::MAX - 3, Ordering::Relaxed);
-        let mut p = Producer { head: u32::MAX - 3, cached_tail: u32::MAX - 3, slots: 4 };
-        let mut c = Consumer { tail: u32::MAX - 3, cached_head: u32::MAX - 3, slots: 4 };
+        let mut p = Producer {
+            head: u32::MAX - 3,
+            cached_tail: u32::MAX - 3,
+            slots: 4,
+        };
+        let mut c = Consumer {
+            tail: u32::MAX - 3,
+            cached_head: u32::MAX - 3,
+            slots: 4,
+        };
         for round in 0..5 {
             for _ in 0..4 {
                 assert!(p.reserve(&w).unwrap().is_some(), "round {round}");
@@ -281,7 +297,13 @@ mod loom_tests {
 
     #[test]
     fn spsc_with_parking_never_loses_a_message_or_a_wakeup() {
-        loom::model(|| {
+        let mut builder = loom::model::Builder::new();
+        // Bounded preemptions keep the search tractable (as tokio does);
+        // LOOM_MAX_PREEMPTIONS overrides it for a deeper run.
+        if builder.preemption_bound.is_none() {
+            builder.preemption_bound = Some(3);
+        }
+        builder.check(|| {
             let s = Arc::new(Shared {
                 words: Default::default(),
                 slots: Default::default(),

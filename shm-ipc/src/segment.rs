@@ -52,7 +52,10 @@ pub enum SegmentError {
 
 impl SegmentError {
     pub(crate) fn os(op: &'static str, e: impl Into<std::io::Error>) -> Self {
-        Self::Os { op, source: e.into() }
+        Self::Os {
+            op,
+            source: e.into(),
+        }
     }
 }
 
@@ -70,13 +73,15 @@ pub fn create_memfd(name: &CStr, len: u64) -> Result<OwnedFd, SegmentError> {
 
 /// Adds `seals` to a memfd.
 pub fn add_seals(fd: BorrowedFd<'_>, seals: SealFlag) -> Result<(), SegmentError> {
-    fcntl(fd, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| SegmentError::os("fcntl(F_ADD_SEALS)", e))?;
+    fcntl(fd, FcntlArg::F_ADD_SEALS(seals))
+        .map_err(|e| SegmentError::os("fcntl(F_ADD_SEALS)", e))?;
     Ok(())
 }
 
 /// The seals a memfd carries.
 pub fn seals(fd: BorrowedFd<'_>) -> Result<SealFlag, SegmentError> {
-    let bits = fcntl(fd, FcntlArg::F_GET_SEALS).map_err(|e| SegmentError::os("fcntl(F_GET_SEALS)", e))?;
+    let bits =
+        fcntl(fd, FcntlArg::F_GET_SEALS).map_err(|e| SegmentError::os("fcntl(F_GET_SEALS)", e))?;
     Ok(SealFlag::from_bits_retain(bits))
 }
 
@@ -84,7 +89,10 @@ pub fn seals(fd: BorrowedFd<'_>) -> Result<SealFlag, SegmentError> {
 pub fn check_sealed(fd: impl AsFd, needs: SealFlag) -> Result<u64, SegmentError> {
     let has = seals(fd.as_fd())?;
     if !has.contains(needs) {
-        return Err(SegmentError::MissingSeals { has: has.bits(), needs: needs.bits() });
+        return Err(SegmentError::MissingSeals {
+            has: has.bits(),
+            needs: needs.bits(),
+        });
     }
     let st = fstat(fd.as_fd()).map_err(|e| SegmentError::os("fstat", e))?;
     Ok(st.st_size as u64)

@@ -45,7 +45,12 @@ impl Server {
     /// A server with no clients, a quota of 8 requests per client per
     /// round, and the default wait strategy.
     pub fn new() -> Self {
-        Self { clients: Vec::new(), next_id: 1, quota: 8, wait: WaitStrategy::default() }
+        Self {
+            clients: Vec::new(),
+            next_id: 1,
+            quota: 8,
+            wait: WaitStrategy::default(),
+        }
     }
 
     /// Sets the most requests one client gets served per round (at least 1).
@@ -143,7 +148,11 @@ impl Server {
     }
 
     /// Parks until some client rings or `deadline` passes.
-    fn park(&mut self, deadline: Option<Instant>, gone: &mut Vec<ClientGone>) -> Result<(), ChannelError> {
+    fn park(
+        &mut self,
+        deadline: Option<Instant>,
+        gone: &mut Vec<ClientGone>,
+    ) -> Result<(), ChannelError> {
         let mut work = false;
         let mut bad = Vec::new();
         for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
@@ -155,9 +164,16 @@ impl Server {
         }
         let rang = if work || !bad.is_empty() {
             vec![false; self.clients.len()]
+        } else if let ([(_, only)], None) = (self.clients.as_mut_slice(), deadline) {
+            // One client and no deadline: a blocking read is the whole wait.
+            only.park_blocking()?;
+            vec![false]
         } else {
             let socks: Vec<BorrowedFd<'_>> = self.clients.iter().map(|(_, ch)| ch.sock()).collect();
-            doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os { op: "poll(doorbells)", source: e })?
+            doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os {
+                op: "poll(doorbells)",
+                source: e,
+            })?
         };
         for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
             if let Err(e) = ch.unpark(rang[i]) {
@@ -182,7 +198,10 @@ mod tests {
 
     #[test]
     fn stuck_client_does_not_block_others() {
-        let cfg = ChannelConfig { slots: 2, slot_capacity: 64 };
+        let cfg = ChannelConfig {
+            slots: 2,
+            slot_capacity: 64,
+        };
         let mut server = Server::new();
         let (stuck_end, s1) = channel_pair(&cfg).unwrap();
         let (good_end, s2) = channel_pair(&cfg).unwrap();
@@ -197,8 +216,14 @@ mod tests {
         let mut gone = Vec::new();
         for round in 0..4 {
             let id = good.send_with(None, |w| w.write(&[round])).unwrap();
-            server.serve_round(&mut |_, req, w| w.write(&req.to_vec()).map_err(|e| e.to_string()), &mut gone);
-            assert_eq!(good.recv_reply(id, None, |r| r.to_vec()).unwrap(), vec![round]);
+            server.serve_round(
+                &mut |_, req, w| w.write(&req.to_vec()).map_err(|e| e.to_string()),
+                &mut gone,
+            );
+            assert_eq!(
+                good.recv_reply(id, None, |r| r.to_vec()).unwrap(),
+                vec![round]
+            );
         }
         assert!(gone.is_empty());
     }
@@ -210,9 +235,14 @@ mod tests {
         server.add(s).unwrap();
         drop(c);
         let gone = server
-            .run(Some(Instant::now() + Duration::from_secs(5)), |_, _, _| Ok(()))
+            .run(Some(Instant::now() + Duration::from_secs(5)), |_, _, _| {
+                Ok(())
+            })
             .unwrap();
-        assert!(matches!(gone.as_slice(), [ClientGone::Disconnected(ClientId(1))]), "{gone:?}");
+        assert!(
+            matches!(gone.as_slice(), [ClientGone::Disconnected(ClientId(1))]),
+            "{gone:?}"
+        );
         assert!(server.is_empty());
     }
 }

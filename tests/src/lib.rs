@@ -1,1 +1,120 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: unique temp dirs, child
+//! processes that are killed (by pid) and reaped when a test ends, and
+//! passing channel ends to a peer process.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A directory removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory named after the test and this process.
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ember-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends SIGKILL to the child (by pid) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// Waits up to `limit` for the child to exit on its own.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `program args…` and waits for it to connect to a fresh Unix
+/// socket (its path is the last argument), returning the child and the
+/// connection used to pass it descriptors.
+pub fn spawn_peer(dir: &TempDir, program: &str, args: &[&str]) -> (ChildGuard, UnixStream) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = dir
+        .path()
+        .join(format!("peer-{}.sock", N.fetch_add(1, Ordering::Relaxed)));
+    let listener = UnixListener::bind(&path).expect("bind peer socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let child = ChildGuard(
+        Command::new(program)
+            .args(args)
+            .arg(&path)
+            .spawn()
+            .expect("spawn peer"),
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).expect("blocking");
+                return (child, stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("peer never connected: {e}"),
+        }
+    }
+}
+
+/// Sends descriptors with a one-byte tag.
+pub fn send_fds(sock: &UnixStream, tag: u8, fds: &[BorrowedFd<'_>]) {
+    shm_ipc::fdpass::send_with_fds(sock.as_fd(), &[tag], fds).expect("send fds");
+}
+
+/// Receives one tagged message with its descriptors.
+pub fn recv_fds(sock: &UnixStream) -> (Option<u8>, Vec<OwnedFd>) {
+    let mut buf = [0u8; 1];
+    let (n, fds) = shm_ipc::fdpass::recv_with_fds(sock.as_fd(), &mut buf).expect("recv fds");
+    ((n == 1).then_some(buf[0]), fds)
+}

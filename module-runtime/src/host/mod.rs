@@ -1,0 +1,12 @@
+//! The host side: what the zygote and the worker run. Loads artifacts,
+//! initializes plugins before the fork, forks workers, and runs a module's
+//! lifecycle inside a worker.
+
+pub mod loader;
+pub mod plugins;
+pub mod process;
+pub mod worker;
+
+pub use loader::{load_module, load_plugin, LoadError, LoadedModule};
+pub use plugins::{load_plugins, LoadedPlugin, PluginError, PluginSpec};
+pub use process::{fork_worker, ProcessError};

@@ -1,0 +1,209 @@
+//! Process state a forked worker resets before it loads a module: signal
+//! dispositions and mask, inherited descriptors, process name, parent-death
+//! signal, and the fork itself. This is the one place in the worker that
+//! makes raw process-level calls.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+
+/// Why a process-level step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The caller has more than one thread, so forking is not safe.
+    #[error("refusing to fork: process has {0} threads (fork only from a single-threaded zygote)")]
+    MultiThreaded(usize),
+    /// A system call failed.
+    #[error("{call} failed")]
+    Sys {
+        /// The call.
+        call: &'static str,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn sys(call: &'static str) -> impl FnOnce(nix::Error) -> ProcessError {
+    move |source| ProcessError::Sys { call, source }
+}
+
+/// Empties the signal mask and puts every catchable signal back to its
+/// default disposition, except `SIGPIPE`, which stays ignored as in any Rust
+/// program (a write to a closed socket is an error, not a death).
+pub fn reset_signals() -> Result<(), ProcessError> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(sys("sigprocmask"))?;
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        let act = if sig == Signal::SIGPIPE { &ign } else { &dfl };
+        // SAFETY: installing SIG_DFL/SIG_IGN runs no code of ours in signal
+        // context.
+        unsafe { sigaction(sig, act) }.map_err(sys("sigaction"))?;
+    }
+    Ok(())
+}
+
+/// Blocks `sigs` in the calling thread (and threads it spawns later).
+pub fn block_signals(sigs: &[Signal]) -> Result<SigSet, ProcessError> {
+    let mut set = SigSet::empty();
+    for s in sigs {
+        set.add(*s);
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(sys("sigprocmask"))?;
+    Ok(set)
+}
+
+/// Descriptors currently open, from `/proc/self/fd`.
+pub fn open_fds() -> Vec<RawFd> {
+    let mut fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    // The directory's own descriptor was in the list and is closed now.
+    fds.retain(|fd| {
+        // SAFETY: F_GETFD only queries the descriptor number; a closed
+        // number yields EBADF, nothing is touched.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+        nix::fcntl::fcntl(b, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+    });
+    fds
+}
+
+/// Closes every descriptor except `keep` (and 0, 1, 2).
+///
+/// Must be called while the process is single-threaded, right after a fork,
+/// when no live object of this process owns the closed descriptors (they
+/// belong to the parent's objects, which the child never drops).
+pub fn close_stray_fds(keep: &[RawFd]) {
+    for fd in open_fds() {
+        if fd <= 2 || keep.contains(&fd) {
+            continue;
+        }
+        // SAFETY: `fd` is open (listed above) and, per this function's
+        // contract, owned by no live object in this process: taking
+        // ownership to close it cannot double-close.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
+/// Asks the kernel to `SIGKILL` this process when its parent dies; returns
+/// `false` if the expected parent is already gone.
+pub fn die_with_parent(parent: Option<nix::unistd::Pid>) -> Result<bool, ProcessError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("prctl(PR_SET_PDEATHSIG)"))?;
+    Ok(parent.is_none_or(|p| nix::unistd::getppid() == p))
+}
+
+/// Sets the process name: the kernel `comm` (first 15 bytes, shown by `ps -o
+/// comm`, `top`) and, where the original command line is long enough, the
+/// command line itself (`ps`, `/proc/PID/cmdline`).
+pub fn set_process_name(name: &str) {
+    if let Ok(c) = std::ffi::CString::new(
+        name.as_bytes()
+            .iter()
+            .copied()
+            .take(15)
+            .collect::<Vec<u8>>(),
+    ) {
+        let _ = nix::sys::prctl::set_name(&c);
+    }
+    overwrite_cmdline(name);
+}
+
+/// Rewrites the initial argv area in place (the classic `setproctitle`).
+fn overwrite_cmdline(name: &str) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the `comm` field, which may contain spaces: start at ')'.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // arg_start and arg_end are fields 48 and 49 (1-based) of the whole
+    // line, i.e. indices 45 and 46 after `pid (comm)`.
+    let (Some(start), Some(end)) = (
+        fields.get(45).and_then(|s| s.parse::<usize>().ok()),
+        fields.get(46).and_then(|s| s.parse::<usize>().ok()),
+    ) else {
+        return;
+    };
+    if end <= start + 1 || start == 0 {
+        return;
+    }
+    let len = end - start;
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(len - 1);
+    // SAFETY: [arg_start, arg_end) is this process's own initial argument
+    // area on the main stack, mapped read-write for the process lifetime.
+    // We write within it only, ending with NUL padding. The worker is
+    // single-threaded here, and std::env::args() reading it later merely
+    // sees the new name.
+    unsafe {
+        let p = start as *mut u8;
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, n);
+        std::ptr::write_bytes(p.add(n), 0, len - n);
+    }
+}
+
+/// Number of threads of this process.
+pub fn thread_count() -> usize {
+    super::plugins::thread_count()
+}
+
+/// Forks a worker: creates its control socket, forks, and in the child runs
+/// [`super::worker::run`], which never returns. The parent gets the child's
+/// pid and its end of the control socket.
+///
+/// Refuses unless the process is single-threaded: fork copies only the
+/// calling thread, and a lock held by another thread would stay locked in the
+/// child forever.
+pub fn fork_worker() -> Result<(nix::unistd::Pid, crate::protocol::ParentChannel), ProcessError> {
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(ProcessError::MultiThreaded(threads));
+    }
+    let (parent_end, child_end) =
+        crate::protocol::socket_pair().map_err(|_| ProcessError::Sys {
+            call: "socketpair",
+            source: nix::Error::last(),
+        })?;
+    let me = nix::unistd::getpid();
+    // SAFETY: the process is single-threaded (checked above), so the child
+    // starts with consistent memory and no lock held by a vanished thread.
+    match unsafe { nix::unistd::fork() }.map_err(sys("fork"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(parent_end);
+            super::worker::run(child_end, Some(me))
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(child_end);
+            Ok((child, crate::protocol::ParentChannel::new(parent_end)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_own_descriptors() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        use std::os::fd::AsRawFd;
+        assert!(open_fds().contains(&r.as_raw_fd()));
+    }
+
+    #[test]
+    fn fork_refuses_in_a_multithreaded_process() {
+        let _t = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
+        assert!(matches!(fork_worker(), Err(ProcessError::MultiThreaded(n)) if n > 1));
+    }
+}

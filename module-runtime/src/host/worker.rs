@@ -1,0 +1,804 @@
+//! The worker: a forked child of the zygote that waits warm for a launch
+//! order, then becomes one instance of one module and reports every
+//! lifecycle transition and failure to its parent. Stopping the module ends
+//! the process; libraries are never unloaded.
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::{loader, plugins, process};
+use crate::abi::{self, FfiGrant, FfiStr, HostApi, PluginRef};
+use crate::manifest::Manifest;
+use crate::protocol::{
+    self, Failure, FailureKind, FromWorker, LaunchOrder, LogLevel, Message, Stage, State, ToWorker,
+    WorkerChannel,
+};
+
+/// Exit codes of a worker process (also documented in `docs/abi.md`).
+pub mod exit {
+    /// The module stopped cleanly (or an idle worker was told to stop).
+    pub const OK: i32 = 0;
+    /// The launch order was malformed, or the control socket broke.
+    pub const LAUNCH: i32 = 10;
+    /// The artifact could not be loaded (ELF, dlopen, symbol, ABI, SDK).
+    pub const LOAD: i32 = 11;
+    /// `start` failed or panicked.
+    pub const START: i32 = 12;
+    /// `serve` failed or panicked.
+    pub const SERVE: i32 = 13;
+    /// `stop` failed or panicked.
+    pub const STOP: i32 = 14;
+    /// Not ready within the start deadline.
+    pub const NEVER_READY: i32 = 15;
+    /// Still running at the stop deadline.
+    pub const STOP_DEADLINE: i32 = 16;
+    /// Memory limit exceeded.
+    pub const MEMORY: i32 = 17;
+}
+
+/// Slack added to the address-space cap on top of `limits.memory`: thread
+/// stacks and malloc arenas reserve far more address space than they use.
+const ADDRESS_SPACE_SLACK: u64 = 4 << 30;
+
+struct Shared {
+    sock: OwnedFd,
+    identity: String,
+    ready: Mutex<bool>,
+    ready_cv: Condvar,
+    shutdown_requested: AtomicBool,
+    shutdown_deadline: Mutex<Option<Instant>>,
+    shutdown_w: OwnedFd,
+    shutdown_r: OwnedFd,
+    last_error: Mutex<Option<String>>,
+    /// Grants that arrived after launch, waiting for the module.
+    attached: Mutex<Vec<FfiGrant>>,
+    attach_w: OwnedFd,
+    attach_r: OwnedFd,
+}
+
+// SAFETY: `FfiGrant` holds a pointer to a leaked, immutable name string and
+// plain descriptor numbers; moving or sharing it across threads is sound.
+unsafe impl Send for Shared {}
+// SAFETY: as above; all mutable state is behind mutexes or atomics.
+unsafe impl Sync for Shared {}
+
+static STAGE: AtomicU8 = AtomicU8::new(Stage::Launch as u8);
+static CRASH_FD: AtomicI32 = AtomicI32::new(-1);
+static CRASH_FRAMES: OnceLock<Vec<(c_int, u8, Vec<u8>)>> = OnceLock::new();
+
+const FATAL: [Signal; 6] = [
+    Signal::SIGSEGV,
+    Signal::SIGBUS,
+    Signal::SIGILL,
+    Signal::SIGFPE,
+    Signal::SIGABRT,
+    Signal::SIGSYS,
+];
+const STAGES: [Stage; 5] = [
+    Stage::Launch,
+    Stage::Load,
+    Stage::Start,
+    Stage::Serve,
+    Stage::Stop,
+];
+
+fn signal_description(s: Signal) -> &'static str {
+    match s {
+        Signal::SIGSEGV => "segmentation fault",
+        Signal::SIGBUS => "bus error",
+        Signal::SIGILL => "illegal instruction",
+        Signal::SIGFPE => "arithmetic exception",
+        Signal::SIGABRT => "aborted",
+        Signal::SIGSYS => "bad system call",
+        _ => "fatal signal",
+    }
+}
+
+impl Shared {
+    fn send(&self, msg: &FromWorker) {
+        if protocol::send_frame(self.sock.as_fd(), &msg.encode(), &[]).is_err() {
+            // The parent is gone or not listening: keep the record on stderr.
+            eprintln!("[{}] {msg:?}", self.identity);
+        }
+    }
+
+    fn transition(&self, state: State, detail: impl Into<String>) {
+        self.send(&FromWorker::Transition {
+            state,
+            detail: detail.into(),
+        });
+    }
+
+    fn log(&self, level: LogLevel, target: &str, message: impl Into<String>) {
+        self.send(&FromWorker::Log {
+            level,
+            target: target.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Reports a failure and ends the process with `code`.
+    fn fail(&self, stage: Stage, kind: FailureKind, message: impl Into<String>, code: i32) -> ! {
+        self.send(&FromWorker::Failed(Failure {
+            stage,
+            kind,
+            message: message.into(),
+        }));
+        // SAFETY: `_exit` ends the process immediately without running
+        // destructors or atexit handlers of the (possibly broken) module.
+        unsafe { libc::_exit(code) }
+    }
+
+    fn take_error(&self, fallback: &str) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| fallback.to_owned())
+    }
+
+    fn mark_ready(&self) {
+        let mut r = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        if !*r {
+            *r = true;
+            self.ready_cv.notify_all();
+            drop(r);
+            self.transition(State::Ready, "");
+        }
+    }
+
+    /// Requests shutdown with `deadline` (or shortens an existing one).
+    fn request_shutdown(&'static self, deadline: Duration, why: &str) {
+        self.shutdown(deadline, why, false);
+    }
+
+    /// Requests shutdown unless it already was (the module's `serve`
+    /// returned on its own).
+    fn serve_returned(&'static self, deadline: Duration) {
+        self.shutdown(deadline, "serve returned", true);
+    }
+
+    fn shutdown(&'static self, deadline: Duration, why: &str, only_first: bool) {
+        let at = Instant::now() + deadline;
+        {
+            // The lock orders the `Stopping` report before anything the
+            // module (or the main thread) does once it sees the request.
+            let mut d = self
+                .shutdown_deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if d.is_some_and(|old| only_first || old <= at) {
+                return;
+            }
+            *d = Some(at);
+            if !self.shutdown_requested.load(Ordering::Acquire) {
+                self.transition(State::Stopping, why);
+                // Release: pairs with the Acquire in `host_shutdown_remaining_ms`.
+                self.shutdown_requested.store(true, Ordering::Release);
+                let _ = nix::unistd::write(self.shutdown_w.as_fd(), b"x");
+            }
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            let current = *self
+                .shutdown_deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if current.is_some_and(|c| c <= Instant::now()) {
+                self.fail(
+                    Stage::Stop,
+                    FailureKind::StopDeadlineExceeded,
+                    format!("still running {deadline:?} after the stop request"),
+                    exit::STOP_DEADLINE,
+                );
+            }
+        });
+    }
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+
+fn shared_from(ctx: *const c_void) -> &'static Shared {
+    let _ = ctx;
+    SHARED
+        .get()
+        .expect("host callbacks are only reachable after SHARED is set")
+}
+
+unsafe extern "C" fn host_ready(ctx: *const c_void) {
+    shared_from(ctx).mark_ready();
+}
+
+unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, target: FfiStr, message: FfiStr) {
+    // SAFETY: the module passes strings valid for the call.
+    let (t, m) = unsafe { (target.to_string_lossy(), message.to_string_lossy()) };
+    shared_from(ctx).log(LogLevel::from_u32(level), &t, m);
+}
+
+unsafe extern "C" fn host_error(ctx: *const c_void, message: FfiStr) {
+    // SAFETY: as in `host_log`.
+    let m = unsafe { message.to_string_lossy() };
+    *shared_from(ctx)
+        .last_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(m);
+}
+
+unsafe extern "C" fn host_shutdown_remaining_ms(ctx: *const c_void) -> i64 {
+    let s = shared_from(ctx);
+    if !s.shutdown_requested.load(Ordering::Acquire) {
+        return -1;
+    }
+    let d = *s
+        .shutdown_deadline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    d.map_or(0, |d| {
+        i64::try_from(d.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(i64::MAX)
+    })
+}
+
+unsafe extern "C" fn host_plugin_lookup(
+    _ctx: *const c_void,
+    name: FfiStr,
+    table_version: u32,
+    out: *mut PluginRef,
+) -> i32 {
+    if out.is_null() {
+        return abi::LOOKUP_NOT_FOUND;
+    }
+    // SAFETY: the module passes a name valid for the call.
+    let name = unsafe { name.to_string_lossy() };
+    // SAFETY: non-null out-pointer provided by the module for this call.
+    let out = unsafe { &mut *out };
+    plugins::lookup(&name, table_version, out)
+}
+
+extern "C" fn on_fatal_signal(sig: c_int) {
+    let fd = CRASH_FD.load(Ordering::Relaxed);
+    let stage = STAGE.load(Ordering::Relaxed);
+    if let Some(frames) = CRASH_FRAMES.get() {
+        if let Some((_, _, f)) = frames.iter().find(|(s, st, _)| *s == sig && *st == stage) {
+            // SAFETY: `send` is async-signal-safe; the frame is immutable
+            // static data prepared before the handler was installed.
+            unsafe {
+                libc::send(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+        }
+    }
+    // The handler was installed with SA_RESETHAND, so the disposition is the
+    // default again: re-raise so the process dies of this very signal and
+    // the parent sees it in the wait status.
+    // SAFETY: `raise` is async-signal-safe.
+    unsafe { libc::raise(sig) };
+}
+
+fn install_crash_handlers(sock: &OwnedFd) -> Result<(), process::ProcessError> {
+    let mut frames = Vec::new();
+    for sig in FATAL {
+        for stage in STAGES {
+            let msg = FromWorker::Failed(Failure {
+                stage,
+                kind: FailureKind::Crashed,
+                message: format!("killed by {sig} ({})", signal_description(sig)),
+            });
+            frames.push((sig as c_int, stage as u8, msg.encode()));
+        }
+    }
+    let _ = CRASH_FRAMES.set(frames);
+    CRASH_FD.store(sock.as_raw_fd(), Ordering::Relaxed);
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let act = SigAction::new(
+        SigHandler::Handler(on_fatal_signal),
+        SaFlags::SA_RESETHAND | SaFlags::SA_ONSTACK,
+        SigSet::empty(),
+    );
+    for sig in FATAL {
+        // SAFETY: the handler only calls async-signal-safe functions (send,
+        // raise) and reads data initialized before installation.
+        unsafe { sigaction(sig, &act) }.map_err(|source| process::ProcessError::Sys {
+            call: "sigaction",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn statm_resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn statm_size_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |v| v as u64)
+}
+
+fn start_memory_watchdog(shared: &'static Shared, limit: u64) {
+    let baseline = statm_resident_bytes().unwrap_or(0);
+    if let Some(vsz) = statm_size_bytes() {
+        let cap = vsz
+            .saturating_add(limit)
+            .saturating_add(ADDRESS_SPACE_SLACK);
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, cap, cap);
+    }
+    std::thread::Builder::new()
+        .name("ember-memwatch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(10));
+            let Some(rss) = statm_resident_bytes() else {
+                continue;
+            };
+            let grown = rss.saturating_sub(baseline);
+            if grown > limit {
+                let stage = stage_from(STAGE.load(Ordering::Relaxed));
+                shared.fail(
+                    stage,
+                    FailureKind::MemoryLimitExceeded,
+                    format!(
+                        "resident memory grew by {} MiB, limit is {} MiB (limits.memory)",
+                        grown >> 20,
+                        limit >> 20
+                    ),
+                    exit::MEMORY,
+                );
+            }
+        })
+        .map(drop)
+        .unwrap_or(());
+}
+
+fn stage_from(v: u8) -> Stage {
+    STAGES
+        .iter()
+        .copied()
+        .find(|s| *s as u8 == v)
+        .unwrap_or(Stage::Serve)
+}
+
+fn start_ready_watchdog(shared: &'static Shared, deadline: Duration) {
+    let _ = std::thread::Builder::new()
+        .name("ember-startwatch".into())
+        .spawn(move || {
+            let r = shared.ready.lock().unwrap_or_else(|p| p.into_inner());
+            let (r, _) = shared
+                .ready_cv
+                .wait_timeout_while(r, deadline, |ready| !*ready)
+                .unwrap_or_else(|p| p.into_inner());
+            if !*r && !shared.shutdown_requested.load(Ordering::Acquire) {
+                drop(r);
+                shared.fail(
+                    Stage::Start,
+                    FailureKind::NeverReady,
+                    format!("not ready within {deadline:?} (limits.start_deadline)"),
+                    exit::NEVER_READY,
+                );
+            }
+        });
+}
+
+fn start_control_thread(
+    shared: &'static Shared,
+    chan: WorkerChannel,
+    sigs: nix::sys::signal::SigSet,
+    stop_deadline: Duration,
+    manifest: Manifest,
+) {
+    let sfd =
+        nix::sys::signalfd::SignalFd::with_flags(&sigs, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
+            .ok();
+    let _ = std::thread::Builder::new()
+        .name("ember-control".into())
+        .spawn(move || loop {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            let mut fds = vec![PollFd::new(chan.fd(), PollFlags::POLLIN)];
+            if let Some(s) = &sfd {
+                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+                Ok(_) => {}
+            }
+            let sock_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+            let sig_ready = fds
+                .get(1)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty());
+            if sig_ready {
+                if let Some(Ok(Some(info))) = sfd.as_ref().map(|s| s.read_signal()) {
+                    shared.request_shutdown(stop_deadline, &format!("signal {}", info.ssi_signo));
+                }
+            }
+            if sock_ready {
+                match chan.recv() {
+                    Ok((ToWorker::Stop { deadline }, _)) => {
+                        shared.request_shutdown(deadline, "stop requested")
+                    }
+                    Ok((ToWorker::Attach(grants), fds)) => attach(shared, &manifest, grants, fds),
+                    Ok((ToWorker::Launch(_), _)) => shared.log(
+                        LogLevel::Warn,
+                        "ember::worker",
+                        "ignoring a second launch order",
+                    ),
+                    Err(protocol::ChannelError::Closed) => {
+                        shared.request_shutdown(stop_deadline, "control socket closed");
+                        return;
+                    }
+                    Err(e) => shared.log(
+                        LogLevel::Warn,
+                        "ember::worker",
+                        format!("bad control message: {e}"),
+                    ),
+                }
+            }
+        });
+}
+
+/// Turns grants and their descriptors into FFI grants, leaking the names
+/// and handing over the descriptors.
+fn ffi_grants(grants: &[protocol::Grant], fds: Vec<OwnedFd>) -> Vec<FfiGrant> {
+    let mut fds = fds.into_iter();
+    let mut out = Vec::with_capacity(grants.len());
+    for g in grants {
+        let mut raw = [-1 as c_int; 2];
+        for slot in raw.iter_mut().take(g.kind.fd_count()) {
+            *slot = fds.next().map_or(-1, IntoRawFd::into_raw_fd);
+        }
+        let name: &'static str = Box::leak(g.name.clone().into_boxed_str());
+        out.push(FfiGrant {
+            kind: g.kind as u32,
+            name: FfiStr::new(name),
+            fds: raw,
+            nfds: g.kind.fd_count() as u32,
+        });
+    }
+    out
+}
+
+/// Validates an `Attach` and queues its grants for the module.
+fn attach(shared: &Shared, manifest: &Manifest, grants: Vec<protocol::Grant>, fds: Vec<OwnedFd>) {
+    if fds.len() != protocol::fd_count(&grants) {
+        return shared.log(
+            LogLevel::Warn,
+            "ember::worker",
+            format!(
+                "ignoring attach: {} descriptors for {} expected",
+                fds.len(),
+                protocol::fd_count(&grants)
+            ),
+        );
+    }
+    if let Some(g) = grants.iter().find(|g| !manifest.declares(g.kind, &g.name)) {
+        return shared.log(
+            LogLevel::Warn,
+            "ember::worker",
+            format!(
+                "ignoring attach: grant {:?} `{}` is not declared in the manifest",
+                g.kind, g.name
+            ),
+        );
+    }
+    let n = grants.len();
+    shared
+        .attached
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(ffi_grants(&grants, fds));
+    let _ = nix::unistd::write(shared.attach_w.as_fd(), b"a");
+    shared.log(
+        LogLevel::Debug,
+        "ember::worker",
+        format!("attached {n} grants"),
+    );
+}
+
+unsafe extern "C" fn host_take_attached(
+    ctx: *const c_void,
+    out: *mut FfiGrant,
+    cap: usize,
+) -> usize {
+    let s = shared_from(ctx);
+    if out.is_null() || cap == 0 {
+        return 0;
+    }
+    let mut q = s.attached.lock().unwrap_or_else(|p| p.into_inner());
+    let n = q.len().min(cap);
+    for (i, g) in q.drain(..n).enumerate() {
+        // SAFETY: the module passes room for `cap` grants at `out`, and i < n <= cap.
+        unsafe { out.add(i).write(g) };
+    }
+    if q.is_empty() {
+        // Drain the doorbell while holding the queue lock, so a concurrent
+        // attach re-arms it after we emptied it.
+        let mut buf = [0u8; 64];
+        while matches!(nix::unistd::read(s.attach_r.as_fd(), &mut buf), Ok(k) if k > 0) {}
+    }
+    n
+}
+
+fn idle_exit(code: i32) -> ! {
+    // SAFETY: ends the process without running destructors of inherited
+    // (zygote) state, which the worker does not own.
+    unsafe { libc::_exit(code) }
+}
+
+/// Runs a worker on `control` (a `SOCK_SEQPACKET` socket to its parent).
+/// Call right after `fork` in a single-threaded child; never returns.
+pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
+    // Reset inherited state before anything else.
+    let _ = process::reset_signals();
+    process::close_stray_fds(&[control.as_raw_fd()]);
+    if let Ok(false) = process::die_with_parent(parent) {
+        idle_exit(exit::LAUNCH);
+    }
+    process::set_process_name("ember: warm");
+    let chan = WorkerChannel::new(control);
+    let idle = FromWorker::Idle {
+        pid: std::process::id(),
+        abi_version: abi::ABI_VERSION,
+        sdk_version: abi::SDK_VERSION.into(),
+    };
+    if chan.send(&idle, &[]).is_err() {
+        idle_exit(exit::LAUNCH);
+    }
+    // Wait warm.
+    let (order, fds) = loop {
+        match chan.recv() {
+            Ok((ToWorker::Launch(o), fds)) => break (o, fds),
+            // Nothing to attach to yet: drop the descriptors.
+            Ok((ToWorker::Attach(_), _)) => continue,
+            Ok((ToWorker::Stop { .. }, _)) | Err(protocol::ChannelError::Closed) => {
+                idle_exit(exit::OK)
+            }
+            Err(protocol::ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                continue
+            }
+            Err(_) => idle_exit(exit::LAUNCH),
+        }
+    };
+    launch(chan, order, fds)
+}
+
+fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
+    let early_fail = |chan: &WorkerChannel, kind, msg: String| -> ! {
+        let _ = chan.send(
+            &FromWorker::Failed(Failure {
+                stage: Stage::Launch,
+                kind,
+                message: msg,
+            }),
+            &[],
+        );
+        idle_exit(exit::LAUNCH)
+    };
+    let manifest = match Manifest::parse(&order.manifest) {
+        Ok(m) => m,
+        Err(e) => early_fail(
+            &chan,
+            FailureKind::BadLaunchOrder,
+            crate::sdk::error_chain(&e),
+        ),
+    };
+    if fds.len() != order.fd_count() {
+        early_fail(
+            &chan,
+            FailureKind::BadLaunchOrder,
+            format!(
+                "launch order lists {} descriptors but {} arrived",
+                order.fd_count(),
+                fds.len()
+            ),
+        );
+    }
+    if let Some(g) = order
+        .grants
+        .iter()
+        .find(|g| !manifest.declares(g.kind, &g.name))
+    {
+        early_fail(
+            &chan,
+            FailureKind::BadLaunchOrder,
+            format!(
+                "grant {:?} `{}` is not declared in the manifest",
+                g.kind, g.name
+            ),
+        );
+    }
+    let identity = manifest.identity(order.replica);
+    process::set_process_name(&format!("ember: {identity}"));
+
+    // SIGTERM/SIGINT are handled by the control thread through a signalfd;
+    // block them before any thread exists so every thread inherits the mask.
+    let sigs = process::block_signals(&[Signal::SIGTERM, Signal::SIGINT])
+        .unwrap_or_else(|_| nix::sys::signal::SigSet::empty());
+    let (shutdown_r, shutdown_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => early_fail(
+            &chan,
+            FailureKind::BadLaunchOrder,
+            format!("pipe2 failed: {e}"),
+        ),
+    };
+    let (attach_r, attach_w) =
+        match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
+            Ok(p) => p,
+            Err(e) => early_fail(
+                &chan,
+                FailureKind::BadLaunchOrder,
+                format!("pipe2 failed: {e}"),
+            ),
+        };
+    let sock = match chan.fd().try_clone_to_owned() {
+        Ok(s) => s,
+        Err(e) => early_fail(
+            &chan,
+            FailureKind::BadLaunchOrder,
+            format!("dup of control socket failed: {e}"),
+        ),
+    };
+    let _ = SHARED.set(Shared {
+        sock,
+        identity: identity.clone(),
+        ready: Mutex::new(false),
+        ready_cv: Condvar::new(),
+        shutdown_requested: AtomicBool::new(false),
+        shutdown_deadline: Mutex::new(None),
+        shutdown_w,
+        shutdown_r,
+        last_error: Mutex::new(None),
+        attached: Mutex::new(Vec::new()),
+        attach_w,
+        attach_r,
+    });
+    let Some(shared) = SHARED.get() else {
+        idle_exit(exit::LAUNCH)
+    };
+    if let Err(e) = install_crash_handlers(&shared.sock) {
+        shared.log(
+            LogLevel::Warn,
+            "ember::worker",
+            format!("crash handlers not installed: {e}"),
+        );
+    }
+
+    // Load.
+    STAGE.store(Stage::Load as u8, Ordering::Relaxed);
+    shared.transition(State::Loading, order.artifact.display().to_string());
+    if let Some(limit) = manifest.limits.memory {
+        start_memory_watchdog(shared, limit);
+    }
+    let module = match loader::load_module(&order.artifact) {
+        Ok(m) => m,
+        Err(e) => {
+            let kind = match &e {
+                loader::LoadError::Elf(_) => FailureKind::BadArtifact,
+                loader::LoadError::Dlopen { .. } => FailureKind::DlopenFailed,
+                loader::LoadError::MissingSymbol { .. }
+                | loader::LoadError::NullDescriptor { .. } => FailureKind::MissingSymbol,
+                _ => FailureKind::AbiMismatch,
+            };
+            shared.fail(Stage::Load, kind, crate::sdk::error_chain(&e), exit::LOAD)
+        }
+    };
+    shared.transition(
+        State::Loaded,
+        format!(
+            "{} (module-runtime {})",
+            module.module_type(),
+            module.sdk_version()
+        ),
+    );
+
+    // Hand the grants over: names and descriptors leak into the module.
+    let grants = ffi_grants(&order.grants, fds);
+    let grants: &'static [FfiGrant] = Box::leak(grants.into_boxed_slice());
+    let name: &'static str = Box::leak(manifest.name.clone().into_boxed_str());
+    let version: &'static str = Box::leak(manifest.version.clone().into_boxed_str());
+    let config: &'static str = Box::leak(manifest.config_toml().into_boxed_str());
+    let host: &'static HostApi = Box::leak(Box::new(HostApi {
+        abi_version: abi::ABI_VERSION,
+        size: std::mem::size_of::<HostApi>() as u32,
+        ctx: (shared as *const Shared).cast(),
+        module_name: FfiStr::new(name),
+        module_version: FfiStr::new(version),
+        replica: order.replica,
+        config_toml: FfiStr::new(config),
+        grants: grants.as_ptr(),
+        grants_len: grants.len(),
+        shutdown_fd: shared.shutdown_r.as_raw_fd(),
+        ready: host_ready,
+        log: host_log,
+        error: host_error,
+        shutdown_remaining_ms: host_shutdown_remaining_ms,
+        plugin_lookup: host_plugin_lookup,
+        attach_fd: shared.attach_r.as_raw_fd(),
+        take_attached: host_take_attached,
+    }));
+
+    start_control_thread(
+        shared,
+        chan,
+        sigs,
+        manifest.limits.stop_deadline,
+        manifest.clone(),
+    );
+    start_ready_watchdog(shared, manifest.limits.start_deadline);
+
+    // start
+    STAGE.store(Stage::Start as u8, Ordering::Relaxed);
+    shared.transition(State::Starting, "");
+    let mut instance: *mut c_void = std::ptr::null_mut();
+    // SAFETY: validated descriptor; `host` lives for the process; `instance`
+    // is a valid out-pointer.
+    let rc = unsafe { (module.descriptor.start)(host, &mut instance) };
+    check(shared, rc, Stage::Start, exit::START);
+    if instance.is_null() {
+        shared.fail(
+            Stage::Start,
+            FailureKind::ModuleError,
+            "start returned no instance",
+            exit::START,
+        );
+    }
+
+    // serve
+    STAGE.store(Stage::Serve as u8, Ordering::Relaxed);
+    shared.transition(State::Serving, "");
+    // SAFETY: `instance` came from a successful `start`; main thread only.
+    let rc = unsafe { (module.descriptor.serve)(instance) };
+    check(shared, rc, Stage::Serve, exit::SERVE);
+
+    // stop
+    STAGE.store(Stage::Stop as u8, Ordering::Relaxed);
+    // If the module finished on its own, `stop` gets the normal deadline.
+    shared.serve_returned(manifest.limits.stop_deadline);
+    // SAFETY: as for `serve`; the instance is consumed by `stop`.
+    let rc = unsafe { (module.descriptor.stop)(instance) };
+    check(shared, rc, Stage::Stop, exit::STOP);
+    shared.transition(State::Stopped, "");
+    idle_exit(exit::OK)
+}
+
+fn check(shared: &Shared, rc: i32, stage: Stage, code: i32) {
+    match rc {
+        abi::CALL_OK => {}
+        abi::CALL_PANIC => shared.fail(
+            stage,
+            FailureKind::Panic,
+            shared.take_error("panicked"),
+            code,
+        ),
+        abi::CALL_ERROR => shared.fail(
+            stage,
+            FailureKind::ModuleError,
+            shared.take_error("returned an error"),
+            code,
+        ),
+        other => shared.fail(
+            stage,
+            FailureKind::ModuleError,
+            format!("returned invalid status {other}"),
+            code,
+        ),
+    }
+}

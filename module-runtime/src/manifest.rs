@@ -1,0 +1,466 @@
+//! The module manifest, `module.toml`. Format: `docs/module-manifest.md`.
+//!
+//! ```
+//! let m = module_runtime::manifest::Manifest::parse(r#"
+//!     name = "hello"
+//!     version = "0.1.0"
+//!     entry = "libhello.so"
+//!     [limits]
+//!     start_deadline = "2s"
+//! "#).unwrap();
+//! assert_eq!(m.limits.start_deadline.as_secs(), 2);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why a manifest was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The manifest file could not be read.
+    #[error("cannot read manifest {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, a type mismatch, a missing or an unknown field; the
+    /// message names the field and the line.
+    #[error("invalid manifest: {0}")]
+    Parse(#[source] toml::de::Error),
+    /// A field parsed but its value is not allowed.
+    #[error("invalid manifest: field `{field}`: {reason}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `listeners[1].name`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A parsed and validated `module.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Module name: `[a-z0-9][a-z0-9_-]*`, at most 64 bytes.
+    pub name: String,
+    /// Module version (semver `MAJOR.MINOR.PATCH[-pre]`).
+    pub version: String,
+    /// Path of the `cdylib`, relative to the manifest's directory.
+    pub entry: PathBuf,
+    /// How many instances the supervisor keeps running.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Services this module serves.
+    #[serde(default)]
+    pub exports: Vec<Service>,
+    /// Services this module calls.
+    #[serde(default)]
+    pub imports: Vec<Import>,
+    /// Sockets the supervisor binds and hands in.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// Plugins the module looks up (checked by the supervisor before launch).
+    #[serde(default)]
+    pub plugins: Vec<PluginDep>,
+    /// Shared data sets the module reads.
+    #[serde(default)]
+    pub shared_data: Vec<SharedData>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Free-form configuration handed to the module.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An exported service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Service name, unique on the host.
+    pub name: String,
+    /// Schema version of its request/response types.
+    #[serde(default = "one")]
+    pub version: u32,
+}
+
+/// An imported service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Import {
+    /// Service name.
+    pub name: String,
+    /// Schema version required.
+    #[serde(default = "one")]
+    pub version: u32,
+    /// Whether the module can start without it.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+/// A listener the supervisor binds and hands to every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Name the module asks for (`LISTEN_FDNAMES` entry).
+    pub name: String,
+    /// Address to bind, e.g. `127.0.0.1:8080` or `unix:/run/x.sock`.
+    pub address: String,
+}
+
+/// A plugin dependency.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginDep {
+    /// Plugin name.
+    pub name: String,
+    /// Table version required.
+    pub table_version: u32,
+}
+
+/// A shared data set read by the module.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedData {
+    /// Data set name.
+    pub name: String,
+}
+
+/// Resource limits, all optional.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory the module may add on top of the warm worker, e.g. `"256MiB"`.
+    /// Enforced by the worker (resident-set watchdog, address-space cap) and,
+    /// where available, by the supervisor's cgroup.
+    #[serde(default, deserialize_with = "de_bytes")]
+    pub memory: Option<u64>,
+    /// CPU share in cores (e.g. `0.5`); enforced by the supervisor.
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Time from launch until the module must be ready.
+    #[serde(default = "default_start", deserialize_with = "de_duration")]
+    pub start_deadline: Duration,
+    /// Time from a stop request until the process must have exited.
+    #[serde(default = "default_stop", deserialize_with = "de_duration")]
+    pub stop_deadline: Duration,
+}
+
+fn default_start() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_stop() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: None,
+            cpu: None,
+            start_deadline: default_start(),
+            stop_deadline: default_stop(),
+        }
+    }
+}
+
+/// Parses `"1500ms"`, `"2s"`, `"1m"`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like \"500ms\", \"5s\" or \"1m\""))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// Parses `"256MiB"`, `"1GiB"`, `"512K"`, or a bare number of bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like \"256MiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StrOrNum {
+    Str(String),
+    Int(u64),
+    Float(f64),
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match StrOrNum::deserialize(d)? {
+        StrOrNum::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+        StrOrNum::Int(n) => Ok(Duration::from_secs(n)),
+        StrOrNum::Float(f) => Duration::try_from_secs_f64(f).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match StrOrNum::deserialize(d)? {
+        StrOrNum::Str(s) => parse_bytes(&s).map(Some).map_err(serde::de::Error::custom),
+        StrOrNum::Int(n) => Ok(Some(n)),
+        StrOrNum::Float(_) => Err(serde::de::Error::custom(
+            "a size must be an integer or a string like \"256MiB\"",
+        )),
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ManifestError {
+    ManifestError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), ManifestError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("`{name}` must match [a-z0-9][a-z0-9_-]* and be at most 64 bytes"),
+        ))
+    }
+}
+
+fn check_unique<'a>(list: &str, names: impl Iterator<Item = &'a str>) -> Result<(), ManifestError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, n) in names.enumerate() {
+        check_name(&format!("{list}[{i}].name"), n)?;
+        if !seen.insert(n) {
+            return Err(invalid(
+                format!("{list}[{i}].name"),
+                format!("`{n}` appears twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Parses and validates manifest text.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        let m: Manifest = toml::from_str(text).map_err(ManifestError::Parse)?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Reads, parses and validates a manifest file.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// The `cdylib` path, resolved against the manifest's directory.
+    pub fn entry_path(&self, manifest_dir: &Path) -> PathBuf {
+        manifest_dir.join(&self.entry)
+    }
+
+    /// `name@version#replica`, the identity used in process names and logs.
+    pub fn identity(&self, replica: u32) -> String {
+        format!("{}@{}#{}", self.name, self.version, replica)
+    }
+
+    /// Whether the manifest declares a grant of `kind` named `name`
+    /// (listeners, imports, exports, shared data).
+    pub fn declares(&self, kind: crate::abi::GrantKind, name: &str) -> bool {
+        use crate::abi::GrantKind;
+        match kind {
+            GrantKind::Listener => self.listeners.iter().any(|l| l.name == name),
+            GrantKind::Import => self.imports.iter().any(|i| i.name == name),
+            GrantKind::Export => self.exports.iter().any(|e| e.name == name),
+            GrantKind::SharedData => self.shared_data.iter().any(|d| d.name == name),
+        }
+    }
+
+    /// The `[config]` table as TOML text.
+    pub fn config_toml(&self) -> String {
+        toml::to_string(&self.config).unwrap_or_default()
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        check_name("name", &self.name)?;
+        let v = self.version.split(['-', '+']).next().unwrap_or("");
+        let parts: Vec<_> = v.split('.').collect();
+        if parts.len() != 3
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(invalid(
+                "version",
+                format!("`{}` is not a semver version like 1.2.3", self.version),
+            ));
+        }
+        if self.entry.as_os_str().is_empty() {
+            return Err(invalid("entry", "must name the module's cdylib"));
+        }
+        if self.replicas == 0 {
+            return Err(invalid("replicas", "must be at least 1"));
+        }
+        check_unique("exports", self.exports.iter().map(|s| s.name.as_str()))?;
+        check_unique("imports", self.imports.iter().map(|s| s.name.as_str()))?;
+        check_unique("listeners", self.listeners.iter().map(|s| s.name.as_str()))?;
+        check_unique("plugins", self.plugins.iter().map(|s| s.name.as_str()))?;
+        check_unique(
+            "shared_data",
+            self.shared_data.iter().map(|s| s.name.as_str()),
+        )?;
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.address.is_empty() {
+                return Err(invalid(
+                    format!("listeners[{i}].address"),
+                    "must not be empty",
+                ));
+            }
+        }
+        if let Some(cpu) = self.limits.cpu {
+            if !(cpu > 0.0 && cpu.is_finite()) {
+                return Err(invalid("limits.cpu", "must be a positive number of cores"));
+            }
+        }
+        if self.limits.start_deadline.is_zero() {
+            return Err(invalid("limits.start_deadline", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name = "greeter"
+version = "0.2.0"
+entry = "libgreeter.so"
+replicas = 2
+imports = [{ name = "kv" }]
+plugins = [{ name = "catalog", table_version = 1 }]
+
+[[listeners]]
+name = "http"
+address = "127.0.0.1:8080"
+
+[limits]
+memory = "256MiB"
+cpu = 0.5
+start_deadline = "1500ms"
+
+[config]
+greeting = "hi"
+"#;
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let m = Manifest::parse(FULL).unwrap();
+        assert_eq!(m.identity(1), "greeter@0.2.0#1");
+        assert_eq!(
+            m.imports[0],
+            Import {
+                name: "kv".into(),
+                version: 1,
+                optional: false
+            }
+        );
+        assert_eq!(m.limits.memory, Some(256 << 20));
+        assert_eq!(m.limits.start_deadline, Duration::from_millis(1500));
+        assert_eq!(m.limits.stop_deadline, Duration::from_secs(5));
+        assert_eq!(m.config["greeting"].as_str(), Some("hi"));
+        assert_eq!(m.entry_path(Path::new("/m")), Path::new("/m/libgreeter.so"));
+        assert!(m.config_toml().contains("greeting"));
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let e =
+            Manifest::parse("name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\nreplica = 3\n")
+                .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("replica") && msg.contains("line 4"), "{msg}");
+        let e = Manifest::parse(
+            "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[limits]\nmemroy = 1\n",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("memroy") && msg.contains("line 5"), "{msg}");
+    }
+
+    #[test]
+    fn missing_and_invalid_fields_are_named() {
+        let e = Manifest::parse("name = \"a\"\nentry = \"a.so\"\n").unwrap_err();
+        assert!(e.to_string().contains("version"), "{e}");
+        let e = Manifest::parse("name = \"a\"\nversion = \"1.0\"\nentry = \"a.so\"\n").unwrap_err();
+        assert!(e.to_string().contains("field `version`"), "{e}");
+        let e =
+            Manifest::parse("name = \"A b\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n").unwrap_err();
+        assert!(e.to_string().contains("field `name`"), "{e}");
+        let e = Manifest::parse("name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[limits]\nstart_deadline = \"5 parsecs\"\n")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("start_deadline") || e.to_string().contains("line 5"),
+            "{e}"
+        );
+        let text = "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[[listeners]]\nname=\"h\"\naddress=\"x\"\n[[listeners]]\nname=\"h\"\naddress=\"y\"\n";
+        let e = Manifest::parse(text).unwrap_err();
+        assert!(e.to_string().contains("listeners[1].name"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("12").unwrap(), 12);
+        assert!(parse_bytes("12 furlongs").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,200}") {
+            let _ = Manifest::parse(&s);
+        }
+    }
+}

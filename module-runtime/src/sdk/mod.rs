@@ -1,0 +1,431 @@
+//! The SDK module and plugin authors use.
+//!
+//! A module is a `cdylib` crate that implements [`Module`] (or
+//! [`AsyncModule`] with the `tokio` feature) and calls
+//! [`export_module!`](crate::export_module) once. A plugin implements
+//! [`Plugin`] and calls [`export_plugin!`](crate::export_plugin).
+
+mod context;
+pub(crate) mod logging;
+
+use std::any::Any;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+pub use context::{ChannelFds, ContextError, Identity, ModuleContext, PluginTable, Shutdown};
+
+/// The error a module or plugin returns: any error type, boxed.
+pub type ModuleError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A synchronous module. The worker calls, on its main thread:
+/// `start` → `serve` → `stop`, then exits the process.
+pub trait Module: Sized + 'static {
+    /// Acquires resources and builds the module. May call
+    /// [`ModuleContext::ready`] already; otherwise `serve` must.
+    fn start(ctx: &ModuleContext) -> Result<Self, ModuleError>;
+
+    /// Serves until [`ModuleContext::shutdown`] is requested (or the work is
+    /// done). Must call [`ModuleContext::ready`] unless `start` did, within
+    /// the manifest's `limits.start_deadline`.
+    fn serve(&mut self, ctx: &ModuleContext) -> Result<(), ModuleError>;
+
+    /// Releases resources; must finish within the stop deadline
+    /// ([`Shutdown::remaining`]).
+    fn stop(self, ctx: &ModuleContext) -> Result<(), ModuleError> {
+        let _ = ctx;
+        Ok(())
+    }
+}
+
+/// An asynchronous module, run on a multi-threaded tokio runtime that the
+/// SDK creates inside the worker after the fork. Export with
+/// `export_module!(async MyModule)`.
+#[cfg(feature = "tokio")]
+pub trait AsyncModule: Sized + 'static {
+    /// As [`Module::start`].
+    fn start(ctx: &ModuleContext) -> impl std::future::Future<Output = Result<Self, ModuleError>>;
+    /// As [`Module::serve`].
+    fn serve(
+        &mut self,
+        ctx: &ModuleContext,
+    ) -> impl std::future::Future<Output = Result<(), ModuleError>>;
+    /// As [`Module::stop`].
+    fn stop(
+        self,
+        ctx: &ModuleContext,
+    ) -> impl std::future::Future<Output = Result<(), ModuleError>> {
+        let _ = ctx;
+        async { Ok(()) }
+    }
+}
+
+/// Adapts an [`AsyncModule`] to [`Module`] by running it on its own tokio
+/// runtime.
+#[cfg(feature = "tokio")]
+pub struct TokioModule<M> {
+    rt: tokio::runtime::Runtime,
+    module: M,
+}
+
+#[cfg(feature = "tokio")]
+impl<M: AsyncModule> Module for TokioModule<M> {
+    fn start(ctx: &ModuleContext) -> Result<Self, ModuleError> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(format!("{}-rt", ctx.name()))
+            .enable_all()
+            .build()?;
+        let module = rt.block_on(M::start(ctx))?;
+        Ok(Self { rt, module })
+    }
+
+    fn serve(&mut self, ctx: &ModuleContext) -> Result<(), ModuleError> {
+        self.rt.block_on(self.module.serve(ctx))
+    }
+
+    fn stop(self, ctx: &ModuleContext) -> Result<(), ModuleError> {
+        let Self { rt, module } = self;
+        let r = rt.block_on(module.stop(ctx));
+        rt.shutdown_timeout(
+            ctx.shutdown()
+                .remaining()
+                .unwrap_or(std::time::Duration::from_secs(1)),
+        );
+        r
+    }
+}
+
+/// Renders an error with its `source()` chain: `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Context handed to [`Plugin::init`] (in the zygote, before any fork).
+#[derive(Debug)]
+pub struct PluginContext {
+    config: toml::Table,
+}
+
+impl PluginContext {
+    /// The plugin's config table.
+    pub fn config(&self) -> &toml::Table {
+        &self.config
+    }
+
+    /// The config deserialized into `T`.
+    pub fn config_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, ContextError> {
+        toml::Value::Table(self.config.clone())
+            .try_into()
+            .map_err(ContextError::Config)
+    }
+}
+
+/// A plugin: initialized once in the zygote, then called in-process by
+/// modules through its `#[repr(C)]` [`PluginTable`].
+///
+/// `init` must not leave threads running (the zygote forks afterwards) and
+/// must not rely on file descriptors surviving into workers (workers close
+/// descriptors they were not granted). Logging works during `init` only.
+pub trait Plugin: 'static {
+    /// The plugin's semver version.
+    const VERSION: &'static str;
+    /// Its table type (which carries the name and table version).
+    type Table: PluginTable;
+    /// Does the slow work and returns the table, which must live for the
+    /// rest of the process.
+    fn init(ctx: &PluginContext) -> Result<&'static Self::Table, ModuleError>;
+}
+
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let msg = payload_message(info.payload());
+            let full = match info.location() {
+                Some(l) => format!("{msg} (at {}:{})", l.file(), l.line()),
+                None => msg,
+            };
+            let thread = std::thread::current()
+                .name()
+                .map(str::to_owned)
+                .unwrap_or_else(|| "unnamed".into());
+            tracing::error!(target: "ember::panic", thread = %thread, "panicked: {full}");
+            *LAST_PANIC.lock().unwrap_or_else(|p| p.into_inner()) = Some(full);
+        }));
+    });
+}
+
+fn payload_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    LAST_PANIC
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_else(|| payload_message(p))
+}
+
+/// Support code for the export macros. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+    use crate::abi::{
+        self, DescriptorHeader, FfiStr, HostApi, ModuleDescriptor, PluginDescriptor, PluginHostApi,
+    };
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    struct Instance<M> {
+        module: Option<M>,
+        ctx: ModuleContext,
+    }
+
+    /// Runs `f`, mapping errors and panics to `CALL_*` codes reported through `report`.
+    fn guarded(report: &dyn Fn(&str), f: impl FnOnce() -> Result<(), ModuleError>) -> i32 {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(())) => abi::CALL_OK,
+            Ok(Err(e)) => {
+                report(&error_chain(&*e));
+                abi::CALL_ERROR
+            }
+            Err(p) => {
+                report(&panic_message(&*p));
+                abi::CALL_PANIC
+            }
+        }
+    }
+
+    /// `ModuleDescriptor::start` for `M`.
+    ///
+    /// # Safety
+    /// Called by the worker with its process-lifetime `HostApi` and a valid
+    /// out-pointer.
+    pub unsafe extern "C" fn start<M: Module>(
+        host: *const HostApi,
+        instance: *mut *mut c_void,
+    ) -> i32 {
+        if host.is_null() || instance.is_null() {
+            return abi::CALL_ERROR;
+        }
+        // SAFETY: non-null and valid for the process lifetime (caller contract).
+        let host: &'static HostApi = unsafe { &*host };
+        // The ABI check happens before any callback is used.
+        if host.abi_version != abi::ABI_VERSION {
+            return abi::CALL_ERROR;
+        }
+        let h = context::Host(host);
+        let report = |m: &str| h.error(m);
+        let mut out: *mut c_void = std::ptr::null_mut();
+        let rc = guarded(&report, || {
+            install_panic_hook();
+            let sink_host = h;
+            let sub = logging::Forward::new(
+                Box::new(move |l, t, m| sink_host.log(l, t, m)),
+                tracing::Level::DEBUG,
+            );
+            // A second module in one process is impossible; ignore "already set".
+            let _ = tracing::subscriber::set_global_default(sub);
+            // SAFETY: `host` is the worker's HostApi (caller contract); its
+            // grants are handed to us exactly once, here.
+            let ctx = unsafe { ModuleContext::from_host(host) }?;
+            let module = M::start(&ctx)?;
+            out = Box::into_raw(Box::new(Instance {
+                module: Some(module),
+                ctx,
+            }))
+            .cast();
+            Ok(())
+        });
+        // SAFETY: `instance` is a valid out-pointer (caller contract).
+        unsafe { *instance = out };
+        rc
+    }
+
+    /// `ModuleDescriptor::serve` for `M`.
+    ///
+    /// # Safety
+    /// `instance` must come from a successful `start::<M>` and not be stopped.
+    pub unsafe extern "C" fn serve<M: Module>(instance: *mut c_void) -> i32 {
+        if instance.is_null() {
+            return abi::CALL_ERROR;
+        }
+        // SAFETY: created by `start::<M>` and only used from the worker's
+        // main thread, one call at a time.
+        let inst = unsafe { &mut *instance.cast::<Instance<M>>() };
+        let h = inst.ctx.host();
+        guarded(&|m| h.error(m), || match inst.module.as_mut() {
+            Some(m) => m.serve(&inst.ctx),
+            None => Err("module already stopped".into()),
+        })
+    }
+
+    /// `ModuleDescriptor::stop` for `M`.
+    ///
+    /// # Safety
+    /// As for `serve`; the instance is consumed.
+    pub unsafe extern "C" fn stop<M: Module>(instance: *mut c_void) -> i32 {
+        if instance.is_null() {
+            return abi::CALL_ERROR;
+        }
+        // SAFETY: created by `start::<M>`; ownership returns to us here and
+        // the worker never uses the pointer again.
+        let inst = unsafe { Box::from_raw(instance.cast::<Instance<M>>()) };
+        let h = inst.ctx.host();
+        let Instance { module, ctx } = *inst;
+        let rc = guarded(&|m| h.error(m), || match module {
+            Some(m) => m.stop(&ctx),
+            None => Ok(()),
+        });
+        // The context (and the descriptors still in it) are released with
+        // the process; forgetting avoids running destructors after a panic.
+        std::mem::forget(ctx);
+        rc
+    }
+
+    /// The descriptor for `M`.
+    pub const fn descriptor<M: Module>(type_name: &'static str) -> ModuleDescriptor {
+        ModuleDescriptor {
+            header: DescriptorHeader {
+                magic: abi::MODULE_MAGIC,
+                abi_version: abi::ABI_VERSION,
+                size: std::mem::size_of::<ModuleDescriptor>() as u32,
+            },
+            sdk_version: FfiStr::new(abi::SDK_VERSION),
+            module_type: FfiStr::new(type_name),
+            start: start::<M>,
+            serve: serve::<M>,
+            stop: stop::<M>,
+        }
+    }
+
+    /// `PluginDescriptor::init` body for `P`, storing the table in `slot`.
+    ///
+    /// # Safety
+    /// `host` must be valid for the duration of the call.
+    pub unsafe fn plugin_init<P: Plugin>(
+        host: *const PluginHostApi,
+        slot: &AtomicPtr<c_void>,
+    ) -> i32 {
+        if host.is_null() {
+            return abi::CALL_ERROR;
+        }
+        // SAFETY: valid for this call (caller contract).
+        let host = unsafe { &*host };
+        if host.abi_version != abi::ABI_VERSION {
+            return abi::CALL_ERROR;
+        }
+        // SAFETY: host callbacks are valid during `init`.
+        let report = |m: &str| unsafe { (host.error)(host.ctx, FfiStr::new(m)) };
+        let log_fn = host.log;
+        let ctx_ptr = host.ctx as usize;
+        guarded(&report, || {
+            install_panic_hook();
+            // SAFETY: the host's config string is valid during `init`.
+            let text = unsafe { host.config_toml.to_string_lossy() };
+            let config: toml::Table = toml::from_str(&text)?;
+            let sub = logging::Forward::new(
+                Box::new(move |l, t, m| {
+                    // SAFETY: this subscriber is only installed for the
+                    // duration of `init`, while the host's callbacks are valid.
+                    unsafe { log_fn(ctx_ptr as *const c_void, l, FfiStr::new(t), FfiStr::new(m)) }
+                }),
+                tracing::Level::DEBUG,
+            );
+            let table =
+                tracing::subscriber::with_default(sub, || P::init(&PluginContext { config }))?;
+            // Release: pairs with the Acquire load in the table getter.
+            slot.store(
+                (table as *const P::Table).cast_mut().cast(),
+                Ordering::Release,
+            );
+            Ok(())
+        })
+    }
+
+    /// The descriptor for plugin `P`.
+    pub const fn plugin_descriptor<P: Plugin>(
+        init: unsafe extern "C" fn(*const PluginHostApi) -> i32,
+        table: unsafe extern "C" fn() -> *const c_void,
+    ) -> PluginDescriptor {
+        PluginDescriptor {
+            header: DescriptorHeader {
+                magic: abi::PLUGIN_MAGIC,
+                abi_version: abi::ABI_VERSION,
+                size: std::mem::size_of::<PluginDescriptor>() as u32,
+            },
+            sdk_version: FfiStr::new(abi::SDK_VERSION),
+            name: FfiStr::new(<P::Table as PluginTable>::NAME),
+            version: FfiStr::new(P::VERSION),
+            table_version: <P::Table as PluginTable>::TABLE_VERSION,
+            table_size: std::mem::size_of::<P::Table>() as u32,
+            init,
+            table,
+        }
+    }
+}
+
+/// Exports a module: `export_module!(MyModule)` for a [`Module`],
+/// `export_module!(async MyModule)` for an [`AsyncModule`] (feature `tokio`).
+/// Generates the one exported symbol, `ember_module_descriptor`.
+#[macro_export]
+macro_rules! export_module {
+    (@emit $ty:ty, $name:expr) => {
+        /// The Ember module descriptor (generated by `export_module!`).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn ember_module_descriptor() -> *const $crate::abi::ModuleDescriptor {
+            static DESCRIPTOR: $crate::abi::ModuleDescriptor = $crate::sdk::__private::descriptor::<$ty>($name);
+            &DESCRIPTOR
+        }
+    };
+    (async $ty:ty) => {
+        $crate::export_module!(@emit $crate::sdk::TokioModule<$ty>, stringify!($ty));
+    };
+    ($ty:ty) => {
+        $crate::export_module!(@emit $ty, stringify!($ty));
+    };
+}
+
+/// Exports a plugin: `export_plugin!(MyPlugin)` for a [`Plugin`]. Generates
+/// the one exported symbol, `ember_plugin_descriptor`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($ty:ty) => {
+        const _: () = {
+            static TABLE: ::std::sync::atomic::AtomicPtr<::std::ffi::c_void> =
+                ::std::sync::atomic::AtomicPtr::new(::std::ptr::null_mut());
+            unsafe extern "C" fn init(host: *const $crate::abi::PluginHostApi) -> i32 {
+                // SAFETY: forwarded from the host's call, same contract.
+                unsafe { $crate::sdk::__private::plugin_init::<$ty>(host, &TABLE) }
+            }
+            unsafe extern "C" fn table() -> *const ::std::ffi::c_void {
+                // Acquire: pairs with the Release store in `plugin_init`.
+                TABLE.load(::std::sync::atomic::Ordering::Acquire)
+            }
+            static DESCRIPTOR: $crate::abi::PluginDescriptor =
+                $crate::sdk::__private::plugin_descriptor::<$ty>(init, table);
+            /// The Ember plugin descriptor (generated by `export_plugin!`).
+            #[unsafe(no_mangle)]
+            pub extern "C" fn ember_plugin_descriptor() -> *const $crate::abi::PluginDescriptor {
+                &DESCRIPTOR
+            }
+        };
+    };
+}

@@ -1,0 +1,386 @@
+//! Test harness: builds the example cdylibs, starts the real test zygote
+//! (`ember-test-zygote`) as a process, and drives forked workers over their
+//! real control sockets.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use module_runtime::abi::GrantKind;
+use module_runtime::protocol::{
+    self, Failure, FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker,
+};
+
+/// Every example and fixture crate the tests load.
+pub const EXAMPLES: &[&str] = &[
+    "hello",
+    "kv",
+    "greeter",
+    "catalog",
+    "fixture-panic-start",
+    "fixture-segfault",
+    "fixture-abort",
+    "fixture-never-ready",
+    "fixture-unbounded-alloc",
+    "fixture-wrong-abi",
+    "fixture-ignores-stop",
+];
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// `target/<profile>` of this test binary (`target/<profile>/deps/<test>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+/// Builds the example cdylibs once per test binary, with the same cargo,
+/// target directory and profile as the tests themselves, so that a fresh
+/// clone plus `cargo test --workspace` works.
+pub fn build_examples() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile = profile_dir();
+        let target = profile.parent().unwrap().to_owned();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(workspace_root())
+            .arg("build")
+            .arg("--quiet")
+            .arg("--target-dir")
+            .arg(&target);
+        if profile.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        for e in EXAMPLES {
+            cmd.arg("-p").arg(e);
+        }
+        let status = cmd.status().expect("run cargo build for the examples");
+        assert!(status.success(), "building the examples failed");
+    });
+}
+
+/// Path of the cdylib built for crate `name`.
+pub fn artifact(name: &str) -> PathBuf {
+    build_examples();
+    profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
+}
+
+/// Text of `examples/<dir>/module.toml`.
+pub fn manifest(dir: &str) -> String {
+    std::fs::read_to_string(
+        workspace_root()
+            .join("examples")
+            .join(dir)
+            .join("module.toml"),
+    )
+    .unwrap()
+}
+
+/// A unique temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ember-mr-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test zygote process and its control socket.
+pub struct Zygote {
+    child: Child,
+    sock: Option<OwnedFd>,
+    pending: Vec<String>,
+    _dir: TempDir,
+}
+
+fn recv_text(sock: &OwnedFd, timeout: Duration) -> Option<(String, Vec<OwnedFd>)> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(timeout.as_millis() as i32).unwrap();
+    if poll(&mut fds, ms).ok()? == 0 {
+        return None;
+    }
+    let mut buf = [0u8; 512];
+    let (n, fds) = shm_ipc::fdpass::recv_with_fds(sock.as_fd(), &mut buf).ok()?;
+    (n > 0).then(|| (String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
+}
+
+impl Zygote {
+    /// Starts a zygote that loads `plugins` (cdylib, TOML config) first.
+    pub fn start(plugins: &[(PathBuf, &str)]) -> Self {
+        let dir = TempDir::new();
+        let (ours, theirs) = protocol::socket_pair().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember-test-zygote"));
+        for (i, (path, config)) in plugins.iter().enumerate() {
+            let cfg = dir.0.join(format!("plugin{i}.toml"));
+            std::fs::write(&cfg, config).unwrap();
+            cmd.arg("--plugin")
+                .arg(format!("{}={}", path.display(), cfg.display()));
+        }
+        let raw = theirs.as_raw_fd();
+        cmd.stdin(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls dup2, which is async-signal-safe; dup2 also clears
+        // close-on-exec on descriptor 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn ember-test-zygote");
+        drop(theirs);
+        let z = Self {
+            child,
+            sock: Some(ours),
+            pending: Vec::new(),
+            _dir: dir,
+        };
+        let (msg, _) = recv_text(z.sock(), Duration::from_secs(60)).expect("zygote did not answer");
+        assert_eq!(msg, "ready", "zygote failed to start: {msg}");
+        z
+    }
+
+    fn sock(&self) -> &OwnedFd {
+        self.sock.as_ref().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the zygote process is still running.
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Forks a worker and checks it reports `Idle`.
+    pub fn fork(&mut self) -> Worker {
+        shm_ipc::fdpass::send_with_fds(self.sock().as_fd(), b"fork", &[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (msg, mut fds) = recv_text(self.sock(), left).expect("no reply to fork");
+            if let Some(pid) = msg.strip_prefix("forked ") {
+                let chan = ParentChannel::new(fds.pop().expect("worker socket attached"));
+                let mut w = Worker {
+                    pid: pid.parse().unwrap(),
+                    chan,
+                    events: Vec::new(),
+                };
+                match w.next(Duration::from_secs(10)) {
+                    FromWorker::Idle { pid, .. } => assert_eq!(pid as i32, w.pid),
+                    other => panic!("expected Idle, got {other:?}"),
+                }
+                return w;
+            }
+            assert!(!msg.starts_with("error"), "{msg}");
+            self.pending.push(msg);
+        }
+    }
+
+    /// Waits for the zygote to report worker `pid`'s end: `exit PID CODE` or
+    /// `signal PID NAME`.
+    pub fn wait_exit(&mut self, pid: i32, timeout: Duration) -> String {
+        let prefix_e = format!("exit {pid} ");
+        let prefix_s = format!("signal {pid} ");
+        let matches = |m: &String| m.starts_with(&prefix_e) || m.starts_with(&prefix_s);
+        if let Some(i) = self.pending.iter().position(matches) {
+            return self.pending.remove(i);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (msg, _) = recv_text(self.sock(), left)
+                .unwrap_or_else(|| panic!("worker {pid} did not exit in time"));
+            if matches(&msg) {
+                return msg;
+            }
+            self.pending.push(msg);
+        }
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        // Closing the socket makes the zygote kill its workers and exit.
+        drop(self.sock.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A forked worker seen from its parent.
+pub struct Worker {
+    pub pid: i32,
+    pub chan: ParentChannel,
+    /// Every message received so far.
+    pub events: Vec<FromWorker>,
+}
+
+impl Worker {
+    fn next(&mut self, timeout: Duration) -> FromWorker {
+        let (m, _) = self.chan.recv_timeout(Some(timeout)).unwrap_or_else(|e| {
+            panic!(
+                "worker {}: no message ({e}); so far: {:#?}",
+                self.pid, self.events
+            )
+        });
+        self.events.push(m.clone());
+        m
+    }
+
+    /// Sends a launch order with `grants` and their descriptors.
+    pub fn launch(
+        &mut self,
+        artifact: &Path,
+        manifest: &str,
+        replica: u32,
+        grants: Vec<(GrantKind, &str, Vec<OwnedFd>)>,
+    ) {
+        let mut fds = Vec::new();
+        let mut gs = Vec::new();
+        for (kind, name, f) in grants {
+            assert_eq!(f.len(), kind.fd_count());
+            gs.push(Grant {
+                kind,
+                name: name.into(),
+            });
+            fds.extend(f);
+        }
+        let order = LaunchOrder {
+            artifact: artifact.to_owned(),
+            manifest: manifest.to_owned(),
+            replica,
+            grants: gs,
+        };
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        self.chan.send(&ToWorker::Launch(order), &borrowed).unwrap();
+    }
+
+    /// Waits for a message matching `pred`, failing on a `Failed` report.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&FromWorker) -> bool,
+    ) -> FromWorker {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.next(deadline.saturating_duration_since(Instant::now()));
+            if pred(&m) {
+                return m;
+            }
+            if let FromWorker::Failed(f) = &m {
+                panic!(
+                    "worker {} failed: {f}; events: {:#?}",
+                    self.pid, self.events
+                );
+            }
+        }
+    }
+
+    pub fn wait_state(&mut self, state: State, timeout: Duration) {
+        self.wait_for(
+            timeout,
+            |m| matches!(m, FromWorker::Transition { state: s, .. } if *s == state),
+        );
+    }
+
+    /// Waits for the failure report.
+    pub fn wait_failure(&mut self, timeout: Duration) -> Failure {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let FromWorker::Failed(f) =
+                self.next(deadline.saturating_duration_since(Instant::now()))
+            {
+                return f;
+            }
+        }
+    }
+
+    pub fn stop(&mut self, deadline: Duration) {
+        self.chan.send(&ToWorker::Stop { deadline }, &[]).unwrap();
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                FromWorker::Log {
+                    target, message, ..
+                } => Some(format!("{target}: {message}")),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// One HTTP GET over a fresh connection; returns (status, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `(rss, pss, private)` in KiB from `/proc/PID/smaps_rollup`.
+pub fn smaps_rollup(pid: i32) -> (u64, u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("Rss:"),
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    )
+}

@@ -1,0 +1,130 @@
+//! shm-ipc between real processes: a server process, a crashing server, and
+//! peers that write garbage over the shared pages while the other side works.
+
+use std::time::{Duration, Instant};
+
+use ember_tests::{send_fds, spawn_peer, TempDir};
+use shm_ipc::channel::{channel_pair, ChannelConfig, ChannelError, Client};
+
+const PEER: &str = env!("CARGO_BIN_EXE_ipc-peer");
+
+fn server_with_clients(
+    dir: &TempDir,
+    role: &str,
+    cfg: &ChannelConfig,
+    n: usize,
+) -> (ember_tests::ChildGuard, Vec<shm_ipc::channel::ClientEnd>) {
+    let (child, sock) = spawn_peer(dir, PEER, &[role]);
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let (c, s) = channel_pair(cfg).unwrap();
+        send_fds(&sock, b'S', &s.fds());
+        clients.push(c);
+    }
+    send_fds(&sock, b'G', &[]);
+    (child, clients)
+}
+
+#[test]
+fn echo_across_processes_all_sizes() {
+    let dir = TempDir::new("ipc-echo");
+    let cfg = ChannelConfig {
+        slots: 4,
+        slot_capacity: 64 * 1024,
+    };
+    let (mut child, ends) = server_with_clients(&dir, "echo-server", &cfg, 1);
+    let mut client = Client::open(ends.into_iter().next().unwrap()).unwrap();
+    for size in [0usize, 1, 63, 64, 65, 4096, 64 * 1024] {
+        let req: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+        assert_eq!(client.call(&req).unwrap(), req, "size {size}");
+    }
+    for i in 0..10_000u32 {
+        assert_eq!(client.call(&i.to_le_bytes()).unwrap(), i.to_le_bytes());
+    }
+    drop(client);
+    let st = child
+        .wait_timeout(Duration::from_secs(10))
+        .expect("server exits when its only client leaves");
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn server_reads_every_byte_of_a_large_request_in_place() {
+    let dir = TempDir::new("ipc-sum");
+    let cfg = ChannelConfig {
+        slots: 2,
+        slot_capacity: 1 << 20,
+    };
+    let (_child, ends) = server_with_clients(&dir, "sum-server", &cfg, 1);
+    let mut client = Client::open(ends.into_iter().next().unwrap()).unwrap();
+    let req: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let want: u64 = req.iter().map(|&b| b as u64).sum();
+    let got = client.call(&req).unwrap();
+    assert_eq!(u64::from_le_bytes(got.try_into().unwrap()), want);
+}
+
+#[test]
+fn killed_server_is_peer_gone_not_a_hang() {
+    let dir = TempDir::new("ipc-kill");
+    let (mut child, ends) = server_with_clients(&dir, "echo-server", &ChannelConfig::default(), 1);
+    let mut client = Client::open(ends.into_iter().next().unwrap()).unwrap();
+    assert_eq!(client.call(b"before").unwrap(), b"before");
+    child.kill();
+    let err = client.call(b"after").unwrap_err();
+    assert!(matches!(err, ChannelError::PeerGone), "{err}");
+}
+
+#[test]
+fn garbage_writing_client_does_not_disturb_other_clients() {
+    let dir = TempDir::new("ipc-evil-client");
+    let cfg = ChannelConfig::default();
+    let (mut server, mut ends) = server_with_clients(&dir, "echo-server", &cfg, 2);
+    let good_end = ends.pop().unwrap();
+    let evil_end = ends.pop().unwrap();
+    let (mut evil, evil_sock) = spawn_peer(&dir, PEER, &["evil-client"]);
+    send_fds(&evil_sock, b'C', &evil_end.fds());
+    drop(evil_end);
+    let mut good = Client::open(good_end).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..20_000u32 {
+        let got = good.call_deadline(&i.to_le_bytes(), deadline);
+        assert_eq!(got.unwrap(), i.to_le_bytes(), "call {i}");
+    }
+    evil.kill();
+    assert_eq!(good.call(b"still here").unwrap(), b"still here");
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "server must survive a hostile client"
+    );
+}
+
+#[test]
+fn garbage_writing_server_yields_errors_never_a_crash_or_hang() {
+    let dir = TempDir::new("ipc-evil-server");
+    let (c, s) = channel_pair(&ChannelConfig {
+        slots: 4,
+        slot_capacity: 256,
+    })
+    .unwrap();
+    // The "server" is a process that only scribbles over the whole segment.
+    let (_scribbler, sock) = spawn_peer(&dir, PEER, &["scribbler"]);
+    send_fds(&sock, b'M', &[s.fds()[0]]);
+    // Keep the doorbell open so the client cannot tell the peer is hostile
+    // by its absence; it must notice from what it reads.
+    let (_memfd, _server_sock) = s.into_fds();
+    let mut client = Client::open(c).unwrap();
+    let mut outcomes = [0usize; 2];
+    for _ in 0..2_000 {
+        match client.call_deadline(b"hello", Instant::now() + Duration::from_millis(2)) {
+            Ok(_) => outcomes[0] += 1,
+            Err(ChannelError::Corrupt(_) | ChannelError::TimedOut | ChannelError::Remote(_)) => {
+                outcomes[1] += 1
+            }
+            Err(e) => panic!("unexpected error kind: {e}"),
+        }
+    }
+    assert!(
+        outcomes[1] > 0,
+        "a scribbled channel must produce errors: {outcomes:?}"
+    );
+}
