@@ -14,7 +14,14 @@ fn ring_protocol_is_model_checked_with_loom() {
         .join("loom");
     let out = Command::new(env!("CARGO"))
         .current_dir(&workspace)
-        .args(["test", "-p", "shm-ipc", "--lib", "--release", "--target-dir"])
+        .args([
+            "test",
+            "-p",
+            "shm-ipc",
+            "--lib",
+            "--release",
+            "--target-dir",
+        ])
         .arg(&target)
         .args(["--", "loom_tests", "--nocapture"])
         .env("RUSTFLAGS", "--cfg loom")

@@ -1,0 +1,27 @@
+//! `Health()`: is the daemon well.
+
+use serde::{Deserialize, Serialize};
+
+/// Parameters of `Health` (none).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {}
+
+/// Reply of `Health`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthReply {
+    /// The zygote and pool are alive.
+    pub healthy: bool,
+    /// emberd version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_seconds: f64,
+    /// The zygote's pid.
+    pub zygote_pid: i32,
+    /// Installed modules.
+    pub modules: usize,
+    /// Modules running.
+    pub running: usize,
+    /// Modules failed or in crash loop.
+    pub failed: usize,
+}

@@ -1,0 +1,118 @@
+//! `Install(path)`: install a module from its directory or manifest.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::errors;
+use crate::varlink::ErrorReply;
+
+/// Parameters of `Install`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// A module directory (containing `module.toml`) or a manifest file,
+    /// as seen by the daemon.
+    pub path: PathBuf,
+}
+
+/// Why an install was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The path is not absolute or cannot be read.
+    #[error("cannot read manifest {}", path.display())]
+    Unreadable {
+        /// The manifest path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path is relative (the daemon has no useful working directory).
+    #[error("path {} is not absolute", path.display())]
+    Relative {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The manifest is not a valid manifest.
+    #[error("invalid manifest {}", path.display())]
+    Manifest {
+        /// The manifest path.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::manifest::ManifestError,
+    },
+    /// The artifact named by `entry` is missing.
+    #[error("artifact {} not found", artifact.display())]
+    ArtifactMissing {
+        /// The manifest path.
+        path: PathBuf,
+        /// The artifact path.
+        artifact: PathBuf,
+    },
+    /// Same name already installed.
+    #[error("module {name} {version} is already installed")]
+    AlreadyInstalled {
+        /// Name.
+        name: String,
+        /// Installed version.
+        version: String,
+    },
+    /// A declared TCP port is taken.
+    #[error("port {port} is in use")]
+    PortInUse {
+        /// The port.
+        port: u16,
+        /// Details.
+        #[source]
+        source: crate::listeners::ListenError,
+    },
+    /// A listener could not be bound otherwise.
+    #[error("cannot bind a listener")]
+    Listener {
+        /// Why.
+        #[source]
+        source: crate::listeners::ListenError,
+    },
+    /// The state directory could not take the module.
+    #[error("cannot store module {name}")]
+    Store {
+        /// Name.
+        name: String,
+        /// Why.
+        #[source]
+        source: crate::store::StoreError,
+    },
+}
+
+impl From<InstallError> for ErrorReply {
+    fn from(e: InstallError) -> Self {
+        let reason = crate::error_chain(&e);
+        match e {
+            InstallError::PortInUse { port, .. } => {
+                ErrorReply::new(errors::PORT_IN_USE, json!({ "port": port }))
+            }
+            InstallError::Unreadable { .. }
+            | InstallError::Relative { .. }
+            | InstallError::Listener { .. } => {
+                ErrorReply::new(errors::INVALID_INPUT, json!({ "reason": reason }))
+            }
+            InstallError::Manifest { path, .. } | InstallError::ArtifactMissing { path, .. } => {
+                ErrorReply::new(
+                    errors::INVALID_MANIFEST,
+                    json!({ "path": path, "reason": reason }),
+                )
+            }
+            InstallError::AlreadyInstalled { name, version } => ErrorReply::new(
+                errors::ALREADY_INSTALLED,
+                json!({ "name": name, "version": version }),
+            ),
+            InstallError::Store { name, .. } => ErrorReply::new(
+                errors::INSTALL_FAILED,
+                json!({ "name": name, "reason": reason }),
+            ),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! `Status(name)`: one module in detail.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::State;
+use crate::metrics::Memory;
+
+/// Parameters of `Status`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// Module name.
+    pub name: String,
+}
+
+/// One module in detail.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModuleStatus {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Lifecycle state.
+    pub state: State,
+    /// Why it (the first replica in trouble) is failed or backing off.
+    pub reason: Option<String>,
+    /// The first replica's worker pid while one runs.
+    pub pid: Option<i32>,
+    /// Restarts so far, all replicas.
+    pub restarts: u64,
+    /// Last failure seen (first replica that has one).
+    pub last_error: Option<String>,
+    /// Artifact hash.
+    pub artifact_sha256: String,
+    /// Bound listeners.
+    pub listeners: Vec<ListenerStatus>,
+    /// Seconds since the last replica state change.
+    pub state_seconds: f64,
+    /// Worker memory, summed over replicas.
+    pub memory: Option<Memory>,
+    /// Worker CPU seconds, summed over replicas.
+    pub cpu_seconds: Option<f64>,
+    /// Each replica.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica of a module.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplicaStatus {
+    /// Replica number.
+    pub replica: u32,
+    /// Lifecycle state.
+    pub state: State,
+    /// Why it is failed or backing off.
+    pub reason: Option<String>,
+    /// Worker pid while one runs.
+    pub pid: Option<i32>,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// Last failure seen.
+    pub last_error: Option<String>,
+    /// Seconds in the current state.
+    pub state_seconds: f64,
+    /// Worker memory.
+    pub memory: Option<Memory>,
+    /// Worker CPU seconds.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// Reply of `Status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusReply {
+    /// The module.
+    pub status: ModuleStatus,
+}
+
+/// A bound listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerStatus {
+    /// Its name in the manifest.
+    pub name: String,
+    /// The address bound (`host:port` or `unix:/path`).
+    pub address: String,
+}

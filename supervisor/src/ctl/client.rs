@@ -1,0 +1,186 @@
+//! A small blocking Varlink client.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::ExitCode;
+use crate::control::errors;
+use crate::varlink::{Call, FrameDecoder, Reply, MAX_REPLY};
+
+/// How long a single reply may take (uninstall waits for the stop).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Nothing answers on the socket.
+    #[error("cannot reach emberd at {}", path.display())]
+    Unreachable {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection broke or timed out.
+    #[error("connection to emberd failed")]
+    Io(#[source] std::io::Error),
+    /// The daemon's bytes are not a Varlink reply.
+    #[error("malformed reply from emberd")]
+    Protocol,
+    /// The daemon answered with a Varlink error.
+    #[error("{}", describe(name, parameters))]
+    Remote {
+        /// Error name.
+        name: String,
+        /// Its parameters.
+        parameters: Value,
+    },
+    /// A local argument is unusable.
+    #[error("{0}")]
+    Input(String),
+}
+
+fn describe(name: &str, p: &Value) -> String {
+    let short = name.rsplit('.').next().unwrap_or(name);
+    let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    match name {
+        errors::MODULE_NOT_FOUND => format!("module {} not found", s("name")),
+        errors::ALREADY_INSTALLED => {
+            format!("module {} {} is already installed", s("name"), s("version"))
+        }
+        errors::INVALID_MANIFEST => format!("invalid manifest: {}", s("reason")),
+        errors::INVALID_INPUT => format!("invalid input: {}", s("reason")),
+        errors::INSTALL_FAILED => format!("install of {} failed: {}", s("name"), s("reason")),
+        errors::PORT_IN_USE => format!(
+            "port {} is in use",
+            p.get("port").cloned().unwrap_or_default()
+        ),
+        errors::PERMISSION_DENIED => "permission denied by emberd".into(),
+        errors::PROTOCOL_ERROR => format!("protocol error: {}", s("reason")),
+        _ if p.as_object().is_some_and(|o| !o.is_empty()) => format!("{short}: {p}"),
+        _ => short.to_owned(),
+    }
+}
+
+impl CtlError {
+    /// The exit code for this failure.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CtlError::Unreachable { .. } => ExitCode::Unreachable,
+            CtlError::Io(_) => ExitCode::Failure,
+            CtlError::Protocol => ExitCode::Protocol,
+            CtlError::Input(_) => ExitCode::InvalidInput,
+            CtlError::Remote { name, .. } => match name.as_str() {
+                errors::MODULE_NOT_FOUND => ExitCode::NotFound,
+                errors::INVALID_INPUT
+                | errors::INVALID_MANIFEST
+                | "org.varlink.service.InvalidParameter" => ExitCode::InvalidInput,
+                errors::ALREADY_INSTALLED | errors::PORT_IN_USE => ExitCode::Conflict,
+                errors::PERMISSION_DENIED => ExitCode::PermissionDenied,
+                errors::PROTOCOL_ERROR => ExitCode::Protocol,
+                _ => ExitCode::Failure,
+            },
+        }
+    }
+}
+
+/// A connection to emberd.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+impl Client {
+    /// Connects to the socket.
+    pub fn connect(path: &Path) -> Result<Self, CtlError> {
+        let stream = UnixStream::connect(path).map_err(|source| CtlError::Unreachable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            stream,
+            decoder: FrameDecoder::new(MAX_REPLY),
+        })
+    }
+
+    fn send(&mut self, call: &Call) -> Result<(), CtlError> {
+        match self.stream.write_all(&call.encode()) {
+            Ok(()) => Ok(()),
+            // The daemon may have answered (e.g. PermissionDenied) and
+            // closed before reading: prefer its answer to the write error.
+            Err(e) => match self.next_reply(Some(Duration::from_secs(1))) {
+                Ok(r) => Self::check(r).map(drop).and(Err(CtlError::Io(e))),
+                Err(_) => Err(CtlError::Io(e)),
+            },
+        }
+    }
+
+    fn next_reply(&mut self, timeout: Option<Duration>) -> Result<Reply, CtlError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(CtlError::Io)?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => return Reply::parse(&frame).map_err(|_| CtlError::Protocol),
+                Ok(None) => {}
+                Err(_) => return Err(CtlError::Protocol),
+            }
+            let n = match self.stream.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(CtlError::Io(e)),
+            };
+            if n == 0 {
+                return Err(CtlError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            self.decoder.extend(&buf[..n]);
+        }
+    }
+
+    fn check(reply: Reply) -> Result<Reply, CtlError> {
+        match reply.error {
+            Some(name) => Err(CtlError::Remote {
+                name,
+                parameters: Value::Object(reply.parameters),
+            }),
+            None => Ok(reply),
+        }
+    }
+
+    /// One call, one reply.
+    pub fn call(&mut self, method: &str, parameters: Value) -> Result<Value, CtlError> {
+        self.send(&Call::new(method, parameters))?;
+        let r = Self::check(self.next_reply(Some(REPLY_TIMEOUT))?)?;
+        Ok(Value::Object(r.parameters))
+    }
+
+    /// A call with `more`: `each` sees every reply until the last.
+    pub fn call_more(
+        &mut self,
+        method: &str,
+        parameters: Value,
+        mut each: impl FnMut(Value) -> Result<(), CtlError>,
+    ) -> Result<(), CtlError> {
+        let mut call = Call::new(method, parameters);
+        call.more = true;
+        self.send(&call)?;
+        let mut first = true;
+        loop {
+            let timeout = first.then_some(REPLY_TIMEOUT);
+            first = false;
+            let r = Self::check(self.next_reply(timeout)?)?;
+            let go_on = r.continues;
+            each(Value::Object(r.parameters))?;
+            if !go_on {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! One function per verb.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::client::{Client, CtlError};
+use super::output::{bytes, cell, fields, table};
+use super::{Cli, Command};
+
+const IFACE: &str = "io.ember.Supervisor";
+
+fn method(m: &str) -> String {
+    format!("{IFACE}.{m}")
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
+    let mut c = Client::connect(socket)?;
+    match &cli.command {
+        Command::Install { path } => install(&mut c, path, cli.json),
+        Command::Uninstall { name } => {
+            let v = c.call(&method("Uninstall"), json!({ "name": name }))?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("uninstalled {name}");
+            }
+            Ok(())
+        }
+        Command::List => list(&mut c, cli.json),
+        Command::Status { name } => status(&mut c, name, cli.json),
+        Command::Logs {
+            name,
+            follow,
+            lines,
+        } => logs(&mut c, name, *follow, *lines, cli.json),
+        Command::Pool => pool(&mut c, cli.json),
+        Command::Health => health(&mut c, cli.json),
+        Command::Completions { .. } => unreachable!("handled before connecting"),
+    }
+}
+
+fn install(c: &mut Client, path: &Path, json_out: bool) -> Result<(), CtlError> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| CtlError::Input(format!("{}: {e}", path.display())))?;
+    if !abs.exists() {
+        return Err(CtlError::Input(format!("{} does not exist", abs.display())));
+    }
+    let v = c.call(&method("Install"), json!({ "path": abs }))?;
+    if json_out {
+        print_json(&v);
+    } else {
+        let m = &v["module"];
+        println!(
+            "installed {} {} ({})",
+            cell(&m["name"]),
+            cell(&m["version"]),
+            cell(&m["state"])
+        );
+    }
+    Ok(())
+}
+
+fn list(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
+    let v = c.call(&method("List"), json!({}))?;
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v["modules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    let pids = match m["pids"].as_array() {
+                        Some(p) if !p.is_empty() => cell(&m["pids"]),
+                        _ => "-".into(),
+                    };
+                    vec![
+                        cell(&m["name"]),
+                        cell(&m["version"]),
+                        cell(&m["state"]),
+                        cell(&m["replicas"]),
+                        pids,
+                        cell(&m["restarts"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print!(
+        "{}",
+        table(
+            &["NAME", "VERSION", "STATE", "REPLICAS", "PIDS", "RESTARTS"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+fn status(c: &mut Client, name: &str, json_out: bool) -> Result<(), CtlError> {
+    let v = c.call(&method("Status"), json!({ "name": name }))?;
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    let s = &v["status"];
+    let mem = &s["memory"];
+    let cpu = s["cpu_seconds"]
+        .as_f64()
+        .map_or("-".into(), |c| format!("{c:.2}s"));
+    print!(
+        "{}",
+        fields(&[
+            ("name", cell(&s["name"])),
+            ("version", cell(&s["version"])),
+            (
+                "state",
+                format!(
+                    "{} for {:.0}s",
+                    cell(&s["state"]),
+                    s["state_seconds"].as_f64().unwrap_or(0.0)
+                )
+            ),
+            ("reason", cell(&s["reason"])),
+            ("pid", cell(&s["pid"])),
+            ("restarts", cell(&s["restarts"])),
+            ("last error", cell(&s["last_error"])),
+            (
+                "memory",
+                if mem.is_null() {
+                    "-".into()
+                } else {
+                    format!(
+                        "rss {} pss {} uss {}",
+                        bytes(&mem["rss"]),
+                        bytes(&mem["pss"]),
+                        bytes(&mem["uss"])
+                    )
+                }
+            ),
+            ("cpu", cpu),
+            ("artifact", cell(&s["artifact_sha256"])),
+            ("listeners", listeners(&s["listeners"])),
+        ])
+    );
+    if let Some(rs) = s["replicas"].as_array().filter(|r| r.len() > 1) {
+        let rows: Vec<Vec<String>> = rs
+            .iter()
+            .map(|r| {
+                vec![
+                    cell(&r["replica"]),
+                    cell(&r["state"]),
+                    cell(&r["pid"]),
+                    cell(&r["restarts"]),
+                    if r["memory"].is_null() {
+                        "-".into()
+                    } else {
+                        bytes(&r["memory"]["pss"])
+                    },
+                    cell(&r["reason"]),
+                ]
+            })
+            .collect();
+        println!();
+        print!(
+            "{}",
+            table(
+                &["REPLICA", "STATE", "PID", "RESTARTS", "PSS", "REASON"],
+                &rows
+            )
+        );
+    }
+    Ok(())
+}
+
+fn logs(
+    c: &mut Client,
+    name: &str,
+    follow: bool,
+    lines: u32,
+    json_out: bool,
+) -> Result<(), CtlError> {
+    let params = json!({ "name": name, "lines": lines });
+    let print = |v: Value| {
+        if json_out {
+            println!("{v}");
+        } else if let Some(ls) = v["lines"].as_array() {
+            for l in ls {
+                println!("{}", l.as_str().unwrap_or_default());
+            }
+        }
+        Ok(())
+    };
+    if follow {
+        c.call_more(&method("Logs"), params, print)
+    } else {
+        let v = c.call(&method("Logs"), params)?;
+        print(v)
+    }
+}
+
+fn pool(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
+    let v = c.call(&method("Pool"), json!({}))?;
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    let p = &v["pool"];
+    print!(
+        "{}",
+        fields(&[
+            (
+                "idle",
+                format!(
+                    "{} (min {}, max {})",
+                    cell(&p["idle"]),
+                    cell(&p["min_idle"]),
+                    cell(&p["max_idle"])
+                )
+            ),
+            ("hits", cell(&p["hits"])),
+            ("misses", cell(&p["misses"])),
+            (
+                "refills",
+                format!(
+                    "{} ({} in the last minute)",
+                    cell(&p["refills"]),
+                    cell(&p["refills_last_minute"])
+                )
+            ),
+            (
+                "fork time",
+                format!("{} µs on average", cell(&p["fork_us_avg"]))
+            ),
+            ("fork failures", cell(&p["fork_failures"])),
+            ("idle pids", cell(&p["idle_pids"])),
+        ])
+    );
+    Ok(())
+}
+
+fn health(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
+    let v = c.call(&method("Health"), json!({}))?;
+    if json_out {
+        print_json(&v);
+    } else {
+        print!(
+            "{}",
+            fields(&[
+                ("healthy", cell(&v["healthy"])),
+                ("version", cell(&v["version"])),
+                (
+                    "uptime",
+                    format!("{:.0}s", v["uptime_seconds"].as_f64().unwrap_or(0.0))
+                ),
+                ("zygote pid", cell(&v["zygote_pid"])),
+                (
+                    "modules",
+                    format!(
+                        "{} ({} running, {} failed)",
+                        cell(&v["modules"]),
+                        cell(&v["running"]),
+                        cell(&v["failed"])
+                    )
+                ),
+            ])
+        );
+    }
+    if v["healthy"].as_bool() == Some(false) {
+        return Err(CtlError::Remote {
+            name: "io.ember.Supervisor.Unhealthy".into(),
+            parameters: json!({}),
+        });
+    }
+    Ok(())
+}
+
+fn listeners(v: &Value) -> String {
+    match v.as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .map(|l| format!("{}={}", cell(&l["name"]), cell(&l["address"])))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "-".into(),
+    }
+}

@@ -1,0 +1,122 @@
+//! `emberctl`: a Varlink client of `emberd` with a verb per request kind.
+//!
+//! Exit codes (also in `emberctl --help`): 0 success, 1 other failure,
+//! 2 usage, 3 module not found, 4 invalid input (bad path, manifest or
+//! parameter), 5 conflict (already installed, port in use), 6 permission
+//! denied, 7 daemon unreachable, 8 protocol error.
+
+pub mod client;
+mod commands;
+pub mod output;
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+pub use client::{Client, CtlError};
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 failure, 2 usage, 3 module not found, \
+4 invalid input, 5 conflict (already installed, port in use), 6 permission denied, \
+7 daemon unreachable, 8 protocol error.";
+
+/// Drive the Ember supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "emberctl", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Control socket (default: $EMBER_SOCKET, else the daemon's default).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print replies as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install a module from its directory or module.toml and start it.
+    Install {
+        /// Module directory or manifest file.
+        path: PathBuf,
+    },
+    /// Stop a module and remove it.
+    Uninstall {
+        /// Module name.
+        name: String,
+    },
+    /// List installed modules.
+    List,
+    /// Show one module: state, pid, restarts, last error, memory, CPU.
+    Status {
+        /// Module name.
+        name: String,
+    },
+    /// Show a module's output.
+    Logs {
+        /// Module name.
+        name: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many trailing lines.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: u32,
+    },
+    /// Show the warm pool.
+    Pool,
+    /// Show daemon health.
+    Health,
+    /// Print a shell completion script.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Typed exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// Success.
+    Ok = 0,
+    /// Any other failure.
+    Failure = 1,
+    /// Bad command line (clap's own code).
+    Usage = 2,
+    /// No such module.
+    NotFound = 3,
+    /// Bad path, manifest or parameter.
+    InvalidInput = 4,
+    /// Already installed, port in use.
+    Conflict = 5,
+    /// Refused by the daemon's allow list.
+    PermissionDenied = 6,
+    /// No daemon answers on the socket.
+    Unreachable = 7,
+    /// The daemon's answer was not understood.
+    Protocol = 8,
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "emberctl",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::Ok;
+    }
+    let socket = crate::paths::client_socket(cli.socket.clone());
+    match commands::run(&socket, &cli) {
+        Ok(()) => ExitCode::Ok,
+        Err(e) => {
+            eprintln!("emberctl: {e}");
+            e.exit_code()
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The single owner of the daemon's state: desired state, module
+//! lifecycles (one per replica), live workers. Control requests and
+//! instance events arrive on channels and are handled one at a time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::os::{InstanceEvent, LaunchPlan, RealOs};
+use crate::control::health::HealthReply;
+use crate::control::install::{Install, InstallError};
+use crate::control::list::{ListReply, ModuleSummary};
+use crate::control::pool::PoolReply;
+use crate::control::status::{ListenerStatus, ModuleStatus, ReplicaStatus, StatusReply};
+use crate::control::uninstall::UninstallError;
+use crate::control::{module_not_found, Request};
+use crate::error_chain;
+use crate::lifecycle::{Event, Lifecycle, Policy, State};
+use crate::listeners::{self, Bound, ListenError};
+use crate::manifest::{self, ManifestSummary};
+use crate::metrics::Memory;
+use crate::pool::PoolHandle;
+use crate::store::{DesiredState, ModuleRecord, Store};
+use crate::varlink::ErrorReply;
+use crate::worker::LaunchOrder;
+use crate::zygote::client::pidfd_signal;
+
+/// What the actor answers.
+#[derive(Debug)]
+pub enum Response {
+    /// A reply's parameters.
+    Value(Value),
+    /// The log file to serve (the connection streams it).
+    Logs(PathBuf),
+}
+
+type Reply = oneshot::Sender<Result<Response, ErrorReply>>;
+
+/// A message to the actor.
+#[derive(Debug)]
+pub enum ActorMsg {
+    /// A control request and where to answer.
+    Control {
+        /// The request.
+        request: Request,
+        /// The answer.
+        reply: Reply,
+    },
+    /// Liveness probe (watchdog).
+    Ping(oneshot::Sender<()>),
+    /// Stop every module, then end.
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Module {
+    record: ModuleRecord,
+    /// One lifecycle per replica; index = replica number.
+    replicas: Vec<Lifecycle>,
+    generation: u64,
+    /// Bound listeners shared by every replica: name and socket.
+    listeners: Vec<(String, Arc<OwnedFd>)>,
+    /// Listener names and bound addresses, for status.
+    listener_addrs: Vec<(String, String)>,
+    /// Unix listener paths to unlink on uninstall.
+    unix_paths: Vec<PathBuf>,
+    uninstall: Vec<Reply>,
+}
+
+impl Module {
+    fn state(&self) -> State {
+        State::aggregate(self.replicas.iter().map(Lifecycle::state))
+    }
+
+    fn all_stopped(&self) -> bool {
+        self.replicas.iter().all(|l| l.state() == State::Stopped)
+    }
+
+    fn plan(&self, store: &Store, replica: u32) -> LaunchPlan {
+        LaunchPlan {
+            module: self.record.name.clone(),
+            order: LaunchOrder {
+                artifact: store.artifact_path(&self.record.artifact_sha256),
+                manifest: self.record.manifest.clone(),
+                replica,
+                grants: Vec::new(),
+            },
+            log: store.log_path(&self.record.name),
+            listeners: self.listeners.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// The state owner.
+pub struct Actor {
+    store: Store,
+    desired: DesiredState,
+    modules: BTreeMap<String, Module>,
+    pidfds: HashMap<i32, OwnedFd>,
+    pool: PoolHandle,
+    events_tx: mpsc::UnboundedSender<InstanceEvent>,
+    events_rx: mpsc::UnboundedReceiver<InstanceEvent>,
+    policy: Policy,
+    started: Instant,
+    zygote_pid: i32,
+    next_generation: u64,
+    shutdown: Option<(oneshot::Sender<()>, Instant)>,
+}
+
+/// Runs `f` on one replica's lifecycle with a [`RealOs`] able to launch it,
+/// logging any state change.
+fn drive(
+    store: &Store,
+    pool: &PoolHandle,
+    events: &mpsc::UnboundedSender<InstanceEvent>,
+    pidfds: &HashMap<i32, OwnedFd>,
+    m: &mut Module,
+    replica: usize,
+    f: impl FnOnce(&mut Lifecycle, &mut RealOs<'_>),
+) {
+    let plan = m.plan(store, replica as u32);
+    let mut os = RealOs {
+        pool,
+        events,
+        pidfds,
+        plan: Some(plan),
+    };
+    let Some(l) = m.replicas.get_mut(replica) else {
+        return;
+    };
+    let before = l.state();
+    f(l, &mut os);
+    if l.state() != before {
+        log_transition(l, before);
+    }
+}
+
+impl Actor {
+    /// An actor over loaded desired state; [`Actor::run`] starts the
+    /// recorded modules.
+    pub fn new(
+        store: Store,
+        desired: DesiredState,
+        pool: PoolHandle,
+        policy: Policy,
+        zygote_pid: i32,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Self {
+            store,
+            desired,
+            modules: BTreeMap::new(),
+            pidfds: HashMap::new(),
+            pool,
+            events_tx,
+            events_rx,
+            policy,
+            started: Instant::now(),
+            zygote_pid,
+            next_generation: 0,
+            shutdown: None,
+        }
+    }
+
+    /// Runs until shut down or every sender is dropped.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ActorMsg>) {
+        let records: Vec<ModuleRecord> = self.desired.modules.values().cloned().collect();
+        for r in records {
+            tracing::info!(module = %r.name, version = %r.version, "restoring");
+            self.restore(r);
+        }
+        loop {
+            let deadline = self
+                .modules
+                .values()
+                .flat_map(|m| m.replicas.iter().filter_map(Lifecycle::deadline))
+                .chain(self.shutdown.as_ref().map(|s| s.1))
+                .min();
+            tokio::select! {
+                msg = rx.recv(), if self.shutdown.is_none() => match msg {
+                    None => break,
+                    Some(ActorMsg::Control { request, reply }) => self.control(request, reply),
+                    Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
+                    Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
+                },
+                Some(ev) = self.events_rx.recv() => self.instance_event(ev),
+                _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
+            }
+            self.settle_uninstalls();
+            if self.shutdown_done() {
+                break;
+            }
+        }
+    }
+
+    /// The policy for one module: the daemon's, with the manifest's
+    /// deadlines.
+    fn policy_for(&self, summary: Option<&ManifestSummary>) -> Policy {
+        let mut p = self.policy.clone();
+        if let Some(m) = summary {
+            if let Some(d) = m.start_deadline {
+                p.start_timeout = d;
+            }
+            if let Some(d) = m.stop_deadline {
+                p.stop_timeout = d;
+            }
+        }
+        p
+    }
+
+    /// Registers a module and starts its replicas, or marks them failed if
+    /// its listeners could not be bound.
+    fn add_and_start(&mut self, record: ModuleRecord, bound: Result<Vec<Bound>, String>) {
+        self.next_generation += 1;
+        let now = Instant::now();
+        let summary = manifest::parse(&record.manifest).ok();
+        let policy = self.policy_for(summary.as_ref());
+        let replicas = summary.as_ref().map_or(1, |s| s.replicas).max(1);
+        let (bound, failure) = match bound {
+            Ok(b) => (b, None),
+            Err(reason) => (Vec::new(), Some(reason)),
+        };
+        let mut m = Module {
+            replicas: (0..replicas)
+                .map(|r| {
+                    let name = if replicas == 1 {
+                        record.name.clone()
+                    } else {
+                        format!("{}#{r}", record.name)
+                    };
+                    Lifecycle::new(name, policy.clone(), now)
+                })
+                .collect(),
+            record,
+            generation: self.next_generation,
+            listener_addrs: bound
+                .iter()
+                .map(|b| (b.name.clone(), b.address.clone()))
+                .collect(),
+            unix_paths: bound.iter().filter_map(|b| b.unix_path.clone()).collect(),
+            listeners: bound
+                .into_iter()
+                .map(|b| (b.name, Arc::new(b.fd)))
+                .collect(),
+            uninstall: Vec::new(),
+        };
+        for r in 0..m.replicas.len() {
+            match &failure {
+                Some(reason) => m.replicas[r].fail(reason.clone(), now),
+                None => drive(
+                    &self.store,
+                    &self.pool,
+                    &self.events_tx,
+                    &self.pidfds,
+                    &mut m,
+                    r,
+                    |l, os| l.start(now, os),
+                ),
+            }
+        }
+        if let Some(reason) = failure {
+            tracing::warn!(module = %m.record.name, %reason, "cannot start");
+        }
+        self.modules.insert(m.record.name.clone(), m);
+    }
+
+    fn restore(&mut self, record: ModuleRecord) {
+        let bound = match manifest::parse(&record.manifest) {
+            Ok(summary) => listeners::bind_all(&summary.listeners).map_err(|e| error_chain(&e)),
+            Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
+        };
+        self.add_and_start(record, bound);
+    }
+
+    fn control(&mut self, request: Request, reply: Reply) {
+        let value = |v: Result<Value, ErrorReply>| v.map(Response::Value);
+        let result = match request {
+            Request::Install(req) => value(
+                self.install(req)
+                    .map(|m| serde_json::json!({ "module": m }))
+                    .map_err(ErrorReply::from),
+            ),
+            Request::Uninstall(req) => return self.uninstall(req.name, reply),
+            Request::List(_) => value(Ok(to_value(ListReply {
+                modules: self.modules.values().map(summary).collect(),
+            }))),
+            Request::Status(req) => value(
+                self.modules
+                    .get(&req.name)
+                    .map(|m| to_value(StatusReply { status: status(m) }))
+                    .ok_or_else(|| module_not_found(&req.name)),
+            ),
+            Request::Health(_) => value(Ok(to_value(self.health()))),
+            Request::Pool(_) => {
+                let pool = self.pool.clone();
+                tokio::spawn(async move {
+                    let r = match pool.stats().await {
+                        Ok(s) => Ok(Response::Value(to_value(PoolReply { pool: s }))),
+                        Err(e) => Err(crate::control::invalid_input(e.to_string())),
+                    };
+                    let _ = reply.send(r);
+                });
+                return;
+            }
+            Request::Logs(req) => match self.modules.get(&req.name) {
+                Some(_) => Ok(Response::Logs(self.store.log_path(&req.name))),
+                None => Err(module_not_found(&req.name)),
+            },
+        };
+        let _ = reply.send(result);
+    }
+
+    fn install(&mut self, req: Install) -> Result<ModuleSummary, InstallError> {
+        if !req.path.is_absolute() {
+            return Err(InstallError::Relative { path: req.path });
+        }
+        let manifest_path = manifest::locate(&req.path);
+        let text =
+            std::fs::read_to_string(&manifest_path).map_err(|source| InstallError::Unreadable {
+                path: manifest_path.clone(),
+                source,
+            })?;
+        let summary = manifest::parse(&text).map_err(|source| InstallError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        if let Some(m) = self.modules.get(&summary.name) {
+            return Err(InstallError::AlreadyInstalled {
+                name: summary.name,
+                version: m.record.version.clone(),
+            });
+        }
+        let dir = manifest_path.parent().unwrap_or(std::path::Path::new("/"));
+        let artifact = dir.join(&summary.entry);
+        if !artifact.is_file() {
+            return Err(InstallError::ArtifactMissing {
+                path: manifest_path,
+                artifact,
+            });
+        }
+        let bound = listeners::bind_all(&summary.listeners).map_err(|source| match source {
+            ListenError::PortInUse { port, .. } => InstallError::PortInUse { port, source },
+            source => InstallError::Listener { source },
+        })?;
+        let store_err = |source| InstallError::Store {
+            name: summary.name.clone(),
+            source,
+        };
+        let hash = match self.store.add_artifact(&artifact) {
+            Ok(h) => h,
+            Err(e) => {
+                listeners::release(bound);
+                return Err(store_err(e));
+            }
+        };
+        let record = ModuleRecord {
+            name: summary.name.clone(),
+            version: summary.version.clone(),
+            artifact_sha256: hash,
+            manifest: text,
+            source: manifest_path,
+        };
+        self.desired
+            .modules
+            .insert(record.name.clone(), record.clone());
+        if let Err(e) = self.store.save(&self.desired) {
+            self.desired.modules.remove(&record.name);
+            self.store.collect_garbage(&self.desired);
+            listeners::release(bound);
+            return Err(store_err(e));
+        }
+        tracing::info!(module = %record.name, version = %record.version, "installed");
+        let name = record.name.clone();
+        self.add_and_start(record, Ok(bound));
+        Ok(self::summary(&self.modules[&name]))
+    }
+
+    fn stop_module(&mut self, name: &str) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let now = Instant::now();
+        for r in 0..m.replicas.len() {
+            drive(
+                &self.store,
+                &self.pool,
+                &self.events_tx,
+                &self.pidfds,
+                m,
+                r,
+                |l, os| l.stop(now, os),
+            );
+        }
+    }
+
+    fn uninstall(&mut self, name: String, reply: Reply) {
+        let Some(m) = self.modules.get_mut(&name) else {
+            let _ = reply.send(Err(UninstallError::NotFound(name).into()));
+            return;
+        };
+        m.uninstall.push(reply);
+        self.stop_module(&name);
+    }
+
+    /// Removes modules whose uninstall has finished stopping them.
+    fn settle_uninstalls(&mut self) {
+        let done: Vec<String> = self
+            .modules
+            .iter()
+            .filter(|(_, m)| !m.uninstall.is_empty() && m.all_stopped())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in done {
+            let Some(mut m) = self.modules.remove(&name) else {
+                continue;
+            };
+            let record = self.desired.modules.remove(&name);
+            if let Err(source) = self.store.save(&self.desired) {
+                if let Some(r) = record {
+                    self.desired.modules.insert(name.clone(), r);
+                }
+                let e: ErrorReply = UninstallError::Store {
+                    name: name.clone(),
+                    source,
+                }
+                .into();
+                for w in m.uninstall.drain(..) {
+                    let _ = w.send(Err(e.clone()));
+                }
+                self.modules.insert(name, m);
+                continue;
+            }
+            self.store.collect_garbage(&self.desired);
+            // Listeners close when the last launch task lets go.
+            m.listeners.clear();
+            for p in m.unix_paths.drain(..) {
+                let _ = std::fs::remove_file(p);
+            }
+            let _ = std::fs::remove_file(self.store.log_path(&name));
+            tracing::info!(module = %name, "uninstalled");
+            for w in m.uninstall.drain(..) {
+                let _ = w.send(Ok(Response::Value(serde_json::json!({}))));
+            }
+        }
+    }
+
+    fn instance_event(&mut self, ev: InstanceEvent) {
+        let InstanceEvent {
+            module,
+            generation,
+            replica,
+            pid,
+            event,
+            pidfd,
+        } = ev;
+        if let (Some(pid), Some(fd)) = (pid, pidfd) {
+            self.pidfds.insert(pid, fd);
+        }
+        let exited = matches!(event, Event::Exited { .. });
+        match self.modules.get_mut(&module) {
+            Some(m) if m.generation == generation && (replica as usize) < m.replicas.len() => {
+                drive(
+                    &self.store,
+                    &self.pool,
+                    &self.events_tx,
+                    &self.pidfds,
+                    m,
+                    replica as usize,
+                    |l, os| l.on_event(event, Instant::now(), os),
+                );
+            }
+            _ => {
+                if let (Event::Launched { .. }, Some(pid)) = (&event, pid) {
+                    // A worker for a module uninstalled (or reinstalled)
+                    // meanwhile.
+                    if let Some(fd) = self.pidfds.get(&pid) {
+                        let _ = pidfd_signal(fd.as_fd(), libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        if exited {
+            if let Some(pid) = pid {
+                self.pidfds.remove(&pid);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        for m in self.modules.values_mut() {
+            for r in 0..m.replicas.len() {
+                if m.replicas[r].deadline().is_some_and(|d| d <= now) {
+                    drive(
+                        &self.store,
+                        &self.pool,
+                        &self.events_tx,
+                        &self.pidfds,
+                        m,
+                        r,
+                        |l, os| l.on_tick(now, os),
+                    );
+                }
+            }
+        }
+    }
+
+    fn health(&self) -> HealthReply {
+        let count = |f: fn(State) -> bool| self.modules.values().filter(|m| f(m.state())).count();
+        HealthReply {
+            healthy: self.pool.is_alive(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            zygote_pid: self.zygote_pid,
+            modules: self.modules.len(),
+            running: count(|s| s == State::Running),
+            failed: count(|s| matches!(s, State::Failed | State::CrashLoop)),
+        }
+    }
+
+    fn begin_shutdown(&mut self, tx: oneshot::Sender<()>) {
+        let names: Vec<String> = self.modules.keys().cloned().collect();
+        for n in &names {
+            self.stop_module(n);
+        }
+        // Stop deadlines SIGKILL stragglers; give them a moment to exit.
+        let longest = self
+            .modules
+            .values()
+            .filter_map(|m| manifest::parse(&m.record.manifest).ok())
+            .filter_map(|s| s.stop_deadline)
+            .max()
+            .unwrap_or_default()
+            .max(self.policy.stop_timeout);
+        let limit = Instant::now() + longest + std::time::Duration::from_secs(1);
+        self.shutdown = Some((tx, limit));
+    }
+
+    fn shutdown_done(&mut self) -> bool {
+        let Some((_, limit)) = &self.shutdown else {
+            return false;
+        };
+        if self.modules.values().all(Module::all_stopped) || Instant::now() >= *limit {
+            if let Some((tx, _)) = self.shutdown.take() {
+                let _ = tx.send(());
+            }
+            return true;
+        }
+        false
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(d.into()).await;
+    }
+}
+
+fn log_transition(l: &Lifecycle, before: State) {
+    let after = l.state();
+    match after {
+        State::Failed | State::CrashLoop | State::BackOff => tracing::warn!(
+            module = l.name(),
+            from = before.as_str(),
+            to = after.as_str(),
+            reason = l.reason().unwrap_or(""),
+            "module state"
+        ),
+        _ => tracing::info!(
+            module = l.name(),
+            from = before.as_str(),
+            to = after.as_str(),
+            pid = l.pid(),
+            "module state"
+        ),
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Value {
+    serde_json::to_value(v).expect("replies always serialize")
+}
+
+fn summary(m: &Module) -> ModuleSummary {
+    ModuleSummary {
+        name: m.record.name.clone(),
+        version: m.record.version.clone(),
+        state: m.state(),
+        pid: m.replicas.iter().find_map(Lifecycle::pid),
+        pids: m.replicas.iter().filter_map(Lifecycle::pid).collect(),
+        replicas: m.replicas.len() as u32,
+        restarts: m.replicas.iter().map(Lifecycle::restarts).sum(),
+    }
+}
+
+fn replica_status(r: usize, l: &Lifecycle) -> ReplicaStatus {
+    let pid = l.pid();
+    ReplicaStatus {
+        replica: r as u32,
+        state: l.state(),
+        reason: l.reason().map(str::to_owned),
+        pid,
+        restarts: l.restarts(),
+        last_error: l.last_error().map(str::to_owned),
+        state_seconds: l.since().elapsed().as_secs_f64(),
+        memory: pid.and_then(|p| crate::metrics::memory(p).ok()),
+        cpu_seconds: pid.and_then(|p| crate::metrics::cpu_seconds(p).ok()),
+    }
+}
+
+fn status(m: &Module) -> ModuleStatus {
+    let replicas: Vec<ReplicaStatus> = m
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(r, l)| replica_status(r, l))
+        .collect();
+    let many = replicas.len() > 1;
+    // Module-level fields: the first replica that has one (prefixed with its
+    // number when there are several), sums for counters.
+    let first = |f: fn(&ReplicaStatus) -> Option<&String>| {
+        replicas.iter().find_map(|r| {
+            f(r).map(|s| {
+                if many {
+                    format!("replica {}: {s}", r.replica)
+                } else {
+                    s.clone()
+                }
+            })
+        })
+    };
+    let memory = replicas
+        .iter()
+        .filter_map(|r| r.memory)
+        .reduce(|a, b| Memory {
+            rss: a.rss + b.rss,
+            pss: a.pss + b.pss,
+            uss: a.uss + b.uss,
+        });
+    let cpu: Vec<f64> = replicas.iter().filter_map(|r| r.cpu_seconds).collect();
+    ModuleStatus {
+        name: m.record.name.clone(),
+        version: m.record.version.clone(),
+        state: m.state(),
+        reason: first(|r| r.reason.as_ref()),
+        pid: replicas.iter().find_map(|r| r.pid),
+        restarts: replicas.iter().map(|r| r.restarts).sum(),
+        last_error: first(|r| r.last_error.as_ref()),
+        artifact_sha256: m.record.artifact_sha256.clone(),
+        listeners: m
+            .listener_addrs
+            .iter()
+            .map(|(name, address)| ListenerStatus {
+                name: name.clone(),
+                address: address.clone(),
+            })
+            .collect(),
+        state_seconds: replicas
+            .iter()
+            .map(|r| r.state_seconds)
+            .fold(f64::INFINITY, f64::min)
+            .min(f64::MAX),
+        memory,
+        cpu_seconds: (!cpu.is_empty()).then(|| cpu.iter().sum()),
+        replicas,
+    }
+}

@@ -1,0 +1,205 @@
+//! `emberd`: boot order, the runtime, shutdown.
+//!
+//! 1. configuration and state directory (no threads yet);
+//! 2. the zygote, re-executed from this binary while the process is still
+//!    single-threaded;
+//! 3. the tokio runtime: warm pool, state owner ([`actor`]), control socket
+//!    ([`server`]), systemd notifications;
+//! 4. on SIGTERM/SIGINT: stop modules (graceful, then kill), stop the
+//!    zygote, remove the socket.
+
+pub mod actor;
+pub mod logs;
+pub mod os;
+pub mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Config, ConfigError};
+use crate::notify::Notifier;
+use crate::store::{Store, StoreError};
+use crate::zygote::{self, ZygoteError, ZygoteProcess};
+
+/// Command-line choices that override the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--socket PATH`.
+    pub socket: Option<PathBuf>,
+    /// `--state-dir DIR`.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The daemon could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad configuration.
+    #[error("configuration")]
+    Config(#[source] ConfigError),
+    /// The state directory is unusable.
+    #[error("state directory")]
+    Store(#[source] StoreError),
+    /// The zygote could not be started.
+    #[error("zygote")]
+    Zygote(#[source] ZygoteError),
+    /// The control socket could not be bound.
+    #[error("control socket")]
+    Bind(#[source] server::BindError),
+    /// The runtime could not be built.
+    #[error("runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The zygote died; workers cannot be forked any more.
+    #[error("zygote died")]
+    ZygoteDied,
+}
+
+/// Loads the configuration with the command-line overrides.
+pub fn load_config(opts: &Options) -> Result<Config, ConfigError> {
+    let mut cfg = match &opts.config {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded(),
+    };
+    if let Some(s) = &opts.socket {
+        cfg.socket = Some(std::path::absolute(s).unwrap_or_else(|_| s.clone()));
+    }
+    if let Some(d) = &opts.state_dir {
+        cfg.state_dir = Some(std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+    }
+    Ok(cfg)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Must be called from `main` before
+/// any thread is started.
+pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = load_config(&opts).map_err(DaemonError::Config)?;
+    let state_dir = cfg.state_path();
+    let (store, desired) = Store::open(&state_dir).map_err(DaemonError::Store)?;
+    // Artifacts of an install cut short by a crash are not referenced.
+    store.collect_garbage(&desired);
+    // The socket first: a daemon that cannot serve starts no process.
+    let socket_path = cfg.socket_path();
+    let mode = cfg.mode().expect("validated");
+    let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
+        .map_err(DaemonError::Bind)?;
+    // Still single-threaded here: the only safe moment to start the zygote.
+    let zygote = match zygote::spawn(&cfg.plugin_specs()) {
+        Ok(z) => z,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(DaemonError::Zygote(e));
+        }
+    };
+    tracing::info!(
+        pid = zygote.pid(),
+        plugins = zygote.plugins(),
+        "zygote ready"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("emberd")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let result = rt.block_on(serve(cfg, store, desired, zygote, listener));
+    let _ = std::fs::remove_file(&socket_path);
+    result
+}
+
+async fn serve(
+    cfg: Config,
+    store: Store,
+    desired: crate::store::DesiredState,
+    zygote: ZygoteProcess,
+    listener: std::os::unix::net::UnixListener,
+) -> Result<(), DaemonError> {
+    let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
+    let zygote_pid = zygote.pid();
+    let zygote_exit = zygote::fork_pidfd_open(zygote_pid).ok();
+    let (pool, pool_task) = crate::pool::start(zygote, cfg.pool.clone());
+
+    let socket_path = cfg.socket_path();
+    let access = Arc::new(server::Access {
+        uids: cfg.allowed_uids.clone(),
+        gids: cfg.allowed_gids.clone(),
+        own_uid: nix::unistd::geteuid().as_raw(),
+    });
+
+    let (actor_tx, actor_rx) = mpsc::channel(256);
+    let a = actor::Actor::new(store, desired, pool, cfg.lifecycle.policy(), zygote_pid);
+    let actor_task = tokio::spawn(a.run(actor_rx));
+    let server_task = tokio::spawn(server::serve(listener, access, actor_tx.clone()));
+    tracing::info!(socket = %socket_path.display(), "emberd ready");
+
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "systemd notification disabled");
+            None
+        }
+    };
+    let notifier = notifier.map(Arc::new);
+    if let Some(n) = &notifier {
+        let _ = n.notify(&format!(
+            "READY=1\nMAINPID={}\nSTATUS=serving on {}",
+            std::process::id(),
+            socket_path.display()
+        ));
+    }
+    let watchdog = match (&notifier, crate::notify::watchdog_interval()) {
+        (Some(n), Some(every)) => Some(tokio::spawn(watchdog(n.clone(), every, actor_tx.clone()))),
+        _ => None,
+    };
+
+    let zygote_died = async {
+        match zygote_exit.and_then(|fd| crate::zygote::channel::register(fd).ok()) {
+            Some(fd) => {
+                let _ = fd.readable().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Runtime)?;
+    let result = tokio::select! {
+        _ = term.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = zygote_died => Err(DaemonError::ZygoteDied),
+    };
+    tracing::info!("shutting down");
+    if let Some(n) = &notifier {
+        let _ = n.notify("STOPPING=1");
+    }
+    server_task.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let (tx, rx) = oneshot::channel();
+    if actor_tx.send(actor::ActorMsg::Shutdown(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+    drop(actor_tx);
+    let _ = actor_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool_task).await;
+    result
+}
+
+/// Pings the systemd watchdog while the state owner answers.
+async fn watchdog(n: Arc<Notifier>, every: Duration, actor: mpsc::Sender<actor::ActorMsg>) {
+    let half = every / 2;
+    loop {
+        tokio::time::sleep(half).await;
+        let (tx, rx) = oneshot::channel();
+        let alive = actor.send(actor::ActorMsg::Ping(tx)).await.is_ok()
+            && tokio::time::timeout(half, rx)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if alive {
+            let _ = n.notify("WATCHDOG=1");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The real [`WorkerOs`]: launches go through the warm pool and a task per
+//! instance that hands the worker its launch order and watches it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error_chain;
+use crate::lifecycle::{Event, ExitStatus, WorkerOs};
+use crate::pool::PoolHandle;
+use crate::worker::{FromWorker, Grant, GrantKind, LaunchOrder, WorkerState};
+use crate::zygote::client::{pidfd_reap, pidfd_signal};
+use crate::zygote::ForkMode;
+
+/// Something that happened to one instance, addressed to the actor.
+#[derive(Debug)]
+pub struct InstanceEvent {
+    /// Module name.
+    pub module: String,
+    /// The module's install generation; events of older generations are
+    /// stale.
+    pub generation: u64,
+    /// Which replica.
+    pub replica: u32,
+    /// The worker's pid, when known.
+    pub pid: Option<i32>,
+    /// What happened.
+    pub event: Event,
+    /// With [`Event::Launched`]: a pidfd for signalling the worker.
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// What a launch needs besides the module name.
+#[derive(Debug, Clone)]
+pub struct LaunchPlan {
+    /// The module's name (the lifecycle's name may carry a replica suffix).
+    pub module: String,
+    /// The order for the worker (grants are added at launch).
+    pub order: LaunchOrder,
+    /// The module's log file.
+    pub log: PathBuf,
+    /// Bound listeners, shared by every replica: name and socket.
+    pub listeners: Vec<(String, Arc<OwnedFd>)>,
+    /// Install generation.
+    pub generation: u64,
+}
+
+/// [`WorkerOs`] over the pool; built by the actor for one call.
+pub struct RealOs<'a> {
+    /// The pool.
+    pub pool: &'a PoolHandle,
+    /// Where instance tasks report.
+    pub events: &'a mpsc::UnboundedSender<InstanceEvent>,
+    /// Live workers' pidfds by pid.
+    pub pidfds: &'a HashMap<i32, OwnedFd>,
+    /// For `launch`.
+    pub plan: Option<LaunchPlan>,
+}
+
+impl WorkerOs for RealOs<'_> {
+    fn launch(&mut self, module: &str, attempt: u64) {
+        let Some(plan) = self.plan.clone() else {
+            let _ = self.events.send(InstanceEvent {
+                module: module.to_owned(),
+                generation: 0,
+                replica: 0,
+                pid: None,
+                event: Event::LaunchFailed {
+                    attempt,
+                    reason: "module has no launch plan".into(),
+                    permanent: true,
+                },
+                pidfd: None,
+            });
+            return;
+        };
+        tokio::spawn(instance(
+            self.pool.clone(),
+            plan.module.clone(),
+            attempt,
+            plan,
+            self.events.clone(),
+        ));
+    }
+
+    fn terminate(&mut self, pid: i32) {
+        if let Some(fd) = self.pidfds.get(&pid) {
+            let _ = pidfd_signal(fd.as_fd(), libc::SIGTERM);
+        }
+    }
+
+    fn kill(&mut self, pid: i32) {
+        if let Some(fd) = self.pidfds.get(&pid) {
+            let _ = pidfd_signal(fd.as_fd(), libc::SIGKILL);
+        }
+    }
+}
+
+fn open_log(path: &PathBuf) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+}
+
+fn level_name(level: u8) -> &'static str {
+    match level {
+        1 => "ERROR",
+        2 => "WARN",
+        3 => "INFO",
+        4 => "DEBUG",
+        _ => "TRACE",
+    }
+}
+
+/// One instance: get a worker, give it the order, report what it says and
+/// when it exits.
+async fn instance(
+    pool: PoolHandle,
+    module: String,
+    attempt: u64,
+    plan: LaunchPlan,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+) {
+    let send = |pid: Option<i32>, event: Event, pidfd: Option<OwnedFd>| {
+        let _ = events.send(InstanceEvent {
+            module: module.clone(),
+            generation: plan.generation,
+            replica: plan.order.replica,
+            pid,
+            event,
+            pidfd,
+        });
+    };
+    let failed = |reason: String| Event::LaunchFailed {
+        attempt,
+        reason,
+        permanent: false,
+    };
+    let worker = match pool.take().await {
+        Ok(w) => w,
+        Err(e) => return send(None, failed(error_chain(&e)), None),
+    };
+    let pid = worker.pid;
+    let mode = worker.mode;
+    let mut log = match open_log(&plan.log) {
+        Ok(f) => f,
+        Err(e) => {
+            worker.discard().await;
+            return send(
+                None,
+                failed(format!("cannot open log {}: {e}", plan.log.display())),
+                None,
+            );
+        }
+    };
+    let (dup, exit_fd) = match (worker.pidfd.try_clone(), worker.pidfd.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            worker.discard().await;
+            return send(None, failed(format!("pidfd: {e}")), None);
+        }
+    };
+    // Grants: the log as stdout/stderr, then every listener.
+    let mut order = plan.order.clone();
+    order.grants.push(Grant {
+        kind: GrantKind::Stdio,
+        name: "log".into(),
+    });
+    let mut fds = vec![log.as_fd()];
+    for (name, fd) in &plan.listeners {
+        order.grants.push(Grant {
+            kind: GrantKind::Listener,
+            name: name.clone(),
+        });
+        fds.push(fd.as_fd());
+    }
+    if let Err(e) = worker.link.launch(&order, &fds).await {
+        drop(fds);
+        worker.discard().await;
+        return send(
+            None,
+            failed(format!("launch order: {}", error_chain(&e))),
+            None,
+        );
+    }
+    drop(fds);
+    send(Some(pid), Event::Launched { attempt, pid }, Some(dup));
+    let exit = match crate::zygote::channel::register(exit_fd) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "cannot watch worker; killing it");
+            let status = ExitStatus::Unknown;
+            worker.discard().await;
+            return send(Some(pid), Event::Exited { attempt, status }, None);
+        }
+    };
+    let link = worker.link;
+    let mut channel_open = true;
+    loop {
+        tokio::select! {
+            // Reports first: a worker's last words (Failed) must be seen
+            // before its exit.
+            biased;
+            msg = link.next(), if channel_open => match msg {
+                Ok(m) => report(m, &module, pid, attempt, &mut log, &send),
+                Err(_) => channel_open = false,
+            },
+            r = exit.readable() => {
+                // Drain what it said before dying.
+                while channel_open {
+                    match tokio::time::timeout(Duration::from_millis(20), link.next()).await {
+                        Ok(Ok(m)) => report(m, &module, pid, attempt, &mut log, &send),
+                        _ => channel_open = false,
+                    }
+                }
+                let status = match r {
+                    Ok(_) if mode == ForkMode::Clone3Parent => pidfd_reap(exit.get_ref().as_fd()),
+                    _ => ExitStatus::Unknown,
+                };
+                drop(link);
+                return send(Some(pid), Event::Exited { attempt, status }, None);
+            }
+        }
+    }
+}
+
+fn report(
+    msg: FromWorker,
+    module: &str,
+    pid: i32,
+    attempt: u64,
+    log: &mut std::fs::File,
+    send: &dyn Fn(Option<i32>, Event, Option<OwnedFd>),
+) {
+    match msg {
+        FromWorker::Transition {
+            state: WorkerState::Ready,
+            ..
+        } => send(Some(pid), Event::Ready { attempt }, None),
+        FromWorker::Transition { state, detail } => {
+            tracing::debug!(module, pid, ?state, %detail, "worker transition");
+        }
+        FromWorker::Failed {
+            stage,
+            kind,
+            message,
+        } => {
+            let reason = format!("{stage:?} failed ({kind:?}): {message}");
+            let _ = writeln!(log, "ember: {reason}");
+            let permanent = kind.is_permanent();
+            send(
+                Some(pid),
+                Event::Failed {
+                    attempt,
+                    reason,
+                    permanent,
+                },
+                None,
+            )
+        }
+        FromWorker::Log {
+            level,
+            target,
+            message,
+        } => {
+            let _ = writeln!(log, "{} {target}: {message}", level_name(level));
+        }
+        FromWorker::Idle { .. } => {}
+    }
+}

@@ -1,0 +1,329 @@
+//! The control socket: bind with the configured mode, check each peer's
+//! credentials, decode Varlink calls, dispatch, reply.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::actor::{ActorMsg, Response};
+use crate::control::{self, errors};
+use crate::varlink::{service, Call, ErrorReply, FrameDecoder, FrameError, Reply, MAX_MESSAGE};
+
+/// Most connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// The socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// Another daemon answers on this path.
+    #[error("socket {} is in use by another daemon", path.display())]
+    InUse {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A filesystem or socket call failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who may talk to the daemon.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Allowed uids besides root and the daemon's own.
+    pub uids: Vec<u32>,
+    /// Allowed primary gids.
+    pub gids: Vec<u32>,
+    /// The daemon's effective uid.
+    pub own_uid: u32,
+}
+
+impl Access {
+    /// Whether a peer with these credentials may use the socket.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || uid == self.own_uid || self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+}
+
+/// Binds the socket at `path` with `mode` (and owner, if given): bound
+/// under a temporary name, given its mode and owner, then renamed into
+/// place, so it is never reachable with looser permissions. Runs before
+/// the runtime exists; [`serve`] registers the listener with it.
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<std::os::unix::net::UnixListener, BindError> {
+    let io = |op, p: &Path| {
+        let p = p.to_owned();
+        move |source| BindError::Io {
+            op,
+            path: p,
+            source,
+        }
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(io("chmod", dir))?;
+        }
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(io("remove stale", path))?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io("bind", &tmp))?;
+    let finish = || -> Result<(), BindError> {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(io("chmod", &tmp))?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(&tmp, uid, gid).map_err(io("chown", &tmp))?;
+        }
+        std::fs::rename(&tmp, path).map_err(io("rename", path))
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(io("configure", path))?;
+    Ok(listener)
+}
+
+/// Accepts connections forever.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    access: Arc<Access>,
+    actor: mpsc::Sender<ActorMsg>,
+) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the control socket");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("too many control connections; closing one");
+            continue;
+        };
+        let access = access.clone();
+        let actor = actor.clone();
+        tokio::spawn(async move {
+            Connection::new(stream, actor).run(&access).await;
+            drop(permit);
+        });
+    }
+}
+
+struct Connection {
+    stream: UnixStream,
+    actor: mpsc::Sender<ActorMsg>,
+    decoder: FrameDecoder,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, actor: mpsc::Sender<ActorMsg>) -> Self {
+        Self {
+            stream,
+            actor,
+            decoder: FrameDecoder::new(MAX_MESSAGE),
+        }
+    }
+
+    async fn write(&mut self, reply: &Reply) -> Result<(), std::io::Error> {
+        self.stream.write_all(&reply.encode()).await
+    }
+
+    async fn run(mut self, access: &Access) {
+        let cred = match self.stream.peer_cred() {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        if !access.allows(cred.uid(), cred.gid()) {
+            tracing::warn!(uid = cred.uid(), gid = cred.gid(), "control peer refused");
+            // Answer the first call (read with a short deadline, never
+            // parsed) so the client sees the error rather than a reset.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.read(&mut buf)).await;
+            let e = ErrorReply::new(errors::PERMISSION_DENIED, json!({ "uid": cred.uid() }));
+            let _ = self.write(&e.to_reply()).await;
+            let _ = self.stream.shutdown().await;
+            return;
+        }
+        loop {
+            loop {
+                match self.decoder.next_frame() {
+                    Ok(Some(frame)) => {
+                        if let Flow::Close = self.call(&frame).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e @ FrameError::TooLarge { .. }) => {
+                        return self.protocol_error(e.to_string()).await;
+                    }
+                }
+            }
+            match self.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => self.decoder.extend(&buf[..n]),
+            }
+        }
+    }
+
+    async fn protocol_error(&mut self, reason: String) {
+        let e = ErrorReply::new(errors::PROTOCOL_ERROR, json!({ "reason": reason }));
+        let _ = self.write(&e.to_reply()).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    async fn call(&mut self, frame: &[u8]) -> Flow {
+        let call = match Call::parse(frame) {
+            Ok(c) => c,
+            Err(e) => {
+                self.protocol_error(crate::error_chain(&e)).await;
+                return Flow::Close;
+            }
+        };
+        let result = self.dispatch(&call).await;
+        let reply = match result {
+            Ok(Some(r)) => r,
+            Ok(None) => return Flow::Continue,
+            Err(e) => e.to_reply(),
+        };
+        if call.oneway {
+            return Flow::Continue;
+        }
+        match self.write(&reply).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+
+    /// `Ok(None)` when the reply was already streamed.
+    async fn dispatch(&mut self, call: &Call) -> Result<Option<Reply>, ErrorReply> {
+        if call.upgrade {
+            return Err(service::invalid_parameter("upgrade"));
+        }
+        let (iface, member) = call
+            .interface_and_member()
+            .map_err(|_| service::method_not_found(&call.method))?;
+        match iface {
+            service::INTERFACE => {
+                service::handle(member, &call.parameters).map(|v| Some(Reply::ok(v)))
+            }
+            service::EMBER_INTERFACE => {
+                let request = control::parse(member, &call.parameters)?;
+                let logs = match &request {
+                    control::Request::Logs(l) => Some(l.clone()),
+                    _ => None,
+                };
+                let (tx, rx) = oneshot::channel();
+                let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
+                self.actor
+                    .send(ActorMsg::Control { request, reply: tx })
+                    .await
+                    .map_err(|_| shutting_down())?;
+                match rx.await.map_err(|_| shutting_down())?? {
+                    Response::Value(v) => Ok(Some(Reply::ok(v))),
+                    Response::Logs(path) => {
+                        let logs = logs.expect("logs response to a logs request");
+                        self.logs(&path, logs.lines(), call.more, call.oneway).await
+                    }
+                }
+            }
+            other => Err(service::interface_not_found(other)),
+        }
+    }
+
+    async fn logs(
+        &mut self,
+        path: &Path,
+        lines: usize,
+        more: bool,
+        oneway: bool,
+    ) -> Result<Option<Reply>, ErrorReply> {
+        let (tail, mut offset) = super::logs::tail(path, lines)
+            .await
+            .map_err(|e| control::invalid_input(format!("log {}: {e}", path.display())))?;
+        let mut first = Reply::ok(json!({ "lines": tail }));
+        if !more {
+            return Ok(Some(first));
+        }
+        if oneway {
+            return Ok(None);
+        }
+        first.continues = true;
+        if self.write(&first).await.is_err() {
+            return Ok(None);
+        }
+        let mut partial = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            tokio::select! {
+                r = self.stream.read(&mut buf) => match r {
+                    // The client hung up (or pipelined another call, kept
+                    // for later).
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(n) => self.decoder.extend(&buf[..n]),
+                },
+                _ = tokio::time::sleep(super::logs::POLL) => {
+                    match super::logs::read_new(path, &mut offset, &mut partial).await {
+                        Ok(new) if new.is_empty() => {}
+                        Ok(new) => {
+                            let mut r = Reply::ok(json!({ "lines": new }));
+                            r.continues = true;
+                            if self.write(&r).await.is_err() {
+                                return Ok(None);
+                            }
+                        }
+                        // The module was uninstalled: end the stream.
+                        Err(_) => return Ok(Some(Reply::ok(json!({ "lines": [] })))),
+                    }
+                }
+            }
+        }
+    }
+}

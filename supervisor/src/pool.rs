@@ -1,0 +1,359 @@
+//! The warm pool: idle workers forked ahead of time, refilled in the
+//! background.
+//!
+//! Policy (after Android's USAP pool): when fewer than `min_idle` workers
+//! are idle, refill up to `max_idle`, one fork at a time, always yielding
+//! to launch requests. A launch takes an idle worker (a *hit*) or, if none
+//! is left, forks on the spot (a *miss*).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::PoolConfig;
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::link::{HandshakeError, WorkerLink};
+use crate::zygote::client::{pidfd_exited, pidfd_reap, pidfd_signal};
+use crate::zygote::{ForkError, ForkMode, Zygote};
+
+/// How long a new worker may take to report `Idle`.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A warm worker: forked, handshake done, waiting for a launch order.
+#[derive(Debug)]
+pub struct Worker {
+    /// Its pid.
+    pub pid: i32,
+    /// Its pidfd (signal it, learn of its exit, reap it).
+    pub pidfd: OwnedFd,
+    /// Its channel.
+    pub link: WorkerLink,
+    /// How it was forked (decides who reaps it).
+    pub mode: ForkMode,
+}
+
+impl Worker {
+    /// Whether it has exited.
+    pub fn has_exited(&self) -> bool {
+        pidfd_exited(self.pidfd.as_fd())
+    }
+
+    /// Kills and reaps it.
+    pub async fn discard(self) {
+        let _ = pidfd_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        if self.mode == ForkMode::Clone3Parent {
+            let fd = self.pidfd;
+            let _ = tokio::task::spawn_blocking(move || pidfd_reap(fd.as_fd())).await;
+        }
+    }
+}
+
+/// No worker could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The zygote could not fork.
+    #[error("fork")]
+    Fork(#[source] ForkError),
+    /// The new worker did not complete its handshake.
+    #[error("worker {pid} handshake")]
+    Handshake {
+        /// Its pid.
+        pid: i32,
+        /// Why.
+        #[source]
+        source: HandshakeError,
+    },
+}
+
+/// Forks a worker and waits for its `Idle`.
+async fn make_worker(zygote: &mut Zygote) -> Result<Worker, WorkerError> {
+    let new = zygote.fork().await.map_err(WorkerError::Fork)?;
+    let handshake = async {
+        let link = WorkerLink::new(new.channel).map_err(HandshakeError::Channel)?;
+        link.wait_idle(IDLE_TIMEOUT).await?;
+        Ok::<_, HandshakeError>(link)
+    }
+    .await;
+    match handshake {
+        Ok(link) => Ok(Worker {
+            pid: new.pid,
+            pidfd: new.pidfd,
+            link,
+            mode: new.mode,
+        }),
+        Err(source) => {
+            let _ = pidfd_signal(new.pidfd.as_fd(), libc::SIGKILL);
+            if new.mode == ForkMode::Clone3Parent {
+                let fd = new.pidfd;
+                let _ = tokio::task::spawn_blocking(move || pidfd_reap(fd.as_fd())).await;
+            }
+            Err(WorkerError::Handshake {
+                pid: new.pid,
+                source,
+            })
+        }
+    }
+}
+
+/// Pool counters, as shown by `emberctl pool`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// Policy: refill when fewer are idle.
+    pub min_idle: usize,
+    /// Policy: refill up to this many.
+    pub max_idle: usize,
+    /// Idle now.
+    pub idle: usize,
+    /// Launches served by an idle worker.
+    pub hits: u64,
+    /// Launches that forked on the critical path.
+    pub misses: u64,
+    /// Workers forked in the background.
+    pub refills: u64,
+    /// Forks that failed.
+    pub fork_failures: u64,
+    /// Background refills in the last minute.
+    pub refills_last_minute: u64,
+    /// Mean time to fork a worker and receive its `Idle`, in microseconds.
+    pub fork_us_avg: u64,
+    /// Pids of the idle workers.
+    pub idle_pids: Vec<i32>,
+}
+
+/// The pool is no longer running.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// The pool task ended (zygote gone or shutdown).
+    #[error("warm pool is not running")]
+    PoolGone,
+    /// Forking a worker failed.
+    #[error("no worker")]
+    Fork(#[source] WorkerError),
+}
+
+enum Request {
+    Take(oneshot::Sender<Result<Worker, WorkerError>>),
+    Stats(oneshot::Sender<PoolStats>),
+}
+
+/// A handle on the pool task; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Take(_) => "Take",
+            Request::Stats(_) => "Stats",
+        })
+    }
+}
+
+impl PoolHandle {
+    /// A worker ready for a launch order.
+    pub async fn take(&self) -> Result<Worker, TakeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Take(tx))
+            .await
+            .map_err(|_| TakeError::PoolGone)?;
+        rx.await
+            .map_err(|_| TakeError::PoolGone)?
+            .map_err(TakeError::Fork)
+    }
+
+    /// Current counters.
+    pub async fn stats(&self) -> Result<PoolStats, TakeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Stats(tx))
+            .await
+            .map_err(|_| TakeError::PoolGone)?;
+        rx.await.map_err(|_| TakeError::PoolGone)
+    }
+
+    /// Whether the pool task still runs.
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+/// Starts the pool task; it owns the zygote. The task ends when every
+/// handle is dropped or the zygote dies; then it shuts the zygote down and
+/// `done` fires.
+pub fn start(zygote: Zygote, policy: PoolConfig) -> (PoolHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(64);
+    let task = tokio::spawn(run(zygote, policy, rx));
+    (PoolHandle { tx }, task)
+}
+
+struct Pool {
+    refill_times: VecDeque<Instant>,
+    fork_total: Duration,
+    forks: u32,
+    zygote: Zygote,
+    idle: VecDeque<Worker>,
+    stats: PoolStats,
+    refilling: bool,
+    retry_at: Option<Instant>,
+}
+
+impl Pool {
+    /// Drops idle workers that died while waiting.
+    fn prune(&mut self) {
+        self.idle.retain(|w| {
+            if w.has_exited() {
+                if w.mode == ForkMode::Clone3Parent {
+                    pidfd_reap(w.pidfd.as_fd());
+                }
+                tracing::warn!(pid = w.pid, "idle worker died");
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn needs_refill(&mut self) -> bool {
+        let n = self.idle.len();
+        if n < self.stats.min_idle {
+            self.refilling = true;
+        }
+        if n >= self.stats.max_idle {
+            self.refilling = false;
+        }
+        self.refilling && self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    fn fork_failed(&mut self, e: &WorkerError) {
+        self.stats.fork_failures += 1;
+        tracing::warn!(error = %crate::error_chain(e), "fork failed");
+        self.retry_at = Some(Instant::now() + Duration::from_millis(500));
+    }
+
+    fn forked(&mut self, started: Instant) {
+        self.fork_total += started.elapsed();
+        self.forks = self.forks.saturating_add(1);
+    }
+
+    fn snapshot(&mut self) -> PoolStats {
+        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
+        while let (Some(t), Some(m)) = (self.refill_times.front(), minute_ago) {
+            if *t >= m {
+                break;
+            }
+            self.refill_times.pop_front();
+        }
+        let mut s = self.stats.clone();
+        s.refills_last_minute = self.refill_times.len() as u64;
+        s.fork_us_avg = self
+            .fork_total
+            .checked_div(self.forks.max(1))
+            .map_or(0, |d| d.as_micros() as u64);
+        s.idle = self.idle.len();
+        s.idle_pids = self.idle.iter().map(|w| w.pid).collect();
+        s
+    }
+}
+
+async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>) {
+    let mut pool = Pool {
+        zygote,
+        idle: VecDeque::new(),
+        stats: PoolStats {
+            min_idle: policy.min_idle,
+            max_idle: policy.max_idle,
+            ..Default::default()
+        },
+        refilling: false,
+        retry_at: None,
+        refill_times: VecDeque::new(),
+        fork_total: Duration::ZERO,
+        forks: 0,
+    };
+    // A fork in flight is never cancelled (its answer would be left on the
+    // zygote channel), so requests are polled between forks: a launch waits
+    // at most for one background fork to finish.
+    loop {
+        let req = match rx.try_recv() {
+            Ok(req) => Some(req),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if pool.needs_refill() => {
+                let t0 = Instant::now();
+                match make_worker(&mut pool.zygote).await {
+                    Ok(w) => {
+                        pool.forked(t0);
+                        pool.refill_times.push_back(t0);
+                        pool.stats.refills += 1;
+                        pool.retry_at = None;
+                        pool.idle.push_back(w);
+                    }
+                    Err(e @ WorkerError::Fork(ForkError::ZygoteGone(_))) => {
+                        pool.fork_failed(&e);
+                        break;
+                    }
+                    Err(e) => pool.fork_failed(&e),
+                }
+                continue;
+            }
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let retry_at = pool.retry_at;
+                tokio::select! {
+                    req = rx.recv() => match req {
+                        None => break,
+                        Some(req) => Some(req),
+                    },
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                        pool.retry_at = None;
+                        None
+                    }
+                }
+            }
+        };
+        match req {
+            None => {}
+            Some(Request::Stats(tx)) => {
+                pool.prune();
+                let _ = tx.send(pool.snapshot());
+            }
+            Some(Request::Take(tx)) => {
+                pool.prune();
+                let w = match pool.idle.pop_front() {
+                    Some(w) => {
+                        pool.stats.hits += 1;
+                        Ok(w)
+                    }
+                    None => {
+                        pool.stats.misses += 1;
+                        let t0 = Instant::now();
+                        let r = make_worker(&mut pool.zygote).await;
+                        if r.is_ok() {
+                            pool.forked(t0);
+                        }
+                        if let Err(e) = &r {
+                            pool.fork_failed(e);
+                        }
+                        r
+                    }
+                };
+                let gone = matches!(w, Err(WorkerError::Fork(ForkError::ZygoteGone(_))));
+                // A requester that went away drops the worker, closing its
+                // channel: the worker retires.
+                let _ = tx.send(w);
+                if gone {
+                    break;
+                }
+            }
+        }
+    }
+    for w in pool.idle.drain(..) {
+        w.discard().await;
+    }
+    pool.zygote.shutdown().await;
+}

@@ -1,0 +1,247 @@
+//! The supervisor's side of the zygote: start it (before tokio), then ask
+//! it for workers.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+use super::channel::{self, AsyncChannel, ChannelError};
+use super::{ForkMode, FromZygote, ToZygote, ZYGOTE_ARG};
+use crate::lifecycle::ExitStatus;
+
+/// The zygote could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    /// The channel could not be made or used.
+    #[error("zygote channel")]
+    Channel(#[source] ChannelError),
+    /// `/proc/self/exe` could not be executed.
+    #[error("cannot start the zygote")]
+    Spawn(#[source] std::io::Error),
+    /// The zygote refused its plugins.
+    #[error("zygote could not load plugins: {0}")]
+    Plugins(String),
+    /// The zygote answered something unexpected.
+    #[error("zygote protocol violation")]
+    Protocol,
+}
+
+/// A started zygote, before the async runtime exists.
+#[derive(Debug)]
+pub struct ZygoteProcess {
+    child: Child,
+    channel: OwnedFd,
+    pid: i32,
+    plugins: usize,
+}
+
+/// Starts the zygote by re-executing this binary. Call before any thread
+/// is started: the zygote must be forked from a single-threaded process.
+pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, ZygoteError> {
+    let (ours, theirs) = channel::pair().map_err(ZygoteError::Channel)?;
+    // The zygote's end must survive exec. No other thread exists, so no
+    // concurrent spawn can inherit it by accident.
+    fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| ZygoteError::Spawn(e.into()))?;
+    let child = Command::new("/proc/self/exe")
+        .arg0("emberd-zygote")
+        .arg(ZYGOTE_ARG)
+        .arg(theirs.as_raw_fd().to_string())
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(ZygoteError::Spawn)?;
+    drop(theirs);
+    let mut z = ZygoteProcess {
+        pid: child.id() as i32,
+        child,
+        channel: ours,
+        plugins: 0,
+    };
+    let hello = ToZygote::Hello {
+        plugins: plugins.to_vec(),
+    };
+    let ready = channel::send(&z.channel, &hello, &[])
+        .and_then(|()| channel::recv::<FromZygote>(&z.channel));
+    match ready {
+        Ok((FromZygote::Ready { pid, plugins }, _)) if pid == z.pid => {
+            z.plugins = plugins;
+            Ok(z)
+        }
+        Ok((FromZygote::HelloFailed { reason }, _)) => {
+            let _ = z.child.wait();
+            Err(ZygoteError::Plugins(reason))
+        }
+        Ok(_) => {
+            let _ = z.child.kill();
+            let _ = z.child.wait();
+            Err(ZygoteError::Protocol)
+        }
+        Err(e) => {
+            let _ = z.child.kill();
+            let _ = z.child.wait();
+            Err(ZygoteError::Channel(e))
+        }
+    }
+}
+
+impl ZygoteProcess {
+    /// The zygote's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Plugins it loaded.
+    pub fn plugins(&self) -> usize {
+        self.plugins
+    }
+
+    /// Moves onto the async runtime; call inside it.
+    pub fn into_async(self) -> Result<Zygote, ZygoteError> {
+        let ZygoteProcess {
+            mut child,
+            channel,
+            pid,
+            ..
+        } = self;
+        match AsyncChannel::new(channel) {
+            Ok(channel) => Ok(Zygote {
+                channel,
+                child,
+                pid,
+                next_id: 0,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(ZygoteError::Channel(e))
+            }
+        }
+    }
+}
+
+/// A worker could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// The zygote is gone.
+    #[error("zygote is gone")]
+    ZygoteGone(#[source] ChannelError),
+    /// The zygote could not fork.
+    #[error("zygote could not fork: {0}")]
+    Fork(String),
+    /// The answer was not what was asked for.
+    #[error("zygote protocol violation")]
+    Protocol,
+}
+
+/// The zygote, from inside the runtime. Owned by the warm pool.
+#[derive(Debug)]
+pub struct Zygote {
+    channel: AsyncChannel,
+    child: Child,
+    pid: i32,
+    next_id: u64,
+}
+
+impl Zygote {
+    /// The zygote's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Asks for one new worker.
+    pub async fn fork(&mut self) -> Result<NewWorker, ForkError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.channel
+            .send(&ToZygote::Fork { id }, &[])
+            .await
+            .map_err(ForkError::ZygoteGone)?;
+        let (msg, fds) = self
+            .channel
+            .recv::<FromZygote>()
+            .await
+            .map_err(ForkError::ZygoteGone)?;
+        match msg {
+            FromZygote::Forked { id: got, pid, mode } if got == id && fds.len() == 2 => {
+                let mut fds = fds.into_iter();
+                let pidfd = fds.next().expect("two descriptors");
+                let channel = fds.next().expect("two descriptors");
+                Ok(NewWorker {
+                    pid,
+                    pidfd,
+                    channel,
+                    mode,
+                })
+            }
+            FromZygote::ForkFailed { id: got, reason } if got == id => Err(ForkError::Fork(reason)),
+            _ => Err(ForkError::Protocol),
+        }
+    }
+
+    /// Closes the channel (the zygote exits) and reaps it.
+    pub async fn shutdown(self) {
+        let Zygote {
+            channel, mut child, ..
+        } = self;
+        drop(channel);
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+}
+
+/// A just-forked worker, before its handshake.
+#[derive(Debug)]
+pub struct NewWorker {
+    /// Its pid.
+    pub pid: i32,
+    /// A pidfd: readable once it exited; used to signal it without pid
+    /// reuse races.
+    pub pidfd: OwnedFd,
+    /// The supervisor's end of its channel.
+    pub channel: OwnedFd,
+    /// How it was forked (decides who reaps it).
+    pub mode: ForkMode,
+}
+
+/// Whether the process behind `pidfd` has exited, without blocking.
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// Sends `signal` through a pidfd.
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> nix::Result<()> {
+    // SAFETY: plain syscall; a null siginfo is allowed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        Err(nix::errno::Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reaps an exited process through its pidfd and says how it ended.
+/// Workers forked in [`ForkMode::ForkPidfdOpen`] are reaped by the zygote's
+/// kernel auto-reap and give [`ExitStatus::Unknown`].
+pub fn pidfd_reap(pidfd: BorrowedFd<'_>) -> ExitStatus {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    loop {
+        match waitid(Id::PIDFd(pidfd), WaitPidFlag::WEXITED) {
+            Ok(WaitStatus::Exited(_, code)) => return ExitStatus::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return ExitStatus::Signal(sig as i32),
+            Ok(_) => return ExitStatus::Unknown,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return ExitStatus::Unknown,
+        }
+    }
+}

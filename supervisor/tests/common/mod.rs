@@ -1,0 +1,260 @@
+//! Shared helpers: start a real `emberd` in its own temp dir, talk to it.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const EMBERD: &str = env!("CARGO_BIN_EXE_emberd");
+pub const EMBERCTL: &str = env!("CARGO_BIN_EXE_emberctl");
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+/// A unique temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "ember-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub const FAST: &str = "[lifecycle]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\nstop_timeout_ms = 1000\nstart_timeout_ms = 5000\n";
+
+/// A running emberd; SIGTERM and reaped on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &str) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new("d");
+        let socket = dir.0.join("ctl.sock");
+        let state = dir.0.join("state");
+        let cfg = dir.0.join("emberd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut d = Daemon {
+            child: None,
+            socket,
+            state,
+            config: cfg,
+            dir,
+        };
+        d.spawn(env);
+        d
+    }
+
+    pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(EMBERD);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .env("EMBER_LOG", "error")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("emberd exited early: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "emberd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(EMBERCTL)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ctl(&a);
+        assert!(
+            out.status.success(),
+            "emberctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY-free: plain kill(2) on our own child.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let t0 = Instant::now();
+            loop {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Waits until `f` holds for the module's status.
+    pub fn wait_status(&self, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let out = self.ctl(&["status", name, "--json"]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                if f(&v["status"]) {
+                    return v["status"].clone();
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "timed out waiting for {what}: {v}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A module directory with a manifest and a dummy artifact.
+pub fn module_dir(parent: &Path, name: &str, version: &str) -> PathBuf {
+    let d = parent.join(format!("mod-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("module.toml"),
+        format!("name = \"{name}\"\nversion = \"{version}\"\nentry = \"lib{name}.so\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join(format!("lib{name}.so")),
+        format!("not really an ELF: {name}"),
+    )
+    .unwrap();
+    d
+}
+
+/// A raw Varlink connection.
+pub struct Raw {
+    pub s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(path: &Path) -> Self {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(b)
+    }
+
+    pub fn send(&mut self, v: Value) {
+        let mut b = serde_json::to_vec(&v).unwrap();
+        b.push(0);
+        self.send_bytes(&b).unwrap();
+    }
+
+    /// Next reply, or None at EOF.
+    pub fn recv(&mut self) -> Option<Value> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == 0) {
+                let frame: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(serde_json::from_slice(&frame[..frame.len() - 1]).unwrap());
+            }
+            let mut tmp = [0u8; 8192];
+            match self.s.read(&mut tmp) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.send(serde_json::json!({ "method": method, "parameters": params }));
+        self.recv().expect("a reply")
+    }
+}
+
+/// Whether `pid` is gone or a zombie (dead, waiting to be reaped).
+pub fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(true),
+    }
+}
+
+pub fn wait_dead(pid: i32) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if dead(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

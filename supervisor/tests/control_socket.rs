@@ -1,0 +1,341 @@
+//! The real emberd over its real socket: Varlink framing, introspection,
+//! errors, hostile input, access control, systemd notifications, config.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn introspection_and_errors() {
+    let d = Daemon::start(FAST);
+    let mut r = Raw::connect(&d.socket);
+
+    let info = r.call("org.varlink.service.GetInfo", json!({}));
+    assert_eq!(info["parameters"]["product"], "emberd");
+    assert_eq!(
+        info["parameters"]["interfaces"],
+        json!(["org.varlink.service", "io.ember.Supervisor"])
+    );
+    let desc = r.call(
+        "org.varlink.service.GetInterfaceDescription",
+        json!({ "interface": "io.ember.Supervisor" }),
+    );
+    assert_eq!(
+        desc["parameters"]["description"].as_str().unwrap(),
+        include_str!("../io.ember.Supervisor.varlink")
+    );
+
+    let e = r.call("io.ember.Supervisor.Status", json!({ "name": "nope" }));
+    assert_eq!(e["error"], "io.ember.Supervisor.ModuleNotFound");
+    assert_eq!(e["parameters"]["name"], "nope");
+    let e = r.call("io.ember.Supervisor.Status", json!({}));
+    assert_eq!(e["error"], "org.varlink.service.InvalidParameter");
+    assert_eq!(e["parameters"]["parameter"], "name");
+    let e = r.call("io.ember.Supervisor.Frob", json!({}));
+    assert_eq!(e["error"], "org.varlink.service.MethodNotFound");
+    let e = r.call("com.example.Other.Frob", json!({}));
+    assert_eq!(e["error"], "org.varlink.service.InterfaceNotFound");
+    let e = r.call(
+        "io.ember.Supervisor.Install",
+        json!({ "path": "relative/dir" }),
+    );
+    assert_eq!(e["error"], "io.ember.Supervisor.InvalidInput");
+
+    // Pipelined calls are answered in order; a oneway call gets no reply.
+    r.send(json!({ "method": "io.ember.Supervisor.Health", "oneway": true }));
+    r.send(json!({ "method": "io.ember.Supervisor.List" }));
+    r.send(json!({ "method": "io.ember.Supervisor.Pool" }));
+    assert_eq!(r.recv().unwrap()["parameters"]["modules"], json!([]));
+    assert!(r.recv().unwrap()["parameters"]["pool"]["min_idle"].is_number());
+}
+
+#[test]
+fn hostile_input_closes_only_that_connection() {
+    let d = Daemon::start(FAST);
+
+    // Oversized: one byte over the limit, without a terminator.
+    let mut r = Raw::connect(&d.socket);
+    let big = vec![b'x'; supervisor::varlink::MAX_MESSAGE + 1];
+    let _ = r.send_bytes(&big);
+    let e = r.recv().expect("an error before closing");
+    assert_eq!(e["error"], "io.ember.Supervisor.ProtocolError");
+    assert!(e["parameters"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("larger than"));
+    assert!(r.recv().is_none(), "connection closed");
+
+    // Not JSON.
+    let mut r = Raw::connect(&d.socket);
+    r.send_bytes(b"\xff\xfe garbage\0").unwrap();
+    assert_eq!(
+        r.recv().unwrap()["error"],
+        "io.ember.Supervisor.ProtocolError"
+    );
+    assert!(r.recv().is_none());
+
+    // JSON, but not a call.
+    let mut r = Raw::connect(&d.socket);
+    r.send_bytes(b"[1,2,3]\0").unwrap();
+    assert_eq!(
+        r.recv().unwrap()["error"],
+        "io.ember.Supervisor.ProtocolError"
+    );
+
+    // Half a message, then hang up.
+    let mut r = Raw::connect(&d.socket);
+    r.send_bytes(b"{\"method\":\"io.ember").unwrap();
+    drop(r);
+
+    // The daemon is unharmed.
+    let mut r = Raw::connect(&d.socket);
+    let h = r.call("io.ember.Supervisor.Health", json!({}));
+    assert_eq!(h["parameters"]["healthy"], true);
+}
+
+#[test]
+fn socket_mode_and_peer_credentials() {
+    let d = Daemon::start(FAST);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    drop(d);
+
+    if !nix::unistd::geteuid().is_root() {
+        return; // needs a second uid
+    }
+    use std::os::unix::process::CommandExt;
+    let nobody = 65534;
+    let run_as_nobody = |d: &Daemon| {
+        std::process::Command::new(EMBERCTL)
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("health")
+            .uid(nobody)
+            .gid(nobody)
+            .output()
+            .unwrap()
+    };
+    // The socket lets anyone connect, but nobody is not on the allow list.
+    let d = Daemon::start(&format!("socket_mode = \"0666\"\n{FAST}"));
+    std::fs::set_permissions(&d.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run_as_nobody(&d);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(d);
+    // Allowed by uid.
+    let d = Daemon::start(&format!(
+        "socket_mode = \"0666\"\nallowed_uids = [{nobody}]\n{FAST}"
+    ));
+    std::fs::set_permissions(&d.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run_as_nobody(&d);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn systemd_ready_and_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("notify");
+    let path = dir.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let d = Daemon::start_with(
+        FAST,
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    assert!(msg.contains(&format!("MAINPID={}", d.pid())), "{msg}");
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"WATCHDOG=1");
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"WATCHDOG=1");
+    drop(d);
+}
+
+#[test]
+fn bad_config_names_file_line_and_field() {
+    let dir = TempDir::new("badcfg");
+    let cfg = dir.0.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "socket_mode = \"0660\"\n\n[pool]\nmin_idle = \"lots\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(EMBERD)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.0.join("s"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:4:", cfg.display())), "{err}");
+    assert!(
+        err.contains("min_idle") || err.contains("invalid type"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "[pool]\nmin_idel = 1\n").unwrap();
+    let out = std::process::Command::new(EMBERD)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":2:") && err.contains("min_idel"), "{err}");
+
+    let out = std::process::Command::new(EMBERD)
+        .arg("--config")
+        .arg(dir.0.join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn emberctl_exit_codes_and_help() {
+    let dir = TempDir::new("ctl");
+    let out = std::process::Command::new(EMBERCTL)
+        .arg("--socket")
+        .arg(dir.0.join("nothing.sock"))
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "unreachable");
+    let out = std::process::Command::new(EMBERCTL)
+        .env("EMBER_SOCKET", dir.0.join("nothing.sock"))
+        .arg("health")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing.sock"));
+
+    for verb in [
+        "install",
+        "uninstall",
+        "list",
+        "status",
+        "logs",
+        "pool",
+        "health",
+        "completions",
+    ] {
+        let out = std::process::Command::new(EMBERCTL)
+            .args([verb, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{verb} --help");
+        assert!(!out.stdout.is_empty());
+    }
+    let out = std::process::Command::new(EMBERCTL)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("emberctl"));
+    let out = std::process::Command::new(EMBERCTL)
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn missing_plugin_fails_start_with_its_name() {
+    let dir = TempDir::new("plugin");
+    let cfg = dir.0.join("emberd.toml");
+    std::fs::write(
+        &cfg,
+        "plugins = [{ path = \"/nonexistent/libcatalog.so\", config = { size_mb = 1 } }]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(EMBERD)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--socket")
+        .arg(dir.0.join("ctl.sock"))
+        .arg("--state-dir")
+        .arg(dir.0.join("state"))
+        .env("EMBER_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/libcatalog.so"), "{err}");
+    assert!(!dir.0.join("ctl.sock").exists());
+}
+
+#[test]
+fn unprivileged_defaults_use_xdg_dirs() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // needs to switch to another uid
+    }
+    use std::os::unix::process::CommandExt;
+    let nobody = 65534;
+    let dir = TempDir::new("xdg");
+    std::os::unix::fs::chown(&dir.0, Some(nobody), Some(nobody)).unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let env = |c: &mut std::process::Command| {
+        c.env_clear()
+            .env("XDG_RUNTIME_DIR", dir.0.join("run"))
+            .env("XDG_STATE_HOME", dir.0.join("state"))
+            .env("HOME", &dir.0)
+            .env("EMBER_LOG", "error")
+            .uid(nobody)
+            .gid(nobody);
+    };
+    std::fs::create_dir(dir.0.join("run")).unwrap();
+    std::os::unix::fs::chown(dir.0.join("run"), Some(nobody), Some(nobody)).unwrap();
+    let mut cmd = std::process::Command::new(EMBERD);
+    env(&mut cmd);
+    let mut daemon = cmd.spawn().unwrap();
+    let socket = dir.0.join("run/ember/control.sock");
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(daemon.try_wait().unwrap().is_none(), "emberd exited");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut ctl = std::process::Command::new(EMBERCTL);
+    env(&mut ctl);
+    let out = ctl.args(["health", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.0.join("state/ember/desired.json").exists() || dir.0.join("state/ember").is_dir());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success());
+    assert!(!socket.exists(), "socket removed on shutdown");
+}

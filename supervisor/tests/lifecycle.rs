@@ -1,0 +1,514 @@
+//! Modules through the real daemon: install, crash and restart, logs,
+//! uninstall without residue, kill -9 of emberd without orphans.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn pid_of(v: &serde_json::Value) -> Option<i32> {
+    v["pid"].as_i64().map(|p| p as i32)
+}
+
+#[test]
+fn install_status_crash_restart_uninstall() {
+    let d = Daemon::start(FAST);
+    let m = module_dir(&d.dir.0, "hello", "0.1.0");
+    let other = module_dir(&d.dir.0, "other", "2.0.0");
+
+    let out = d.ctl(&["install", m.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.ctl(&["install", other.join("module.toml").to_str().unwrap()]);
+    assert!(out.status.success());
+    let s = d.wait_status("hello", "running", |s| s["state"] == "running");
+    let pid = pid_of(&s).unwrap();
+    d.wait_status("other", "running", |s| s["state"] == "running");
+    let other_pid = pid_of(&d.ctl_json(&["status", "other"])["status"]).unwrap();
+    // Workers are the daemon's children (clone3 CLONE_PARENT).
+    let ppid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(ppid.contains(&format!("PPid:\t{}\n", d.pid())), "{ppid}");
+    assert!(s["memory"]["rss"].as_u64().unwrap() > 0);
+    assert!(s["cpu_seconds"].is_number());
+
+    // Second install of the same name: conflict; bad paths: invalid input.
+    assert_eq!(
+        d.ctl(&["install", m.to_str().unwrap()]).status.code(),
+        Some(5)
+    );
+    assert_eq!(d.ctl(&["status", "nope"]).status.code(), Some(3));
+    assert_eq!(d.ctl(&["uninstall", "nope"]).status.code(), Some(3));
+    let bad = d.dir.0.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("module.toml"),
+        "name = \"Bad Name\"\nversion = \"1\"\nentry = \"x.so\"\n",
+    )
+    .unwrap();
+    let out = d.ctl(&["install", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name"));
+    std::fs::write(
+        bad.join("module.toml"),
+        "name = \"bad\"\nversion = \"1\"\nentry = \"missing.so\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        d.ctl(&["install", bad.to_str().unwrap()]).status.code(),
+        Some(4)
+    );
+
+    // The worker's log has the placeholder's line.
+    let out = d.ctl(&["logs", "hello"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ember-worker[") && text.contains("replica 0 running"),
+        "{text}"
+    );
+    assert!(text.contains("INFO ember::placeholder: ready"), "{text}");
+
+    // Crash: restarted with back-off, the other module untouched.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = d.wait_status("hello", "restart", |s| {
+        s["state"] == "running" && s["restarts"] == 1 && pid_of(s) != Some(pid)
+    });
+    assert_eq!(s["last_error"], "worker killed by signal 9");
+    assert!(wait_dead(pid));
+    let o = d.ctl_json(&["status", "other"]);
+    assert_eq!(pid_of(&o["status"]), Some(other_pid));
+    assert_eq!(o["status"]["restarts"], 0);
+
+    // Uninstall: the worker exits, nothing left in the state dir.
+    let new_pid = pid_of(&s).unwrap();
+    let out = d.ctl(&["uninstall", "hello"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_dead(new_pid));
+    let list = d.ctl_json(&["list"]);
+    assert_eq!(list["modules"].as_array().unwrap().len(), 1);
+    assert!(!d.state.join("logs/hello.log").exists());
+    let artifacts: Vec<_> = std::fs::read_dir(d.state.join("artifacts"))
+        .unwrap()
+        .collect();
+    assert_eq!(artifacts.len(), 1, "only other's artifact remains");
+    let desired = std::fs::read_to_string(d.state.join("desired.json")).unwrap();
+    assert!(!desired.contains("\"hello\""));
+
+    // Pool counters moved.
+    let p = d.ctl_json(&["pool"])["pool"].clone();
+    assert!(
+        p["hits"].as_u64().unwrap() + p["misses"].as_u64().unwrap() >= 3,
+        "{p}"
+    );
+}
+
+#[test]
+fn logs_follow_streams_new_lines() {
+    let d = Daemon::start(FAST);
+    let m = module_dir(&d.dir.0, "chatty", "1.0.0");
+    assert!(d.ctl(&["install", m.to_str().unwrap()]).status.success());
+    d.wait_status("chatty", "running", |s| s["state"] == "running");
+    let mut r = Raw::connect(&d.socket);
+    r.send(json!({"method": "io.ember.Supervisor.Logs", "parameters": {"name": "chatty"}, "more": true}));
+    let first = r.recv().unwrap();
+    assert_eq!(first["continues"], true);
+    let has_running = |v: &serde_json::Value| {
+        v["parameters"]["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("replica 0 running"))
+    };
+    assert!(has_running(&first), "{first}");
+    // Restarting the module appends a line that the stream carries.
+    let pid = d.ctl_json(&["status", "chatty"])["status"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let next = r.recv().unwrap();
+    assert_eq!(next["continues"], true);
+    assert!(has_running(&next), "{next}");
+    // Uninstall ends the stream.
+    assert!(d.ctl(&["uninstall", "chatty"]).status.success());
+    let last = r.recv().unwrap();
+    assert!(
+        last.get("continues").is_none() || last["continues"] == false,
+        "{last}"
+    );
+}
+
+#[test]
+fn kill_9_leaves_no_orphans_and_state_survives() {
+    // Orphans are re-parented to us so they can be reaped (PID 1 here does
+    // not reap); harmless for the other tests, whose children we never
+    // wait for by pid.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let mut d = Daemon::start(&format!("[pool]\nmin_idle = 2\nmax_idle = 3\n{FAST}"));
+    let a = module_dir(&d.dir.0, "alpha", "1.0.0");
+    let b = module_dir(&d.dir.0, "beta", "1.0.0");
+    assert!(d.ctl(&["install", a.to_str().unwrap()]).status.success());
+    assert!(d.ctl(&["install", b.to_str().unwrap()]).status.success());
+    d.wait_status("alpha", "running", |s| s["state"] == "running");
+    d.wait_status("beta", "running", |s| s["state"] == "running");
+    std::thread::sleep(Duration::from_millis(200));
+    let health = d.ctl_json(&["health"]);
+    let zygote = health["zygote_pid"].as_i64().unwrap() as i32;
+    let mut pids: Vec<i32> = d.ctl_json(&["pool"])["pool"]["idle_pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap() as i32)
+        .collect();
+    for m in ["alpha", "beta"] {
+        pids.push(
+            d.ctl_json(&["status", m])["status"]["pid"]
+                .as_i64()
+                .unwrap() as i32,
+        );
+    }
+    pids.push(zygote);
+    assert!(pids.len() >= 4, "{pids:?}");
+
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for &p in &pids {
+        assert!(wait_dead(p), "process {p} survived kill -9 of emberd");
+        // Reap it if it was handed to us.
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(p),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+    }
+
+    // A stale socket file is left behind; the restart replaces it.
+    assert!(d.socket.exists());
+    d.spawn(&[]);
+    let s = d.wait_status("alpha", "running", |s| s["state"] == "running");
+    assert_eq!(s["restarts"], 0);
+    d.wait_status("beta", "running", |s| s["state"] == "running");
+    assert_ne!(
+        d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32,
+        zygote
+    );
+}
+
+#[test]
+fn second_daemon_on_same_socket_is_refused() {
+    let d = Daemon::start(FAST);
+    let out = std::process::Command::new(EMBERD)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(d.dir.0.join("state2"))
+        .env("EMBER_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    // The first one still answers.
+    assert!(d.ctl(&["health"]).status.success());
+}
+
+/// A module dir whose stand-in artifact asks the placeholder worker for a
+/// behaviour (see `supervisor::worker::placeholder_module`).
+fn fixture(
+    parent: &std::path::Path,
+    name: &str,
+    behaviour: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let d = module_dir(parent, name, "1.0.0");
+    std::fs::write(
+        d.join(format!("lib{name}.so")),
+        format!("placeholder: {behaviour}\n"),
+    )
+    .unwrap();
+    if !extra.is_empty() {
+        let m = d.join("module.toml");
+        let text = std::fs::read_to_string(&m).unwrap() + extra;
+        std::fs::write(m, text).unwrap();
+    }
+    d
+}
+
+#[test]
+fn failures_are_reported_and_isolated() {
+    let d = Daemon::start(FAST);
+    let good = module_dir(&d.dir.0, "good", "1.0.0");
+    assert!(d.ctl(&["install", good.to_str().unwrap()]).status.success());
+    let good_pid = d.wait_status("good", "running", |s| s["state"] == "running")["pid"].clone();
+
+    // A permanent load failure: failed, not restarted.
+    let bad = fixture(&d.dir.0, "badabi", "fail", "");
+    assert!(d.ctl(&["install", bad.to_str().unwrap()]).status.success());
+    let s = d.wait_status("badabi", "failed", |s| s["state"] == "failed");
+    assert!(s["reason"].as_str().unwrap().contains("AbiMismatch"), "{s}");
+    assert_eq!(s["restarts"], 0);
+    let logs = String::from_utf8_lossy(&d.ctl(&["logs", "badabi"]).stdout).into_owned();
+    assert!(logs.contains("ember: Load failed (AbiMismatch)"), "{logs}");
+
+    // Never ready: killed at the manifest's start deadline, backed off,
+    // restarted, then in crash loop.
+    let slow = fixture(
+        &d.dir.0,
+        "slow",
+        "never-ready",
+        "[limits]\nstart_deadline = \"300ms\"\n",
+    );
+    assert!(d.ctl(&["install", slow.to_str().unwrap()]).status.success());
+    let s = d.wait_status("slow", "backoff", |s| {
+        s["state"] == "backoff" || s["state"] == "crashloop"
+    });
+    assert_eq!(s["reason"], "not ready within 300 ms");
+
+    // Exits on its own with a code: restarted with back-off until crash loop.
+    let quitter = fixture(&d.dir.0, "quitter", "exit 3", "");
+    assert!(d
+        .ctl(&["install", quitter.to_str().unwrap()])
+        .status
+        .success());
+    let s = d.wait_status("quitter", "crashloop", |s| s["state"] == "crashloop");
+    assert_eq!(s["last_error"], "worker exited with code 3");
+    assert!(s["restarts"].as_u64().unwrap() >= 4, "{s}");
+
+    // The good module never noticed.
+    let g = d.ctl_json(&["status", "good"]);
+    assert_eq!(g["status"]["state"], "running");
+    assert_eq!(g["status"]["pid"], good_pid);
+    let h = d.ctl_json(&["health"]);
+    assert!(h["failed"].as_u64().unwrap() >= 2, "{h}");
+
+    for m in ["badabi", "slow", "quitter", "good"] {
+        let out = d.ctl(&["uninstall", m]);
+        assert!(
+            out.status.success(),
+            "{m}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(d.ctl_json(&["list"])["modules"], json!([]));
+}
+
+#[test]
+fn listeners_are_bound_shared_and_released() {
+    let d = Daemon::start(FAST);
+    // A port somebody else holds: install refused with PortInUse.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let m = fixture(
+        &d.dir.0,
+        "web",
+        "serve",
+        &format!("[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n"),
+    );
+    let out = d.ctl(&["install", m.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("port {port} is in use")));
+    let mut r = Raw::connect(&d.socket);
+    let e = r.call("io.ember.Supervisor.Install", json!({ "path": m }));
+    assert_eq!(e["error"], "io.ember.Supervisor.PortInUse");
+    assert_eq!(e["parameters"]["port"], port);
+    assert_eq!(
+        d.ctl_json(&["list"])["modules"],
+        json!([]),
+        "nothing half-installed"
+    );
+    drop(taken);
+
+    // Free now: the daemon binds it and the worker holds it. (A child
+    // spawned concurrently by another test may hold a copy of our socket
+    // between its fork and exec for a moment: retry briefly.)
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = d.ctl(&["install", m.to_str().unwrap()]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            out.status.code() == Some(5) && t0.elapsed() < Duration::from_secs(3),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = d.wait_status("web", "running", |s| s["state"] == "running");
+    assert_eq!(
+        s["listeners"],
+        json!([{ "name": "http", "address": format!("127.0.0.1:{port}") }])
+    );
+    let pid = s["pid"].as_i64().unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+    // The worker got the socket (stdin, stdout, stderr, channel, listener).
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 5, "worker descriptors");
+
+    // Uninstalled: the port is free again.
+    assert!(d.ctl(&["uninstall", "web"]).status.success());
+    assert!(wait_dead(pid as i32));
+    let t0 = std::time::Instant::now();
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "port still held");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn replicas_share_a_listener_and_fail_alone() {
+    let d = Daemon::start(FAST);
+    let m = module_dir(&d.dir.0, "fleet", "1.0.0");
+    std::fs::write(
+        m.join("module.toml"),
+        "name = \"fleet\"\nversion = \"1.0.0\"\nentry = \"libfleet.so\"\nreplicas = 3\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    assert!(d.ctl(&["install", m.to_str().unwrap()]).status.success());
+    let s = d.wait_status("fleet", "3 running", |s| {
+        s["state"] == "running"
+            && s["replicas"]
+                .as_array()
+                .is_some_and(|r| r.len() == 3 && r.iter().all(|r| r["state"] == "running"))
+    });
+    let pids: Vec<i64> = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].as_i64().unwrap())
+        .collect();
+    let list = d.ctl_json(&["list"]);
+    assert_eq!(list["modules"][0]["replicas"], 3);
+    assert_eq!(list["modules"][0]["pids"].as_array().unwrap().len(), 3);
+    // Every replica holds the same socket: the one descriptor besides
+    // stdio and the channel (fd 3).
+    let inode = |pid: i64| {
+        let socks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().unwrap() > 3)
+            .map(|e| std::fs::read_link(e.path()).unwrap())
+            .collect();
+        assert_eq!(socks.len(), 1, "{socks:?}");
+        socks[0].clone()
+    };
+    let first = inode(pids[0]);
+    assert!(first.to_string_lossy().starts_with("socket:"), "{first:?}");
+    assert!(pids.iter().all(|p| inode(*p) == first));
+    let out = String::from_utf8_lossy(&d.ctl(&["status", "fleet"]).stdout).into_owned();
+    assert!(
+        out.contains("REPLICA") && out.contains("http=127.0.0.1:"),
+        "{out}"
+    );
+
+    // Kill replica 1: only it restarts.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[1] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = d.wait_status("fleet", "replica 1 back", |s| {
+        let r = &s["replicas"][1];
+        r["state"] == "running" && r["restarts"] == 1
+    });
+    let r = s["replicas"].as_array().unwrap();
+    assert_eq!(r[0]["pid"], pids[0]);
+    assert_eq!(r[2]["pid"], pids[2]);
+    assert_eq!(r[0]["restarts"], 0);
+    assert_eq!(s["restarts"], 1);
+    assert_eq!(s["last_error"], "replica 1: worker killed by signal 9");
+    assert!(d.ctl(&["uninstall", "fleet"]).status.success());
+    for p in pids {
+        assert!(wait_dead(p as i32));
+    }
+}
+
+#[test]
+fn processes_hold_only_their_descriptors() {
+    let d = Daemon::start(FAST);
+    let fds = |pid: i32| -> Vec<u32> {
+        let mut v: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().parse().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    let zygote = d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32;
+    assert_eq!(comm(zygote).trim(), "ember-zygote");
+    let z = fds(zygote);
+    assert_eq!(z.len(), 4, "zygote: stdio and its channel only: {z:?}");
+    let t0 = std::time::Instant::now();
+    let idle = loop {
+        let p = d.ctl_json(&["pool"])["pool"]["idle_pids"].clone();
+        if p.as_array().unwrap().len() >= 2 {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for p in idle.as_array().unwrap() {
+        let pid = p.as_i64().unwrap() as i32;
+        assert_eq!(fds(pid), vec![0, 1, 2, 3], "idle worker {pid}");
+        assert_eq!(comm(pid).trim(), "ember-worker");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status.contains(&format!("PPid:\t{}\n", d.pid())),
+            "{status}"
+        );
+        assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+    }
+}
+
+#[test]
+fn uninstall_kills_a_module_that_ignores_stop() {
+    let d = Daemon::start(FAST);
+    let m = fixture(
+        &d.dir.0,
+        "stubborn",
+        "ignores-stop",
+        "[limits]\nstop_deadline = \"400ms\"\n",
+    );
+    assert!(d.ctl(&["install", m.to_str().unwrap()]).status.success());
+    let pid = d.wait_status("stubborn", "running", |s| s["state"] == "running")["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let t0 = std::time::Instant::now();
+    let out = d.ctl(&["uninstall", "stubborn"]);
+    let took = t0.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took >= Duration::from_millis(350),
+        "uninstall returned after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "uninstall took {took:?}");
+    assert!(dead(pid), "worker {pid} survived the stop deadline");
+}
