@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use crate::bytes::{ShmSlice, SlotFull, SlotWriter};
 use crate::doorbell::{self, Drained};
@@ -280,13 +279,7 @@ pub fn channel_pair(config: &ChannelConfig) -> Result<(ClientEnd, ServerEnd), Ch
     // is visible to whoever sees `ready == 1`.
     region.u32_at(H_READY).store(1, Ordering::Release);
     drop(region);
-    let (a, b) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| ChannelError::os("socketpair", e))?;
+    let (a, b) = crate::fdpass::stream_pair().map_err(|e| ChannelError::os("socketpair", e))?;
     let memfd2 = memfd.try_clone().map_err(|e| ChannelError::os("dup", e))?;
     Ok((
         ClientEnd { memfd, sock: a },
@@ -1166,13 +1159,7 @@ mod tests {
     #[test]
     fn unsealed_or_foreign_segments_are_refused() {
         let fd = segment::create_memfd(c"x", 8192).unwrap();
-        let (a, _b) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (a, _b) = crate::fdpass::stream_pair().unwrap();
         let err = Client::open(ClientEnd::from_fds(fd, a)).unwrap_err();
         assert!(
             matches!(
@@ -1184,13 +1171,7 @@ mod tests {
 
         let fd = segment::create_memfd(c"x", 8192).unwrap();
         segment::add_seals(fd.as_fd(), BASE_SEALS).unwrap();
-        let (a, _b) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (a, _b) = crate::fdpass::stream_pair().unwrap();
         let err = Client::open(ClientEnd::from_fds(fd, a)).unwrap_err();
         assert!(
             matches!(err, ChannelError::Segment(SegmentError::BadHeader(_))),

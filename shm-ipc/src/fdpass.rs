@@ -3,7 +3,20 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+
+/// A connected pair of close-on-exec Unix stream sockets.
+pub fn stream_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
 
 /// Most descriptors one message may carry.
 pub const MAX_FDS: usize = 32;
@@ -85,19 +98,12 @@ pub(crate) fn recv_with_fds_flags(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsFd;
 
     #[test]
     fn passes_a_file_descriptor() {
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (a, b) = stream_pair().unwrap();
         let mut f = std::fs::File::from(crate::segment::create_memfd(c"t", 0).unwrap());
         f.write_all(b"hello").unwrap();
         send_with_fds(a.as_fd(), b"x", &[f.as_fd()]).unwrap();
@@ -113,13 +119,7 @@ mod tests {
 
     #[test]
     fn empty_data_is_rejected() {
-        let (a, _b) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (a, _b) = stream_pair().unwrap();
         assert!(send_with_fds(a.as_fd(), b"", &[]).is_err());
     }
 }
