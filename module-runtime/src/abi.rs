@@ -138,6 +138,9 @@ pub enum GrantKind {
     Export = 3,
     /// A sealed read-only shared-data segment (one memfd).
     SharedData = 4,
+    /// The instance's log file (one fd): the worker makes it stdout and
+    /// stderr before loading the module; never handed to the module.
+    Stdio = 5,
 }
 
 impl GrantKind {
@@ -148,6 +151,7 @@ impl GrantKind {
             2 => Some(Self::Import),
             3 => Some(Self::Export),
             4 => Some(Self::SharedData),
+            5 => Some(Self::Stdio),
             _ => None,
         }
     }
@@ -155,7 +159,7 @@ impl GrantKind {
     /// How many descriptors a grant of this kind carries.
     pub fn fd_count(self) -> usize {
         match self {
-            Self::Listener | Self::SharedData => 1,
+            Self::Listener | Self::SharedData | Self::Stdio => 1,
             Self::Import | Self::Export => 2,
         }
     }
@@ -338,6 +342,7 @@ mod tests {
             GrantKind::Import,
             GrantKind::Export,
             GrantKind::SharedData,
+            GrantKind::Stdio,
         ] {
             assert_eq!(GrantKind::from_u32(k as u32), Some(k));
         }

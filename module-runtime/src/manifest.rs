@@ -303,7 +303,8 @@ impl Manifest {
     }
 
     /// Whether the manifest declares a grant of `kind` named `name`
-    /// (listeners, imports, exports, shared data).
+    /// (listeners, imports, exports, shared data; a `Stdio` grant is
+    /// always allowed).
     pub fn declares(&self, kind: crate::abi::GrantKind, name: &str) -> bool {
         use crate::abi::GrantKind;
         match kind {
@@ -311,6 +312,8 @@ impl Manifest {
             GrantKind::Import => self.imports.iter().any(|i| i.name == name),
             GrantKind::Export => self.exports.iter().any(|e| e.name == name),
             GrantKind::SharedData => self.shared_data.iter().any(|d| d.name == name),
+            // Output redirection is the host's, not a manifest resource.
+            GrantKind::Stdio => true,
         }
     }
 

@@ -1,26 +1,24 @@
 //! The supervisor's end of one worker's channel.
 //!
-//! Seam: this is the only place that encodes the worker control protocol on
-//! the supervisor side: [`encode`] and [`decode`]. Wiring module-runtime
-//! means making them `module_runtime::protocol::Message::encode` /
-//! `::decode` of its `ToWorker` / `FromWorker` (same shapes as
-//! [`crate::worker`]'s messages), and nothing else here.
+//! This is the only place that encodes the worker control protocol on the
+//! supervisor side: [`encode`] and [`decode`], module-runtime's `EMBW`
+//! frames (docs/abi.md).
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use crate::worker::{FromWorker, LaunchOrder, ToWorker};
+use crate::worker::{FromWorker, Grant, LaunchOrder, Message, ToWorker};
 use crate::zygote::channel::{AsyncChannel, ChannelError};
 
 /// Encodes one supervisor-to-worker message.
 pub fn encode(msg: &ToWorker) -> Vec<u8> {
-    serde_json::to_vec(msg).expect("messages always serialize")
+    msg.encode()
 }
 
 /// Decodes one worker-to-supervisor message (bytes written by module code:
 /// untrusted, size-limited by the channel).
 pub fn decode(bytes: &[u8]) -> Result<FromWorker, ChannelError> {
-    serde_json::from_slice(bytes).map_err(ChannelError::Malformed)
+    FromWorker::decode(bytes).map_err(ChannelError::Frame)
 }
 
 /// A worker's first message did not come.
@@ -92,10 +90,25 @@ impl WorkerLink {
 
     /// Asks for a graceful stop.
     pub async fn stop(&self, deadline: Duration) -> Result<(), ChannelError> {
-        let deadline_ms = deadline.as_millis().min(u64::MAX as u128) as u64;
         self.chan
-            .send_bytes(&encode(&ToWorker::Stop { deadline_ms }), &[])
+            .send_bytes(&encode(&ToWorker::Stop { deadline }), &[])
             .await
+    }
+
+    /// Hands a running instance more grants (service ends).
+    pub async fn attach(
+        &self,
+        grants: &[Grant],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ChannelError> {
+        self.chan
+            .send_bytes(&encode(&ToWorker::Attach(grants.to_vec())), fds)
+            .await
+    }
+
+    /// Sends one message with descriptors.
+    pub async fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        self.chan.send_bytes(&encode(msg), fds).await
     }
 
     /// The worker's next report. Cancel-safe.

@@ -1,16 +1,16 @@
 //! The part of a module's `module.toml` the supervisor acts on (format:
-//! `docs/module-manifest.md`): name, version, entry, listeners, deadlines.
+//! `docs/module-manifest.md`): name, version, entry, listeners, services,
+//! deadlines, limits.
 //!
-//! Parsing here is lenient about the tables the supervisor does not use
-//! (exports, imports, plugins, config…): the worker validates the whole
-//! manifest again with module-runtime's strict parser. Seam: once
-//! `module_runtime::manifest::Manifest::parse` is a dependency, [`parse`]
-//! should call it first so install errors are the strict ones.
+//! There is one parser: module-runtime's strict
+//! `module_runtime::manifest::Manifest::parse`, so install errors name the
+//! field and the line. This module only derives what the supervisor needs
+//! (bound listener addresses, for one) from its result.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use module_runtime::manifest::Manifest;
 
 /// Name of the manifest file inside a module directory.
 pub const FILE_NAME: &str = "module.toml";
@@ -43,7 +43,7 @@ pub struct ListenerSpec {
 }
 
 /// What the supervisor reads from a manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ManifestSummary {
     /// Module name.
     pub name: String,
@@ -55,6 +55,12 @@ pub struct ManifestSummary {
     pub replicas: u32,
     /// Listeners to bind.
     pub listeners: Vec<ListenerSpec>,
+    /// Services exported.
+    pub exports: Vec<String>,
+    /// Services imported.
+    pub imports: Vec<String>,
+    /// `limits.memory`, in bytes.
+    pub memory: Option<u64>,
     /// `limits.start_deadline`.
     pub start_deadline: Option<Duration>,
     /// `limits.stop_deadline`.
@@ -64,46 +70,17 @@ pub struct ManifestSummary {
 /// A manifest was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// Not valid TOML or a required field is missing or mistyped.
-    #[error("{0}")]
-    Syntax(String),
-    /// A field has a bad value.
-    #[error("field `{field}`: {message}")]
-    Field {
-        /// The field (dotted path).
-        field: String,
-        /// What is wrong.
-        message: String,
+    /// module-runtime's parser refused it (syntax, type, unknown or bad field).
+    #[error(transparent)]
+    Invalid(#[from] module_runtime::manifest::ManifestError),
+    /// A listener address is neither `host:port` nor `unix:/absolute/path`.
+    #[error("invalid manifest: field `listeners[{index}].address`: {address:?} is neither host:port nor unix:/absolute/path")]
+    Address {
+        /// Index in `listeners`.
+        index: usize,
+        /// The address.
+        address: String,
     },
-}
-
-#[derive(Deserialize)]
-struct RawListener {
-    name: String,
-    address: String,
-}
-
-#[derive(Deserialize, Default)]
-struct RawLimits {
-    start_deadline: Option<toml::Value>,
-    stop_deadline: Option<toml::Value>,
-}
-
-#[derive(Deserialize)]
-struct Raw {
-    name: String,
-    version: String,
-    entry: PathBuf,
-    #[serde(default = "one")]
-    replicas: u32,
-    #[serde(default)]
-    listeners: Vec<RawListener>,
-    #[serde(default)]
-    limits: RawLimits,
-}
-
-fn one() -> u32 {
-    1
 }
 
 /// Checks a name: 1–64 bytes of `[a-z0-9_-]`, starting with `[a-z0-9]`.
@@ -115,36 +92,6 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
-fn field(field: impl Into<String>, message: impl Into<String>) -> ManifestError {
-    ManifestError::Field {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
-/// Parses `"3s"`, `"500ms"`, `"1m"` or a number of seconds.
-pub fn parse_duration(v: &toml::Value) -> Option<Duration> {
-    match v {
-        toml::Value::Integer(n) if *n >= 0 => Some(Duration::from_secs(*n as u64)),
-        toml::Value::Float(f) if *f >= 0.0 && f.is_finite() => Some(Duration::from_secs_f64(*f)),
-        toml::Value::String(s) => {
-            let s = s.trim();
-            let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-                (n, 0.001)
-            } else if let Some(n) = s.strip_suffix('s') {
-                (n, 1.0)
-            } else if let Some(n) = s.strip_suffix('m') {
-                (n, 60.0)
-            } else {
-                (s, 1.0)
-            };
-            let x: f64 = num.trim().parse().ok()?;
-            (x >= 0.0 && x.is_finite()).then(|| Duration::from_secs_f64(x * mult))
-        }
-        _ => None,
-    }
-}
-
 /// Parses a listener address: `host:port` or `unix:/absolute/path`.
 pub fn parse_address(s: &str) -> Option<ListenAddress> {
     if let Some(p) = s.strip_prefix("unix:") {
@@ -154,84 +101,35 @@ pub fn parse_address(s: &str) -> Option<ListenAddress> {
     s.parse().ok().map(ListenAddress::Tcp)
 }
 
-/// Parses a manifest.
+/// Parses and validates a manifest with module-runtime's parser.
 pub fn parse(text: &str) -> Result<ManifestSummary, ManifestError> {
-    let raw: Raw = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        match line {
-            Some(l) => ManifestError::Syntax(format!("line {l}: {}", e.message().trim())),
-            None => ManifestError::Syntax(e.message().trim().to_owned()),
-        }
-    })?;
-    if !valid_name(&raw.name) {
-        return Err(field(
-            "name",
-            format!(
-                "{:?} is not 1-64 of [a-z0-9_-] starting with a letter or digit",
-                raw.name
-            ),
-        ));
-    }
-    let v = &raw.version;
-    if v.is_empty()
-        || v.len() > 64
-        || !v.starts_with(|c: char| c.is_ascii_digit())
-        || v.chars().any(char::is_whitespace)
-    {
-        return Err(field("version", format!("{v:?} is not a version")));
-    }
-    if raw.entry.as_os_str().is_empty() {
-        return Err(field("entry", "empty"));
-    }
-    if raw.replicas == 0 {
-        return Err(field("replicas", "must be at least 1"));
-    }
-    let mut listeners: Vec<ListenerSpec> = Vec::new();
-    for (i, l) in raw.listeners.iter().enumerate() {
-        if !valid_name(&l.name) {
-            return Err(field(
-                format!("listeners[{i}].name"),
-                format!("{:?} is not a valid name", l.name),
-            ));
-        }
-        if listeners.iter().any(|o| o.name == l.name) {
-            return Err(field(
-                format!("listeners[{i}].name"),
-                format!("{:?} is declared twice", l.name),
-            ));
-        }
-        let address = parse_address(&l.address).ok_or_else(|| {
-            field(
-                format!("listeners[{i}].address"),
-                format!(
-                    "{:?} is neither host:port nor unix:/absolute/path",
-                    l.address
-                ),
-            )
-        })?;
-        listeners.push(ListenerSpec {
-            name: l.name.clone(),
-            address,
-        });
-    }
-    let deadline =
-        |name: &str, v: &Option<toml::Value>| -> Result<Option<Duration>, ManifestError> {
-            match v {
-                None => Ok(None),
-                Some(v) => parse_duration(v).map(Some).ok_or_else(|| {
-                    field(format!("limits.{name}"), format!("{v} is not a duration"))
-                }),
-            }
-        };
+    let m = Manifest::parse(text)?;
+    let listeners = m
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(index, l)| {
+            parse_address(&l.address)
+                .map(|address| ListenerSpec {
+                    name: l.name.clone(),
+                    address,
+                })
+                .ok_or_else(|| ManifestError::Address {
+                    index,
+                    address: l.address.clone(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
     Ok(ManifestSummary {
-        start_deadline: deadline("start_deadline", &raw.limits.start_deadline)?,
-        stop_deadline: deadline("stop_deadline", &raw.limits.stop_deadline)?,
-        name: raw.name,
-        version: raw.version,
-        entry: raw.entry,
-        replicas: raw.replicas,
+        start_deadline: Some(m.limits.start_deadline),
+        stop_deadline: Some(m.limits.stop_deadline),
+        memory: m.limits.memory,
+        exports: m.exports.iter().map(|e| e.name.clone()).collect(),
+        imports: m.imports.iter().map(|i| i.name.clone()).collect(),
+        name: m.name,
+        version: m.version,
+        entry: m.entry,
+        replicas: m.replicas.max(1),
         listeners,
     })
 }
@@ -291,6 +189,8 @@ greeting = "hello"
         );
         assert_eq!(m.start_deadline, Some(Duration::from_secs(3)));
         assert_eq!(m.stop_deadline, Some(Duration::from_secs(2)));
+        assert_eq!(m.imports, vec!["kv".to_owned()]);
+        assert_eq!(m.memory, Some(256 << 20));
     }
 
     #[test]
@@ -312,21 +212,14 @@ greeting = "hello"
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("limits.start_deadline"), "{e}");
-        let e = parse("name = \"kv\"\nversion = 1\nentry = \"x\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("line 2:"), "{e}");
-    }
-
-    #[test]
-    fn durations() {
-        let d = |s: &str| parse_duration(&toml::Value::String(s.into()));
-        assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(d("1m"), Some(Duration::from_secs(60)));
-        assert_eq!(d("2.5s"), Some(Duration::from_millis(2500)));
-        assert_eq!(d("-1s"), None);
-        assert_eq!(d("x"), None);
+        assert!(e.contains("line 5") && e.contains("start_deadline"), "{e}");
+        let e =
+            crate::error_chain(&parse("name = \"kv\"\nversion = 1\nentry = \"x\"").unwrap_err());
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("version"), "{e}");
+        let e =
+            crate::error_chain(&parse(&format!("name = \"kv\"\n{base}colour = 1\n")).unwrap_err());
+        assert!(e.contains("colour"), "{e}");
     }
 
     proptest! {

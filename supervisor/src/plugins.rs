@@ -1,12 +1,9 @@
 //! Plugins the zygote loads before any fork, so every worker inherits them
 //! copy-on-write.
 //!
-//! Seam: [`preload`] will call
-//! `module_runtime::host::plugins::load_plugins(&[module_runtime::host::plugins::PluginSpec { path, config }])`
-//! (dlopen, ABI check, `init`, no-threads check); until then it checks that
-//! the files are readable and keeps their paths.
+//! [`preload`] calls `module_runtime::host::plugins::load_plugins`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,52 +56,37 @@ impl PluginEntry {
 }
 
 /// A plugin could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum PluginError {
-    /// The file is missing or unreadable.
-    #[error("plugin {}", path.display())]
-    Unreadable {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub type PluginError = module_runtime::host::plugins::PluginError;
 
 /// Plugins loaded into the zygote; kept alive for its whole life.
 #[derive(Debug, Default)]
 pub struct Plugins {
-    paths: Vec<PathBuf>,
+    loaded: &'static [module_runtime::host::plugins::LoadedPlugin],
 }
 
 impl Plugins {
     /// How many plugins are loaded.
     pub fn len(&self) -> usize {
-        self.paths.len()
+        self.loaded.len()
     }
     /// Whether none are.
     pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
+        self.loaded.is_empty()
     }
 }
 
-/// Loads every plugin, in order. Runs in the single-threaded zygote before
-/// the first fork; a plugin must not leave threads behind.
+/// Loads every plugin, in order, with module-runtime's loader (dlopen, ABI
+/// check, `init`, no-threads check). Runs in the single-threaded zygote
+/// before the first fork.
 pub fn preload(specs: &[PluginSpec]) -> Result<Plugins, PluginError> {
-    let mut loaded = Vec::with_capacity(specs.len());
-    for s in specs {
-        check_readable(&s.path)?;
-        loaded.push(s.path.clone());
-    }
-    Ok(Plugins { paths: loaded })
-}
-
-fn check_readable(path: &Path) -> Result<(), PluginError> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|source| PluginError::Unreadable {
-            path: path.to_owned(),
-            source,
+    let specs: Vec<module_runtime::host::plugins::PluginSpec> = specs
+        .iter()
+        .map(|s| module_runtime::host::plugins::PluginSpec {
+            path: s.path.clone(),
+            config: s.config.clone(),
         })
+        .collect();
+    Ok(Plugins {
+        loaded: module_runtime::host::plugins::load_plugins(&specs)?,
+    })
 }

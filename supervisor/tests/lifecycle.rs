@@ -55,7 +55,7 @@ fn install_status_crash_restart_uninstall() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("name"));
     std::fs::write(
         bad.join("module.toml"),
-        "name = \"bad\"\nversion = \"1\"\nentry = \"missing.so\"\n",
+        "name = \"bad\"\nversion = \"1.0.0\"\nentry = \"missing.so\"\n",
     )
     .unwrap();
     assert_eq!(
@@ -63,14 +63,13 @@ fn install_status_crash_restart_uninstall() {
         Some(4)
     );
 
-    // The worker's log has the placeholder's line.
+    // The module's log has its tracing records.
     let out = d.ctl(&["logs", "hello"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("ember-worker[") && text.contains("replica 0 running"),
+        text.contains("INFO") && text.contains("hello, world"),
         "{text}"
     );
-    assert!(text.contains("INFO ember::placeholder: ready"), "{text}");
 
     // Crash: restarted with back-off, the other module untouched.
     nix::sys::signal::kill(
@@ -129,7 +128,7 @@ fn logs_follow_streams_new_lines() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|l| l.as_str().unwrap().contains("replica 0 running"))
+            .any(|l| l.as_str().unwrap().contains("hello, world"))
     };
     assert!(has_running(&first), "{first}");
     // Restarting the module appends a line that the stream carries.
@@ -226,26 +225,9 @@ fn second_daemon_on_same_socket_is_refused() {
     assert!(d.ctl(&["health"]).status.success());
 }
 
-/// A module dir whose stand-in artifact asks the placeholder worker for a
-/// behaviour (see `supervisor::worker::placeholder_module`).
-fn fixture(
-    parent: &std::path::Path,
-    name: &str,
-    behaviour: &str,
-    extra: &str,
-) -> std::path::PathBuf {
-    let d = module_dir(parent, name, "1.0.0");
-    std::fs::write(
-        d.join(format!("lib{name}.so")),
-        format!("placeholder: {behaviour}\n"),
-    )
-    .unwrap();
-    if !extra.is_empty() {
-        let m = d.join("module.toml");
-        let text = std::fs::read_to_string(&m).unwrap() + extra;
-        std::fs::write(m, text).unwrap();
-    }
-    d
+/// A module dir named `name` running the example or fixture crate `krate`.
+fn fixture(parent: &std::path::Path, name: &str, krate: &str, extra: &str) -> std::path::PathBuf {
+    real_module(parent, name, krate, extra)
 }
 
 #[test]
@@ -256,7 +238,7 @@ fn failures_are_reported_and_isolated() {
     let good_pid = d.wait_status("good", "running", |s| s["state"] == "running")["pid"].clone();
 
     // A permanent load failure: failed, not restarted.
-    let bad = fixture(&d.dir.0, "badabi", "fail", "");
+    let bad = fixture(&d.dir.0, "badabi", "fixture-wrong-abi", "");
     assert!(d.ctl(&["install", bad.to_str().unwrap()]).status.success());
     let s = d.wait_status("badabi", "failed", |s| s["state"] == "failed");
     assert!(s["reason"].as_str().unwrap().contains("AbiMismatch"), "{s}");
@@ -269,23 +251,35 @@ fn failures_are_reported_and_isolated() {
     let slow = fixture(
         &d.dir.0,
         "slow",
-        "never-ready",
+        "fixture-never-ready",
         "[limits]\nstart_deadline = \"300ms\"\n",
     );
     assert!(d.ctl(&["install", slow.to_str().unwrap()]).status.success());
     let s = d.wait_status("slow", "backoff", |s| {
         s["state"] == "backoff" || s["state"] == "crashloop"
     });
-    assert_eq!(s["reason"], "not ready within 300 ms");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not ready within 300"),
+        "{s}"
+    );
 
-    // Exits on its own with a code: restarted with back-off until crash loop.
-    let quitter = fixture(&d.dir.0, "quitter", "exit 3", "");
+    // Panics in start: restarted with back-off until crash loop.
+    let quitter = fixture(&d.dir.0, "quitter", "fixture-panic-start", "");
     assert!(d
         .ctl(&["install", quitter.to_str().unwrap()])
         .status
         .success());
     let s = d.wait_status("quitter", "crashloop", |s| s["state"] == "crashloop");
-    assert_eq!(s["last_error"], "worker exited with code 3");
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("Start failed (Panic)"),
+        "{s}"
+    );
     assert!(s["restarts"].as_u64().unwrap() >= 4, "{s}");
 
     // The good module never noticed.
@@ -315,7 +309,7 @@ fn listeners_are_bound_shared_and_released() {
     let m = fixture(
         &d.dir.0,
         "web",
-        "serve",
+        "hello",
         &format!("[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n"),
     );
     let out = d.ctl(&["install", m.to_str().unwrap()]);
@@ -361,11 +355,11 @@ fn listeners_are_bound_shared_and_released() {
     let pid = s["pid"].as_i64().unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
-    // The worker got the socket (stdin, stdout, stderr, channel, listener).
+    // The worker got the socket (besides stdio and its channel).
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
-    assert_eq!(fds, 5, "worker descriptors");
+    assert!(fds >= 5, "worker descriptors");
 
     // Uninstalled: the port is free again.
     assert!(d.ctl(&["uninstall", "web"]).status.success());
@@ -380,12 +374,12 @@ fn listeners_are_bound_shared_and_released() {
 #[test]
 fn replicas_share_a_listener_and_fail_alone() {
     let d = Daemon::start(FAST);
-    let m = module_dir(&d.dir.0, "fleet", "1.0.0");
-    std::fs::write(
-        m.join("module.toml"),
-        "name = \"fleet\"\nversion = \"1.0.0\"\nentry = \"libfleet.so\"\nreplicas = 3\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
+    let m = real_module(
+        &d.dir.0,
+        "fleet",
+        "hello",
+        "replicas = 3\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n",
+    );
     assert!(d.ctl(&["install", m.to_str().unwrap()]).status.success());
     let s = d.wait_status("fleet", "3 running", |s| {
         s["state"] == "running"
@@ -402,21 +396,23 @@ fn replicas_share_a_listener_and_fail_alone() {
     let list = d.ctl_json(&["list"]);
     assert_eq!(list["modules"][0]["replicas"], 3);
     assert_eq!(list["modules"][0]["pids"].as_array().unwrap().len(), 3);
-    // Every replica holds the same socket: the one descriptor besides
-    // stdio and the channel (fd 3).
-    let inode = |pid: i64| {
-        let socks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    // Every replica holds the same listening socket (its other sockets,
+    // the control channel, are its own).
+    let sockets = |pid: i64| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().unwrap() > 3)
-            .map(|e| std::fs::read_link(e.path()).unwrap())
-            .collect();
-        assert_eq!(socks.len(), 1, "{socks:?}");
-        socks[0].clone()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.display().to_string())
+            .filter(|l| l.starts_with("socket:"))
+            .collect()
     };
-    let first = inode(pids[0]);
-    assert!(first.to_string_lossy().starts_with("socket:"), "{first:?}");
-    assert!(pids.iter().all(|p| inode(*p) == first));
+    let shared = pids
+        .iter()
+        .map(|p| sockets(*p))
+        .reduce(|a, b| a.intersection(&b).cloned().collect())
+        .unwrap();
+    assert_eq!(shared.len(), 1, "{shared:?}");
     let out = String::from_utf8_lossy(&d.ctl(&["status", "fleet"]).stdout).into_owned();
     assert!(
         out.contains("REPLICA") && out.contains("http=127.0.0.1:"),
@@ -474,7 +470,7 @@ fn processes_hold_only_their_descriptors() {
     for p in idle.as_array().unwrap() {
         let pid = p.as_i64().unwrap() as i32;
         assert_eq!(fds(pid), vec![0, 1, 2, 3], "idle worker {pid}");
-        assert_eq!(comm(pid).trim(), "ember-worker");
+        assert_eq!(comm(pid).trim(), "ember: warm");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         assert!(
             status.contains(&format!("PPid:\t{}\n", d.pid())),
@@ -490,7 +486,7 @@ fn uninstall_kills_a_module_that_ignores_stop() {
     let m = fixture(
         &d.dir.0,
         "stubborn",
-        "ignores-stop",
+        "fixture-ignores-stop",
         "[limits]\nstop_deadline = \"400ms\"\n",
     );
     assert!(d.ctl(&["install", m.to_str().unwrap()]).status.success());

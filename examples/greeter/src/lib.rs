@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use example_schema::{CatalogTable, KvRequest, KvResponse, KV_SERVICE};
+use module_runtime::sdk::Attachments;
 use module_runtime::service::AsyncServiceClient;
 use module_runtime::{export_module, tracing, AsyncModule, ModuleContext, ModuleError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +23,10 @@ struct State {
     greeting: String,
     identity: String,
     catalog: Option<&'static CatalogTable>,
-    kv: Option<tokio::sync::Mutex<KvClient>>,
+    /// The kv client; replaced when the supervisor attaches a newer client
+    /// end (kv came up after us, or restarted).
+    kv: tokio::sync::Mutex<Option<KvClient>>,
+    attachments: Attachments,
 }
 
 /// The greeter module.
@@ -46,10 +50,11 @@ impl AsyncModule for Greeter {
                 None
             }
         };
-        let kv = match ctx.take_import(KV_SERVICE) {
-            Ok(fds) => Some(tokio::sync::Mutex::new(KvClient::open(fds)?)),
+        let attachments = ctx.attachments();
+        let kv = match attachments.take_latest_import(KV_SERVICE) {
+            Ok(fds) => Some(KvClient::open(fds)?),
             Err(e) => {
-                tracing::warn!("running without kv: {e}");
+                tracing::info!("kv not wired yet: {e}");
                 None
             }
         };
@@ -63,7 +68,8 @@ impl AsyncModule for Greeter {
             greeting,
             identity: ctx.identity().to_string(),
             catalog,
-            kv,
+            kv: tokio::sync::Mutex::new(kv),
+            attachments,
         });
         Ok(Greeter { listener, state })
     }
@@ -132,10 +138,17 @@ async fn route(path: &str, state: &State) -> (u16, String) {
 }
 
 async fn kv_call(state: &State, req: KvRequest) -> (u16, String) {
-    let Some(kv) = &state.kv else {
+    let mut slot = state.kv.lock().await;
+    // A newer client end means kv (re)started: switch to it.
+    if let Ok(fds) = state.attachments.take_latest_import(KV_SERVICE) {
+        match KvClient::open(fds) {
+            Ok(c) => *slot = Some(c),
+            Err(e) => tracing::warn!("cannot open the new kv channel: {e}"),
+        }
+    }
+    let Some(client) = slot.as_mut() else {
         return (503, "kv not imported".into());
     };
-    let mut client = kv.lock().await;
     match tokio::time::timeout(std::time::Duration::from_secs(2), client.call(&req)).await {
         Ok(Ok(KvResponse::Value(Some(v)))) => (200, v),
         Ok(Ok(KvResponse::Value(None))) => (404, "no such key".into()),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::{loader, plugins, process};
-use crate::abi::{self, FfiGrant, FfiStr, HostApi, PluginRef};
+use crate::abi::{self, FfiGrant, FfiStr, GrantKind, HostApi, PluginRef};
 use crate::manifest::Manifest;
 use crate::protocol::{
     self, Failure, FailureKind, FromWorker, LaunchOrder, LogLevel, Message, Stage, State, ToWorker,
@@ -454,6 +454,33 @@ fn start_control_thread(
         });
 }
 
+/// Applies `Stdio` grants (the descriptor becomes fds 1 and 2, so the
+/// module's raw output lands in its log) and returns the other grants with
+/// their descriptors, in order.
+fn redirect_stdio(
+    grants: Vec<protocol::Grant>,
+    fds: Vec<OwnedFd>,
+) -> (Vec<protocol::Grant>, Vec<OwnedFd>) {
+    let mut fds = fds.into_iter();
+    let mut kept = (Vec::new(), Vec::new());
+    for g in grants {
+        let mine: Vec<OwnedFd> = fds.by_ref().take(g.kind.fd_count()).collect();
+        if g.kind == GrantKind::Stdio {
+            if let Some(log) = mine.first() {
+                for target in [1, 2] {
+                    // SAFETY: `log` is open; dup2 replaces descriptors 1
+                    // and 2, which no Rust object in the worker owns.
+                    unsafe { libc::dup2(log.as_raw_fd(), target) };
+                }
+            }
+            continue;
+        }
+        kept.0.push(g);
+        kept.1.extend(mine);
+    }
+    kept
+}
+
 /// Turns grants and their descriptors into FFI grants, leaking the names
 /// and handing over the descriptors.
 fn ffi_grants(grants: &[protocol::Grant], fds: Vec<OwnedFd>) -> Vec<FfiGrant> {
@@ -488,7 +515,10 @@ fn attach(shared: &Shared, manifest: &Manifest, grants: Vec<protocol::Grant>, fd
             ),
         );
     }
-    if let Some(g) = grants.iter().find(|g| !manifest.declares(g.kind, &g.name)) {
+    if let Some(g) = grants
+        .iter()
+        .find(|g| g.kind == GrantKind::Stdio || !manifest.declares(g.kind, &g.name))
+    {
         return shared.log(
             LogLevel::Warn,
             "ember::worker",
@@ -624,6 +654,8 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
             ),
         );
     }
+    let (grants, fds) = redirect_stdio(order.grants, fds);
+    let order = LaunchOrder { grants, ..order };
     let identity = manifest.identity(order.replica);
     process::set_process_name(&format!("ember: {identity}"));
 

@@ -152,13 +152,78 @@ unsafe fn insert_grant(
     Ok(())
 }
 
+fn accept_attached(host: Host, grants: &Mutex<Grants>) -> usize {
+    let mut total = 0;
+    loop {
+        let mut buf = [abi::FfiGrant {
+            kind: 0,
+            name: FfiStr::new(""),
+            fds: [-1, -1],
+            nfds: 0,
+        }; 8];
+        // SAFETY: host callback; `buf` has room for 8 grants.
+        let n = unsafe { (host.0.take_attached)(host.0.ctx, buf.as_mut_ptr(), buf.len()) }
+            .min(buf.len());
+        let mut g = grants.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, grant) in buf[..n].iter().enumerate() {
+            // SAFETY: the host moved these grants to us: names live for
+            // the process, descriptors are ours.
+            if let Err(e) = unsafe { insert_grant(&mut g, i, grant) } {
+                tracing::warn!(target: "ember::context", "dropping attached grant: {e}");
+            }
+        }
+        total += n;
+        if n < buf.len() {
+            return total;
+        }
+    }
+}
+
+/// Service ends attached after launch, reachable from any thread or task
+/// (see [`ModuleContext::attachments`]).
+#[derive(Clone)]
+pub struct Attachments {
+    host: Host,
+    grants: Arc<Mutex<Grants>>,
+}
+
+impl std::fmt::Debug for Attachments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachments").finish_non_exhaustive()
+    }
+}
+
+impl Attachments {
+    /// Takes the newest client end of the imported service `name` that
+    /// arrived (at launch or attached since), closing older unused ones:
+    /// the supervisor sends a replacement when the exporter restarts.
+    /// `NotGranted` when none is waiting.
+    pub fn take_latest_import(&self, name: &str) -> Result<ChannelFds, ContextError> {
+        accept_attached(self.host, &self.grants);
+        let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let not_granted = || ContextError::NotGranted {
+            kind: "imported service",
+            name: name.to_owned(),
+        };
+        let mut fds = g
+            .remove(&(GrantKind::Import, name.to_owned()))
+            .and_then(|mut list| list.pop())
+            .ok_or_else(not_granted)?
+            .into_iter();
+        match (fds.next(), fds.next()) {
+            (Some(memfd), Some(sock)) => Ok(ChannelFds { memfd, sock }),
+            _ => Err(not_granted()),
+        }
+    }
+}
+
 /// What a module sees of its worker: identity, config, granted descriptors,
 /// readiness, shutdown and plugins.
 pub struct ModuleContext {
     host: Host,
     identity: Identity,
     config: toml::Table,
-    grants: Mutex<Grants>,
+    grants: Arc<Mutex<Grants>>,
     shutdown: Shutdown,
 }
 
@@ -226,7 +291,7 @@ impl ModuleContext {
                 replica: host.replica,
             },
             config,
-            grants: Mutex::new(grants),
+            grants: Arc::new(Mutex::new(grants)),
             shutdown: Shutdown {
                 inner: Arc::new(ShutdownInner {
                     host: h,
@@ -240,31 +305,16 @@ impl ModuleContext {
     /// server end for a newly started importer) into this context, where
     /// `take_export` & co. find them. Returns how many arrived.
     pub fn accept_attached(&self) -> usize {
-        let mut total = 0;
-        loop {
-            let mut buf = [abi::FfiGrant {
-                kind: 0,
-                name: FfiStr::new(""),
-                fds: [-1, -1],
-                nfds: 0,
-            }; 8];
-            // SAFETY: host callback; `buf` has room for 8 grants.
-            let n = unsafe {
-                (self.host.0.take_attached)(self.host.0.ctx, buf.as_mut_ptr(), buf.len())
-            }
-            .min(buf.len());
-            let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, grant) in buf[..n].iter().enumerate() {
-                // SAFETY: the host moved these grants to us: names live for
-                // the process, descriptors are ours.
-                if let Err(e) = unsafe { insert_grant(&mut g, i, grant) } {
-                    tracing::warn!(target: "ember::context", "dropping attached grant: {e}");
-                }
-            }
-            total += n;
-            if n < buf.len() {
-                return total;
-            }
+        accept_attached(self.host, &self.grants)
+    }
+
+    /// A handle, cloneable and `'static`, for picking up service ends the
+    /// supervisor attaches while the module runs (for example a new client
+    /// end after the exporter restarted).
+    pub fn attachments(&self) -> Attachments {
+        Attachments {
+            host: self.host,
+            grants: self.grants.clone(),
         }
     }
 

@@ -13,7 +13,9 @@ use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-pub use context::{ChannelFds, ContextError, Identity, ModuleContext, PluginTable, Shutdown};
+pub use context::{
+    Attachments, ChannelFds, ContextError, Identity, ModuleContext, PluginTable, Shutdown,
+};
 
 /// The error a module or plugin returns: any error type, boxed.
 pub type ModuleError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -40,6 +40,9 @@ pub struct ModuleStatus {
     pub memory: Option<Memory>,
     /// Worker CPU seconds, summed over replicas.
     pub cpu_seconds: Option<f64>,
+    /// Imported services and whether every running replica is wired to
+    /// an exporter (`wired`) or not yet (`waiting`).
+    pub imports: Vec<ImportStatus>,
     /// Each replica.
     pub replicas: Vec<ReplicaStatus>,
 }
@@ -81,4 +84,15 @@ pub struct ListenerStatus {
     pub name: String,
     /// The address bound (`host:port` or `unix:/path`).
     pub address: String,
+}
+
+/// One imported service of a module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImportStatus {
+    /// Service name.
+    pub name: String,
+    /// `wired` or `waiting`.
+    pub state: String,
+    /// The installed module exporting it, if any.
+    pub exporter: Option<String>,
 }

@@ -11,12 +11,16 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::os::{InstanceEvent, LaunchPlan, RealOs};
+use super::os::{
+    Command, CommandTx, InstanceEvent, LaunchPlan, OsMsg, RealOs, Registration, ServiceGrant,
+};
 use crate::control::health::HealthReply;
 use crate::control::install::{Install, InstallError};
 use crate::control::list::{ListReply, ModuleSummary};
 use crate::control::pool::PoolReply;
-use crate::control::status::{ListenerStatus, ModuleStatus, ReplicaStatus, StatusReply};
+use crate::control::status::{
+    ImportStatus, ListenerStatus, ModuleStatus, ReplicaStatus, StatusReply,
+};
 use crate::control::uninstall::UninstallError;
 use crate::control::{module_not_found, Request};
 use crate::error_chain;
@@ -27,7 +31,7 @@ use crate::metrics::Memory;
 use crate::pool::PoolHandle;
 use crate::store::{DesiredState, ModuleRecord, Store};
 use crate::varlink::ErrorReply;
-use crate::worker::LaunchOrder;
+use crate::worker::{Grant, GrantKind, LaunchOrder, ToWorker};
 use crate::zygote::client::pidfd_signal;
 
 /// What the actor answers.
@@ -68,7 +72,27 @@ struct Module {
     listener_addrs: Vec<(String, String)>,
     /// Unix listener paths to unlink on uninstall.
     unix_paths: Vec<PathBuf>,
+    /// Services it exports and imports (manifest).
+    exports: Vec<String>,
+    imports: Vec<String>,
+    stop_deadline: std::time::Duration,
     uninstall: Vec<Reply>,
+}
+
+/// A worker that got (or is about to get) its launch order.
+struct Live {
+    module: String,
+    generation: u64,
+    replica: u32,
+    commands: CommandTx,
+}
+
+/// The OS-facing parts [`drive`] needs.
+struct OsParts<'a> {
+    pool: &'a PoolHandle,
+    events: &'a mpsc::UnboundedSender<OsMsg>,
+    pidfds: &'a HashMap<i32, OwnedFd>,
+    commands: &'a HashMap<i32, CommandTx>,
 }
 
 impl Module {
@@ -92,6 +116,7 @@ impl Module {
             log: store.log_path(&self.record.name),
             listeners: self.listeners.clone(),
             generation: self.generation,
+            stop_deadline: self.stop_deadline,
         }
     }
 }
@@ -102,9 +127,15 @@ pub struct Actor {
     desired: DesiredState,
     modules: BTreeMap<String, Module>,
     pidfds: HashMap<i32, OwnedFd>,
+    /// Registered workers by pid (the registry's view).
+    live: HashMap<i32, Live>,
+    /// Command senders by pid (a copy of `live`'s, for [`RealOs`]).
+    commands: HashMap<i32, CommandTx>,
+    /// Wired imports: (importer, replica, service) → exporter's pid.
+    wired: HashMap<(String, u32, String), i32>,
     pool: PoolHandle,
-    events_tx: mpsc::UnboundedSender<InstanceEvent>,
-    events_rx: mpsc::UnboundedReceiver<InstanceEvent>,
+    events_tx: mpsc::UnboundedSender<OsMsg>,
+    events_rx: mpsc::UnboundedReceiver<OsMsg>,
     policy: Policy,
     started: Instant,
     zygote_pid: i32,
@@ -116,18 +147,17 @@ pub struct Actor {
 /// logging any state change.
 fn drive(
     store: &Store,
-    pool: &PoolHandle,
-    events: &mpsc::UnboundedSender<InstanceEvent>,
-    pidfds: &HashMap<i32, OwnedFd>,
+    parts: OsParts<'_>,
     m: &mut Module,
     replica: usize,
     f: impl FnOnce(&mut Lifecycle, &mut RealOs<'_>),
 ) {
     let plan = m.plan(store, replica as u32);
     let mut os = RealOs {
-        pool,
-        events,
-        pidfds,
+        pool: parts.pool,
+        events: parts.events,
+        pidfds: parts.pidfds,
+        commands: parts.commands,
         plan: Some(plan),
     };
     let Some(l) = m.replicas.get_mut(replica) else {
@@ -156,6 +186,9 @@ impl Actor {
             desired,
             modules: BTreeMap::new(),
             pidfds: HashMap::new(),
+            live: HashMap::new(),
+            commands: HashMap::new(),
+            wired: HashMap::new(),
             pool,
             events_tx,
             events_rx,
@@ -188,7 +221,10 @@ impl Actor {
                     Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
                     Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
                 },
-                Some(ev) = self.events_rx.recv() => self.instance_event(ev),
+                Some(ev) = self.events_rx.recv() => match ev {
+                    OsMsg::Instance(ev) => self.instance_event(ev),
+                    OsMsg::Register(r) => self.register(r),
+                },
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
             }
             self.settle_uninstalls();
@@ -243,6 +279,13 @@ impl Actor {
                 .map(|b| (b.name.clone(), b.address.clone()))
                 .collect(),
             unix_paths: bound.iter().filter_map(|b| b.unix_path.clone()).collect(),
+            exports: summary
+                .as_ref()
+                .map_or_else(Vec::new, |s| s.exports.clone()),
+            imports: summary
+                .as_ref()
+                .map_or_else(Vec::new, |s| s.imports.clone()),
+            stop_deadline: policy.stop_timeout,
             listeners: bound
                 .into_iter()
                 .map(|b| (b.name, Arc::new(b.fd)))
@@ -254,9 +297,12 @@ impl Actor {
                 Some(reason) => m.replicas[r].fail(reason.clone(), now),
                 None => drive(
                     &self.store,
-                    &self.pool,
-                    &self.events_tx,
-                    &self.pidfds,
+                    OsParts {
+                        pool: &self.pool,
+                        events: &self.events_tx,
+                        pidfds: &self.pidfds,
+                        commands: &self.commands,
+                    },
                     &mut m,
                     r,
                     |l, os| l.start(now, os),
@@ -292,7 +338,12 @@ impl Actor {
             Request::Status(req) => value(
                 self.modules
                     .get(&req.name)
-                    .map(|m| to_value(StatusReply { status: status(m) }))
+                    .map(|m| {
+                        let imports = imports_status(m, &self.modules, &self.live, &self.wired);
+                        to_value(StatusReply {
+                            status: status(m, imports),
+                        })
+                    })
                     .ok_or_else(|| module_not_found(&req.name)),
             ),
             Request::Health(_) => value(Ok(to_value(self.health()))),
@@ -388,9 +439,12 @@ impl Actor {
         for r in 0..m.replicas.len() {
             drive(
                 &self.store,
-                &self.pool,
-                &self.events_tx,
-                &self.pidfds,
+                OsParts {
+                    pool: &self.pool,
+                    events: &self.events_tx,
+                    pidfds: &self.pidfds,
+                    commands: &self.commands,
+                },
                 m,
                 r,
                 |l, os| l.stop(now, os),
@@ -466,9 +520,12 @@ impl Actor {
             Some(m) if m.generation == generation && (replica as usize) < m.replicas.len() => {
                 drive(
                     &self.store,
-                    &self.pool,
-                    &self.events_tx,
-                    &self.pidfds,
+                    OsParts {
+                        pool: &self.pool,
+                        events: &self.events_tx,
+                        pidfds: &self.pidfds,
+                        commands: &self.commands,
+                    },
                     m,
                     replica as usize,
                     |l, os| l.on_event(event, Instant::now(), os),
@@ -487,8 +544,104 @@ impl Actor {
         if exited {
             if let Some(pid) = pid {
                 self.pidfds.remove(&pid);
+                self.unregister(pid);
             }
         }
+    }
+
+    /// Wires a worker about to be launched: for each service it imports,
+    /// a channel to one running exporter instance (server end attached to
+    /// the exporter); for each service it exports, a channel to every
+    /// running importer instance (client end attached to the importer, a
+    /// replacement if that importer had one). One `channel_pair` per
+    /// (importer instance, exporter instance, service); the ends go to
+    /// those two workers only and no copy stays here.
+    fn register(&mut self, r: Registration) {
+        let Registration {
+            module,
+            generation,
+            replica,
+            pid,
+            commands,
+            reply,
+        } = r;
+        let Some(m) = self
+            .modules
+            .get(&module)
+            .filter(|m| m.generation == generation)
+        else {
+            // Stale: its Launched event will have the worker killed.
+            let _ = reply.send(Vec::new());
+            return;
+        };
+        let (imports, exports) = (m.imports.clone(), m.exports.clone());
+        let mut grants = Vec::new();
+        for service in &imports {
+            let exporter = self.live.iter().find(|(_, l)| {
+                self.modules
+                    .get(&l.module)
+                    .is_some_and(|e| e.generation == l.generation && e.exports.contains(service))
+            });
+            let Some((&epid, e)) = exporter else {
+                tracing::info!(module, replica, service, "import waits for its exporter");
+                continue;
+            };
+            match wire(service, &e.commands, GrantKind::Export) {
+                Ok(client) => {
+                    grants.push(client);
+                    self.wired
+                        .insert((module.clone(), replica, service.clone()), epid);
+                }
+                Err(reason) => tracing::warn!(module, service, %reason, "cannot wire import"),
+            }
+        }
+        for service in &exports {
+            let importers: Vec<(String, u32, CommandTx)> = self
+                .live
+                .values()
+                .filter(|l| {
+                    self.modules.get(&l.module).is_some_and(|i| {
+                        i.generation == l.generation && i.imports.contains(service)
+                    })
+                })
+                .map(|l| (l.module.clone(), l.replica, l.commands.clone()))
+                .collect();
+            for (importer, ireplica, tx) in importers {
+                match wire(service, &tx, GrantKind::Import) {
+                    Ok(server) => {
+                        grants.push(server);
+                        tracing::info!(importer, replica = ireplica, service, exporter = %module, "import wired");
+                        self.wired
+                            .insert((importer, ireplica, service.clone()), pid);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(importer, service, %reason, "cannot wire import")
+                    }
+                }
+            }
+        }
+        self.commands.insert(pid, commands.clone());
+        self.live.insert(
+            pid,
+            Live {
+                module,
+                generation,
+                replica,
+                commands,
+            },
+        );
+        let _ = reply.send(grants);
+    }
+
+    /// Forgets an exited worker: its commands, the imports it had wired and
+    /// the imports wired to it (they wait until the exporter is back).
+    fn unregister(&mut self, pid: i32) {
+        self.commands.remove(&pid);
+        if let Some(l) = self.live.remove(&pid) {
+            self.wired
+                .retain(|(m, r, _), _| !(*m == l.module && *r == l.replica));
+        }
+        self.wired.retain(|_, exporter| *exporter != pid);
     }
 
     fn tick(&mut self) {
@@ -498,9 +651,12 @@ impl Actor {
                 if m.replicas[r].deadline().is_some_and(|d| d <= now) {
                     drive(
                         &self.store,
-                        &self.pool,
-                        &self.events_tx,
-                        &self.pidfds,
+                        OsParts {
+                            pool: &self.pool,
+                            events: &self.events_tx,
+                            pidfds: &self.pidfds,
+                            commands: &self.commands,
+                        },
                         m,
                         r,
                         |l, os| l.on_tick(now, os),
@@ -581,6 +737,35 @@ fn log_transition(l: &Lifecycle, before: State) {
     }
 }
 
+/// Makes one channel for `service`: the end of kind `peer_kind` is attached
+/// to the running worker behind `peer`, the other end is returned as a
+/// grant for the worker being launched.
+fn wire(service: &str, peer: &CommandTx, peer_kind: GrantKind) -> Result<ServiceGrant, String> {
+    let (client, server) =
+        shm_ipc::channel::channel_pair(&shm_ipc::channel::ChannelConfig::default())
+            .map_err(|e| error_chain(&e))?;
+    let (client, server) = (client.into_fds(), server.into_fds());
+    let (theirs, mine, my_kind) = match peer_kind {
+        GrantKind::Export => (server, client, GrantKind::Import),
+        _ => (client, server, GrantKind::Export),
+    };
+    peer.send(Command {
+        msg: ToWorker::Attach(vec![Grant {
+            kind: peer_kind,
+            name: service.to_owned(),
+        }]),
+        fds: vec![theirs.0, theirs.1],
+    })
+    .map_err(|_| "the peer worker is gone".to_owned())?;
+    Ok(ServiceGrant {
+        grant: Grant {
+            kind: my_kind,
+            name: service.to_owned(),
+        },
+        fds: vec![mine.0, mine.1],
+    })
+}
+
 fn to_value<T: serde::Serialize>(v: T) -> Value {
     serde_json::to_value(v).expect("replies always serialize")
 }
@@ -612,7 +797,38 @@ fn replica_status(r: usize, l: &Lifecycle) -> ReplicaStatus {
     }
 }
 
-fn status(m: &Module) -> ModuleStatus {
+fn imports_status(
+    m: &Module,
+    modules: &BTreeMap<String, Module>,
+    live: &HashMap<i32, Live>,
+    wired: &HashMap<(String, u32, String), i32>,
+) -> Vec<ImportStatus> {
+    let running: Vec<u32> = live
+        .values()
+        .filter(|l| l.module == m.record.name && l.generation == m.generation)
+        .map(|l| l.replica)
+        .collect();
+    m.imports
+        .iter()
+        .map(|service| {
+            let exporter = modules
+                .values()
+                .find(|e| e.exports.contains(service))
+                .map(|e| e.record.name.clone());
+            let all_wired = !running.is_empty()
+                && running
+                    .iter()
+                    .all(|r| wired.contains_key(&(m.record.name.clone(), *r, service.clone())));
+            ImportStatus {
+                name: service.clone(),
+                state: if all_wired { "wired" } else { "waiting" }.into(),
+                exporter,
+            }
+        })
+        .collect()
+}
+
+fn status(m: &Module, imports: Vec<ImportStatus>) -> ModuleStatus {
     let replicas: Vec<ReplicaStatus> = m
         .replicas
         .iter()
@@ -666,6 +882,7 @@ fn status(m: &Module) -> ModuleStatus {
             .min(f64::MAX),
         memory,
         cpu_seconds: (!cpu.is_empty()).then(|| cpu.iter().sum()),
+        imports,
         replicas,
     }
 }

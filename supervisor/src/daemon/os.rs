@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::error_chain;
 use crate::lifecycle::{Event, ExitStatus, WorkerOs};
 use crate::pool::PoolHandle;
-use crate::worker::{FromWorker, Grant, GrantKind, LaunchOrder, WorkerState};
+use crate::worker::{FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, ToWorker, WorkerState};
 use crate::zygote::client::{pidfd_reap, pidfd_signal};
 use crate::zygote::ForkMode;
 
@@ -37,6 +37,55 @@ pub struct InstanceEvent {
     pub pidfd: Option<OwnedFd>,
 }
 
+/// What an instance task tells the actor.
+#[derive(Debug)]
+pub enum OsMsg {
+    /// Something happened to an instance.
+    Instance(InstanceEvent),
+    /// A worker was taken for an instance and is about to get its launch
+    /// order: the actor registers it (for Stop and Attach) and answers with
+    /// the service ends it gets at launch.
+    Register(Registration),
+}
+
+/// A message (with descriptors) for one running worker.
+#[derive(Debug)]
+pub struct Command {
+    /// The message.
+    pub msg: ToWorker,
+    /// Its descriptors, closed here once sent.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Sends [`Command`]s to one instance's task.
+pub type CommandTx = mpsc::UnboundedSender<Command>;
+
+/// A service end given at launch: its grant and descriptors.
+#[derive(Debug)]
+pub struct ServiceGrant {
+    /// Import or export, and the service name.
+    pub grant: Grant,
+    /// The end's two descriptors.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// See [`OsMsg::Register`].
+#[derive(Debug)]
+pub struct Registration {
+    /// Module name.
+    pub module: String,
+    /// Install generation.
+    pub generation: u64,
+    /// Replica.
+    pub replica: u32,
+    /// The worker's pid.
+    pub pid: i32,
+    /// Where to send commands for it.
+    pub commands: CommandTx,
+    /// The service ends for the launch order.
+    pub reply: tokio::sync::oneshot::Sender<Vec<ServiceGrant>>,
+}
+
 /// What a launch needs besides the module name.
 #[derive(Debug, Clone)]
 pub struct LaunchPlan {
@@ -50,6 +99,8 @@ pub struct LaunchPlan {
     pub listeners: Vec<(String, Arc<OwnedFd>)>,
     /// Install generation.
     pub generation: u64,
+    /// How long a graceful stop may take (sent with `Stop`).
+    pub stop_deadline: Duration,
 }
 
 /// [`WorkerOs`] over the pool; built by the actor for one call.
@@ -57,9 +108,11 @@ pub struct RealOs<'a> {
     /// The pool.
     pub pool: &'a PoolHandle,
     /// Where instance tasks report.
-    pub events: &'a mpsc::UnboundedSender<InstanceEvent>,
+    pub events: &'a mpsc::UnboundedSender<OsMsg>,
     /// Live workers' pidfds by pid.
     pub pidfds: &'a HashMap<i32, OwnedFd>,
+    /// Live workers' command senders by pid.
+    pub commands: &'a HashMap<i32, CommandTx>,
     /// For `launch`.
     pub plan: Option<LaunchPlan>,
 }
@@ -67,7 +120,7 @@ pub struct RealOs<'a> {
 impl WorkerOs for RealOs<'_> {
     fn launch(&mut self, module: &str, attempt: u64) {
         let Some(plan) = self.plan.clone() else {
-            let _ = self.events.send(InstanceEvent {
+            let _ = self.events.send(OsMsg::Instance(InstanceEvent {
                 module: module.to_owned(),
                 generation: 0,
                 replica: 0,
@@ -78,7 +131,7 @@ impl WorkerOs for RealOs<'_> {
                     permanent: true,
                 },
                 pidfd: None,
-            });
+            }));
             return;
         };
         tokio::spawn(instance(
@@ -91,8 +144,23 @@ impl WorkerOs for RealOs<'_> {
     }
 
     fn terminate(&mut self, pid: i32) {
-        if let Some(fd) = self.pidfds.get(&pid) {
-            let _ = pidfd_signal(fd.as_fd(), libc::SIGTERM);
+        // The protocol's Stop carries the deadline; the lifecycle SIGKILLs
+        // at that deadline. SIGTERM only when the channel is gone.
+        let deadline = self
+            .plan
+            .as_ref()
+            .map_or(Duration::from_secs(5), |p| p.stop_deadline);
+        let sent = self.commands.get(&pid).is_some_and(|tx| {
+            tx.send(Command {
+                msg: ToWorker::Stop { deadline },
+                fds: Vec::new(),
+            })
+            .is_ok()
+        });
+        if !sent {
+            if let Some(fd) = self.pidfds.get(&pid) {
+                let _ = pidfd_signal(fd.as_fd(), libc::SIGTERM);
+            }
         }
     }
 
@@ -111,13 +179,13 @@ fn open_log(path: &PathBuf) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-fn level_name(level: u8) -> &'static str {
+fn level_name(level: LogLevel) -> &'static str {
     match level {
-        1 => "ERROR",
-        2 => "WARN",
-        3 => "INFO",
-        4 => "DEBUG",
-        _ => "TRACE",
+        LogLevel::Error => "ERROR",
+        LogLevel::Warn => "WARN",
+        LogLevel::Info => "INFO",
+        LogLevel::Debug => "DEBUG",
+        LogLevel::Trace => "TRACE",
     }
 }
 
@@ -128,17 +196,17 @@ async fn instance(
     module: String,
     attempt: u64,
     plan: LaunchPlan,
-    events: mpsc::UnboundedSender<InstanceEvent>,
+    events: mpsc::UnboundedSender<OsMsg>,
 ) {
     let send = |pid: Option<i32>, event: Event, pidfd: Option<OwnedFd>| {
-        let _ = events.send(InstanceEvent {
+        let _ = events.send(OsMsg::Instance(InstanceEvent {
             module: module.clone(),
             generation: plan.generation,
             replica: plan.order.replica,
             pid,
             event,
             pidfd,
-        });
+        }));
     };
     let failed = |reason: String| Event::LaunchFailed {
         attempt,
@@ -183,6 +251,22 @@ async fn instance(
         });
         fds.push(fd.as_fd());
     }
+    // Service ends: the registry (the actor) wires this instance.
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
+    let (wire_tx, wire_rx) = tokio::sync::oneshot::channel();
+    let _ = events.send(OsMsg::Register(Registration {
+        module: module.clone(),
+        generation: plan.generation,
+        replica: plan.order.replica,
+        pid,
+        commands: cmd_tx,
+        reply: wire_tx,
+    }));
+    let services = wire_rx.await.unwrap_or_default();
+    for s in &services {
+        order.grants.push(s.grant.clone());
+        fds.extend(s.fds.iter().map(|f| f.as_fd()));
+    }
     if let Err(e) = worker.link.launch(&order, &fds).await {
         drop(fds);
         worker.discard().await;
@@ -193,6 +277,8 @@ async fn instance(
         );
     }
     drop(fds);
+    // The worker has its service ends; the supervisor keeps no copy.
+    drop(services);
     send(Some(pid), Event::Launched { attempt, pid }, Some(dup));
     let exit = match crate::zygote::channel::register(exit_fd) {
         Ok(a) => a,
@@ -214,6 +300,13 @@ async fn instance(
                 Ok(m) => report(m, &module, pid, attempt, &mut log, &send),
                 Err(_) => channel_open = false,
             },
+            Some(cmd) = cmd_rx.recv(), if channel_open => {
+                let fds: Vec<_> = cmd.fds.iter().map(|f| f.as_fd()).collect();
+                if let Err(e) = link.send(&cmd.msg, &fds).await {
+                    tracing::debug!(module, pid, error = %e, "cannot send to worker");
+                }
+                // Dropping `cmd` closes our copies of the descriptors.
+            }
             r = exit.readable() => {
                 // Drain what it said before dying.
                 while channel_open {
@@ -249,14 +342,10 @@ fn report(
         FromWorker::Transition { state, detail } => {
             tracing::debug!(module, pid, ?state, %detail, "worker transition");
         }
-        FromWorker::Failed {
-            stage,
-            kind,
-            message,
-        } => {
-            let reason = format!("{stage:?} failed ({kind:?}): {message}");
+        FromWorker::Failed(failure) => {
+            let reason = failure.to_string();
             let _ = writeln!(log, "ember: {reason}");
-            let permanent = kind.is_permanent();
+            let permanent = crate::worker::is_permanent(failure.kind);
             send(
                 Some(pid),
                 Event::Failed {

@@ -34,6 +34,9 @@ pub enum ChannelError {
     /// The message was not the expected JSON.
     #[error("malformed message")]
     Malformed(#[source] serde_json::Error),
+    /// A worker frame did not decode.
+    #[error("malformed worker frame")]
+    Frame(#[source] module_runtime::protocol::DecodeError),
     /// The message or its descriptors were cut by the kernel.
     #[error("message truncated")]
     Truncated,

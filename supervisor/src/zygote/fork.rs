@@ -153,8 +153,5 @@ pub(super) fn become_worker(channel: OwnedFd, expected_parent: i32) -> ! {
         OwnedFd::from_raw_fd(crate::worker::CHANNEL_FD)
     };
     let _ = nix::sys::prctl::set_name(c"ember-worker");
-    let code = crate::worker::run(channel);
-    // SAFETY: leave without running the zygote's atexit handlers or
-    // flushing buffers copied from it.
-    unsafe { libc::_exit(code) }
+    module_runtime::host::worker::run(channel, Some(nix::unistd::Pid::from_raw(expected_parent)))
 }

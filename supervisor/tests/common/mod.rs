@@ -173,20 +173,14 @@ impl Drop for Daemon {
     }
 }
 
-/// A module directory with a manifest and a dummy artifact.
+/// A module directory running the real `hello` example under `name`.
 pub fn module_dir(parent: &Path, name: &str, version: &str) -> PathBuf {
-    let d = parent.join(format!("mod-{name}"));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("module.toml"),
-        format!("name = \"{name}\"\nversion = \"{version}\"\nentry = \"lib{name}.so\"\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        d.join(format!("lib{name}.so")),
-        format!("not really an ELF: {name}"),
-    )
-    .unwrap();
+    let d = real_module(parent, name, "hello", "");
+    let m = d.join("module.toml");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("version = \"1.0.0\"", &format!("version = {version:?}"));
+    std::fs::write(m, text).unwrap();
     d
 }
 
@@ -257,4 +251,122 @@ pub fn wait_dead(pid: i32) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// Every example and fixture crate the tests load.
+pub const EXAMPLES: &[&str] = &[
+    "hello",
+    "kv",
+    "greeter",
+    "catalog",
+    "fixture-panic-start",
+    "fixture-segfault",
+    "fixture-abort",
+    "fixture-never-ready",
+    "fixture-unbounded-alloc",
+    "fixture-wrong-abi",
+    "fixture-ignores-stop",
+];
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// `target/<profile>` of this test binary (`target/<profile>/deps/<test>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+/// Builds the example cdylibs once per test binary, with the same cargo,
+/// target directory and profile as the tests (as module-runtime's tests do).
+pub fn build_examples() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile = profile_dir();
+        let target = profile.parent().unwrap().to_owned();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(workspace_root())
+            .arg("build")
+            .arg("--quiet")
+            .arg("--target-dir")
+            .arg(&target);
+        if profile.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        for e in EXAMPLES {
+            cmd.arg("-p").arg(e);
+        }
+        let status = cmd.status().expect("run cargo build for the examples");
+        assert!(status.success(), "building the examples failed");
+    });
+}
+
+/// Path of the cdylib built for crate `name`.
+pub fn artifact(name: &str) -> PathBuf {
+    build_examples();
+    profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
+}
+
+/// A module directory named `name` whose manifest runs the example crate
+/// `krate` (entry: the built cdylib, absolute), with `extra` manifest text
+/// appended (tables such as `[limits]` or `[[listeners]]`).
+pub fn real_module(parent: &Path, name: &str, krate: &str, extra: &str) -> PathBuf {
+    let d = parent.join(format!("mod-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("module.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"1.0.0\"\nentry = {:?}\n{extra}",
+            artifact(krate).display().to_string()
+        ),
+    )
+    .unwrap();
+    d
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; races are retried by
+/// callers that install with it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 GET: status and body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
+    (status, body)
+}
+
+/// Descriptors of `pid` that are memfds (shared-memory segments).
+pub fn memfds(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.display().to_string())
+                .filter(|l| l.contains("memfd:"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

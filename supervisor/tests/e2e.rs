@@ -1,0 +1,400 @@
+//! End to end with the real module runtime: the real `emberd` and
+//! `emberctl` (and raw Varlink) run the example modules — `hello`, `kv`,
+//! `greeter` — and the failure fixtures, in workers forked by the zygote.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn pid_of(v: &Value) -> Option<i32> {
+    v["pid"].as_i64().map(|p| p as i32)
+}
+
+fn running(s: &Value) -> bool {
+    s["state"] == "running"
+}
+
+/// A daemon with the catalog plugin preloaded in its zygote.
+fn daemon() -> Daemon {
+    let plugin = artifact("catalog");
+    Daemon::start(&format!(
+        "plugins = [{{ path = {:?}, config = {{ size_mb = 1, extra_init_ms = 0 }} }}]\n{FAST}",
+        plugin.display().to_string()
+    ))
+}
+
+/// Installs `greeter` on a free port (retried if another test grabbed it).
+fn install_greeter(d: &Daemon, name: &str, replicas: u32) -> u16 {
+    let t0 = Instant::now();
+    loop {
+        let port = free_port();
+        let dir = real_module(
+            &d.dir.0,
+            name,
+            "greeter",
+            &format!(
+                "replicas = {replicas}\n[[imports]]\nname = \"kv\"\noptional = true\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nstart_deadline = \"3s\"\nstop_deadline = \"2s\"\n[config]\ngreeting = \"hi\"\n"
+            ),
+        );
+        let out = d.ctl(&["install", dir.to_str().unwrap()]);
+        if out.status.success() {
+            return port;
+        }
+        assert!(
+            out.status.code() == Some(5) && t0.elapsed() < Duration::from_secs(5),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn kv_module(d: &Daemon) -> std::path::PathBuf {
+    real_module(
+        &d.dir.0,
+        "kv",
+        "kv",
+        "[[exports]]\nname = \"kv\"\n[limits]\nstart_deadline = \"2s\"\nstop_deadline = \"2s\"\n",
+    )
+}
+
+/// GETs `path` until `want(status, body)` holds.
+fn http_until(port: u16, path: &str, want: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    let t0 = Instant::now();
+    loop {
+        let (st, body) = http_get(port, path);
+        if want(st, &body) {
+            return (st, body);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "GET {path}: {st} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn greeter_calls_kv_over_shm_and_survives_restarts() {
+    let d = daemon();
+    let emberd = d.pid();
+    // hello and kv through emberctl, greeter too; then a raw Varlink look.
+    let hello = module_dir(&d.dir.0, "hello", "0.1.0");
+    assert!(d
+        .ctl(&["install", hello.to_str().unwrap()])
+        .status
+        .success());
+    let kv = kv_module(&d);
+    let out = d.ctl(&["install", kv.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = install_greeter(&d, "greeter", 2);
+    let hello_pid = pid_of(&d.wait_status("hello", "running", running)).unwrap();
+    let kv_pid = pid_of(&d.wait_status("kv", "running", running)).unwrap();
+    let g = d.wait_status("greeter", "wired", |s| {
+        running(s) && s["imports"] == json!([{"name": "kv", "state": "wired", "exporter": "kv"}])
+    });
+    let greeter_pids: Vec<Value> = g["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].clone())
+        .collect();
+
+    let mut raw = Raw::connect(&d.socket);
+    let st = raw.call("io.ember.Supervisor.Status", json!({"name": "greeter"}));
+    assert_eq!(
+        st["parameters"]["status"]["imports"][0]["state"], "wired",
+        "{st}"
+    );
+
+    // A request that goes greeter → kv over shm-ipc and back, on each
+    // replica (the shared listener spreads connections; try several).
+    let (st, body) = http_get(port, "/hello/ember");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.starts_with("hi, ember! (from greeter@1.0.0#"),
+        "{body}"
+    );
+    for i in 0..6 {
+        assert_eq!(
+            http_get(port, &format!("/kv/put/k{i}/v{i}")),
+            (200, "ok".into())
+        );
+    }
+    for i in 0..6 {
+        assert_eq!(
+            http_get(port, &format!("/kv/get/k{i}")),
+            (200, format!("v{i}"))
+        );
+    }
+    // The catalog plugin was loaded by the zygote, before the fork.
+    let (st, body) = http_get(port, "/stats");
+    assert_eq!(st, 200);
+    assert!(!body.contains("catalog_entries=0"), "{body}");
+
+    // The supervisor kept no end of any channel.
+    assert_eq!(memfds(emberd), Vec::<String>::new());
+    // Raw stdout/stderr and tracing records both land in the module's log.
+    let logs = String::from_utf8_lossy(&d.ctl(&["logs", "greeter"]).stdout).into_owned();
+    assert!(logs.contains("INFO"), "{logs}");
+
+    // Kill kv's worker: it is restarted, greeter is re-wired, nothing else
+    // is disturbed.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(kv_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = d.wait_status("kv", "restart", |s| {
+        running(s) && s["restarts"] == 1 && pid_of(s) != Some(kv_pid)
+    });
+    assert_eq!(s["last_error"], "worker killed by signal 9");
+    d.wait_status("greeter", "re-wired", |s| {
+        s["imports"][0]["state"] == "wired"
+    });
+    // The new kv is empty: a 404 from it proves the new channel answers.
+    for _ in 0..4 {
+        http_until(port, "/kv/get/k1", |st, _| st == 404);
+    }
+    assert_eq!(http_get(port, "/kv/put/a/b"), (200, "ok".into()));
+    for _ in 0..4 {
+        assert_eq!(http_get(port, "/kv/get/a"), (200, "b".into()));
+    }
+    let g = d.ctl_json(&["status", "greeter"])["status"].clone();
+    let now: Vec<Value> = g["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].clone())
+        .collect();
+    assert_eq!(now, greeter_pids, "greeter replicas untouched");
+    assert_eq!(g["restarts"], 0);
+    assert_eq!(
+        pid_of(&d.ctl_json(&["status", "hello"])["status"]),
+        Some(hello_pid)
+    );
+    assert_eq!(memfds(emberd), Vec::<String>::new());
+}
+
+#[test]
+fn an_import_waits_for_its_exporter() {
+    let d = daemon();
+    let port = install_greeter(&d, "greeter", 1);
+    let s = d.wait_status("greeter", "waiting", |s| {
+        running(s) && s["imports"][0]["state"] == "waiting"
+    });
+    assert_eq!(s["imports"][0]["exporter"], Value::Null);
+    assert_eq!(http_get(port, "/kv/get/x"), (503, "kv not imported".into()));
+    let kv = kv_module(&d);
+    assert!(d.ctl(&["install", kv.to_str().unwrap()]).status.success());
+    d.wait_status("greeter", "wired", |s| {
+        s["imports"] == json!([{"name": "kv", "state": "wired", "exporter": "kv"}])
+    });
+    http_until(port, "/kv/put/x/y", |st, _| st == 200);
+    assert_eq!(http_get(port, "/kv/get/x"), (200, "y".into()));
+    // Uninstalling the exporter puts the import back to waiting.
+    assert!(d.ctl(&["uninstall", "kv"]).status.success());
+    d.wait_status("greeter", "waiting again", |s| {
+        s["imports"][0]["state"] == "waiting"
+    });
+    let (st, _) = http_get(port, "/kv/get/x");
+    assert_ne!(st, 200);
+}
+
+#[test]
+fn failure_fixtures_fail_clearly_while_the_rest_serve() {
+    let d = daemon();
+    let emberd = d.pid();
+    let kv = kv_module(&d);
+    assert!(d.ctl(&["install", kv.to_str().unwrap()]).status.success());
+    let port = install_greeter(&d, "greeter", 1);
+    d.wait_status("greeter", "wired", |s| {
+        running(s) && s["imports"][0]["state"] == "wired"
+    });
+    http_until(port, "/kv/put/keep/me", |st, _| st == 200);
+    let greeter_pid = pid_of(&d.ctl_json(&["status", "greeter"])["status"]).unwrap();
+    let kv_pid = pid_of(&d.ctl_json(&["status", "kv"])["status"]).unwrap();
+
+    let cases: &[(&str, &str, &str)] = &[
+        ("fixture-panic-start", "", "Start failed (Panic)"),
+        (
+            "fixture-segfault",
+            "",
+            "Serve failed (Crashed): killed by SIGSEGV",
+        ),
+        (
+            "fixture-abort",
+            "",
+            "Serve failed (Crashed): killed by SIGABRT",
+        ),
+        (
+            "fixture-never-ready",
+            "[limits]\nstart_deadline = \"300ms\"\n",
+            "not ready within 300",
+        ),
+        (
+            "fixture-unbounded-alloc",
+            "[limits]\nmemory = \"32MiB\"\n",
+            "MemoryLimitExceeded",
+        ),
+        ("fixture-wrong-abi", "", "Load failed (AbiMismatch)"),
+    ];
+    for (krate, extra, _) in cases {
+        let name = krate.trim_start_matches("fixture-");
+        let dir = real_module(&d.dir.0, name, krate, extra);
+        let out = d.ctl(&["install", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (krate, _, reason) in cases {
+        let name = krate.trim_start_matches("fixture-");
+        let s = d.wait_status(name, "a clear failure", |s| {
+            [s["reason"].as_str(), s["last_error"].as_str()]
+                .iter()
+                .flatten()
+                .any(|r| r.contains(reason))
+        });
+        assert_ne!(s["state"], "running", "{name}: {s}");
+    }
+    let s = d.ctl_json(&["status", "wrong-abi"])["status"].clone();
+    assert_eq!(s["state"], "failed", "a bad artifact is not restarted: {s}");
+    assert_eq!(s["restarts"], 0);
+    // The others kept serving, in the same processes.
+    assert_eq!(http_get(port, "/kv/get/keep"), (200, "me".into()));
+    assert_eq!(
+        pid_of(&d.ctl_json(&["status", "greeter"])["status"]),
+        Some(greeter_pid)
+    );
+    assert_eq!(
+        pid_of(&d.ctl_json(&["status", "kv"])["status"]),
+        Some(kv_pid)
+    );
+    assert!(d.ctl(&["health"]).status.success());
+
+    // Uninstall everything: no process, no descriptor, no file left.
+    let mut pids = vec![greeter_pid, kv_pid];
+    for m in d.ctl_json(&["list"])["modules"].as_array().unwrap() {
+        pids.extend(
+            m["pids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_i64().unwrap() as i32),
+        );
+    }
+    for m in d.ctl_json(&["list"])["modules"].as_array().unwrap().clone() {
+        let name = m["name"].as_str().unwrap();
+        let out = d.ctl(&["uninstall", name]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for p in pids {
+        assert!(wait_dead(p), "worker {p} survived uninstall");
+    }
+    assert_eq!(d.ctl_json(&["list"])["modules"], json!([]));
+    assert_eq!(memfds(emberd), Vec::<String>::new());
+    let left = |sub: &str| {
+        std::fs::read_dir(d.state.join(sub))
+            .map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(left("artifacts"), Vec::<std::path::PathBuf>::new());
+    assert_eq!(left("logs"), Vec::<std::path::PathBuf>::new());
+    let desired: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.state.join("desired.json")).unwrap())
+            .unwrap();
+    assert!(
+        desired["modules"].as_object().is_none_or(|m| m.is_empty()),
+        "{desired}"
+    );
+    // The port is free again.
+    let t0 = Instant::now();
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "port still held");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn stop_is_graceful_through_the_protocol() {
+    let d = daemon();
+    // A stop deadline far longer than a graceful stop takes: SIGKILL at the
+    // deadline would make uninstall last 20 s.
+    let dir = real_module(
+        &d.dir.0,
+        "polite",
+        "hello",
+        "[limits]\nstop_deadline = \"20s\"\n",
+    );
+    assert!(d.ctl(&["install", dir.to_str().unwrap()]).status.success());
+    let pid = pid_of(&d.wait_status("polite", "running", running)).unwrap();
+    let t0 = Instant::now();
+    assert!(d.ctl(&["uninstall", "polite"]).status.success());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(wait_dead(pid));
+}
+
+#[test]
+fn kill_9_of_emberd_brings_the_same_modules_back() {
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let mut d = daemon();
+    let kv = kv_module(&d);
+    assert!(d.ctl(&["install", kv.to_str().unwrap()]).status.success());
+    let port = install_greeter(&d, "greeter", 1);
+    d.wait_status("greeter", "wired", |s| {
+        running(s) && s["imports"][0]["state"] == "wired"
+    });
+    http_until(port, "/kv/put/a/1", |st, _| st == 200);
+    let zygote = d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32;
+    let mut old: Vec<i32> = d.ctl_json(&["pool"])["pool"]["idle_pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap() as i32)
+        .collect();
+    for m in ["kv", "greeter"] {
+        old.push(pid_of(&d.ctl_json(&["status", m])["status"]).unwrap());
+    }
+    old.push(zygote);
+
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for &p in &old {
+        assert!(wait_dead(p), "process {p} survived kill -9 of emberd");
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(p),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+    }
+    d.spawn(&[]);
+    d.wait_status("kv", "running", running);
+    let g = d.wait_status("greeter", "wired", |s| {
+        running(s) && s["imports"][0]["state"] == "wired"
+    });
+    assert!(!old.contains(&pid_of(&g).unwrap()));
+    // Same modules, same port, working service (kv's data was in memory).
+    let list = d.ctl_json(&["list"]);
+    let names: Vec<&str> = list["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["greeter", "kv"]);
+    http_until(port, "/kv/get/a", |st, _| st == 404);
+    assert_eq!(http_get(port, "/kv/put/a/2"), (200, "ok".into()));
+    assert_eq!(http_get(port, "/kv/get/a"), (200, "2".into()));
+}
