@@ -1,5 +1,27 @@
-//! Shared helpers for the benchmarks: latency statistics and the JSON line
-//! every benchmark prints last.
+//! Shared helpers for the benchmarks (and the demo): latency statistics, the
+//! JSON line every benchmark prints last, and the harness that builds the
+//! examples ([`artifacts`]), runs a real `emberd` ([`daemon`]) over its
+//! control socket ([`varlink`]), starts modules without the supervisor
+//! ([`launch`]: cold starts and an in-process zygote), reads memory figures
+//! ([`mem`]) and draws charts ([`svg`]).
+//!
+//! ```no_run
+//! use ember_benches::{JsonLine, Samples};
+//! let mut s = Samples::default();
+//! s.push(std::time::Duration::from_micros(900));
+//! let mut j = JsonLine::default();
+//! j.num("warm_launch_p50_ms", s.percentile(50.0) as f64 / 1e6);
+//! println!("{}", j.render());
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod artifacts;
+pub mod daemon;
+pub mod launch;
+pub mod mem;
+pub mod svg;
+pub mod varlink;
 
 use std::time::Duration;
 
@@ -90,6 +112,73 @@ pub fn word_sum(bytes: &[u8]) -> u64 {
 /// Whether `--json` was passed.
 pub fn json_requested() -> bool {
     std::env::args().any(|a| a == "--json")
+}
+
+/// The value after `--name` on the command line, if any.
+pub fn arg_value(name: &str) -> Option<String> {
+    let mut args = std::env::args();
+    while let Some(a) = args.next() {
+        if a == name {
+            return args.next();
+        }
+        if let Some(v) = a.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+            return Some(v.to_owned());
+        }
+    }
+    None
+}
+
+/// `--name N` parsed, or `default`.
+pub fn arg_num(name: &str, default: u64) -> u64 {
+    arg_value(name)
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} expects a number, got {v:?}"))
+        })
+        .unwrap_or(default)
+}
+
+/// Milliseconds of a nanosecond sample.
+pub fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+impl Samples {
+    /// The samples in milliseconds, in recording order (or sorted, after a
+    /// percentile was taken).
+    pub fn ms(&self) -> Vec<f64> {
+        self.0.iter().map(|&n| ms(n)).collect()
+    }
+}
+
+/// The machine, in one line: CPU model, CPUs, memory, kernel.
+pub fn machine_summary() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = mem::meminfo_kib("MemTotal") as f64 / (1024.0 * 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cpus} CPUs, {mem_gib:.1} GiB RAM, Linux {kernel}")
+}
+
+/// Writes `svg` to `DIR/name` when `--chart DIR` was passed; returns the
+/// path. A relative `DIR` is taken from the workspace root (`cargo bench`
+/// runs benchmarks in the package directory).
+pub fn write_chart(name: &str, svg: &str) -> Option<std::path::PathBuf> {
+    let dir = artifacts::workspace_root().join(arg_value("--chart")?);
+    std::fs::create_dir_all(&dir).expect("create chart directory");
+    let path = dir.join(name);
+    std::fs::write(&path, svg).expect("write chart");
+    Some(path)
 }
 
 #[cfg(test)]

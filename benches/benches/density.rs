@@ -1,0 +1,381 @@
+//! Density benchmark: N running modules in one base whose plugin holds
+//! 256 MiB of initialized data, against the naive alternative (one
+//! standalone process per module, each initializing its own copy of the
+//! plugin), in the same run.
+//!
+//! `cargo bench --bench density -- --json [--modules 200] [--naive 3]
+//! [--plugin-mib 256] [--module hello|greeter] [--launcher emberd|zygote]
+//! [--chart docs/img]`
+//!
+//! Ember's modules are launched through a real `emberd` (`Install` over the
+//! control socket); with `--launcher zygote` (or when emberd cannot run real
+//! modules) this process is the zygote instead, and the JSON says so. The
+//! naive alternative is measured on `--naive` processes and extrapolated to
+//! N (`naive_measured` in the JSON).
+//!
+//! Per module: USS and PSS from `/proc/PID/smaps_rollup`; kernel overhead =
+//! growth of `PageTables + KernelStack` in `/proc/meminfo` over the launch
+//! / N (memory the kernel spends per process that no USS shows: a forked
+//! worker copies the page tables of the plugin's inherited 256 MiB); host
+//! cost = USS + kernel overhead. The raw drop of `MemAvailable` / N is
+//! reported too (`mem_available_drop_per_module_kib`), but on a machine
+//! where something else runs (a compiler) it is noise of ± hundreds of MiB.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ember_benches::artifacts::{self, Stage, TempDir};
+use ember_benches::daemon::{self, DaemonError, Emberd, Options};
+use ember_benches::launch::{self, Base, Order, Worker};
+use ember_benches::mem::{self, Rollup};
+use ember_benches::svg::{self, Bar};
+use ember_benches::{arg_num, arg_value, json_requested, machine_summary, JsonLine};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What one launcher measured.
+#[derive(Default)]
+struct Measured {
+    rollups: Vec<Rollup>,
+    page_tables_kib: u64,
+    threads: usize,
+    available_drop_kib: i64,
+    kernel_growth_kib: i64,
+    base_rss_kib: u64,
+}
+
+impl Measured {
+    fn n(&self) -> f64 {
+        self.rollups.len().max(1) as f64
+    }
+    fn uss(&self) -> f64 {
+        self.rollups.iter().map(|r| r.uss_kib).sum::<u64>() as f64 / self.n()
+    }
+    fn pss(&self) -> f64 {
+        self.rollups.iter().map(|r| r.pss_kib).sum::<u64>() as f64 / self.n()
+    }
+    fn kernel(&self) -> f64 {
+        self.kernel_growth_kib as f64 / self.n()
+    }
+    fn host_kib(&self) -> f64 {
+        self.uss() + self.kernel()
+    }
+    fn available_drop(&self) -> f64 {
+        self.available_drop_kib as f64 / self.n()
+    }
+    fn before(&mut self) -> u64 {
+        self.kernel_growth_kib = -(mem::kernel_per_process_kib() as i64);
+        mem::settled_available_kib()
+    }
+    fn after(&mut self, before: u64) {
+        let after = mem::settled_available_kib();
+        self.kernel_growth_kib += mem::kernel_per_process_kib() as i64;
+        self.available_drop_kib = before as i64 - after as i64;
+    }
+    fn record(&mut self, pid: u32) {
+        self.rollups.push(mem::rollup(pid).unwrap_or_default());
+        self.page_tables_kib += mem::page_tables_kib(pid).unwrap_or(0);
+        self.threads += mem::threads(pid);
+    }
+}
+
+fn main() {
+    launch::run_cold_child_if_requested();
+    let json = json_requested();
+    let n = arg_num("--modules", 200) as usize;
+    let naive_n = arg_num("--naive", 3) as usize;
+    let plugin_mib = arg_num("--plugin-mib", 256);
+    let module = arg_value("--module").unwrap_or_else(|| "hello".into());
+    let launcher = arg_value("--launcher").unwrap_or_else(|| "emberd".into());
+
+    eprintln!("building catalog, {module} and emberd…");
+    let profile = artifacts::build(&["catalog", &module], true)
+        .unwrap_or_else(|e| panic!("{}", module_runtime::sdk::error_chain(&e)));
+    let base = Base::catalog(&profile, plugin_mib);
+    let tmp = TempDir::new("ember-bench-density").expect("temp dir");
+    let artifact = artifacts::cdylib(&profile, &module);
+    let stage = |i: Option<usize>| {
+        let name = i.map_or_else(|| module.clone(), |i| format!("{module}-{i:03}"));
+        let dir = tmp.path().join(&name);
+        let manifest = artifacts::stage_module(
+            &dir,
+            &artifacts::example_manifest(&module),
+            &artifact,
+            &Stage {
+                name: Some(name.clone()),
+                replicas: Some(1),
+                listen: Some("127.0.0.1:0".into()),
+            },
+        )
+        .expect("stage module");
+        (name, dir, manifest)
+    };
+    let (_, dir0, manifest0) = stage(None);
+    let order = Order {
+        artifact: dir0.join(artifact.file_name().expect("file name")),
+        listeners: listeners(&manifest0),
+        manifest: manifest0,
+    };
+
+    // The naive alternative first, while this process is still small.
+    let exe = std::env::current_exe().expect("current exe");
+    let mut naive = Measured::default();
+    let before = naive.before();
+    let mut procs: Vec<Worker> = Vec::new();
+    for _ in 0..naive_n {
+        let (w, _) = launch::cold_start(&exe, &base, &order, TIMEOUT).expect("naive process");
+        procs.push(w);
+    }
+    naive.after(before);
+    for w in &procs {
+        naive.record(w.pid());
+    }
+    for w in procs {
+        w.stop(Duration::from_secs(2));
+    }
+    eprintln!(
+        "naive: {naive_n} processes, USS {:.0} KiB, PSS {:.0} KiB, host {:.1} MiB per module",
+        naive.uss(),
+        naive.pss(),
+        naive.host_kib() / 1024.0
+    );
+
+    let mut used = launcher.clone();
+    let mut emberd_error = None;
+    let ember = if launcher == "emberd" {
+        let names: Vec<(String, PathBuf)> = (0..n)
+            .map(|i| {
+                let (name, dir, _) = stage(Some(i));
+                (name, dir)
+            })
+            .collect();
+        match artifacts::build(&["supervisor"], true)
+            .map_err(|e| module_runtime::sdk::error_chain(&e))
+            .and_then(|p| {
+                through_emberd(&daemon::emberd_bin(&p), &base, &names)
+                    .map_err(|e| module_runtime::sdk::error_chain(&e))
+            }) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("emberd failed, falling back to this process as the zygote: {e}");
+                emberd_error = Some(e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let ember = ember.unwrap_or_else(|| {
+        used = "zygote".into();
+        through_zygote(&base, &order, n)
+    });
+
+    let total_kib = mem::meminfo_kib("MemTotal") as f64;
+    let fit = |host_kib: f64, base_kib: f64| ((total_kib - base_kib) / host_kib).floor();
+    let ember_fit = fit(ember.host_kib().max(1.0), ember.base_rss_kib as f64);
+    let naive_fit = fit(naive.host_kib().max(1.0), 0.0);
+    let kernel = ember.kernel();
+    eprintln!(
+        "ember ({used}): {n} modules, USS {:.0} KiB, PSS {:.0} KiB, kernel {kernel:.0} KiB, host {:.2} MiB per module (MemAvailable drop {:.0} KiB); page tables {:.0} KiB, {:.1} threads per module",
+        ember.uss(),
+        ember.pss(),
+        ember.host_kib() / 1024.0,
+        ember.available_drop(),
+        ember.page_tables_kib as f64 / ember.n(),
+        ember.threads as f64 / ember.n()
+    );
+    eprintln!(
+        "fit in {:.1} GiB: ember {ember_fit:.0} modules, naive {naive_fit:.0}; naive/ember host memory {:.0}x",
+        total_kib / 1048576.0,
+        naive.host_kib() / ember.host_kib()
+    );
+    let mut out = JsonLine::default();
+    out.int("modules", ember.rollups.len() as u64)
+        .str("launcher", &used)
+        .str("module", &module)
+        .int("base_plugin_mib", plugin_mib)
+        .num("base_rss_mib", ember.base_rss_kib as f64 / 1024.0)
+        .num("uss_per_module_kib", ember.uss())
+        .num("pss_per_module_kib", ember.pss())
+        .num("kernel_overhead_per_module_kib", kernel)
+        .num(
+            "page_tables_per_module_kib",
+            ember.page_tables_kib as f64 / ember.n(),
+        )
+        .num("threads_per_module", ember.threads as f64 / ember.n())
+        .num("host_mib_per_module", ember.host_kib() / 1024.0)
+        .num("mem_available_drop_per_module_kib", ember.available_drop())
+        .num("modules_fit_in_ram", ember_fit)
+        .int("naive_measured", naive.rollups.len() as u64)
+        .bool("naive_extrapolated", true)
+        .num("naive_uss_per_module_kib", naive.uss())
+        .num("naive_pss_per_module_kib", naive.pss())
+        .num("naive_kernel_overhead_per_module_kib", naive.kernel())
+        .num("naive_host_mib_per_module", naive.host_kib() / 1024.0)
+        .num(
+            "naive_mem_available_drop_per_module_kib",
+            naive.available_drop(),
+        )
+        .num("naive_modules_fit_in_ram", naive_fit)
+        .num(
+            "naive_total_gib_for_n",
+            naive.host_kib() * n as f64 / 1048576.0,
+        )
+        .num(
+            "ember_total_gib_for_n",
+            (ember.host_kib() * n as f64 + ember.base_rss_kib as f64) / 1048576.0,
+        )
+        .num(
+            "ratio_naive_over_ember_per_module",
+            naive.host_kib() / ember.host_kib(),
+        )
+        .num("ram_gib", total_kib / 1048576.0)
+        .bool(
+            "targets_met",
+            ember.uss() <= 2048.0 && ember_fit >= 500.0 && used == "emberd",
+        );
+    if let Some(e) = &emberd_error {
+        out.str("emberd_error", e);
+    }
+    let svg = svg::bar_panels(
+        &format!(
+            "Memory per running module: Ember vs one process per module ({plugin_mib} MiB plugin, {n} modules)"
+        ),
+        &machine_summary(),
+        &[
+            (
+                "host memory per module (MiB, lower is better)",
+                "MiB",
+                vec![
+                    Bar {
+                        label: "Ember: USS".into(),
+                        value: ember.uss() / 1024.0,
+                        color: "#5dade2",
+                    },
+                    Bar {
+                        label: "Ember: USS + kernel".into(),
+                        value: ember.host_kib() / 1024.0,
+                        color: "#2471a3",
+                    },
+                    Bar {
+                        label: "naive: own plugin copy".into(),
+                        value: naive.host_kib() / 1024.0,
+                        color: "#c0392b",
+                    },
+                ],
+            ),
+            (
+                &format!(
+                    "modules that fit in {:.0} GiB (higher is better)",
+                    total_kib / 1048576.0
+                ),
+                "modules",
+                vec![
+                    Bar {
+                        label: "Ember".into(),
+                        value: ember_fit,
+                        color: "#2471a3",
+                    },
+                    Bar {
+                        label: "naive".into(),
+                        value: naive_fit,
+                        color: "#c0392b",
+                    },
+                ],
+            ),
+        ],
+    );
+    if let Some(p) = ember_benches::write_chart("density.svg", &svg) {
+        eprintln!("chart: {}", p.display());
+    }
+    drop(tmp);
+    if json {
+        println!("{}", out.render());
+    }
+}
+
+fn listeners(manifest: &str) -> Vec<String> {
+    let t: toml::Table = toml::from_str(manifest).expect("staged manifest");
+    t.get("listeners")
+        .and_then(toml::Value::as_array)
+        .map(|ls| {
+            ls.iter()
+                .filter_map(|l| l.get("name")?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn through_emberd(
+    bin: &std::path::Path,
+    base: &Base,
+    modules: &[(String, PathBuf)],
+) -> Result<Measured, DaemonError> {
+    let mut d = Emberd::start(
+        bin,
+        &Options {
+            base: Some(base.clone()),
+            ..Options::default()
+        },
+    )?;
+    d.set_poll_interval(Duration::from_micros(500));
+    d.wait_pool_idle(2, TIMEOUT)?;
+    let zygote = d.call("Health", serde_json::json!({}))?["zygote_pid"]
+        .as_u64()
+        .unwrap_or(0) as u32;
+    let mut m = Measured {
+        base_rss_kib: mem::rollup(zygote).map_or(0, |r| r.rss_kib),
+        ..Measured::default()
+    };
+    let before = m.before();
+    let mut pids = Vec::new();
+    for (i, (name, dir)) in modules.iter().enumerate() {
+        d.install(dir)?;
+        let s = d.wait_running(name, TIMEOUT)?;
+        let pid = s["pid"].as_u64().unwrap_or(0) as u32;
+        if i == 0 && !daemon::runs_module_artifact(pid, d.state_dir()) {
+            return Err(DaemonError::ModuleFailed {
+                name: name.clone(),
+                state: "running".into(),
+                reason: format!("pid {pid} has not loaded the module's artifact"),
+            });
+        }
+        pids.push(pid);
+    }
+    // Same number of idle workers as before the launches.
+    d.wait_pool_idle(2, TIMEOUT)?;
+    m.after(before);
+    for &p in &pids {
+        m.record(p);
+    }
+    d.stop(Duration::from_secs(30));
+    let left: Vec<u32> = pids.into_iter().filter(|&p| mem::alive(p)).collect();
+    assert!(
+        left.is_empty(),
+        "workers left after emberd stopped: {left:?}"
+    );
+    Ok(m)
+}
+
+fn through_zygote(base: &Base, order: &Order, n: usize) -> Measured {
+    launch::zygote_load(base).expect("load the plugin into this process");
+    let mut m = Measured {
+        base_rss_kib: mem::rollup(std::process::id()).map_or(0, |r| r.rss_kib),
+        ..Measured::default()
+    };
+    let before = m.before();
+    let mut ws = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut w = launch::zygote_fork(TIMEOUT).expect("fork");
+        w.launch(order, TIMEOUT).expect("launch");
+        ws.push(w);
+    }
+    m.after(before);
+    for w in &ws {
+        m.record(w.pid());
+    }
+    for w in ws {
+        w.stop(Duration::from_secs(2));
+    }
+    m
+}

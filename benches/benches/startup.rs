@@ -1,0 +1,328 @@
+//! Start-up benchmark, all on the demo base (the `catalog` plugin with its
+//! default 200 MiB table and init work), in one run:
+//!
+//! - cold start: a fresh process (this binary re-executed) initializes the
+//!   plugin, then loads the module, until the module reports ready;
+//! - warm launch: `Install` over emberd's control socket until `Status` says
+//!   `running`, with a warm idle worker available (real emberd);
+//! - launch with no idle worker: the same against an emberd with an empty
+//!   pool (fork on the critical path);
+//! - limit: this process as the zygote, no supervisor: fork → `Idle` →
+//!   `Launch` → dlopen → module init → `Ready`.
+//!
+//! `cargo bench --bench startup -- --json [--chart docs/img] [--module
+//! greeter|hello] [--cold N] [--warm N] [--no-idle N] [--limit N]
+//! [--catalog-mb MB] [--poll-us 200]` prints human-readable lines on stderr, then one JSON
+//! object as the last line on stdout.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ember_benches::artifacts::{self, Stage, TempDir};
+use ember_benches::daemon::{self, DaemonError, Emberd, Options};
+use ember_benches::launch::{self, Base, Order};
+use ember_benches::svg::{self, Series};
+use ember_benches::{arg_num, arg_value, json_requested, machine_summary, ms, JsonLine, Samples};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const STOP: Duration = Duration::from_secs(2);
+
+struct Daemon {
+    warm: Samples,
+    warm_reply: Samples,
+    no_idle: Samples,
+    hits: u64,
+    misses: u64,
+}
+
+fn main() {
+    launch::run_cold_child_if_requested();
+    let json = json_requested();
+    let module = arg_value("--module").unwrap_or_else(|| "greeter".into());
+    let n_cold = arg_num("--cold", 8) as usize;
+    let n_warm = arg_num("--warm", 100) as usize;
+    let n_no_idle = arg_num("--no-idle", 30) as usize;
+    let n_limit = arg_num("--limit", 100) as usize;
+    let catalog_mb = arg_num("--catalog-mb", 200);
+
+    eprintln!("building catalog, {module} and emberd…");
+    let profile = artifacts::build(&["catalog", &module], true)
+        .unwrap_or_else(|e| panic!("{}", module_runtime::sdk::error_chain(&e)));
+    let built_emberd = artifacts::build(&["supervisor"], true);
+    let base = Base::catalog(&profile, catalog_mb);
+    let tmp = TempDir::new("ember-bench-startup").expect("temp dir");
+    let mod_dir = tmp.path().join(&module);
+    let manifest = artifacts::stage_module(
+        &mod_dir,
+        &artifacts::example_manifest(&module),
+        &artifacts::cdylib(&profile, &module),
+        &Stage {
+            name: None,
+            replicas: Some(1),
+            listen: Some("127.0.0.1:0".into()),
+        },
+    )
+    .expect("stage module");
+    let order = Order {
+        artifact: mod_dir.join(format!("lib{module}.so")),
+        manifest: manifest.clone(),
+        listeners: listeners(&manifest),
+    };
+    let exe = std::env::current_exe().expect("current exe");
+
+    // 1. Cold starts: a fresh process per sample.
+    let mut cold = Samples::with_capacity(n_cold);
+    let mut cold_init = Samples::with_capacity(n_cold);
+    for _ in 0..n_cold {
+        let (w, t) = launch::cold_start(&exe, &base, &order, TIMEOUT).expect("cold start");
+        cold.push(t.ready);
+        cold_init.push(t.idle);
+        w.stop(STOP);
+    }
+    eprintln!(
+        "cold start        p50 {:.1} ms (plugin init p50 {:.1} ms), n={n_cold}",
+        ms(cold.percentile(50.0)),
+        ms(cold_init.percentile(50.0))
+    );
+
+    // 2 and 3. Through real emberd.
+    let through_emberd = match &built_emberd {
+        Ok(_) => run_emberd(
+            &daemon::emberd_bin(&profile),
+            &base,
+            &mod_dir,
+            &module,
+            n_warm,
+            n_no_idle,
+        )
+        .map_err(|e| module_runtime::sdk::error_chain(&e)),
+        Err(e) => Err(module_runtime::sdk::error_chain(e)),
+    };
+    if let Err(e) = &through_emberd {
+        eprintln!("emberd phases failed: {e}");
+    }
+
+    // 4. The floor: this process is the zygote (still single-threaded).
+    launch::zygote_load(&base).expect("load the plugin into the bench process");
+    let mut limit = Samples::with_capacity(n_limit);
+    let mut limit_warm = Samples::with_capacity(n_limit);
+    for i in 0..n_limit + 5 {
+        let t = Instant::now();
+        let mut w = launch::zygote_fork(TIMEOUT).expect("fork");
+        w.launch(&order, TIMEOUT).expect("launch");
+        let d = t.elapsed();
+        w.stop(STOP);
+        // The same into an already warm worker (fork off the clock).
+        let mut w = launch::zygote_fork(TIMEOUT).expect("fork");
+        let t = Instant::now();
+        w.launch(&order, TIMEOUT).expect("launch");
+        let dw = t.elapsed();
+        w.stop(STOP);
+        if i >= 5 {
+            limit.push(d);
+            limit_warm.push(dw);
+        }
+    }
+
+    let (c50, c99) = (ms(cold.percentile(50.0)), ms(cold.percentile(99.0)));
+    let (l50, l99) = (ms(limit.percentile(50.0)), ms(limit.percentile(99.0)));
+    let lw50 = ms(limit_warm.percentile(50.0));
+    let mut out = JsonLine::default();
+    out.str("module", &module)
+        .int("catalog_mb", catalog_mb)
+        .int("cold_samples", cold.len() as u64)
+        .num("cold_start_p50_ms", c50)
+        .num("cold_start_p99_ms", c99)
+        .num("cold_plugin_init_p50_ms", ms(cold_init.percentile(50.0)));
+    let mut series = vec![Series {
+        label: format!("cold start ({module})"),
+        ms: cold.ms(),
+        color: "#c0392b",
+    }];
+    let mut met = false;
+    match through_emberd {
+        Ok(mut d) => {
+            let (w50, w99) = (ms(d.warm.percentile(50.0)), ms(d.warm.percentile(99.0)));
+            let n50 = ms(d.no_idle.percentile(50.0));
+            let ratio = c50 / w50;
+            met = w50 <= 1.5 && w99 <= 5.0 && w50 <= 2.0 * l50 && ratio >= 100.0;
+            eprintln!("warm launch       p50 {w50:.3} ms p99 {w99:.3} ms (Install reply p50 {:.3} ms), n={} (pool hits {} misses {})",
+                ms(d.warm_reply.percentile(50.0)), d.warm.len(), d.hits, d.misses);
+            eprintln!(
+                "launch, no idle   p50 {n50:.3} ms p99 {:.3} ms, n={}",
+                ms(d.no_idle.percentile(99.0)),
+                d.no_idle.len()
+            );
+            eprintln!("limit (zygote)    p50 {l50:.3} ms p99 {l99:.3} ms; into a warm worker p50 {lw50:.3} ms, n={n_limit}");
+            eprintln!(
+                "cold/warm {ratio:.0}x, warm/limit {:.2}x; targets (warm p50 <= 1.5 ms, p99 <= 5 ms, <= 2x limit, ratio >= 100): {}",
+                w50 / l50,
+                if met { "met" } else { "NOT met" }
+            );
+            out.int("warm_samples", d.warm.len() as u64)
+                .num("warm_launch_p50_ms", w50)
+                .num("warm_launch_p99_ms", w99)
+                .num(
+                    "warm_install_reply_p50_ms",
+                    ms(d.warm_reply.percentile(50.0)),
+                )
+                .int("warm_pool_hits", d.hits)
+                .int("warm_pool_misses", d.misses)
+                .int("no_idle_samples", d.no_idle.len() as u64)
+                .num("launch_no_idle_p50_ms", n50)
+                .num("launch_no_idle_p99_ms", ms(d.no_idle.percentile(99.0)));
+            series.push(Series {
+                label: "launch, empty pool".into(),
+                ms: d.no_idle.ms(),
+                color: "#e67e22",
+            });
+            series.push(Series {
+                label: "warm launch (emberd)".into(),
+                ms: d.warm.ms(),
+                color: "#2471a3",
+            });
+            out.num("limit_p50_ms", l50)
+                .num("limit_p99_ms", l99)
+                .int("limit_samples", limit.len() as u64)
+                .num("limit_warm_worker_p50_ms", lw50)
+                .num("ratio_cold_over_warm", ratio)
+                .num("ratio_warm_over_limit", w50 / l50);
+        }
+        Err(e) => {
+            eprintln!("limit (zygote)    p50 {l50:.3} ms p99 {l99:.3} ms; into a warm worker p50 {lw50:.3} ms, n={n_limit}");
+            out.num("limit_p50_ms", l50)
+                .num("limit_p99_ms", l99)
+                .int("limit_samples", limit.len() as u64)
+                .num("limit_warm_worker_p50_ms", lw50)
+                .num("ratio_cold_over_limit", c50 / l50)
+                .str("emberd_error", &e);
+        }
+    }
+    series.push(Series {
+        label: "limit: zygote fork+launch".into(),
+        ms: limit.ms(),
+        color: "#27ae60",
+    });
+    out.bool("targets_met", met).int(
+        "cpus",
+        std::thread::available_parallelism().map_or(0, |n| n.get() as u64),
+    );
+    if let Some(p) = ember_benches::write_chart(
+        "startup.svg",
+        &svg::distribution(
+            &format!("Module start-up: cold process vs warm launch ({module}, {catalog_mb} MiB catalog plugin)"),
+            &machine_summary(),
+            &series,
+        ),
+    ) {
+        eprintln!("chart: {}", p.display());
+    }
+    drop(tmp);
+    if json {
+        println!("{}", out.render());
+    }
+}
+
+/// Names of the manifest's `[[listeners]]`.
+fn listeners(manifest: &str) -> Vec<String> {
+    let t: toml::Table = toml::from_str(manifest).expect("staged manifest");
+    t.get("listeners")
+        .and_then(toml::Value::as_array)
+        .map(|ls| {
+            ls.iter()
+                .filter_map(|l| l.get("name")?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Installs `name` from `dir`, waits until it runs, uninstalls it; returns
+/// (Install → running, Install reply) and checks the worker really loaded
+/// the module when `verify`.
+fn launch_once(
+    d: &mut Emberd,
+    dir: &Path,
+    name: &str,
+    verify: bool,
+) -> Result<(Duration, Duration), DaemonError> {
+    let t = Instant::now();
+    d.install(dir)?;
+    let reply = t.elapsed();
+    let status = d.wait_running(name, TIMEOUT)?;
+    let total = t.elapsed();
+    if verify {
+        let pid = status["pid"].as_u64().unwrap_or(0) as u32;
+        if !daemon::runs_module_artifact(pid, d.state_dir()) {
+            return Err(DaemonError::ModuleFailed {
+                name: name.into(),
+                state: "running".into(),
+                reason: format!(
+                    "emberd reports it running in pid {pid}, but that process has not loaded the module's artifact (stand-in worker?)"
+                ),
+            });
+        }
+    }
+    d.uninstall(name)?;
+    Ok((total, reply))
+}
+
+fn run_emberd(
+    bin: &Path,
+    base: &Base,
+    dir: &Path,
+    name: &str,
+    n_warm: usize,
+    n_no_idle: usize,
+) -> Result<Daemon, DaemonError> {
+    let mut warm = Samples::with_capacity(n_warm);
+    let mut warm_reply = Samples::with_capacity(n_warm);
+    let mut d = Emberd::start(
+        bin,
+        &Options {
+            base: Some(base.clone()),
+            ..Options::default()
+        },
+    )?;
+    d.set_poll_interval(Duration::from_micros(arg_num("--poll-us", 200)));
+    d.wait_pool_idle(2, TIMEOUT)?;
+    let before = d.pool()?;
+    for i in 0..n_warm + 3 {
+        // A warm idle worker is available for every sample.
+        d.wait_pool_idle(1, TIMEOUT)?;
+        let (t, r) = launch_once(&mut d, dir, name, i == 0)?;
+        if i >= 3 {
+            warm.push(t);
+            warm_reply.push(r);
+        }
+    }
+    let after = d.pool()?;
+    let delta = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    let (hits, misses) = (delta("hits"), delta("misses"));
+    d.stop(Duration::from_secs(15));
+    drop(d);
+
+    let mut no_idle = Samples::with_capacity(n_no_idle);
+    let mut d = Emberd::start(
+        bin,
+        &Options {
+            base: Some(base.clone()),
+            min_idle: 0,
+            max_idle: 0,
+            ..Options::default()
+        },
+    )?;
+    d.set_poll_interval(Duration::from_micros(arg_num("--poll-us", 200)));
+    for i in 0..n_no_idle + 2 {
+        let (t, _) = launch_once(&mut d, dir, name, i == 0)?;
+        if i >= 2 {
+            no_idle.push(t);
+        }
+    }
+    Ok(Daemon {
+        warm,
+        warm_reply,
+        no_idle,
+        hits,
+        misses,
+    })
+}

@@ -1,0 +1,384 @@
+//! A real `emberd` process on a temporary socket and state directory,
+//! driven over its Varlink control socket (`docs/control-protocol.md`).
+//! Everything it started is stopped, and the directory removed, on drop.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::artifacts::TempDir;
+use crate::launch::Base;
+use crate::varlink::{Client, VarlinkError};
+
+/// The daemon could not be started or did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Preparing its directory failed.
+    #[error("cannot prepare the daemon directory")]
+    Dir(#[source] std::io::Error),
+    /// `emberd` could not be run.
+    #[error("cannot run {}", path.display())]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `emberd` exited.
+    #[error("emberd exited ({status}); its log:\n{log}")]
+    Exited {
+        /// Its status.
+        status: ExitStatus,
+        /// The end of its log.
+        log: String,
+    },
+    /// A control call failed.
+    #[error("control call {method} failed")]
+    Call {
+        /// The method.
+        method: String,
+        /// Why.
+        #[source]
+        source: VarlinkError,
+    },
+    /// Something did not happen in time.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    /// A module reached a state it will not leave by itself.
+    #[error("module `{name}` is {state}: {reason}")]
+    ModuleFailed {
+        /// The module.
+        name: String,
+        /// Its state.
+        state: String,
+        /// Its reason or last error.
+        reason: String,
+    },
+}
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The base plugin to preload.
+    pub base: Option<Base>,
+    /// Warm pool policy.
+    pub min_idle: usize,
+    /// Warm pool policy.
+    pub max_idle: usize,
+    /// Let emberd write to our stderr instead of `DIR/emberd.log`.
+    pub inherit_output: bool,
+    /// How long plugin init may take before the socket answers.
+    pub start_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            base: None,
+            min_idle: 2,
+            max_idle: 4,
+            inherit_output: false,
+            start_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// A running `emberd`.
+#[derive(Debug)]
+pub struct Emberd {
+    child: Option<Child>,
+    client: Client,
+    socket: PathBuf,
+    state: PathBuf,
+    log: PathBuf,
+    poll: Duration,
+    dir: TempDir,
+}
+
+/// `emberd` in a profile directory.
+pub fn emberd_bin(profile: &Path) -> PathBuf {
+    profile.join("emberd")
+}
+
+impl Emberd {
+    /// Starts `emberd` (binary `bin`) with `opts` in a fresh temporary
+    /// directory and waits until its control socket answers `Health`.
+    pub fn start(bin: &Path, opts: &Options) -> Result<Self, DaemonError> {
+        let dir = TempDir::new("ember-emberd").map_err(DaemonError::Dir)?;
+        let socket = dir.path().join("control.sock");
+        let state = dir.path().join("state");
+        let log = dir.path().join("emberd.log");
+        let config = dir.path().join("emberd.toml");
+        std::fs::write(&config, config_text(opts)).map_err(DaemonError::Dir)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdin(Stdio::null())
+            // Its own process group: a terminal's Ctrl-C reaches only us,
+            // and we stop emberd in order.
+            .process_group(0);
+        if !opts.inherit_output {
+            let f = std::fs::File::create(&log).map_err(DaemonError::Dir)?;
+            let f2 = f.try_clone().map_err(DaemonError::Dir)?;
+            cmd.stdout(f).stderr(f2);
+        }
+        // SAFETY: runs between fork and exec and only calls prctl,
+        // sigemptyset and sigprocmask, which are async-signal-safe. emberd
+        // stops (and takes its workers with it) if we die, and starts with
+        // an empty signal mask: a caller that blocked SIGTERM/SIGINT to
+        // read them from a signalfd (the demo) would otherwise pass the
+        // mask on, and emberd would never see SIGTERM.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+                libc::sigemptyset(set.as_mut_ptr());
+                if libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| DaemonError::Spawn {
+            path: bin.to_owned(),
+            source,
+        })?;
+        let mut child = Some(child);
+        let end = Instant::now() + opts.start_timeout;
+        let client = loop {
+            if let Some(c) = child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(DaemonError::Exited {
+                        status,
+                        log: tail(&log),
+                    });
+                }
+            }
+            if let Ok(mut c) = Client::connect(&socket) {
+                if c.ember("Health", json!({})).is_ok() {
+                    break c;
+                }
+            }
+            if Instant::now() > end {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(DaemonError::Timeout(
+                    opts.start_timeout,
+                    "the control socket".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Self {
+            child,
+            client,
+            socket,
+            state,
+            log,
+            poll: Duration::ZERO,
+            dir,
+        })
+    }
+
+    /// emberd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether emberd is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
+    /// The temporary directory holding everything.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's log file (empty with `inherit_output`).
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Calls `io.ember.Supervisor.<method>`.
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, DaemonError> {
+        self.client
+            .ember(method, params)
+            .map_err(|source| DaemonError::Call {
+                method: method.to_owned(),
+                source,
+            })
+    }
+
+    /// `Install` of a module directory.
+    pub fn install(&mut self, dir: &Path) -> Result<Value, DaemonError> {
+        self.call("Install", json!({"path": dir}))
+    }
+
+    /// `Uninstall`.
+    pub fn uninstall(&mut self, name: &str) -> Result<(), DaemonError> {
+        self.call("Uninstall", json!({"name": name})).map(drop)
+    }
+
+    /// `Status` (the `status` object).
+    pub fn status(&mut self, name: &str) -> Result<Value, DaemonError> {
+        Ok(self.call("Status", json!({"name": name}))?["status"].take())
+    }
+
+    /// `Pool` (the `pool` object).
+    pub fn pool(&mut self) -> Result<Value, DaemonError> {
+        Ok(self.call("Pool", json!({}))?["pool"].take())
+    }
+
+    /// Pause between two `Status` calls in [`Emberd::wait_running`]
+    /// (default: none).
+    pub fn set_poll_interval(&mut self, d: Duration) {
+        self.poll = d;
+    }
+
+    /// Polls `Status` until every replica of `name` is
+    /// `running`; returns that status.
+    pub fn wait_running(&mut self, name: &str, timeout: Duration) -> Result<Value, DaemonError> {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = self.status(name)?;
+            let state = s["state"].as_str().unwrap_or("");
+            match state {
+                "running" => return Ok(s),
+                "failed" | "crashloop" | "backoff" | "stopped" => {
+                    return Err(DaemonError::ModuleFailed {
+                        name: name.into(),
+                        state: state.into(),
+                        reason: s["reason"]
+                            .as_str()
+                            .or(s["last_error"].as_str())
+                            .unwrap_or("no reason given")
+                            .into(),
+                    })
+                }
+                _ => {}
+            }
+            if Instant::now() > end {
+                return Err(DaemonError::Timeout(timeout, format!("`{name}` to run")));
+            }
+            if !self.poll.is_zero() {
+                std::thread::sleep(self.poll);
+            }
+        }
+    }
+
+    /// Waits until the warm pool holds at least `n` idle workers.
+    pub fn wait_pool_idle(&mut self, n: u64, timeout: Duration) -> Result<(), DaemonError> {
+        let end = Instant::now() + timeout;
+        while self.pool()?["idle"].as_u64().unwrap_or(0) < n {
+            if Instant::now() > end {
+                return Err(DaemonError::Timeout(timeout, format!("{n} idle workers")));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Stops emberd with SIGTERM (SIGKILL after `grace`), waits for it and
+    /// returns its exit status.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let end = Instant::now() + grace;
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = child.kill();
+                    return child.wait().ok();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Emberd {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(15));
+    }
+}
+
+/// The daemon config for `opts`.
+pub fn config_text(opts: &Options) -> String {
+    let mut t = toml::Table::new();
+    let mut plugins = Vec::new();
+    if let Some(b) = &opts.base {
+        let mut p = toml::Table::new();
+        p.insert(
+            "path".into(),
+            b.plugin.to_string_lossy().into_owned().into(),
+        );
+        p.insert("config".into(), b.config.clone().into());
+        plugins.push(toml::Value::Table(p));
+    }
+    t.insert("plugins".into(), plugins.into());
+    let mut pool = toml::Table::new();
+    pool.insert("min_idle".into(), (opts.min_idle as i64).into());
+    pool.insert("max_idle".into(), (opts.max_idle as i64).into());
+    t.insert("pool".into(), pool.into());
+    toml::to_string(&t).expect("a TOML table serializes")
+}
+
+/// The last 40 lines of a log file.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Whether emberd's worker `pid` really runs a module: it maps an artifact
+/// from the state directory's `artifacts/` (a stand-in worker would not).
+pub fn runs_module_artifact(pid: u32, state_dir: &Path) -> bool {
+    crate::mem::maps_contain(pid, &state_dir.join("artifacts").to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_lists_the_plugin_and_pool() {
+        let opts = Options {
+            base: Some(Base::catalog(Path::new("/p"), 16)),
+            min_idle: 0,
+            max_idle: 0,
+            ..Options::default()
+        };
+        let t: toml::Table = toml::from_str(&config_text(&opts)).unwrap();
+        assert_eq!(t["plugins"][0]["path"].as_str(), Some("/p/libcatalog.so"));
+        assert_eq!(t["plugins"][0]["config"]["size_mb"].as_integer(), Some(16));
+        assert_eq!(t["pool"]["max_idle"].as_integer(), Some(0));
+    }
+}

@@ -1,0 +1,338 @@
+//! Driving module-runtime workers directly, without the supervisor, over
+//! their real control sockets (`docs/abi.md` §4):
+//!
+//! - [`cold_start`]: the old way — a fresh process (this executable,
+//!   re-executed with [`COLD_FLAG`]) initializes the plugin, then loads the
+//!   module, until the module reports `Ready`;
+//! - [`zygote_load`] + [`zygote_fork`]: this process as the single-threaded
+//!   zygote (the floor for a launch: fork → dlopen → module init → reply).
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use module_runtime::abi::GrantKind;
+use module_runtime::host::{self, PluginSpec};
+use module_runtime::protocol::{
+    self, ChannelError, FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// The argument that turns this executable into a cold-start process:
+/// `EXE --ember-cold-start PLUGIN CONFIG_TOML` with the control socket on
+/// descriptor 3.
+pub const COLD_FLAG: &str = "--ember-cold-start";
+
+/// Starting or driving a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The process could not be started.
+    #[error("cannot start the cold-start process")]
+    Spawn(#[source] std::io::Error),
+    /// The control socket failed.
+    #[error("worker {pid}: {what}")]
+    Channel {
+        /// The worker.
+        pid: u32,
+        /// What we were waiting for.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: ChannelError,
+    },
+    /// The worker reported a failure.
+    #[error("worker {pid} failed: {message}")]
+    Failed {
+        /// The worker.
+        pid: u32,
+        /// Its report.
+        message: String,
+    },
+    /// A grant could not be prepared.
+    #[error("cannot prepare grants")]
+    Grants(#[source] std::io::Error),
+    /// Loading the plugins into this process failed.
+    #[error("cannot load the base plugins")]
+    Plugins(#[from] host::PluginError),
+    /// Forking failed.
+    #[error("cannot fork a worker")]
+    Fork(#[from] host::ProcessError),
+}
+
+/// The base: the plugin every worker inherits, initialized.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// Its `cdylib`.
+    pub plugin: PathBuf,
+    /// Its config.
+    pub config: toml::Table,
+}
+
+impl Base {
+    /// The catalog plugin with a `size_mb` table (and its default init work).
+    pub fn catalog(profile: &Path, size_mb: u64) -> Self {
+        let mut config = toml::Table::new();
+        config.insert("size_mb".into(), (size_mb as i64).into());
+        Self {
+            plugin: crate::artifacts::cdylib(profile, "catalog"),
+            config,
+        }
+    }
+}
+
+/// What to launch: the module and the grants to hand it.
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// The module `cdylib`.
+    pub artifact: PathBuf,
+    /// Its manifest text.
+    pub manifest: String,
+    /// Listener grants to bind on `127.0.0.1:0`.
+    pub listeners: Vec<String>,
+}
+
+impl Order {
+    fn grants(&self) -> std::io::Result<(Vec<Grant>, Vec<OwnedFd>)> {
+        let mut grants = Vec::new();
+        let mut fds = Vec::new();
+        for name in &self.listeners {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            grants.push(Grant {
+                kind: GrantKind::Listener,
+                name: name.clone(),
+            });
+            fds.push(OwnedFd::from(l));
+        }
+        Ok((grants, fds))
+    }
+}
+
+/// A worker process, a child of this process, driven over its control socket.
+#[derive(Debug)]
+pub struct Worker {
+    pid: u32,
+    chan: ParentChannel,
+    reaped: bool,
+}
+
+impl Worker {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn channel(&self, what: &'static str) -> impl FnOnce(ChannelError) -> LaunchError {
+        let pid = self.pid;
+        move |source| LaunchError::Channel { pid, what, source }
+    }
+
+    fn wait_idle(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .chan
+                .recv_timeout(Some(left))
+                .map_err(self.channel("Idle"))?
+            {
+                (FromWorker::Idle { .. }, _) => return Ok(()),
+                (FromWorker::Failed(f), _) => {
+                    return Err(LaunchError::Failed {
+                        pid: self.pid,
+                        message: f.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends the launch order and waits for `Ready`.
+    pub fn launch(&mut self, order: &Order, timeout: Duration) -> Result<(), LaunchError> {
+        let (grants, fds) = order.grants().map_err(LaunchError::Grants)?;
+        let launch = ToWorker::Launch(LaunchOrder {
+            artifact: order.artifact.clone(),
+            manifest: order.manifest.clone(),
+            replica: 0,
+            grants,
+        });
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        self.chan
+            .send(&launch, &borrowed)
+            .map_err(self.channel("sending Launch"))?;
+        drop(fds);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .chan
+                .recv_timeout(Some(left))
+                .map_err(self.channel("Ready"))?
+            {
+                (
+                    FromWorker::Transition {
+                        state: State::Ready,
+                        ..
+                    },
+                    _,
+                ) => return Ok(()),
+                (FromWorker::Failed(f), _) => {
+                    return Err(LaunchError::Failed {
+                        pid: self.pid,
+                        message: f.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Asks the worker to stop and reaps it (killing it after `deadline`).
+    pub fn stop(mut self, deadline: Duration) {
+        let _ = self.chan.send(&ToWorker::Stop { deadline }, &[]);
+        self.reap(deadline + Duration::from_secs(1));
+    }
+
+    fn reap(&mut self, within: Duration) {
+        if self.reaped {
+            return;
+        }
+        let pid = Pid::from_raw(self.pid as i32);
+        let end = Instant::now() + within;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        self.reaped = true;
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            self.reap(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Times of one cold start, from before `spawn`.
+#[derive(Debug, Clone, Copy)]
+pub struct ColdTimes {
+    /// Until the process reported `Idle` (exec + plugin init).
+    pub idle: Duration,
+    /// Until the module reported `Ready`.
+    pub ready: Duration,
+}
+
+/// Starts `exe` (an executable that calls [`run_cold_child_if_requested`]
+/// first thing) as a fresh process that initializes `base`, then launches
+/// `order` in it, and returns the running instance once it is `Ready`.
+pub fn cold_start(
+    exe: &Path,
+    base: &Base,
+    order: &Order,
+    timeout: Duration,
+) -> Result<(Worker, ColdTimes), LaunchError> {
+    let (ours, theirs) =
+        protocol::socket_pair().map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))?;
+    let raw = theirs.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg(COLD_FLAG)
+        .arg(&base.plugin)
+        .arg(toml::to_string(&base.config).expect("a TOML table serializes"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls dup2/fcntl, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                // dup2 onto itself would keep close-on-exec.
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let t0 = Instant::now();
+    let child = cmd.spawn().map_err(LaunchError::Spawn)?;
+    drop(theirs);
+    let mut w = Worker {
+        pid: child.id(),
+        chan: ParentChannel::new(ours),
+        reaped: false,
+    };
+    w.wait_idle(timeout)?;
+    let idle = t0.elapsed();
+    w.launch(order, timeout)?;
+    let ready = t0.elapsed();
+    Ok((w, ColdTimes { idle, ready }))
+}
+
+/// If this process was started by [`cold_start`], initializes the plugin and
+/// runs the worker (never returns); otherwise returns at once. Call it first
+/// thing in `main`, before any thread exists.
+pub fn run_cold_child_if_requested() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some(COLD_FLAG) || args.len() != 4 {
+        return;
+    }
+    let config: toml::Table = match toml::from_str(&args[3]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cold start: bad plugin config: {e}");
+            std::process::exit(2);
+        }
+    };
+    let spec = PluginSpec {
+        path: PathBuf::from(&args[2]),
+        config,
+    };
+    if let Err(e) = host::load_plugins(&[spec]) {
+        eprintln!("cold start: {}", module_runtime::sdk::error_chain(&e));
+        std::process::exit(1);
+    }
+    // SAFETY: `cold_start` put the control socket on descriptor 3 and
+    // nothing else in this process owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(3) };
+    host::worker::run(control, Some(nix::unistd::getppid()))
+}
+
+/// Loads and initializes `base` into this process, which becomes the
+/// zygote. Call once, while the process is single-threaded.
+pub fn zygote_load(base: &Base) -> Result<(), LaunchError> {
+    host::load_plugins(&[PluginSpec {
+        path: base.plugin.clone(),
+        config: base.config.clone(),
+    }])?;
+    Ok(())
+}
+
+/// Forks a warm worker from this (zygote) process and waits for its `Idle`.
+pub fn zygote_fork(timeout: Duration) -> Result<Worker, LaunchError> {
+    let (pid, chan) = host::fork_worker()?;
+    let mut w = Worker {
+        pid: pid.as_raw() as u32,
+        chan,
+        reaped: false,
+    };
+    w.wait_idle(timeout)?;
+    Ok(w)
+}
