@@ -13,6 +13,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -61,6 +61,8 @@ pub struct ManifestSummary {
     pub imports: Vec<String>,
     /// `limits.memory`, in bytes.
     pub memory: Option<u64>,
+    /// `limits.cpu`, in cores.
+    pub cpu: Option<f64>,
     /// `limits.start_deadline`.
     pub start_deadline: Option<Duration>,
     /// `limits.stop_deadline`.
@@ -124,6 +126,7 @@ pub fn parse(text: &str) -> Result<ManifestSummary, ManifestError> {
         start_deadline: Some(m.limits.start_deadline),
         stop_deadline: Some(m.limits.stop_deadline),
         memory: m.limits.memory,
+        cpu: m.limits.cpu,
         exports: m.exports.iter().map(|e| e.name.clone()).collect(),
         imports: m.imports.iter().map(|i| i.name.clone()).collect(),
         name: m.name,

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Mechanism;
+
 /// Parameters of `Health` (none).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,4 +26,10 @@ pub struct HealthReply {
     pub running: usize,
     /// Modules failed or in crash loop.
     pub failed: usize,
+    /// What enforces modules' `limits.memory`: `cgroup-v2`, `cgroup-v1` or
+    /// `in-worker-rss`.
+    pub memory_limits: Mechanism,
+    /// What enforces modules' `limits.cpu`: `cgroup-v2`, `cgroup-v1` or
+    /// `none`.
+    pub cpu_limits: Mechanism,
 }

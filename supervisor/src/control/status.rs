@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::{Detection, Limits, Mechanism};
 use crate::lifecycle::State;
 use crate::metrics::Memory;
 
@@ -43,8 +44,43 @@ pub struct ModuleStatus {
     /// Imported services and whether every running replica is wired to
     /// an exporter (`wired`) or not yet (`waiting`).
     pub imports: Vec<ImportStatus>,
+    /// Its limits and what enforces them.
+    pub limits: LimitsStatus,
     /// Each replica.
     pub replicas: Vec<ReplicaStatus>,
+}
+
+/// A module's limits and their enforcement.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LimitsStatus {
+    /// `limits.memory`, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// What enforces it (`none` without a limit).
+    pub memory_mechanism: Mechanism,
+    /// `limits.cpu`, in cores.
+    pub cpu_cores: Option<f64>,
+    /// What enforces it (`none` without a limit or a usable controller).
+    pub cpu_mechanism: Mechanism,
+}
+
+impl LimitsStatus {
+    /// The limits of a manifest under what was detected.
+    pub fn new(limits: Limits, detected: &Detection) -> Self {
+        Self {
+            memory_bytes: limits.memory,
+            memory_mechanism: if limits.memory.is_some() {
+                detected.memory_mechanism()
+            } else {
+                Mechanism::None
+            },
+            cpu_cores: limits.cpu,
+            cpu_mechanism: if limits.cpu.is_some() {
+                detected.cpu_mechanism()
+            } else {
+                Mechanism::None
+            },
+        }
+    }
 }
 
 /// One replica of a module.
@@ -68,6 +104,8 @@ pub struct ReplicaStatus {
     pub memory: Option<Memory>,
     /// Worker CPU seconds.
     pub cpu_seconds: Option<f64>,
+    /// The worker's cgroup directories (emberd's own), while it runs in one.
+    pub cgroups: Vec<String>,
 }
 
 /// Reply of `Status`.

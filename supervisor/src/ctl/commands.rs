@@ -102,6 +102,23 @@ fn list(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
     Ok(())
 }
 
+/// `memory 64.0 MiB (cgroup-v1), cpu - (none)`.
+fn limits(l: &Value) -> String {
+    let cpu = l["cpu_cores"]
+        .as_f64()
+        .map_or("-".into(), |c| format!("{c} cores"));
+    format!(
+        "memory {} ({}), cpu {cpu} ({})",
+        if l["memory_bytes"].is_null() {
+            "-".into()
+        } else {
+            bytes(&l["memory_bytes"])
+        },
+        cell(&l["memory_mechanism"]),
+        cell(&l["cpu_mechanism"])
+    )
+}
+
 fn status(c: &mut Client, name: &str, json_out: bool) -> Result<(), CtlError> {
     let v = c.call(&method("Status"), json!({ "name": name }))?;
     if json_out {
@@ -144,6 +161,7 @@ fn status(c: &mut Client, name: &str, json_out: bool) -> Result<(), CtlError> {
                 }
             ),
             ("cpu", cpu),
+            ("limits", limits(&s["limits"])),
             ("artifact", cell(&s["artifact_sha256"])),
             ("listeners", listeners(&s["listeners"])),
         ])
@@ -268,6 +286,8 @@ fn health(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
                         cell(&v["failed"])
                     )
                 ),
+                ("memory limits", cell(&v["memory_limits"])),
+                ("cpu limits", cell(&v["cpu_limits"])),
             ])
         );
     }

@@ -14,12 +14,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::os::{
     Command, CommandTx, InstanceEvent, LaunchPlan, OsMsg, RealOs, Registration, ServiceGrant,
 };
+use crate::cgroup::{Limiter, Limits};
 use crate::control::health::HealthReply;
 use crate::control::install::{Install, InstallError};
 use crate::control::list::{ListReply, ModuleSummary};
 use crate::control::pool::PoolReply;
 use crate::control::status::{
-    ImportStatus, ListenerStatus, ModuleStatus, ReplicaStatus, StatusReply,
+    ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus, StatusReply,
 };
 use crate::control::uninstall::UninstallError;
 use crate::control::{module_not_found, Request};
@@ -76,6 +77,8 @@ struct Module {
     exports: Vec<String>,
     imports: Vec<String>,
     stop_deadline: std::time::Duration,
+    /// The manifest's limits.
+    limits: Limits,
     uninstall: Vec<Reply>,
 }
 
@@ -93,6 +96,7 @@ struct OsParts<'a> {
     events: &'a mpsc::UnboundedSender<OsMsg>,
     pidfds: &'a HashMap<i32, OwnedFd>,
     commands: &'a HashMap<i32, CommandTx>,
+    limiter: &'a Arc<Limiter>,
 }
 
 impl Module {
@@ -104,7 +108,7 @@ impl Module {
         self.replicas.iter().all(|l| l.state() == State::Stopped)
     }
 
-    fn plan(&self, store: &Store, replica: u32) -> LaunchPlan {
+    fn plan(&self, store: &Store, replica: u32, limiter: &Arc<Limiter>) -> LaunchPlan {
         LaunchPlan {
             module: self.record.name.clone(),
             order: LaunchOrder {
@@ -117,6 +121,8 @@ impl Module {
             listeners: self.listeners.clone(),
             generation: self.generation,
             stop_deadline: self.stop_deadline,
+            limits: self.limits,
+            limiter: limiter.clone(),
         }
     }
 }
@@ -140,6 +146,7 @@ pub struct Actor {
     started: Instant,
     zygote_pid: i32,
     next_generation: u64,
+    limiter: Arc<Limiter>,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
 }
 
@@ -152,7 +159,7 @@ fn drive(
     replica: usize,
     f: impl FnOnce(&mut Lifecycle, &mut RealOs<'_>),
 ) {
-    let plan = m.plan(store, replica as u32);
+    let plan = m.plan(store, replica as u32, parts.limiter);
     let mut os = RealOs {
         pool: parts.pool,
         events: parts.events,
@@ -179,6 +186,7 @@ impl Actor {
         pool: PoolHandle,
         policy: Policy,
         zygote_pid: i32,
+        limiter: Arc<Limiter>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Self {
@@ -196,6 +204,7 @@ impl Actor {
             started: Instant::now(),
             zygote_pid,
             next_generation: 0,
+            limiter,
             shutdown: None,
         }
     }
@@ -286,6 +295,10 @@ impl Actor {
                 .as_ref()
                 .map_or_else(Vec::new, |s| s.imports.clone()),
             stop_deadline: policy.stop_timeout,
+            limits: Limits {
+                memory: summary.as_ref().and_then(|s| s.memory),
+                cpu: summary.as_ref().and_then(|s| s.cpu),
+            },
             listeners: bound
                 .into_iter()
                 .map(|b| (b.name, Arc::new(b.fd)))
@@ -302,6 +315,7 @@ impl Actor {
                         events: &self.events_tx,
                         pidfds: &self.pidfds,
                         commands: &self.commands,
+                        limiter: &self.limiter,
                     },
                     &mut m,
                     r,
@@ -341,7 +355,7 @@ impl Actor {
                     .map(|m| {
                         let imports = imports_status(m, &self.modules, &self.live, &self.wired);
                         to_value(StatusReply {
-                            status: status(m, imports),
+                            status: status(m, imports, &self.limiter),
                         })
                     })
                     .ok_or_else(|| module_not_found(&req.name)),
@@ -444,6 +458,7 @@ impl Actor {
                     events: &self.events_tx,
                     pidfds: &self.pidfds,
                     commands: &self.commands,
+                    limiter: &self.limiter,
                 },
                 m,
                 r,
@@ -525,6 +540,7 @@ impl Actor {
                         events: &self.events_tx,
                         pidfds: &self.pidfds,
                         commands: &self.commands,
+                        limiter: &self.limiter,
                     },
                     m,
                     replica as usize,
@@ -656,6 +672,7 @@ impl Actor {
                             events: &self.events_tx,
                             pidfds: &self.pidfds,
                             commands: &self.commands,
+                            limiter: &self.limiter,
                         },
                         m,
                         r,
@@ -676,6 +693,8 @@ impl Actor {
             modules: self.modules.len(),
             running: count(|s| s == State::Running),
             failed: count(|s| matches!(s, State::Failed | State::CrashLoop)),
+            memory_limits: self.limiter.detection().memory_mechanism(),
+            cpu_limits: self.limiter.detection().cpu_mechanism(),
         }
     }
 
@@ -782,8 +801,16 @@ fn summary(m: &Module) -> ModuleSummary {
     }
 }
 
-fn replica_status(r: usize, l: &Lifecycle) -> ReplicaStatus {
+fn replica_status(m: &Module, r: usize, l: &Lifecycle, limiter: &Limiter) -> ReplicaStatus {
     let pid = l.pid();
+    let cgroups = pid.map_or_else(Vec::new, |p| {
+        limiter
+            .instance_dirs(&m.record.name, r as u32, p)
+            .into_iter()
+            .filter(|d| d.is_dir())
+            .map(|d| d.display().to_string())
+            .collect()
+    });
     ReplicaStatus {
         replica: r as u32,
         state: l.state(),
@@ -794,6 +821,7 @@ fn replica_status(r: usize, l: &Lifecycle) -> ReplicaStatus {
         state_seconds: l.since().elapsed().as_secs_f64(),
         memory: pid.and_then(|p| crate::metrics::memory(p).ok()),
         cpu_seconds: pid.and_then(|p| crate::metrics::cpu_seconds(p).ok()),
+        cgroups,
     }
 }
 
@@ -828,12 +856,12 @@ fn imports_status(
         .collect()
 }
 
-fn status(m: &Module, imports: Vec<ImportStatus>) -> ModuleStatus {
+fn status(m: &Module, imports: Vec<ImportStatus>, limiter: &Limiter) -> ModuleStatus {
     let replicas: Vec<ReplicaStatus> = m
         .replicas
         .iter()
         .enumerate()
-        .map(|(r, l)| replica_status(r, l))
+        .map(|(r, l)| replica_status(m, r, l, limiter))
         .collect();
     let many = replicas.len() > 1;
     // Module-level fields: the first replica that has one (prefixed with its
@@ -883,6 +911,7 @@ fn status(m: &Module, imports: Vec<ImportStatus>) -> ModuleStatus {
         memory,
         cpu_seconds: (!cpu.is_empty()).then(|| cpu.iter().sum()),
         imports,
+        limits: LimitsStatus::new(m.limits, limiter.detection()),
         replicas,
     }
 }

@@ -129,8 +129,16 @@ async fn serve(
         own_uid: nix::unistd::geteuid().as_raw(),
     });
 
+    let limiter = Arc::new(start_limiter());
     let (actor_tx, actor_rx) = mpsc::channel(256);
-    let a = actor::Actor::new(store, desired, pool, cfg.lifecycle.policy(), zygote_pid);
+    let a = actor::Actor::new(
+        store,
+        desired,
+        pool,
+        cfg.lifecycle.policy(),
+        zygote_pid,
+        limiter.clone(),
+    );
     let actor_task = tokio::spawn(a.run(actor_rx));
     let server_task = tokio::spawn(server::serve(listener, access, actor_tx.clone()));
     tracing::info!(socket = %socket_path.display(), "emberd ready");
@@ -185,7 +193,31 @@ async fn serve(
     drop(actor_tx);
     let _ = actor_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pool_task).await;
+    limiter.shutdown();
     result
+}
+
+/// Detects and sets up per-module cgroups (`EMBER_CGROUP_ROOT` overrides
+/// `/sys/fs/cgroup`, for tests; `none` disables them) and logs what
+/// enforces limits.
+fn start_limiter() -> crate::cgroup::Limiter {
+    use crate::cgroup::{Limiter, ROOT};
+    let root = std::env::var_os("EMBER_CGROUP_ROOT").unwrap_or_else(|| ROOT.into());
+    let limiter = if root == "none" {
+        Limiter::disabled()
+    } else {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Limiter::start(std::path::Path::new(&root), &own, std::process::id())
+    };
+    let d = limiter.detection();
+    tracing::info!(
+        memory = %d.memory_mechanism(),
+        memory_cgroup = ?d.memory.as_ref().map(|h| h.base.display().to_string()),
+        cpu = %d.cpu_mechanism(),
+        cpu_cgroup = ?d.cpu.as_ref().map(|h| h.base.display().to_string()),
+        "resource limits"
+    );
+    limiter
 }
 
 /// Pings the systemd watchdog while the state owner answers.

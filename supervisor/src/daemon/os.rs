@@ -101,6 +101,10 @@ pub struct LaunchPlan {
     pub generation: u64,
     /// How long a graceful stop may take (sent with `Stop`).
     pub stop_deadline: Duration,
+    /// The manifest's limits, applied through `limiter`.
+    pub limits: crate::cgroup::Limits,
+    /// emberd's cgroups.
+    pub limiter: Arc<crate::cgroup::Limiter>,
 }
 
 /// [`WorkerOs`] over the pool; built by the actor for one call.
@@ -237,6 +241,18 @@ async fn instance(
             return send(None, failed(format!("pidfd: {e}")), None);
         }
     };
+    // The worker is idle in the pool: move it into its own cgroup before it
+    // runs any module code. Without one, the worker's RSS watchdog remains.
+    let mut cgroup = match plan
+        .limiter
+        .enter(&module, plan.order.replica, pid, &plan.limits)
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(module, pid, error = %error_chain(&e), "no cgroup for this instance");
+            None
+        }
+    };
     // Grants: the log as stdout/stderr, then every listener.
     let mut order = plan.order.clone();
     order.grants.push(Grant {
@@ -270,6 +286,7 @@ async fn instance(
     if let Err(e) = worker.link.launch(&order, &fds).await {
         drop(fds);
         worker.discard().await;
+        remove_cgroup(cgroup.take(), &module, pid).await;
         return send(
             None,
             failed(format!("launch order: {}", error_chain(&e))),
@@ -286,6 +303,7 @@ async fn instance(
             tracing::warn!(pid, error = %e, "cannot watch worker; killing it");
             let status = ExitStatus::Unknown;
             worker.discard().await;
+            remove_cgroup(cgroup.take(), &module, pid).await;
             return send(Some(pid), Event::Exited { attempt, status }, None);
         }
     };
@@ -320,10 +338,40 @@ async fn instance(
                     _ => ExitStatus::Unknown,
                 };
                 drop(link);
+                if let Some(c) = cgroup.as_mut() {
+                    if let Some(reason) = c.oom_reason() {
+                        let _ = writeln!(log, "ember: {reason}");
+                        send(
+                            Some(pid),
+                            Event::Failed {
+                                attempt,
+                                reason,
+                                permanent: false,
+                            },
+                            None,
+                        );
+                    }
+                }
+                remove_cgroup(cgroup.take(), &module, pid).await;
                 return send(Some(pid), Event::Exited { attempt, status }, None);
             }
         }
     }
+}
+
+/// Removes an instance's cgroup once its worker is gone (retried briefly:
+/// the kernel empties a cgroup shortly after the reap).
+async fn remove_cgroup(cgroup: Option<crate::cgroup::Instance>, module: &str, pid: i32) {
+    let Some(mut c) = cgroup else {
+        return;
+    };
+    for _ in 0..100 {
+        if c.remove() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::warn!(module, pid, "instance cgroup still busy; left for shutdown");
 }
 
 fn report(
