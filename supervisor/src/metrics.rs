@@ -71,6 +71,37 @@ pub fn memory(pid: i32) -> Result<Memory, MetricsError> {
     parse_smaps_rollup(&text).ok_or(MetricsError::Format { path })
 }
 
+/// How long a memory reading is reused.
+pub const MEMORY_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Memory readings, reused for [`MEMORY_TTL`]: `smaps_rollup` walks the page
+/// tables of the whole process (about a millisecond for a worker that
+/// inherited a base of hundreds of MiB), and a client polling `Status` must
+/// not turn that into the daemon's main load.
+#[derive(Debug, Default)]
+pub struct MemoryCache {
+    entries: std::sync::Mutex<std::collections::HashMap<i32, (std::time::Instant, Memory)>>,
+}
+
+impl MemoryCache {
+    /// Memory of `pid`, read at most once per [`MEMORY_TTL`].
+    pub fn memory(&self, pid: i32) -> Option<Memory> {
+        let now = std::time::Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, m)) = entries.get(&pid) {
+            if now.duration_since(*at) < MEMORY_TTL {
+                return Some(*m);
+            }
+        }
+        let m = memory(pid).ok()?;
+        if entries.len() > 256 {
+            entries.retain(|_, (at, _)| now.duration_since(*at) < MEMORY_TTL);
+        }
+        entries.insert(pid, (now, m));
+        Some(m)
+    }
+}
+
 /// Parses `utime + stime` (clock ticks) out of `/proc/PID/stat`.
 pub fn parse_stat_ticks(text: &str) -> Option<u64> {
     // The command name is in parentheses and may itself contain spaces or
@@ -98,6 +129,20 @@ pub fn cpu_seconds(pid: i32) -> Result<f64, MetricsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_cache_reads_a_live_process_and_reuses_it() {
+        let cache = MemoryCache::default();
+        let me = std::process::id() as i32;
+        let first = cache.memory(me).expect("own smaps_rollup");
+        assert!(first.rss > 0);
+        // Within the TTL the same reading comes back even though the
+        // process has grown meanwhile.
+        let grown = vec![1u8; 8 << 20];
+        assert_eq!(cache.memory(me), Some(first));
+        drop(grown);
+        assert_eq!(cache.memory(-1), None);
+    }
 
     #[test]
     fn parses_smaps_rollup() {

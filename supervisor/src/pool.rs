@@ -197,7 +197,6 @@ struct Pool {
     refill_times: VecDeque<Instant>,
     fork_total: Duration,
     forks: u32,
-    zygote: Zygote,
     idle: VecDeque<Worker>,
     stats: PoolStats,
     refilling: bool,
@@ -262,9 +261,22 @@ impl Pool {
     }
 }
 
+/// A fork in progress: it owns the zygote until it is done, then gives it
+/// back with the new worker.
+type Fork = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Zygote, Instant, Result<Worker, WorkerError>)> + Send>,
+>;
+
+fn start_fork(mut zygote: Zygote) -> Fork {
+    Box::pin(async move {
+        let t0 = Instant::now();
+        let r = make_worker(&mut zygote).await;
+        (zygote, t0, r)
+    })
+}
+
 async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>) {
     let mut pool = Pool {
-        zygote,
         idle: VecDeque::new(),
         stats: PoolStats {
             min_idle: policy.min_idle,
@@ -277,83 +289,86 @@ async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>
         fork_total: Duration::ZERO,
         forks: 0,
     };
-    // A fork in flight is never cancelled (its answer would be left on the
-    // zygote channel), so requests are polled between forks: a launch waits
-    // at most for one background fork to finish.
+    // The zygote is here when no fork is in flight, else inside `in_flight`.
+    // A fork is never cancelled (its answer would be left on the zygote
+    // channel), but requests are served while it runs: a launch that finds
+    // an idle worker never waits for a background refill.
+    let mut zygote = Some(zygote);
+    let mut in_flight: Option<Fork> = None;
+    // Launches that found no idle worker, served by the next forks in order.
+    let mut waiting: VecDeque<oneshot::Sender<Result<Worker, WorkerError>>> = VecDeque::new();
+    let mut closed = false;
     loop {
-        let req = match rx.try_recv() {
-            Ok(req) => Some(req),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) if pool.needs_refill() => {
-                let t0 = Instant::now();
-                match make_worker(&mut pool.zygote).await {
+        if in_flight.is_none() {
+            if closed && waiting.is_empty() {
+                break;
+            }
+            if !waiting.is_empty() || pool.needs_refill() {
+                in_flight = zygote.take().map(start_fork);
+            }
+        }
+        let retry_at = pool.retry_at.filter(|_| in_flight.is_none());
+        tokio::select! {
+            (z, t0, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                in_flight = None;
+                zygote = Some(z);
+                let gone = matches!(r, Err(WorkerError::Fork(ForkError::ZygoteGone(_))));
+                match r {
                     Ok(w) => {
                         pool.forked(t0);
-                        pool.refill_times.push_back(t0);
-                        pool.stats.refills += 1;
                         pool.retry_at = None;
-                        pool.idle.push_back(w);
+                        match waiting.pop_front() {
+                            // A requester that went away drops the worker,
+                            // closing its channel: the worker retires.
+                            Some(tx) => { let _ = tx.send(Ok(w)); }
+                            None => {
+                                pool.refill_times.push_back(t0);
+                                pool.stats.refills += 1;
+                                pool.idle.push_back(w);
+                            }
+                        }
                     }
-                    Err(e @ WorkerError::Fork(ForkError::ZygoteGone(_))) => {
+                    Err(e) => {
                         pool.fork_failed(&e);
-                        break;
-                    }
-                    Err(e) => pool.fork_failed(&e),
-                }
-                continue;
-            }
-            Err(mpsc::error::TryRecvError::Empty) => {
-                let retry_at = pool.retry_at;
-                tokio::select! {
-                    req = rx.recv() => match req {
-                        None => break,
-                        Some(req) => Some(req),
-                    },
-                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
-                        pool.retry_at = None;
-                        None
+                        if let Some(tx) = waiting.pop_front() {
+                            let _ = tx.send(Err(e));
+                        }
                     }
                 }
-            }
-        };
-        match req {
-            None => {}
-            Some(Request::Stats(tx)) => {
-                pool.prune();
-                let _ = tx.send(pool.snapshot());
-            }
-            Some(Request::Take(tx)) => {
-                pool.prune();
-                let w = match pool.idle.pop_front() {
-                    Some(w) => {
-                        pool.stats.hits += 1;
-                        Ok(w)
-                    }
-                    None => {
-                        pool.stats.misses += 1;
-                        let t0 = Instant::now();
-                        let r = make_worker(&mut pool.zygote).await;
-                        if r.is_ok() {
-                            pool.forked(t0);
-                        }
-                        if let Err(e) = &r {
-                            pool.fork_failed(e);
-                        }
-                        r
-                    }
-                };
-                let gone = matches!(w, Err(WorkerError::Fork(ForkError::ZygoteGone(_))));
-                // A requester that went away drops the worker, closing its
-                // channel: the worker retires.
-                let _ = tx.send(w);
                 if gone {
                     break;
                 }
             }
+            req = rx.recv(), if !closed => match req {
+                None => closed = true,
+                Some(Request::Stats(tx)) => {
+                    pool.prune();
+                    let _ = tx.send(pool.snapshot());
+                }
+                Some(Request::Take(tx)) => {
+                    pool.prune();
+                    match pool.idle.pop_front() {
+                        Some(w) => {
+                            pool.stats.hits += 1;
+                            let _ = tx.send(Ok(w));
+                        }
+                        None => {
+                            pool.stats.misses += 1;
+                            waiting.push_back(tx);
+                        }
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                pool.retry_at = None;
+            }
         }
     }
+    drop(in_flight);
     for w in pool.idle.drain(..) {
         w.discard().await;
     }
-    pool.zygote.shutdown().await;
+    if let Some(z) = zygote {
+        z.shutdown().await;
+    }
 }

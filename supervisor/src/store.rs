@@ -76,6 +76,9 @@ pub enum StoreError {
         /// The format found.
         found: u32,
     },
+    /// The state writer thread is gone (emberd is shutting down).
+    #[error("the state writer thread is gone")]
+    WriterGone,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + use<'a> {
@@ -161,8 +164,21 @@ impl Store {
         write_atomic(&self.dir, DESIRED, &bytes)
     }
 
-    /// Copies an artifact into the store under its SHA-256; returns the hash.
+    /// Copies an artifact into the store under its SHA-256 and returns the
+    /// hash, *without* making it durable: a launch can use it at once, and
+    /// [`Persister::save`] syncs it before the desired state that refers to
+    /// it. (An artifact no saved state refers to is removed at start-up.)
+    pub fn place_artifact(&self, src: &Path) -> Result<String, StoreError> {
+        self.copy_artifact(src, false)
+    }
+
+    /// Copies an artifact into the store under its SHA-256, durably; returns
+    /// the hash.
     pub fn add_artifact(&self, src: &Path) -> Result<String, StoreError> {
+        self.copy_artifact(src, true)
+    }
+
+    fn copy_artifact(&self, src: &Path, durable: bool) -> Result<String, StoreError> {
         let dir = self.dir.join("artifacts");
         let mut input = File::open(src).map_err(io_err("open", src))?;
         let tmp_name = format!(".tmp-{}-{}", std::process::id(), unique());
@@ -179,13 +195,17 @@ impl Store {
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n]).map_err(io_err("write", &tmp))?;
             }
-            out.sync_all().map_err(io_err("fsync", &tmp))?;
+            if durable {
+                out.sync_all().map_err(io_err("fsync", &tmp))?;
+            }
             let hash = hex(&hasher.finalize());
             let dst = self.artifact_path(&hash);
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
                 .map_err(io_err("chmod", &tmp))?;
             fs::rename(&tmp, &dst).map_err(io_err("rename", &dst))?;
-            sync_dir(&dir)?;
+            if durable {
+                sync_dir(&dir)?;
+            }
             Ok(hash)
         })();
         if result.is_err() {
@@ -227,6 +247,94 @@ fn create_private(path: &Path) -> Result<File, StoreError> {
         .mode(0o600)
         .open(path)
         .map_err(io_err("create", path))
+}
+
+/// One durable write of the desired state, queued on the [`Persister`].
+struct SaveJob {
+    state: DesiredState,
+    artifact: Option<PathBuf>,
+    done: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+/// Writes desired state on its own thread, in the order it was asked to:
+/// fsync is milliseconds here, so the actor hands the write off and keeps
+/// launching, and a later snapshot can never be overtaken by an earlier one.
+#[derive(Debug, Clone)]
+pub struct Persister {
+    tx: std::sync::mpsc::Sender<SaveJob>,
+}
+
+impl std::fmt::Debug for SaveJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveJob")
+            .field("artifact", &self.artifact)
+            .finish()
+    }
+}
+
+impl Persister {
+    /// Starts the writer thread for `store`.
+    pub fn start(store: Store) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<SaveJob>();
+        std::thread::Builder::new()
+            .name("ember-persist".into())
+            .spawn(move || {
+                for job in rx {
+                    let result = (|| {
+                        if let Some(a) = &job.artifact {
+                            File::open(a)
+                                .and_then(|f| f.sync_all())
+                                .map_err(io_err("fsync", a))?;
+                            sync_dir(&store.dir.join("artifacts"))?;
+                        }
+                        store.save(&job.state)
+                    })();
+                    (job.done)(result);
+                }
+            })
+            .expect("spawn the state writer thread");
+        Self { tx }
+    }
+
+    /// Queues a durable write of `state` (after syncing `artifact`, which it
+    /// refers to); the receiver says when it is on disk.
+    pub fn save(
+        &self,
+        state: DesiredState,
+        artifact: Option<PathBuf>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(state, artifact, move |r| {
+            let _ = tx.send(r);
+        });
+        rx
+    }
+
+    /// Writes `state` durably after everything queued before it, and waits
+    /// (blocking the calling thread, as a synchronous write would).
+    pub fn save_blocking(&self, state: DesiredState) -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.enqueue(state, None, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or(Err(StoreError::WriterGone))
+    }
+
+    fn enqueue(
+        &self,
+        state: DesiredState,
+        artifact: Option<PathBuf>,
+        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        let job = SaveJob {
+            state,
+            artifact,
+            done: Box::new(done),
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
+            (job.done)(Err(StoreError::WriterGone));
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

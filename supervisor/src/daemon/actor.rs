@@ -30,7 +30,7 @@ use crate::listeners::{self, Bound, ListenError};
 use crate::manifest::{self, ManifestSummary};
 use crate::metrics::Memory;
 use crate::pool::PoolHandle;
-use crate::store::{DesiredState, ModuleRecord, Store};
+use crate::store::{DesiredState, ModuleRecord, Persister, Store, StoreError};
 use crate::varlink::ErrorReply;
 use crate::worker::{Grant, GrantKind, LaunchOrder, ToWorker};
 use crate::zygote::client::pidfd_signal;
@@ -130,7 +130,14 @@ impl Module {
 /// The state owner.
 pub struct Actor {
     store: Store,
+    /// The only writer of `desired.json`, in order, off the actor's thread.
+    persister: Persister,
+    /// Installs whose state could not be written: roll back and answer.
+    unsaved_tx: mpsc::UnboundedSender<(String, StoreError, Reply)>,
+    unsaved_rx: mpsc::UnboundedReceiver<(String, StoreError, Reply)>,
     desired: DesiredState,
+    /// Memory readings for Status, reused for a second.
+    memory: crate::metrics::MemoryCache,
     modules: BTreeMap<String, Module>,
     pidfds: HashMap<i32, OwnedFd>,
     /// Registered workers by pid (the registry's view).
@@ -189,9 +196,14 @@ impl Actor {
         limiter: Arc<Limiter>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (unsaved_tx, unsaved_rx) = mpsc::unbounded_channel();
         Self {
+            persister: Persister::start(store.clone()),
+            unsaved_tx,
+            unsaved_rx,
             store,
             desired,
+            memory: Default::default(),
             modules: BTreeMap::new(),
             pidfds: HashMap::new(),
             live: HashMap::new(),
@@ -234,6 +246,7 @@ impl Actor {
                     OsMsg::Instance(ev) => self.instance_event(ev),
                     OsMsg::Register(r) => self.register(r),
                 },
+                Some((name, source, reply)) = self.unsaved_rx.recv() => self.unsaved(name, source, reply),
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
             }
             self.settle_uninstalls();
@@ -340,11 +353,7 @@ impl Actor {
     fn control(&mut self, request: Request, reply: Reply) {
         let value = |v: Result<Value, ErrorReply>| v.map(Response::Value);
         let result = match request {
-            Request::Install(req) => value(
-                self.install(req)
-                    .map(|m| serde_json::json!({ "module": m }))
-                    .map_err(ErrorReply::from),
-            ),
+            Request::Install(req) => return self.install(req, reply),
             Request::Uninstall(req) => return self.uninstall(req.name, reply),
             Request::List(_) => value(Ok(to_value(ListReply {
                 modules: self.modules.values().map(summary).collect(),
@@ -355,7 +364,7 @@ impl Actor {
                     .map(|m| {
                         let imports = imports_status(m, &self.modules, &self.live, &self.wired);
                         to_value(StatusReply {
-                            status: status(m, imports, &self.limiter),
+                            status: status(m, imports, &self.limiter, &self.memory),
                         })
                     })
                     .ok_or_else(|| module_not_found(&req.name)),
@@ -380,7 +389,56 @@ impl Actor {
         let _ = reply.send(result);
     }
 
-    fn install(&mut self, req: Install) -> Result<ModuleSummary, InstallError> {
+    /// Installs and launches a module, answering once its desired state is
+    /// on disk. The launch does not wait for the disk: the artifact is placed
+    /// and the worker started first, and the (millisecond) fsyncs run on the
+    /// persister meanwhile. An install that was never acknowledged may be
+    /// missing after a crash; an acknowledged one never is.
+    fn install(&mut self, req: Install, reply: Reply) {
+        match self.install_and_launch(req) {
+            Ok((summary, hash)) => {
+                let name = summary.name.clone();
+                let done = self
+                    .persister
+                    .save(self.desired.clone(), Some(self.store.artifact_path(&hash)));
+                let unsaved = self.unsaved_tx.clone();
+                tokio::spawn(async move {
+                    match done.await.unwrap_or(Err(StoreError::WriterGone)) {
+                        Ok(()) => {
+                            let m = serde_json::json!({ "module": summary });
+                            let _ = reply.send(Ok(Response::Value(m)));
+                        }
+                        Err(e) => {
+                            let _ = unsaved.send((name, e, reply));
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// An install whose state could not be written: undo it (stop, remove,
+    /// write the state without it) and say why.
+    fn unsaved(&mut self, name: String, source: StoreError, reply: Reply) {
+        let e: ErrorReply = InstallError::Store {
+            name: name.clone(),
+            source,
+        }
+        .into();
+        let _ = reply.send(Err(e));
+        if self.modules.contains_key(&name) {
+            let (ignored, _) = oneshot::channel();
+            self.uninstall(name, ignored);
+        }
+    }
+
+    fn install_and_launch(
+        &mut self,
+        req: Install,
+    ) -> Result<(ModuleSummary, String), InstallError> {
         if !req.path.is_absolute() {
             return Err(InstallError::Relative { path: req.path });
         }
@@ -416,7 +474,7 @@ impl Actor {
             name: summary.name.clone(),
             source,
         };
-        let hash = match self.store.add_artifact(&artifact) {
+        let hash = match self.store.place_artifact(&artifact) {
             Ok(h) => h,
             Err(e) => {
                 listeners::release(bound);
@@ -426,23 +484,17 @@ impl Actor {
         let record = ModuleRecord {
             name: summary.name.clone(),
             version: summary.version.clone(),
-            artifact_sha256: hash,
+            artifact_sha256: hash.clone(),
             manifest: text,
             source: manifest_path,
         };
         self.desired
             .modules
             .insert(record.name.clone(), record.clone());
-        if let Err(e) = self.store.save(&self.desired) {
-            self.desired.modules.remove(&record.name);
-            self.store.collect_garbage(&self.desired);
-            listeners::release(bound);
-            return Err(store_err(e));
-        }
         tracing::info!(module = %record.name, version = %record.version, "installed");
         let name = record.name.clone();
         self.add_and_start(record, Ok(bound));
-        Ok(self::summary(&self.modules[&name]))
+        Ok((self::summary(&self.modules[&name]), hash))
     }
 
     fn stop_module(&mut self, name: &str) {
@@ -489,7 +541,7 @@ impl Actor {
                 continue;
             };
             let record = self.desired.modules.remove(&name);
-            if let Err(source) = self.store.save(&self.desired) {
+            if let Err(source) = self.persister.save_blocking(self.desired.clone()) {
                 if let Some(r) = record {
                     self.desired.modules.insert(name.clone(), r);
                 }
@@ -801,7 +853,13 @@ fn summary(m: &Module) -> ModuleSummary {
     }
 }
 
-fn replica_status(m: &Module, r: usize, l: &Lifecycle, limiter: &Limiter) -> ReplicaStatus {
+fn replica_status(
+    m: &Module,
+    r: usize,
+    l: &Lifecycle,
+    limiter: &Limiter,
+    memory: &crate::metrics::MemoryCache,
+) -> ReplicaStatus {
     let pid = l.pid();
     let cgroups = pid.map_or_else(Vec::new, |p| {
         limiter
@@ -819,7 +877,7 @@ fn replica_status(m: &Module, r: usize, l: &Lifecycle, limiter: &Limiter) -> Rep
         restarts: l.restarts(),
         last_error: l.last_error().map(str::to_owned),
         state_seconds: l.since().elapsed().as_secs_f64(),
-        memory: pid.and_then(|p| crate::metrics::memory(p).ok()),
+        memory: pid.and_then(|p| memory.memory(p)),
         cpu_seconds: pid.and_then(|p| crate::metrics::cpu_seconds(p).ok()),
         cgroups,
     }
@@ -856,12 +914,17 @@ fn imports_status(
         .collect()
 }
 
-fn status(m: &Module, imports: Vec<ImportStatus>, limiter: &Limiter) -> ModuleStatus {
+fn status(
+    m: &Module,
+    imports: Vec<ImportStatus>,
+    limiter: &Limiter,
+    memory: &crate::metrics::MemoryCache,
+) -> ModuleStatus {
     let replicas: Vec<ReplicaStatus> = m
         .replicas
         .iter()
         .enumerate()
-        .map(|(r, l)| replica_status(m, r, l, limiter))
+        .map(|(r, l)| replica_status(m, r, l, limiter, memory))
         .collect();
     let many = replicas.len() > 1;
     // Module-level fields: the first replica that has one (prefixed with its
