@@ -245,12 +245,9 @@ fn launch_once(
     name: &str,
     verify: bool,
 ) -> Result<(Duration, Duration), DaemonError> {
-    let t = Instant::now();
-    d.install(dir)?;
-    let reply = t.elapsed();
-    let status = d.wait_running(name, TIMEOUT)?;
-    let total = t.elapsed();
+    let (total, reply) = d.install_until_running(dir, name, TIMEOUT)?;
     if verify {
+        let status = d.status(name)?;
         let pid = status["pid"].as_u64().unwrap_or(0) as u32;
         if !daemon::runs_module_artifact(pid, d.state_dir()) {
             return Err(DaemonError::ModuleFailed {
@@ -287,8 +284,10 @@ fn run_emberd(
     d.wait_pool_idle(2, TIMEOUT)?;
     let before = d.pool()?;
     for i in 0..n_warm + 3 {
-        // A warm idle worker is available for every sample.
+        // A warm idle worker is available for every sample, and the
+        // previous sample's worker has finished exiting.
         d.wait_pool_idle(1, TIMEOUT)?;
+        std::thread::sleep(Duration::from_millis(30));
         let (t, r) = launch_once(&mut d, dir, name, i == 0)?;
         if i >= 3 {
             warm.push(t);

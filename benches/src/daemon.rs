@@ -94,6 +94,8 @@ impl Default for Options {
 pub struct Emberd {
     child: Option<Child>,
     client: Client,
+    /// A second connection, for watching while a call is in flight.
+    watcher: Option<Client>,
     socket: PathBuf,
     state: PathBuf,
     log: PathBuf,
@@ -186,6 +188,7 @@ impl Emberd {
         Ok(Self {
             child,
             client,
+            watcher: None,
             socket,
             state,
             log,
@@ -239,6 +242,60 @@ impl Emberd {
     /// `Install` of a module directory.
     pub fn install(&mut self, dir: &Path) -> Result<Value, DaemonError> {
         self.call("Install", json!({"path": dir}))
+    }
+
+    /// `Install` of a module directory, timed the way a user sees it: the
+    /// call goes out on the main connection while a second connection
+    /// polls `List` (the cheap call: no per-process metrics) until the
+    /// module runs; then the Install reply (sent once the desired state is
+    /// on disk) is read. Returns (Install → running, Install → reply).
+    pub fn install_until_running(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(Duration, Duration), DaemonError> {
+        let call = |method: &str| {
+            let method = method.to_owned();
+            move |source| DaemonError::Call { method, source }
+        };
+        if self.watcher.is_none() {
+            self.watcher = Some(Client::connect(&self.socket).map_err(call("connect"))?);
+        }
+        let t = Instant::now();
+        self.client
+            .send("io.ember.Supervisor.Install", json!({"path": dir}))
+            .map_err(call("Install"))?;
+        let end = t + timeout;
+        let watcher = self.watcher.as_mut().expect("connected above");
+        let running = loop {
+            let list = watcher.ember("List", json!({})).map_err(call("List"))?;
+            let state = list["modules"]
+                .as_array()
+                .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+                .and_then(|m| m["state"].as_str())
+                .unwrap_or("")
+                .to_owned();
+            match state.as_str() {
+                "running" => break t.elapsed(),
+                "failed" | "crashloop" | "backoff" | "stopped" => {
+                    return Err(DaemonError::ModuleFailed {
+                        name: name.into(),
+                        state,
+                        reason: "see Status".into(),
+                    })
+                }
+                _ => {}
+            }
+            if Instant::now() > end {
+                return Err(DaemonError::Timeout(timeout, format!("`{name}` to run")));
+            }
+            if !self.poll.is_zero() {
+                std::thread::sleep(self.poll);
+            }
+        };
+        self.client.receive().map_err(call("Install"))?;
+        Ok((running, t.elapsed()))
     }
 
     /// `Uninstall`.

@@ -63,9 +63,20 @@ impl Client {
     /// Calls `method` (e.g. `io.ember.Supervisor.Status`) and returns the
     /// reply's `parameters` (an empty object when absent).
     pub fn call(&mut self, method: &str, parameters: Value) -> Result<Value, VarlinkError> {
+        self.send(method, parameters)?;
+        self.receive()
+    }
+
+    /// Sends a call without waiting for its reply (see [`Client::receive`]).
+    pub fn send(&mut self, method: &str, parameters: Value) -> Result<(), VarlinkError> {
         let mut msg = serde_json::to_vec(&json!({"method": method, "parameters": parameters}))?;
         msg.push(0);
         self.stream.write_all(&msg)?;
+        Ok(())
+    }
+
+    /// Reads the reply to the oldest call sent and not yet answered.
+    pub fn receive(&mut self) -> Result<Value, VarlinkError> {
         let reply = self.read_message()?;
         let mut v: Value = serde_json::from_slice(&reply)?;
         let params = v

@@ -412,8 +412,44 @@ impl Limiter {
         dirs
     }
 
-    /// Creates the instance's cgroup(s), sets `limits` and moves `pid`
-    /// into it. On error what was created is removed again.
+    /// The name of an idle worker's cgroup.
+    fn idle_name(pid: i32) -> String {
+        format!("idle.{pid}")
+    }
+
+    /// Moves a fresh idle worker into a cgroup of its own, ahead of any
+    /// launch. Attaching a process to a new cgroup waits for an RCU grace
+    /// period (about 8 ms on this project's VMs), so the pool does it while
+    /// refilling, off the launch path; [`Limiter::enter`] then only renames
+    /// the directory and writes the limits.
+    pub fn adopt(&self, pid: i32) -> Result<(), CgroupError> {
+        for (_, _, parent) in &self.parents {
+            let dir = parent.join(Self::idle_name(pid));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_at(&dir)(e)),
+            }
+            let f = dir.join("cgroup.procs");
+            if let Err(e) = std::fs::write(&f, pid.to_string()) {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(io_at(&f)(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroup of an idle worker that died or was discarded
+    /// before any launch (it must have exited).
+    pub fn release_idle(&self, pid: i32) {
+        for (_, _, parent) in &self.parents {
+            let _ = std::fs::remove_dir(parent.join(Self::idle_name(pid)));
+        }
+    }
+
+    /// Creates the instance's cgroup(s) (or renames the idle worker's, see
+    /// [`Limiter::adopt`]), sets `limits` and moves `pid` into it. On error
+    /// what was created is removed again.
     pub fn enter(
         &self,
         module: &str,
@@ -427,10 +463,17 @@ impl Limiter {
             limit: limits.memory,
         };
         let name = instance_name(module, replica, pid);
+        // Directories the worker is already in (adopted while idle).
+        let mut joined: Vec<PathBuf> = Vec::new();
         for (c, version, parent) in &self.parents {
             let dir = parent.join(&name);
             if !inst.dirs.contains(&dir) {
-                std::fs::create_dir(&dir).map_err(io_at(&dir))?;
+                let idle = parent.join(Self::idle_name(pid));
+                if std::fs::rename(&idle, &dir).is_ok() {
+                    joined.push(dir.clone());
+                } else {
+                    std::fs::create_dir(&dir).map_err(io_at(&dir))?;
+                }
                 inst.dirs.push(dir.clone());
             }
             for (file, value) in settings(*version, *c, limits) {
@@ -448,7 +491,7 @@ impl Limiter {
                 inst.memory = Some((*version, dir));
             }
         }
-        for dir in &inst.dirs {
+        for dir in inst.dirs.iter().filter(|d| !joined.contains(d)) {
             let f = dir.join("cgroup.procs");
             if let Err(e) = std::fs::write(&f, pid.to_string()) {
                 inst.remove();

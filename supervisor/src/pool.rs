@@ -13,8 +13,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::cgroup::Limiter;
 use crate::config::PoolConfig;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::link::{HandshakeError, WorkerLink};
 use crate::zygote::client::{pidfd_exited, pidfd_reap, pidfd_signal};
@@ -187,13 +189,26 @@ impl PoolHandle {
 /// Starts the pool task; it owns the zygote. The task ends when every
 /// handle is dropped or the zygote dies; then it shuts the zygote down and
 /// `done` fires.
-pub fn start(zygote: Zygote, policy: PoolConfig) -> (PoolHandle, tokio::task::JoinHandle<()>) {
+pub fn start(
+    zygote: Zygote,
+    policy: PoolConfig,
+    limiter: Arc<Limiter>,
+) -> (PoolHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(run(zygote, policy, rx));
+    let task = tokio::spawn(run(zygote, policy, limiter, rx));
     (PoolHandle { tx }, task)
 }
 
+/// How long the pool waits after handing out a worker before it forks
+/// replacements. A fork of a zygote that carries hundreds of MiB costs
+/// milliseconds of CPU; started at once it would compete with the launch
+/// that just took a worker (on a 2-core host it doubled launch latency).
+pub const REFILL_DELAY: Duration = Duration::from_millis(25);
+
 struct Pool {
+    limiter: Arc<Limiter>,
+    /// When a worker was last handed out; refills wait [`REFILL_DELAY`].
+    last_take: Option<Instant>,
     refill_times: VecDeque<Instant>,
     fork_total: Duration,
     forks: u32,
@@ -212,6 +227,7 @@ impl Pool {
                     pidfd_reap(w.pidfd.as_fd());
                 }
                 tracing::warn!(pid = w.pid, "idle worker died");
+                self.limiter.release_idle(w.pid);
                 false
             } else {
                 true
@@ -219,7 +235,9 @@ impl Pool {
         });
     }
 
-    fn needs_refill(&mut self) -> bool {
+    /// Whether the pool is below its policy (refill from under `min_idle`
+    /// up to `max_idle`).
+    fn wants_refill(&mut self) -> bool {
         let n = self.idle.len();
         if n < self.stats.min_idle {
             self.refilling = true;
@@ -227,7 +245,22 @@ impl Pool {
         if n >= self.stats.max_idle {
             self.refilling = false;
         }
-        self.refilling && self.retry_at.is_none_or(|t| Instant::now() >= t)
+        self.refilling
+    }
+
+    fn needs_refill(&mut self) -> bool {
+        self.wants_refill() && self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// When a deferred refill may start.
+    fn refill_at(&self) -> Option<Instant> {
+        self.last_take.map(|t| t + REFILL_DELAY)
+    }
+
+    /// Whether the last hand-out is long enough ago to fork replacements
+    /// (an empty pool refills at once: the next launch would miss).
+    fn refill_due(&self) -> bool {
+        self.idle.is_empty() || self.refill_at().is_none_or(|t| Instant::now() >= t)
     }
 
     fn fork_failed(&mut self, e: &WorkerError) {
@@ -267,16 +300,31 @@ type Fork = std::pin::Pin<
     Box<dyn std::future::Future<Output = (Zygote, Instant, Result<Worker, WorkerError>)> + Send>,
 >;
 
-fn start_fork(mut zygote: Zygote) -> Fork {
+fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>) -> Fork {
     Box::pin(async move {
         let t0 = Instant::now();
         let r = make_worker(&mut zygote).await;
+        if let Ok(w) = &r {
+            // Into its own cgroup now, while nobody waits for it.
+            let pid = w.pid;
+            let adopted = tokio::task::spawn_blocking(move || limiter.adopt(pid)).await;
+            if let Ok(Err(e)) = adopted {
+                tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+            }
+        }
         (zygote, t0, r)
     })
 }
 
-async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>) {
+async fn run(
+    zygote: Zygote,
+    policy: PoolConfig,
+    limiter: Arc<Limiter>,
+    mut rx: mpsc::Receiver<Request>,
+) {
     let mut pool = Pool {
+        limiter,
+        last_take: None,
         idle: VecDeque::new(),
         stats: PoolStats {
             min_idle: policy.min_idle,
@@ -303,11 +351,18 @@ async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>
             if closed && waiting.is_empty() {
                 break;
             }
-            if !waiting.is_empty() || pool.needs_refill() {
-                in_flight = zygote.take().map(start_fork);
+            if !waiting.is_empty() || (pool.needs_refill() && pool.refill_due()) {
+                in_flight = zygote.take().map(|z| start_fork(z, pool.limiter.clone()));
             }
         }
-        let retry_at = pool.retry_at.filter(|_| in_flight.is_none());
+        // Wake up for a fork retry, or when a deferred refill falls due.
+        let retry_at = if in_flight.is_some() {
+            None
+        } else if pool.wants_refill() {
+            pool.retry_at.into_iter().chain(pool.refill_at()).max()
+        } else {
+            None
+        };
         tokio::select! {
             (z, t0, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
@@ -347,6 +402,7 @@ async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>
                 }
                 Some(Request::Take(tx)) => {
                     pool.prune();
+                    pool.last_take = Some(Instant::now());
                     match pool.idle.pop_front() {
                         Some(w) => {
                             pool.stats.hits += 1;
@@ -360,13 +416,17 @@ async fn run(zygote: Zygote, policy: PoolConfig, mut rx: mpsc::Receiver<Request>
                 }
             },
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
-                pool.retry_at = None;
+                if pool.retry_at.is_some_and(|t| Instant::now() >= t) {
+                    pool.retry_at = None;
+                }
             }
         }
     }
     drop(in_flight);
     for w in pool.idle.drain(..) {
+        let pid = w.pid;
         w.discard().await;
+        pool.limiter.release_idle(pid);
     }
     if let Some(z) = zygote {
         z.shutdown().await;

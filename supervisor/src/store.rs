@@ -180,6 +180,12 @@ impl Store {
 
     fn copy_artifact(&self, src: &Path, durable: bool) -> Result<String, StoreError> {
         let dir = self.dir.join("artifacts");
+        // Content-addressed: an artifact already stored is not written again
+        // (re-installs and upgrades back to a known version skip the copy).
+        let hash = hash_file(src)?;
+        if self.artifact_path(&hash).is_file() {
+            return Ok(hash);
+        }
         let mut input = File::open(src).map_err(io_err("open", src))?;
         let tmp_name = format!(".tmp-{}-{}", std::process::id(), unique());
         let tmp = dir.join(&tmp_name);
@@ -334,6 +340,19 @@ impl Persister {
         if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
             (job.done)(Err(StoreError::WriterGone));
         }
+    }
+}
+
+fn hash_file(path: &Path) -> Result<String, StoreError> {
+    let mut input = File::open(path).map_err(io_err("open", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = input.read(&mut buf).map_err(io_err("read", path))?;
+        if n == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
     }
 }
 

@@ -877,7 +877,12 @@ fn replica_status(
         restarts: l.restarts(),
         last_error: l.last_error().map(str::to_owned),
         state_seconds: l.since().elapsed().as_secs_f64(),
-        memory: pid.and_then(|p| memory.memory(p)),
+        // smaps_rollup walks the process's page tables under its mmap lock,
+        // which would stall a module that is still loading (dlopen, thread
+        // stacks) for milliseconds: only running replicas are measured.
+        memory: pid
+            .filter(|_| l.state() == State::Running)
+            .and_then(|p| memory.memory(p)),
         cpu_seconds: pid.and_then(|p| crate::metrics::cpu_seconds(p).ok()),
         cgroups,
     }

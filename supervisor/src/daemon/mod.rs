@@ -120,7 +120,8 @@ async fn serve(
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
     let zygote_pid = zygote.pid();
     let zygote_exit = zygote::fork_pidfd_open(zygote_pid).ok();
-    let (pool, pool_task) = crate::pool::start(zygote, cfg.pool.clone());
+    let limiter = Arc::new(start_limiter());
+    let (pool, pool_task) = crate::pool::start(zygote, cfg.pool.clone(), limiter.clone());
 
     let socket_path = cfg.socket_path();
     let access = Arc::new(server::Access {
@@ -129,7 +130,6 @@ async fn serve(
         own_uid: nix::unistd::geteuid().as_raw(),
     });
 
-    let limiter = Arc::new(start_limiter());
     let (actor_tx, actor_rx) = mpsc::channel(256);
     let a = actor::Actor::new(
         store,
