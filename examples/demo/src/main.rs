@@ -93,9 +93,7 @@ fn run(once: bool, mask: &SigSet) -> Result<bool, Error> {
         d.socket().display()
     );
 
-    println!(
-        "[3/6] installing modules through the control socket (Install until Status says running)"
-    );
+    println!("[3/6] installing modules through the control socket (Install until the module runs)");
     let port = if port != 0 && std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
         println!("      port {port} is taken; greeter gets any free port");
         0
@@ -118,10 +116,8 @@ fn run(once: bool, mask: &SigSet) -> Result<bool, Error> {
             },
         )?;
         d.wait_pool_idle(1, Duration::from_secs(30))?;
-        let t = Instant::now();
-        d.install(&dir)?;
-        let status = d.wait_running(name, Duration::from_secs(30))?;
-        let warm = t.elapsed();
+        let (warm, _acknowledged) = d.install_until_running(&dir, name, Duration::from_secs(30))?;
+        let status = d.status(name)?;
         let pids: Vec<u32> = status["replicas"]
             .as_array()
             .map(|rs| {
