@@ -7,6 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A directory removed with everything in it when dropped.
@@ -117,4 +118,68 @@ pub fn recv_fds(sock: &UnixStream) -> (Option<u8>, Vec<OwnedFd>) {
     let mut buf = [0u8; 1];
     let (n, fds) = shm_ipc::fdpass::recv_with_fds(sock.as_fd(), &mut buf).expect("recv fds");
     ((n == 1).then_some(buf[0]), fds)
+}
+
+/// Every example and fixture crate the tests load.
+pub const EXAMPLES: &[&str] = &[
+    "hello",
+    "kv",
+    "greeter",
+    "catalog",
+    "fixture-panic-start",
+    "fixture-segfault",
+    "fixture-abort",
+    "fixture-never-ready",
+    "fixture-unbounded-alloc",
+    "fixture-wrong-abi",
+    "fixture-ignores-stop",
+];
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_owned()
+}
+
+/// `target/<profile>` of the running test binary
+/// (`target/<profile>/deps/<test>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_owned()
+}
+
+/// Builds the example cdylibs once per test binary, with the same cargo,
+/// target directory and profile as the tests themselves, so that a fresh
+/// clone plus `cargo test --workspace` works.
+pub fn build_examples() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile = profile_dir();
+        let target = profile.parent().expect("target dir").to_owned();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(workspace_root())
+            .arg("build")
+            .arg("--quiet")
+            .arg("--target-dir")
+            .arg(&target);
+        if profile.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        for e in EXAMPLES {
+            cmd.arg("-p").arg(e);
+        }
+        let status = cmd.status().expect("run cargo build for the examples");
+        assert!(status.success(), "building the examples failed");
+    });
+}
+
+/// Path of the cdylib built for crate `name` (built on first use).
+pub fn artifact(name: &str) -> PathBuf {
+    build_examples();
+    profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
 }

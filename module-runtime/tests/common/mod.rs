@@ -10,7 +10,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use module_runtime::abi::GrantKind;
@@ -18,64 +17,8 @@ use module_runtime::protocol::{
     self, Failure, FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker,
 };
 
-/// Every example and fixture crate the tests load.
-pub const EXAMPLES: &[&str] = &[
-    "hello",
-    "kv",
-    "greeter",
-    "catalog",
-    "fixture-panic-start",
-    "fixture-segfault",
-    "fixture-abort",
-    "fixture-never-ready",
-    "fixture-unbounded-alloc",
-    "fixture-wrong-abi",
-    "fixture-ignores-stop",
-];
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// `target/<profile>` of this test binary (`target/<profile>/deps/<test>`).
-pub fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_owned()
-}
-
-/// Builds the example cdylibs once per test binary, with the same cargo,
-/// target directory and profile as the tests themselves, so that a fresh
-/// clone plus `cargo test --workspace` works.
-pub fn build_examples() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile = profile_dir();
-        let target = profile.parent().unwrap().to_owned();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(workspace_root())
-            .arg("build")
-            .arg("--quiet")
-            .arg("--target-dir")
-            .arg(&target);
-        if profile.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        for e in EXAMPLES {
-            cmd.arg("-p").arg(e);
-        }
-        let status = cmd.status().expect("run cargo build for the examples");
-        assert!(status.success(), "building the examples failed");
-    });
-}
-
-/// Path of the cdylib built for crate `name`.
-pub fn artifact(name: &str) -> PathBuf {
-    build_examples();
-    profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
-}
+#[allow(unused_imports)]
+pub use ember_tests::{artifact, workspace_root};
 
 /// Text of `examples/<dir>/module.toml`.
 pub fn manifest(dir: &str) -> String {

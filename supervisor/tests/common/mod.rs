@@ -253,63 +253,8 @@ pub fn wait_dead(pid: i32) -> bool {
     false
 }
 
-/// Every example and fixture crate the tests load.
-pub const EXAMPLES: &[&str] = &[
-    "hello",
-    "kv",
-    "greeter",
-    "catalog",
-    "fixture-panic-start",
-    "fixture-segfault",
-    "fixture-abort",
-    "fixture-never-ready",
-    "fixture-unbounded-alloc",
-    "fixture-wrong-abi",
-    "fixture-ignores-stop",
-];
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// `target/<profile>` of this test binary (`target/<profile>/deps/<test>`).
-pub fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_owned()
-}
-
-/// Builds the example cdylibs once per test binary, with the same cargo,
-/// target directory and profile as the tests (as module-runtime's tests do).
-pub fn build_examples() {
-    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile = profile_dir();
-        let target = profile.parent().unwrap().to_owned();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(workspace_root())
-            .arg("build")
-            .arg("--quiet")
-            .arg("--target-dir")
-            .arg(&target);
-        if profile.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        for e in EXAMPLES {
-            cmd.arg("-p").arg(e);
-        }
-        let status = cmd.status().expect("run cargo build for the examples");
-        assert!(status.success(), "building the examples failed");
-    });
-}
-
-/// Path of the cdylib built for crate `name`.
-pub fn artifact(name: &str) -> PathBuf {
-    build_examples();
-    profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
-}
+#[allow(unused_imports)]
+pub use ember_tests::{artifact, workspace_root};
 
 /// A module directory named `name` whose manifest runs the example crate
 /// `krate` (entry: the built cdylib, absolute), with `extra` manifest text
