@@ -1113,8 +1113,12 @@ mod tests {
         ) {
             let (c, s) = channel_pair(&ChannelConfig { slots: 8, slot_capacity: 128 }).unwrap();
             let attacker = Region::map_rw(c.fds()[0], Layout::new(8, 128).unwrap().total()).unwrap();
+            // Both ends open before the attack starts: the header is read
+            // once at open (a scribbled header is refused there, tested
+            // below); from then on only the rings and slots matter.
+            let mut s = ServerChannel::open(s).unwrap();
+            let mut client = Client::open(c).unwrap();
             let server = std::thread::spawn(move || {
-                let mut s = ServerChannel::open(s).unwrap();
                 s.set_wait(WaitStrategy::PARK);
                 let end = Instant::now() + Duration::from_secs(5);
                 loop {
@@ -1125,7 +1129,6 @@ mod tests {
                     }
                 }
             });
-            let mut client = Client::open(c).unwrap();
             for (i, (off, val)) in writes.iter().enumerate() {
                 let off = (off % attacker.len()) & !3;
                 attacker.u32_at(off).store(*val, Ordering::Relaxed);
