@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -180,32 +180,23 @@ impl Store {
 
     fn copy_artifact(&self, src: &Path, durable: bool) -> Result<String, StoreError> {
         let dir = self.dir.join("artifacts");
+        // One read of the whole file (artifacts are kilobytes to a few
+        // megabytes): hashed in memory, written from memory if new.
+        let bytes = fs::read(src).map_err(io_err("read", src))?;
+        let hash = hex(&Sha256::digest(&bytes));
+        let dst = self.artifact_path(&hash);
         // Content-addressed: an artifact already stored is not written again
         // (re-installs and upgrades back to a known version skip the copy).
-        let hash = hash_file(src)?;
-        if self.artifact_path(&hash).is_file() {
+        if dst.is_file() {
             return Ok(hash);
         }
-        let mut input = File::open(src).map_err(io_err("open", src))?;
-        let tmp_name = format!(".tmp-{}-{}", std::process::id(), unique());
-        let tmp = dir.join(&tmp_name);
-        let mut out = create_private(&tmp)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), unique()));
         let result = (|| {
-            loop {
-                let n = input.read(&mut buf).map_err(io_err("read", src))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(io_err("write", &tmp))?;
-            }
+            let mut out = create_private(&tmp)?;
+            out.write_all(&bytes).map_err(io_err("write", &tmp))?;
             if durable {
                 out.sync_all().map_err(io_err("fsync", &tmp))?;
             }
-            let hash = hex(&hasher.finalize());
-            let dst = self.artifact_path(&hash);
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
                 .map_err(io_err("chmod", &tmp))?;
             fs::rename(&tmp, &dst).map_err(io_err("rename", &dst))?;
@@ -340,19 +331,6 @@ impl Persister {
         if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
             (job.done)(Err(StoreError::WriterGone));
         }
-    }
-}
-
-fn hash_file(path: &Path) -> Result<String, StoreError> {
-    let mut input = File::open(path).map_err(io_err("open", path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = input.read(&mut buf).map_err(io_err("read", path))?;
-        if n == 0 {
-            return Ok(hex(&hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
     }
 }
 
