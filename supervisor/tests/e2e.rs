@@ -330,19 +330,29 @@ fn failure_fixtures_fail_clearly_while_the_rest_serve() {
 #[test]
 fn stop_is_graceful_through_the_protocol() {
     let d = daemon();
-    // A stop deadline far longer than a graceful stop takes: SIGKILL at the
-    // deadline would make uninstall last 20 s.
+    // Not a speed check: the stop deadline is the dividing line. A module
+    // that stops when asked (protocol Stop) lets uninstall return before
+    // it; one that is only killed at the deadline makes uninstall wait the
+    // whole deadline (the `ignores-stop` fixture tests that path).
+    const STOP_DEADLINE: Duration = Duration::from_secs(20);
     let dir = real_module(
         &d.dir.0,
         "polite",
         "hello",
-        "[limits]\nstop_deadline = \"20s\"\n",
+        &format!(
+            "[limits]\nstop_deadline = \"{}s\"\n",
+            STOP_DEADLINE.as_secs()
+        ),
     );
     assert!(d.ctl(&["install", dir.to_str().unwrap()]).status.success());
     let pid = pid_of(&d.wait_status("polite", "running", running)).unwrap();
-    let t0 = Instant::now();
+    let asked = Instant::now();
     assert!(d.ctl(&["uninstall", "polite"]).status.success());
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let stopped_after = asked.elapsed();
+    assert!(
+        stopped_after < STOP_DEADLINE,
+        "uninstall waited out the stop deadline ({stopped_after:?}): the module was killed, not stopped"
+    );
     assert!(wait_dead(pid));
 }
 
