@@ -137,6 +137,19 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
     let (st, body) = http_get(port, "/stats");
     assert_eq!(st, 200);
     assert!(!body.contains("catalog_entries=0"), "{body}");
+    // Socket activation conventions: both replicas hold the one listener at
+    // descriptor 3, named by LISTEN_FDNAMES.
+    let (st, body) = http_get(port, "/listen-fds");
+    assert_eq!(st, 200);
+    assert_eq!(
+        body, "LISTEN_FDS=1 LISTEN_FDNAMES=http LISTEN_PID_is_self=true",
+        "{body}"
+    );
+    let fd3 = |pid: &Value| std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap();
+    assert_eq!(fd3(&greeter_pids[0]), fd3(&greeter_pids[1]));
+    assert!(fd3(&greeter_pids[0])
+        .to_string_lossy()
+        .starts_with("socket:"));
 
     // The supervisor kept no end of any channel.
     assert_eq!(memfds(emberd), Vec::<String>::new());

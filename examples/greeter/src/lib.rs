@@ -133,6 +133,19 @@ async fn route(path: &str, state: &State) -> (u16, String) {
                 format!("catalog_entries={n} catalog_init_pid={init} pid={pid}"),
             )
         }
+        ["listen-fds"] => {
+            // Socket activation as the worker set it up (fd 3 onwards).
+            let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
+            let pid_matches = var("LISTEN_PID") == std::process::id().to_string();
+            (
+                200,
+                format!(
+                    "LISTEN_FDS={} LISTEN_FDNAMES={} LISTEN_PID_is_self={pid_matches}",
+                    var("LISTEN_FDS"),
+                    var("LISTEN_FDNAMES")
+                ),
+            )
+        }
         _ => (404, "not found".into()),
     }
 }

@@ -3,7 +3,7 @@
 //! signal, and the fork itself. This is the one place in the worker that
 //! makes raw process-level calls.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
@@ -26,6 +26,53 @@ pub enum ProcessError {
 
 fn sys(call: &'static str) -> impl FnOnce(nix::Error) -> ProcessError {
     move |source| ProcessError::Sys { call, source }
+}
+
+/// The first descriptor of socket activation (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: RawFd = 3;
+
+/// Lays out descriptors the way systemd's socket activation does, for
+/// modules written against that convention: the `listeners` (given as
+/// indices into `fds`, in order) become descriptors 3, 4, … and `fds` is
+/// updated to the new numbers; `control` and every other descriptor are
+/// first moved above that block. Returns how many listeners were placed.
+/// Must run while the process is single-threaded (it renumbers descriptors).
+pub fn place_listeners(
+    control: &mut OwnedFd,
+    fds: &mut [OwnedFd],
+    listeners: &[usize],
+) -> Result<usize, ProcessError> {
+    let n = listeners.len() as RawFd;
+    if n == 0 {
+        return Ok(0);
+    }
+    let floor = LISTEN_FDS_START + n;
+    // Move everything out of [3, 3 + n) first, so the block is free.
+    for fd in std::iter::once(&mut *control).chain(fds.iter_mut()) {
+        let moved = nix::fcntl::fcntl(&*fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))
+            .map_err(sys("fcntl(F_DUPFD_CLOEXEC)"))?;
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing
+        // else owns it. Assigning drops (closes) the old number.
+        *fd = unsafe { OwnedFd::from_raw_fd(moved) };
+    }
+    for (i, &at) in listeners.iter().enumerate() {
+        let target = LISTEN_FDS_START + i as RawFd;
+        // SAFETY: `target` is below `floor`, where no descriptor is open
+        // any more (everything was moved above it), so dup3 creates a
+        // descriptor nothing else owns; it is wrapped at once.
+        let placed = unsafe {
+            let r = libc::dup3(fds[at].as_raw_fd(), target, libc::O_CLOEXEC);
+            if r < 0 {
+                return Err(ProcessError::Sys {
+                    call: "dup3",
+                    source: nix::Error::last(),
+                });
+            }
+            OwnedFd::from_raw_fd(r)
+        };
+        fds[at] = placed;
+    }
+    Ok(listeners.len())
 }
 
 /// Empties the signal mask and puts every catchable signal back to its

@@ -481,6 +481,55 @@ fn redirect_stdio(
     kept
 }
 
+/// Socket activation for modules that expect it: the listeners also appear
+/// as descriptors 3, 4, … with `LISTEN_FDS`, `LISTEN_FDNAMES` and
+/// `LISTEN_PID` set, as systemd would pass them (the SDK's
+/// `ModuleContext::tcp_listener` hands out the same descriptors by name: use
+/// one or the other). Any `LISTEN_*` inherited from emberd is removed.
+/// Runs before any thread exists, so changing the environment is sound.
+fn socket_activation(
+    chan: WorkerChannel,
+    grants: &[protocol::Grant],
+    mut fds: Vec<OwnedFd>,
+) -> (WorkerChannel, Vec<OwnedFd>) {
+    for var in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"] {
+        std::env::remove_var(var);
+    }
+    let mut at = 0;
+    let mut listeners = Vec::new();
+    let mut names = Vec::new();
+    for g in grants {
+        if g.kind == GrantKind::Listener {
+            listeners.push(at);
+            names.push(g.name.as_str());
+        }
+        at += g.kind.fd_count();
+    }
+    let mut control = chan.into_inner();
+    let placed = process::place_listeners(&mut control, &mut fds, &listeners);
+    let chan = WorkerChannel::new(control);
+    match placed {
+        Ok(0) => {}
+        Ok(n) => {
+            std::env::set_var("LISTEN_PID", std::process::id().to_string());
+            std::env::set_var("LISTEN_FDS", n.to_string());
+            std::env::set_var("LISTEN_FDNAMES", names.join(":"));
+        }
+        Err(e) => {
+            let _ = chan.send(
+                &FromWorker::Failed(Failure {
+                    stage: Stage::Launch,
+                    kind: FailureKind::BadLaunchOrder,
+                    message: format!("placing listeners at descriptor 3: {e}"),
+                }),
+                &[],
+            );
+            idle_exit(exit::LAUNCH)
+        }
+    }
+    (chan, fds)
+}
+
 /// Turns grants and their descriptors into FFI grants, leaking the names
 /// and handing over the descriptors.
 fn ffi_grants(grants: &[protocol::Grant], fds: Vec<OwnedFd>) -> Vec<FfiGrant> {
@@ -655,6 +704,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         );
     }
     let (grants, fds) = redirect_stdio(order.grants, fds);
+    let (chan, fds) = socket_activation(chan, &grants, fds);
     let order = LaunchOrder { grants, ..order };
     let identity = manifest.identity(order.replica);
     process::set_process_name(&format!("ember: {identity}"));
