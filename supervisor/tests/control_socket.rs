@@ -312,16 +312,12 @@ fn unprivileged_defaults_use_xdg_dirs() {
     env(&mut cmd);
     let mut daemon = cmd.spawn().unwrap();
     let socket = dir.0.join("run/ember/control.sock");
-    let t0 = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    poll_until("emberd's socket", Duration::from_millis(20), || {
         assert!(daemon.try_wait().unwrap().is_none(), "emberd exited");
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no socket at {}",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        std::os::unix::net::UnixStream::connect(&socket)
+            .map(drop)
+            .map_err(|e| format!("{}: {e}", socket.display()))
+    });
     let mut ctl = std::process::Command::new(EMBERCTL);
     env(&mut ctl);
     let out = ctl.args(["health", "--json"]).output().unwrap();

@@ -28,8 +28,7 @@ fn daemon() -> Daemon {
 
 /// Installs `greeter` on a free port (retried if another test grabbed it).
 fn install_greeter(d: &Daemon, name: &str, replicas: u32) -> u16 {
-    let t0 = Instant::now();
-    loop {
+    poll_until("a free port for greeter", Duration::ZERO, || {
         let port = free_port();
         let dir = real_module(
             &d.dir.0,
@@ -40,15 +39,14 @@ fn install_greeter(d: &Daemon, name: &str, replicas: u32) -> u16 {
             ),
         );
         let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        if out.status.success() {
-            return port;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        match out.status.code() {
+            Some(0) => Ok(port),
+            // Port taken meanwhile (exit code 5): try another.
+            Some(5) => Err(stderr),
+            _ => panic!("install greeter: {stderr}"),
         }
-        assert!(
-            out.status.code() == Some(5) && t0.elapsed() < Duration::from_secs(5),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    })
 }
 
 fn kv_module(d: &Daemon) -> std::path::PathBuf {
@@ -62,18 +60,14 @@ fn kv_module(d: &Daemon) -> std::path::PathBuf {
 
 /// GETs `path` until `want(status, body)` holds.
 fn http_until(port: u16, path: &str, want: impl Fn(u16, &str) -> bool) -> (u16, String) {
-    let t0 = Instant::now();
-    loop {
+    poll_until(&format!("GET {path}"), Duration::from_millis(50), || {
         let (st, body) = http_get(port, path);
         if want(st, &body) {
-            return (st, body);
+            Ok((st, body))
+        } else {
+            Err(format!("{st} {body}"))
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "GET {path}: {st} {body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 #[test]
@@ -333,11 +327,11 @@ fn failure_fixtures_fail_clearly_while_the_rest_serve() {
         "{desired}"
     );
     // The port is free again.
-    let t0 = Instant::now();
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "port still held");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until("the port to be free", Duration::from_millis(20), || {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
 }
 
 #[test]

@@ -334,19 +334,15 @@ fn listeners_are_bound_shared_and_released() {
     // Free now: the daemon binds it and the worker holds it. (A child
     // spawned concurrently by another test may hold a copy of our socket
     // between its fork and exec for a moment: retry briefly.)
-    let t0 = std::time::Instant::now();
-    loop {
+    poll_until("the port for web", Duration::from_millis(50), || {
         let out = d.ctl(&["install", m.to_str().unwrap()]);
-        if out.status.success() {
-            break;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        match out.status.code() {
+            Some(0) => Ok(()),
+            Some(5) => Err(stderr),
+            _ => panic!("install web: {stderr}"),
         }
-        assert!(
-            out.status.code() == Some(5) && t0.elapsed() < Duration::from_secs(3),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
     let s = d.wait_status("web", "running", |s| s["state"] == "running");
     assert_eq!(
         s["listeners"],
@@ -364,11 +360,11 @@ fn listeners_are_bound_shared_and_released() {
     // Uninstalled: the port is free again.
     assert!(d.ctl(&["uninstall", "web"]).status.success());
     assert!(wait_dead(pid as i32));
-    let t0 = std::time::Instant::now();
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "port still held");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until("the port to be free", Duration::from_millis(20), || {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
 }
 
 #[test]
@@ -458,15 +454,14 @@ fn processes_hold_only_their_descriptors() {
     assert_eq!(comm(zygote).trim(), "ember-zygote");
     // Let the pool fill up to max_idle (4 by default): then no fork is in
     // flight and the zygote holds only what it keeps between forks.
-    let t0 = std::time::Instant::now();
-    let idle = loop {
+    let idle = poll_until("a full pool", Duration::from_millis(20), || {
         let p = d.ctl_json(&["pool"])["pool"]["idle_pids"].clone();
         if p.as_array().unwrap().len() >= 4 {
-            break p;
+            Ok(p)
+        } else {
+            Err(p.to_string())
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "pool never filled");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    });
     let z = fds(zygote);
     assert_eq!(z.len(), 4, "zygote: stdio and its channel only: {z:?}");
     for p in idle.as_array().unwrap() {
@@ -507,6 +502,7 @@ fn uninstall_kills_a_module_that_ignores_stop() {
         took >= Duration::from_millis(350),
         "uninstall returned after {took:?}"
     );
-    assert!(took < Duration::from_secs(5), "uninstall took {took:?}");
+    // Killed at the deadline rather than waited on forever.
+    assert!(took < ember_tests::PATIENCE, "uninstall hung: {took:?}");
     assert!(dead(pid), "worker {pid} survived the stop deadline");
 }

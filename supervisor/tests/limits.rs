@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use supervisor::cgroup::{detect, Mechanism, Version, ROOT};
@@ -37,8 +37,11 @@ fn reason(s: &serde_json::Value) -> String {
 /// Watches `parent` until an instance cgroup of `alloc` shows `file` set
 /// to `value` (instances come and go: the fixture is killed and restarted).
 fn observe_limit(parent: &Path, file: &str, value: &str) -> PathBuf {
-    let t0 = Instant::now();
-    loop {
+    let what = format!(
+        "an instance cgroup with {file} = {value} under {}",
+        parent.display()
+    );
+    poll_until(&what, Duration::from_millis(1), || {
         if let Ok(rd) = std::fs::read_dir(parent) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -47,18 +50,13 @@ fn observe_limit(parent: &Path, file: &str, value: &str) -> PathBuf {
                 }
                 if let Ok(v) = std::fs::read_to_string(e.path().join(file)) {
                     if v.trim() == value {
-                        return e.path();
+                        return Ok(e.path());
                     }
                 }
             }
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "no instance cgroup with {file} = {value} under {}",
-            parent.display()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        Err("none yet".into())
+    })
 }
 
 #[test]

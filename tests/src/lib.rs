@@ -183,3 +183,29 @@ pub fn artifact(name: &str) -> PathBuf {
     build_examples();
     profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
 }
+
+/// How long a test waits for something to happen before it fails. A guard
+/// against hangs, not a speed target: the events waited for take
+/// milliseconds, and speed is measured in `benches/`.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Calls `f` every `every` until it returns `Ok`, or until [`PATIENCE`] has
+/// passed; then `Err` with what was last seen.
+pub fn poll<T>(every: Duration, mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        let last = match f() {
+            Ok(v) => return Ok(v),
+            Err(last) => last,
+        };
+        if Instant::now() >= give_up {
+            return Err(last);
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Like [`poll`], but fails the test, naming `what` and what was last seen.
+pub fn poll_until<T>(what: &str, every: Duration, f: impl FnMut() -> Result<T, String>) -> T {
+    poll(every, f).unwrap_or_else(|last| panic!("gave up waiting for {what}: {last}"))
+}

@@ -87,17 +87,15 @@ impl Daemon {
         }
         let child = cmd.spawn().unwrap();
         self.child = Some(child);
-        let t0 = Instant::now();
-        while UnixStream::connect(&self.socket).is_err() {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+        let child = self.child.as_mut().unwrap();
+        poll_until("emberd's socket", Duration::from_millis(20), || {
+            if let Some(st) = child.try_wait().unwrap() {
                 panic!("emberd exited early: {st}");
             }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "emberd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            UnixStream::connect(&self.socket)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
     }
 
     pub fn pid(&self) -> i32 {
@@ -149,21 +147,18 @@ impl Daemon {
 
     /// Waits until `f` holds for the module's status.
     pub fn wait_status(&self, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t0 = Instant::now();
-        loop {
+        poll_until(what, Duration::from_millis(30), || {
             let out = self.ctl(&["status", name, "--json"]);
-            if out.status.success() {
-                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-                if f(&v["status"]) {
-                    return v["status"].clone();
-                }
-                assert!(
-                    t0.elapsed() < Duration::from_secs(10),
-                    "timed out waiting for {what}: {v}"
-                );
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
             }
-            std::thread::sleep(Duration::from_millis(30));
-        }
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if f(&v["status"]) {
+                Ok(v["status"].clone())
+            } else {
+                Err(v.to_string())
+            }
+        })
     }
 }
 
@@ -243,18 +238,18 @@ pub fn dead(pid: i32) -> bool {
 }
 
 pub fn wait_dead(pid: i32) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(5) {
+    poll(Duration::from_millis(20), || {
         if dead(pid) {
-            return true;
+            Ok(())
+        } else {
+            Err(format!("{pid} alive"))
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    })
+    .is_ok()
 }
 
 #[allow(unused_imports)]
-pub use ember_tests::{artifact, workspace_root};
+pub use ember_tests::{artifact, poll, poll_until, workspace_root};
 
 /// A module directory named `name` whose manifest runs the example crate
 /// `krate` (entry: the built cdylib, absolute), with `extra` manifest text
