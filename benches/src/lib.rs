@@ -48,6 +48,11 @@ impl Samples {
         self.0[rank.clamp(1, self.0.len()) - 1]
     }
 
+    /// Adds every sample of `other`.
+    pub fn extend(&mut self, other: Samples) {
+        self.0.extend(other.0);
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.0.len()

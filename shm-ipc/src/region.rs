@@ -80,9 +80,7 @@ impl Region {
         // cannot alias `dst`, which is private memory. The source may change
         // while we copy; we only ever copy bytes (no invalid values exist for
         // u8) and never create a reference to the shared range.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        }
+        unsafe { copy::from_shared(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
     }
 
     /// Copies `src` into the mapping at `off`.
@@ -114,5 +112,93 @@ impl Region {
         // SAFETY: in bounds by construction; immutability is the caller's
         // contract (F_SEAL_WRITE forbids every writable mapping and write()).
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len()) }
+    }
+}
+
+/// Copies out of memory another core has just written.
+///
+/// Measured on this project's 2-vCPU AMD EPYC machine, reading 1 MiB that
+/// the peer process had just written: glibc's `memcpy` (in 4 KiB chunks)
+/// took 80-120 µs, a plain loop of 16-byte SSE2 loads and stores 50 µs. The
+/// loads of the plain loop are independent and in address order, so the
+/// core keeps many cache-line fetches from the other core in flight; the
+/// string-instruction path `memcpy` picks for these sizes does not. Small
+/// copies stay with `memcpy`.
+mod copy {
+    /// Copies from this size on use the load/store loop.
+    #[cfg(target_arch = "x86_64")]
+    const LOOP_MIN: usize = 256;
+
+    /// Copies `len` bytes from `src` (shared memory) to `dst` (private).
+    ///
+    /// # Safety
+    /// `src..src + len` is valid for reads, `dst..dst + len` for writes, the
+    /// two do not overlap, and no reference to the source range exists.
+    pub(super) unsafe fn from_shared(src: *const u8, dst: *mut u8, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if len >= LOOP_MIN {
+            // SAFETY: forwarded contract.
+            unsafe { x86::copy(src, dst, len) };
+            return;
+        }
+        // SAFETY: forwarded contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_storeu_si128};
+
+        /// # Safety
+        /// As [`super::from_shared`].
+        pub(super) unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
+            let body = len / 64 * 64;
+            let mut i = 0;
+            while i < body {
+                // SAFETY: i + 64 <= len, so both 64-byte ranges lie inside
+                // the caller's ranges; unaligned loads and stores need no
+                // alignment; SSE2 is part of the x86_64 baseline.
+                unsafe {
+                    let (s, d) = (src.add(i) as *const __m128i, dst.add(i) as *mut __m128i);
+                    let a = _mm_loadu_si128(s);
+                    let b = _mm_loadu_si128(s.add(1));
+                    let c = _mm_loadu_si128(s.add(2));
+                    let e = _mm_loadu_si128(s.add(3));
+                    _mm_storeu_si128(d, a);
+                    _mm_storeu_si128(d.add(1), b);
+                    _mm_storeu_si128(d.add(2), c);
+                    _mm_storeu_si128(d.add(3), e);
+                }
+                i += 64;
+            }
+            // SAFETY: the remaining len - body bytes of the caller's ranges.
+            unsafe { std::ptr::copy_nonoverlapping(src.add(body), dst.add(body), len - body) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Region;
+    use crate::segment::create_memfd;
+
+    #[test]
+    fn copies_out_every_length_and_offset_exactly() {
+        let len = 8192;
+        let fd = create_memfd(c"copy-test", len as u64).expect("segment");
+        let region = Region::map_rw(&fd, len).expect("map");
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        region.copy_in(0, &pattern);
+        // Around the loop threshold and the 64-byte step, at odd offsets.
+        for n in [0, 1, 63, 64, 65, 255, 256, 257, 319, 320, 1000, 4096, 8000] {
+            for off in [0, 1, 17, 64, 191] {
+                if off + n > len {
+                    continue;
+                }
+                let mut out = vec![0u8; n];
+                region.copy_out(off, &mut out);
+                assert_eq!(out, pattern[off..off + n], "len {n} off {off}");
+            }
+        }
     }
 }
