@@ -415,10 +415,13 @@ pub fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// Whether emberd's worker `pid` really runs a module: it maps an artifact
-/// from the state directory's `artifacts/` (a stand-in worker would not).
+/// Whether emberd's worker `pid` really runs a module: it maps an artifact,
+/// either the sealed copy an install hands its workers (`memfd:ember-artifact`)
+/// or one from the state directory's `artifacts/` (restored modules). Idle
+/// workers and a stand-in would map neither.
 pub fn runs_module_artifact(pid: u32, state_dir: &Path) -> bool {
-    crate::mem::maps_contain(pid, &state_dir.join("artifacts").to_string_lossy())
+    crate::mem::maps_contain(pid, "/memfd:ember-artifact")
+        || crate::mem::maps_contain(pid, &state_dir.join("artifacts").to_string_lossy())
 }
 
 #[cfg(test)]

@@ -141,6 +141,10 @@ pub enum GrantKind {
     /// The instance's log file (one fd): the worker makes it stdout and
     /// stderr before loading the module; never handed to the module.
     Stdio = 5,
+    /// The module's `cdylib` (one fd, read-only; emberd sends a sealed
+    /// memfd or its stored copy): the worker loads the module from this
+    /// descriptor instead of the order's path; never handed to the module.
+    Artifact = 6,
 }
 
 impl GrantKind {
@@ -152,6 +156,7 @@ impl GrantKind {
             3 => Some(Self::Export),
             4 => Some(Self::SharedData),
             5 => Some(Self::Stdio),
+            6 => Some(Self::Artifact),
             _ => None,
         }
     }
@@ -159,7 +164,7 @@ impl GrantKind {
     /// How many descriptors a grant of this kind carries.
     pub fn fd_count(self) -> usize {
         match self {
-            Self::Listener | Self::SharedData | Self::Stdio => 1,
+            Self::Listener | Self::SharedData | Self::Stdio | Self::Artifact => 1,
             Self::Import | Self::Export => 2,
         }
     }
@@ -343,6 +348,7 @@ mod tests {
             GrantKind::Export,
             GrantKind::SharedData,
             GrantKind::Stdio,
+            GrantKind::Artifact,
         ] {
             assert_eq!(GrantKind::from_u32(k as u32), Some(k));
         }

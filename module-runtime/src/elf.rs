@@ -142,11 +142,18 @@ pub fn check_header(path: &Path, head: &[u8]) -> Result<(), ElfError> {
 
 /// Reads the header of `path` and runs [`check_header`].
 pub fn check_file(path: &Path) -> Result<(), ElfError> {
+    check_file_as(path, path)
+}
+
+/// [`check_file`] of the file at `open`, with errors naming it `name` (for
+/// a file opened through `/proc/self/fd`).
+pub fn check_file_as(open: &Path, name: &Path) -> Result<(), ElfError> {
+    let path = name;
     let read = |source| ElfError::Read {
         path: path.to_owned(),
         source,
     };
-    let mut f = std::fs::File::open(path).map_err(read)?;
+    let mut f = std::fs::File::open(open).map_err(read)?;
     let mut head = [0u8; 64];
     let mut n = 0;
     while n < head.len() {

@@ -303,8 +303,8 @@ impl Manifest {
     }
 
     /// Whether the manifest declares a grant of `kind` named `name`
-    /// (listeners, imports, exports, shared data; a `Stdio` grant is
-    /// always allowed).
+    /// (listeners, imports, exports, shared data; the host's own `Stdio` and
+    /// `Artifact` grants are always allowed).
     pub fn declares(&self, kind: crate::abi::GrantKind, name: &str) -> bool {
         use crate::abi::GrantKind;
         match kind {
@@ -312,8 +312,9 @@ impl Manifest {
             GrantKind::Import => self.imports.iter().any(|i| i.name == name),
             GrantKind::Export => self.exports.iter().any(|e| e.name == name),
             GrantKind::SharedData => self.shared_data.iter().any(|d| d.name == name),
-            // Output redirection is the host's, not a manifest resource.
-            GrantKind::Stdio => true,
+            // Output redirection and the artifact are the host's, not
+            // manifest resources.
+            GrantKind::Stdio | GrantKind::Artifact => true,
         }
     }
 

@@ -11,11 +11,16 @@
 //! target, and followed by an fsync of the directory, so a `kill -9` at any
 //! moment leaves either the old or the new state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -86,6 +91,55 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
         op,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// An artifact as workers load it: a descriptor whose content cannot change
+/// (a sealed memfd copied from the installed file, or the stored copy, which
+/// is read-only and private to emberd), and the path it came from, for
+/// messages.
+#[derive(Debug, Clone)]
+pub struct ArtifactImage {
+    /// The descriptor workers receive.
+    pub fd: Arc<OwnedFd>,
+    /// The file it was made from.
+    pub source: PathBuf,
+}
+
+impl ArtifactImage {
+    /// Copies `src` into a sealed memfd. This is all an install does with the
+    /// artifact before launching: an in-kernel copy, no hashing (the
+    /// persister hashes and stores it off the launch path). Sealed against
+    /// writes, shrinking and growing, so what workers map is exactly what
+    /// was installed, whatever happens to `src` afterwards.
+    pub fn snapshot(src: &Path) -> Result<Self, StoreError> {
+        let mut from = File::open(src).map_err(io_err("open", src))?;
+        let fd = memfd_create(
+            c"ember-artifact",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| io_err("memfd_create for", src)(e.into()))?;
+        let mut to = File::from(fd);
+        io::copy(&mut from, &mut to).map_err(io_err("copy", src))?;
+        let seals = SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_WRITE
+            | SealFlag::F_SEAL_SEAL;
+        fcntl(&to, FcntlArg::F_ADD_SEALS(seals))
+            .map_err(|e| io_err("seal a copy of", src)(e.into()))?;
+        Ok(Self {
+            fd: Arc::new(to.into()),
+            source: src.to_owned(),
+        })
+    }
+
+    /// The whole content, read without moving the shared file offset.
+    fn read_all(&self) -> io::Result<Vec<u8>> {
+        let f = File::from(self.fd.try_clone()?);
+        let len = f.metadata()?.len() as usize;
+        let mut bytes = vec![0u8; len];
+        f.read_exact_at(&mut bytes, 0)?;
+        Ok(bytes)
     }
 }
 
@@ -164,29 +218,15 @@ impl Store {
         write_atomic(&self.dir, DESIRED, &bytes)
     }
 
-    /// Copies an artifact into the store under its SHA-256 and returns the
-    /// hash, *without* making it durable: a launch can use it at once, and
-    /// [`Persister::save`] syncs it before the desired state that refers to
-    /// it. (An artifact no saved state refers to is removed at start-up.)
-    pub fn place_artifact(&self, src: &Path) -> Result<String, StoreError> {
-        self.copy_artifact(src, false)
-    }
-
-    /// Copies an artifact into the store under its SHA-256, durably; returns
-    /// the hash.
-    pub fn add_artifact(&self, src: &Path) -> Result<String, StoreError> {
-        self.copy_artifact(src, true)
-    }
-
-    fn copy_artifact(&self, src: &Path, durable: bool) -> Result<String, StoreError> {
+    /// Stores an artifact image under its SHA-256, durably, and returns the
+    /// hash. Content-addressed: an artifact already stored is not written
+    /// again (re-installs and upgrades back to a known version skip the
+    /// copy).
+    pub fn store_image(&self, image: &ArtifactImage) -> Result<String, StoreError> {
         let dir = self.dir.join("artifacts");
-        // One read of the whole file (artifacts are kilobytes to a few
-        // megabytes): hashed in memory, written from memory if new.
-        let bytes = fs::read(src).map_err(io_err("read", src))?;
+        let bytes = image.read_all().map_err(io_err("read", &image.source))?;
         let hash = hex(&Sha256::digest(&bytes));
         let dst = self.artifact_path(&hash);
-        // Content-addressed: an artifact already stored is not written again
-        // (re-installs and upgrades back to a known version skip the copy).
         if dst.is_file() {
             return Ok(hash);
         }
@@ -194,21 +234,27 @@ impl Store {
         let result = (|| {
             let mut out = create_private(&tmp)?;
             out.write_all(&bytes).map_err(io_err("write", &tmp))?;
-            if durable {
-                out.sync_all().map_err(io_err("fsync", &tmp))?;
-            }
+            out.sync_all().map_err(io_err("fsync", &tmp))?;
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
                 .map_err(io_err("chmod", &tmp))?;
             fs::rename(&tmp, &dst).map_err(io_err("rename", &dst))?;
-            if durable {
-                sync_dir(&dir)?;
-            }
+            sync_dir(&dir)?;
             Ok(hash)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// The stored artifact with this hash, opened for workers to load.
+    pub fn open_artifact(&self, sha256: &str) -> Result<ArtifactImage, StoreError> {
+        let path = self.artifact_path(sha256);
+        let f = File::open(&path).map_err(io_err("open", &path))?;
+        Ok(ArtifactImage {
+            fd: Arc::new(f.into()),
+            source: path,
+        })
     }
 
     /// Removes artifacts no module of `state` refers to.
@@ -246,16 +292,48 @@ fn create_private(path: &Path) -> Result<File, StoreError> {
         .map_err(io_err("create", path))
 }
 
+/// A newly installed artifact, not yet hashed: records refer to it by a
+/// placeholder until the persister has stored it.
+#[derive(Debug, Clone)]
+pub struct NewArtifact {
+    /// What the records say instead of the hash (see [`placeholder`]).
+    pub placeholder: String,
+    /// The bytes.
+    pub image: ArtifactImage,
+}
+
+/// A placeholder for the hash of an artifact being stored; never a valid
+/// SHA-256 (it is not hex).
+pub fn placeholder(n: u64) -> String {
+    format!("{PENDING}{n}")
+}
+
+const PENDING: &str = "pending-";
+
+/// What a durable write reports: the hash of the artifact it stored, if it
+/// carried one.
+pub type Saved = Result<Option<String>, StoreError>;
+
 /// One durable write of the desired state, queued on the [`Persister`].
 struct SaveJob {
     state: DesiredState,
-    artifact: Option<PathBuf>,
-    done: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+    artifact: Option<NewArtifact>,
+    /// Remove artifacts the written state does not refer to.
+    collect_garbage: bool,
+    done: Box<dyn FnOnce(Saved) + Send>,
 }
 
 /// Writes desired state on its own thread, in the order it was asked to:
-/// fsync is milliseconds here, so the actor hands the write off and keeps
-/// launching, and a later snapshot can never be overtaken by an earlier one.
+/// hashing and fsync are milliseconds here, so the actor hands the write
+/// off and keeps launching, and a later snapshot can never be overtaken by
+/// an earlier one.
+///
+/// A snapshot may name an artifact by placeholder (an install whose hash
+/// the actor does not know yet); the persister writes the hash it computed
+/// instead, and leaves out a module whose artifact could not be stored (its
+/// install fails and is rolled back). Garbage collection runs here too,
+/// against the state as written, so it never removes an artifact whose
+/// hash only the persister knows yet.
 #[derive(Debug, Clone)]
 pub struct Persister {
     tx: std::sync::mpsc::Sender<SaveJob>,
@@ -265,8 +343,26 @@ impl std::fmt::Debug for SaveJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SaveJob")
             .field("artifact", &self.artifact)
+            .field("collect_garbage", &self.collect_garbage)
             .finish()
     }
+}
+
+/// Replaces placeholders by the hashes stored; drops modules whose
+/// placeholder has none (their artifact could not be stored).
+fn resolve(state: &mut DesiredState, stored: &HashMap<String, String>) {
+    state.modules.retain(|_, r| {
+        if !r.artifact_sha256.starts_with(PENDING) {
+            return true;
+        }
+        match stored.get(&r.artifact_sha256) {
+            Some(h) => {
+                r.artifact_sha256 = h.clone();
+                true
+            }
+            None => false,
+        }
+    });
 }
 
 impl Persister {
@@ -276,15 +372,24 @@ impl Persister {
         std::thread::Builder::new()
             .name("ember-persist".into())
             .spawn(move || {
+                let mut stored: HashMap<String, String> = HashMap::new();
                 for job in rx {
                     let result = (|| {
-                        if let Some(a) = &job.artifact {
-                            File::open(a)
-                                .and_then(|f| f.sync_all())
-                                .map_err(io_err("fsync", a))?;
-                            sync_dir(&store.dir.join("artifacts"))?;
+                        let hash = match &job.artifact {
+                            Some(a) => {
+                                let h = store.store_image(&a.image)?;
+                                stored.insert(a.placeholder.clone(), h.clone());
+                                Some(h)
+                            }
+                            None => None,
+                        };
+                        let mut state = job.state;
+                        resolve(&mut state, &stored);
+                        store.save(&state)?;
+                        if job.collect_garbage {
+                            store.collect_garbage(&state);
                         }
-                        store.save(&job.state)
+                        Ok(hash)
                     })();
                     (job.done)(result);
                 }
@@ -293,39 +398,43 @@ impl Persister {
         Self { tx }
     }
 
-    /// Queues a durable write of `state` (after syncing `artifact`, which it
-    /// refers to); the receiver says when it is on disk.
+    /// Queues a durable write of `state` (after storing `artifact`, which it
+    /// refers to by placeholder); the receiver says when it is on disk and
+    /// with which hash.
     pub fn save(
         &self,
         state: DesiredState,
-        artifact: Option<PathBuf>,
-    ) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
+        artifact: Option<NewArtifact>,
+    ) -> tokio::sync::oneshot::Receiver<Saved> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.enqueue(state, artifact, move |r| {
+        self.enqueue(state, artifact, false, move |r| {
             let _ = tx.send(r);
         });
         rx
     }
 
-    /// Writes `state` durably after everything queued before it, and waits
-    /// (blocking the calling thread, as a synchronous write would).
+    /// Writes `state` durably after everything queued before it, then removes
+    /// the artifacts it does not refer to, and waits (blocking the calling
+    /// thread, as a synchronous write would).
     pub fn save_blocking(&self, state: DesiredState) -> Result<(), StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.enqueue(state, None, move |r| {
+        self.enqueue(state, None, true, move |r| {
             let _ = tx.send(r);
         });
-        rx.recv().unwrap_or(Err(StoreError::WriterGone))
+        rx.recv().unwrap_or(Err(StoreError::WriterGone)).map(drop)
     }
 
     fn enqueue(
         &self,
         state: DesiredState,
-        artifact: Option<PathBuf>,
-        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+        artifact: Option<NewArtifact>,
+        collect_garbage: bool,
+        done: impl FnOnce(Saved) + Send + 'static,
     ) {
         let job = SaveJob {
             state,
             artifact,
+            collect_garbage,
             done: Box::new(done),
         };
         if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
@@ -382,14 +491,19 @@ mod tests {
         assert!(state.modules.is_empty());
         let src = dir.join("lib.so");
         fs::write(&src, b"abc").unwrap();
-        let hash = store.add_artifact(&src).unwrap();
+        let image = ArtifactImage::snapshot(&src).unwrap();
+        // The image is a frozen copy: changing the file changes nothing.
+        fs::write(&src, b"xyz").unwrap();
+        let hash = store.store_image(&image).unwrap();
         assert_eq!(
             hash,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(fs::read(store.artifact_path(&hash)).unwrap(), b"abc");
         // Same content twice is fine.
-        assert_eq!(store.add_artifact(&src).unwrap(), hash);
+        assert_eq!(store.store_image(&image).unwrap(), hash);
+        let reopened = store.open_artifact(&hash).unwrap();
+        assert_eq!(reopened.read_all().unwrap(), b"abc");
         state.modules.insert(
             "kv".into(),
             ModuleRecord {
@@ -408,6 +522,61 @@ mod tests {
         assert!(!dir.join("state/.tmp-1-2-desired.json").exists());
         store2.collect_garbage(&DesiredState::default());
         assert!(!store2.artifact_path(&hash).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn record(name: &str, sha: &str) -> ModuleRecord {
+        ModuleRecord {
+            name: name.into(),
+            version: "1".into(),
+            artifact_sha256: sha.into(),
+            manifest: format!("name = \"{name}\""),
+            source: PathBuf::from("/src/module.toml"),
+        }
+    }
+
+    #[test]
+    fn persister_stores_the_artifact_and_resolves_its_placeholder() {
+        let dir = tempdir("persist");
+        let (store, mut state) = Store::open(&dir.join("state")).unwrap();
+        let src = dir.join("lib.so");
+        fs::write(&src, b"abc").unwrap();
+        let image = ArtifactImage::snapshot(&src).unwrap();
+        let pending = placeholder(1);
+        state.modules.insert("kv".into(), record("kv", &pending));
+        let persister = Persister::start(store.clone());
+        let hash = persister
+            .save(
+                state.clone(),
+                Some(NewArtifact {
+                    placeholder: pending.clone(),
+                    image,
+                }),
+            )
+            .blocking_recv()
+            .unwrap()
+            .unwrap()
+            .expect("the stored artifact's hash");
+        assert_eq!(
+            hash,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // A later snapshot taken before the actor learnt the hash still says
+        // `pending-1`; it is written with the hash, garbage collection keeps
+        // the artifact, and a module whose artifact was never stored is left
+        // out.
+        let mut later = state.clone();
+        later
+            .modules
+            .insert("lost".into(), record("lost", &placeholder(2)));
+        persister.save_blocking(later).unwrap();
+        let (_, loaded) = Store::open(&dir.join("state")).unwrap();
+        assert_eq!(loaded.modules["kv"].artifact_sha256, hash);
+        assert!(!loaded.modules.contains_key("lost"));
+        assert_eq!(fs::read(store.artifact_path(&hash)).unwrap(), b"abc");
+        // Once nothing refers to it, it goes.
+        persister.save_blocking(DesiredState::default()).unwrap();
+        assert!(!store.artifact_path(&hash).exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -146,7 +146,7 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
         .starts_with("socket:"));
 
     // The supervisor kept no end of any channel.
-    assert_eq!(memfds(emberd), Vec::<String>::new());
+    assert_eq!(segment_memfds(emberd), Vec::<String>::new());
     // Raw stdout/stderr and tracing records both land in the module's log.
     let logs = String::from_utf8_lossy(&d.ctl(&["logs", "greeter"]).stdout).into_owned();
     assert!(logs.contains("INFO"), "{logs}");
@@ -186,7 +186,7 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
         pid_of(&d.ctl_json(&["status", "hello"])["status"]),
         Some(hello_pid)
     );
-    assert_eq!(memfds(emberd), Vec::<String>::new());
+    assert_eq!(segment_memfds(emberd), Vec::<String>::new());
 }
 
 #[test]
@@ -318,6 +318,7 @@ fn failure_fixtures_fail_clearly_while_the_rest_serve() {
         assert!(wait_dead(p), "worker {p} survived uninstall");
     }
     assert_eq!(d.ctl_json(&["list"])["modules"], json!([]));
+    // Not even the artifact images are left.
     assert_eq!(memfds(emberd), Vec::<String>::new());
     let left = |sub: &str| {
         std::fs::read_dir(d.state.join(sub))
@@ -421,4 +422,48 @@ fn kill_9_of_emberd_brings_the_same_modules_back() {
     http_until(port, "/kv/get/a", |st, _| st == 404);
     assert_eq!(http_get(port, "/kv/put/a/2"), (200, "ok".into()));
     assert_eq!(http_get(port, "/kv/get/a"), (200, "2".into()));
+}
+
+#[test]
+fn an_install_keeps_the_artifact_it_was_given() {
+    use sha2::{Digest, Sha256};
+    let d = daemon();
+    let dir = d.dir.0.join("mod-snap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let so = dir.join("libhello.so");
+    std::fs::copy(artifact("hello"), &so).unwrap();
+    std::fs::write(
+        dir.join("module.toml"),
+        "name = \"snap\"\nversion = \"1.0.0\"\nentry = \"libhello.so\"\n",
+    )
+    .unwrap();
+    let expected: String = Sha256::digest(std::fs::read(&so).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = d.ctl(&["install", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Acknowledged means stored: the hash is known and the copy is on disk.
+    let s = d.ctl_json(&["status", "snap"])["status"].clone();
+    assert_eq!(s["artifact_sha256"], expected.as_str(), "{s}");
+    assert!(d.state.join(format!("artifacts/{expected}.so")).is_file());
+    let first = pid_of(&d.wait_status("snap", "running", running)).unwrap();
+
+    // Overwrite the installed file in place, then crash the module: the
+    // restart loads what was installed, not what the file says now.
+    std::fs::write(&so, b"not a shared object any more").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = d.wait_status("snap", "restarted and running", |s| {
+        running(s) && s["restarts"].as_u64() >= Some(1)
+    });
+    assert_ne!(pid_of(&s), Some(first));
+    assert_eq!(s["artifact_sha256"], expected.as_str());
 }

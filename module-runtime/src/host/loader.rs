@@ -112,13 +112,13 @@ impl LoadedModule {
     }
 }
 
-fn open(path: &Path) -> Result<libloading::os::unix::Library, LoadError> {
-    elf::check_file(path)?;
+fn open(at: &Path, path: &Path) -> Result<libloading::os::unix::Library, LoadError> {
+    elf::check_file_as(at, path)?;
     let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
     // SAFETY: loading runs the library's initializers. The file passed the ELF
     // check; modules are untrusted, but they run in their own worker process,
     // which is exactly the isolation boundary. Plugins are trusted by design.
-    unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|source| {
+    unsafe { libloading::os::unix::Library::open(Some(at), flags) }.map_err(|source| {
         LoadError::Dlopen {
             path: path.to_owned(),
             source,
@@ -126,15 +126,17 @@ fn open(path: &Path) -> Result<libloading::os::unix::Library, LoadError> {
     })
 }
 
-/// Finds `symbol`, calls it, and validates the descriptor header.
+/// Opens the library at `at` (errors name it `path`), finds `symbol`, calls
+/// it, and validates the descriptor header.
 fn descriptor(
+    at: &Path,
     path: &Path,
     symbol: &'static str,
     what: &'static str,
     magic: [u8; 8],
     host_size: usize,
 ) -> Result<*const c_void, LoadError> {
-    let lib = open(path)?;
+    let lib = open(at, path)?;
     // SAFETY: the symbol's type is fixed by the ABI: `extern "C" fn() -> *const _`.
     let f = unsafe { lib.get::<unsafe extern "C" fn() -> *const c_void>(symbol.as_bytes()) }
         .map_err(|_| LoadError::MissingSymbol {
@@ -182,7 +184,15 @@ fn descriptor(
 
 /// Loads a module `cdylib` and validates its descriptor. Never unloaded.
 pub fn load_module(path: &Path) -> Result<LoadedModule, LoadError> {
+    load_module_as(path, path)
+}
+
+/// [`load_module`] of the file at `at`, with errors naming it `path`: the
+/// worker loads from a descriptor (`/proc/self/fd/N`) and reports the path
+/// the user installed.
+pub fn load_module_as(at: &Path, path: &Path) -> Result<LoadedModule, LoadError> {
     let ptr = descriptor(
+        at,
         path,
         abi::MODULE_SYMBOL,
         "module",
@@ -208,6 +218,7 @@ pub fn load_module(path: &Path) -> Result<LoadedModule, LoadError> {
 /// Loads a plugin `cdylib` and validates its descriptor. Never unloaded.
 pub fn load_plugin(path: &Path) -> Result<&'static PluginDescriptor, LoadError> {
     let ptr = descriptor(
+        path,
         path,
         abi::PLUGIN_SYMBOL,
         "plugin",

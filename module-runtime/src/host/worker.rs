@@ -454,17 +454,22 @@ fn start_control_thread(
         });
 }
 
-/// Applies `Stdio` grants (the descriptor becomes fds 1 and 2, so the
-/// module's raw output lands in its log) and returns the other grants with
-/// their descriptors, in order.
-fn redirect_stdio(
+/// Takes the host's own grants out of a launch order: applies `Stdio` (the
+/// descriptor becomes fds 1 and 2, so the module's raw output lands in its
+/// log), keeps the `Artifact` descriptor to load from, and returns the other
+/// grants with their descriptors, in order.
+fn take_host_grants(
     grants: Vec<protocol::Grant>,
     fds: Vec<OwnedFd>,
-) -> (Vec<protocol::Grant>, Vec<OwnedFd>) {
+) -> (Vec<protocol::Grant>, Vec<OwnedFd>, Option<OwnedFd>) {
     let mut fds = fds.into_iter();
-    let mut kept = (Vec::new(), Vec::new());
+    let mut kept = (Vec::new(), Vec::new(), None);
     for g in grants {
-        let mine: Vec<OwnedFd> = fds.by_ref().take(g.kind.fd_count()).collect();
+        let mut mine: Vec<OwnedFd> = fds.by_ref().take(g.kind.fd_count()).collect();
+        if g.kind == GrantKind::Artifact {
+            kept.2 = mine.pop();
+            continue;
+        }
         if g.kind == GrantKind::Stdio {
             if let Some(log) = mine.first() {
                 for target in [1, 2] {
@@ -564,10 +569,10 @@ fn attach(shared: &Shared, manifest: &Manifest, grants: Vec<protocol::Grant>, fd
             ),
         );
     }
-    if let Some(g) = grants
-        .iter()
-        .find(|g| g.kind == GrantKind::Stdio || !manifest.declares(g.kind, &g.name))
-    {
+    if let Some(g) = grants.iter().find(|g| {
+        matches!(g.kind, GrantKind::Stdio | GrantKind::Artifact)
+            || !manifest.declares(g.kind, &g.name)
+    }) {
         return shared.log(
             LogLevel::Warn,
             "ember::worker",
@@ -703,7 +708,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
             ),
         );
     }
-    let (grants, fds) = redirect_stdio(order.grants, fds);
+    let (grants, fds, artifact_fd) = take_host_grants(order.grants, fds);
     let (chan, fds) = socket_activation(chan, &grants, fds);
     let order = LaunchOrder { grants, ..order };
     let identity = manifest.identity(order.replica);
@@ -769,7 +774,18 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
     if let Some(limit) = manifest.limits.memory {
         start_memory_watchdog(shared, limit);
     }
-    let module = match loader::load_module(&order.artifact) {
+    // From the descriptor when emberd sent one (the file behind the path may
+    // be replaced meanwhile; the descriptor's content cannot change).
+    let loaded = match &artifact_fd {
+        Some(fd) => loader::load_module_as(
+            std::path::Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            &order.artifact,
+        ),
+        None => loader::load_module(&order.artifact),
+    };
+    // The mapping stays; the descriptor is not needed any more.
+    drop(artifact_fd);
+    let module = match loaded {
         Ok(m) => m,
         Err(e) => {
             let kind = match &e {

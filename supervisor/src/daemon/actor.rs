@@ -30,7 +30,10 @@ use crate::listeners::{self, Bound, ListenError};
 use crate::manifest::{self, ManifestSummary};
 use crate::metrics::Memory;
 use crate::pool::PoolHandle;
-use crate::store::{DesiredState, ModuleRecord, Persister, Store, StoreError};
+use crate::store::{
+    self as store, ArtifactImage, DesiredState, ModuleRecord, NewArtifact, Persister, Saved, Store,
+    StoreError,
+};
 use crate::varlink::ErrorReply;
 use crate::worker::{Grant, GrantKind, LaunchOrder, ToWorker};
 use crate::zygote::client::pidfd_signal;
@@ -64,6 +67,8 @@ pub enum ActorMsg {
 
 struct Module {
     record: ModuleRecord,
+    /// What workers load, or why there is nothing to load.
+    image: Result<ArtifactImage, String>,
     /// One lifecycle per replica; index = replica number.
     replicas: Vec<Lifecycle>,
     generation: u64,
@@ -80,6 +85,16 @@ struct Module {
     /// The manifest's limits.
     limits: Limits,
     uninstall: Vec<Reply>,
+}
+
+/// An install the persister has finished with.
+struct InstallSaved {
+    name: String,
+    generation: u64,
+    placeholder: String,
+    result: Saved,
+    summary: ModuleSummary,
+    reply: Reply,
 }
 
 /// A worker that got (or is about to get) its launch order.
@@ -111,8 +126,12 @@ impl Module {
     fn plan(&self, store: &Store, replica: u32, limiter: &Arc<Limiter>) -> LaunchPlan {
         LaunchPlan {
             module: self.record.name.clone(),
+            artifact: self.image.as_ref().ok().map(|i| i.fd.clone()),
             order: LaunchOrder {
-                artifact: store.artifact_path(&self.record.artifact_sha256),
+                artifact: match &self.image {
+                    Ok(i) => i.source.clone(),
+                    Err(_) => store.artifact_path(&self.record.artifact_sha256),
+                },
                 manifest: self.record.manifest.clone(),
                 replica,
                 grants: Vec::new(),
@@ -132,9 +151,11 @@ pub struct Actor {
     store: Store,
     /// The only writer of `desired.json`, in order, off the actor's thread.
     persister: Persister,
-    /// Installs whose state could not be written: roll back and answer.
-    unsaved_tx: mpsc::UnboundedSender<(String, StoreError, Reply)>,
-    unsaved_rx: mpsc::UnboundedReceiver<(String, StoreError, Reply)>,
+    /// Installs whose state the persister has written (or could not).
+    saved_tx: mpsc::UnboundedSender<InstallSaved>,
+    saved_rx: mpsc::UnboundedReceiver<InstallSaved>,
+    /// Numbers artifact placeholders.
+    next_placeholder: u64,
     desired: DesiredState,
     /// Memory readings for Status, reused for a second.
     memory: crate::metrics::MemoryCache,
@@ -196,11 +217,12 @@ impl Actor {
         limiter: Arc<Limiter>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (unsaved_tx, unsaved_rx) = mpsc::unbounded_channel();
+        let (saved_tx, saved_rx) = mpsc::unbounded_channel();
         Self {
             persister: Persister::start(store.clone()),
-            unsaved_tx,
-            unsaved_rx,
+            saved_tx,
+            saved_rx,
+            next_placeholder: 0,
             store,
             desired,
             memory: Default::default(),
@@ -246,7 +268,7 @@ impl Actor {
                     OsMsg::Instance(ev) => self.instance_event(ev),
                     OsMsg::Register(r) => self.register(r),
                 },
-                Some((name, source, reply)) = self.unsaved_rx.recv() => self.unsaved(name, source, reply),
+                Some(saved) = self.saved_rx.recv() => self.install_saved(saved),
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
             }
             self.settle_uninstalls();
@@ -273,17 +295,24 @@ impl Actor {
 
     /// Registers a module and starts its replicas, or marks them failed if
     /// its listeners could not be bound.
-    fn add_and_start(&mut self, record: ModuleRecord, bound: Result<Vec<Bound>, String>) {
+    fn add_and_start(
+        &mut self,
+        record: ModuleRecord,
+        image: Result<ArtifactImage, String>,
+        bound: Result<Vec<Bound>, String>,
+    ) {
         self.next_generation += 1;
         let now = Instant::now();
         let summary = manifest::parse(&record.manifest).ok();
         let policy = self.policy_for(summary.as_ref());
         let replicas = summary.as_ref().map_or(1, |s| s.replicas).max(1);
-        let (bound, failure) = match bound {
-            Ok(b) => (b, None),
-            Err(reason) => (Vec::new(), Some(reason)),
+        let (bound, failure) = match (bound, &image) {
+            (Ok(b), Ok(_)) => (b, None),
+            (Ok(b), Err(reason)) => (b, Some(reason.clone())),
+            (Err(reason), _) => (Vec::new(), Some(reason)),
         };
         let mut m = Module {
+            image,
             replicas: (0..replicas)
                 .map(|r| {
                     let name = if replicas == 1 {
@@ -347,7 +376,11 @@ impl Actor {
             Ok(summary) => listeners::bind_all(&summary.listeners).map_err(|e| error_chain(&e)),
             Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
         };
-        self.add_and_start(record, bound);
+        let image = self
+            .store
+            .open_artifact(&record.artifact_sha256)
+            .map_err(|e| format!("stored artifact: {}", error_chain(&e)));
+        self.add_and_start(record, image, bound);
     }
 
     fn control(&mut self, request: Request, reply: Reply) {
@@ -390,28 +423,30 @@ impl Actor {
     }
 
     /// Installs and launches a module, answering once its desired state is
-    /// on disk. The launch does not wait for the disk: the artifact is placed
-    /// and the worker started first, and the (millisecond) fsyncs run on the
-    /// persister meanwhile. An install that was never acknowledged may be
-    /// missing after a crash; an acknowledged one never is.
+    /// on disk. The launch waits for neither hashing nor the disk: the
+    /// worker loads a sealed in-memory copy of the artifact, while the
+    /// persister hashes it, stores it and writes the state that refers to it
+    /// (milliseconds of SHA-256 and fsync). An install that was never
+    /// acknowledged may be missing after a crash; an acknowledged one never
+    /// is.
     fn install(&mut self, req: Install, reply: Reply) {
         match self.install_and_launch(req) {
-            Ok((summary, hash)) => {
+            Ok((summary, artifact)) => {
                 let name = summary.name.clone();
-                let done = self
-                    .persister
-                    .save(self.desired.clone(), Some(self.store.artifact_path(&hash)));
-                let unsaved = self.unsaved_tx.clone();
+                let generation = self.modules[&name].generation;
+                let placeholder = artifact.placeholder.clone();
+                let done = self.persister.save(self.desired.clone(), Some(artifact));
+                let saved = self.saved_tx.clone();
                 tokio::spawn(async move {
-                    match done.await.unwrap_or(Err(StoreError::WriterGone)) {
-                        Ok(()) => {
-                            let m = serde_json::json!({ "module": summary });
-                            let _ = reply.send(Ok(Response::Value(m)));
-                        }
-                        Err(e) => {
-                            let _ = unsaved.send((name, e, reply));
-                        }
-                    }
+                    let result = done.await.unwrap_or(Err(StoreError::WriterGone));
+                    let _ = saved.send(InstallSaved {
+                        name,
+                        generation,
+                        placeholder,
+                        result,
+                        summary,
+                        reply,
+                    });
                 });
             }
             Err(e) => {
@@ -420,25 +455,49 @@ impl Actor {
         }
     }
 
-    /// An install whose state could not be written: undo it (stop, remove,
-    /// write the state without it) and say why.
-    fn unsaved(&mut self, name: String, source: StoreError, reply: Reply) {
+    /// The persister is done with an install: record the artifact's hash and
+    /// answer, or undo the install (stop, remove, write the state without
+    /// it) and say why.
+    fn install_saved(&mut self, s: InstallSaved) {
+        let source = match s.result {
+            Ok(hash) => {
+                if let Some(hash) = hash {
+                    let records = self.desired.modules.get_mut(&s.name).into_iter().chain(
+                        self.modules
+                            .get_mut(&s.name)
+                            .filter(|m| m.generation == s.generation)
+                            .map(|m| &mut m.record),
+                    );
+                    for r in records.filter(|r| r.artifact_sha256 == s.placeholder) {
+                        r.artifact_sha256 = hash.clone();
+                    }
+                }
+                let m = serde_json::json!({ "module": s.summary });
+                let _ = s.reply.send(Ok(Response::Value(m)));
+                return;
+            }
+            Err(source) => source,
+        };
         let e: ErrorReply = InstallError::Store {
-            name: name.clone(),
+            name: s.name.clone(),
             source,
         }
         .into();
-        let _ = reply.send(Err(e));
-        if self.modules.contains_key(&name) {
+        let _ = s.reply.send(Err(e));
+        if self
+            .modules
+            .get(&s.name)
+            .is_some_and(|m| m.generation == s.generation)
+        {
             let (ignored, _) = oneshot::channel();
-            self.uninstall(name, ignored);
+            self.uninstall(s.name, ignored);
         }
     }
 
     fn install_and_launch(
         &mut self,
         req: Install,
-    ) -> Result<(ModuleSummary, String), InstallError> {
+    ) -> Result<(ModuleSummary, NewArtifact), InstallError> {
         if !req.path.is_absolute() {
             return Err(InstallError::Relative { path: req.path });
         }
@@ -474,17 +533,19 @@ impl Actor {
             name: summary.name.clone(),
             source,
         };
-        let hash = match self.store.place_artifact(&artifact) {
-            Ok(h) => h,
+        let image = match ArtifactImage::snapshot(&artifact) {
+            Ok(i) => i,
             Err(e) => {
                 listeners::release(bound);
                 return Err(store_err(e));
             }
         };
+        self.next_placeholder += 1;
+        let placeholder = store::placeholder(self.next_placeholder);
         let record = ModuleRecord {
             name: summary.name.clone(),
             version: summary.version.clone(),
-            artifact_sha256: hash.clone(),
+            artifact_sha256: placeholder.clone(),
             manifest: text,
             source: manifest_path,
         };
@@ -493,8 +554,11 @@ impl Actor {
             .insert(record.name.clone(), record.clone());
         tracing::info!(module = %record.name, version = %record.version, "installed");
         let name = record.name.clone();
-        self.add_and_start(record, Ok(bound));
-        Ok((self::summary(&self.modules[&name]), hash))
+        self.add_and_start(record, Ok(image.clone()), Ok(bound));
+        Ok((
+            self::summary(&self.modules[&name]),
+            NewArtifact { placeholder, image },
+        ))
     }
 
     fn stop_module(&mut self, name: &str) {
@@ -556,7 +620,6 @@ impl Actor {
                 self.modules.insert(name, m);
                 continue;
             }
-            self.store.collect_garbage(&self.desired);
             // Listeners close when the last launch task lets go.
             m.listeners.clear();
             for p in m.unix_paths.drain(..) {

@@ -91,6 +91,9 @@ pub struct Registration {
 pub struct LaunchPlan {
     /// The module's name (the lifecycle's name may carry a replica suffix).
     pub module: String,
+    /// The artifact image the worker loads (sent as the `Artifact` grant);
+    /// without one the worker opens `order.artifact`.
+    pub artifact: Option<Arc<OwnedFd>>,
     /// The order for the worker (grants are added at launch).
     pub order: LaunchOrder,
     /// The module's log file.
@@ -253,13 +256,21 @@ async fn instance(
             None
         }
     };
-    // Grants: the log as stdout/stderr, then every listener.
+    // Grants: the artifact, the log as stdout/stderr, then every listener.
     let mut order = plan.order.clone();
+    let mut fds = Vec::new();
+    if let Some(a) = &plan.artifact {
+        order.grants.push(Grant {
+            kind: GrantKind::Artifact,
+            name: "artifact".into(),
+        });
+        fds.push(a.as_fd());
+    }
     order.grants.push(Grant {
         kind: GrantKind::Stdio,
         name: "log".into(),
     });
-    let mut fds = vec![log.as_fd()];
+    fds.push(log.as_fd());
     for (name, fd) in &plan.listeners {
         order.grants.push(Grant {
             kind: GrantKind::Listener,

@@ -299,6 +299,15 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// Descriptors of `pid` that are memfds (shared-memory segments).
+/// Shared-memory segments (channels, shared data) `pid` holds: every memfd
+/// but the artifact images emberd keeps for the modules it runs.
+pub fn segment_memfds(pid: i32) -> Vec<String> {
+    memfds(pid)
+        .into_iter()
+        .filter(|l| !l.contains("memfd:ember-artifact"))
+        .collect()
+}
+
 pub fn memfds(pid: i32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
