@@ -319,9 +319,16 @@ impl Lifecycle {
                 self.pending_reason = None;
                 self.enter(State::Stopping, now);
             }
+            (State::Starting, None) => {
+                // The launch is in flight: wait for it to report (`Launched`:
+                // stop that worker; `LaunchFailed`: done), so no worker or
+                // cgroup of this replica outlives the stop.
+                self.deadline = Some(now + self.policy.stop_timeout);
+                self.pending_reason = None;
+                self.enter(State::Stopping, now);
+            }
             (_, None) => {
-                // Nothing runs (or the launch is still in flight: its late
-                // `Launched` is stale and gets killed).
+                // Nothing runs.
                 self.attempt += 1;
                 self.deadline = None;
                 self.reason = None;
@@ -334,6 +341,13 @@ impl Lifecycle {
     pub fn on_event(&mut self, event: Event, now: Instant, os: &mut impl WorkerOs) {
         let current = self.attempt;
         match event {
+            // Stopped while its launch was in flight: stop it now.
+            Event::Launched { attempt, pid }
+                if attempt == current && self.state == State::Stopping && self.pid.is_none() =>
+            {
+                self.pid = Some(pid);
+                os.terminate(pid);
+            }
             Event::Launched { attempt, pid }
                 if attempt != current || self.state != State::Starting =>
             {
@@ -343,6 +357,10 @@ impl Lifecycle {
                 self.pid = Some(pid);
             }
             Event::LaunchFailed { attempt, .. } if attempt != current => {}
+            Event::LaunchFailed { .. } if self.state == State::Stopping && self.pid.is_none() => {
+                self.deadline = None;
+                self.enter(State::Stopped, now);
+            }
             Event::LaunchFailed {
                 reason, permanent, ..
             } => {
@@ -451,11 +469,15 @@ impl Lifecycle {
                     }
                 }
             }
-            State::Stopping => {
-                if let Some(pid) = self.pid {
-                    os.kill(pid);
+            State::Stopping => match self.pid {
+                Some(pid) => os.kill(pid),
+                None => {
+                    // The launch never reported: give up on it (a late
+                    // `Launched` is stale and gets killed).
+                    self.attempt += 1;
+                    self.enter(State::Stopped, now);
                 }
-            }
+            },
             State::BackOff | State::CrashLoop => {
                 self.restarts += 1;
                 self.launch(now, os);
@@ -787,13 +809,52 @@ mod tests {
         l.on_tick(t0 + Duration::from_secs(100), &mut os);
         assert_eq!(os.launches.len(), 1);
 
+        // Stopped while the launch is in flight: the stop waits for it and
+        // stops the worker it reports.
         let mut l = Lifecycle::new("m", policy(), t0);
         l.start(t0, &mut os);
         l.stop(t0, &mut os);
-        assert_eq!(l.state(), State::Stopped);
+        assert_eq!(l.state(), State::Stopping);
         let attempt = os.launches.last().unwrap().1;
         l.on_event(Event::Launched { attempt, pid: 42 }, t0, &mut os);
-        assert!(os.kills.contains(&42));
+        assert_eq!(os.terms, [42]);
+        assert_eq!(l.state(), State::Stopping);
+        l.on_event(
+            Event::Exited {
+                attempt,
+                status: ExitStatus::Code(0),
+            },
+            t0,
+            &mut os,
+        );
+        assert_eq!(l.state(), State::Stopped);
+
+        // ... or for its failure.
+        let mut l = Lifecycle::new("m", policy(), t0);
+        l.start(t0, &mut os);
+        l.stop(t0, &mut os);
+        let attempt = os.launches.last().unwrap().1;
+        l.on_event(
+            Event::LaunchFailed {
+                attempt,
+                reason: "no worker".into(),
+                permanent: false,
+            },
+            t0,
+            &mut os,
+        );
+        assert_eq!(l.state(), State::Stopped);
+
+        // A launch that never reports is given up at the stop deadline; its
+        // late `Launched` is killed.
+        let mut l = Lifecycle::new("m", policy(), t0);
+        l.start(t0, &mut os);
+        l.stop(t0, &mut os);
+        let attempt = os.launches.last().unwrap().1;
+        l.on_tick(t0 + Duration::from_secs(2), &mut os);
+        assert_eq!(l.state(), State::Stopped);
+        l.on_event(Event::Launched { attempt, pid: 43 }, t0, &mut os);
+        assert!(os.kills.contains(&43));
     }
 
     #[test]
