@@ -372,6 +372,7 @@ impl Persister {
         std::thread::Builder::new()
             .name("ember-persist".into())
             .spawn(move || {
+                background_priority();
                 let mut stored: HashMap<String, String> = HashMap::new();
                 for job in rx {
                     let result = (|| {
@@ -440,6 +441,24 @@ impl Persister {
         if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
             (job.done)(Err(StoreError::WriterGone));
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to nice 19. The
+/// persister's hashing and copying overlap launches on purpose; on a small
+/// machine they would otherwise take the core a just-launched worker needs.
+/// Durability is unaffected, only the moment `Install` answers.
+fn background_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority on our own thread id with valid constants; on Linux
+    // PRIO_PROCESS with a thread id applies to that thread only.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+    if rc != 0 {
+        tracing::debug!(
+            error = %io::Error::last_os_error(),
+            "persister keeps its priority"
+        );
     }
 }
 

@@ -6,7 +6,7 @@
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -48,8 +48,8 @@ const ADDRESS_SPACE_SLACK: u64 = 4 << 30;
 struct Shared {
     sock: OwnedFd,
     identity: String,
-    ready: Mutex<bool>,
-    ready_cv: Condvar,
+    /// The module said it is ready (reported once).
+    ready: AtomicBool,
     shutdown_requested: AtomicBool,
     shutdown_deadline: Mutex<Option<Instant>>,
     shutdown_w: OwnedFd,
@@ -143,11 +143,9 @@ impl Shared {
     }
 
     fn mark_ready(&self) {
-        let mut r = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        if !*r {
-            *r = true;
-            self.ready_cv.notify_all();
-            drop(r);
+        // AcqRel: only the first call reports; the control thread's Acquire
+        // load sees it.
+        if !self.ready.swap(true, Ordering::AcqRel) {
             self.transition(State::Ready, "");
         }
     }
@@ -375,37 +373,23 @@ fn stage_from(v: u8) -> Stage {
         .unwrap_or(Stage::Serve)
 }
 
-fn start_ready_watchdog(shared: &'static Shared, deadline: Duration) {
-    let _ = std::thread::Builder::new()
-        .name("ember-startwatch".into())
-        .spawn(move || {
-            let r = shared.ready.lock().unwrap_or_else(|p| p.into_inner());
-            let (r, _) = shared
-                .ready_cv
-                .wait_timeout_while(r, deadline, |ready| !*ready)
-                .unwrap_or_else(|p| p.into_inner());
-            if !*r && !shared.shutdown_requested.load(Ordering::Acquire) {
-                drop(r);
-                shared.fail(
-                    Stage::Start,
-                    FailureKind::NeverReady,
-                    format!("not ready within {deadline:?} (limits.start_deadline)"),
-                    exit::NEVER_READY,
-                );
-            }
-        });
-}
-
+/// The worker's one helper thread: reads the control socket (`Stop`,
+/// `Attach`), turns SIGTERM/SIGINT into a graceful stop, and enforces the
+/// start deadline (a module not ready by then is reported `NeverReady` and
+/// the process ends). One thread for all three: a thread start is a
+/// noticeable part of a launch on a small VM.
 fn start_control_thread(
     shared: &'static Shared,
     chan: WorkerChannel,
     sigs: nix::sys::signal::SigSet,
     stop_deadline: Duration,
+    start_deadline: Duration,
     manifest: Manifest,
 ) {
     let sfd =
         nix::sys::signalfd::SignalFd::with_flags(&sigs, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
             .ok();
+    let ready_by = Instant::now() + start_deadline;
     let _ = std::thread::Builder::new()
         .name("ember-control".into())
         .spawn(move || loop {
@@ -414,7 +398,13 @@ fn start_control_thread(
             if let Some(s) = &sfd {
                 fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            let timeout = match ready_wait(shared, ready_by, start_deadline) {
+                // Round up: waking before the deadline would only loop.
+                Some(left) => PollTimeout::try_from(left.as_millis().saturating_add(1))
+                    .unwrap_or(PollTimeout::MAX),
+                None => PollTimeout::NONE,
+            };
+            match poll(&mut fds, timeout) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return,
                 Ok(_) => {}
@@ -452,6 +442,24 @@ fn start_control_thread(
                 }
             }
         });
+}
+
+/// How long the start deadline still leaves, while the module is neither
+/// ready nor stopping; fails the instance (`NeverReady`) once it has passed.
+fn ready_wait(shared: &'static Shared, ready_by: Instant, deadline: Duration) -> Option<Duration> {
+    if shared.ready.load(Ordering::Acquire) || shared.shutdown_requested.load(Ordering::Acquire) {
+        return None;
+    }
+    let left = ready_by.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        shared.fail(
+            Stage::Start,
+            FailureKind::NeverReady,
+            format!("not ready within {deadline:?} (limits.start_deadline)"),
+            exit::NEVER_READY,
+        );
+    }
+    Some(left)
 }
 
 /// Takes the host's own grants out of a launch order: applies `Stdio` (the
@@ -746,8 +754,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
     let _ = SHARED.set(Shared {
         sock,
         identity: identity.clone(),
-        ready: Mutex::new(false),
-        ready_cv: Condvar::new(),
+        ready: AtomicBool::new(false),
         shutdown_requested: AtomicBool::new(false),
         shutdown_deadline: Mutex::new(None),
         shutdown_w,
@@ -838,9 +845,9 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         chan,
         sigs,
         manifest.limits.stop_deadline,
+        manifest.limits.start_deadline,
         manifest.clone(),
     );
-    start_ready_watchdog(shared, manifest.limits.start_deadline);
 
     // start
     STAGE.store(Stage::Start as u8, Ordering::Relaxed);

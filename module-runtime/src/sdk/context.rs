@@ -561,7 +561,13 @@ impl Shutdown {
         }
         let fd = match self.fd().try_clone_to_owned() {
             Ok(fd) => fd,
-            Err(_) => return tokio::task::block_in_place(|| self.wait()),
+            Err(_) => {
+                // Works on a current-thread runtime too (block_in_place
+                // would panic there).
+                let s = self.clone();
+                let _ = tokio::task::spawn_blocking(move || s.wait()).await;
+                return;
+            }
         };
         // SAFETY: `fd` is an open descriptor owned by the AsyncFd for its
         // whole life, and `OwnedFd::as_raw_fd` always returns that descriptor.

@@ -40,11 +40,21 @@ pub trait Module: Sized + 'static {
     }
 }
 
-/// An asynchronous module, run on a multi-threaded tokio runtime that the
-/// SDK creates inside the worker after the fork. Export with
-/// `export_module!(async MyModule)`.
+/// An asynchronous module, run on a tokio runtime that the SDK creates
+/// inside the worker after the fork: a current-thread runtime on the
+/// worker's main thread unless [`AsyncModule::WORKER_THREADS`] asks for
+/// more. Export with `export_module!(async MyModule)`.
 #[cfg(feature = "tokio")]
 pub trait AsyncModule: Sized + 'static {
+    /// Worker threads of the module's tokio runtime. `0`, the default, runs
+    /// the module on a current-thread runtime: tasks it spawns run
+    /// concurrently on the worker's main thread, and no thread has to be
+    /// started before the module is up (a multi-threaded runtime costs about
+    /// half a millisecond of start-up on a small VM). A module scales out
+    /// with replicas, which are processes; set this for CPU-parallel work
+    /// inside one instance. `spawn_blocking` works either way.
+    const WORKER_THREADS: usize = 0;
+
     /// As [`Module::start`].
     fn start(ctx: &ModuleContext) -> impl std::future::Future<Output = Result<Self, ModuleError>>;
     /// As [`Module::serve`].
@@ -73,9 +83,15 @@ pub struct TokioModule<M> {
 #[cfg(feature = "tokio")]
 impl<M: AsyncModule> Module for TokioModule<M> {
     fn start(ctx: &ModuleContext) -> Result<Self, ModuleError> {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+        let mut builder = match M::WORKER_THREADS {
+            0 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+        };
+        let rt = builder
             .thread_name(format!("{}-rt", ctx.name()))
             .enable_all()
             .build()?;

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::os::{
-    Command, CommandTx, InstanceEvent, LaunchPlan, OsMsg, RealOs, Registration, ServiceGrant,
+    Command, CommandTx, ImageRx, ImageTx, InstanceEvent, LaunchPlan, OsMsg, RealOs, Registration,
+    ServiceGrant,
 };
 use crate::cgroup::{Limiter, Limits};
 use crate::control::health::HealthReply;
@@ -67,8 +68,11 @@ pub enum ActorMsg {
 
 struct Module {
     record: ModuleRecord,
-    /// What workers load, or why there is nothing to load.
-    image: Result<ArtifactImage, String>,
+    /// What workers load, or why there is nothing to load; `None` while an
+    /// install's copy is still being made.
+    image: ImageRx,
+    /// The file the image is of, for messages.
+    image_path: PathBuf,
     /// One lifecycle per replica; index = replica number.
     replicas: Vec<Lifecycle>,
     generation: u64,
@@ -85,6 +89,17 @@ struct Module {
     /// The manifest's limits.
     limits: Limits,
     uninstall: Vec<Reply>,
+}
+
+/// An install on its way to disk.
+enum Pending {
+    /// Its artifact copy is made (or failed).
+    Copied {
+        install: InstallSaved,
+        image: Result<ArtifactImage, StoreError>,
+    },
+    /// The persister has finished with it.
+    Saved(InstallSaved),
 }
 
 /// An install the persister has finished with.
@@ -126,12 +141,9 @@ impl Module {
     fn plan(&self, store: &Store, replica: u32, limiter: &Arc<Limiter>) -> LaunchPlan {
         LaunchPlan {
             module: self.record.name.clone(),
-            artifact: self.image.as_ref().ok().map(|i| i.fd.clone()),
+            artifact: self.image.clone(),
             order: LaunchOrder {
-                artifact: match &self.image {
-                    Ok(i) => i.source.clone(),
-                    Err(_) => store.artifact_path(&self.record.artifact_sha256),
-                },
+                artifact: self.image_path.clone(),
                 manifest: self.record.manifest.clone(),
                 replica,
                 grants: Vec::new(),
@@ -151,9 +163,9 @@ pub struct Actor {
     store: Store,
     /// The only writer of `desired.json`, in order, off the actor's thread.
     persister: Persister,
-    /// Installs whose state the persister has written (or could not).
-    saved_tx: mpsc::UnboundedSender<InstallSaved>,
-    saved_rx: mpsc::UnboundedReceiver<InstallSaved>,
+    /// Installs on their way to disk: artifact copied, state written.
+    pending_tx: mpsc::UnboundedSender<Pending>,
+    pending_rx: mpsc::UnboundedReceiver<Pending>,
     /// Numbers artifact placeholders.
     next_placeholder: u64,
     desired: DesiredState,
@@ -217,11 +229,11 @@ impl Actor {
         limiter: Arc<Limiter>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (saved_tx, saved_rx) = mpsc::unbounded_channel();
+        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
         Self {
             persister: Persister::start(store.clone()),
-            saved_tx,
-            saved_rx,
+            pending_tx,
+            pending_rx,
             next_placeholder: 0,
             store,
             desired,
@@ -268,7 +280,10 @@ impl Actor {
                     OsMsg::Instance(ev) => self.instance_event(ev),
                     OsMsg::Register(r) => self.register(r),
                 },
-                Some(saved) = self.saved_rx.recv() => self.install_saved(saved),
+                Some(p) = self.pending_rx.recv() => match p {
+                    Pending::Copied { install, image } => self.install_copied(install, image),
+                    Pending::Saved(install) => self.install_saved(install),
+                },
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
             }
             self.settle_uninstalls();
@@ -298,7 +313,7 @@ impl Actor {
     fn add_and_start(
         &mut self,
         record: ModuleRecord,
-        image: Result<ArtifactImage, String>,
+        (image, image_path): (ImageRx, PathBuf),
         bound: Result<Vec<Bound>, String>,
     ) {
         self.next_generation += 1;
@@ -306,13 +321,18 @@ impl Actor {
         let summary = manifest::parse(&record.manifest).ok();
         let policy = self.policy_for(summary.as_ref());
         let replicas = summary.as_ref().map_or(1, |s| s.replicas).max(1);
-        let (bound, failure) = match (bound, &image) {
-            (Ok(b), Ok(_)) => (b, None),
-            (Ok(b), Err(reason)) => (b, Some(reason.clone())),
+        let image_failure = match &*image.borrow() {
+            Some(Err(reason)) => Some(reason.clone()),
+            _ => None,
+        };
+        let (bound, failure) = match (bound, image_failure) {
+            (Ok(b), None) => (b, None),
+            (Ok(b), Some(reason)) => (b, Some(reason)),
             (Err(reason), _) => (Vec::new(), Some(reason)),
         };
         let mut m = Module {
             image,
+            image_path,
             replicas: (0..replicas)
                 .map(|r| {
                     let name = if replicas == 1 {
@@ -376,11 +396,14 @@ impl Actor {
             Ok(summary) => listeners::bind_all(&summary.listeners).map_err(|e| error_chain(&e)),
             Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
         };
+        let path = self.store.artifact_path(&record.artifact_sha256);
         let image = self
             .store
             .open_artifact(&record.artifact_sha256)
+            .map(|i| i.fd)
             .map_err(|e| format!("stored artifact: {}", error_chain(&e)));
-        self.add_and_start(record, image, bound);
+        let (_, rx) = watch::channel(Some(image));
+        self.add_and_start(record, (rx, path), bound);
     }
 
     fn control(&mut self, request: Request, reply: Reply) {
@@ -424,28 +447,45 @@ impl Actor {
 
     /// Installs and launches a module, answering once its desired state is
     /// on disk. The launch waits for neither hashing nor the disk: the
-    /// worker loads a sealed in-memory copy of the artifact, while the
-    /// persister hashes it, stores it and writes the state that refers to it
-    /// (milliseconds of SHA-256 and fsync). An install that was never
-    /// acknowledged may be missing after a crash; an acknowledged one never
-    /// is.
+    /// artifact is copied into a sealed memfd on a blocking thread while the
+    /// instance takes its worker and is wired (the launch order waits for
+    /// the copy), then the persister hashes the copy, stores it and writes
+    /// the state that refers to it (milliseconds of SHA-256 and fsync). An
+    /// install that was never acknowledged may be missing after a crash; an
+    /// acknowledged one never is.
     fn install(&mut self, req: Install, reply: Reply) {
         match self.install_and_launch(req) {
-            Ok((summary, artifact)) => {
+            Ok((summary, artifact, image_tx)) => {
                 let name = summary.name.clone();
                 let generation = self.modules[&name].generation;
-                let placeholder = artifact.placeholder.clone();
-                let done = self.persister.save(self.desired.clone(), Some(artifact));
-                let saved = self.saved_tx.clone();
+                let placeholder = self.modules[&name].record.artifact_sha256.clone();
+                let pending = self.pending_tx.clone();
                 tokio::spawn(async move {
-                    let result = done.await.unwrap_or(Err(StoreError::WriterGone));
-                    let _ = saved.send(InstallSaved {
-                        name,
-                        generation,
-                        placeholder,
-                        result,
-                        summary,
-                        reply,
+                    let src = artifact.clone();
+                    let made = tokio::task::spawn_blocking(move || ArtifactImage::snapshot(&src))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(StoreError::Io {
+                                op: "copy",
+                                path: artifact,
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        });
+                    image_tx.send_replace(Some(
+                        made.as_ref()
+                            .map(|i| i.fd.clone())
+                            .map_err(|e| format!("artifact copy: {}", error_chain(e))),
+                    ));
+                    let _ = pending.send(Pending::Copied {
+                        install: InstallSaved {
+                            name,
+                            generation,
+                            placeholder,
+                            result: Ok(None),
+                            summary,
+                            reply,
+                        },
+                        image: made,
                     });
                 });
             }
@@ -453,6 +493,35 @@ impl Actor {
                 let _ = reply.send(Err(e.into()));
             }
         }
+    }
+
+    /// An install's artifact copy is made: hand it to the persister with the
+    /// state as it is now (so every acknowledged install is in it), or undo
+    /// the install if the copy failed.
+    fn install_copied(
+        &mut self,
+        mut install: InstallSaved,
+        image: Result<ArtifactImage, StoreError>,
+    ) {
+        let image = match image {
+            Ok(i) => i,
+            Err(e) => {
+                install.result = Err(e);
+                return self.install_saved(install);
+            }
+        };
+        let done = self.persister.save(
+            self.desired.clone(),
+            Some(NewArtifact {
+                placeholder: install.placeholder.clone(),
+                image,
+            }),
+        );
+        let pending = self.pending_tx.clone();
+        tokio::spawn(async move {
+            install.result = done.await.unwrap_or(Err(StoreError::WriterGone));
+            let _ = pending.send(Pending::Saved(install));
+        });
     }
 
     /// The persister is done with an install: record the artifact's hash and
@@ -497,7 +566,7 @@ impl Actor {
     fn install_and_launch(
         &mut self,
         req: Install,
-    ) -> Result<(ModuleSummary, NewArtifact), InstallError> {
+    ) -> Result<(ModuleSummary, PathBuf, ImageTx), InstallError> {
         if !req.path.is_absolute() {
             return Err(InstallError::Relative { path: req.path });
         }
@@ -529,23 +598,12 @@ impl Actor {
             ListenError::PortInUse { port, .. } => InstallError::PortInUse { port, source },
             source => InstallError::Listener { source },
         })?;
-        let store_err = |source| InstallError::Store {
-            name: summary.name.clone(),
-            source,
-        };
-        let image = match ArtifactImage::snapshot(&artifact) {
-            Ok(i) => i,
-            Err(e) => {
-                listeners::release(bound);
-                return Err(store_err(e));
-            }
-        };
         self.next_placeholder += 1;
         let placeholder = store::placeholder(self.next_placeholder);
         let record = ModuleRecord {
             name: summary.name.clone(),
             version: summary.version.clone(),
-            artifact_sha256: placeholder.clone(),
+            artifact_sha256: placeholder,
             manifest: text,
             source: manifest_path,
         };
@@ -554,11 +612,9 @@ impl Actor {
             .insert(record.name.clone(), record.clone());
         tracing::info!(module = %record.name, version = %record.version, "installed");
         let name = record.name.clone();
-        self.add_and_start(record, Ok(image.clone()), Ok(bound));
-        Ok((
-            self::summary(&self.modules[&name]),
-            NewArtifact { placeholder, image },
-        ))
+        let (image_tx, image_rx) = watch::channel(None);
+        self.add_and_start(record, (image_rx, artifact.clone()), Ok(bound));
+        Ok((self::summary(&self.modules[&name]), artifact, image_tx))
     }
 
     fn stop_module(&mut self, name: &str) {

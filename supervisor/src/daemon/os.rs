@@ -91,9 +91,9 @@ pub struct Registration {
 pub struct LaunchPlan {
     /// The module's name (the lifecycle's name may carry a replica suffix).
     pub module: String,
-    /// The artifact image the worker loads (sent as the `Artifact` grant);
-    /// without one the worker opens `order.artifact`.
-    pub artifact: Option<Arc<OwnedFd>>,
+    /// The artifact image the worker loads (sent as the `Artifact` grant),
+    /// once there is one.
+    pub artifact: ImageRx,
     /// The order for the worker (grants are added at launch).
     pub order: LaunchOrder,
     /// The module's log file.
@@ -109,6 +109,12 @@ pub struct LaunchPlan {
     /// emberd's cgroups.
     pub limiter: Arc<crate::cgroup::Limiter>,
 }
+
+/// An artifact image as launches wait for it: `None` while an install's copy
+/// is being made, then the descriptor or why there is none.
+pub type ImageRx = tokio::sync::watch::Receiver<Option<Result<Arc<OwnedFd>, String>>>;
+/// The sending side of [`ImageRx`].
+pub type ImageTx = tokio::sync::watch::Sender<Option<Result<Arc<OwnedFd>, String>>>;
 
 /// [`WorkerOs`] over the pool; built by the actor for one call.
 pub struct RealOs<'a> {
@@ -256,16 +262,10 @@ async fn instance(
             None
         }
     };
-    // Grants: the artifact, the log as stdout/stderr, then every listener.
+    // Grants: the log as stdout/stderr, every listener, the service ends,
+    // then the artifact.
     let mut order = plan.order.clone();
     let mut fds = Vec::new();
-    if let Some(a) = &plan.artifact {
-        order.grants.push(Grant {
-            kind: GrantKind::Artifact,
-            name: "artifact".into(),
-        });
-        fds.push(a.as_fd());
-    }
     order.grants.push(Grant {
         kind: GrantKind::Stdio,
         name: "log".into(),
@@ -278,6 +278,30 @@ async fn instance(
         });
         fds.push(fd.as_fd());
     }
+    // The artifact image: an install copies it while this task takes the
+    // worker and is wired; wait for the copy to be done.
+    let mut image_rx = plan.artifact.clone();
+    let image = match image_rx.wait_for(Option::is_some).await.map(|v| v.clone()) {
+        Ok(Some(Ok(fd))) => fd,
+        Ok(Some(Err(reason))) => {
+            worker.discard().await;
+            remove_cgroup(cgroup.take(), &module, pid).await;
+            return send(
+                None,
+                Event::LaunchFailed {
+                    attempt,
+                    reason,
+                    permanent: true,
+                },
+                None,
+            );
+        }
+        Ok(None) | Err(_) => {
+            worker.discard().await;
+            remove_cgroup(cgroup.take(), &module, pid).await;
+            return send(None, failed("artifact copy abandoned".into()), None);
+        }
+    };
     // Service ends: the registry (the actor) wires this instance.
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
     let (wire_tx, wire_rx) = tokio::sync::oneshot::channel();
@@ -294,6 +318,11 @@ async fn instance(
         order.grants.push(s.grant.clone());
         fds.extend(s.fds.iter().map(|f| f.as_fd()));
     }
+    order.grants.push(Grant {
+        kind: GrantKind::Artifact,
+        name: "artifact".into(),
+    });
+    fds.push(image.as_fd());
     if let Err(e) = worker.link.launch(&order, &fds).await {
         drop(fds);
         worker.discard().await;
