@@ -158,6 +158,8 @@ impl Worker {
             artifact: order.artifact.clone(),
             manifest: order.manifest.clone(),
             replica: 0,
+            // No cgroup here: the worker's own watchdog enforces limits.memory.
+            memory_enforced: false,
             grants,
         });
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

@@ -39,6 +39,9 @@ pub struct LaunchOrder {
     pub manifest: String,
     /// Replica index.
     pub replica: u32,
+    /// The host enforces the manifest's `limits.memory` itself (a cgroup),
+    /// so the worker starts no resident-memory watchdog of its own.
+    pub memory_enforced: bool,
     /// Descriptor grants, in the order of the attached descriptors.
     pub grants: Vec<Grant>,
 }
@@ -447,6 +450,7 @@ impl Message for ToWorker {
                 e.str(&o.artifact.to_string_lossy());
                 e.str(&o.manifest);
                 e.u32(o.replica);
+                e.u32(u32::from(o.memory_enforced));
                 e.grants(&o.grants);
                 e.finish()
             }
@@ -471,11 +475,22 @@ impl Message for ToWorker {
                 let artifact = PathBuf::from(d.str()?);
                 let manifest = d.str()?;
                 let replica = d.u32()?;
+                let memory_enforced = match d.u32()? {
+                    0 => false,
+                    1 => true,
+                    value => {
+                        return Err(DecodeError::InvalidValue {
+                            field: "memory enforced",
+                            value,
+                        })
+                    }
+                };
                 let grants = d.grants()?;
                 ToWorker::Launch(LaunchOrder {
                     artifact,
                     manifest,
                     replica,
+                    memory_enforced,
                     grants,
                 })
             }
@@ -730,6 +745,7 @@ mod tests {
                 artifact: "/x/libhello.so".into(),
                 manifest: "name = \"hello\"".into(),
                 replica: 3,
+                memory_enforced: true,
                 grants: vec![
                     Grant {
                         kind: GrantKind::Listener,

@@ -520,6 +520,12 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Whether a memory limit is set on this instance's cgroup (the kernel
+    /// enforces it; the worker needs no watchdog of its own).
+    pub fn enforces_memory(&self) -> bool {
+        self.memory.is_some() && self.limit.is_some()
+    }
+
     /// If the kernel OOM-killed a process of this cgroup: a reason naming
     /// the mechanism and the limit.
     pub fn oom_reason(&self) -> Option<String> {

@@ -164,3 +164,45 @@ fn without_cgroups_the_worker_watchdog_enforces_memory() {
     });
     assert_eq!(s["limits"]["memory_mechanism"], "in-worker-rss", "{s}");
 }
+
+/// Thread names of `pid`.
+fn threads(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let cgroup = detect(Path::new(ROOT), &own).memory.is_some();
+    let d = Daemon::start(FAST);
+    let dir = real_module(
+        &d.dir.0,
+        "watched",
+        "hello",
+        "[limits]\nmemory = \"256MiB\"\n",
+    );
+    let out = d.ctl(&["install", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = d.wait_status("watched", "running", |s| s["state"] == "running");
+    let pid = s["pid"].as_i64().unwrap() as i32;
+    let names = threads(pid);
+    assert!(names.iter().any(|n| n == "ember-control"), "{names:?}");
+    // The kernel enforces the limit through the instance's cgroup; only
+    // without one does the worker poll its own resident set.
+    assert_eq!(
+        names.iter().any(|n| n == "ember-memwatch"),
+        !cgroup,
+        "cgroup memory controller: {cgroup}; threads {names:?}"
+    );
+}

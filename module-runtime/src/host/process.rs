@@ -165,26 +165,13 @@ pub fn set_process_name(name: &str) {
 }
 
 /// Rewrites the initial argv area in place (the classic `setproctitle`).
+/// The area is found once per process (a warm worker finds it while idle,
+/// so the launch does not read `/proc` again).
 fn overwrite_cmdline(name: &str) {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    static AREA: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    let Some((start, end)) = *AREA.get_or_init(argv_area) else {
         return;
     };
-    // Fields after the `comm` field, which may contain spaces: start at ')'.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // arg_start and arg_end are fields 48 and 49 (1-based) of the whole
-    // line, i.e. indices 45 and 46 after `pid (comm)`.
-    let (Some(start), Some(end)) = (
-        fields.get(45).and_then(|s| s.parse::<usize>().ok()),
-        fields.get(46).and_then(|s| s.parse::<usize>().ok()),
-    ) else {
-        return;
-    };
-    if end <= start + 1 || start == 0 {
-        return;
-    }
     let len = end - start;
     let bytes = name.as_bytes();
     let n = bytes.len().min(len - 1);
@@ -198,6 +185,22 @@ fn overwrite_cmdline(name: &str) {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, n);
         std::ptr::write_bytes(p.add(n), 0, len - n);
     }
+}
+
+/// `arg_start` and `arg_end` of this process, from `/proc/self/stat`.
+fn argv_area() -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the `comm` field, which may contain spaces: start at ')'.
+    let rest = stat.rfind(')').map(|i| &stat[i + 2..])?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // arg_start and arg_end are fields 48 and 49 (1-based) of the whole
+    // line, i.e. indices 45 and 46 after `pid (comm)`.
+    let start = fields.get(45)?.parse::<usize>().ok()?;
+    let end = fields.get(46)?.parse::<usize>().ok()?;
+    if end <= start + 1 || start == 0 {
+        return None;
+    }
+    Some((start, end))
 }
 
 /// Number of threads of this process.

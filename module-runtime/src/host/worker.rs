@@ -778,8 +778,9 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
     // Load.
     STAGE.store(Stage::Load as u8, Ordering::Relaxed);
     shared.transition(State::Loading, order.artifact.display().to_string());
-    if let Some(limit) = manifest.limits.memory {
-        start_memory_watchdog(shared, limit);
+    match manifest.limits.memory {
+        Some(limit) if !order.memory_enforced => start_memory_watchdog(shared, limit),
+        _ => {}
     }
     // From the descriptor when emberd sent one (the file behind the path may
     // be replaced meanwhile; the descriptor's content cannot change).

@@ -229,6 +229,7 @@ impl Worker {
             artifact: artifact.to_owned(),
             manifest: manifest.to_owned(),
             replica,
+            memory_enforced: false,
             grants: gs,
         };
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

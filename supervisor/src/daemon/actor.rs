@@ -146,6 +146,8 @@ impl Module {
                 artifact: self.image_path.clone(),
                 manifest: self.record.manifest.clone(),
                 replica,
+                // Set at launch, once the instance's cgroup is known.
+                memory_enforced: false,
                 grants: Vec::new(),
             },
             log: store.log_path(&self.record.name),

@@ -265,6 +265,7 @@ async fn instance(
     // Grants: the log as stdout/stderr, every listener, the service ends,
     // then the artifact.
     let mut order = plan.order.clone();
+    order.memory_enforced = cgroup.as_ref().is_some_and(|c| c.enforces_memory());
     let mut fds = Vec::new();
     order.grants.push(Grant {
         kind: GrantKind::Stdio,
