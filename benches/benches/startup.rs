@@ -12,7 +12,7 @@
 //!
 //! `cargo bench --bench startup -- --json [--chart docs/img] [--module
 //! greeter|hello] [--cold N] [--warm N] [--no-idle N] [--limit N]
-//! [--catalog-mb MB] [--poll-us 200]` prints human-readable lines on stderr, then one JSON
+//! [--catalog-mb MB]` prints human-readable lines on stderr, then one JSON
 //! object as the last line on stdout.
 
 use std::path::Path;
@@ -280,7 +280,6 @@ fn run_emberd(
             ..Options::default()
         },
     )?;
-    d.set_poll_interval(Duration::from_micros(arg_num("--poll-us", 200)));
     d.wait_pool_idle(2, TIMEOUT)?;
     let before = d.pool()?;
     for i in 0..n_warm + 3 {
@@ -310,7 +309,6 @@ fn run_emberd(
             ..Options::default()
         },
     )?;
-    d.set_poll_interval(Duration::from_micros(arg_num("--poll-us", 200)));
     for i in 0..n_no_idle + 2 {
         let (t, _) = launch_once(&mut d, dir, name, i == 0)?;
         if i >= 2 {

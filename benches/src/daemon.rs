@@ -95,7 +95,6 @@ pub struct Emberd {
     child: Option<Child>,
     client: Client,
     /// A second connection, for watching while a call is in flight.
-    watcher: Option<Client>,
     socket: PathBuf,
     state: PathBuf,
     log: PathBuf,
@@ -188,7 +187,6 @@ impl Emberd {
         Ok(Self {
             child,
             client,
-            watcher: None,
             socket,
             state,
             log,
@@ -245,10 +243,11 @@ impl Emberd {
     }
 
     /// `Install` of a module directory, timed the way a user sees it: the
-    /// call goes out on the main connection while a second connection
-    /// polls `List` (the cheap call: no per-process metrics) until the
-    /// module runs; then the Install reply (sent once the desired state is
-    /// on disk) is read. Returns (Install → running, Install → reply).
+    /// call goes out with `more`, so emberd reports each state the module
+    /// goes through (`emberctl install --wait` does the same), and the clock
+    /// stops at the first reply saying `running`; the call's last reply
+    /// comes once the desired state is on disk. Returns (Install → running,
+    /// Install → last reply).
     pub fn install_until_running(
         &mut self,
         dir: &Path,
@@ -259,25 +258,18 @@ impl Emberd {
             let method = method.to_owned();
             move |source| DaemonError::Call { method, source }
         };
-        if self.watcher.is_none() {
-            self.watcher = Some(Client::connect(&self.socket).map_err(call("connect"))?);
-        }
         let t = Instant::now();
         self.client
-            .send("io.ember.Supervisor.Install", json!({"path": dir}))
+            .send_more("io.ember.Supervisor.Install", json!({"path": dir}))
             .map_err(call("Install"))?;
-        let end = t + timeout;
-        let watcher = self.watcher.as_mut().expect("connected above");
-        let running = loop {
-            let list = watcher.ember("List", json!({})).map_err(call("List"))?;
-            let state = list["modules"]
-                .as_array()
-                .and_then(|ms| ms.iter().find(|m| m["name"] == name))
-                .and_then(|m| m["state"].as_str())
-                .unwrap_or("")
-                .to_owned();
+        let mut running = None;
+        loop {
+            let (reply, continues) = self.client.receive_more().map_err(call("Install"))?;
+            let state = reply["module"]["state"].as_str().unwrap_or("").to_owned();
             match state.as_str() {
-                "running" => break t.elapsed(),
+                "running" => {
+                    running.get_or_insert_with(|| t.elapsed());
+                }
                 "failed" | "crashloop" | "backoff" | "stopped" => {
                     return Err(DaemonError::ModuleFailed {
                         name: name.into(),
@@ -287,14 +279,18 @@ impl Emberd {
                 }
                 _ => {}
             }
-            if Instant::now() > end {
+            if !continues {
+                break;
+            }
+            if t.elapsed() > timeout {
                 return Err(DaemonError::Timeout(timeout, format!("`{name}` to run")));
             }
-            if !self.poll.is_zero() {
-                std::thread::sleep(self.poll);
-            }
-        };
-        self.client.receive().map_err(call("Install"))?;
+        }
+        let running = running.ok_or_else(|| DaemonError::ModuleFailed {
+            name: name.into(),
+            state: "not running".into(),
+            reason: "Install ended before the module ran".into(),
+        })?;
         Ok((running, t.elapsed()))
     }
 

@@ -75,10 +75,35 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a call with `more` (read its replies with
+    /// [`Client::receive_more`]).
+    pub fn send_more(&mut self, method: &str, parameters: Value) -> Result<(), VarlinkError> {
+        let mut msg =
+            serde_json::to_vec(&json!({"method": method, "parameters": parameters, "more": true}))?;
+        msg.push(0);
+        self.stream.write_all(&msg)?;
+        Ok(())
+    }
+
+    /// Reads one reply of a call with `more`: its parameters and whether
+    /// more replies follow.
+    pub fn receive_more(&mut self) -> Result<(Value, bool), VarlinkError> {
+        let reply = self.read_message()?;
+        let continues = serde_json::from_slice::<Value>(&reply)?
+            .get("continues")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok((self.parse(&reply)?, continues))
+    }
+
     /// Reads the reply to the oldest call sent and not yet answered.
     pub fn receive(&mut self) -> Result<Value, VarlinkError> {
         let reply = self.read_message()?;
-        let mut v: Value = serde_json::from_slice(&reply)?;
+        self.parse(&reply)
+    }
+
+    fn parse(&self, reply: &[u8]) -> Result<Value, VarlinkError> {
+        let mut v: Value = serde_json::from_slice(reply)?;
         let params = v
             .get_mut("parameters")
             .map(Value::take)

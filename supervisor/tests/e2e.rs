@@ -467,3 +467,37 @@ fn an_install_keeps_the_artifact_it_was_given() {
     assert_ne!(pid_of(&s), Some(first));
     assert_eq!(s["artifact_sha256"], expected.as_str());
 }
+
+#[test]
+fn install_wait_follows_the_start() {
+    let d = daemon();
+    let hello = real_module(&d.dir.0, "hello", "hello", "");
+    let out = d.ctl(&["install", "--wait", hello.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first().copied(), Some("hello: starting"), "{text}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("hello: running pid ")),
+        "{text}"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some("installed hello 1.0.0 (running)")
+    );
+    // It was running when the command returned.
+    assert!(running(&d.ctl_json(&["status", "hello"])["status"]));
+
+    // A module that cannot start: installed, but the command fails and says
+    // why.
+    let bad = real_module(&d.dir.0, "bad", "fixture-wrong-abi", "");
+    let out = d.ctl(&["install", "--wait", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad is installed but failed"), "{err}");
+    assert!(err.contains("AbiMismatch"), "{err}");
+}

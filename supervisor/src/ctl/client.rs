@@ -43,6 +43,9 @@ pub enum CtlError {
     /// A local argument is unusable.
     #[error("{0}")]
     Input(String),
+    /// `install --wait`: the module was installed but did not start.
+    #[error("{0}")]
+    NotRunning(String),
 }
 
 fn describe(name: &str, p: &Value) -> String {
@@ -75,6 +78,7 @@ impl CtlError {
             CtlError::Io(_) => ExitCode::Failure,
             CtlError::Protocol => ExitCode::Protocol,
             CtlError::Input(_) => ExitCode::InvalidInput,
+            CtlError::NotRunning(_) => ExitCode::Failure,
             CtlError::Remote { name, .. } => match name.as_str() {
                 errors::MODULE_NOT_FOUND => ExitCode::NotFound,
                 errors::INVALID_INPUT

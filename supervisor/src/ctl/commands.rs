@@ -21,7 +21,7 @@ fn print_json(v: &Value) {
 pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
     let mut c = Client::connect(socket)?;
     match &cli.command {
-        Command::Install { path } => install(&mut c, path, cli.json),
+        Command::Install { path, wait } => install(&mut c, path, *wait, cli.json),
         Command::Uninstall { name } => {
             let v = c.call(&method("Uninstall"), json!({ "name": name }))?;
             if cli.json {
@@ -44,11 +44,14 @@ pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
     }
 }
 
-fn install(c: &mut Client, path: &Path, json_out: bool) -> Result<(), CtlError> {
+fn install(c: &mut Client, path: &Path, wait: bool, json_out: bool) -> Result<(), CtlError> {
     let abs = std::path::absolute(path)
         .map_err(|e| CtlError::Input(format!("{}: {e}", path.display())))?;
     if !abs.exists() {
         return Err(CtlError::Input(format!("{} does not exist", abs.display())));
+    }
+    if wait {
+        return install_and_wait(c, &abs, json_out);
     }
     let v = c.call(&method("Install"), json!({ "path": abs }))?;
     if json_out {
@@ -63,6 +66,50 @@ fn install(c: &mut Client, path: &Path, json_out: bool) -> Result<(), CtlError> 
         );
     }
     Ok(())
+}
+
+/// `install --wait`: `Install` with `more`, one line per state the module
+/// goes through, then the install's own reply; fails unless it ends running.
+fn install_and_wait(c: &mut Client, abs: &Path, json_out: bool) -> Result<(), CtlError> {
+    let mut last = Value::Null;
+    c.call_more(&method("Install"), json!({ "path": abs }), |v| {
+        if json_out {
+            println!("{v}");
+        } else {
+            let m = &v["module"];
+            let pids = m["pids"]
+                .as_array()
+                .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
+                .filter(|p| !p.is_empty())
+                .map(|p| format!(" pid {p}"))
+                .unwrap_or_default();
+            println!("{}: {}{pids}", cell(&m["name"]), cell(&m["state"]));
+        }
+        last = v["module"].clone();
+        Ok(())
+    })?;
+    if last["state"] == "running" {
+        if !json_out {
+            println!(
+                "installed {} {} (running)",
+                cell(&last["name"]),
+                cell(&last["version"])
+            );
+        }
+        return Ok(());
+    }
+    let name = cell(&last["name"]);
+    let status = c
+        .call(&method("Status"), json!({ "name": name }))
+        .unwrap_or(Value::Null);
+    let why = [&status["status"]["reason"], &status["status"]["last_error"]]
+        .into_iter()
+        .find_map(|r| r.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "see `emberctl status`".into());
+    Err(CtlError::NotRunning(format!(
+        "{name} is installed but {}: {why}",
+        cell(&last["state"])
+    )))
 }
 
 fn list(c: &mut Client, json_out: bool) -> Result<(), CtlError> {

@@ -41,6 +41,10 @@ pub enum Command {
     Install {
         /// Module directory or manifest file.
         path: PathBuf,
+        /// Follow the module's start: print each state until it is running
+        /// (exit 0) or failed (exit 1).
+        #[arg(long, short)]
+        wait: bool,
     },
     /// Stop a module and remove it.
     Uninstall {

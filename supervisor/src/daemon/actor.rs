@@ -50,6 +50,17 @@ pub enum Response {
 
 type Reply = oneshot::Sender<Result<Response, ErrorReply>>;
 
+/// Where progress of a call with `more` goes.
+pub type Progress = mpsc::UnboundedSender<Value>;
+
+/// An install whose caller follows its progress.
+struct InstallWatch {
+    name: String,
+    generation: u64,
+    last: Option<State>,
+    tx: Progress,
+}
+
 /// A message to the actor.
 #[derive(Debug)]
 pub enum ActorMsg {
@@ -59,6 +70,9 @@ pub enum ActorMsg {
         request: Request,
         /// The answer.
         reply: Reply,
+        /// For calls with `more` that report progress (`Install`): the
+        /// module's summary each time its state changes, until it settles.
+        progress: Option<Progress>,
     },
     /// Liveness probe (watchdog).
     Ping(oneshot::Sender<()>),
@@ -165,6 +179,8 @@ pub struct Actor {
     store: Store,
     /// The only writer of `desired.json`, in order, off the actor's thread.
     persister: Persister,
+    /// Installs whose callers follow their progress.
+    watches: Vec<InstallWatch>,
     /// Installs on their way to disk: artifact copied, state written.
     pending_tx: mpsc::UnboundedSender<Pending>,
     pending_rx: mpsc::UnboundedReceiver<Pending>,
@@ -234,6 +250,7 @@ impl Actor {
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
         Self {
             persister: Persister::start(store.clone()),
+            watches: Vec::new(),
             pending_tx,
             pending_rx,
             next_placeholder: 0,
@@ -274,7 +291,9 @@ impl Actor {
             tokio::select! {
                 msg = rx.recv(), if self.shutdown.is_none() => match msg {
                     None => break,
-                    Some(ActorMsg::Control { request, reply }) => self.control(request, reply),
+                    Some(ActorMsg::Control { request, reply, progress }) => {
+                        self.control(request, reply, progress)
+                    }
                     Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
                     Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
                 },
@@ -289,6 +308,7 @@ impl Actor {
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
             }
             self.settle_uninstalls();
+            self.report_progress();
             if self.shutdown_done() {
                 break;
             }
@@ -408,10 +428,10 @@ impl Actor {
         self.add_and_start(record, (rx, path), bound);
     }
 
-    fn control(&mut self, request: Request, reply: Reply) {
+    fn control(&mut self, request: Request, reply: Reply, progress: Option<Progress>) {
         let value = |v: Result<Value, ErrorReply>| v.map(Response::Value);
         let result = match request {
-            Request::Install(req) => return self.install(req, reply),
+            Request::Install(req) => return self.install(req, reply, progress),
             Request::Uninstall(req) => return self.uninstall(req.name, reply),
             Request::List(_) => value(Ok(to_value(ListReply {
                 modules: self.modules.values().map(summary).collect(),
@@ -455,11 +475,19 @@ impl Actor {
     /// the state that refers to it (milliseconds of SHA-256 and fsync). An
     /// install that was never acknowledged may be missing after a crash; an
     /// acknowledged one never is.
-    fn install(&mut self, req: Install, reply: Reply) {
+    fn install(&mut self, req: Install, reply: Reply, progress: Option<Progress>) {
         match self.install_and_launch(req) {
             Ok((summary, artifact, image_tx)) => {
                 let name = summary.name.clone();
                 let generation = self.modules[&name].generation;
+                if let Some(tx) = progress {
+                    self.watches.push(InstallWatch {
+                        name: name.clone(),
+                        generation,
+                        last: None,
+                        tx,
+                    });
+                }
                 let placeholder = self.modules[&name].record.artifact_sha256.clone();
                 let pending = self.pending_tx.clone();
                 tokio::spawn(async move {
@@ -495,6 +523,38 @@ impl Actor {
                 let _ = reply.send(Err(e.into()));
             }
         }
+    }
+
+    /// Tells callers following an install each state change of the module,
+    /// until it is running, failed, crash-looping or gone. Dropping a
+    /// watch's sender tells the connection the progress is over.
+    fn report_progress(&mut self) {
+        if self.watches.is_empty() {
+            return;
+        }
+        let modules = &self.modules;
+        self.watches.retain_mut(|w| {
+            let Some(m) = modules
+                .get(&w.name)
+                .filter(|m| m.generation == w.generation)
+            else {
+                return false;
+            };
+            let state = m.state();
+            if w.last != Some(state) {
+                w.last = Some(state);
+                if w.tx
+                    .send(serde_json::json!({ "module": summary(m) }))
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            !matches!(
+                state,
+                State::Running | State::Failed | State::CrashLoop | State::Stopped
+            )
+        });
     }
 
     /// An install's artifact copy is made: hand it to the persister with the
@@ -543,7 +603,13 @@ impl Actor {
                         r.artifact_sha256 = hash.clone();
                     }
                 }
-                let m = serde_json::json!({ "module": s.summary });
+                // The module as it is now (it may be running already).
+                let now = self
+                    .modules
+                    .get(&s.name)
+                    .filter(|m| m.generation == s.generation)
+                    .map_or(s.summary, summary);
+                let m = serde_json::json!({ "module": now });
                 let _ = s.reply.send(Ok(Response::Value(m)));
                 return;
             }

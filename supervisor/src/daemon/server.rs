@@ -262,10 +262,26 @@ impl Connection {
                 };
                 let (tx, rx) = oneshot::channel();
                 let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
+                let follow =
+                    matches!(request, control::Request::Install(_)) && call.more && !call.oneway;
+                let (progress, progress_rx) = match follow {
+                    true => {
+                        let (p, r) = tokio::sync::mpsc::unbounded_channel();
+                        (Some(p), Some(r))
+                    }
+                    false => (None, None),
+                };
                 self.actor
-                    .send(ActorMsg::Control { request, reply: tx })
+                    .send(ActorMsg::Control {
+                        request,
+                        reply: tx,
+                        progress,
+                    })
                     .await
                     .map_err(|_| shutting_down())?;
+                if let Some(progress_rx) = progress_rx {
+                    return self.install_progress(rx, progress_rx).await;
+                }
                 match rx.await.map_err(|_| shutting_down())?? {
                     Response::Value(v) => Ok(Some(Reply::ok(v))),
                     Response::Logs(path) => {
@@ -275,6 +291,46 @@ impl Connection {
                 }
             }
             other => Err(service::interface_not_found(other)),
+        }
+    }
+
+    /// `Install` with `more`: the module's summary each time its state
+    /// changes until it settles (running, failed, crash loop), as replies
+    /// with `continues`, then the install's own reply once its state is on
+    /// disk. An install refused or rolled back ends the call with its error
+    /// at once.
+    async fn install_progress(
+        &mut self,
+        mut done: oneshot::Receiver<Result<Response, ErrorReply>>,
+        mut progress: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    ) -> Result<Option<Reply>, ErrorReply> {
+        let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
+        let mut result = None;
+        let mut following = true;
+        while following || result.is_none() {
+            tokio::select! {
+                p = progress.recv(), if following => match p {
+                    Some(v) => {
+                        let mut r = Reply::ok(v);
+                        r.continues = true;
+                        if self.write(&r).await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                    None => following = false,
+                },
+                r = &mut done, if result.is_none() => {
+                    let r = r.map_err(|_| shutting_down())?;
+                    match r {
+                        Err(e) => return Err(e),
+                        Ok(v) => result = Some(v),
+                    }
+                }
+            }
+        }
+        match result {
+            Some(Response::Value(v)) => Ok(Some(Reply::ok(v))),
+            _ => Err(shutting_down()),
         }
     }
 
