@@ -283,9 +283,10 @@ fn run_emberd(
     d.wait_pool_idle(2, TIMEOUT)?;
     let before = d.pool()?;
     for i in 0..n_warm + 3 {
-        // A warm idle worker is available for every sample, and the
-        // previous sample's worker has finished exiting.
-        d.wait_pool_idle(1, TIMEOUT)?;
+        // Every sample starts from a pool at rest: refilled to `min_idle`
+        // (no refill fork competing with the launch), and the previous
+        // sample's worker has finished exiting.
+        d.wait_pool_idle(2, TIMEOUT)?;
         std::thread::sleep(Duration::from_millis(30));
         let (t, r) = launch_once(&mut d, dir, name, i == 0)?;
         if i >= 3 {
