@@ -13,11 +13,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -97,40 +97,84 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
 /// An artifact as workers load it: a descriptor whose content cannot change
 /// (a sealed memfd copied from the installed file, or the stored copy, which
 /// is read-only and private to emberd), and the path it came from, for
-/// messages.
+/// messages. Modules installed from identical files share one image, so
+/// their workers share its pages.
 #[derive(Debug, Clone)]
 pub struct ArtifactImage {
     /// The descriptor workers receive.
     pub fd: Arc<OwnedFd>,
     /// The file it was made from.
     pub source: PathBuf,
+    /// Its size in bytes.
+    pub len: u64,
+    /// Its SHA-256 once the persister has computed it (shared by every
+    /// module using this image).
+    pub sha256: Arc<OnceLock<String>>,
 }
 
 impl ArtifactImage {
-    /// Copies `src` into a sealed memfd. This is all an install does with the
-    /// artifact before launching: an in-kernel copy, no hashing (the
-    /// persister hashes and stores it off the launch path). Sealed against
-    /// writes, shrinking and growing, so what workers map is exactly what
-    /// was installed, whatever happens to `src` afterwards.
-    pub fn snapshot(src: &Path) -> Result<Self, StoreError> {
+    /// Makes the image for an install of `src`: one of `known` if its
+    /// content is byte for byte the same (compared, not trusted from names
+    /// or timestamps), else a copy of `src` in a sealed memfd. This is all an
+    /// install does with the artifact before launching; the persister
+    /// hashes and stores it off the launch path. Sealed against writes,
+    /// shrinking and growing, so what workers map is exactly what was
+    /// installed, whatever happens to `src` afterwards.
+    pub fn snapshot(src: &Path, known: &[ArtifactImage]) -> Result<Self, StoreError> {
         let mut from = File::open(src).map_err(io_err("open", src))?;
+        let len = from.metadata().map_err(io_err("stat", src))?.len();
+        let same_size: Vec<&ArtifactImage> = known.iter().filter(|k| k.len == len).collect();
+        let mut bytes = None;
+        if !same_size.is_empty() {
+            let mut mine = Vec::with_capacity(len as usize);
+            from.read_to_end(&mut mine).map_err(io_err("read", src))?;
+            for k in same_size {
+                let theirs = k
+                    .read_all()
+                    .map_err(io_err("read the image of", &k.source))?;
+                if theirs == mine {
+                    return Ok(Self {
+                        source: src.to_owned(),
+                        ..k.clone()
+                    });
+                }
+            }
+            bytes = Some(mine);
+        }
         let fd = memfd_create(
             c"ember-artifact",
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
         .map_err(|e| io_err("memfd_create for", src)(e.into()))?;
         let mut to = File::from(fd);
-        io::copy(&mut from, &mut to).map_err(io_err("copy", src))?;
+        match bytes {
+            Some(b) => to.write_all(&b).map_err(io_err("copy", src))?,
+            // Nothing to compare with: copy in the kernel.
+            None => {
+                io::copy(&mut from, &mut to).map_err(io_err("copy", src))?;
+            }
+        }
         let seals = SealFlag::F_SEAL_SHRINK
             | SealFlag::F_SEAL_GROW
             | SealFlag::F_SEAL_WRITE
             | SealFlag::F_SEAL_SEAL;
         fcntl(&to, FcntlArg::F_ADD_SEALS(seals))
             .map_err(|e| io_err("seal a copy of", src)(e.into()))?;
+        let len = to
+            .metadata()
+            .map_err(io_err("stat the copy of", src))?
+            .len();
         Ok(Self {
             fd: Arc::new(to.into()),
             source: src.to_owned(),
+            len,
+            sha256: Arc::default(),
         })
+    }
+
+    /// Whether `self` and `other` are the same image (not just equal bytes).
+    pub fn same(&self, other: &ArtifactImage) -> bool {
+        Arc::ptr_eq(&self.fd, &other.fd)
     }
 
     /// The whole content, read without moving the shared file offset.
@@ -223,9 +267,15 @@ impl Store {
     /// again (re-installs and upgrades back to a known version skip the
     /// copy).
     pub fn store_image(&self, image: &ArtifactImage) -> Result<String, StoreError> {
+        if let Some(h) = image.sha256.get() {
+            if self.artifact_path(h).is_file() {
+                return Ok(h.clone());
+            }
+        }
         let dir = self.dir.join("artifacts");
         let bytes = image.read_all().map_err(io_err("read", &image.source))?;
         let hash = hex(&Sha256::digest(&bytes));
+        let _ = image.sha256.set(hash.clone());
         let dst = self.artifact_path(&hash);
         if dst.is_file() {
             return Ok(hash);
@@ -251,9 +301,12 @@ impl Store {
     pub fn open_artifact(&self, sha256: &str) -> Result<ArtifactImage, StoreError> {
         let path = self.artifact_path(sha256);
         let f = File::open(&path).map_err(io_err("open", &path))?;
+        let len = f.metadata().map_err(io_err("stat", &path))?.len();
         Ok(ArtifactImage {
             fd: Arc::new(f.into()),
             source: path,
+            len,
+            sha256: Arc::new(OnceLock::from(sha256.to_owned())),
         })
     }
 
@@ -510,7 +563,7 @@ mod tests {
         assert!(state.modules.is_empty());
         let src = dir.join("lib.so");
         fs::write(&src, b"abc").unwrap();
-        let image = ArtifactImage::snapshot(&src).unwrap();
+        let image = ArtifactImage::snapshot(&src, &[]).unwrap();
         // The image is a frozen copy: changing the file changes nothing.
         fs::write(&src, b"xyz").unwrap();
         let hash = store.store_image(&image).unwrap();
@@ -560,7 +613,7 @@ mod tests {
         let (store, mut state) = Store::open(&dir.join("state")).unwrap();
         let src = dir.join("lib.so");
         fs::write(&src, b"abc").unwrap();
-        let image = ArtifactImage::snapshot(&src).unwrap();
+        let image = ArtifactImage::snapshot(&src, &[]).unwrap();
         let pending = placeholder(1);
         state.modules.insert("kv".into(), record("kv", &pending));
         let persister = Persister::start(store.clone());

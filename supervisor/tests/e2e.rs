@@ -501,3 +501,51 @@ fn install_wait_follows_the_start() {
     assert!(err.contains("bad is installed but failed"), "{err}");
     assert!(err.contains("AbiMismatch"), "{err}");
 }
+
+/// The inode of the `memfd:ember-artifact` mapping of `pid`.
+fn image_inode(pid: i32) -> Option<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines()
+        .find(|l| l.contains("/memfd:ember-artifact"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .map(str::to_owned)
+}
+
+#[test]
+fn identical_artifacts_share_one_image() {
+    let d = daemon();
+    let emberd = d.pid();
+    let mut pids = Vec::new();
+    for name in ["one", "two"] {
+        // Two files, two module directories, the same bytes.
+        let dir = d.dir.0.join(format!("mod-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(artifact("hello"), dir.join("libhello.so")).unwrap();
+        std::fs::write(
+            dir.join("module.toml"),
+            format!("name = \"{name}\"\nversion = \"1.0.0\"\nentry = \"libhello.so\"\n"),
+        )
+        .unwrap();
+        let out = d.ctl(&["install", "--wait", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        pids.push(pid_of(&d.ctl_json(&["status", name])["status"]).unwrap());
+    }
+    // One image in emberd, mapped by both workers: their code pages are
+    // shared, not duplicated per module.
+    let images: Vec<String> = memfds(emberd)
+        .into_iter()
+        .filter(|m| m.contains("ember-artifact"))
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    let inode = image_inode(pids[0]).expect("first worker maps the image");
+    assert_eq!(image_inode(pids[1]).as_deref(), Some(inode.as_str()));
+
+    // A different artifact gets its own image.
+    let kv = kv_module(&d);
+    assert!(d.ctl(&["install", "--wait", kv.to_str().unwrap()]).status.success());
+    let images = memfds(emberd)
+        .into_iter()
+        .filter(|m| m.contains("ember-artifact"))
+        .count();
+    assert_eq!(images, 2);
+}

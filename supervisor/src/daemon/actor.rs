@@ -87,6 +87,9 @@ struct Module {
     image: ImageRx,
     /// The file the image is of, for messages.
     image_path: PathBuf,
+    /// The image itself once made (installs compare against it, so
+    /// identical artifacts share one image).
+    artifact: Option<ArtifactImage>,
     /// One lifecycle per replica; index = replica number.
     replicas: Vec<Lifecycle>,
     generation: u64,
@@ -355,6 +358,7 @@ impl Actor {
         let mut m = Module {
             image,
             image_path,
+            artifact: None,
             replicas: (0..replicas)
                 .map(|r| {
                     let name = if replicas == 1 {
@@ -419,13 +423,27 @@ impl Actor {
             Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
         };
         let path = self.store.artifact_path(&record.artifact_sha256);
-        let image = self
-            .store
-            .open_artifact(&record.artifact_sha256)
-            .map(|i| i.fd)
-            .map_err(|e| format!("stored artifact: {}", error_chain(&e)));
-        let (_, rx) = watch::channel(Some(image));
+        // Modules restored from the same stored artifact share its image.
+        let known = self
+            .modules
+            .values()
+            .filter_map(|m| m.artifact.clone())
+            .find(|i| i.sha256.get() == Some(&record.artifact_sha256));
+        let image = match known {
+            Some(i) => Ok(i),
+            None => self
+                .store
+                .open_artifact(&record.artifact_sha256)
+                .map_err(|e| format!("stored artifact: {}", error_chain(&e))),
+        };
+        let (_, rx) = watch::channel(Some(
+            image.as_ref().map(|i| i.fd.clone()).map_err(Clone::clone),
+        ));
+        let name = record.name.clone();
         self.add_and_start(record, (rx, path), bound);
+        if let (Some(m), Ok(i)) = (self.modules.get_mut(&name), image) {
+            m.artifact = Some(i);
+        }
     }
 
     fn control(&mut self, request: Request, reply: Reply, progress: Option<Progress>) {
@@ -490,17 +508,24 @@ impl Actor {
                 }
                 let placeholder = self.modules[&name].record.artifact_sha256.clone();
                 let pending = self.pending_tx.clone();
+                let mut known: Vec<ArtifactImage> = Vec::new();
+                for i in self.modules.values().filter_map(|m| m.artifact.as_ref()) {
+                    if !known.iter().any(|k| k.same(i)) {
+                        known.push(i.clone());
+                    }
+                }
                 tokio::spawn(async move {
                     let src = artifact.clone();
-                    let made = tokio::task::spawn_blocking(move || ArtifactImage::snapshot(&src))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(StoreError::Io {
-                                op: "copy",
-                                path: artifact,
-                                source: std::io::Error::other(e.to_string()),
-                            })
-                        });
+                    let made =
+                        tokio::task::spawn_blocking(move || ArtifactImage::snapshot(&src, &known))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(StoreError::Io {
+                                    op: "copy",
+                                    path: artifact,
+                                    source: std::io::Error::other(e.to_string()),
+                                })
+                            });
                     image_tx.send_replace(Some(
                         made.as_ref()
                             .map(|i| i.fd.clone())
@@ -572,6 +597,13 @@ impl Actor {
                 return self.install_saved(install);
             }
         };
+        if let Some(m) = self
+            .modules
+            .get_mut(&install.name)
+            .filter(|m| m.generation == install.generation)
+        {
+            m.artifact = Some(image.clone());
+        }
         let done = self.persister.save(
             self.desired.clone(),
             Some(NewArtifact {
