@@ -527,7 +527,11 @@ fn identical_artifacts_share_one_image() {
         )
         .unwrap();
         let out = d.ctl(&["install", "--wait", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         pids.push(pid_of(&d.ctl_json(&["status", name])["status"]).unwrap());
     }
     // One image in emberd, mapped by both workers: their code pages are
@@ -542,7 +546,10 @@ fn identical_artifacts_share_one_image() {
 
     // A different artifact gets its own image.
     let kv = kv_module(&d);
-    assert!(d.ctl(&["install", "--wait", kv.to_str().unwrap()]).status.success());
+    assert!(d
+        .ctl(&["install", "--wait", kv.to_str().unwrap()])
+        .status
+        .success());
     let images = memfds(emberd)
         .into_iter()
         .filter(|m| m.contains("ember-artifact"))

@@ -1,6 +1,8 @@
 //! The catalog plugin: builds a large in-memory table once, in the zygote,
-//! before any worker is forked; every worker then reads it in-process,
-//! copy-on-write, through [`example_schema::CatalogTable`].
+//! before any worker is forked; every worker then reads it in-process
+//! through [`example_schema::CatalogTable`]. The table lives in a sealed,
+//! shared, read-only mapping ([`PluginContext::share_from_fn`]), so forking
+//! a worker does not copy its page tables and no module can change it.
 //!
 //! Config (`[plugins.catalog]` in the base, or the TOML file given to the
 //! test zygote): `size_mb` (default 200) and `extra_init_ms` (default 300, a
@@ -30,10 +32,10 @@ fn default_extra() -> u64 {
     300
 }
 
-static ENTRIES: OnceLock<Vec<CatalogEntry>> = OnceLock::new();
+static ENTRIES: OnceLock<&'static [CatalogEntry]> = OnceLock::new();
 
 fn entries() -> &'static [CatalogEntry] {
-    ENTRIES.get().map(Vec::as_slice).unwrap_or(&[])
+    ENTRIES.get().copied().unwrap_or(&[])
 }
 
 unsafe extern "C" fn len() -> u64 {
@@ -90,17 +92,17 @@ impl Plugin for Catalog {
         let cfg: Config = ctx.config_as()?;
         let n = usize::try_from((cfg.size_mb << 20) / std::mem::size_of::<CatalogEntry>() as u64)?;
         let t0 = std::time::Instant::now();
-        let mut v = Vec::with_capacity(n);
-        for i in 0..n as u64 {
+        let v = ctx.share_from_fn(n, |i| {
+            let i = i as u64;
             let mut name = [0u8; 48];
             let s = format!("item-{i:010}");
             name[..s.len()].copy_from_slice(s.as_bytes());
-            v.push(CatalogEntry {
+            CatalogEntry {
                 id: i,
                 price_cents: price(i),
                 name,
-            });
-        }
+            }
+        })?;
         std::thread::sleep(std::time::Duration::from_millis(cfg.extra_init_ms));
         ENTRIES.set(v).map_err(|_| "catalog initialized twice")?;
         INIT_PID.store(std::process::id(), Ordering::Relaxed);
