@@ -16,8 +16,13 @@
 //! Per module: USS and PSS from `/proc/PID/smaps_rollup`; kernel overhead =
 //! growth of `PageTables + KernelStack` in `/proc/meminfo` over the launch
 //! / N (memory the kernel spends per process that no USS shows: a forked
-//! worker copies the page tables of the plugin's inherited 256 MiB); host
-//! cost = USS + kernel overhead. The raw drop of `MemAvailable` / N is
+//! worker used to copy the page tables of the plugin's inherited 256 MiB);
+//! shared memory created = growth of `Shmem` / N (the catalog builds its
+//! table in a sealed memfd, which a naive process creates for itself and
+//! maps without touching again, so no RSS shows it; Ember's zygote created
+//! it before the measured launches); host cost = USS + kernel overhead +
+//! shared memory created. (A process that also read its own table would
+//! count those pages twice; `hello` does not read it.) The raw drop of `MemAvailable` / N is
 //! reported too (`mem_available_drop_per_module_kib`), but on a machine
 //! where something else runs (a compiler) it is noise of ± hundreds of MiB.
 
@@ -41,7 +46,10 @@ struct Measured {
     threads: usize,
     available_drop_kib: i64,
     kernel_growth_kib: i64,
+    shmem_growth_kib: i64,
     base_rss_kib: u64,
+    /// Shared memory the base created (the plugin's table).
+    base_shmem_kib: u64,
 }
 
 impl Measured {
@@ -57,19 +65,28 @@ impl Measured {
     fn kernel(&self) -> f64 {
         self.kernel_growth_kib as f64 / self.n()
     }
+    fn shmem(&self) -> f64 {
+        self.shmem_growth_kib as f64 / self.n()
+    }
     fn host_kib(&self) -> f64 {
-        self.uss() + self.kernel()
+        self.uss() + self.kernel() + self.shmem()
+    }
+    /// What the base itself holds: its RSS and the shared memory it made.
+    fn base_kib(&self) -> f64 {
+        (self.base_rss_kib + self.base_shmem_kib) as f64
     }
     fn available_drop(&self) -> f64 {
         self.available_drop_kib as f64 / self.n()
     }
     fn before(&mut self) -> u64 {
         self.kernel_growth_kib = -(mem::kernel_per_process_kib() as i64);
+        self.shmem_growth_kib = -(mem::shmem_kib() as i64);
         mem::settled_available_kib()
     }
     fn after(&mut self, before: u64) {
         let after = mem::settled_available_kib();
         self.kernel_growth_kib += mem::kernel_per_process_kib() as i64;
+        self.shmem_growth_kib += mem::shmem_kib() as i64;
         self.available_drop_kib = before as i64 - after as i64;
     }
     fn record(&mut self, pid: u32) {
@@ -172,7 +189,7 @@ fn main() {
 
     let total_kib = mem::meminfo_kib("MemTotal") as f64;
     let fit = |host_kib: f64, base_kib: f64| ((total_kib - base_kib) / host_kib).floor();
-    let ember_fit = fit(ember.host_kib().max(1.0), ember.base_rss_kib as f64);
+    let ember_fit = fit(ember.host_kib().max(1.0), ember.base_kib());
     let naive_fit = fit(naive.host_kib().max(1.0), 0.0);
     let kernel = ember.kernel();
     eprintln!(
@@ -195,9 +212,11 @@ fn main() {
         .str("module", &module)
         .int("base_plugin_mib", plugin_mib)
         .num("base_rss_mib", ember.base_rss_kib as f64 / 1024.0)
+        .num("base_shmem_mib", ember.base_shmem_kib as f64 / 1024.0)
         .num("uss_per_module_kib", ember.uss())
         .num("pss_per_module_kib", ember.pss())
         .num("kernel_overhead_per_module_kib", kernel)
+        .num("shmem_created_per_module_kib", ember.shmem())
         .num(
             "page_tables_per_module_kib",
             ember.page_tables_kib as f64 / ember.n(),
@@ -211,6 +230,7 @@ fn main() {
         .num("naive_uss_per_module_kib", naive.uss())
         .num("naive_pss_per_module_kib", naive.pss())
         .num("naive_kernel_overhead_per_module_kib", naive.kernel())
+        .num("naive_shmem_created_per_module_kib", naive.shmem())
         .num("naive_host_mib_per_module", naive.host_kib() / 1024.0)
         .num(
             "naive_mem_available_drop_per_module_kib",
@@ -223,7 +243,7 @@ fn main() {
         )
         .num(
             "ember_total_gib_for_n",
-            (ember.host_kib() * n as f64 + ember.base_rss_kib as f64) / 1048576.0,
+            (ember.host_kib() * n as f64 + ember.base_kib()) / 1048576.0,
         )
         .num(
             "ratio_naive_over_ember_per_module",
@@ -311,6 +331,7 @@ fn through_emberd(
     base: &Base,
     modules: &[(String, PathBuf)],
 ) -> Result<Measured, DaemonError> {
+    let shmem_before = mem::shmem_kib();
     let mut d = Emberd::start(
         bin,
         &Options {
@@ -325,6 +346,7 @@ fn through_emberd(
         .unwrap_or(0) as u32;
     let mut m = Measured {
         base_rss_kib: mem::rollup(zygote).map_or(0, |r| r.rss_kib),
+        base_shmem_kib: mem::shmem_kib().saturating_sub(shmem_before),
         ..Measured::default()
     };
     let before = m.before();
@@ -358,9 +380,11 @@ fn through_emberd(
 }
 
 fn through_zygote(base: &Base, order: &Order, n: usize) -> Measured {
+    let shmem_before = mem::shmem_kib();
     launch::zygote_load(base).expect("load the plugin into this process");
     let mut m = Measured {
         base_rss_kib: mem::rollup(std::process::id()).map_or(0, |r| r.rss_kib),
+        base_shmem_kib: mem::shmem_kib().saturating_sub(shmem_before),
         ..Measured::default()
     };
     let before = m.before();

@@ -79,6 +79,14 @@ pub fn kernel_per_process_kib() -> u64 {
     meminfo_kib("PageTables") + meminfo_kib("KernelStack")
 }
 
+/// Shared memory (memfd/tmpfs pages) the kernel holds, in KiB: data a
+/// process created in a memfd (such as a plugin table built with
+/// `share_from_fn`) and has not touched through a mapping since shows in no
+/// process's RSS, only here.
+pub fn shmem_kib() -> u64 {
+    meminfo_kib("Shmem")
+}
+
 /// Whether `pid` maps a file whose path contains `needle` (e.g. whether a
 /// worker really loaded a module `cdylib`).
 pub fn maps_contain(pid: u32, needle: &str) -> bool {
