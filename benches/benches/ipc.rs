@@ -280,8 +280,7 @@ fn peer(role: &str, path: &Path) {
                         req.copy_to(&mut b[..req.len()]);
                         w.write(&b[..req.len()]).map_err(|e| e.to_string())
                     } else {
-                        let mut sum = 0u64;
-                        req.for_each_chunk(|c| sum = sum.wrapping_add(word_sum(c)));
+                        let sum = req.fold_words(0u64, u64::wrapping_add);
                         let mut b = [0u8; SMALL];
                         b[..8].copy_from_slice(&sum.to_le_bytes());
                         w.write(&b).map_err(|e| e.to_string())

@@ -67,6 +67,15 @@ impl<'a> ShmSlice<'a> {
         }
     }
 
+    /// Folds the message as little-endian `u64` words read in place, with
+    /// no copy to any buffer (the last partial word is zero-padded): the
+    /// fastest way to checksum or scan a large message. Each word is a
+    /// private copy; a peer writing meanwhile only changes the values seen.
+    #[inline]
+    pub fn fold_words<A>(&self, init: A, f: impl FnMut(A, u64) -> A) -> A {
+        self.region.fold_words(self.off, self.len, init, f)
+    }
+
     /// A sub-range of this view.
     ///
     /// # Panics

@@ -7,7 +7,9 @@
 //! - [`channel`]: a request/response channel between exactly two processes:
 //!   one segment with a ring of fixed-size slots each way. A sender loans a
 //!   slot and writes its message in place ([`SlotWriter`]); the receiver
-//!   reads it in place ([`ShmSlice`]). Waiting is a bounded spin, then a park
+//!   reads it in place ([`ShmSlice`]: `fold_words` scans it word by word
+//!   straight from the segment, `for_each_chunk` and `copy_to` copy it out).
+//!   Waiting is a bounded spin, then a park
 //!   on a socketpair doorbell that also reports peer death. Blocking API and
 //!   an async one ([`channel::AsyncClient`], tokio).
 //! - [`service`]: one server serving many clients, one channel each, with a
@@ -67,8 +69,9 @@
 //!   length and offset the peer can write is read once into a private
 //!   variable and range-checked before use; the segment layout is read once
 //!   at open and validated against the file size; memory the peer can write
-//!   is never behind `&T` or `&[u8]`, only read through atomics or copied
-//!   into private memory first ([`ShmSlice`]).
+//!   is never behind `&T` or `&[u8]`, only read through atomics, as words
+//!   read into registers, or copied into private memory first
+//!   ([`ShmSlice`]).
 //! - No `SIGBUS`: segments are sealed against shrinking before anyone maps
 //!   them, and openers check the seals.
 //! - No hang: waits take deadlines, and peer death is seen as end of stream

@@ -83,6 +83,38 @@ impl Region {
         unsafe { copy::from_shared(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
     }
 
+    /// Folds `len` bytes at `off` as little-endian `u64` words, each read
+    /// straight out of the mapping into a register (the last partial word
+    /// zero-padded). No reference to shared memory is created: every word
+    /// is a private copy, so a peer writing meanwhile only changes which
+    /// values are seen.
+    #[inline]
+    pub(crate) fn fold_words<A>(
+        &self,
+        off: usize,
+        len: usize,
+        init: A,
+        mut f: impl FnMut(A, u64) -> A,
+    ) -> A {
+        self.check(off, len, 1);
+        let words = len / 8;
+        // SAFETY: off..off + len is inside the mapping (checked above).
+        let base = unsafe { self.map.as_ptr().add(off) };
+        let mut acc = init;
+        for i in 0..words {
+            // SAFETY: 8 * i + 8 <= len, inside the checked range; an
+            // unaligned read of a u64 accepts any address and bit pattern.
+            let w = unsafe { std::ptr::read_unaligned(base.add(8 * i) as *const u64) };
+            acc = f(acc, u64::from_le(w));
+        }
+        if words * 8 < len {
+            let mut tail = [0u8; 8];
+            self.copy_out(off + words * 8, &mut tail[..len - words * 8]);
+            acc = f(acc, u64::from_le_bytes(tail));
+        }
+        acc
+    }
+
     /// Copies `src` into the mapping at `off`.
     pub(crate) fn copy_in(&self, off: usize, src: &[u8]) {
         self.check(off, src.len(), 1);
@@ -181,6 +213,30 @@ mod copy {
 mod tests {
     use super::Region;
     use crate::segment::create_memfd;
+
+    #[test]
+    fn folds_words_in_place_with_a_padded_tail() {
+        let len = 4096;
+        let fd = create_memfd(c"fold-test", len as u64).expect("segment");
+        let region = Region::map_rw(&fd, len).expect("map");
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 13 + 5) as u8).collect();
+        region.copy_in(0, &pattern);
+        for n in [0, 1, 7, 8, 9, 63, 64, 1000, 4000] {
+            for off in [0, 3, 8, 61] {
+                let words: Vec<u64> = region.fold_words(off, n, Vec::new(), |mut v, w| {
+                    v.push(w);
+                    v
+                });
+                let mut expected = Vec::new();
+                for chunk in pattern[off..off + n].chunks(8) {
+                    let mut w = [0u8; 8];
+                    w[..chunk.len()].copy_from_slice(chunk);
+                    expected.push(u64::from_le_bytes(w));
+                }
+                assert_eq!(words, expected, "len {n} off {off}");
+            }
+        }
+    }
 
     #[test]
     fn copies_out_every_length_and_offset_exactly() {
