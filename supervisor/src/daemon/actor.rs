@@ -147,13 +147,16 @@ struct Live {
     commands: CommandTx,
 }
 
-/// The OS-facing parts [`drive`] needs.
-struct OsParts<'a> {
-    pool: &'a PoolHandle,
-    events: &'a mpsc::UnboundedSender<OsMsg>,
-    pidfds: &'a HashMap<i32, OwnedFd>,
-    commands: &'a HashMap<i32, CommandTx>,
-    limiter: &'a Arc<Limiter>,
+/// The OS-facing handles [`drive`] needs, kept apart from the modules so a
+/// module can be borrowed mutably while they are borrowed shared.
+struct OsHandles {
+    pool: PoolHandle,
+    events: mpsc::UnboundedSender<OsMsg>,
+    /// Live workers' pidfds by pid.
+    pidfds: HashMap<i32, OwnedFd>,
+    /// Command senders by pid (a copy of `live`'s, for [`RealOs`]).
+    commands: HashMap<i32, CommandTx>,
+    limiter: Arc<Limiter>,
 }
 
 impl Module {
@@ -206,21 +209,16 @@ pub struct Actor {
     /// Memory readings for Status, reused for a second.
     memory: crate::metrics::MemoryCache,
     modules: BTreeMap<String, Module>,
-    pidfds: HashMap<i32, OwnedFd>,
+    os: OsHandles,
     /// Registered workers by pid (the registry's view).
     live: HashMap<i32, Live>,
-    /// Command senders by pid (a copy of `live`'s, for [`RealOs`]).
-    commands: HashMap<i32, CommandTx>,
     /// Wired imports: (importer, replica, service) → exporter's pid.
     wired: HashMap<(String, u32, String), i32>,
-    pool: PoolHandle,
-    events_tx: mpsc::UnboundedSender<OsMsg>,
     events_rx: mpsc::UnboundedReceiver<OsMsg>,
     policy: Policy,
     started: Instant,
     zygote_pid: i32,
     next_generation: u64,
-    limiter: Arc<Limiter>,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
 }
 
@@ -228,17 +226,17 @@ pub struct Actor {
 /// logging any state change.
 fn drive(
     store: &Store,
-    parts: OsParts<'_>,
+    parts: &OsHandles,
     m: &mut Module,
     replica: usize,
     f: impl FnOnce(&mut Lifecycle, &mut RealOs<'_>),
 ) {
-    let plan = m.plan(store, replica as u32, parts.limiter);
+    let plan = m.plan(store, replica as u32, &parts.limiter);
     let mut os = RealOs {
-        pool: parts.pool,
-        events: parts.events,
-        pidfds: parts.pidfds,
-        commands: parts.commands,
+        pool: &parts.pool,
+        events: &parts.events,
+        pidfds: &parts.pidfds,
+        commands: &parts.commands,
         plan: Some(plan),
     };
     let Some(l) = m.replicas.get_mut(replica) else {
@@ -275,18 +273,20 @@ impl Actor {
             desired,
             memory: Default::default(),
             modules: BTreeMap::new(),
-            pidfds: HashMap::new(),
+            os: OsHandles {
+                pool,
+                events: events_tx,
+                pidfds: HashMap::new(),
+                commands: HashMap::new(),
+                limiter,
+            },
             live: HashMap::new(),
-            commands: HashMap::new(),
             wired: HashMap::new(),
-            pool,
-            events_tx,
             events_rx,
             policy,
             started: Instant::now(),
             zygote_pid,
             next_generation: 0,
-            limiter,
             shutdown: None,
         }
     }
@@ -412,19 +412,7 @@ impl Actor {
         for r in 0..m.replicas.len() {
             match &failure {
                 Some(reason) => m.replicas[r].fail(reason.clone(), now),
-                None => drive(
-                    &self.store,
-                    OsParts {
-                        pool: &self.pool,
-                        events: &self.events_tx,
-                        pidfds: &self.pidfds,
-                        commands: &self.commands,
-                        limiter: &self.limiter,
-                    },
-                    &mut m,
-                    r,
-                    |l, os| l.start(now, os),
-                ),
+                None => drive(&self.store, &self.os, &mut m, r, |l, os| l.start(now, os)),
             }
         }
         if let Some(reason) = failure {
@@ -476,14 +464,14 @@ impl Actor {
                     .map(|m| {
                         let imports = imports_status(m, &self.modules, &self.live, &self.wired);
                         to_value(StatusReply {
-                            status: status(m, imports, &self.limiter, &self.memory),
+                            status: status(m, imports, &self.os.limiter, &self.memory),
                         })
                     })
                     .ok_or_else(|| module_not_found(&req.name)),
             ),
             Request::Health(_) => value(Ok(to_value(self.health()))),
             Request::Pool(_) => {
-                let pool = self.pool.clone();
+                let pool = self.os.pool.clone();
                 tokio::spawn(async move {
                     let r = match pool.stats().await {
                         Ok(s) => Ok(Response::Value(to_value(PoolReply { pool: s }))),
@@ -775,19 +763,7 @@ impl Actor {
         };
         let now = Instant::now();
         for r in 0..m.replicas.len() {
-            drive(
-                &self.store,
-                OsParts {
-                    pool: &self.pool,
-                    events: &self.events_tx,
-                    pidfds: &self.pidfds,
-                    commands: &self.commands,
-                    limiter: &self.limiter,
-                },
-                m,
-                r,
-                |l, os| l.stop(now, os),
-            );
+            drive(&self.store, &self.os, m, r, |l, os| l.stop(now, os));
         }
     }
 
@@ -851,30 +827,20 @@ impl Actor {
             pidfd,
         } = ev;
         if let (Some(pid), Some(fd)) = (pid, pidfd) {
-            self.pidfds.insert(pid, fd);
+            self.os.pidfds.insert(pid, fd);
         }
         let exited = matches!(event, Event::Exited { .. });
         match self.modules.get_mut(&module) {
             Some(m) if m.generation == generation && (replica as usize) < m.replicas.len() => {
-                drive(
-                    &self.store,
-                    OsParts {
-                        pool: &self.pool,
-                        events: &self.events_tx,
-                        pidfds: &self.pidfds,
-                        commands: &self.commands,
-                        limiter: &self.limiter,
-                    },
-                    m,
-                    replica as usize,
-                    |l, os| l.on_event(event, Instant::now(), os),
-                );
+                drive(&self.store, &self.os, m, replica as usize, |l, os| {
+                    l.on_event(event, Instant::now(), os)
+                });
             }
             _ => {
                 if let (Event::Launched { .. }, Some(pid)) = (&event, pid) {
                     // A worker for a module uninstalled (or reinstalled)
                     // meanwhile.
-                    if let Some(fd) = self.pidfds.get(&pid) {
+                    if let Some(fd) = self.os.pidfds.get(&pid) {
                         let _ = pidfd_signal(fd.as_fd(), libc::SIGKILL);
                     }
                 }
@@ -882,7 +848,7 @@ impl Actor {
         }
         if exited {
             if let Some(pid) = pid {
-                self.pidfds.remove(&pid);
+                self.os.pidfds.remove(&pid);
                 self.unregister(pid);
             }
         }
@@ -959,7 +925,7 @@ impl Actor {
                 }
             }
         }
-        self.commands.insert(pid, commands.clone());
+        self.os.commands.insert(pid, commands.clone());
         self.live.insert(
             pid,
             Live {
@@ -975,7 +941,7 @@ impl Actor {
     /// Forgets an exited worker: its commands, the imports it had wired and
     /// the imports wired to it (they wait until the exporter is back).
     fn unregister(&mut self, pid: i32) {
-        self.commands.remove(&pid);
+        self.os.commands.remove(&pid);
         if let Some(l) = self.live.remove(&pid) {
             self.wired
                 .retain(|(m, r, _), _| !(*m == l.module && *r == l.replica));
@@ -988,19 +954,7 @@ impl Actor {
         for m in self.modules.values_mut() {
             for r in 0..m.replicas.len() {
                 if m.replicas[r].deadline().is_some_and(|d| d <= now) {
-                    drive(
-                        &self.store,
-                        OsParts {
-                            pool: &self.pool,
-                            events: &self.events_tx,
-                            pidfds: &self.pidfds,
-                            commands: &self.commands,
-                            limiter: &self.limiter,
-                        },
-                        m,
-                        r,
-                        |l, os| l.on_tick(now, os),
-                    );
+                    drive(&self.store, &self.os, m, r, |l, os| l.on_tick(now, os));
                 }
             }
         }
@@ -1009,15 +963,15 @@ impl Actor {
     fn health(&self) -> HealthReply {
         let count = |f: fn(State) -> bool| self.modules.values().filter(|m| f(m.state())).count();
         HealthReply {
-            healthy: self.pool.is_alive(),
+            healthy: self.os.pool.is_alive(),
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             zygote_pid: self.zygote_pid,
             modules: self.modules.len(),
             running: count(|s| s == State::Running),
             failed: count(|s| matches!(s, State::Failed | State::CrashLoop)),
-            memory_limits: self.limiter.detection().memory_mechanism(),
-            cpu_limits: self.limiter.detection().cpu_mechanism(),
+            memory_limits: self.os.limiter.detection().memory_mechanism(),
+            cpu_limits: self.os.limiter.detection().cpu_mechanism(),
         }
     }
 
