@@ -48,7 +48,14 @@ try:
                 assert e.error() == "io.ember.Supervisor.ModuleNotFound", e.error()
             sup.Uninstall(name="hello")
             assert sup.List()["modules"] == []
-    print("varlink interop: 1 passed, 0 failed")
+            # Install with "more": one reply per state until the module
+            # settles, then the install's own reply.
+            states = [r["module"]["state"] for r in sup.Install(path=module, _more=True)]
+            assert states[0] == "starting", states
+            assert "running" in states, states
+            assert states[-1] == "running", states
+            sup.Uninstall(name="hello")
+    print("varlink interop: 2 passed, 0 failed")
 finally:
     if emberd is not None:
         emberd.terminate()
