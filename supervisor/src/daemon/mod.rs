@@ -99,8 +99,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         plugins = zygote.plugins(),
         "zygote ready"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("emberd")
         .enable_all()
         .build()
