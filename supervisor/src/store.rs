@@ -467,6 +467,16 @@ impl Persister {
         rx
     }
 
+    /// Queues a durable write of `state`, then removal of the artifacts it
+    /// does not refer to; the receiver says when both are done.
+    pub fn save_and_collect(&self, state: DesiredState) -> tokio::sync::oneshot::Receiver<Saved> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(state, None, true, move |r| {
+            let _ = tx.send(r);
+        });
+        rx
+    }
+
     /// Writes `state` durably after everything queued before it, then removes
     /// the artifacts it does not refer to, and waits (blocking the calling
     /// thread, as a synchronous write would).

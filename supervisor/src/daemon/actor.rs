@@ -106,6 +106,8 @@ struct Module {
     /// The manifest's limits.
     limits: Limits,
     uninstall: Vec<Reply>,
+    /// Stopped for an uninstall whose state write is under way.
+    removing: bool,
 }
 
 /// How long an install's state write waits for its module to start.
@@ -127,6 +129,13 @@ enum Pending {
     },
     /// The persister has finished with it.
     Saved(InstallSaved),
+    /// An uninstall's state write is done (or failed).
+    Removed {
+        name: String,
+        generation: u64,
+        record: Option<ModuleRecord>,
+        result: Result<(), StoreError>,
+    },
 }
 
 /// An install the persister has finished with.
@@ -322,6 +331,9 @@ impl Actor {
                 Some(p) = self.pending_rx.recv() => match p {
                     Pending::Copied { install, image } => self.install_copied(install, image),
                     Pending::Saved(install) => self.install_saved(install),
+                    Pending::Removed { name, generation, record, result } => {
+                        self.uninstall_saved(name, generation, record, result)
+                    }
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
             }
@@ -408,6 +420,7 @@ impl Actor {
                 .map(|b| (b.name, Arc::new(b.fd)))
                 .collect(),
             uninstall: Vec::new(),
+            removing: false,
         };
         for r in 0..m.replicas.len() {
             match &failure {
@@ -777,43 +790,84 @@ impl Actor {
     }
 
     /// Removes modules whose uninstall has finished stopping them.
+    ///
+    /// The state without the module is written on the persister; the
+    /// module stays listed (stopped) until that write is done, so its name
+    /// cannot be installed again meanwhile and a failed write can put it
+    /// back.
     fn settle_uninstalls(&mut self) {
         let done: Vec<String> = self
             .modules
             .iter()
-            .filter(|(_, m)| !m.uninstall.is_empty() && m.all_stopped())
+            .filter(|(_, m)| !m.uninstall.is_empty() && m.all_stopped() && !m.removing)
             .map(|(n, _)| n.clone())
             .collect();
         for name in done {
-            let Some(mut m) = self.modules.remove(&name) else {
+            let Some(m) = self.modules.get_mut(&name) else {
                 continue;
             };
+            m.removing = true;
+            let generation = m.generation;
             let record = self.desired.modules.remove(&name);
-            if let Err(source) = self.persister.save_blocking(self.desired.clone()) {
-                if let Some(r) = record {
-                    self.desired.modules.insert(name.clone(), r);
-                }
-                let e: ErrorReply = UninstallError::Store {
-                    name: name.clone(),
-                    source,
-                }
-                .into();
+            let done = self.persister.save_and_collect(self.desired.clone());
+            let pending = self.pending_tx.clone();
+            tokio::spawn(async move {
+                let result = done.await.unwrap_or(Err(StoreError::WriterGone));
+                let _ = pending.send(Pending::Removed {
+                    name,
+                    generation,
+                    record,
+                    result: result.map(drop),
+                });
+            });
+        }
+    }
+
+    /// An uninstall's state write is done: finish removing the module, or
+    /// put it back and say why.
+    fn uninstall_saved(
+        &mut self,
+        name: String,
+        generation: u64,
+        record: Option<ModuleRecord>,
+        result: Result<(), StoreError>,
+    ) {
+        if !self
+            .modules
+            .get(&name)
+            .is_some_and(|m| m.generation == generation && m.removing)
+        {
+            return;
+        }
+        if let Err(source) = result {
+            if let Some(r) = record {
+                self.desired.modules.insert(name.clone(), r);
+            }
+            let e: ErrorReply = UninstallError::Store {
+                name: name.clone(),
+                source,
+            }
+            .into();
+            if let Some(m) = self.modules.get_mut(&name) {
+                m.removing = false;
                 for w in m.uninstall.drain(..) {
                     let _ = w.send(Err(e.clone()));
                 }
-                self.modules.insert(name, m);
-                continue;
             }
-            // Listeners close when the last launch task lets go.
-            m.listeners.clear();
-            for p in m.unix_paths.drain(..) {
-                let _ = std::fs::remove_file(p);
-            }
-            let _ = std::fs::remove_file(self.store.log_path(&name));
-            tracing::info!(module = %name, "uninstalled");
-            for w in m.uninstall.drain(..) {
-                let _ = w.send(Ok(Response::Value(serde_json::json!({}))));
-            }
+            return;
+        }
+        let Some(mut m) = self.modules.remove(&name) else {
+            return;
+        };
+        // Listeners close when the last launch task lets go.
+        m.listeners.clear();
+        for p in m.unix_paths.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(self.store.log_path(&name));
+        tracing::info!(module = %name, "uninstalled");
+        for w in m.uninstall.drain(..) {
+            let _ = w.send(Ok(Response::Value(serde_json::json!({}))));
         }
     }
 
