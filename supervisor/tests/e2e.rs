@@ -556,3 +556,63 @@ fn identical_artifacts_share_one_image() {
         .count();
     assert_eq!(images, 2);
 }
+
+#[test]
+fn a_state_write_that_fails_undoes_the_change() {
+    let d = daemon();
+    let hello = real_module(&d.dir.0, "hello", "hello", "");
+    assert!(d
+        .ctl(&["install", "--wait", hello.to_str().unwrap()])
+        .status
+        .success());
+    // Make every later write of the desired state fail: a directory where
+    // the file is renamed to.
+    let desired = d.state.join("desired.json");
+    std::fs::remove_file(&desired).unwrap();
+    std::fs::create_dir(&desired).unwrap();
+
+    // An install that cannot be recorded is rolled back: error, not listed.
+    let kv = kv_module(&d);
+    let out = d.ctl(&["install", kv.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("desired.json"), "{err}");
+    d.wait_status("hello", "hello untouched", running);
+    let names = |d: &Daemon| -> Vec<String> {
+        d.ctl_json(&["list"])["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    poll_until("kv rolled back", Duration::from_millis(20), || {
+        if names(&d) == ["hello"] {
+            Ok(())
+        } else {
+            Err(format!("{:?}", names(&d)))
+        }
+    });
+
+    // An uninstall that cannot be recorded says so and keeps the module.
+    let out = d.ctl(&["uninstall", "hello"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot record the uninstall of hello"),
+        "{err}"
+    );
+    assert_eq!(names(&d), ["hello"]);
+
+    // Once the state can be written again, the uninstall goes through.
+    std::fs::remove_dir(&desired).unwrap();
+    let out = d.ctl(&["uninstall", "hello"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(names(&d).is_empty());
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(&desired).unwrap()).unwrap();
+    assert_eq!(state["modules"], json!({}));
+}

@@ -108,6 +108,8 @@ struct Module {
     uninstall: Vec<Reply>,
     /// Stopped for an uninstall whose state write is under way.
     removing: bool,
+    /// An install being undone: removed even if its state write fails.
+    rolling_back: bool,
 }
 
 /// How long an install's state write waits for its module to start.
@@ -421,6 +423,7 @@ impl Actor {
                 .collect(),
             uninstall: Vec::new(),
             removing: false,
+            rolling_back: false,
         };
         for r in 0..m.replicas.len() {
             match &failure {
@@ -706,11 +709,14 @@ impl Actor {
         }
         .into();
         let _ = s.reply.send(Err(e));
-        if self
+        if let Some(m) = self
             .modules
-            .get(&s.name)
-            .is_some_and(|m| m.generation == s.generation)
+            .get_mut(&s.name)
+            .filter(|m| m.generation == s.generation)
         {
+            // Never acknowledged: it goes even if the state cannot be
+            // written (the state without it is what is on disk).
+            m.rolling_back = true;
             let (ignored, _) = oneshot::channel();
             self.uninstall(s.name, ignored);
         }
@@ -839,22 +845,31 @@ impl Actor {
         {
             return;
         }
+        let rolling_back = self.modules.get(&name).is_some_and(|m| m.rolling_back);
         if let Err(source) = result {
-            if let Some(r) = record {
-                self.desired.modules.insert(name.clone(), r);
-            }
-            let e: ErrorReply = UninstallError::Store {
-                name: name.clone(),
-                source,
-            }
-            .into();
-            if let Some(m) = self.modules.get_mut(&name) {
-                m.removing = false;
-                for w in m.uninstall.drain(..) {
-                    let _ = w.send(Err(e.clone()));
+            if rolling_back {
+                tracing::warn!(
+                    module = %name,
+                    error = %error_chain(&source),
+                    "state not written; the undone install is removed anyway"
+                );
+            } else {
+                if let Some(r) = record {
+                    self.desired.modules.insert(name.clone(), r);
                 }
+                let e: ErrorReply = UninstallError::Store {
+                    name: name.clone(),
+                    source,
+                }
+                .into();
+                if let Some(m) = self.modules.get_mut(&name) {
+                    m.removing = false;
+                    for w in m.uninstall.drain(..) {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+                return;
             }
-            return;
         }
         let Some(mut m) = self.modules.remove(&name) else {
             return;
