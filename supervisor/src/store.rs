@@ -478,8 +478,9 @@ impl Persister {
     }
 
     /// Writes `state` durably after everything queued before it, then removes
-    /// the artifacts it does not refer to, and waits (blocking the calling
-    /// thread, as a synchronous write would).
+    /// the artifacts it does not refer to, and waits for both, blocking the
+    /// calling thread. Tests only: the actor never waits for the disk.
+    #[cfg(test)]
     pub fn save_blocking(&self, state: DesiredState) -> Result<(), StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.enqueue(state, None, true, move |r| {

@@ -81,12 +81,7 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
         .status
         .success());
     let kv = kv_module(&d);
-    let out = d.ctl(&["install", kv.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["install", kv.to_str().unwrap()]);
     let port = install_greeter(&d, "greeter", 2);
     let hello_pid = pid_of(&d.wait_status("hello", "running", running)).unwrap();
     let kv_pid = pid_of(&d.wait_status("kv", "running", running)).unwrap();
@@ -255,12 +250,7 @@ fn failure_fixtures_fail_clearly_while_the_rest_serve() {
     for (krate, extra, _) in cases {
         let name = krate.trim_start_matches("fixture-");
         let dir = real_module(&d.dir.0, name, krate, extra);
-        let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.ctl_ok(&["install", dir.to_str().unwrap()]);
     }
     for (krate, _, reason) in cases {
         let name = krate.trim_start_matches("fixture-");
@@ -428,25 +418,13 @@ fn kill_9_of_emberd_brings_the_same_modules_back() {
 fn an_install_keeps_the_artifact_it_was_given() {
     use sha2::{Digest, Sha256};
     let d = daemon();
-    let dir = d.dir.0.join("mod-snap");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = copied_module(&d.dir.0, "snap", "hello");
     let so = dir.join("libhello.so");
-    std::fs::copy(artifact("hello"), &so).unwrap();
-    std::fs::write(
-        dir.join("module.toml"),
-        "name = \"snap\"\nversion = \"1.0.0\"\nentry = \"libhello.so\"\n",
-    )
-    .unwrap();
     let expected: String = Sha256::digest(std::fs::read(&so).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let out = d.ctl(&["install", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["install", dir.to_str().unwrap()]);
     // Acknowledged means stored: the hash is known and the copy is on disk.
     let s = d.ctl_json(&["status", "snap"])["status"].clone();
     assert_eq!(s["artifact_sha256"], expected.as_str(), "{s}");
@@ -518,20 +496,8 @@ fn identical_artifacts_share_one_image() {
     let mut pids = Vec::new();
     for name in ["one", "two"] {
         // Two files, two module directories, the same bytes.
-        let dir = d.dir.0.join(format!("mod-{name}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(artifact("hello"), dir.join("libhello.so")).unwrap();
-        std::fs::write(
-            dir.join("module.toml"),
-            format!("name = \"{name}\"\nversion = \"1.0.0\"\nentry = \"libhello.so\"\n"),
-        )
-        .unwrap();
-        let out = d.ctl(&["install", "--wait", dir.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = copied_module(&d.dir.0, name, "hello");
+        d.ctl_ok(&["install", "--wait", dir.to_str().unwrap()]);
         pids.push(pid_of(&d.ctl_json(&["status", name])["status"]).unwrap());
     }
     // One image in emberd, mapped by both workers: their code pages are
@@ -606,12 +572,7 @@ fn a_state_write_that_fails_undoes_the_change() {
 
     // Once the state can be written again, the uninstall goes through.
     std::fs::remove_dir(&desired).unwrap();
-    let out = d.ctl(&["uninstall", "hello"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["uninstall", "hello"]);
     assert!(names(&d).is_empty());
     let state: Value = serde_json::from_str(&std::fs::read_to_string(&desired).unwrap()).unwrap();
     assert_eq!(state["modules"], json!({}));

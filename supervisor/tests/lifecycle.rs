@@ -18,12 +18,7 @@ fn install_status_crash_restart_uninstall() {
     let m = module_dir(&d.dir.0, "hello", "0.1.0");
     let other = module_dir(&d.dir.0, "other", "2.0.0");
 
-    let out = d.ctl(&["install", m.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["install", m.to_str().unwrap()]);
     let out = d.ctl(&["install", other.join("module.toml").to_str().unwrap()]);
     assert!(out.status.success());
     let s = d.wait_status("hello", "running", |s| s["state"] == "running");
@@ -88,12 +83,7 @@ fn install_status_crash_restart_uninstall() {
 
     // Uninstall: the worker exits, nothing left in the state dir.
     let new_pid = pid_of(&s).unwrap();
-    let out = d.ctl(&["uninstall", "hello"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["uninstall", "hello"]);
     assert!(wait_dead(new_pid));
     let list = d.ctl_json(&["list"]);
     assert_eq!(list["modules"].as_array().unwrap().len(), 1);

@@ -75,12 +75,7 @@ fn memory_limit_is_enforced_reported_and_cleaned_up() {
     assert!(String::from_utf8_lossy(&human.stdout).contains(expected.as_str()));
 
     let dir = fixture(&d);
-    let out = d.ctl(&["install", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["install", dir.to_str().unwrap()]);
     let s = d.ctl_json(&["status", "alloc"])["status"].clone();
     assert_eq!(s["limits"]["memory_bytes"], LIMIT, "{s}");
     assert_eq!(s["limits"]["memory_mechanism"], expected.as_str(), "{s}");
@@ -118,12 +113,7 @@ fn memory_limit_is_enforced_reported_and_cleaned_up() {
         }
     }
 
-    let out = d.ctl(&["uninstall", "alloc"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["uninstall", "alloc"]);
     if let Some((_, parent)) = &parent {
         let left: Vec<_> = std::fs::read_dir(parent)
             .unwrap()
@@ -153,12 +143,7 @@ fn without_cgroups_the_worker_watchdog_enforces_memory() {
     assert_eq!(h["memory_limits"], "in-worker-rss", "{h}");
     assert_eq!(h["cpu_limits"], "none", "{h}");
     let dir = fixture(&d);
-    let out = d.ctl(&["install", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["install", dir.to_str().unwrap()]);
     let s = d.wait_status("alloc", "the watchdog's failure", |s| {
         reason(s).contains("resident memory grew")
     });
@@ -188,12 +173,7 @@ fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
         "hello",
         "[limits]\nmemory = \"256MiB\"\n",
     );
-    let out = d.ctl(&["install", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.ctl_ok(&["install", dir.to_str().unwrap()]);
     let s = d.wait_status("watched", "running", |s| s["state"] == "running");
     let pid = s["pid"].as_i64().unwrap() as i32;
     let names = threads(pid);

@@ -791,6 +791,16 @@ mod tests {
         assert!(l.reason().unwrap().contains("artifact missing"));
     }
 
+    /// A replica told to stop while its launch is in flight, and that
+    /// launch's attempt.
+    fn stopped_in_flight(os: &mut FakeOs, t0: Instant) -> (Lifecycle, u64) {
+        let mut l = Lifecycle::new("m", policy(), t0);
+        l.start(t0, os);
+        l.stop(t0, os);
+        assert_eq!(l.state(), State::Stopping);
+        (l, os.launches.last().unwrap().1)
+    }
+
     #[test]
     fn stop_during_backoff_or_pending_launch() {
         let t0 = Instant::now();
@@ -811,11 +821,7 @@ mod tests {
 
         // Stopped while the launch is in flight: the stop waits for it and
         // stops the worker it reports.
-        let mut l = Lifecycle::new("m", policy(), t0);
-        l.start(t0, &mut os);
-        l.stop(t0, &mut os);
-        assert_eq!(l.state(), State::Stopping);
-        let attempt = os.launches.last().unwrap().1;
+        let (mut l, attempt) = stopped_in_flight(&mut os, t0);
         l.on_event(Event::Launched { attempt, pid: 42 }, t0, &mut os);
         assert_eq!(os.terms, [42]);
         assert_eq!(l.state(), State::Stopping);
@@ -830,10 +836,7 @@ mod tests {
         assert_eq!(l.state(), State::Stopped);
 
         // ... or for its failure.
-        let mut l = Lifecycle::new("m", policy(), t0);
-        l.start(t0, &mut os);
-        l.stop(t0, &mut os);
-        let attempt = os.launches.last().unwrap().1;
+        let (mut l, attempt) = stopped_in_flight(&mut os, t0);
         l.on_event(
             Event::LaunchFailed {
                 attempt,
@@ -847,10 +850,7 @@ mod tests {
 
         // A launch that never reports is given up at the stop deadline; its
         // late `Launched` is killed.
-        let mut l = Lifecycle::new("m", policy(), t0);
-        l.start(t0, &mut os);
-        l.stop(t0, &mut os);
-        let attempt = os.launches.last().unwrap().1;
+        let (mut l, attempt) = stopped_in_flight(&mut os, t0);
         l.on_tick(t0 + Duration::from_secs(2), &mut os);
         assert_eq!(l.state(), State::Stopped);
         l.on_event(Event::Launched { attempt, pid: 43 }, t0, &mut os);

@@ -111,6 +111,17 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `emberctl ARGS`, which must succeed (its stderr is the message if not).
+    pub fn ctl_ok(&self, args: &[&str]) -> Output {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "emberctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     pub fn ctl_json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.push("--json");
@@ -263,6 +274,21 @@ pub fn real_module(parent: &Path, name: &str, krate: &str, extra: &str) -> PathB
             "name = \"{name}\"\nversion = \"1.0.0\"\nentry = {:?}\n{extra}",
             artifact(krate).display().to_string()
         ),
+    )
+    .unwrap();
+    d
+}
+
+/// A module directory holding its own copy of `krate`'s cdylib (entry
+/// `lib<krate>.so`, relative), for tests that change or compare the file.
+pub fn copied_module(parent: &Path, name: &str, krate: &str) -> PathBuf {
+    let d = parent.join(format!("mod-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let file = format!("lib{}.so", krate.replace('-', "_"));
+    std::fs::copy(artifact(krate), d.join(&file)).unwrap();
+    std::fs::write(
+        d.join("module.toml"),
+        format!("name = \"{name}\"\nversion = \"1.0.0\"\nentry = \"{file}\"\n"),
     )
     .unwrap();
     d
