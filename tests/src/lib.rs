@@ -1,6 +1,9 @@
 //! Shared helpers for the end-to-end tests: unique temp dirs, child
-//! processes that are killed (by pid) and reaped when a test ends, and
-//! passing channel ends to a peer process.
+//! processes that are killed (by pid) and reaped when a test ends, passing
+//! channel ends to a peer process, the example cdylibs and daemon binaries
+//! built from the workspace, and ([`daemon`]) a real `emberd` to drive.
+
+pub mod daemon;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -153,9 +156,10 @@ pub fn profile_dir() -> PathBuf {
         .to_owned()
 }
 
-/// Builds the example cdylibs once per test binary, with the same cargo,
-/// target directory and profile as the tests themselves, so that a fresh
-/// clone plus `cargo test --workspace` works.
+/// Builds the example cdylibs and the `emberd`/`emberctl` binaries once per
+/// test binary, with the same cargo, target directory and profile as the
+/// tests themselves, so that a fresh clone plus `cargo test --workspace`
+/// works and no test runs a stale daemon.
 pub fn build_examples() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -170,11 +174,15 @@ pub fn build_examples() {
         if profile.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
+        cmd.arg("-p").arg("supervisor").arg("--bins");
         for e in EXAMPLES {
             cmd.arg("-p").arg(e);
         }
         let status = cmd.status().expect("run cargo build for the examples");
-        assert!(status.success(), "building the examples failed");
+        assert!(
+            status.success(),
+            "building the examples and binaries failed"
+        );
     });
 }
 

@@ -1,42 +1,29 @@
-//! Shared helpers: start a real `emberd` in its own temp dir, talk to it.
-#![allow(dead_code)]
+//! A real `emberd` in its own temp dir, driven by the real `emberctl` or a
+//! raw Varlink connection: the harness of the end-to-end tests.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const EMBERD: &str = env!("CARGO_BIN_EXE_emberd");
-pub const EMBERCTL: &str = env!("CARGO_BIN_EXE_emberctl");
+use crate::{artifact, build_examples, poll, poll_until, profile_dir, TempDir};
 
-static N: AtomicU32 = AtomicU32::new(0);
-
-/// A unique temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "ember-it-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
+/// Path of the built `emberd` (built with the examples on first use).
+pub fn emberd() -> PathBuf {
+    build_examples();
+    profile_dir().join("emberd")
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Path of the built `emberctl` (built with the examples on first use).
+pub fn emberctl() -> PathBuf {
+    build_examples();
+    profile_dir().join("emberctl")
 }
 
+/// Fast lifecycle settings for tests: short back-off and deadlines.
 pub const FAST: &str = "[lifecycle]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\nstop_timeout_ms = 1000\nstart_timeout_ms = 5000\n";
 
 /// A running emberd; SIGTERM and reaped on drop.
@@ -55,9 +42,9 @@ impl Daemon {
 
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("d");
-        let socket = dir.0.join("ctl.sock");
-        let state = dir.0.join("state");
-        let cfg = dir.0.join("emberd.toml");
+        let socket = dir.path().join("ctl.sock");
+        let state = dir.path().join("state");
+        let cfg = dir.path().join("emberd.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut d = Daemon {
             child: None,
@@ -71,7 +58,7 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
-        let mut cmd = Command::new(EMBERD);
+        let mut cmd = Command::new(emberd());
         cmd.arg("--config")
             .arg(&self.config)
             .arg("--socket")
@@ -103,7 +90,7 @@ impl Daemon {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(EMBERCTL)
+        Command::new(emberctl())
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -258,9 +245,6 @@ pub fn wait_dead(pid: i32) -> bool {
     })
     .is_ok()
 }
-
-#[allow(unused_imports)]
-pub use ember_tests::{artifact, poll, poll_until, workspace_root};
 
 /// A module directory named `name` whose manifest runs the example crate
 /// `krate` (entry: the built cdylib, absolute), with `extra` manifest text

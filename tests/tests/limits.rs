@@ -5,12 +5,11 @@
 //! leaves no cgroup behind. Without a usable controller the same test
 //! asserts the in-worker fallback.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use ember_tests::daemon::*;
+use ember_tests::{poll_until, workspace_root};
 use supervisor::cgroup::{detect, Mechanism, Version, ROOT};
 
 const LIMIT: u64 = 64 << 20;
@@ -23,7 +22,7 @@ fn fixture(d: &Daemon) -> PathBuf {
     .unwrap();
     assert!(own.contains("memory = \"64MiB\""), "{own}");
     real_module(
-        &d.dir.0,
+        d.dir.path(),
         "alloc",
         "fixture-unbounded-alloc",
         "[limits]\nmemory = \"64MiB\"\nstart_deadline = \"2s\"\nstop_deadline = \"1s\"\n",
@@ -168,7 +167,7 @@ fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
     let cgroup = detect(Path::new(ROOT), &own).memory.is_some();
     let d = Daemon::start(FAST);
     let dir = real_module(
-        &d.dir.0,
+        d.dir.path(),
         "watched",
         "hello",
         "[limits]\nmemory = \"256MiB\"\n",

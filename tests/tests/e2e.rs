@@ -2,11 +2,10 @@
 //! `emberctl` (and raw Varlink) run the example modules — `hello`, `kv`,
 //! `greeter` — and the failure fixtures, in workers forked by the zygote.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use ember_tests::daemon::*;
+use ember_tests::{artifact, poll_until};
 use serde_json::{json, Value};
 
 fn pid_of(v: &Value) -> Option<i32> {
@@ -31,7 +30,7 @@ fn install_greeter(d: &Daemon, name: &str, replicas: u32) -> u16 {
     poll_until("a free port for greeter", Duration::ZERO, || {
         let port = free_port();
         let dir = real_module(
-            &d.dir.0,
+            d.dir.path(),
             name,
             "greeter",
             &format!(
@@ -51,7 +50,7 @@ fn install_greeter(d: &Daemon, name: &str, replicas: u32) -> u16 {
 
 fn kv_module(d: &Daemon) -> std::path::PathBuf {
     real_module(
-        &d.dir.0,
+        d.dir.path(),
         "kv",
         "kv",
         "[[exports]]\nname = \"kv\"\n[limits]\nstart_deadline = \"2s\"\nstop_deadline = \"2s\"\n",
@@ -75,7 +74,7 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
     let d = daemon();
     let emberd = d.pid();
     // hello and kv through emberctl, greeter too; then a raw Varlink look.
-    let hello = module_dir(&d.dir.0, "hello", "0.1.0");
+    let hello = module_dir(d.dir.path(), "hello", "0.1.0");
     assert!(d
         .ctl(&["install", hello.to_str().unwrap()])
         .status
@@ -249,7 +248,7 @@ fn failure_fixtures_fail_clearly_while_the_rest_serve() {
     ];
     for (krate, extra, _) in cases {
         let name = krate.trim_start_matches("fixture-");
-        let dir = real_module(&d.dir.0, name, krate, extra);
+        let dir = real_module(d.dir.path(), name, krate, extra);
         d.ctl_ok(&["install", dir.to_str().unwrap()]);
     }
     for (krate, _, reason) in cases {
@@ -341,7 +340,7 @@ fn stop_is_graceful_through_the_protocol() {
     // whole deadline (the `ignores-stop` fixture tests that path).
     const STOP_DEADLINE: Duration = Duration::from_secs(20);
     let dir = real_module(
-        &d.dir.0,
+        d.dir.path(),
         "polite",
         "hello",
         &format!(
@@ -418,7 +417,7 @@ fn kill_9_of_emberd_brings_the_same_modules_back() {
 fn an_install_keeps_the_artifact_it_was_given() {
     use sha2::{Digest, Sha256};
     let d = daemon();
-    let dir = copied_module(&d.dir.0, "snap", "hello");
+    let dir = copied_module(d.dir.path(), "snap", "hello");
     let so = dir.join("libhello.so");
     let expected: String = Sha256::digest(std::fs::read(&so).unwrap())
         .iter()
@@ -449,7 +448,7 @@ fn an_install_keeps_the_artifact_it_was_given() {
 #[test]
 fn install_wait_follows_the_start() {
     let d = daemon();
-    let hello = real_module(&d.dir.0, "hello", "hello", "");
+    let hello = real_module(d.dir.path(), "hello", "hello", "");
     let out = d.ctl(&["install", "--wait", hello.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -472,7 +471,7 @@ fn install_wait_follows_the_start() {
 
     // A module that cannot start: installed, but the command fails and says
     // why.
-    let bad = real_module(&d.dir.0, "bad", "fixture-wrong-abi", "");
+    let bad = real_module(d.dir.path(), "bad", "fixture-wrong-abi", "");
     let out = d.ctl(&["install", "--wait", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -496,7 +495,7 @@ fn identical_artifacts_share_one_image() {
     let mut pids = Vec::new();
     for name in ["one", "two"] {
         // Two files, two module directories, the same bytes.
-        let dir = copied_module(&d.dir.0, name, "hello");
+        let dir = copied_module(d.dir.path(), name, "hello");
         d.ctl_ok(&["install", "--wait", dir.to_str().unwrap()]);
         pids.push(pid_of(&d.ctl_json(&["status", name])["status"]).unwrap());
     }
@@ -526,7 +525,7 @@ fn identical_artifacts_share_one_image() {
 #[test]
 fn a_state_write_that_fails_undoes_the_change() {
     let d = daemon();
-    let hello = real_module(&d.dir.0, "hello", "hello", "");
+    let hello = real_module(d.dir.path(), "hello", "hello", "");
     assert!(d
         .ctl(&["install", "--wait", hello.to_str().unwrap()])
         .status

@@ -1,11 +1,10 @@
 //! Modules through the real daemon: install, crash and restart, logs,
 //! uninstall without residue, kill -9 of emberd without orphans.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use ember_tests::daemon::*;
+use ember_tests::poll_until;
 use serde_json::json;
 
 fn pid_of(v: &serde_json::Value) -> Option<i32> {
@@ -15,8 +14,8 @@ fn pid_of(v: &serde_json::Value) -> Option<i32> {
 #[test]
 fn install_status_crash_restart_uninstall() {
     let d = Daemon::start(FAST);
-    let m = module_dir(&d.dir.0, "hello", "0.1.0");
-    let other = module_dir(&d.dir.0, "other", "2.0.0");
+    let m = module_dir(d.dir.path(), "hello", "0.1.0");
+    let other = module_dir(d.dir.path(), "other", "2.0.0");
 
     d.ctl_ok(&["install", m.to_str().unwrap()]);
     let out = d.ctl(&["install", other.join("module.toml").to_str().unwrap()]);
@@ -38,7 +37,7 @@ fn install_status_crash_restart_uninstall() {
     );
     assert_eq!(d.ctl(&["status", "nope"]).status.code(), Some(3));
     assert_eq!(d.ctl(&["uninstall", "nope"]).status.code(), Some(3));
-    let bad = d.dir.0.join("bad");
+    let bad = d.dir.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(
         bad.join("module.toml"),
@@ -106,7 +105,7 @@ fn install_status_crash_restart_uninstall() {
 #[test]
 fn logs_follow_streams_new_lines() {
     let d = Daemon::start(FAST);
-    let m = module_dir(&d.dir.0, "chatty", "1.0.0");
+    let m = module_dir(d.dir.path(), "chatty", "1.0.0");
     assert!(d.ctl(&["install", m.to_str().unwrap()]).status.success());
     d.wait_status("chatty", "running", |s| s["state"] == "running");
     let mut r = Raw::connect(&d.socket);
@@ -149,8 +148,8 @@ fn kill_9_leaves_no_orphans_and_state_survives() {
     // wait for by pid.
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let mut d = Daemon::start(&format!("[pool]\nmin_idle = 2\nmax_idle = 3\n{FAST}"));
-    let a = module_dir(&d.dir.0, "alpha", "1.0.0");
-    let b = module_dir(&d.dir.0, "beta", "1.0.0");
+    let a = module_dir(d.dir.path(), "alpha", "1.0.0");
+    let b = module_dir(d.dir.path(), "beta", "1.0.0");
     assert!(d.ctl(&["install", a.to_str().unwrap()]).status.success());
     assert!(d.ctl(&["install", b.to_str().unwrap()]).status.success());
     d.wait_status("alpha", "running", |s| s["state"] == "running");
@@ -201,11 +200,11 @@ fn kill_9_leaves_no_orphans_and_state_survives() {
 #[test]
 fn second_daemon_on_same_socket_is_refused() {
     let d = Daemon::start(FAST);
-    let out = std::process::Command::new(EMBERD)
+    let out = std::process::Command::new(emberd())
         .arg("--socket")
         .arg(&d.socket)
         .arg("--state-dir")
-        .arg(d.dir.0.join("state2"))
+        .arg(d.dir.path().join("state2"))
         .env("EMBER_LOG", "off")
         .output()
         .unwrap();
@@ -223,12 +222,12 @@ fn fixture(parent: &std::path::Path, name: &str, krate: &str, extra: &str) -> st
 #[test]
 fn failures_are_reported_and_isolated() {
     let d = Daemon::start(FAST);
-    let good = module_dir(&d.dir.0, "good", "1.0.0");
+    let good = module_dir(d.dir.path(), "good", "1.0.0");
     assert!(d.ctl(&["install", good.to_str().unwrap()]).status.success());
     let good_pid = d.wait_status("good", "running", |s| s["state"] == "running")["pid"].clone();
 
     // A permanent load failure: failed, not restarted.
-    let bad = fixture(&d.dir.0, "badabi", "fixture-wrong-abi", "");
+    let bad = fixture(d.dir.path(), "badabi", "fixture-wrong-abi", "");
     assert!(d.ctl(&["install", bad.to_str().unwrap()]).status.success());
     let s = d.wait_status("badabi", "failed", |s| s["state"] == "failed");
     assert!(s["reason"].as_str().unwrap().contains("AbiMismatch"), "{s}");
@@ -239,7 +238,7 @@ fn failures_are_reported_and_isolated() {
     // Never ready: killed at the manifest's start deadline, backed off,
     // restarted, then in crash loop.
     let slow = fixture(
-        &d.dir.0,
+        d.dir.path(),
         "slow",
         "fixture-never-ready",
         "[limits]\nstart_deadline = \"300ms\"\n",
@@ -257,7 +256,7 @@ fn failures_are_reported_and_isolated() {
     );
 
     // Panics in start: restarted with back-off until crash loop.
-    let quitter = fixture(&d.dir.0, "quitter", "fixture-panic-start", "");
+    let quitter = fixture(d.dir.path(), "quitter", "fixture-panic-start", "");
     assert!(d
         .ctl(&["install", quitter.to_str().unwrap()])
         .status
@@ -297,7 +296,7 @@ fn listeners_are_bound_shared_and_released() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let m = fixture(
-        &d.dir.0,
+        d.dir.path(),
         "web",
         "hello",
         &format!("[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n"),
@@ -361,7 +360,7 @@ fn listeners_are_bound_shared_and_released() {
 fn replicas_share_a_listener_and_fail_alone() {
     let d = Daemon::start(FAST);
     let m = real_module(
-        &d.dir.0,
+        d.dir.path(),
         "fleet",
         "hello",
         "replicas = 3\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n",
@@ -471,7 +470,7 @@ fn processes_hold_only_their_descriptors() {
 fn uninstall_kills_a_module_that_ignores_stop() {
     let d = Daemon::start(FAST);
     let m = fixture(
-        &d.dir.0,
+        d.dir.path(),
         "stubborn",
         "fixture-ignores-stop",
         "[limits]\nstop_deadline = \"400ms\"\n",

@@ -1,12 +1,11 @@
 //! The real emberd over its real socket: Varlink framing, introspection,
 //! errors, hostile input, access control, systemd notifications, config.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::*;
+use ember_tests::daemon::*;
+use ember_tests::{poll_until, TempDir};
 use serde_json::json;
 
 #[test]
@@ -26,7 +25,7 @@ fn introspection_and_errors() {
     );
     assert_eq!(
         desc["parameters"]["description"].as_str().unwrap(),
-        include_str!("../io.ember.Supervisor.varlink")
+        include_str!("../../supervisor/io.ember.Supervisor.varlink")
     );
 
     let e = r.call("io.ember.Supervisor.Status", json!({ "name": "nope" }));
@@ -110,7 +109,7 @@ fn socket_mode_and_peer_credentials() {
     use std::os::unix::process::CommandExt;
     let nobody = 65534;
     let run_as_nobody = |d: &Daemon| {
-        std::process::Command::new(EMBERCTL)
+        std::process::Command::new(emberctl())
             .arg("--socket")
             .arg(&d.socket)
             .arg("health")
@@ -121,7 +120,7 @@ fn socket_mode_and_peer_credentials() {
     };
     // The socket lets anyone connect, but nobody is not on the allow list.
     let d = Daemon::start(&format!("socket_mode = \"0666\"\n{FAST}"));
-    std::fs::set_permissions(&d.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = run_as_nobody(&d);
     assert_eq!(
         out.status.code(),
@@ -134,7 +133,7 @@ fn socket_mode_and_peer_credentials() {
     let d = Daemon::start(&format!(
         "socket_mode = \"0666\"\nallowed_uids = [{nobody}]\n{FAST}"
     ));
-    std::fs::set_permissions(&d.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = run_as_nobody(&d);
     assert_eq!(
         out.status.code(),
@@ -148,7 +147,7 @@ fn socket_mode_and_peer_credentials() {
 fn systemd_ready_and_watchdog() {
     use std::os::unix::net::UnixDatagram;
     let dir = TempDir::new("notify");
-    let path = dir.0.join("notify.sock");
+    let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -174,17 +173,17 @@ fn systemd_ready_and_watchdog() {
 #[test]
 fn bad_config_names_file_line_and_field() {
     let dir = TempDir::new("badcfg");
-    let cfg = dir.0.join("bad.toml");
+    let cfg = dir.path().join("bad.toml");
     std::fs::write(
         &cfg,
         "socket_mode = \"0660\"\n\n[pool]\nmin_idle = \"lots\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(EMBERD)
+    let out = std::process::Command::new(emberd())
         .arg("--config")
         .arg(&cfg)
         .arg("--state-dir")
-        .arg(dir.0.join("s"))
+        .arg(dir.path().join("s"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
@@ -196,7 +195,7 @@ fn bad_config_names_file_line_and_field() {
     );
 
     std::fs::write(&cfg, "[pool]\nmin_idel = 1\n").unwrap();
-    let out = std::process::Command::new(EMBERD)
+    let out = std::process::Command::new(emberd())
         .arg("--config")
         .arg(&cfg)
         .arg("--check-config")
@@ -206,9 +205,9 @@ fn bad_config_names_file_line_and_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":2:") && err.contains("min_idel"), "{err}");
 
-    let out = std::process::Command::new(EMBERD)
+    let out = std::process::Command::new(emberd())
         .arg("--config")
-        .arg(dir.0.join("missing.toml"))
+        .arg(dir.path().join("missing.toml"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
@@ -217,15 +216,15 @@ fn bad_config_names_file_line_and_field() {
 #[test]
 fn emberctl_exit_codes_and_help() {
     let dir = TempDir::new("ctl");
-    let out = std::process::Command::new(EMBERCTL)
+    let out = std::process::Command::new(emberctl())
         .arg("--socket")
-        .arg(dir.0.join("nothing.sock"))
+        .arg(dir.path().join("nothing.sock"))
         .arg("list")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7), "unreachable");
-    let out = std::process::Command::new(EMBERCTL)
-        .env("EMBER_SOCKET", dir.0.join("nothing.sock"))
+    let out = std::process::Command::new(emberctl())
+        .env("EMBER_SOCKET", dir.path().join("nothing.sock"))
         .arg("health")
         .output()
         .unwrap();
@@ -242,20 +241,20 @@ fn emberctl_exit_codes_and_help() {
         "health",
         "completions",
     ] {
-        let out = std::process::Command::new(EMBERCTL)
+        let out = std::process::Command::new(emberctl())
             .args([verb, "--help"])
             .output()
             .unwrap();
         assert!(out.status.success(), "{verb} --help");
         assert!(!out.stdout.is_empty());
     }
-    let out = std::process::Command::new(EMBERCTL)
+    let out = std::process::Command::new(emberctl())
         .args(["completions", "bash"])
         .output()
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("emberctl"));
-    let out = std::process::Command::new(EMBERCTL)
+    let out = std::process::Command::new(emberctl())
         .arg("frobnicate")
         .output()
         .unwrap();
@@ -265,26 +264,26 @@ fn emberctl_exit_codes_and_help() {
 #[test]
 fn missing_plugin_fails_start_with_its_name() {
     let dir = TempDir::new("plugin");
-    let cfg = dir.0.join("emberd.toml");
+    let cfg = dir.path().join("emberd.toml");
     std::fs::write(
         &cfg,
         "plugins = [{ path = \"/nonexistent/libcatalog.so\", config = { size_mb = 1 } }]\n",
     )
     .unwrap();
-    let out = std::process::Command::new(EMBERD)
+    let out = std::process::Command::new(emberd())
         .arg("--config")
         .arg(&cfg)
         .arg("--socket")
-        .arg(dir.0.join("ctl.sock"))
+        .arg(dir.path().join("ctl.sock"))
         .arg("--state-dir")
-        .arg(dir.0.join("state"))
+        .arg(dir.path().join("state"))
         .env("EMBER_LOG", "off")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(71));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/libcatalog.so"), "{err}");
-    assert!(!dir.0.join("ctl.sock").exists());
+    assert!(!dir.path().join("ctl.sock").exists());
 }
 
 #[test]
@@ -295,30 +294,30 @@ fn unprivileged_defaults_use_xdg_dirs() {
     use std::os::unix::process::CommandExt;
     let nobody = 65534;
     let dir = TempDir::new("xdg");
-    std::os::unix::fs::chown(&dir.0, Some(nobody), Some(nobody)).unwrap();
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let env = |c: &mut std::process::Command| {
         c.env_clear()
-            .env("XDG_RUNTIME_DIR", dir.0.join("run"))
-            .env("XDG_STATE_HOME", dir.0.join("state"))
-            .env("HOME", &dir.0)
+            .env("XDG_RUNTIME_DIR", dir.path().join("run"))
+            .env("XDG_STATE_HOME", dir.path().join("state"))
+            .env("HOME", dir.path())
             .env("EMBER_LOG", "error")
             .uid(nobody)
             .gid(nobody);
     };
-    std::fs::create_dir(dir.0.join("run")).unwrap();
-    std::os::unix::fs::chown(dir.0.join("run"), Some(nobody), Some(nobody)).unwrap();
-    let mut cmd = std::process::Command::new(EMBERD);
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    std::os::unix::fs::chown(dir.path().join("run"), Some(nobody), Some(nobody)).unwrap();
+    let mut cmd = std::process::Command::new(emberd());
     env(&mut cmd);
     let mut daemon = cmd.spawn().unwrap();
-    let socket = dir.0.join("run/ember/control.sock");
+    let socket = dir.path().join("run/ember/control.sock");
     poll_until("emberd's socket", Duration::from_millis(20), || {
         assert!(daemon.try_wait().unwrap().is_none(), "emberd exited");
         std::os::unix::net::UnixStream::connect(&socket)
             .map(drop)
             .map_err(|e| format!("{}: {e}", socket.display()))
     });
-    let mut ctl = std::process::Command::new(EMBERCTL);
+    let mut ctl = std::process::Command::new(emberctl());
     env(&mut ctl);
     let out = ctl.args(["health", "--json"]).output().unwrap();
     assert!(
@@ -326,7 +325,10 @@ fn unprivileged_defaults_use_xdg_dirs() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(dir.0.join("state/ember/desired.json").exists() || dir.0.join("state/ember").is_dir());
+    assert!(
+        dir.path().join("state/ember/desired.json").exists()
+            || dir.path().join("state/ember").is_dir()
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
