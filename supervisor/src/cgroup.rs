@@ -235,6 +235,9 @@ pub struct Limits {
     pub memory: Option<u64>,
     /// `limits.cpu`, cores.
     pub cpu: Option<f64>,
+    /// Descriptor cap (`RLIMIT_NOFILE`, from the daemon configuration's
+    /// `limits.open_files`); not a cgroup setting.
+    pub open_files: Option<u64>,
 }
 
 /// The name of emberd's parent cgroup.
@@ -457,6 +460,14 @@ impl Limiter {
         pid: i32,
         limits: &Limits,
     ) -> Result<Instance, CgroupError> {
+        if let Some(n) = limits.open_files {
+            // Not a cgroup setting, but the same moment: the worker is idle
+            // and runs no module code yet. A failure leaves the inherited
+            // limit (and the cgroup limits still apply).
+            if let Err(e) = set_open_files(pid, n) {
+                tracing::warn!(pid, open_files = n, error = %e, "cannot set the descriptor limit");
+            }
+        }
         let mut inst = Instance {
             dirs: Vec::new(),
             memory: None,
@@ -546,6 +557,33 @@ impl Instance {
             .retain(|d| std::fs::remove_dir(d).is_err() && d.exists());
         self.dirs.is_empty()
     }
+}
+
+/// Sets `pid`'s soft and hard `RLIMIT_NOFILE` to `n`, or to its hard limit
+/// if that is lower (raising it needs privileges and is not what a cap
+/// is for).
+pub fn set_open_files(pid: i32, n: u64) -> std::io::Result<()> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit only reads `new` (null: none) and writes `old`, a
+    // valid, exclusively borrowed rlimit on our stack; `pid` is a plain
+    // number (a wrong one fails with ESRCH/EPERM).
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let cap = (n as libc::rlim_t).min(old.rlim_max);
+    let new = libc::rlimit {
+        rlim_cur: cap,
+        rlim_max: cap,
+    };
+    // SAFETY: as above; `new` is a valid rlimit on our stack, `old` is not
+    // asked for (null).
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The failure reason for a kill by a cgroup memory limit.
@@ -704,6 +742,7 @@ mod tests {
         let l = Limits {
             memory: Some(64 << 20),
             cpu: Some(0.5),
+            open_files: None,
         };
         assert_eq!(
             settings(Version::V2, Controller::Memory, &l),

@@ -18,13 +18,21 @@
 //!
 //! [lifecycle]
 //! start_timeout_ms = 10000
+//!
+//! [limits]            # for modules whose manifest leaves a limit unset
+//! memory_bytes = 268435456
+//! open_files = 1024
 //! ```
+//!
+//! Errors name the file, the line and column, and the dotted key:
+//! `/etc/ember/emberd.toml:4:12: field `pool.min_idle`: invalid type: …`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Limits;
 use crate::lifecycle::Policy;
 
 /// The configuration used when `--config` is not given.
@@ -42,8 +50,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML or has a bad field.
-    #[error("{}:{line}:{column}: {message}", path.display())]
+    /// The file is not valid TOML, or a field is unknown or has the wrong
+    /// type.
+    #[error("{}:{line}:{column}: {}{message}", path.display(), field_prefix(.field.as_deref()))]
     Parse {
         /// The file.
         path: PathBuf,
@@ -51,19 +60,33 @@ pub enum ConfigError {
         line: usize,
         /// 1-based column.
         column: usize,
-        /// What is wrong, naming the field.
+        /// The dotted key of the offending field (`pool.min_idle`,
+        /// `plugins[1].path`), when the error is inside one.
+        field: Option<String>,
+        /// What is wrong.
         message: String,
     },
     /// A value is out of range.
-    #[error("{}: field `{field}`: {message}", path.display())]
+    #[error("{}:{}field `{field}`: {message}", path.display(), location_prefix(*.location))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// The field.
+        /// 1-based line and column of the field's key, when the file sets
+        /// it (a default that conflicts with a value set has none).
+        location: Option<(usize, usize)>,
+        /// The dotted key of the field.
         field: &'static str,
         /// What is wrong.
         message: String,
     },
+}
+
+fn field_prefix(field: Option<&str>) -> String {
+    field.map_or_else(String::new, |f| format!("field `{f}`: "))
+}
+
+fn location_prefix(location: Option<(usize, usize)>) -> String {
+    location.map_or_else(|| " ".to_owned(), |(l, c)| format!("{l}:{c}: "))
 }
 
 /// Warm pool policy.
@@ -140,15 +163,98 @@ impl LifecycleConfig {
     }
 }
 
-/// Default resource limits for modules whose manifest sets none. Recorded
-/// and reported; enforcement belongs to the worker launch.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// Default resource limits for modules whose manifest leaves them unset.
+///
+/// Each field is a default on its own: a manifest that sets
+/// `limits.memory` but not `limits.cpu` keeps its memory limit and gets
+/// `cpu_cores` from here. The effective limits go the same way as a
+/// manifest's (see [`LimitsConfig::resolve`]): memory and CPU into the
+/// instance's cgroup (memory also to the worker's resident-set watchdog
+/// when no cgroup enforces it), `open_files` as the worker's
+/// `RLIMIT_NOFILE`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Address-space / memory cap in bytes.
+    /// Memory a module may add on top of the warm worker, in bytes (the
+    /// manifest's `limits.memory`).
     pub memory_bytes: Option<u64>,
-    /// Open descriptor cap.
+    /// CPU share in cores (the manifest's `limits.cpu`).
+    pub cpu_cores: Option<f64>,
+    /// Open descriptor cap of each worker (soft and hard `RLIMIT_NOFILE`;
+    /// never raised above the hard limit emberd has). Manifests have no
+    /// such field: this applies to every module.
     pub open_files: Option<u64>,
+}
+
+/// Where a module's effective limit comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitSource {
+    /// The module's manifest (`[limits]`).
+    Manifest,
+    /// The daemon configuration's `[limits]` default.
+    Config,
+    /// Neither sets it: no limit.
+    #[default]
+    None,
+}
+
+/// The source of each of a module's effective limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitSources {
+    /// Of `memory`.
+    pub memory: LimitSource,
+    /// Of `cpu`.
+    pub cpu: LimitSource,
+    /// Of `open_files`.
+    pub open_files: LimitSource,
+}
+
+impl LimitsConfig {
+    /// A module's effective limits: each of its manifest's, else this
+    /// default; and where each came from.
+    pub fn resolve(&self, memory: Option<u64>, cpu: Option<f64>) -> (Limits, LimitSources) {
+        fn pick<T>(manifest: Option<T>, config: Option<T>) -> (Option<T>, LimitSource) {
+            match (manifest, config) {
+                (Some(v), _) => (Some(v), LimitSource::Manifest),
+                (None, Some(v)) => (Some(v), LimitSource::Config),
+                (None, None) => (None, LimitSource::None),
+            }
+        }
+        let (memory, memory_from) = pick(memory, self.memory_bytes);
+        let (cpu, cpu_from) = pick(cpu, self.cpu_cores);
+        let (open_files, files_from) = pick(None, self.open_files);
+        (
+            Limits {
+                memory,
+                cpu,
+                open_files,
+            },
+            LimitSources {
+                memory: memory_from,
+                cpu: cpu_from,
+                open_files: files_from,
+            },
+        )
+    }
+}
+
+/// The manifest text a worker is launched with when its memory limit is
+/// the configuration's default: the module's manifest with
+/// `limits.memory` set, so the worker's own watchdog knows the limit where
+/// no cgroup enforces it. `None` if the text does not parse (the worker
+/// then refuses it itself).
+pub fn manifest_with_memory(manifest: &str, bytes: u64) -> Option<String> {
+    let mut doc: toml::Table = toml::from_str(manifest).ok()?;
+    let limits = doc
+        .entry("limits")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let table = limits.as_table_mut()?;
+    table.insert(
+        "memory".into(),
+        toml::Value::Integer(i64::try_from(bytes).ok()?),
+    );
+    toml::to_string(&doc).ok()
 }
 
 /// The whole daemon configuration.
@@ -170,7 +276,8 @@ pub struct Config {
     /// uid always may).
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
-    /// Peers whose primary gid is one of these may use the socket.
+    /// Peers in one of these groups (primary or supplementary, from
+    /// `SO_PEERGROUPS`) may use the socket.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
     /// Plugins the zygote loads before forking any worker: paths, or
@@ -208,36 +315,52 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates TOML text; `path` is used in errors.
+    /// Parses and validates TOML text; `path` is used in errors, which
+    /// name the file, the line and column, and the dotted key of the field.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let offset = e.span().map_or(0, |s| s.start);
+            let (line, column) = line_col(text, offset);
+            // The spanned document, as far as it parses, tells which key
+            // the error is in (toml's message does not).
+            let (doc, _) = toml::de::DeTable::parse_recoverable(text);
             ConfigError::Parse {
                 path: path.to_owned(),
                 line,
                 column,
+                field: e.span().and_then(|_| key_at(doc.get_ref(), offset, "")),
                 message: e.message().trim().to_owned(),
             }
         })?;
-        cfg.validate(path)?;
+        cfg.validate(text, path)?;
         Ok(cfg)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            message,
+    fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let doc = toml::de::DeTable::parse(text).ok();
+        // Blames the first of `fields` the file sets (its key's line), else
+        // the first.
+        let invalid = |fields: &[&'static str], message: String| {
+            let found = fields.iter().find_map(|f| {
+                let span = key_span(doc.as_ref()?.get_ref(), f)?;
+                Some((*f, line_col(text, span.start)))
+            });
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                location: found.map(|(_, at)| at),
+                field: found.map_or(fields[0], |(f, _)| f),
+                message,
+            }
         };
         self.mode().map_err(|m| {
             invalid(
-                "socket_mode",
+                &["socket_mode"],
                 format!("{m:?} is not an octal mode like \"0660\""),
             )
         })?;
         if self.pool.min_idle > self.pool.max_idle {
             return Err(invalid(
-                "pool.min_idle",
+                &["pool.min_idle", "pool.max_idle"],
                 format!(
                     "min_idle ({}) is larger than max_idle ({})",
                     self.pool.min_idle, self.pool.max_idle
@@ -245,26 +368,42 @@ impl Config {
             ));
         }
         if self.pool.max_idle > 256 {
-            return Err(invalid("pool.max_idle", "at most 256".into()));
+            return Err(invalid(&["pool.max_idle"], "at most 256".into()));
         }
         let l = &self.lifecycle;
         if l.backoff_initial_ms == 0 || l.backoff_initial_ms > l.backoff_max_ms {
             return Err(invalid(
-                "lifecycle.backoff_initial_ms",
+                &["lifecycle.backoff_initial_ms", "lifecycle.backoff_max_ms"],
                 "must be positive and not above backoff_max_ms".into(),
             ));
         }
         if l.crash_loop_after == 0 {
             return Err(invalid(
-                "lifecycle.crash_loop_after",
+                &["lifecycle.crash_loop_after"],
                 "must be positive".into(),
+            ));
+        }
+        let limits = &self.limits;
+        if limits.memory_bytes == Some(0) {
+            return Err(invalid(&["limits.memory_bytes"], "must be positive".into()));
+        }
+        if limits.cpu_cores.is_some_and(|c| !c.is_finite() || c <= 0.0) {
+            return Err(invalid(
+                &["limits.cpu_cores"],
+                "must be a positive number of cores".into(),
+            ));
+        }
+        if limits.open_files.is_some_and(|n| n < MIN_OPEN_FILES) {
+            return Err(invalid(
+                &["limits.open_files"],
+                format!("at least {MIN_OPEN_FILES} (a worker needs descriptors for its channels, log and listeners)"),
             ));
         }
         for (field, p) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
             if let Some(p) = p {
                 if !p.is_absolute() {
                     return Err(invalid(
-                        field,
+                        &[field],
                         format!("{} is not an absolute path", p.display()),
                     ));
                 }
@@ -302,12 +441,67 @@ impl Config {
     }
 }
 
+/// The smallest `limits.open_files` accepted.
+pub const MIN_OPEN_FILES: u64 = 16;
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
     (line, column)
+}
+
+/// The dotted key (`pool.min_idle`, `plugins[1].path`) of the innermost
+/// key or value of `table` whose span holds `offset`.
+fn key_at(table: &toml::de::DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
+    for (k, v) in table.iter() {
+        let path = if prefix.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", k.get_ref())
+        };
+        if let Some(inner) = value_key_at(v, offset, &path) {
+            return Some(inner);
+        }
+        if k.span().contains(&offset) || v.span().contains(&offset) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+fn value_key_at(
+    v: &toml::Spanned<toml::de::DeValue<'_>>,
+    offset: usize,
+    path: &str,
+) -> Option<String> {
+    match v.get_ref() {
+        toml::de::DeValue::Table(t) => key_at(t, offset, path),
+        toml::de::DeValue::Array(a) => a.iter().enumerate().find_map(|(i, item)| {
+            let p = format!("{path}[{i}]");
+            value_key_at(item, offset, &p).or_else(|| item.span().contains(&offset).then_some(p))
+        }),
+        _ => None,
+    }
+}
+
+/// The span of the last key of a dotted `field` (`pool.min_idle`), if the
+/// document sets it.
+fn key_span(table: &toml::de::DeTable<'_>, field: &str) -> Option<std::ops::Range<usize>> {
+    let mut table = table;
+    let mut parts = field.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(k.span());
+        }
+        table = match v.get_ref() {
+            toml::de::DeValue::Table(t) => t,
+            _ => return None,
+        };
+    }
+    None
 }
 
 #[cfg(test)]
@@ -366,26 +560,167 @@ memory_bytes = 1048576
     }
 
     #[test]
-    fn errors_name_file_line_and_field() {
-        let e = parse("socket = \"/x\"\n[pool]\nmin_idel = 3\n").unwrap_err();
-        let s = e.to_string();
-        assert!(s.starts_with("/etc/ember/emberd.toml:3:"), "{s}");
-        assert!(s.contains("min_idel"), "{s}");
-
-        let e = parse("[pool]\nmin_idle = \"two\"\n")
+    fn type_errors_name_file_line_column_and_dotted_key() {
+        let e = parse("socket_mode = \"0660\"\n\n[pool]\nmin_idle = \"lots\"\n")
             .unwrap_err()
             .to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:4:12: field `pool.min_idle`: invalid type"),
+            "{e}"
+        );
+        // The same key written dotted, and nested deeper.
+        let e = parse("pool.min_idle = \"lots\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:1:17: field `pool.min_idle`: "),
+            "{e}"
+        );
+        let e = parse("[lifecycle]\nstart_timeout_ms = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:2:20: field `lifecycle.start_timeout_ms`: "),
+            "{e}"
+        );
+        let e = parse("allowed_uids = [1, \"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:1:20: field `allowed_uids[1]`: "),
+            "{e}"
+        );
+        let e = parse("plugins = [\"/a.so\", { path = \"/b.so\", confg = {} }]\n")
+            .unwrap_err()
+            .to_string();
+        // An untagged entry is reported on the array as a whole.
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:1:11: field `plugins`: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_their_dotted_key() {
+        let e = parse("socket = \"/x\"\n[pool]\nmin_idel = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:3:1: field `pool.min_idel`: unknown field"),
+            "{e}"
+        );
+        let e = parse("\nsockett = \"/x\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:2:1: field `sockett`: unknown field"),
+            "{e}"
+        );
+        let e = parse("[limits]\nmemory = 1\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:2:1: field `limits.memory`: unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column() {
+        let e = parse("[pool]\nmin_idle = = 3\n").unwrap_err().to_string();
         assert!(e.starts_with("/etc/ember/emberd.toml:2:"), "{e}");
+    }
 
-        let e = parse("socket_mode = \"rw\"\n").unwrap_err().to_string();
-        assert!(e.contains("socket_mode"), "{e}");
-
+    #[test]
+    fn validation_errors_name_the_line_of_the_key_set() {
         let e = parse("[pool]\nmin_idle = 5\nmax_idle = 1\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("pool.min_idle"), "{e}");
+        assert_eq!(
+            e,
+            "/etc/ember/emberd.toml:2:1: field `pool.min_idle`: min_idle (5) is larger than max_idle (1)"
+        );
+        // min_idle left at its default (2): the key the file sets is blamed.
+        let e = parse("\n[pool]\nmax_idle = 1\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:3:1: field `pool.max_idle`: "),
+            "{e}"
+        );
+        let e = parse("socket_mode = \"rw\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:1:1: field `socket_mode`: "),
+            "{e}"
+        );
+        let e = parse("plugins = []\nsocket = \"relative\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:2:1: field `socket`: "),
+            "{e}"
+        );
+        let e = parse("[limits]\nopen_files = 3\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:2:1: field `limits.open_files`: at least 16"),
+            "{e}"
+        );
+        let e = parse("[limits]\ncpu_cores = 0.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2:1: field `limits.cpu_cores`"), "{e}");
+        let e = parse("[lifecycle]\n  backoff_initial_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/ember/emberd.toml:2:3: field `lifecycle.backoff_initial_ms`"),
+            "{e}"
+        );
+    }
 
-        let e = parse("socket = \"relative\"\n").unwrap_err().to_string();
-        assert!(e.contains("`socket`"), "{e}");
+    #[test]
+    fn manifest_limits_win_over_config_defaults_field_by_field() {
+        let c =
+            parse("[limits]\nmemory_bytes = 1048576\ncpu_cores = 0.5\nopen_files = 256\n").unwrap();
+        let (l, from) = c.limits.resolve(None, None);
+        assert_eq!(
+            l,
+            Limits {
+                memory: Some(1 << 20),
+                cpu: Some(0.5),
+                open_files: Some(256)
+            }
+        );
+        assert_eq!(
+            from,
+            LimitSources {
+                memory: LimitSource::Config,
+                cpu: LimitSource::Config,
+                open_files: LimitSource::Config
+            }
+        );
+        let (l, from) = c.limits.resolve(Some(64 << 20), None);
+        assert_eq!(
+            (l.memory, from.memory),
+            (Some(64 << 20), LimitSource::Manifest)
+        );
+        assert_eq!((l.cpu, from.cpu), (Some(0.5), LimitSource::Config));
+        let (l, from) = LimitsConfig::default().resolve(None, Some(2.0));
+        assert_eq!(
+            (l.memory, from.memory, l.cpu, from.cpu),
+            (None, LimitSource::None, Some(2.0), LimitSource::Manifest)
+        );
+        assert_eq!((l.open_files, from.open_files), (None, LimitSource::None));
+        assert_eq!(
+            serde_json::to_value(LimitSource::Config).unwrap(),
+            serde_json::json!("config")
+        );
+    }
+
+    #[test]
+    fn default_memory_reaches_the_workers_manifest() {
+        use module_runtime::manifest::Manifest;
+        let plain = "name = \"m\"\nversion = \"1.0.0\"\nentry = \"libm.so\"\n";
+        let out = manifest_with_memory(plain, 32 << 20).unwrap();
+        assert_eq!(Manifest::parse(&out).unwrap().limits.memory, Some(32 << 20));
+        // A [limits] table with other fields keeps them.
+        let with_cpu = format!("{plain}[limits]\ncpu = 0.5\nstop_deadline = \"2s\"\n");
+        let m = Manifest::parse(&manifest_with_memory(&with_cpu, 1 << 20).unwrap()).unwrap();
+        assert_eq!(m.limits.memory, Some(1 << 20));
+        assert_eq!(m.limits.cpu, Some(0.5));
+        assert_eq!(m.limits.stop_deadline, Duration::from_secs(2));
+        assert_eq!(manifest_with_memory("not = = toml", 1), None);
     }
 }

@@ -59,6 +59,8 @@ pub struct ManifestSummary {
     pub exports: Vec<String>,
     /// Services imported.
     pub imports: Vec<String>,
+    /// The imports the module cannot start without (not `optional`).
+    pub required_imports: Vec<String>,
     /// `limits.memory`, in bytes.
     pub memory: Option<u64>,
     /// `limits.cpu`, in cores.
@@ -129,6 +131,12 @@ pub fn parse(text: &str) -> Result<ManifestSummary, ManifestError> {
         cpu: m.limits.cpu,
         exports: m.exports.iter().map(|e| e.name.clone()).collect(),
         imports: m.imports.iter().map(|i| i.name.clone()).collect(),
+        required_imports: m
+            .imports
+            .iter()
+            .filter(|i| !i.optional)
+            .map(|i| i.name.clone())
+            .collect(),
         name: m.name,
         version: m.version,
         entry: m.entry,
@@ -164,6 +172,10 @@ replicas = 2
 [[imports]]
 name = "kv"
 
+[[imports]]
+name = "prices"
+optional = true
+
 [[listeners]]
 name = "http"
 address = "127.0.0.1:8080"
@@ -192,7 +204,8 @@ greeting = "hello"
         );
         assert_eq!(m.start_deadline, Some(Duration::from_secs(3)));
         assert_eq!(m.stop_deadline, Some(Duration::from_secs(2)));
-        assert_eq!(m.imports, vec!["kv".to_owned()]);
+        assert_eq!(m.imports, vec!["kv".to_owned(), "prices".to_owned()]);
+        assert_eq!(m.required_imports, vec!["kv".to_owned()]);
         assert_eq!(m.memory, Some(256 << 20));
     }
 

@@ -205,11 +205,45 @@ pub fn start(
 /// that just took a worker (on a 2-core host it doubled launch latency).
 pub const REFILL_DELAY: Duration = Duration::from_millis(25);
 
+/// The refill policy (hysteresis): start when fewer than `min_idle`
+/// workers are idle, go on until `max_idle` are, then stop. `refilling` is
+/// whether a refill is under way; the result is whether it goes on.
+fn refill_wanted(idle: usize, min_idle: usize, max_idle: usize, refilling: bool) -> bool {
+    if idle >= max_idle {
+        false
+    } else {
+        refilling || idle < min_idle
+    }
+}
+
+/// When recent background refills started, for `refills_last_minute`.
+#[derive(Debug, Default)]
+struct RecentRefills(VecDeque<Instant>);
+
+impl RecentRefills {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn push(&mut self, at: Instant) {
+        self.0.push_back(at);
+    }
+
+    /// Refills started within the minute before `now` (older ones are
+    /// forgotten).
+    fn count(&mut self, now: Instant) -> u64 {
+        if let Some(since) = now.checked_sub(Self::WINDOW) {
+            while self.0.front().is_some_and(|t| *t < since) {
+                self.0.pop_front();
+            }
+        }
+        self.0.len() as u64
+    }
+}
+
 struct Pool {
     limiter: Arc<Limiter>,
     /// When a worker was last handed out; refills wait [`REFILL_DELAY`].
     last_take: Option<Instant>,
-    refill_times: VecDeque<Instant>,
+    refill_times: RecentRefills,
     fork_total: Duration,
     forks: u32,
     idle: VecDeque<Worker>,
@@ -238,13 +272,12 @@ impl Pool {
     /// Whether the pool is below its policy (refill from under `min_idle`
     /// up to `max_idle`).
     fn wants_refill(&mut self) -> bool {
-        let n = self.idle.len();
-        if n < self.stats.min_idle {
-            self.refilling = true;
-        }
-        if n >= self.stats.max_idle {
-            self.refilling = false;
-        }
+        self.refilling = refill_wanted(
+            self.idle.len(),
+            self.stats.min_idle,
+            self.stats.max_idle,
+            self.refilling,
+        );
         self.refilling
     }
 
@@ -275,15 +308,8 @@ impl Pool {
     }
 
     fn snapshot(&mut self) -> PoolStats {
-        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
-        while let (Some(t), Some(m)) = (self.refill_times.front(), minute_ago) {
-            if *t >= m {
-                break;
-            }
-            self.refill_times.pop_front();
-        }
         let mut s = self.stats.clone();
-        s.refills_last_minute = self.refill_times.len() as u64;
+        s.refills_last_minute = self.refill_times.count(Instant::now());
         s.fork_us_avg = self
             .fork_total
             .checked_div(self.forks.max(1))
@@ -333,7 +359,7 @@ async fn run(
         },
         refilling: false,
         retry_at: None,
-        refill_times: VecDeque::new(),
+        refill_times: RecentRefills::default(),
         fork_total: Duration::ZERO,
         forks: 0,
     };
@@ -377,7 +403,7 @@ async fn run(
                             // closing its channel: the worker retires.
                             Some(tx) => { let _ = tx.send(Ok(w)); }
                             None => {
-                                pool.refill_times.push_back(t0);
+                                pool.refill_times.push(t0);
                                 pool.stats.refills += 1;
                                 pool.idle.push_back(w);
                             }
@@ -430,5 +456,71 @@ async fn run(
     }
     if let Some(z) = zygote {
         z.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the policy as the pool does: idle counts in, whether a fork
+    /// starts out.
+    fn forks(min: usize, max: usize, idle: &[usize]) -> Vec<bool> {
+        let mut refilling = false;
+        idle.iter()
+            .map(|&n| {
+                refilling = refill_wanted(n, min, max, refilling);
+                refilling
+            })
+            .collect()
+    }
+
+    #[test]
+    fn refill_starts_below_min_and_goes_on_up_to_max() {
+        // Start-up: empty, fill to 4.
+        assert_eq!(
+            forks(2, 4, &[0, 1, 2, 3, 4]),
+            [true, true, true, true, false]
+        );
+        // Launches take 4 → 3 → 2: still at or above min, no fork; 1: below
+        // min, refill all the way back to 4.
+        assert_eq!(
+            forks(2, 4, &[4, 3, 2, 1, 2, 3, 4, 3]),
+            [false, false, false, true, true, true, false, false]
+        );
+    }
+
+    #[test]
+    fn refill_never_goes_past_max_idle() {
+        for min in 0..6 {
+            for max in min..6 {
+                for n in max..max + 3 {
+                    assert!(!refill_wanted(n, min, max, true), "{min} {max} {n}");
+                    assert!(!refill_wanted(n, min, max, false), "{min} {max} {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_policy_never_forks_ahead() {
+        assert_eq!(forks(0, 0, &[0, 0, 0]), [false, false, false]);
+        // min 0: nothing starts a refill, even with room below max.
+        assert_eq!(forks(0, 3, &[0, 1, 2]), [false, false, false]);
+    }
+
+    #[test]
+    fn refills_last_minute_counts_a_sliding_window() {
+        let t0 = Instant::now();
+        let mut r = RecentRefills::default();
+        assert_eq!(r.count(t0), 0);
+        r.push(t0);
+        r.push(t0 + Duration::from_secs(10));
+        r.push(t0 + Duration::from_secs(30));
+        assert_eq!(r.count(t0 + Duration::from_secs(30)), 3);
+        assert_eq!(r.count(t0 + Duration::from_secs(60)), 3);
+        assert_eq!(r.count(t0 + Duration::from_secs(61)), 2);
+        assert_eq!(r.count(t0 + Duration::from_secs(85)), 1);
+        assert_eq!(r.count(t0 + Duration::from_secs(200)), 0);
     }
 }

@@ -1,7 +1,47 @@
 //! The shipped unit file passes `systemd-analyze verify` (skipped where
-//! systemd-analyze is missing).
+//! systemd-analyze is missing) and keeps the settings emberd depends on:
+//! a delegated cgroup subtree it may write (per-module limits) and the
+//! clients' view of /tmp (module directories named by path).
 
 use std::process::Command;
+
+const UNIT: &str = include_str!("../emberd.service");
+
+/// The value of `key` in the unit's `[Service]` section (the last
+/// assignment wins, as in systemd).
+fn service(key: &str) -> Option<&'static str> {
+    let mut section = "";
+    let mut value = None;
+    for line in UNIT.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+        } else if section == "[Service]" && !line.starts_with('#') {
+            if let Some((k, v)) = line.split_once('=') {
+                if k.trim() == key {
+                    value = Some(v.trim());
+                }
+            }
+        }
+    }
+    value
+}
+
+#[test]
+fn unit_settings_emberd_depends_on() {
+    assert_eq!(service("Type"), Some("notify"));
+    assert!(service("WatchdogSec").is_some());
+    // Per-module cgroups: the subtree is emberd's, and writable.
+    assert_eq!(service("Delegate"), Some("yes"));
+    assert!(
+        matches!(service("ProtectControlGroups"), None | Some("no")),
+        "ProtectControlGroups makes /sys/fs/cgroup read-only"
+    );
+    // Install resolves clients' paths, /tmp included, in emberd's view.
+    assert_eq!(service("PrivateTmp"), Some("no"));
+    // The defaults emberd uses as root stay writable under ProtectSystem.
+    assert_eq!(service("RuntimeDirectory"), Some("ember"));
+    assert_eq!(service("StateDirectory"), Some("ember"));
+}
 
 #[test]
 fn unit_file_verifies() {
@@ -13,15 +53,13 @@ fn unit_file_verifies() {
         eprintln!("systemd-analyze not installed; skipping");
         return;
     }
-    let unit = include_str!("../emberd.service");
-    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
     let dir = std::env::temp_dir().join(format!("ember-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("emberd.service");
     // verify insists that ExecStart exists: point it at the built binary.
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/emberd", env!("CARGO_BIN_EXE_emberd")),
+        UNIT.replace("/usr/local/bin/emberd", env!("CARGO_BIN_EXE_emberd")),
     )
     .unwrap();
     let out = Command::new("systemd-analyze")
@@ -35,5 +73,11 @@ fn unit_file_verifies() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    // verify also warns (exit 0) about unknown or misplaced settings.
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("Unknown key") && !text.contains("Unknown section"),
+        "{text}"
     );
 }

@@ -235,6 +235,7 @@ pub fn dead(pid: i32) -> bool {
     }
 }
 
+/// Waits until `pid` is dead (a zombie counts; see [`wait_reaped`]).
 pub fn wait_dead(pid: i32) -> bool {
     poll(Duration::from_millis(20), || {
         if dead(pid) {
@@ -244,6 +245,68 @@ pub fn wait_dead(pid: i32) -> bool {
         }
     })
     .is_ok()
+}
+
+/// Waits until `pid` is gone from the process table: dead *and* reaped by
+/// its parent. For workers, whose parent is emberd (`CLONE_PARENT`), this
+/// proves emberd collected the exit.
+pub fn wait_reaped(pid: i32) -> bool {
+    poll(Duration::from_millis(20), || {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            Err(format!("{pid} still in the process table"))
+        } else {
+            Ok(())
+        }
+    })
+    .is_ok()
+}
+
+/// Inodes of the shm-ipc channel segments `pid` holds, as open descriptors
+/// or as mappings (a worker may map a segment and close its descriptor).
+pub fn channel_segments(pid: i32) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    const NAME: &str = "memfd:ember-channel";
+    let mut inodes = std::collections::BTreeSet::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            let is_channel =
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains(NAME));
+            if let (true, Ok(m)) = (is_channel, std::fs::metadata(e.path())) {
+                inodes.insert(m.ino());
+            }
+        }
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    for line in maps.lines().filter(|l| l.contains(NAME)) {
+        // address perms offset dev inode path
+        if let Some(ino) = line.split_whitespace().nth(4).and_then(|i| i.parse().ok()) {
+            inodes.insert(ino);
+        }
+    }
+    inodes
+}
+
+/// What `pid`'s descriptors are, counted by kind: a file's path, a memfd's
+/// name, `socket`, `pipe`, `anon_inode:[pidfd]`… (inode numbers dropped, so
+/// two snapshots compare by what is open, not by which instance).
+pub fn fd_kinds(pid: i32) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            let Ok(link) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy().into_owned();
+            let kind = match link.split_once(":[") {
+                Some((k, rest)) if rest.trim_end_matches(']').parse::<u64>().is_ok() => {
+                    k.to_owned()
+                }
+                _ => link,
+            };
+            *kinds.entry(kind).or_default() += 1;
+        }
+    }
+    kinds
 }
 
 /// A module directory named `name` whose manifest runs the example crate

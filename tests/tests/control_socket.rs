@@ -141,6 +141,49 @@ fn socket_mode_and_peer_credentials() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    drop(d);
+    // Allowed by a supplementary group (SO_PEERGROUPS), the usual way a
+    // user is given access: nobody, primary group nogroup, also in 4242.
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("setpriv not installed; supplementary-group case skipped");
+        return;
+    }
+    let as_nobody_in = |d: &Daemon, groups: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                &format!("--groups={groups}"),
+            ])
+            .arg(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("health")
+            .output()
+            .unwrap()
+    };
+    let d = Daemon::start(&format!(
+        "socket_mode = \"0666\"\nallowed_gids = [4242]\n{FAST}"
+    ));
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = as_nobody_in(&d, "4242");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_nobody_in(&d, "4243");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -170,10 +213,28 @@ fn systemd_ready_and_watchdog() {
     drop(d);
 }
 
+/// `emberd --check-config FILE` with `text` in FILE: exit code and stderr.
+fn check_config(file: &std::path::Path, text: &str) -> (Option<i32>, String) {
+    std::fs::write(file, text).unwrap();
+    let out = std::process::Command::new(emberd())
+        .arg("--config")
+        .arg(file)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn bad_config_names_file_line_and_field() {
     let dir = TempDir::new("badcfg");
     let cfg = dir.path().join("bad.toml");
+    let at = |pos: &str| format!("{}:{pos}: ", cfg.display());
+
+    // A type error, refused at start-up (not only by --check-config).
     std::fs::write(
         &cfg,
         "socket_mode = \"0660\"\n\n[pool]\nmin_idle = \"lots\"\n",
@@ -182,28 +243,57 @@ fn bad_config_names_file_line_and_field() {
     let out = std::process::Command::new(emberd())
         .arg("--config")
         .arg(&cfg)
+        .arg("--socket")
+        .arg(dir.path().join("ctl.sock"))
         .arg("--state-dir")
         .arg(dir.path().join("s"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:4:", cfg.display())), "{err}");
     assert!(
-        err.contains("min_idle") || err.contains("invalid type"),
+        err.contains(&format!(
+            "{}field `pool.min_idle`: invalid type",
+            at("4:12")
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("ctl.sock").exists());
+
+    // An unknown field, named with its table.
+    let (code, err) = check_config(&cfg, "[pool]\nmin_idel = 1\n");
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains(&format!(
+            "{}field `pool.min_idel`: unknown field",
+            at("2:1")
+        )),
         "{err}"
     );
 
-    std::fs::write(&cfg, "[pool]\nmin_idel = 1\n").unwrap();
-    let out = std::process::Command::new(emberd())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--check-config")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(":2:") && err.contains("min_idel"), "{err}");
+    // A value out of range (validation), at the line of its key.
+    let (code, err) = check_config(&cfg, "# pool\n[pool]\nmax_idle = 1\nmin_idle = 3\n");
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains(&format!(
+            "{}field `pool.min_idle`: min_idle (3) is larger than max_idle (1)",
+            at("4:1")
+        )),
+        "{err}"
+    );
+    let (code, err) = check_config(&cfg, "[limits]\nmemory_bytes = 1\nopen_files = 2\n");
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains(&format!("{}field `limits.open_files`: ", at("3:1"))),
+        "{err}"
+    );
+
+    // A good file passes.
+    let (code, err) = check_config(
+        &cfg,
+        "[pool]\nmin_idle = 1\nmax_idle = 2\n[limits]\nmemory_bytes = 1048576\nopen_files = 64\ncpu_cores = 0.5\n",
+    );
+    assert_eq!(code, Some(0), "{err}");
 
     let out = std::process::Command::new(emberd())
         .arg("--config")
@@ -211,6 +301,56 @@ fn bad_config_names_file_line_and_field() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
+}
+
+/// emberctl as user nobody against `socket`.
+fn ctl_as_nobody(socket: &std::path::Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(emberctl())
+        .arg("--socket")
+        .arg(socket)
+        .arg("health")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn socket_file_permissions_are_a_permission_error_not_unreachable() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // needs a second uid
+    }
+    // The daemon listens, but the socket file's mode lets nobody in.
+    let d = Daemon::start(&format!("socket_mode = \"0000\"\n{FAST}"));
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = ctl_as_nobody(&d.socket);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(err.contains(&d.socket.display().to_string()), "{err}");
+
+    // A directory on the way without search permission: the same.
+    let d = Daemon::start(&format!(
+        "socket_mode = \"0666\"\nallowed_uids = [65534]\n{FAST}"
+    ));
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = ctl_as_nobody(&d.socket);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once the directory may be searched, the same user gets in.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = ctl_as_nobody(&d.socket);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

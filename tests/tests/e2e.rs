@@ -2,6 +2,7 @@
 //! `emberctl` (and raw Varlink) run the example modules — `hello`, `kv`,
 //! `greeter` — and the failure fixtures, in workers forked by the zygote.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ember_tests::daemon::*;
@@ -139,11 +140,31 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
         .to_string_lossy()
         .starts_with("socket:"));
 
-    // The supervisor kept no end of any channel.
+    // The supervisor kept no end of any channel; each greeter replica
+    // shares one with kv; hello, which imports nothing, maps none.
     assert_eq!(segment_memfds(emberd), Vec::<String>::new());
-    // Raw stdout/stderr and tracing records both land in the module's log.
-    let logs = String::from_utf8_lossy(&d.ctl(&["logs", "greeter"]).stdout).into_owned();
-    assert!(logs.contains("INFO"), "{logs}");
+    let kv_segments = channel_segments(kv_pid);
+    for p in &greeter_pids {
+        let mine = channel_segments(p.as_i64().unwrap() as i32);
+        assert!(!mine.is_empty() && mine.is_subset(&kv_segments), "{p}");
+    }
+    assert_eq!(channel_segments(hello_pid), Default::default());
+    // Both replicas write to greeter's one log; every line emberd writes
+    // names the instance (name@version#replica) it came from.
+    let logs =
+        String::from_utf8_lossy(&d.ctl(&["logs", "greeter", "-n", "200"]).stdout).into_owned();
+    for (replica, pid) in greeter_pids.iter().enumerate() {
+        assert!(
+            logs.contains(&format!(
+                "greeter@1.0.0#{replica} ember: launched in pid {pid}"
+            )),
+            "{logs}"
+        );
+        assert!(
+            logs.contains(&format!("greeter@1.0.0#{replica} INFO ")),
+            "{logs}"
+        );
+    }
 
     // Kill kv's worker: it is restarted, greeter is re-wired, nothing else
     // is disturbed.
@@ -209,9 +230,108 @@ fn an_import_waits_for_its_exporter() {
 }
 
 #[test]
+fn a_required_import_holds_the_launch_until_its_exporter_runs() {
+    let d = daemon();
+    // `hello` importing kv, not optional: no worker until kv runs.
+    let dir = real_module(
+        d.dir.path(),
+        "needs-kv",
+        "hello",
+        "[[imports]]\nname = \"kv\"\n",
+    );
+    let out = d.ctl_ok(&["install", dir.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("waiting"),
+        "{out:?}"
+    );
+    let s = d.ctl_json(&["status", "needs-kv"])["status"].clone();
+    assert_eq!(s["state"], "waiting", "{s}");
+    assert_eq!(s["pid"], Value::Null, "{s}");
+    assert!(
+        s["replicas"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("service kv"),
+        "{s}"
+    );
+    d.ctl_ok(&["install", kv_module(&d).to_str().unwrap()]);
+    let s = d.wait_status("needs-kv", "launched once kv runs", |s| {
+        running(s) && s["imports"][0]["state"] == "wired"
+    });
+    assert_eq!(s["restarts"], 0, "{s}");
+}
+
+#[test]
+fn an_exporter_lets_go_of_an_uninstalled_importer() {
+    let d = daemon();
+    let kv = kv_module(&d);
+    d.ctl_ok(&["install", kv.to_str().unwrap()]);
+    let kv_pid = pid_of(&d.wait_status("kv", "running", running)).unwrap();
+    let port = install_greeter(&d, "greeter", 1);
+    d.wait_status("greeter", "wired", |s| s["imports"][0]["state"] == "wired");
+    http_until(port, "/kv/put/a/b", |st, _| st == 200);
+    let greeter_pid = pid_of(&d.ctl_json(&["status", "greeter"])["status"]).unwrap();
+    let shared = channel_segments(greeter_pid);
+    assert!(!shared.is_empty() && shared.is_subset(&channel_segments(kv_pid)));
+
+    d.ctl_ok(&["uninstall", "greeter"]);
+    assert!(wait_reaped(greeter_pid));
+    // The exporter, still running in the same process, no longer holds
+    // (maps or keeps open) the segment it shared with the importer.
+    poll_until(
+        "kv to release greeter's channel",
+        Duration::from_millis(20),
+        || {
+            let left: Vec<_> = channel_segments(kv_pid)
+                .intersection(&shared)
+                .copied()
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("kv still holds {left:?}"))
+            }
+        },
+    );
+    assert_eq!(
+        pid_of(&d.ctl_json(&["status", "kv"])["status"]),
+        Some(kv_pid)
+    );
+}
+
+/// emberd's descriptors by kind, less the pidfd and channel socket each
+/// idle worker in the pool has (their number varies with refills).
+fn fds_beyond_the_pool(d: &Daemon) -> BTreeMap<String, usize> {
+    let idle_pids = || d.ctl_json(&["pool"])["pool"]["idle_pids"].clone();
+    poll_until("a steady pool", Duration::from_millis(20), || {
+        let before = idle_pids();
+        let mut kinds = fd_kinds(d.pid());
+        if idle_pids() != before {
+            return Err(format!("pool changed while reading: {before}"));
+        }
+        let idle = before.as_array().unwrap().len();
+        for kind in ["anon_inode:[pidfd]", "socket"] {
+            if let Some(n) = kinds.get_mut(kind) {
+                *n = n.saturating_sub(idle);
+            }
+        }
+        kinds.retain(|_, n| *n > 0);
+        Ok(kinds)
+    })
+}
+
+#[test]
 fn failure_fixtures_fail_clearly_while_the_rest_serve() {
     let d = daemon();
     let emberd = d.pid();
+    // Once the pool is full nothing is being forked: a steady baseline.
+    poll_until("a full pool", Duration::from_millis(20), || {
+        let p = d.ctl_json(&["pool"])["pool"].clone();
+        (p["idle"] == p["max_idle"])
+            .then_some(())
+            .ok_or(p.to_string())
+    });
+    let fds_before = fds_beyond_the_pool(&d);
     let kv = kv_module(&d);
     assert!(d.ctl(&["install", kv.to_str().unwrap()]).status.success());
     let port = install_greeter(&d, "greeter", 1);
@@ -304,11 +424,27 @@ fn failure_fixtures_fail_clearly_while_the_rest_serve() {
         );
     }
     for p in pids {
-        assert!(wait_dead(p), "worker {p} survived uninstall");
+        assert!(
+            wait_reaped(p),
+            "worker {p} survived uninstall (or was never reaped)"
+        );
     }
     assert_eq!(d.ctl_json(&["list"])["modules"], json!([]));
-    // Not even the artifact images are left.
+    // Not even the artifact images are left, nor any other descriptor
+    // (logs, listeners, pidfds, channels) emberd opened for a module.
     assert_eq!(memfds(emberd), Vec::<String>::new());
+    poll_until(
+        "emberd's descriptors to be what they were before any install",
+        Duration::from_millis(20),
+        || {
+            let now = fds_beyond_the_pool(&d);
+            if now == fds_before {
+                Ok(())
+            } else {
+                Err(format!("before {fds_before:?}, now {now:?}"))
+            }
+        },
+    );
     let left = |sub: &str| {
         std::fs::read_dir(d.state.join(sub))
             .map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>())

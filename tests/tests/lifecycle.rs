@@ -120,10 +120,40 @@ fn logs_follow_streams_new_lines() {
             .any(|l| l.as_str().unwrap().contains("hello, world"))
     };
     assert!(has_running(&first), "{first}");
-    // Restarting the module appends a line that the stream carries.
+    // `emberctl logs -f` follows the same stream, one line per line.
+    let mut follower = std::process::Command::new(emberctl())
+        .args([
+            "--socket",
+            d.socket.to_str().unwrap(),
+            "logs",
+            "chatty",
+            "-f",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let out = follower.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |want: &str| loop {
+        match lines.recv_timeout(ember_tests::PATIENCE) {
+            Ok(l) if l.contains(want) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("emberctl logs -f never printed {want:?}: {e}"),
+        }
+    };
     let pid = d.ctl_json(&["status", "chatty"])["status"]["pid"]
         .as_i64()
         .unwrap() as i32;
+    next_line(&format!("chatty@1.0.0#0 ember: launched in pid {pid}"));
+    // Restarting the module appends lines that both streams carry.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -131,14 +161,21 @@ fn logs_follow_streams_new_lines() {
     .unwrap();
     let next = r.recv().unwrap();
     assert_eq!(next["continues"], true);
-    assert!(has_running(&next), "{next}");
-    // Uninstall ends the stream.
+    let killed = format!("chatty@1.0.0#0 ember: pid {pid} killed by signal 9");
+    next_line(&killed);
+    next_line("chatty@1.0.0#0 INFO hello: hello, world");
+    // Uninstall ends both streams; emberctl exits cleanly.
     assert!(d.ctl(&["uninstall", "chatty"]).status.success());
-    let last = r.recv().unwrap();
-    assert!(
-        last.get("continues").is_none() || last["continues"] == false,
-        "{last}"
-    );
+    let last = loop {
+        let v = r.recv().unwrap();
+        if v["continues"] != true {
+            break v;
+        }
+    };
+    assert!(last.get("error").is_none(), "{last}");
+    let status = follower.wait().unwrap();
+    assert!(status.success(), "emberctl logs -f: {status}");
+    reader.join().unwrap();
 }
 
 #[test]
@@ -195,6 +232,91 @@ fn kill_9_leaves_no_orphans_and_state_survives() {
         d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32,
         zygote
     );
+}
+
+#[test]
+fn kill_9_in_the_middle_of_installs_keeps_every_acknowledged_one() {
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let mut d = Daemon::start(FAST);
+    let mut acknowledged = Vec::new();
+    // Kill emberd at a different moment of an install each round: before
+    // it has read the request, while the artifact is copied or the worker
+    // starts, while the state is written, after the reply.
+    // The last round kills it only once the reply is in.
+    let rounds = [
+        Some(0u64),
+        Some(300),
+        Some(1_000),
+        Some(3_000),
+        Some(10_000),
+        Some(50_000),
+        None,
+    ];
+    for (round, delay_us) in rounds.into_iter().enumerate() {
+        let name = format!("m{round}");
+        let dir = module_dir(d.dir.path(), &name, "1.0.0");
+        let mut r = Raw::connect(&d.socket);
+        r.send(json!({
+            "method": "io.ember.Supervisor.Install",
+            "parameters": { "path": dir.to_str().unwrap() },
+        }));
+        let early_reply = match delay_us {
+            Some(us) => {
+                std::thread::sleep(Duration::from_micros(us));
+                None
+            }
+            None => r.recv(),
+        };
+        let workers: Vec<i32> = d.ctl_json(&["list"])["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|m| m["pids"].as_array().unwrap().clone())
+            .map(|p| p.as_i64().unwrap() as i32)
+            .collect();
+        let zygote = d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32;
+        let mut child = d.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Whatever reply made it out before the kill is an acknowledgment.
+        r.s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let reply = early_reply.or_else(|| r.recv());
+        if reply.is_some_and(|v| v.get("error").is_none()) {
+            acknowledged.push(name.clone());
+        }
+        for p in workers.into_iter().chain([zygote]) {
+            assert!(wait_dead(p), "process {p} outlived emberd");
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(p),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+        d.spawn(&[]);
+        // Every acknowledged install is back and runs; an unacknowledged
+        // one is either fully there (and runs) or not there at all.
+        let listed: Vec<String> = d.ctl_json(&["list"])["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect();
+        for a in &acknowledged {
+            assert!(listed.contains(a), "acknowledged {a} lost: {listed:?}");
+        }
+        for m in &listed {
+            d.wait_status(m, "running after the restart", |s| s["state"] == "running");
+        }
+        // A half-written file is cleaned away at the restart.
+        let stray: Vec<_> = [d.state.clone(), d.state.join("artifacts")]
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(dir).unwrap().flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert_eq!(stray, Vec::<String>::new());
+    }
+    assert!(acknowledged.contains(&"m6".to_owned()), "{acknowledged:?}");
 }
 
 #[test]

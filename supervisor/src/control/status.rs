@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Detection, Limits, Mechanism};
+use crate::config::{LimitSource, LimitSources};
 use crate::lifecycle::State;
 use crate::metrics::Memory;
 
@@ -50,35 +51,50 @@ pub struct ModuleStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
-/// A module's limits and their enforcement.
+/// A module's effective limits, where each comes from and what enforces
+/// it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LimitsStatus {
     /// `limits.memory`, in bytes.
     pub memory_bytes: Option<u64>,
+    /// Where it comes from: `manifest`, `config` (the daemon's default) or
+    /// `none`.
+    pub memory_source: LimitSource,
     /// What enforces it (`none` without a limit).
     pub memory_mechanism: Mechanism,
     /// `limits.cpu`, in cores.
     pub cpu_cores: Option<f64>,
+    /// Where it comes from.
+    pub cpu_source: LimitSource,
     /// What enforces it (`none` without a limit or a usable controller).
     pub cpu_mechanism: Mechanism,
+    /// The workers' descriptor cap (`RLIMIT_NOFILE`).
+    pub open_files: Option<u64>,
+    /// Where it comes from (`config` or `none`).
+    pub open_files_source: LimitSource,
 }
 
 impl LimitsStatus {
-    /// The limits of a manifest under what was detected.
-    pub fn new(limits: Limits, detected: &Detection) -> Self {
+    /// A module's effective limits and their sources under what was
+    /// detected.
+    pub fn new(limits: Limits, sources: LimitSources, detected: &Detection) -> Self {
         Self {
             memory_bytes: limits.memory,
+            memory_source: sources.memory,
             memory_mechanism: if limits.memory.is_some() {
                 detected.memory_mechanism()
             } else {
                 Mechanism::None
             },
             cpu_cores: limits.cpu,
+            cpu_source: sources.cpu,
             cpu_mechanism: if limits.cpu.is_some() {
                 detected.cpu_mechanism()
             } else {
                 Mechanism::None
             },
+            open_files: limits.open_files,
+            open_files_source: sources.open_files,
         }
     }
 }

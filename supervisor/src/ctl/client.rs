@@ -26,6 +26,17 @@ pub enum CtlError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket exists but this user may not connect to it (the socket
+    /// file's mode or owner, or a directory on its path without search
+    /// permission): `EACCES`/`EPERM` from `connect`.
+    #[error("permission denied connecting to emberd at {}", path.display())]
+    AccessDenied {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The connection broke or timed out.
     #[error("connection to emberd failed")]
     Io(#[source] std::io::Error),
@@ -75,6 +86,7 @@ impl CtlError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CtlError::Unreachable { .. } => ExitCode::Unreachable,
+            CtlError::AccessDenied { .. } => ExitCode::PermissionDenied,
             CtlError::Io(_) => ExitCode::Failure,
             CtlError::Protocol => ExitCode::Protocol,
             CtlError::Input(_) => ExitCode::InvalidInput,
@@ -103,9 +115,15 @@ pub struct Client {
 impl Client {
     /// Connects to the socket.
     pub fn connect(path: &Path) -> Result<Self, CtlError> {
-        let stream = UnixStream::connect(path).map_err(|source| CtlError::Unreachable {
-            path: path.to_owned(),
-            source,
+        let stream = UnixStream::connect(path).map_err(|source| {
+            let path = path.to_owned();
+            // A daemon may well be listening: it is the file system that
+            // refuses, like the allow list would.
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                CtlError::AccessDenied { path, source }
+            } else {
+                CtlError::Unreachable { path, source }
+            }
         })?;
         Ok(Self {
             stream,

@@ -149,21 +149,34 @@ fn list(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// `memory 64.0 MiB (cgroup-v1), cpu - (none)`.
+/// `memory 64.0 MiB (manifest, cgroup-v1), cpu - (none), open files 1024
+/// (config)`: each limit, where it comes from and what enforces it.
 fn limits(l: &Value) -> String {
     let cpu = l["cpu_cores"]
         .as_f64()
         .map_or("-".into(), |c| format!("{c} cores"));
-    format!(
-        "memory {} ({}), cpu {cpu} ({})",
-        if l["memory_bytes"].is_null() {
-            "-".into()
-        } else {
-            bytes(&l["memory_bytes"])
-        },
-        cell(&l["memory_mechanism"]),
-        cell(&l["cpu_mechanism"])
-    )
+    let memory = if l["memory_bytes"].is_null() {
+        "-".into()
+    } else {
+        bytes(&l["memory_bytes"])
+    };
+    // Where a limit comes from, then what enforces it ("none" once).
+    let how = |source: &Value, mechanism: &Value| match source.as_str() {
+        Some("none") | None => cell(mechanism),
+        Some(s) => format!("{s}, {}", cell(mechanism)),
+    };
+    let mut out = format!(
+        "memory {memory} ({}), cpu {cpu} ({})",
+        how(&l["memory_source"], &l["memory_mechanism"]),
+        how(&l["cpu_source"], &l["cpu_mechanism"]),
+    );
+    if let Some(n) = l["open_files"].as_u64() {
+        out.push_str(&format!(
+            ", open files {n} ({}, rlimit)",
+            cell(&l["open_files_source"])
+        ));
+    }
+    out
 }
 
 fn status(c: &mut Client, name: &str, json_out: bool) -> Result<(), CtlError> {

@@ -3,7 +3,9 @@
 //! Exit codes (also in `emberctl --help`): 0 success, 1 other failure,
 //! 2 usage, 3 module not found, 4 invalid input (bad path, manifest or
 //! parameter), 5 conflict (already installed, port in use), 6 permission
-//! denied, 7 daemon unreachable, 8 protocol error.
+//! denied (by the socket file's mode or owner, a directory on its path, or
+//! the daemon's allow list), 7 daemon unreachable (no socket, nobody
+//! listening), 8 protocol error.
 
 pub mod client;
 mod commands;
@@ -16,8 +18,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 pub use client::{Client, CtlError};
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 failure, 2 usage, 3 module not found, \
-4 invalid input, 5 conflict (already installed, port in use), 6 permission denied, \
-7 daemon unreachable, 8 protocol error.";
+4 invalid input, 5 conflict (already installed, port in use), 6 permission denied \
+(socket file mode/owner, or the daemon's allow list), 7 daemon unreachable (no socket, \
+nobody listening), 8 protocol error.";
 
 /// Drive the Ember supervisor.
 #[derive(Debug, Parser)]
@@ -96,7 +99,8 @@ pub enum ExitCode {
     InvalidInput = 4,
     /// Already installed, port in use.
     Conflict = 5,
-    /// Refused by the daemon's allow list.
+    /// Refused by the socket file's mode or owner (or a directory on its
+    /// path), or by the daemon's allow list.
     PermissionDenied = 6,
     /// No daemon answers on the socket.
     Unreachable = 7,

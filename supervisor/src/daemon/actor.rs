@@ -16,6 +16,7 @@ use super::os::{
     ServiceGrant,
 };
 use crate::cgroup::{Limiter, Limits};
+use crate::config::{manifest_with_memory, LimitSource, LimitSources, LimitsConfig};
 use crate::control::health::HealthReply;
 use crate::control::install::{Install, InstallError};
 use crate::control::list::{ListReply, ModuleSummary};
@@ -102,9 +103,17 @@ struct Module {
     /// Services it exports and imports (manifest).
     exports: Vec<String>,
     imports: Vec<String>,
+    /// The imports it is not launched without (not `optional`).
+    required: Vec<String>,
     stop_deadline: std::time::Duration,
-    /// The manifest's limits.
+    /// Its effective limits: the manifest's, else the configuration's
+    /// defaults.
     limits: Limits,
+    /// Where each limit comes from.
+    limit_sources: LimitSources,
+    /// The manifest text sent to its workers (the record's, with a default
+    /// memory limit filled in).
+    launch_manifest: String,
     uninstall: Vec<Reply>,
     /// Stopped for an uninstall whose state write is under way.
     removing: bool,
@@ -182,10 +191,11 @@ impl Module {
     fn plan(&self, store: &Store, replica: u32, limiter: &Arc<Limiter>) -> LaunchPlan {
         LaunchPlan {
             module: self.record.name.clone(),
+            identity: format!("{}@{}#{replica}", self.record.name, self.record.version),
             artifact: self.image.clone(),
             order: LaunchOrder {
                 artifact: self.image_path.clone(),
-                manifest: self.record.manifest.clone(),
+                manifest: self.launch_manifest.clone(),
                 replica,
                 // Set at launch, once the instance's cgroup is known.
                 memory_enforced: false,
@@ -227,6 +237,8 @@ pub struct Actor {
     wired: HashMap<(String, u32, String), i32>,
     events_rx: mpsc::UnboundedReceiver<OsMsg>,
     policy: Policy,
+    /// Limits for modules whose manifest leaves them unset.
+    limit_defaults: LimitsConfig,
     started: Instant,
     zygote_pid: i32,
     next_generation: u64,
@@ -270,6 +282,7 @@ impl Actor {
         policy: Policy,
         zygote_pid: i32,
         limiter: Arc<Limiter>,
+        limit_defaults: LimitsConfig,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
@@ -295,6 +308,7 @@ impl Actor {
             wired: HashMap::new(),
             events_rx,
             policy,
+            limit_defaults,
             started: Instant::now(),
             zygote_pid,
             next_generation: 0,
@@ -385,6 +399,16 @@ impl Actor {
             (Ok(b), Some(reason)) => (b, Some(reason)),
             (Err(reason), _) => (Vec::new(), Some(reason)),
         };
+        let (limits, limit_sources) = self.limit_defaults.resolve(
+            summary.as_ref().and_then(|s| s.memory),
+            summary.as_ref().and_then(|s| s.cpu),
+        );
+        let launch_manifest = match (limit_sources.memory, limits.memory) {
+            (LimitSource::Config, Some(bytes)) => {
+                manifest_with_memory(&record.manifest, bytes).unwrap_or(record.manifest.clone())
+            }
+            _ => record.manifest.clone(),
+        };
         let mut m = Module {
             image,
             image_path,
@@ -412,11 +436,13 @@ impl Actor {
             imports: summary
                 .as_ref()
                 .map_or_else(Vec::new, |s| s.imports.clone()),
+            required: summary
+                .as_ref()
+                .map_or_else(Vec::new, |s| s.required_imports.clone()),
             stop_deadline: policy.stop_timeout,
-            limits: Limits {
-                memory: summary.as_ref().and_then(|s| s.memory),
-                cpu: summary.as_ref().and_then(|s| s.cpu),
-            },
+            limits,
+            limit_sources,
+            launch_manifest,
             listeners: bound
                 .into_iter()
                 .map(|b| (b.name, Arc::new(b.fd)))
@@ -425,16 +451,64 @@ impl Actor {
             removing: false,
             rolling_back: false,
         };
+        let unmet = self.unmet_import(&m.required);
         for r in 0..m.replicas.len() {
-            match &failure {
-                Some(reason) => m.replicas[r].fail(reason.clone(), now),
-                None => drive(&self.store, &self.os, &mut m, r, |l, os| l.start(now, os)),
+            match (&failure, &unmet) {
+                (Some(reason), _) => m.replicas[r].fail(reason.clone(), now),
+                (None, Some(service)) => m.replicas[r].hold(waiting_for(service), now),
+                (None, None) => drive(&self.store, &self.os, &mut m, r, |l, os| l.start(now, os)),
             }
+        }
+        if let (None, Some(service)) = (&failure, &unmet) {
+            tracing::info!(module = %m.record.name, service, "waits for a running exporter");
         }
         if let Some(reason) = failure {
             tracing::warn!(module = %m.record.name, %reason, "cannot start");
         }
         self.modules.insert(m.record.name.clone(), m);
+    }
+
+    /// The first of `required` that no running module exports.
+    fn unmet_import(&self, required: &[String]) -> Option<String> {
+        required
+            .iter()
+            .find(|service| {
+                !self.modules.values().any(|e| {
+                    e.exports.contains(service)
+                        && e.replicas.iter().any(|l| l.state() == State::Running)
+                })
+            })
+            .cloned()
+    }
+
+    /// Launches the replicas held in `waiting` whose required services now
+    /// have a running exporter (called when a replica becomes ready).
+    fn release_waiting(&mut self) {
+        let now = Instant::now();
+        let names: Vec<String> = self
+            .modules
+            .values()
+            .filter(|m| m.replicas.iter().any(|l| l.state() == State::Waiting))
+            .map(|m| m.record.name.clone())
+            .collect();
+        for name in names {
+            let unmet = self.unmet_import(&self.modules[&name].required);
+            let Some(m) = self.modules.get_mut(&name) else {
+                continue;
+            };
+            for r in 0..m.replicas.len() {
+                match &unmet {
+                    Some(service) if m.replicas[r].state() == State::Waiting => {
+                        // Another service is still missing: say which.
+                        m.replicas[r].hold(waiting_for(service), now);
+                    }
+                    None if m.replicas[r].state() == State::Waiting => {
+                        drive(&self.store, &self.os, m, r, |l, os| l.start(now, os));
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     fn restore(&mut self, record: ModuleRecord) {
@@ -899,6 +973,7 @@ impl Actor {
             self.os.pidfds.insert(pid, fd);
         }
         let exited = matches!(event, Event::Exited { .. });
+        let ready = matches!(event, Event::Ready { .. });
         match self.modules.get_mut(&module) {
             Some(m) if m.generation == generation && (replica as usize) < m.replicas.len() => {
                 drive(&self.store, &self.os, m, replica as usize, |l, os| {
@@ -920,6 +995,9 @@ impl Actor {
                 self.os.pidfds.remove(&pid);
                 self.unregister(pid);
             }
+        }
+        if ready {
+            self.release_waiting();
         }
     }
 
@@ -1131,6 +1209,10 @@ fn wire(service: &str, peer: &CommandTx, peer_kind: GrantKind) -> Result<Service
     })
 }
 
+fn waiting_for(service: &str) -> String {
+    format!("waiting for service {service}: no running module exports it")
+}
+
 fn to_value<T: serde::Serialize>(v: T) -> Value {
     serde_json::to_value(v).expect("replies always serialize")
 }
@@ -1273,7 +1355,7 @@ fn status(
         memory,
         cpu_seconds: (!cpu.is_empty()).then(|| cpu.iter().sum()),
         imports,
-        limits: LimitsStatus::new(m.limits, limiter.detection()),
+        limits: LimitsStatus::new(m.limits, m.limit_sources, limiter.detection()),
         replicas,
     }
 }

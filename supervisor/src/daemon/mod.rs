@@ -137,6 +137,7 @@ async fn serve(
         cfg.lifecycle.policy(),
         zygote_pid,
         limiter.clone(),
+        cfg.limits.clone(),
     );
     let actor_task = tokio::spawn(a.run(actor_rx));
     let server_task = tokio::spawn(server::serve(listener, access, actor_tx.clone()));

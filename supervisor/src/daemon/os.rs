@@ -91,6 +91,9 @@ pub struct Registration {
 pub struct LaunchPlan {
     /// The module's name (the lifecycle's name may carry a replica suffix).
     pub module: String,
+    /// `name@version#replica`: what every line emberd writes to the
+    /// module's log is tagged with.
+    pub identity: String,
     /// The artifact image the worker loads (sent as the `Artifact` grant),
     /// once there is one.
     pub artifact: ImageRx,
@@ -192,6 +195,71 @@ fn open_log(path: &PathBuf) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
+/// The instance's side of its module's log file: every line emberd writes
+/// (tracing records from the worker, emberd's own notes) starts with a UTC
+/// timestamp and the instance's identity, so replicas and versions sharing
+/// one file can be told apart. The module's raw stdout/stderr go to the same
+/// file untouched.
+struct InstanceLog {
+    file: std::fs::File,
+    identity: String,
+}
+
+impl InstanceLog {
+    fn line(&mut self, level: Option<&str>, target: &str, message: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let line = format_line(now, &self.identity, level, target, message);
+        // One write per line: the file is opened O_APPEND, so lines from
+        // several instances never interleave within a line.
+        let _ = self.file.write_all(line.as_bytes());
+    }
+
+    /// A note from emberd about this instance (launch, failure, exit).
+    fn note(&mut self, message: &str) {
+        self.line(None, "ember", message);
+    }
+}
+
+/// `2026-11-28T01:02:03.456Z hello@1.0.0#0 INFO hello: message\n`, or
+/// without a level for emberd's notes (`… hello@1.0.0#0 ember: launched…`).
+fn format_line(
+    since_epoch: Duration,
+    identity: &str,
+    level: Option<&str>,
+    target: &str,
+    message: &str,
+) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    let sep = if level.is_some() { " " } else { "" };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z {identity} {}{sep}{target}: {message}\n",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since_epoch.subsec_millis(),
+        level.unwrap_or_default(),
+    )
+}
+
+/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 fn level_name(level: LogLevel) -> &'static str {
     match level {
         LogLevel::Error => "ERROR",
@@ -233,7 +301,10 @@ async fn instance(
     let pid = worker.pid;
     let mode = worker.mode;
     let mut log = match open_log(&plan.log) {
-        Ok(f) => f,
+        Ok(file) => InstanceLog {
+            file,
+            identity: plan.identity.clone(),
+        },
         Err(e) => {
             worker.discard().await;
             return send(
@@ -271,7 +342,7 @@ async fn instance(
         kind: GrantKind::Stdio,
         name: "log".into(),
     });
-    fds.push(log.as_fd());
+    fds.push(log.file.as_fd());
     for (name, fd) in &plan.listeners {
         order.grants.push(Grant {
             kind: GrantKind::Listener,
@@ -337,6 +408,7 @@ async fn instance(
     drop(fds);
     // The worker has its service ends; the supervisor keeps no copy.
     drop(services);
+    log.note(&format!("launched in pid {pid}"));
     send(Some(pid), Event::Launched { attempt, pid }, Some(dup));
     let exit = match crate::zygote::channel::register(exit_fd) {
         Ok(a) => a,
@@ -381,7 +453,7 @@ async fn instance(
                 drop(link);
                 if let Some(c) = cgroup.as_mut() {
                     if let Some(reason) = c.oom_reason() {
-                        let _ = writeln!(log, "ember: {reason}");
+                        log.note(&reason);
                         send(
                             Some(pid),
                             Event::Failed {
@@ -394,6 +466,7 @@ async fn instance(
                     }
                 }
                 remove_cgroup(cgroup.take(), &module, pid).await;
+                log.note(&format!("pid {pid} {status}"));
                 return send(Some(pid), Event::Exited { attempt, status }, None);
             }
         }
@@ -420,7 +493,7 @@ fn report(
     module: &str,
     pid: i32,
     attempt: u64,
-    log: &mut std::fs::File,
+    log: &mut InstanceLog,
     send: &dyn Fn(Option<i32>, Event, Option<OwnedFd>),
 ) {
     match msg {
@@ -433,7 +506,7 @@ fn report(
         }
         FromWorker::Failed(failure) => {
             let reason = failure.to_string();
-            let _ = writeln!(log, "ember: {reason}");
+            log.note(&reason);
             let permanent = crate::worker::is_permanent(failure.kind);
             send(
                 Some(pid),
@@ -450,8 +523,47 @@ fn report(
             target,
             message,
         } => {
-            let _ = writeln!(log, "{} {target}: {message}", level_name(level));
+            log.line(Some(level_name(level)), &target, &message);
         }
         FromWorker::Idle { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_carry_utc_time_and_identity() {
+        let line = |secs, millis| {
+            format_line(
+                Duration::from_secs(secs) + Duration::from_millis(millis),
+                "kv@1.2.0#1",
+                Some("INFO"),
+                "kv",
+                "ready",
+            )
+        };
+        assert_eq!(
+            line(0, 0),
+            "1970-01-01T00:00:00.000Z kv@1.2.0#1 INFO kv: ready\n"
+        );
+        assert_eq!(
+            line(1_795_826_986, 7),
+            "2026-11-28T00:49:46.007Z kv@1.2.0#1 INFO kv: ready\n"
+        );
+        // A leap day and the day after a century's February.
+        assert!(line(1_709_251_199, 999).starts_with("2024-02-29T23:59:59.999Z "));
+        assert!(line(951_868_800, 0).starts_with("2000-03-01T00:00:00.000Z "));
+        assert_eq!(
+            format_line(
+                Duration::ZERO,
+                "kv@1.2.0#0",
+                None,
+                "ember",
+                "launched in pid 7"
+            ),
+            "1970-01-01T00:00:00.000Z kv@1.2.0#0 ember: launched in pid 7\n"
+        );
     }
 }

@@ -45,16 +45,58 @@ pub enum BindError {
 pub struct Access {
     /// Allowed uids besides root and the daemon's own.
     pub uids: Vec<u32>,
-    /// Allowed primary gids.
+    /// Allowed groups: a peer whose primary or supplementary group is
+    /// listed may connect.
     pub gids: Vec<u32>,
     /// The daemon's effective uid.
     pub own_uid: u32,
 }
 
 impl Access {
-    /// Whether a peer with these credentials may use the socket.
-    pub fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || uid == self.own_uid || self.uids.contains(&uid) || self.gids.contains(&gid)
+    /// Whether a peer with these credentials (uid, primary gid and
+    /// supplementary groups) may use the socket.
+    pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        uid == 0
+            || uid == self.own_uid
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || groups.iter().any(|g| self.gids.contains(g))
+    }
+}
+
+/// The peer's supplementary groups as the kernel recorded them at
+/// `connect` (`SO_PEERGROUPS`, Linux 4.13+); empty if it cannot tell.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    // SO_PEERGROUPS from asm-generic/socket.h (x86_64, aarch64, riscv).
+    const SO_PEERGROUPS: libc::c_int = 59;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: `groups` is a live, writable buffer of `len` bytes; the
+        // kernel writes at most `len` bytes and updates `len`; the fd is
+        // borrowed from `stream` for the duration of the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / GID;
+        if rc == 0 {
+            groups.truncate(needed);
+            return groups;
+        }
+        let grow = std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE)
+            && needed > groups.len();
+        if !grow {
+            return Vec::new();
+        }
+        groups.resize(needed, 0);
     }
 }
 
@@ -182,7 +224,7 @@ impl Connection {
             Err(_) => return,
         };
         let mut buf = vec![0u8; 16 * 1024];
-        if !access.allows(cred.uid(), cred.gid()) {
+        if !access.allows(cred.uid(), cred.gid(), &peer_groups(&self.stream)) {
             tracing::warn!(uid = cred.uid(), gid = cred.gid(), "control peer refused");
             // Answer the first call (read with a short deadline, never
             // parsed) so the client sees the error rather than a reset.

@@ -64,6 +64,9 @@ impl Policy {
 pub enum State {
     /// Artifact being copied, not started yet.
     Installing,
+    /// Not launched: a service it requires (a non-optional import) has no
+    /// running exporter yet. Launched when one runs.
+    Waiting,
     /// Launch asked for, not ready yet.
     Starting,
     /// Ready.
@@ -87,6 +90,7 @@ impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Installing => "installing",
+            State::Waiting => "waiting",
             State::Starting => "starting",
             State::Running => "running",
             State::Stopping => "stopping",
@@ -109,8 +113,9 @@ impl State {
             State::Stopping => 3,
             State::Starting => 4,
             State::Installing => 5,
-            State::Running => 6,
-            State::Stopped => 7,
+            State::Waiting => 6,
+            State::Running => 7,
+            State::Stopped => 8,
         };
         states
             .into_iter()
@@ -278,6 +283,7 @@ impl Lifecycle {
     pub fn start(&mut self, now: Instant, os: &mut impl WorkerOs) {
         match self.state {
             State::Installing
+            | State::Waiting
             | State::Stopped
             | State::Failed
             | State::BackOff
@@ -295,6 +301,16 @@ impl Lifecycle {
         self.deadline = Some(now + self.policy.start_timeout);
         self.enter(State::Starting, now);
         os.launch(&self.name, self.attempt);
+    }
+
+    /// Holds a module that has not been launched (or is not running) until
+    /// `start`: it waits, visibly and with `reason`, for something it needs.
+    pub fn hold(&mut self, reason: String, now: Instant) {
+        if self.pid.is_none() && self.state != State::Starting && self.state != State::Stopping {
+            self.deadline = None;
+            self.reason = Some(reason);
+            self.enter(State::Waiting, now);
+        }
     }
 
     /// Marks the module failed without launching it (its prerequisites,
@@ -572,6 +588,29 @@ mod tests {
             &mut os,
         );
         assert_eq!(l.state(), State::Stopped);
+    }
+
+    #[test]
+    fn a_held_module_waits_without_a_deadline_until_started() {
+        let (mut os, t0) = (FakeOs::default(), Instant::now());
+        let mut l = Lifecycle::new("m", policy(), t0);
+        l.hold("waiting for service kv".into(), t0);
+        assert_eq!(l.state(), State::Waiting);
+        assert_eq!(l.reason(), Some("waiting for service kv"));
+        assert_eq!(l.deadline(), None);
+        l.on_tick(t0 + Duration::from_secs(60), &mut os);
+        assert!(os.launches.is_empty());
+        l.start(t0, &mut os);
+        assert_eq!(l.state(), State::Starting);
+        assert_eq!(os.launches.len(), 1);
+        // Never held once it runs; stopping a waiting module is immediate.
+        let mut r = running(&mut os, t0);
+        r.hold("x".into(), t0);
+        assert_eq!(r.state(), State::Running);
+        let mut w = Lifecycle::new("w", policy(), t0);
+        w.hold("y".into(), t0);
+        w.stop(t0, &mut os);
+        assert_eq!(w.state(), State::Stopped);
     }
 
     #[test]
