@@ -28,7 +28,8 @@
 //! - [`abi`] — the `#[repr(C)]` descriptors and calls between host and artifact
 //!   (`docs/abi.md`);
 //! - [`sdk`] — [`Module`], `AsyncModule` (feature `tokio`), [`ModuleContext`],
-//!   [`Plugin`](sdk::Plugin), the export macros;
+//!   [`Plugin`](sdk::Plugin), [`ffi_guard`] for plugin table functions, the
+//!   export macros;
 //! - [`manifest`] — `module.toml`;
 //! - [`protocol`] — the typed control protocol between a worker and its parent;
 //! - [`service`] — typed (rkyv) service clients and servers over shm-ipc;
@@ -45,7 +46,7 @@ pub mod service;
 
 #[cfg(feature = "tokio")]
 pub use sdk::AsyncModule;
-pub use sdk::{Module, ModuleContext, ModuleError, PluginTable, Shutdown};
+pub use sdk::{ffi_guard, Module, ModuleContext, ModuleError, PluginTable, Shutdown};
 
 /// Re-exported so modules archive service messages and read shared data
 /// with the same `rkyv` the SDK validates with.

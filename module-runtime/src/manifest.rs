@@ -88,7 +88,7 @@ fn one() -> u32 {
 pub struct Service {
     /// Service name, unique on the host.
     pub name: String,
-    /// Schema version of its request/response types.
+    /// Schema version of its request/response types (≥ 1).
     #[serde(default = "one")]
     pub version: u32,
 }
@@ -99,7 +99,7 @@ pub struct Service {
 pub struct Import {
     /// Service name.
     pub name: String,
-    /// Schema version required.
+    /// Schema version required (≥ 1).
     #[serde(default = "one")]
     pub version: u32,
     /// Whether the module can start without it.
@@ -147,10 +147,12 @@ pub struct Limits {
     /// CPU share in cores (e.g. `0.5`); enforced by the supervisor.
     #[serde(default)]
     pub cpu: Option<f64>,
-    /// Time from launch until the module must be ready.
+    /// Time from the launch order's arrival at the worker (loading
+    /// included) until the module must be ready; positive.
     #[serde(default = "default_start", deserialize_with = "de_duration")]
     pub start_deadline: Duration,
-    /// Time from a stop request until the process must have exited.
+    /// Time from a stop request until the process must have exited;
+    /// positive.
     #[serde(default = "default_stop", deserialize_with = "de_duration")]
     pub stop_deadline: Duration,
 }
@@ -364,8 +366,33 @@ impl Manifest {
                 return Err(invalid("limits.cpu", "must be a positive number of cores"));
             }
         }
+        for (i, e) in self.exports.iter().enumerate() {
+            if e.version == 0 {
+                return Err(invalid(
+                    format!("exports[{i}].version"),
+                    "must be at least 1 (schema versions start at 1)",
+                ));
+            }
+        }
+        for (i, e) in self.imports.iter().enumerate() {
+            if e.version == 0 {
+                return Err(invalid(
+                    format!("imports[{i}].version"),
+                    "must be at least 1 (schema versions start at 1)",
+                ));
+            }
+        }
         if self.limits.start_deadline.is_zero() {
-            return Err(invalid("limits.start_deadline", "must be positive"));
+            return Err(invalid(
+                "limits.start_deadline",
+                "must be positive (e.g. \"500ms\")",
+            ));
+        }
+        if self.limits.stop_deadline.is_zero() {
+            return Err(invalid(
+                "limits.stop_deadline",
+                "must be positive (e.g. \"500ms\"): a module needs time to stop",
+            ));
         }
         Ok(())
     }
@@ -442,13 +469,54 @@ greeting = "hi"
         assert!(e.to_string().contains("field `name`"), "{e}");
         let e = Manifest::parse("name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[limits]\nstart_deadline = \"5 parsecs\"\n")
             .unwrap_err();
+        let msg = e.to_string();
         assert!(
-            e.to_string().contains("start_deadline") || e.to_string().contains("line 5"),
-            "{e}"
+            msg.contains("line 5")
+                && msg.contains("start_deadline")
+                && msg.contains("unknown duration unit `parsecs`"),
+            "{msg}"
         );
         let text = "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[[listeners]]\nname=\"h\"\naddress=\"x\"\n[[listeners]]\nname=\"h\"\naddress=\"y\"\n";
         let e = Manifest::parse(text).unwrap_err();
         assert!(e.to_string().contains("listeners[1].name"), "{e}");
+    }
+
+    #[test]
+    fn zero_deadlines_and_versions_are_refused_naming_the_field() {
+        let base = "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n";
+        for (extra, field) in [
+            ("[limits]\nstop_deadline = \"0s\"\n", "limits.stop_deadline"),
+            ("[limits]\nstop_deadline = 0\n", "limits.stop_deadline"),
+            (
+                "[limits]\nstart_deadline = \"0ms\"\n",
+                "limits.start_deadline",
+            ),
+            (
+                "[[exports]]\nname = \"kv\"\nversion = 0\n",
+                "exports[0].version",
+            ),
+            (
+                "[[imports]]\nname = \"kv\"\n[[imports]]\nname = \"db\"\nversion = 0\n",
+                "imports[1].version",
+            ),
+        ] {
+            let e = Manifest::parse(&format!("{base}{extra}")).unwrap_err();
+            assert!(
+                matches!(&e, ManifestError::Invalid { field: f, .. } if f == field),
+                "{extra}: {e}"
+            );
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("invalid manifest: field `{field}`: must be")),
+                "{e}"
+            );
+        }
+        // The smallest useful values are fine.
+        let m = Manifest::parse(&format!(
+            "{base}[[exports]]\nname = \"kv\"\nversion = 1\n[limits]\nstop_deadline = \"1ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(m.limits.stop_deadline, Duration::from_millis(1));
     }
 
     #[test]

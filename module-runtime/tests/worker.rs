@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use module_runtime::abi::GrantKind;
-use module_runtime::protocol::{FailureKind, FromWorker, Grant, Stage, State, ToWorker};
+use module_runtime::protocol::{Failure, FailureKind, FromWorker, Grant, Stage, State, ToWorker};
 use std::os::fd::AsFd;
 
 const T: Duration = Duration::from_secs(20);
@@ -77,10 +77,29 @@ fn hello_runs_its_lifecycle() {
 }
 
 fn fixture(name: &str, stage: Stage, kind: FailureKind, needle: &str, exit: &str) {
+    fixture_with(name, "", stage, kind, needle, exit);
+}
+
+/// Launches fixture `name` with `extra` appended to its manifest, expects
+/// the failure `(stage, kind)` with `needle` in its message and the worker's
+/// end `exit` (code or signal name), and checks that the zygote carries on.
+fn fixture_with(
+    name: &str,
+    extra: &str,
+    stage: Stage,
+    kind: FailureKind,
+    needle: &str,
+    exit: &str,
+) -> Failure {
     let mut z = Zygote::start(&[]);
     let mut w = z.fork();
     let dir = format!("fixtures/{}", name.trim_start_matches("fixture-"));
-    w.launch(&artifact(name), &manifest(&dir), 0, vec![]);
+    w.launch(
+        &artifact(name),
+        &format!("{}{extra}", manifest(&dir)),
+        0,
+        vec![],
+    );
     let f = w.wait_failure(T);
     assert_eq!((f.stage, f.kind), (stage, kind), "{f}");
     assert!(
@@ -102,6 +121,12 @@ fn fixture(name: &str, stage: Stage, kind: FailureKind, needle: &str, exit: &str
         )
     );
     // The parent keeps running and keeps forking.
+    zygote_carries_on(&mut z);
+    f
+}
+
+/// The zygote is alive and still forks workers that behave.
+fn zygote_carries_on(z: &mut Zygote) {
     assert!(z.is_alive());
     let mut again = z.fork();
     again.stop(Duration::from_secs(1));
@@ -320,16 +345,21 @@ fn greeter_calls_kv_over_shm_ipc() {
 
 #[test]
 fn plugin_memory_is_shared_between_workers() {
-    const SIZE_MB: u64 = 128;
-    const INIT_MS: u64 = 200;
-    let config = format!("size_mb = {SIZE_MB}\nextra_init_ms = {INIT_MS}\n");
+    const SIZE_MB: u64 = 96;
+    const WORKERS: u32 = 3;
+    let config = format!("size_mb = {SIZE_MB}\nextra_init_ms = 0\n");
     let mut z = Zygote::start(&[(artifact("catalog"), &config)]);
-    let (l, _) = listener();
-    let addr = l.local_addr().unwrap();
+    let entries = (SIZE_MB << 20) / 64;
+    let table_kib = SIZE_MB << 10;
+    // What the whole table sums to (the catalog's price of entry i).
+    let expected_sum: u64 = (0..entries)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100_000)
+        .sum();
     let mut workers = Vec::new();
-    for replica in 0..2 {
+    for replica in 0..WORKERS {
         let mut w = z.fork();
-        let fd = OwnedFd::from(l.try_clone().unwrap());
+        // One listener each, so that every request reaches a known worker.
+        let (l, fd) = listener();
         w.launch(
             &artifact("greeter"),
             &manifest("greeter"),
@@ -337,36 +367,37 @@ fn plugin_memory_is_shared_between_workers() {
             vec![(GrantKind::Listener, "http", vec![fd])],
         );
         w.wait_state(State::Ready, T);
-        workers.push(w);
+        workers.push((w, l.local_addr().unwrap(), l));
     }
-    // Both replicas answer on the shared listener and read the catalog,
-    // which was initialized once, in the zygote, before the fork.
-    let expected = format!(
-        "catalog_entries={} catalog_init_pid={} pid=",
-        (SIZE_MB << 20) / 64,
-        z.pid()
-    );
-    let mut seen = std::collections::HashSet::new();
-    for _ in 0..40 {
-        let (code, body) = http_get(addr, "/stats");
+    for (w, addr, _) in &workers {
+        // The catalog was initialized once, in the zygote, before the fork.
+        let (code, body) = http_get(*addr, "/stats");
         assert_eq!(code, 200);
-        assert!(body.starts_with(&expected), "{body}");
-        seen.insert(body);
-        if seen.len() == 2 {
-            break;
-        }
+        assert_eq!(
+            body,
+            format!(
+                "catalog_entries={entries} catalog_init_pid={} pid={}",
+                z.pid(),
+                w.pid
+            )
+        );
+        // Each worker reads every entry of the table, in place.
+        let (code, body) = http_get(*addr, "/catalog/sum");
+        assert_eq!(
+            (code, body),
+            (
+                200,
+                format!("price_sum={expected_sum} entries={entries} pid={}", w.pid)
+            )
+        );
+        let (code, body) = http_get(*addr, "/catalog/12345");
+        assert_eq!(code, 200);
+        assert!(body.starts_with("12345 item-0000012345 "), "{body}");
     }
-    assert_eq!(
-        seen.len(),
-        2,
-        "both replicas accept on the shared listener: {seen:?}"
-    );
-    // Entries read through the plugin's table, in place.
-    let (code, body) = http_get(addr, "/catalog/12345");
-    assert_eq!(code, 200);
-    assert!(body.starts_with("12345 item-0000012345 "), "{body}");
-    let table_kib = SIZE_MB << 10;
-    for w in &workers {
+    // The zygote built the table through a writable mapping it then
+    // dropped; its read-only mapping is only inherited, never read there.
+    let (zygote_rss, _) = smaps_mapping(z.pid(), "/memfd:ember-plugin-table");
+    for (w, _, _) in &workers {
         // The table is one sealed memfd, mapped read-only and shared
         // (`r--s`) in every worker, inherited from the zygote.
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", w.pid)).unwrap();
@@ -380,21 +411,34 @@ fn plugin_memory_is_shared_between_workers() {
             "{}",
             table[0]
         );
-        let (rss, pss, private) = smaps_rollup(w.pid);
-        eprintln!(
-            "worker {}: rss {rss} KiB, pss {pss} KiB, uss {private} KiB",
+        let (map_rss, map_pss) = smaps_mapping(w.pid as u32, "/memfd:ember-plugin-table");
+        let (rss, pss, uss) = smaps_rollup(w.pid);
+        let report = format!(
+            "worker {}: rss {rss} KiB, pss {pss} KiB, uss {uss} KiB; table {table_kib} KiB: \
+             rss {map_rss} KiB, pss {map_pss} KiB in this worker, rss {zygote_rss} KiB in the zygote",
             w.pid
         );
-        // No worker holds a private copy of any part of it.
+        eprintln!("{report}");
+        // The whole table is resident in this worker...
+        assert!(map_rss >= table_kib && rss >= table_kib, "{report}");
+        // ...in the same physical pages as in the other workers: each
+        // worker's proportional share of the table is a third (no copy,
+        // no page of it counted for one worker alone)...
         assert!(
-            private < table_kib / 4,
-            "uss {private} KiB: catalog pages were copied"
+            map_pss * u64::from(WORKERS) <= table_kib + table_kib / 100,
+            "{report}"
+        );
+        assert!(pss * 10 <= table_kib * 6, "{report}");
+        // ...and no worker holds a private copy of any part of it.
+        assert!(
+            uss < table_kib / 4,
+            "uss: catalog pages were copied; {report}"
         );
     }
-    for w in &mut workers {
+    for (w, _, _) in &mut workers {
         w.stop(Duration::from_secs(2));
     }
-    for w in &mut workers {
+    for (w, _, _) in &mut workers {
         w.wait_state(State::Stopped, T);
         assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 0", w.pid));
     }
@@ -492,4 +536,294 @@ fn fixture_ignoring_stop_hits_the_stop_deadline() {
     );
     assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 16", w.pid));
     assert!(z.is_alive());
+}
+
+#[test]
+fn plugin_table_panic_is_caught_and_logged() {
+    // A broken catalog whose `lookup` indexes past its three entries.
+    let mut z = Zygote::start(&[(artifact("fixture-panic-plugin"), "")]);
+    let dir = TempDir::new();
+    let log_path = dir.0.join("greeter.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut w = z.fork();
+    let (l, fd) = listener();
+    w.launch(
+        &artifact("greeter"),
+        &manifest("greeter"),
+        0,
+        vec![
+            (GrantKind::Listener, "http", vec![fd]),
+            // The instance's stdout and stderr, as the supervisor passes them.
+            (GrantKind::Stdio, "stdio", vec![OwnedFd::from(log)]),
+        ],
+    );
+    w.wait_state(State::Ready, T);
+    let addr = l.local_addr().unwrap();
+    assert_eq!(http_get(addr, "/catalog/1"), (200, "1 e1 200".into()));
+    // The plugin panics inside the module's request: the guard catches it,
+    // the module sees "not found", and the worker keeps serving.
+    assert_eq!(http_get(addr, "/catalog/42"), (404, "no such item".into()));
+    let (code, body) = http_get(addr, "/hello/ada");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http_get(addr, "/catalog/2"), (200, "2 e2 300".into()));
+    // The message, with the entry point and source location, is in the
+    // instance's log (the plugin has no tracing subscriber after init).
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("`catalog.lookup` panicked"))
+        .unwrap_or_else(|| panic!("no panic report in the log: {text:?}"));
+    assert!(
+        line.starts_with("ember::panic: ")
+            && line.contains("index out of bounds: the len is 3 but the index is 42")
+            && line.contains("panic-plugin/src/lib.rs:")
+            && line.ends_with("returned the fallback value"),
+        "{line}"
+    );
+    assert_eq!(text.matches("panicked").count(), 1, "reported once: {text}");
+    w.stop(Duration::from_secs(2));
+    w.wait_state(State::Stopped, T);
+    assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 0", w.pid));
+}
+
+#[test]
+fn fixture_panic_in_serve_is_reported_with_its_message() {
+    let f = fixture_with(
+        "fixture-panic-start",
+        "\n[config]\npanic_in = \"serve\"\n",
+        Stage::Serve,
+        FailureKind::Panic,
+        "fixture panic in serve: request handler bug (at ",
+        "13",
+    );
+    assert!(
+        f.to_string()
+            .starts_with("Serve failed (Panic): fixture panic in serve: request handler bug"),
+        "{f}"
+    );
+    assert!(f.message.contains("panic-start/src/lib.rs:"), "{f}");
+}
+
+#[test]
+fn fixture_panic_in_stop_is_reported_with_its_message() {
+    let mut z = Zygote::start(&[]);
+    let mut w = z.fork();
+    w.launch(
+        &artifact("fixture-panic-start"),
+        &format!(
+            "{}\n[config]\npanic_in = \"stop\"\n",
+            manifest("fixtures/panic-start")
+        ),
+        0,
+        vec![],
+    );
+    w.wait_state(State::Ready, T);
+    w.stop(Duration::from_secs(2));
+    let f = w.wait_failure(T);
+    assert_eq!((f.stage, f.kind), (Stage::Stop, FailureKind::Panic), "{f}");
+    assert!(
+        f.to_string()
+            .starts_with("Stop failed (Panic): fixture panic in stop: flush failed (at ")
+            && f.message.contains("panic-start/src/lib.rs:"),
+        "{f}"
+    );
+    assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 14", w.pid));
+    zygote_carries_on(&mut z);
+}
+
+#[test]
+fn plugin_panic_in_init_is_refused_with_its_message() {
+    let plugin = artifact("fixture-panic-plugin");
+    let (msg, status) = Zygote::start_failing(&[(plugin.clone(), "panic_in_init = true\n")]);
+    assert!(
+        msg.starts_with(
+            "error: plugin `catalog` failed to initialize: \
+             fixture panic in plugin init: catalog file is corrupt (at "
+        ) && msg.contains("panic-plugin/src/lib.rs:"),
+        "{msg}"
+    );
+    // The panic was caught: the zygote refused the plugin and exited with
+    // its error code; it did not abort.
+    assert_eq!(status.code(), Some(1), "{status}");
+    // The test (the zygote's parent) carries on, and the same plugin
+    // without the fault initializes.
+    let mut z = Zygote::start(&[(plugin, "panic_in_init = false\n")]);
+    zygote_carries_on(&mut z);
+}
+
+#[test]
+fn each_worker_seeds_std_hashmaps_afresh() {
+    let mut z = Zygote::start(&[]);
+    let manifest = format!("{}log_hash_probe = true\n", manifest("hello"));
+    assert!(manifest.contains("[config]\ngreeting"), "{manifest}");
+    let mut probes = Vec::new();
+    for replica in 0..2 {
+        let mut w = z.fork();
+        w.launch(&artifact("hello"), &manifest, replica, vec![]);
+        let m = w.wait_for(T, |m| {
+            matches!(m, FromWorker::Log { message, .. }
+                if message.starts_with("std RandomState probe: "))
+        });
+        let FromWorker::Log { message, .. } = m else {
+            unreachable!()
+        };
+        probes.push(message);
+        w.stop(Duration::from_secs(2));
+        w.wait_state(State::Stopped, T);
+        assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 0", w.pid));
+    }
+    // Same module, same code, same zygote: different keys.
+    assert_ne!(probes[0], probes[1]);
+}
+
+#[test]
+fn workers_do_not_inherit_the_zygotes_signal_state() {
+    use nix::sys::signal::Signal::*;
+    let mut z = Zygote::start(&[]);
+    // The test zygote blocks SIGCHLD and SIGUSR1 and ignores SIGHUP.
+    let (blk, ign, _) = signal_masks(std::path::Path::new(&format!("/proc/{}/status", z.pid())));
+    assert!(
+        blk.contains(&(SIGCHLD as i32)) && blk.contains(&(SIGUSR1 as i32)),
+        "{blk:?}"
+    );
+    assert!(ign.contains(&(SIGHUP as i32)), "{ign:?}");
+    eprintln!(
+        "DEBUG zygote ign {ign:?} self {:?}",
+        signal_masks(std::path::Path::new("/proc/self/status"))
+    );
+
+    // A warm worker: nothing blocked, nothing caught, and only SIGPIPE
+    // ignored, as in any Rust program.
+    let mut w = z.fork();
+    let (blk, ign, cgt) = signal_masks(std::path::Path::new(&format!("/proc/{}/status", w.pid)));
+    assert_eq!(
+        (blk, ign, cgt),
+        (vec![], vec![SIGPIPE as i32], vec![]),
+        "warm worker"
+    );
+
+    // A running module sees, in every thread, what the runtime itself
+    // installs and nothing else: SIGINT and SIGTERM blocked (read from a
+    // signalfd by the control thread and turned into a graceful stop),
+    // SIGPIPE ignored, and the reporting handler on the six fatal signals.
+    w.launch(&artifact("hello"), &manifest("hello"), 0, vec![]);
+    w.wait_state(State::Ready, T);
+    let mut fatal = [SIGILL, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS].map(|s| s as i32);
+    fatal.sort_unstable();
+    let mut stop = [SIGINT as i32, SIGTERM as i32];
+    stop.sort_unstable();
+    // main, ember-control and (hello has limits.memory) ember-memwatch.
+    // Wait until the helper threads have finished starting: a thread that
+    // is still starting has every signal blocked by the C library and the
+    // creator's name; it restores its mask before std names it.
+    let tasks = ember_tests::poll_until("the worker's threads", Duration::from_millis(5), || {
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", w.pid))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let names: Vec<String> = tasks
+            .iter()
+            .map(|t| std::fs::read_to_string(t.join("comm")).unwrap_or_default())
+            .collect();
+        let helpers = names.iter().filter(|n| n.starts_with("ember-")).count();
+        if tasks.len() >= 3 && helpers == tasks.len() - 1 {
+            Ok(tasks)
+        } else {
+            Err(format!("{names:?}"))
+        }
+    });
+    // Signals the C library reserves for itself (glibc: 32, 33, between
+    // SIGSYS and SIGRTMIN): it installs its own handlers there once the
+    // process has threads (SIGSETXID), which is its business.
+    let libc_reserved = (SIGSYS as i32 + 1)..libc::SIGRTMIN();
+    for task in tasks {
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let (blk, ign, mut cgt) = signal_masks(&task.join("status"));
+        cgt.retain(|s| !libc_reserved.contains(s));
+        assert_eq!(
+            (blk, ign, cgt),
+            (stop.to_vec(), vec![SIGPIPE as i32], fatal.to_vec()),
+            "thread {}",
+            comm.trim_end()
+        );
+    }
+    w.stop(Duration::from_secs(2));
+    w.wait_state(State::Stopped, T);
+    assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 0", w.pid));
+}
+
+#[test]
+fn fixture_wrong_sdk_is_refused_naming_both_versions() {
+    let f = fixture_with(
+        "fixture-wrong-sdk",
+        "",
+        Stage::Load,
+        FailureKind::AbiMismatch,
+        &format!(
+            "built with module-runtime 999.0.0, this host runs module-runtime {}",
+            module_runtime::abi::SDK_VERSION
+        ),
+        "11",
+    );
+    assert!(f.message.contains("libfixture_wrong_sdk.so"), "{f}");
+}
+
+#[test]
+fn artifact_for_another_architecture_is_refused_before_dlopen() {
+    let (foreign, name) = if cfg!(target_arch = "aarch64") {
+        (62u16, "x86_64")
+    } else {
+        (183u16, "aarch64")
+    };
+    let dir = TempDir::new();
+    let path = dir.0.join(format!("libhello-{name}.so"));
+    let mut elf = std::fs::read(artifact("hello")).unwrap();
+    // e_machine: two bytes at offset 18 (this host is little-endian).
+    assert_eq!(&elf[..4], b"\x7fELF");
+    elf[18..20].copy_from_slice(&foreign.to_le_bytes());
+    std::fs::write(&path, elf).unwrap();
+    let mut z = Zygote::start(&[]);
+    let mut w = z.fork();
+    w.launch(&path, &manifest("hello"), 0, vec![]);
+    let f = w.wait_failure(T);
+    assert_eq!(
+        (f.stage, f.kind),
+        (Stage::Load, FailureKind::BadArtifact),
+        "{f}"
+    );
+    let host = std::env::consts::ARCH;
+    assert!(
+        f.message.contains(&format!(
+            "{} is built for {name}, host is {host}",
+            path.display()
+        )),
+        "{f}"
+    );
+    // Refused on the ELF header: the dynamic loader never saw it.
+    assert!(
+        !w.events.iter().any(|e| matches!(
+            e,
+            FromWorker::Transition {
+                state: State::Loaded,
+                ..
+            }
+        )),
+        "{:?}",
+        w.events
+    );
+    assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 11", w.pid));
+    zygote_carries_on(&mut z);
+}
+
+#[test]
+fn fixture_hanging_in_load_hits_the_start_deadline() {
+    // `limits.start_deadline` counts from the launch order, loading
+    // included: a library constructor that never returns is caught.
+    fixture(
+        "fixture-hangs-in-load",
+        Stage::Load,
+        FailureKind::NeverReady,
+        "not ready within 300ms (limits.start_deadline)",
+        "15",
+    );
 }

@@ -136,6 +136,9 @@ pub const EXAMPLES: &[&str] = &[
     "fixture-unbounded-alloc",
     "fixture-wrong-abi",
     "fixture-ignores-stop",
+    "fixture-wrong-sdk",
+    "fixture-panic-plugin",
+    "fixture-hangs-in-load",
 ];
 
 /// The workspace's root directory.
@@ -174,7 +177,7 @@ pub fn build_examples() {
         if profile.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        cmd.arg("-p").arg("supervisor").arg("--bins");
+        cmd.arg("-p").arg("supervisor");
         for e in EXAMPLES {
             cmd.arg("-p").arg(e);
         }

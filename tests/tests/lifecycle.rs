@@ -57,11 +57,11 @@ fn install_status_crash_restart_uninstall() {
         Some(4)
     );
 
-    // The module's log has its tracing records.
+    // The module's log has its tracing records, tagged with the instance.
     let out = d.ctl(&["logs", "hello"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("INFO") && text.contains("hello, world"),
+        text.contains("hello@0.1.0#0 INFO hello: hello, world"),
         "{text}"
     );
 
@@ -100,6 +100,30 @@ fn install_status_crash_restart_uninstall() {
         p["hits"].as_u64().unwrap() + p["misses"].as_u64().unwrap() >= 3,
         "{p}"
     );
+}
+
+#[test]
+fn raw_stdout_and_stderr_land_in_the_log() {
+    let d = Daemon::start(FAST);
+    let m = real_module(
+        d.dir.path(),
+        "printer",
+        "hello",
+        "[config]\nprint = \"plain bytes 7\"\n",
+    );
+    d.ctl_ok(&["install", m.to_str().unwrap()]);
+    d.wait_status("printer", "running", |s| s["state"] == "running");
+    poll_until("raw output in the log", Duration::from_millis(20), || {
+        let out = d.ctl_ok(&["logs", "printer"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        // Written by the module itself, not by emberd: no tag.
+        if lines.contains(&"stdout: plain bytes 7") && lines.contains(&"stderr: plain bytes 7") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use example_schema::{CatalogEntry, CatalogTable};
 use module_runtime::sdk::{Plugin, PluginContext};
-use module_runtime::{export_plugin, tracing, ModuleError};
+use module_runtime::{export_plugin, ffi_guard, tracing, ModuleError};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,35 +38,44 @@ fn entries() -> &'static [CatalogEntry] {
     ENTRIES.get().copied().unwrap_or(&[])
 }
 
+// Every table function is an `extern "C"` entry point called in-process by
+// modules: `ffi_guard` keeps a panic (a bug here) from aborting the calling
+// worker, reports it on the instance's log, and returns a value the caller
+// reads as "nothing".
+
 unsafe extern "C" fn len() -> u64 {
-    entries().len() as u64
+    ffi_guard("catalog.len", 0, || entries().len() as u64)
 }
 
 unsafe extern "C" fn lookup(id: u64, out: *mut CatalogEntry) -> bool {
-    match usize::try_from(id).ok().and_then(|i| entries().get(i)) {
-        Some(e) if !out.is_null() => {
-            // SAFETY: the caller passes a valid, writable CatalogEntry.
-            unsafe { out.write(*e) };
-            true
+    ffi_guard("catalog.lookup", false, || {
+        match usize::try_from(id).ok().and_then(|i| entries().get(i)) {
+            Some(e) if !out.is_null() => {
+                // SAFETY: the caller passes a valid, writable CatalogEntry.
+                unsafe { out.write(*e) };
+                true
+            }
+            _ => false,
         }
-        _ => false,
-    }
+    })
 }
 
 unsafe extern "C" fn price_sum(start: u64, count: u64) -> u64 {
-    let e = entries();
-    let s = usize::try_from(start).unwrap_or(usize::MAX).min(e.len());
-    let n = usize::try_from(count)
-        .unwrap_or(usize::MAX)
-        .min(e.len() - s);
-    e[s..s + n].iter().map(|x| x.price_cents).sum()
+    ffi_guard("catalog.price_sum", 0, || {
+        let e = entries();
+        let s = usize::try_from(start).unwrap_or(usize::MAX).min(e.len());
+        let n = usize::try_from(count)
+            .unwrap_or(usize::MAX)
+            .min(e.len() - s);
+        e[s..s + n].iter().map(|x| x.price_cents).sum()
+    })
 }
 
 static INIT_PID: AtomicU32 = AtomicU32::new(0);
 
 unsafe extern "C" fn init_pid() -> u32 {
     // Relaxed: written once in `init`, before any fork or lookup.
-    INIT_PID.load(Ordering::Relaxed)
+    ffi_guard("catalog.init_pid", 0, || INIT_PID.load(Ordering::Relaxed))
 }
 
 static TABLE: CatalogTable = CatalogTable {

@@ -5,6 +5,7 @@
 //! Routes (GET only, one request per connection):
 //! - `/hello/<name>`: a greeting naming this instance;
 //! - `/catalog/<id>`: the catalog entry (plugin call, no IPC);
+//! - `/catalog/sum`: the sum of every entry's price (reads the whole table);
 //! - `/kv/put/<key>/<value>`, `/kv/get/<key>`: calls to the kv service;
 //! - `/stats`: catalog size, the pid that initialized the catalog, own pid.
 
@@ -105,6 +106,22 @@ async fn route(path: &str, state: &State) -> (u16, String) {
             200,
             format!("{}, {name}! (from {})", state.greeting, state.identity),
         ),
+        ["catalog", "sum"] => match state.catalog {
+            // Reads every entry, in place: the whole shared table becomes
+            // resident in this worker (and stays shared with the others).
+            Some(c) => {
+                let n = c.len();
+                (
+                    200,
+                    format!(
+                        "price_sum={} entries={n} pid={}",
+                        c.price_sum(0, n),
+                        std::process::id()
+                    ),
+                )
+            }
+            None => (503, "catalog plugin not loaded".into()),
+        },
         ["catalog", id] => match (state.catalog, id.parse::<u64>()) {
             (Some(c), Ok(id)) => match c.get(id) {
                 Some(e) => (200, format!("{} {} {}", e.id, e.name(), e.price_cents)),

@@ -17,6 +17,20 @@ impl Module for Hello {
             .unwrap_or("hello")
             .to_owned();
         tracing::info!(module = %ctx.identity(), "starting");
+        if ctx.config().get("log_hash_probe").and_then(|v| v.as_bool()) == Some(true) {
+            // The keys of a fresh std `RandomState` (what every `HashMap`
+            // uses): this module's std was never used before the fork, so
+            // each worker seeds its own (docs/abi.md §5).
+            use std::hash::BuildHasher;
+            let probe = std::collections::hash_map::RandomState::new().hash_one(42u64);
+            tracing::info!("std RandomState probe: hash_one(42) = {probe:#018x}");
+        }
+        if let Some(text) = ctx.config().get("print").and_then(|v| v.as_str()) {
+            // Plain stdout/stderr, as any library might write: the worker's
+            // stdout and stderr are the module's log.
+            println!("stdout: {text}");
+            eprintln!("stderr: {text}");
+        }
         // Optional sealed shared data: a message of the day published by the base.
         if let Ok(data) = ctx.open_shared_data("motd") {
             match data.access::<module_runtime::rkyv::Archived<String>>() {

@@ -8,6 +8,9 @@
 //!   socket attached;
 //! - zygote → parent: `exit PID CODE` or `signal PID NAME` when a worker is reaped;
 //! - parent closes the socket: the zygote kills its workers and exits.
+//!
+//! Before forking it ignores SIGHUP and blocks SIGUSR1 and SIGCHLD, so the
+//! tests can check that workers do not inherit a zygote's signal state.
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
@@ -72,9 +75,21 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(1);
     }
+    // Deliberate leftovers that no worker may pass on to its module (the
+    // worker tests read each worker's /proc/PID/status): SIGHUP ignored, as
+    // under nohup, and SIGUSR1 blocked, besides SIGCHLD, blocked for the
+    // signalfd below.
+    // SAFETY: SIG_IGN runs no code of ours in signal context.
+    if unsafe { nix::sys::signal::signal(Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn) }
+        .is_err()
+    {
+        return ExitCode::from(1);
+    }
     let mut mask = nix::sys::signal::SigSet::empty();
     mask.add(Signal::SIGCHLD);
-    if mask.thread_block().is_err() {
+    let mut blocked = mask;
+    blocked.add(Signal::SIGUSR1);
+    if blocked.thread_block().is_err() {
         return ExitCode::from(1);
     }
     let Ok(sfd) = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)

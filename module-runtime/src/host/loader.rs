@@ -71,7 +71,10 @@ pub enum LoadError {
         expected: u32,
     },
     /// SDK versions are not compatible.
-    #[error("{path}: built with module-runtime {found}, incompatible with host {expected}")]
+    #[error(
+        "{path}: built with module-runtime {found}, this host runs module-runtime {expected} \
+         (compatible versions share the major version, and the minor while 0.x)"
+    )]
     SdkVersion {
         /// The file.
         path: PathBuf,

@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 /// Why a process-level step failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,22 +75,104 @@ pub fn place_listeners(
     Ok(listeners.len())
 }
 
-/// Empties the signal mask and puts every catchable signal back to its
-/// default disposition, except `SIGPIPE`, which stays ignored as in any Rust
-/// program (a write to a closed socket is an error, not a death).
+/// Empties the signal mask and puts every catchable signal, real-time
+/// signals included, back to its default disposition, except `SIGPIPE`,
+/// which stays ignored as in any Rust program (a write to a closed socket is
+/// an error, not a death). A zygote may have been started with signals
+/// ignored (`nohup`, a shell, a service manager): `SIG_IGN` survives both
+/// `exec` and `fork`, so nothing here trusts what was inherited.
 pub fn reset_signals() -> Result<(), ProcessError> {
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-        .map_err(sys("sigprocmask"))?;
-    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    for sig in Signal::iterator() {
-        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
-            continue;
+    let mut first_error =
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+            .map_err(sys("sigprocmask"))
+            .err();
+    // Every signal is attempted; the first failure is returned.
+    for sig in 1..=libc::SIGRTMAX() {
+        if let Err(e) = reset_one(sig) {
+            first_error.get_or_insert(e);
         }
-        let act = if sig == Signal::SIGPIPE { &ign } else { &dfl };
-        // SAFETY: installing SIG_DFL/SIG_IGN runs no code of ours in signal
-        // context.
-        unsafe { sigaction(sig, act) }.map_err(sys("sigaction"))?;
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn reset_one(sig: libc::c_int) -> Result<(), ProcessError> {
+    if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+        return Ok(());
+    }
+    if (libc::SIGSYS + 1..libc::SIGRTMIN()).contains(&sig) {
+        return reset_reserved_if_ignored(sig);
+    }
+    // SAFETY: `sigaction` is plain data; all-zero is a valid value
+    // (empty mask, no flags) that the fields below complete.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = if sig == libc::SIGPIPE {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: installing SIG_DFL/SIG_IGN runs no code of ours in signal
+    // context; `act` is a valid, initialized struct.
+    if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } != 0 {
+        return Err(ProcessError::Sys {
+            call: "sigaction",
+            source: nix::Error::last(),
+        });
+    }
+    Ok(())
+}
+
+/// The signals between `SIGSYS` and `SIGRTMIN` (32 and 33 with glibc:
+/// NPTL's `SIGCANCEL` and `SIGSETXID`) belong to the C library, whose
+/// `sigaction` refuses them. The C library only ever installs handlers on
+/// them, so an ignored one was inherited through `exec` from whoever
+/// started the zygote; that is put back to the default with the raw system
+/// call. A handler (the C library's) is left alone.
+fn reset_reserved_if_ignored(sig: libc::c_int) -> Result<(), ProcessError> {
+    // The kernel's `struct sigaction`: on every Linux architecture Ember
+    // builds for (x86_64, aarch64, riscv64, arm, x86) the handler comes
+    // first, and an all-zero struct is SIG_DFL with no flags and an empty
+    // mask, whether or not the architecture has `sa_restorer`. 32 bytes
+    // cover handler, flags, restorer and the 8-byte mask.
+    const SIGSET_SIZE: usize = 8;
+    let mut old = [0u64; 4];
+    // SAFETY: with a null new action, rt_sigaction only writes the current
+    // action into `old`, which is large enough for the kernel's struct.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<u64>(),
+            old.as_mut_ptr(),
+            SIGSET_SIZE,
+        )
+    };
+    if r != 0 {
+        return Err(ProcessError::Sys {
+            call: "rt_sigaction",
+            source: nix::Error::last(),
+        });
+    }
+    if old[0] as libc::sighandler_t != libc::SIG_IGN {
+        return Ok(());
+    }
+    let dfl = [0u64; 4];
+    // SAFETY: installs SIG_DFL (all-zero action, see above), which runs no
+    // code of ours and is the state the C library expects before it
+    // installs its own handler.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            dfl.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            SIGSET_SIZE,
+        )
+    };
+    if r != 0 {
+        return Err(ProcessError::Sys {
+            call: "rt_sigaction",
+            source: nix::Error::last(),
+        });
     }
     Ok(())
 }

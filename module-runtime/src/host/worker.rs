@@ -373,23 +373,105 @@ fn stage_from(v: u8) -> Stage {
         .unwrap_or(Stage::Serve)
 }
 
+/// Frame sent by [`on_load_deadline`]: `Failed(Load, NeverReady)`.
+static LOAD_DEADLINE_FRAME: OnceLock<Vec<u8>> = OnceLock::new();
+
+extern "C" fn on_load_deadline(_sig: c_int) {
+    let fd = CRASH_FD.load(Ordering::Relaxed);
+    if let Some(f) = LOAD_DEADLINE_FRAME.get() {
+        // SAFETY: `send` is async-signal-safe; the frame is immutable data
+        // prepared before the timer was armed.
+        unsafe {
+            libc::send(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+    }
+    // SAFETY: `_exit` is async-signal-safe.
+    unsafe { libc::_exit(exit::NEVER_READY) }
+}
+
+fn set_real_timer(after: Duration) {
+    let value = libc::timeval {
+        tv_sec: after.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+        // Below 1_000_000: fits every `suseconds_t`.
+        tv_usec: after.subsec_micros() as libc::suseconds_t,
+    };
+    let t = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: value,
+    };
+    // SAFETY: `t` is a valid itimerval; the old value is not asked for.
+    unsafe { libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()) };
+}
+
+/// Arms `SIGALRM` for what is left of the start deadline while the module
+/// loads: if the loader has not returned by then (a library constructor
+/// that never does), the handler reports `NeverReady` (stage `Load`) and
+/// ends the process.
+fn arm_load_deadline(shared: &Shared, launched: Instant, deadline: Duration) {
+    let left = (launched + deadline).saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        shared.fail(
+            Stage::Load,
+            FailureKind::NeverReady,
+            format!("not ready within {deadline:?} (limits.start_deadline)"),
+            exit::NEVER_READY,
+        );
+    }
+    let frame = FromWorker::Failed(Failure {
+        stage: Stage::Load,
+        kind: FailureKind::NeverReady,
+        message: format!("not ready within {deadline:?} (limits.start_deadline): still loading"),
+    });
+    let _ = LOAD_DEADLINE_FRAME.set(frame.encode());
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let act = SigAction::new(
+        SigHandler::Handler(on_load_deadline),
+        SaFlags::SA_RESETHAND,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only calls async-signal-safe functions (send,
+    // _exit) and reads data initialized before installation.
+    if unsafe { sigaction(Signal::SIGALRM, &act) }.is_ok() {
+        set_real_timer(left);
+    }
+}
+
+/// Stops the load timer and gives `SIGALRM` back its default disposition,
+/// as the module must find it.
+fn disarm_load_deadline() {
+    set_real_timer(Duration::ZERO);
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: SIG_DFL runs no code of ours.
+    let _ = unsafe { sigaction(Signal::SIGALRM, &dfl) };
+}
+
 /// The worker's one helper thread: reads the control socket (`Stop`,
 /// `Attach`), turns SIGTERM/SIGINT into a graceful stop, and enforces the
-/// start deadline (a module not ready by then is reported `NeverReady` and
-/// the process ends). One thread for all three: a thread start is a
-/// noticeable part of a launch on a small VM.
+/// start deadline, counted from `launched` (when the launch order arrived;
+/// [`arm_load_deadline`] covers the load itself): a module not ready by then
+/// is reported `NeverReady` and the process ends. One thread for all three:
+/// a thread start is a noticeable part of a launch on a small VM.
 fn start_control_thread(
     shared: &'static Shared,
     chan: WorkerChannel,
     sigs: nix::sys::signal::SigSet,
     stop_deadline: Duration,
-    start_deadline: Duration,
+    (launched, start_deadline): (Instant, Duration),
     manifest: Manifest,
 ) {
     let sfd =
         nix::sys::signalfd::SignalFd::with_flags(&sigs, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
             .ok();
-    let ready_by = Instant::now() + start_deadline;
+    let ready_by = launched + start_deadline;
     let _ = std::thread::Builder::new()
         .name("ember-control".into())
         .spawn(move || loop {
@@ -672,6 +754,8 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
 }
 
 fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
+    // `limits.start_deadline` counts from here.
+    let launched = Instant::now();
     let early_fail = |chan: &WorkerChannel, kind, msg: String| -> ! {
         let _ = chan.send(
             &FromWorker::Failed(Failure {
@@ -782,6 +866,12 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         Some(limit) if !order.memory_enforced => start_memory_watchdog(shared, limit),
         _ => {}
     }
+    // The start deadline covers loading too. No thread can watch it while
+    // the dynamic loader runs the library's constructors: it holds its lock
+    // then, and a thread starting up (std registers thread-local
+    // destructors through the loader) would wait on it. A timer signal
+    // can.
+    arm_load_deadline(shared, launched, manifest.limits.start_deadline);
     // From the descriptor when emberd sent one (the file behind the path may
     // be replaced meanwhile; the descriptor's content cannot change).
     let loaded = match &artifact_fd {
@@ -793,6 +883,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
     };
     // The mapping stays; the descriptor is not needed any more.
     drop(artifact_fd);
+    disarm_load_deadline();
     let module = match loaded {
         Ok(m) => m,
         Err(e) => {
@@ -846,7 +937,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         chan,
         sigs,
         manifest.limits.stop_deadline,
-        manifest.limits.start_deadline,
+        (launched, manifest.limits.start_deadline),
         manifest.clone(),
     );
 

@@ -9,9 +9,9 @@ mod context;
 pub(crate) mod logging;
 
 use std::any::Any;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
 
 pub use context::{
     Attachments, ChannelFds, ContextError, Identity, ModuleContext, PluginTable, Shutdown,
@@ -253,7 +253,10 @@ fn shared_table<T: Copy + Send + Sync + 'static>(
 ///
 /// `init` must not leave threads running (the zygote forks afterwards) and
 /// must not rely on file descriptors surviving into workers (workers close
-/// descriptors they were not granted). Logging works during `init` only.
+/// descriptors they were not granted). Logging works during `init` only;
+/// afterwards a panic is reported on stderr (the instance's log in a
+/// worker). The table's `extern "C"` functions must not let a panic unwind:
+/// wrap each body in [`ffi_guard`].
 pub trait Plugin: 'static {
     /// The plugin's semver version.
     const VERSION: &'static str;
@@ -264,7 +267,17 @@ pub trait Plugin: 'static {
     fn init(ctx: &PluginContext) -> Result<&'static Self::Table, ModuleError>;
 }
 
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+thread_local! {
+    /// The last panic's message and location on this thread, recorded by
+    /// the panic hook for the `catch_unwind` that follows on the same thread
+    /// (a global slot would let a panic in another thread, e.g. one caught
+    /// by tokio, overwrite it).
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// How many [`ffi_guard`]s are active on this thread: while one is, the
+    /// hook only records the panic and the guard reports it, naming the
+    /// entry point.
+    static IN_FFI_GUARD: Cell<u32> = const { Cell::new(0) };
+}
 
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -275,14 +288,42 @@ fn install_panic_hook() {
                 Some(l) => format!("{msg} (at {}:{})", l.file(), l.line()),
                 None => msg,
             };
-            let thread = std::thread::current()
-                .name()
-                .map(str::to_owned)
-                .unwrap_or_else(|| "unnamed".into());
-            tracing::error!(target: "ember::panic", thread = %thread, "panicked: {full}");
-            *LAST_PANIC.lock().unwrap_or_else(|p| p.into_inner()) = Some(full);
+            // `try_with`: a panic in a thread-local destructor must not
+            // turn into a double panic here.
+            if IN_FFI_GUARD.try_with(Cell::get).unwrap_or(0) == 0 {
+                report_panic(&format!(
+                    "thread '{}' panicked: {full}",
+                    current_thread_name()
+                ));
+            }
+            let _ = LAST_PANIC.try_with(|l| *l.borrow_mut() = Some(full));
         }));
     });
+}
+
+fn current_thread_name() -> String {
+    std::thread::current()
+        .name()
+        .map(str::to_owned)
+        .unwrap_or_else(|| "unnamed".into())
+}
+
+/// Reports a panic where someone will read it: through `tracing` when this
+/// artifact's forwarding subscriber is active on this thread (a module after
+/// `start`, a plugin during `init`: the record reaches the supervisor's
+/// module log), otherwise on stderr, which the worker points at the
+/// instance's log file (the `Stdio` grant, `docs/abi.md` §4). A plugin's
+/// table functions run after `init`, with no subscriber of the plugin's own
+/// (the module's `tracing` is a separate copy), so theirs go to stderr.
+fn report_panic(text: &str) {
+    if tracing::dispatcher::get_default(|d| d.is::<logging::Forward>()) {
+        tracing::error!(target: "ember::panic", "{text}");
+    } else {
+        use std::io::Write as _;
+        // One write per line, so concurrent reports do not interleave.
+        let line = format!("ember::panic: {text}\n");
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
 }
 
 fn payload_message(p: &(dyn Any + Send)) -> String {
@@ -297,10 +338,58 @@ fn payload_message(p: &(dyn Any + Send)) -> String {
 
 fn panic_message(p: &(dyn Any + Send)) -> String {
     LAST_PANIC
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
+        .try_with(|l| l.borrow_mut().take())
+        .ok()
+        .flatten()
         .unwrap_or_else(|| payload_message(p))
+}
+
+/// Runs `f` for an `extern "C"` entry point, such as a function of a
+/// plugin's table, and turns a panic into `fallback`.
+///
+/// A panic must never unwind out of an `extern "C"` function: Rust aborts
+/// the process there, which for a plugin function kills the worker of the
+/// module that called it, and the message is easily lost (a plugin has no
+/// `tracing` subscriber after `init`). With the guard, the panic is caught
+/// and reported once, naming `entry`, with its message, source location and
+/// thread: on stderr, which the worker points at the instance's log file,
+/// or through `tracing` where this artifact's forwarding is active (a
+/// module's own callbacks). The caller gets `fallback` (make it a value the
+/// caller can tell apart, e.g. `false` for "not found", or an error code).
+///
+/// ```
+/// use module_runtime::ffi_guard;
+///
+/// unsafe extern "C" fn ratio(a: u64, b: u64) -> u64 {
+///     ffi_guard("example.ratio", u64::MAX, || a / b)
+/// }
+///
+/// // SAFETY: plain values in and out.
+/// assert_eq!(unsafe { ratio(6, 3) }, 2);
+/// assert_eq!(unsafe { ratio(1, 0) }, u64::MAX); // reported, not aborted
+/// ```
+///
+/// State `f` shared with other calls may be half-updated after a panic
+/// (`f` is treated as unwind-safe); plugin tables are usually read-only.
+/// Panics with `panic = "abort"` cannot be caught: build plugins with the
+/// default `panic = "unwind"`. The SDK's panic hook (installed by
+/// `export_plugin!`'s `init` and `export_module!`'s `start`) supplies the
+/// source location; without it the report carries the message only.
+pub fn ffi_guard<R>(entry: &str, fallback: R, f: impl FnOnce() -> R) -> R {
+    IN_FFI_GUARD.with(|d| d.set(d.get() + 1));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    IN_FFI_GUARD.with(|d| d.set(d.get().saturating_sub(1)));
+    match r {
+        Ok(v) => v,
+        Err(p) => {
+            let msg = panic_message(&*p);
+            report_panic(&format!(
+                "`{entry}` panicked on thread '{}': {msg}; returned the fallback value",
+                current_thread_name()
+            ));
+            fallback
+        }
+    }
 }
 
 /// Support code for the export macros. Not a stable API.
@@ -311,6 +400,35 @@ pub mod __private {
         self, DescriptorHeader, FfiStr, HostApi, ModuleDescriptor, PluginDescriptor, PluginHostApi,
     };
     use std::sync::atomic::{AtomicPtr, Ordering};
+
+    /// Bytes of a `HostApi` up to and including `error`: a host whose
+    /// struct is at least this long can be told why it is refused.
+    const HOST_API_REPORTABLE: usize =
+        std::mem::offset_of!(HostApi, error) + std::mem::size_of::<usize>();
+    /// The same for `PluginHostApi`.
+    const PLUGIN_HOST_API_REPORTABLE: usize =
+        std::mem::offset_of!(PluginHostApi, error) + std::mem::size_of::<usize>();
+
+    /// Why a host's API struct cannot be used by this artifact, if it
+    /// cannot: another ABI version, or shorter than the struct we know.
+    fn host_mismatch(what: &str, abi_version: u32, size: u32, ours: usize) -> Option<String> {
+        if abi_version != abi::ABI_VERSION {
+            Some(format!(
+                "the host passed a {what} for Ember ABI version {abi_version}, this artifact \
+                 was built for version {} (module-runtime {})",
+                abi::ABI_VERSION,
+                abi::SDK_VERSION
+            ))
+        } else if (size as usize) < ours {
+            Some(format!(
+                "the host passed a {what} of {size} bytes, this artifact needs {ours} \
+                 (ABI version {})",
+                abi::ABI_VERSION
+            ))
+        } else {
+            None
+        }
+    }
 
     struct Instance<M> {
         module: Option<M>,
@@ -344,10 +462,22 @@ pub mod __private {
         if host.is_null() || instance.is_null() {
             return abi::CALL_ERROR;
         }
-        // SAFETY: non-null and valid for the process lifetime (caller contract).
+        // SAFETY: non-null and valid for the process lifetime (caller
+        // contract). Only the frozen fields are read until the check passes.
         let host: &'static HostApi = unsafe { &*host };
-        // The ABI check happens before any callback is used.
-        if host.abi_version != abi::ABI_VERSION {
+        // The ABI check happens before any other callback is used.
+        if let Some(why) = host_mismatch(
+            "HostApi",
+            host.abi_version,
+            host.size,
+            std::mem::size_of::<HostApi>(),
+        ) {
+            if host.size as usize >= HOST_API_REPORTABLE {
+                // SAFETY: `ctx` and `error` keep their offsets and types in
+                // every ABI version (docs/abi.md, "Versioning rule"), and
+                // `size` says the host's struct reaches past `error`.
+                unsafe { (host.error)(host.ctx, FfiStr::new(&why)) };
+            }
             return abi::CALL_ERROR;
         }
         let h = context::Host(host);
@@ -446,9 +576,20 @@ pub mod __private {
         if host.is_null() {
             return abi::CALL_ERROR;
         }
-        // SAFETY: valid for this call (caller contract).
+        // SAFETY: valid for this call (caller contract). Only the frozen
+        // fields are read until the check passes.
         let host = unsafe { &*host };
-        if host.abi_version != abi::ABI_VERSION {
+        if let Some(why) = host_mismatch(
+            "PluginHostApi",
+            host.abi_version,
+            host.size,
+            std::mem::size_of::<PluginHostApi>(),
+        ) {
+            if host.size as usize >= PLUGIN_HOST_API_REPORTABLE {
+                // SAFETY: as in `start`: `ctx` and `error` are frozen, and
+                // the host's struct reaches past `error`.
+                unsafe { (host.error)(host.ctx, FfiStr::new(&why)) };
+            }
             return abi::CALL_ERROR;
         }
         // SAFETY: host callbacks are valid during `init`.
@@ -584,5 +725,117 @@ mod tests {
         // Empty tables need no mapping.
         assert!(ctx.share_slice::<u64>(&[]).unwrap().is_empty());
         assert_eq!(ctx.share_slice(&[7u8, 8, 9]).unwrap(), &[7, 8, 9]);
+    }
+
+    #[test]
+    fn ffi_guard_turns_a_panic_into_the_fallback() {
+        assert_eq!(ffi_guard("t.ok", 0u64, || 7), 7);
+        let r = ffi_guard("t.boom", u64::MAX, || -> u64 {
+            panic!("boom in a table fn")
+        });
+        assert_eq!(r, u64::MAX);
+        // The guard is balanced after a panic, and nests.
+        assert_eq!(IN_FFI_GUARD.with(Cell::get), 0);
+        assert!(!ffi_guard("t.outer", true, || ffi_guard(
+            "t.inner",
+            false,
+            || panic!("x")
+        )));
+        assert_eq!(IN_FFI_GUARD.with(Cell::get), 0);
+    }
+
+    mod host_abi {
+        use crate::abi::{self, FfiStr, HostApi};
+        use std::ffi::c_void;
+        use std::sync::Mutex;
+
+        static ERRORS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+        unsafe extern "C" fn ready(_: *const c_void) {}
+        unsafe extern "C" fn log(_: *const c_void, _: u32, _: FfiStr, _: FfiStr) {}
+        unsafe extern "C" fn error(_: *const c_void, m: FfiStr) {
+            // SAFETY: the artifact passes a string valid for the call.
+            ERRORS.lock().unwrap().push(unsafe { m.to_string_lossy() });
+        }
+        unsafe extern "C" fn remaining(_: *const c_void) -> i64 {
+            -1
+        }
+        unsafe extern "C" fn lookup(
+            _: *const c_void,
+            _: FfiStr,
+            _: u32,
+            _: *mut abi::PluginRef,
+        ) -> i32 {
+            abi::LOOKUP_NOT_FOUND
+        }
+        unsafe extern "C" fn take(_: *const c_void, _: *mut abi::FfiGrant, _: usize) -> usize {
+            0
+        }
+
+        fn host(abi_version: u32, size: u32) -> HostApi {
+            HostApi {
+                abi_version,
+                size,
+                ctx: std::ptr::null(),
+                module_name: FfiStr::new("m"),
+                module_version: FfiStr::new("1.0.0"),
+                replica: 0,
+                config_toml: FfiStr::new(""),
+                grants: std::ptr::null(),
+                grants_len: 0,
+                shutdown_fd: -1,
+                ready,
+                log,
+                error,
+                shutdown_remaining_ms: remaining,
+                plugin_lookup: lookup,
+                attach_fd: -1,
+                take_attached: take,
+            }
+        }
+
+        struct Never;
+        impl crate::Module for Never {
+            fn start(_: &crate::ModuleContext) -> Result<Self, crate::ModuleError> {
+                unreachable!("start must not run for a mismatched host")
+            }
+            fn serve(&mut self, _: &crate::ModuleContext) -> Result<(), crate::ModuleError> {
+                Ok(())
+            }
+        }
+
+        fn start(h: &HostApi) -> (i32, Vec<String>) {
+            ERRORS.lock().unwrap().clear();
+            let mut inst = std::ptr::null_mut();
+            // SAFETY: `h` and `inst` are valid for the call; the mismatch
+            // is detected before anything else is read.
+            let rc = unsafe { super::super::__private::start::<Never>(h, &mut inst) };
+            assert!(inst.is_null());
+            (rc, std::mem::take(&mut *ERRORS.lock().unwrap()))
+        }
+
+        #[test]
+        fn a_module_says_why_it_refuses_the_host() {
+            let full = std::mem::size_of::<HostApi>() as u32;
+            let (rc, errs) = start(&host(2, full));
+            assert_eq!(rc, abi::CALL_ERROR);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].contains("HostApi for Ember ABI version 2")
+                    && errs[0].contains("built for version 1"),
+                "{errs:?}"
+            );
+            // Same version, but shorter than the struct we know: still
+            // long enough to reach `error`.
+            let (rc, errs) = start(&host(abi::ABI_VERSION, 120));
+            assert_eq!(rc, abi::CALL_ERROR);
+            assert!(
+                errs[0].contains("of 120 bytes, this artifact needs"),
+                "{errs:?}"
+            );
+            // Too short to reach `error`: refused without a callback.
+            let (rc, errs) = start(&host(abi::ABI_VERSION, 16));
+            assert_eq!((rc, errs.len()), (abi::CALL_ERROR, 0));
+        }
     }
 }

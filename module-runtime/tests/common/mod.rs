@@ -76,6 +76,27 @@ fn recv_text(sock: &OwnedFd, timeout: Duration) -> Option<(String, Vec<OwnedFd>)
 impl Zygote {
     /// Starts a zygote that loads `plugins` (cdylib, TOML config) first.
     pub fn start(plugins: &[(PathBuf, &str)]) -> Self {
+        let (z, msg) = Self::spawn(plugins);
+        assert_eq!(msg, "ready", "zygote failed to start: {msg}");
+        z
+    }
+
+    /// Starts a zygote that must refuse to start (a plugin fails to
+    /// initialize): returns its `error: …` message and how it exited.
+    pub fn start_failing(plugins: &[(PathBuf, &str)]) -> (String, std::process::ExitStatus) {
+        let (mut z, msg) = Self::spawn(plugins);
+        assert!(msg.starts_with("error: "), "zygote should fail: {msg}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = z.child.try_wait().unwrap() {
+                return (msg, st);
+            }
+            assert!(Instant::now() < deadline, "failed zygote did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn spawn(plugins: &[(PathBuf, &str)]) -> (Self, String) {
         let dir = TempDir::new();
         let (ours, theirs) = protocol::socket_pair().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember-test-zygote"));
@@ -107,8 +128,7 @@ impl Zygote {
             _dir: dir,
         };
         let (msg, _) = recv_text(z.sock(), Duration::from_secs(60)).expect("zygote did not answer");
-        assert_eq!(msg, "ready", "zygote failed to start: {msg}");
-        z
+        (z, msg)
     }
 
     fn sock(&self) -> &OwnedFd {
@@ -327,4 +347,46 @@ pub fn smaps_rollup(pid: i32) -> (u64, u64, u64) {
         field("Pss:"),
         field("Private_Clean:") + field("Private_Dirty:"),
     )
+}
+
+/// `Rss` and `Pss` in KiB of the one mapping in `/proc/PID/smaps` whose
+/// line names `needle`.
+pub fn smaps_mapping(pid: u32, needle: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut lines = text.lines().skip_while(|l| !l.contains(needle));
+    assert!(lines.next().is_some(), "no mapping {needle} in {pid}");
+    // Fields follow until the next mapping's header line (which has an
+    // address range, hence a '-' before the first space).
+    let fields: Vec<&str> = lines
+        .take_while(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|f| f.ends_with(':'))
+        })
+        .collect();
+    let field = |name: &str| -> u64 {
+        fields
+            .iter()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} for {needle} in {pid}"))
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+/// The signal masks of one task from its `status` file: `(SigBlk, SigIgn,
+/// SigCgt)`, each as the set of signal numbers.
+pub fn signal_masks(status_path: &Path) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let text = std::fs::read_to_string(status_path).unwrap();
+    let set = |name: &str| -> Vec<i32> {
+        let hex = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {}", status_path.display()))
+            .trim();
+        let bits = u64::from_str_radix(hex, 16).unwrap();
+        (1..=64).filter(|s| bits & (1u64 << (s - 1)) != 0).collect()
+    };
+    (set("SigBlk:"), set("SigIgn:"), set("SigCgt:"))
 }
