@@ -261,6 +261,18 @@ pub fn wait_reaped(pid: i32) -> bool {
     .is_ok()
 }
 
+/// Names of `pid`'s threads (`/proc/PID/task/*/comm`).
+pub fn thread_names(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Inodes of the shm-ipc channel segments `pid` holds, as open descriptors
 /// or as mappings (a worker may map a segment and close its descriptor).
 pub fn channel_segments(pid: i32) -> std::collections::BTreeSet<u64> {
@@ -351,24 +363,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One HTTP/1.1 GET: status and body.
+/// One HTTP/1.1 GET to 127.0.0.1:`port`: status and body.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
-    (status, body)
+    crate::http_get_at(("127.0.0.1", port), path)
 }
 
 /// Descriptors of `pid` that are memfds (shared-memory segments).

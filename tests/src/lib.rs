@@ -195,6 +195,29 @@ pub fn artifact(name: &str) -> PathBuf {
     profile_dir().join(format!("lib{}.so", name.replace('-', "_")))
 }
 
+/// One HTTP/1.1 GET over a fresh connection (`Connection: close`): status
+/// and body.
+pub fn http_get_at(addr: impl std::net::ToSocketAddrs, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect for GET");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send GET");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read reply");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
+    (status, body)
+}
+
 /// How long a test waits for something to happen before it fails. A guard
 /// against hangs, not a speed target: the events waited for take
 /// milliseconds, and speed is measured in `benches/`.

@@ -33,17 +33,6 @@ fn proc_limit(pid: i32, name: &str) -> (String, String) {
     (f.next().unwrap().into(), f.next().unwrap().into())
 }
 
-fn threads(pid: i32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                .map(|c| c.trim().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The memory limit written into the instance's own cgroup(s), if any.
 fn cgroup_memory_limit(status: &Value) -> Option<u64> {
     status["replicas"][0]["cgroups"]
@@ -156,7 +145,7 @@ fn a_default_memory_limit_reaches_the_worker_watchdog_without_cgroups() {
     // The worker learned the limit from its launch order: it watches its
     // resident set and capped its address space.
     let pid = s["pid"].as_i64().unwrap() as i32;
-    let names = threads(pid);
+    let names = thread_names(pid);
     assert!(names.iter().any(|n| n == "ember-memwatch"), "{names:?}");
     assert_ne!(proc_limit(pid, "Max address space").0, "unlimited");
     // The stored manifest is the module's own, untouched.

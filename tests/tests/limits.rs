@@ -149,18 +149,6 @@ fn without_cgroups_the_worker_watchdog_enforces_memory() {
     assert_eq!(s["limits"]["memory_mechanism"], "in-worker-rss", "{s}");
 }
 
-/// Thread names of `pid`.
-fn threads(pid: i32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                .map(|c| c.trim().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
@@ -175,7 +163,7 @@ fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
     d.ctl_ok(&["install", dir.to_str().unwrap()]);
     let s = d.wait_status("watched", "running", |s| s["state"] == "running");
     let pid = s["pid"].as_i64().unwrap() as i32;
-    let names = threads(pid);
+    let names = thread_names(pid);
     assert!(names.iter().any(|n| n == "ember-control"), "{names:?}");
     // The kernel enforces the limit through the instance's cgroup; only
     // without one does the worker poll its own resident set.

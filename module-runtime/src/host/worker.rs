@@ -257,21 +257,29 @@ unsafe extern "C" fn host_plugin_lookup(
     plugins::lookup(&name, table_version, out)
 }
 
-extern "C" fn on_fatal_signal(sig: c_int) {
+/// Sends a report frame to the parent from a signal handler: one
+/// non-blocking `send` (async-signal-safe) of bytes encoded before the
+/// handler was installed; a failure is ignored (the exit status remains).
+fn send_from_handler(frame: &[u8]) {
     let fd = CRASH_FD.load(Ordering::Relaxed);
+    // SAFETY: `send` is async-signal-safe; `frame` is immutable data that
+    // lives for the process (a `OnceLock` set before the handler was
+    // installed) and `send` reads at most `frame.len()` bytes of it.
+    unsafe {
+        libc::send(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+}
+
+extern "C" fn on_fatal_signal(sig: c_int) {
     let stage = STAGE.load(Ordering::Relaxed);
     if let Some(frames) = CRASH_FRAMES.get() {
         if let Some((_, _, f)) = frames.iter().find(|(s, st, _)| *s == sig && *st == stage) {
-            // SAFETY: `send` is async-signal-safe; the frame is immutable
-            // static data prepared before the handler was installed.
-            unsafe {
-                libc::send(
-                    fd,
-                    f.as_ptr().cast(),
-                    f.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
+            send_from_handler(f);
         }
     }
     // The handler was installed with SA_RESETHAND, so the disposition is the
@@ -377,18 +385,8 @@ fn stage_from(v: u8) -> Stage {
 static LOAD_DEADLINE_FRAME: OnceLock<Vec<u8>> = OnceLock::new();
 
 extern "C" fn on_load_deadline(_sig: c_int) {
-    let fd = CRASH_FD.load(Ordering::Relaxed);
     if let Some(f) = LOAD_DEADLINE_FRAME.get() {
-        // SAFETY: `send` is async-signal-safe; the frame is immutable data
-        // prepared before the timer was armed.
-        unsafe {
-            libc::send(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
+        send_from_handler(f);
     }
     // SAFETY: `_exit` is async-signal-safe.
     unsafe { libc::_exit(exit::NEVER_READY) }
