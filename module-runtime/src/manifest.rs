@@ -29,8 +29,8 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     /// TOML syntax, a type mismatch, a missing or an unknown field; the
-    /// message names the field and the line.
-    #[error("invalid manifest: {0}")]
+    /// source (toml's error) names the field and the line.
+    #[error("invalid manifest")]
     Parse(#[source] toml::de::Error),
     /// A field parsed but its value is not allowed.
     #[error("invalid manifest: field `{field}`: {reason}")]
@@ -52,7 +52,8 @@ pub struct Manifest {
     pub version: String,
     /// Path of the `cdylib`, relative to the manifest's directory.
     pub entry: PathBuf,
-    /// How many instances the supervisor keeps running.
+    /// How many instances the supervisor keeps running (1 to
+    /// [`MAX_REPLICAS`]).
     #[serde(default = "one")]
     pub replicas: u32,
     /// Services this module serves.
@@ -239,6 +240,10 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     }
 }
 
+/// The most replicas a manifest may ask for: each is a process, and a typo
+/// (`replicas = 100000`) must not fork the host to death.
+pub const MAX_REPLICAS: u32 = 256;
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ManifestError {
     ManifestError::Invalid {
         field: field.into(),
@@ -345,6 +350,12 @@ impl Manifest {
         if self.replicas == 0 {
             return Err(invalid("replicas", "must be at least 1"));
         }
+        if self.replicas > MAX_REPLICAS {
+            return Err(invalid(
+                "replicas",
+                format!("at most {MAX_REPLICAS} (each replica is a process)"),
+            ));
+        }
         check_unique("exports", self.exports.iter().map(|s| s.name.as_str()))?;
         check_unique("imports", self.imports.iter().map(|s| s.name.as_str()))?;
         check_unique("listeners", self.listeners.iter().map(|s| s.name.as_str()))?;
@@ -448,20 +459,24 @@ greeting = "hi"
         let e =
             Manifest::parse("name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\nreplica = 3\n")
                 .unwrap_err();
-        let msg = e.to_string();
+        // toml's message is the source, said once.
+        assert_eq!(e.to_string(), "invalid manifest");
+        let msg = crate::sdk::error_chain(&e);
         assert!(msg.contains("replica") && msg.contains("line 4"), "{msg}");
+        assert_eq!(msg.matches("TOML parse error").count(), 1, "{msg}");
         let e = Manifest::parse(
             "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[limits]\nmemroy = 1\n",
         )
         .unwrap_err();
-        let msg = e.to_string();
+        let msg = crate::sdk::error_chain(&e);
         assert!(msg.contains("memroy") && msg.contains("line 5"), "{msg}");
     }
 
     #[test]
     fn missing_and_invalid_fields_are_named() {
         let e = Manifest::parse("name = \"a\"\nentry = \"a.so\"\n").unwrap_err();
-        assert!(e.to_string().contains("version"), "{e}");
+        let msg = crate::sdk::error_chain(&e);
+        assert!(msg.contains("version"), "{msg}");
         let e = Manifest::parse("name = \"a\"\nversion = \"1.0\"\nentry = \"a.so\"\n").unwrap_err();
         assert!(e.to_string().contains("field `version`"), "{e}");
         let e =
@@ -469,7 +484,7 @@ greeting = "hi"
         assert!(e.to_string().contains("field `name`"), "{e}");
         let e = Manifest::parse("name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[limits]\nstart_deadline = \"5 parsecs\"\n")
             .unwrap_err();
-        let msg = e.to_string();
+        let msg = crate::sdk::error_chain(&e);
         assert!(
             msg.contains("line 5")
                 && msg.contains("start_deadline")
@@ -479,6 +494,27 @@ greeting = "hi"
         let text = "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[[listeners]]\nname=\"h\"\naddress=\"x\"\n[[listeners]]\nname=\"h\"\naddress=\"y\"\n";
         let e = Manifest::parse(text).unwrap_err();
         assert!(e.to_string().contains("listeners[1].name"), "{e}");
+    }
+
+    #[test]
+    fn replicas_are_bounded() {
+        let with = |n: u32| {
+            Manifest::parse(&format!(
+                "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\nreplicas = {n}\n"
+            ))
+        };
+        assert_eq!(with(MAX_REPLICAS).unwrap().replicas, MAX_REPLICAS);
+        for n in [0, MAX_REPLICAS + 1, 100_000] {
+            let e = with(n).unwrap_err();
+            assert!(
+                matches!(&e, ManifestError::Invalid { field, .. } if field == "replicas"),
+                "{n}: {e}"
+            );
+        }
+        assert!(with(100_000)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 256"));
     }
 
     #[test]

@@ -71,20 +71,46 @@ pub struct ManifestSummary {
     pub stop_deadline: Option<Duration>,
 }
 
-/// A manifest was refused.
+/// A manifest was refused. The messages say what is wrong and where
+/// (line, field); the caller names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// module-runtime's parser refused it (syntax, type, unknown or bad field).
+    /// TOML syntax, a type mismatch, a missing or an unknown field: toml's
+    /// own message, which shows the line and names the field.
     #[error(transparent)]
-    Invalid(#[from] module_runtime::manifest::ManifestError),
+    Syntax(toml::de::Error),
+    /// A field parsed but its value is not allowed.
+    #[error("field `{field}`: {reason}")]
+    Field {
+        /// Dotted path of the field, e.g. `listeners[1].name`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A listener address is neither `host:port` nor `unix:/absolute/path`.
-    #[error("invalid manifest: field `listeners[{index}].address`: {address:?} is neither host:port nor unix:/absolute/path")]
+    #[error("field `listeners[{index}].address`: {address:?} is neither host:port nor unix:/absolute/path")]
     Address {
         /// Index in `listeners`.
         index: usize,
         /// The address.
         address: String,
     },
+    /// Any other refusal of module-runtime's parser.
+    #[error(transparent)]
+    Runtime(module_runtime::manifest::ManifestError),
+}
+
+impl From<module_runtime::manifest::ManifestError> for ManifestError {
+    fn from(e: module_runtime::manifest::ManifestError) -> Self {
+        use module_runtime::manifest::ManifestError as Runtime;
+        // Taken apart so that "invalid manifest" is said once, by the
+        // caller that knows the file.
+        match e {
+            Runtime::Parse(source) => ManifestError::Syntax(source),
+            Runtime::Invalid { field, reason } => ManifestError::Field { field, reason },
+            e @ Runtime::Read { .. } => ManifestError::Runtime(e),
+        }
+    }
 }
 
 /// Checks a name: 1–64 bytes of `[a-z0-9_-]`, starting with `[a-z0-9]`.
@@ -236,6 +262,16 @@ greeting = "hello"
         let e =
             crate::error_chain(&parse(&format!("name = \"kv\"\n{base}colour = 1\n")).unwrap_err());
         assert!(e.contains("colour"), "{e}");
+        // toml's message is said once (not again as a source), and the
+        // file is the caller's to name.
+        let e = crate::error_chain(
+            &parse(&format!("name = \"kv\"\n{base}replicaz = 2\n")).unwrap_err(),
+        );
+        assert_eq!(e.matches("TOML parse error at line 4").count(), 1, "{e}");
+        assert_eq!(e.matches("unknown field `replicaz`").count(), 1, "{e}");
+        assert!(!e.contains("invalid manifest"), "{e}");
+        let e = parse(&format!("name = \"kv\"\n{base}replicas = 0\n")).unwrap_err();
+        assert!(e.to_string().starts_with("field `replicas`: "), "{e}");
     }
 
     proptest! {

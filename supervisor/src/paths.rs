@@ -48,9 +48,13 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
-/// The socket `emberctl` uses: the flag, else `$EMBER_SOCKET`, else the
-/// default.
+/// The socket `emberctl` uses: the flag, else `$EMBER_SOCKET` unless unset
+/// or empty, else the default.
 pub fn client_socket(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os(SOCKET_ENV).map(PathBuf::from))
-        .unwrap_or_else(default_socket)
+    flag.or_else(|| {
+        std::env::var_os(SOCKET_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(default_socket)
 }

@@ -5,8 +5,15 @@
 //! are idle, refill up to `max_idle`, one fork at a time, always yielding
 //! to launch requests. A launch takes an idle worker (a *hit*) or, if none
 //! is left, forks on the spot (a *miss*).
+//!
+//! The pool owns the zygote. If the zygote dies, the pool starts a new one
+//! (re-executing emberd in zygote mode, which loads the plugins again) and
+//! goes on; running modules are not touched (their workers are emberd's
+//! children, not the zygote's), launches meanwhile wait for it, and a
+//! failed restart is retried with back-off.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -19,8 +26,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::link::{HandshakeError, WorkerLink};
+use crate::plugins::PluginSpec;
 use crate::zygote::client::{pidfd_exited, pidfd_reap, pidfd_signal};
-use crate::zygote::{ForkError, ForkMode, Zygote};
+use crate::zygote::{ForkError, ForkMode, Zygote, ZygoteError};
 
 /// How long a new worker may take to report `Idle`.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +68,13 @@ pub enum WorkerError {
     /// The zygote could not fork.
     #[error("fork")]
     Fork(#[source] ForkError),
+    /// The zygote died and a new one could not be started (yet); the
+    /// start is retried with back-off.
+    #[error("no zygote: starting a new one failed: {reason}")]
+    NoZygote {
+        /// Why the last start failed (its error chain).
+        reason: String,
+    },
     /// The new worker did not complete its handshake.
     #[error("worker {pid} handshake")]
     Handshake {
@@ -124,6 +139,10 @@ pub struct PoolStats {
     pub fork_us_avg: u64,
     /// Pids of the idle workers.
     pub idle_pids: Vec<i32>,
+    /// The zygote's pid.
+    pub zygote_pid: i32,
+    /// Times the zygote died and was started again.
+    pub zygote_restarts: u64,
 }
 
 /// The pool is no longer running.
@@ -146,6 +165,7 @@ enum Request {
 #[derive(Debug, Clone)]
 pub struct PoolHandle {
     tx: mpsc::Sender<Request>,
+    zygote_pid: Arc<AtomicI32>,
 }
 
 impl std::fmt::Debug for Request {
@@ -184,19 +204,89 @@ impl PoolHandle {
     pub fn is_alive(&self) -> bool {
         !self.tx.is_closed()
     }
+
+    /// The current zygote's pid (the last one started, while a restart is
+    /// under way).
+    pub fn zygote_pid(&self) -> i32 {
+        self.zygote_pid.load(Ordering::Relaxed)
+    }
 }
 
-/// Starts the pool task; it owns the zygote. The task ends when every
-/// handle is dropped or the zygote dies; then it shuts the zygote down and
-/// `done` fires.
+/// Starts the pool task; it owns the zygote, and starts a new one with
+/// `plugins` if it dies. The task ends when every handle is dropped; then
+/// it shuts the zygote down.
 pub fn start(
     zygote: Zygote,
+    plugins: Vec<PluginSpec>,
     policy: PoolConfig,
     limiter: Arc<Limiter>,
 ) -> (PoolHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(run(zygote, policy, limiter, rx));
-    (PoolHandle { tx }, task)
+    let zygote_pid = Arc::new(AtomicI32::new(zygote.pid()));
+    let task = tokio::spawn(run(
+        zygote,
+        Respawner {
+            plugins,
+            pid: zygote_pid.clone(),
+            delay: RESPAWN_DELAY_MIN,
+        },
+        policy,
+        limiter,
+        rx,
+    ));
+    (PoolHandle { tx, zygote_pid }, task)
+}
+
+/// First wait before another attempt to start a zygote after a failed one;
+/// doubled on each failure up to [`RESPAWN_DELAY_MAX`].
+const RESPAWN_DELAY_MIN: Duration = Duration::from_millis(500);
+const RESPAWN_DELAY_MAX: Duration = Duration::from_secs(30);
+
+/// Starts new zygotes: what it needs, and the back-off between attempts.
+struct Respawner {
+    plugins: Vec<PluginSpec>,
+    /// Shared with every [`PoolHandle`].
+    pid: Arc<AtomicI32>,
+    delay: Duration,
+}
+
+/// A zygote start in progress.
+type Respawn =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Zygote, ZygoteError>> + Send>>;
+
+/// A pidfd of the zygote, registered with the runtime (`None` if the kernel
+/// cannot give one: then its death is noticed at the next fork).
+fn watch_exit(z: &Zygote) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    let fd = crate::zygote::fork_pidfd_open(z.pid()).ok()?;
+    crate::zygote::channel::register(fd).ok()
+}
+
+impl Respawner {
+    /// The zygote died: reap it and start a new one.
+    fn replace(&self, dead: Option<Zygote>) -> Respawn {
+        tracing::error!(
+            pid = dead.as_ref().map(Zygote::pid),
+            "zygote died; starting a new one (running modules are not affected)"
+        );
+        self.start(dead)
+    }
+
+    /// Reaps the dead zygote, if given, then starts a new one. The start
+    /// (fork + exec of emberd in zygote mode, then plugin initialization)
+    /// blocks, so it runs on the blocking pool; exec leaves nothing of this
+    /// multi-threaded process in the child.
+    fn start(&self, dead: Option<Zygote>) -> Respawn {
+        let plugins = self.plugins.clone();
+        Box::pin(async move {
+            if let Some(z) = dead {
+                z.shutdown().await;
+            }
+            tokio::task::spawn_blocking(move || crate::zygote::spawn(&plugins))
+                .await
+                .map_err(|e| ZygoteError::Spawn(std::io::Error::other(e)))?
+                .and_then(crate::zygote::ZygoteProcess::into_async)
+        })
+    }
 }
 
 /// How long the pool waits after handing out a worker before it forks
@@ -344,6 +434,7 @@ fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>) -> Fork {
 
 async fn run(
     zygote: Zygote,
+    mut respawner: Respawner,
     policy: PoolConfig,
     limiter: Arc<Limiter>,
     mut rx: mpsc::Receiver<Request>,
@@ -367,28 +458,42 @@ async fn run(
     // A fork is never cancelled (its answer would be left on the zygote
     // channel), but requests are served while it runs: a launch that finds
     // an idle worker never waits for a background refill.
+    pool.stats.zygote_pid = zygote.pid();
+    // Readable once the zygote has exited: noticed at once, not at the
+    // next fork.
+    let mut zygote_exit = watch_exit(&zygote);
     let mut zygote = Some(zygote);
     let mut in_flight: Option<Fork> = None;
+    // A new zygote being started (the last one died), and when to try
+    // again after a failed start.
+    let mut respawning: Option<Respawn> = None;
+    let mut respawn_at: Option<Instant> = None;
     // Launches that found no idle worker, served by the next forks in order.
     let mut waiting: VecDeque<oneshot::Sender<Result<Worker, WorkerError>>> = VecDeque::new();
     let mut closed = false;
     loop {
+        if respawn_at.is_some_and(|t| Instant::now() >= t) {
+            respawn_at = None;
+            respawning = Some(respawner.start(None));
+        }
         if in_flight.is_none() {
-            if closed && waiting.is_empty() {
+            if closed && (waiting.is_empty() || zygote.is_none()) {
                 break;
             }
             if !waiting.is_empty() || (pool.needs_refill() && pool.refill_due()) {
                 in_flight = zygote.take().map(|z| start_fork(z, pool.limiter.clone()));
             }
         }
-        // Wake up for a fork retry, or when a deferred refill falls due.
-        let retry_at = if in_flight.is_some() {
+        // Wake up for a fork retry, when a deferred refill falls due, or to
+        // try starting a zygote again.
+        let retry_at = if in_flight.is_some() || zygote.is_none() {
             None
         } else if pool.wants_refill() {
             pool.retry_at.into_iter().chain(pool.refill_at()).max()
         } else {
             None
         };
+        let retry_at = retry_at.into_iter().chain(respawn_at).min();
         tokio::select! {
             (z, t0, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
@@ -417,7 +522,42 @@ async fn run(
                     }
                 }
                 if gone {
-                    break;
+                    zygote_exit = None;
+                    respawning = Some(respawner.replace(zygote.take()));
+                }
+            }
+            _ = async { zygote_exit.as_ref().expect("guarded").readable().await.map(drop) },
+                if zygote_exit.is_some() && zygote.is_some() =>
+            {
+                zygote_exit = None;
+                respawning = Some(respawner.replace(zygote.take()));
+            }
+            r = async { respawning.as_mut().expect("guarded").await }, if respawning.is_some() => {
+                respawning = None;
+                match r {
+                    Ok(z) => {
+                        tracing::info!(pid = z.pid(), "zygote restarted");
+                        respawner.pid.store(z.pid(), Ordering::Relaxed);
+                        respawner.delay = RESPAWN_DELAY_MIN;
+                        pool.stats.zygote_pid = z.pid();
+                        pool.stats.zygote_restarts += 1;
+                        pool.retry_at = None;
+                        zygote_exit = watch_exit(&z);
+                        zygote = Some(z);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            error = %crate::error_chain(&e),
+                            retry_in_ms = respawner.delay.as_millis() as u64,
+                            "cannot start a new zygote"
+                        );
+                        let reason = crate::error_chain(&e);
+                        for tx in waiting.drain(..) {
+                            let _ = tx.send(Err(WorkerError::NoZygote { reason: reason.clone() }));
+                        }
+                        respawn_at = Some(Instant::now() + respawner.delay);
+                        respawner.delay = (respawner.delay * 2).min(RESPAWN_DELAY_MAX);
+                    }
                 }
             }
             req = rx.recv(), if !closed => match req {

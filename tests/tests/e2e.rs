@@ -584,6 +584,7 @@ fn an_install_keeps_the_artifact_it_was_given() {
 #[test]
 fn install_wait_follows_the_start() {
     let d = daemon();
+    // Each state it goes through, once, then the install's result.
     let hello = real_module(d.dir.path(), "hello", "hello", "");
     let out = d.ctl(&["install", "--wait", hello.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -592,15 +593,15 @@ fn install_wait_follows_the_start() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.first().copied(), Some("hello: starting"), "{text}");
-    assert!(
-        lines.iter().any(|l| l.starts_with("hello: running pid ")),
-        "{text}"
-    );
+    let pid = pid_of(&d.ctl_json(&["status", "hello"])["status"]).unwrap();
     assert_eq!(
-        lines.last().copied(),
-        Some("installed hello 1.0.0 (running)")
+        text.lines().collect::<Vec<_>>(),
+        [
+            "hello: starting".to_owned(),
+            format!("hello: running pid {pid}"),
+            "installed hello 1.0.0 (running)".to_owned(),
+        ],
+        "{text}"
     );
     // It was running when the command returned.
     assert!(running(&d.ctl_json(&["status", "hello"])["status"]));
@@ -610,9 +611,49 @@ fn install_wait_follows_the_start() {
     let bad = real_module(d.dir.path(), "bad", "fixture-wrong-abi", "");
     let out = d.ctl(&["install", "--wait", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "bad: starting\nbad: failed\n"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad is installed but failed"), "{err}");
+    assert!(err.contains("bad is installed but failed: "), "{err}");
     assert!(err.contains("AbiMismatch"), "{err}");
+
+    // One that crashes before it is ready: the first back-off settles the
+    // start (its restarts are further starts), every time.
+    for n in 0..3 {
+        let name = format!("panics{n}");
+        let m = real_module(d.dir.path(), &name, "fixture-panic-start", "");
+        let out = d.ctl(&["install", "--wait", m.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{name}: starting\n{name}: backoff\n")
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with(&format!(
+                "emberctl: {name} is installed but in backoff: Start failed (Panic)"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("(a restart is pending)"), "{err}");
+    }
+
+    // With `crash_loop_after = 1` the first failure is a crash loop.
+    let d = Daemon::start(&format!("{FAST}crash_loop_after = 1\n"));
+    let m = real_module(d.dir.path(), "loops", "fixture-panic-start", "");
+    let out = d.ctl(&["install", "--wait", m.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "loops: starting\nloops: crashloop\n"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("emberctl: loops is installed but in crashloop: Start failed (Panic)"),
+        "{err}"
+    );
 }
 
 /// The inode of the `memfd:ember-artifact` mapping of `pid`.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ember_tests::daemon::*;
-use ember_tests::poll_until;
+use ember_tests::{artifact, poll_until, TempDir};
 use serde_json::json;
 
 fn pid_of(v: &serde_json::Value) -> Option<i32> {
@@ -197,6 +197,10 @@ fn logs_follow_streams_new_lines() {
         }
     };
     assert!(last.get("error").is_none(), "{last}");
+    // The module's last words, written while it stopped, just before the
+    // log was removed, still reach the follower.
+    next_line("chatty@1.0.0#0 INFO hello: goodbye");
+    next_line("ember: pid");
     let status = follower.wait().unwrap();
     assert!(status.success(), "emberctl logs -f: {status}");
     reader.join().unwrap();
@@ -341,6 +345,80 @@ fn kill_9_in_the_middle_of_installs_keeps_every_acknowledged_one() {
         assert_eq!(stray, Vec::<String>::new());
     }
     assert!(acknowledged.contains(&"m6".to_owned()), "{acknowledged:?}");
+}
+
+#[test]
+fn a_dead_zygote_is_replaced_and_running_modules_keep_running() {
+    // The plugin from a copy we can take away, to make a restart fail;
+    // no idle workers, so every launch needs the zygote.
+    let dir = TempDir::new("zygote-restart");
+    let plugin = dir.path().join("libcatalog.so");
+    std::fs::copy(artifact("catalog"), &plugin).unwrap();
+    let d = Daemon::start(&format!(
+        "plugins = [{{ path = {:?}, config = {{ size_mb = 1, extra_init_ms = 0 }} }}]\n\
+         [pool]\nmin_idle = 0\nmax_idle = 0\n{FAST}",
+        plugin.display().to_string()
+    ));
+    let a = module_dir(d.dir.path(), "alpha", "1.0.0");
+    d.ctl_ok(&["install", a.to_str().unwrap()]);
+    let alpha = d.wait_status("alpha", "running", |s| s["state"] == "running")["pid"].clone();
+    let zygote = |d: &Daemon| d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32;
+    let kill = |pid: i32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap()
+    };
+    let restarted = |d: &Daemon, n: u64| {
+        poll_until("a new zygote", Duration::from_millis(20), || {
+            let p = d.ctl_json(&["pool"])["pool"].clone();
+            (p["zygote_restarts"] == n)
+                .then_some(())
+                .ok_or(p.to_string())
+        })
+    };
+
+    // Killed: emberd reaps it and starts another with the plugin loaded.
+    let first = zygote(&d);
+    kill(first);
+    restarted(&d, 1);
+    assert!(wait_reaped(first), "the dead zygote was never reaped");
+    let second = zygote(&d);
+    assert_ne!(second, first);
+    let maps = std::fs::read_to_string(format!("/proc/{second}/maps")).unwrap();
+    assert!(maps.contains("libcatalog.so"), "plugin not loaded again");
+    // The running module never noticed; a new install forks from the new one.
+    let s = d.ctl_json(&["status", "alpha"])["status"].clone();
+    assert_eq!(
+        (s["state"].as_str(), &s["pid"], &s["restarts"]),
+        (Some("running"), &alpha, &json!(0))
+    );
+    let b = module_dir(d.dir.path(), "beta", "1.0.0");
+    d.ctl_ok(&["install", b.to_str().unwrap()]);
+    d.wait_status("beta", "running", |s| s["state"] == "running");
+
+    // A restart that cannot load the plugin fails launches with the reason
+    // and is retried until it works again.
+    std::fs::rename(&plugin, dir.path().join("gone.so")).unwrap();
+    kill(second);
+    let c = module_dir(d.dir.path(), "gamma", "1.0.0");
+    d.ctl_ok(&["install", c.to_str().unwrap()]);
+    let s = d.wait_status("gamma", "a launch failure", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no zygote"))
+    });
+    assert!(
+        s["last_error"].as_str().unwrap().contains("libcatalog.so"),
+        "{s}"
+    );
+    assert_eq!(d.ctl_json(&["status", "alpha"])["status"]["pid"], alpha);
+    std::fs::rename(dir.path().join("gone.so"), &plugin).unwrap();
+    restarted(&d, 2);
+    d.wait_status("gamma", "running once a zygote is back", |s| {
+        s["state"] == "running"
+    });
 }
 
 #[test]
@@ -625,19 +703,35 @@ fn uninstall_kills_a_module_that_ignores_stop() {
     let pid = d.wait_status("stubborn", "running", |s| s["state"] == "running")["pid"]
         .as_i64()
         .unwrap() as i32;
-    let t0 = std::time::Instant::now();
     let out = d.ctl(&["uninstall", "stubborn"]);
-    let took = t0.elapsed();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        took >= Duration::from_millis(350),
-        "uninstall returned after {took:?}"
+    // Killed at the deadline rather than waited on forever, and it says so.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "uninstalled stubborn (killed: it had not exited by its stop deadline)\n"
     );
-    // Killed at the deadline rather than waited on forever.
-    assert!(took < ember_tests::PATIENCE, "uninstall hung: {took:?}");
     assert!(dead(pid), "worker {pid} survived the stop deadline");
+
+    // The reply says it, and only when it happened.
+    let m = fixture(
+        d.dir.path(),
+        "stubborn2",
+        "fixture-ignores-stop",
+        "[limits]\nstop_deadline = \"400ms\"\n",
+    );
+    d.ctl_ok(&["install", m.to_str().unwrap()]);
+    d.wait_status("stubborn2", "running", |s| s["state"] == "running");
+    assert_eq!(
+        d.ctl_json(&["uninstall", "stubborn2"]),
+        json!({ "killed": true })
+    );
+    let polite = module_dir(d.dir.path(), "polite", "1.0.0");
+    d.ctl_ok(&["install", polite.to_str().unwrap()]);
+    d.wait_status("polite", "running", |s| s["state"] == "running");
+    let out = d.ctl_ok(&["uninstall", "polite"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "uninstalled polite\n");
 }

@@ -1,6 +1,6 @@
 //! `Install(path)`: install a module from its directory or manifest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::json;
@@ -45,12 +45,22 @@ pub enum InstallError {
         source: crate::manifest::ManifestError,
     },
     /// The artifact named by `entry` is missing.
-    #[error("artifact {} not found", artifact.display())]
+    #[error("invalid manifest {}: field `entry`: {} not found", path.display(), artifact.display())]
     ArtifactMissing {
         /// The manifest path.
         path: PathBuf,
         /// The artifact path.
         artifact: PathBuf,
+    },
+    /// The artifact named by `entry` is not an ELF shared object for this
+    /// host (or cannot be read).
+    #[error("invalid manifest {}: field `entry`", path.display())]
+    ArtifactUnloadable {
+        /// The manifest path.
+        path: PathBuf,
+        /// What is wrong with the file (it names it).
+        #[source]
+        source: module_runtime::elf::ElfError,
     },
     /// Same name already installed.
     #[error("module {name} {version} is already installed")]
@@ -87,6 +97,22 @@ pub enum InstallError {
     },
 }
 
+/// Checks the file a manifest's `entry` names before anything is installed:
+/// it must exist and be an ELF shared object for this host (a worker would
+/// otherwise only find out at `dlopen`, after the install was accepted).
+pub fn check_artifact(manifest: &Path, artifact: &Path) -> Result<(), InstallError> {
+    if !artifact.is_file() {
+        return Err(InstallError::ArtifactMissing {
+            path: manifest.to_owned(),
+            artifact: artifact.to_owned(),
+        });
+    }
+    module_runtime::elf::check_file(artifact).map_err(|source| InstallError::ArtifactUnloadable {
+        path: manifest.to_owned(),
+        source,
+    })
+}
+
 impl From<InstallError> for ErrorReply {
     fn from(e: InstallError) -> Self {
         let reason = crate::error_chain(&e);
@@ -99,12 +125,12 @@ impl From<InstallError> for ErrorReply {
             | InstallError::Listener { .. } => {
                 ErrorReply::new(errors::INVALID_INPUT, json!({ "reason": reason }))
             }
-            InstallError::Manifest { path, .. } | InstallError::ArtifactMissing { path, .. } => {
-                ErrorReply::new(
-                    errors::INVALID_MANIFEST,
-                    json!({ "path": path, "reason": reason }),
-                )
-            }
+            InstallError::Manifest { path, .. }
+            | InstallError::ArtifactMissing { path, .. }
+            | InstallError::ArtifactUnloadable { path, .. } => ErrorReply::new(
+                errors::INVALID_MANIFEST,
+                json!({ "path": path, "reason": reason }),
+            ),
             InstallError::AlreadyInstalled { name, version } => ErrorReply::new(
                 errors::ALREADY_INSTALLED,
                 json!({ "name": name, "version": version }),

@@ -1,6 +1,6 @@
 //! `Uninstall(name)`: stop a module and remove it.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::varlink::ErrorReply;
 
@@ -10,6 +10,14 @@ use crate::varlink::ErrorReply;
 pub struct Uninstall {
     /// Module name.
     pub name: String,
+}
+
+/// Reply of `Uninstall`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UninstallReply {
+    /// A worker had not exited by the stop deadline and was killed
+    /// (SIGKILL).
+    pub killed: bool,
 }
 
 /// Why an uninstall failed.

@@ -57,6 +57,14 @@ pub enum CtlError {
     /// `install --wait`: the module was installed but did not start.
     #[error("{0}")]
     NotRunning(String),
+    /// Stdout cannot be written (other than its reader having gone, which
+    /// only stops the printing).
+    #[error("cannot write to stdout")]
+    Output(#[source] std::io::Error),
+    /// Stdout's reader has gone while a verb that prints until stopped
+    /// (`logs -f`) ran: the command ends quietly, with success.
+    #[error("stdout closed")]
+    StdoutClosed,
 }
 
 fn describe(name: &str, p: &Value) -> String {
@@ -67,7 +75,8 @@ fn describe(name: &str, p: &Value) -> String {
         errors::ALREADY_INSTALLED => {
             format!("module {} {} is already installed", s("name"), s("version"))
         }
-        errors::INVALID_MANIFEST => format!("invalid manifest: {}", s("reason")),
+        // The reason names the file, the field and the line.
+        errors::INVALID_MANIFEST => s("reason"),
         errors::INVALID_INPUT => format!("invalid input: {}", s("reason")),
         errors::INSTALL_FAILED => format!("install of {} failed: {}", s("name"), s("reason")),
         errors::PORT_IN_USE => format!(
@@ -90,7 +99,8 @@ impl CtlError {
             CtlError::Io(_) => ExitCode::Failure,
             CtlError::Protocol => ExitCode::Protocol,
             CtlError::Input(_) => ExitCode::InvalidInput,
-            CtlError::NotRunning(_) => ExitCode::Failure,
+            CtlError::NotRunning(_) | CtlError::Output(_) => ExitCode::Failure,
+            CtlError::StdoutClosed => ExitCode::Ok,
             CtlError::Remote { name, .. } => match name.as_str() {
                 errors::MODULE_NOT_FOUND => ExitCode::NotFound,
                 errors::INVALID_INPUT
@@ -183,12 +193,13 @@ impl Client {
         Ok(Value::Object(r.parameters))
     }
 
-    /// A call with `more`: `each` sees every reply until the last.
+    /// A call with `more`: `each` sees every reply until the last, and
+    /// whether more follow (`continues`).
     pub fn call_more(
         &mut self,
         method: &str,
         parameters: Value,
-        mut each: impl FnMut(Value) -> Result<(), CtlError>,
+        mut each: impl FnMut(Value, bool) -> Result<(), CtlError>,
     ) -> Result<(), CtlError> {
         let mut call = Call::new(method, parameters);
         call.more = true;
@@ -199,7 +210,7 @@ impl Client {
             first = false;
             let r = Self::check(self.next_reply(timeout)?)?;
             let go_on = r.continues;
-            each(Value::Object(r.parameters))?;
+            each(Value::Object(r.parameters), go_on)?;
             if !go_on {
                 return Ok(());
             }

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::client::{Client, CtlError};
-use super::output::{bytes, cell, fields, table};
+use super::output::{bytes, cell, fields, table, Printer};
 use super::{Cli, Command};
 
 const IFACE: &str = "io.ember.Supervisor";
@@ -14,109 +14,151 @@ fn method(m: &str) -> String {
     format!("{IFACE}.{m}")
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json"));
-}
-
 pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
     let mut c = Client::connect(socket)?;
+    let out = &mut Printer::new();
     match &cli.command {
-        Command::Install { path, wait } => install(&mut c, path, *wait, cli.json),
-        Command::Uninstall { name } => {
-            let v = c.call(&method("Uninstall"), json!({ "name": name }))?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                println!("uninstalled {name}");
-            }
-            Ok(())
-        }
-        Command::List => list(&mut c, cli.json),
-        Command::Status { name } => status(&mut c, name, cli.json),
+        Command::Install { path, wait } => install(&mut c, out, path, *wait, cli.json),
+        Command::Uninstall { name } => uninstall(&mut c, out, name, cli.json),
+        Command::List => list(&mut c, out, cli.json),
+        Command::Status { name } => status(&mut c, out, name, cli.json),
         Command::Logs {
             name,
             follow,
             lines,
-        } => logs(&mut c, name, *follow, *lines, cli.json),
-        Command::Pool => pool(&mut c, cli.json),
-        Command::Health => health(&mut c, cli.json),
+        } => logs(&mut c, out, name, *follow, *lines, cli.json),
+        Command::Pool => pool(&mut c, out, cli.json),
+        Command::Health => health(&mut c, out, cli.json),
         Command::Completions { .. } => unreachable!("handled before connecting"),
     }
 }
 
-fn install(c: &mut Client, path: &Path, wait: bool, json_out: bool) -> Result<(), CtlError> {
+fn uninstall(
+    c: &mut Client,
+    out: &mut Printer,
+    name: &str,
+    json_out: bool,
+) -> Result<(), CtlError> {
+    let v = c.call(&method("Uninstall"), json!({ "name": name }))?;
+    if json_out {
+        out.json(&v)
+    } else if v["killed"] == true {
+        out.line(&format!(
+            "uninstalled {name} (killed: it had not exited by its stop deadline)"
+        ))
+    } else {
+        out.line(&format!("uninstalled {name}"))
+    }
+}
+
+fn install(
+    c: &mut Client,
+    out: &mut Printer,
+    path: &Path,
+    wait: bool,
+    json_out: bool,
+) -> Result<(), CtlError> {
     let abs = std::path::absolute(path)
         .map_err(|e| CtlError::Input(format!("{}: {e}", path.display())))?;
     if !abs.exists() {
         return Err(CtlError::Input(format!("{} does not exist", abs.display())));
     }
     if wait {
-        return install_and_wait(c, &abs, json_out);
+        return install_and_wait(c, out, &abs, json_out);
     }
     let v = c.call(&method("Install"), json!({ "path": abs }))?;
     if json_out {
-        print_json(&v);
-    } else {
-        let m = &v["module"];
-        println!(
-            "installed {} {} ({})",
-            cell(&m["name"]),
-            cell(&m["version"]),
-            cell(&m["state"])
-        );
+        return out.json(&v);
     }
-    Ok(())
+    let m = &v["module"];
+    out.line(&format!(
+        "installed {} {} ({})",
+        cell(&m["name"]),
+        cell(&m["version"]),
+        cell(&m["state"])
+    ))
 }
 
-/// `install --wait`: `Install` with `more`, one line per state the module
-/// goes through, then the install's own reply; fails unless it ends running.
-fn install_and_wait(c: &mut Client, abs: &Path, json_out: bool) -> Result<(), CtlError> {
-    let mut last = Value::Null;
-    c.call_more(&method("Install"), json!({ "path": abs }), |v| {
-        if json_out {
-            println!("{v}");
-        } else {
-            let m = &v["module"];
-            let pids = m["pids"]
-                .as_array()
-                .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
-                .filter(|p| !p.is_empty())
-                .map(|p| format!(" pid {p}"))
-                .unwrap_or_default();
-            println!("{}: {}{pids}", cell(&m["name"]), cell(&m["state"]));
-        }
-        last = v["module"].clone();
-        Ok(())
-    })?;
-    if last["state"] == "running" {
+/// `install --wait`: `Install` with `more`. The daemon sends the module's
+/// summary each time its state changes until the start settles (running,
+/// failed, crashloop, or its first backoff), then the install's own reply
+/// once it is on disk; one line is printed per state change (the final
+/// reply is not a state change). Fails, naming the state it settled in and
+/// why, unless that is `running`.
+fn install_and_wait(
+    c: &mut Client,
+    out: &mut Printer,
+    abs: &Path,
+    json_out: bool,
+) -> Result<(), CtlError> {
+    // The last state change reported: where the start settled.
+    let mut settled = Value::Null;
+    let mut installed = Value::Null;
+    c.call_more(
+        &method("Install"),
+        json!({ "path": abs }),
+        |v, continues| {
+            if json_out {
+                out.line(&v.to_string())?;
+            }
+            let m = v["module"].clone();
+            if !continues {
+                installed = m;
+                return Ok(());
+            }
+            if !json_out {
+                let pids = m["pids"]
+                    .as_array()
+                    .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
+                    .filter(|p| !p.is_empty())
+                    .map(|p| format!(" pid {p}"))
+                    .unwrap_or_default();
+                out.line(&format!(
+                    "{}: {}{pids}",
+                    cell(&m["name"]),
+                    cell(&m["state"])
+                ))?;
+            }
+            settled = m;
+            Ok(())
+        },
+    )?;
+    if settled.is_null() {
+        settled = installed.clone();
+    }
+    let name = cell(&settled["name"]);
+    let state = cell(&settled["state"]);
+    if state == "running" {
         if !json_out {
-            println!(
-                "installed {} {} (running)",
-                cell(&last["name"]),
-                cell(&last["version"])
-            );
+            out.line(&format!(
+                "installed {name} {} (running)",
+                cell(&settled["version"])
+            ))?;
         }
         return Ok(());
     }
-    let name = cell(&last["name"]);
+    // The reason of the state it settled in, or (it may have moved on,
+    // e.g. from backoff to its restart) the failure it last saw.
     let status = c
         .call(&method("Status"), json!({ "name": name }))
         .unwrap_or(Value::Null);
     let why = [&status["status"]["reason"], &status["status"]["last_error"]]
         .into_iter()
         .find_map(|r| r.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "see `emberctl status`".into());
-    Err(CtlError::NotRunning(format!(
-        "{name} is installed but {}: {why}",
-        cell(&last["state"])
-    )))
+        .unwrap_or_else(|| format!("see `emberctl status {name}`"));
+    Err(CtlError::NotRunning(match state.as_str() {
+        "backoff" => format!("{name} is installed but in backoff: {why} (a restart is pending)"),
+        "crashloop" => format!(
+            "{name} is installed but in crashloop: {why} (restarts continue, with back-off)"
+        ),
+        _ => format!("{name} is installed but {state}: {why}"),
+    }))
 }
 
-fn list(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
+fn list(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlError> {
     let v = c.call(&method("List"), json!({}))?;
     if json_out {
-        print_json(&v);
-        return Ok(());
+        return out.json(&v);
     }
     let rows: Vec<Vec<String>> = v["modules"]
         .as_array()
@@ -139,14 +181,10 @@ fn list(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
                 .collect()
         })
         .unwrap_or_default();
-    print!(
-        "{}",
-        table(
-            &["NAME", "VERSION", "STATE", "REPLICAS", "PIDS", "RESTARTS"],
-            &rows
-        )
-    );
-    Ok(())
+    out.print(&table(
+        &["NAME", "VERSION", "STATE", "REPLICAS", "PIDS", "RESTARTS"],
+        &rows,
+    ))
 }
 
 /// `memory 64.0 MiB (manifest, cgroup-v1), cpu - (none), open files 1024
@@ -179,53 +217,50 @@ fn limits(l: &Value) -> String {
     out
 }
 
-fn status(c: &mut Client, name: &str, json_out: bool) -> Result<(), CtlError> {
+fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Result<(), CtlError> {
     let v = c.call(&method("Status"), json!({ "name": name }))?;
     if json_out {
-        print_json(&v);
-        return Ok(());
+        return out.json(&v);
     }
     let s = &v["status"];
     let mem = &s["memory"];
     let cpu = s["cpu_seconds"]
         .as_f64()
         .map_or("-".into(), |c| format!("{c:.2}s"));
-    print!(
-        "{}",
-        fields(&[
-            ("name", cell(&s["name"])),
-            ("version", cell(&s["version"])),
-            (
-                "state",
+    out.print(&fields(&[
+        ("name", cell(&s["name"])),
+        ("version", cell(&s["version"])),
+        (
+            "state",
+            format!(
+                "{} for {:.0}s",
+                cell(&s["state"]),
+                s["state_seconds"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        ("reason", cell(&s["reason"])),
+        ("pid", cell(&s["pid"])),
+        ("restarts", cell(&s["restarts"])),
+        ("last error", cell(&s["last_error"])),
+        (
+            "memory",
+            if mem.is_null() {
+                "-".into()
+            } else {
                 format!(
-                    "{} for {:.0}s",
-                    cell(&s["state"]),
-                    s["state_seconds"].as_f64().unwrap_or(0.0)
+                    "rss {} pss {} uss {}",
+                    bytes(&mem["rss"]),
+                    bytes(&mem["pss"]),
+                    bytes(&mem["uss"])
                 )
-            ),
-            ("reason", cell(&s["reason"])),
-            ("pid", cell(&s["pid"])),
-            ("restarts", cell(&s["restarts"])),
-            ("last error", cell(&s["last_error"])),
-            (
-                "memory",
-                if mem.is_null() {
-                    "-".into()
-                } else {
-                    format!(
-                        "rss {} pss {} uss {}",
-                        bytes(&mem["rss"]),
-                        bytes(&mem["pss"]),
-                        bytes(&mem["uss"])
-                    )
-                }
-            ),
-            ("cpu", cpu),
-            ("limits", limits(&s["limits"])),
-            ("artifact", cell(&s["artifact_sha256"])),
-            ("listeners", listeners(&s["listeners"])),
-        ])
-    );
+            },
+        ),
+        ("cpu", cpu),
+        ("limits", limits(&s["limits"])),
+        ("artifact", cell(&s["artifact_sha256"])),
+        ("listeners", listeners(&s["listeners"])),
+        ("imports", imports(&s["imports"])),
+    ]))?;
     if let Some(rs) = s["replicas"].as_array().filter(|r| r.len() > 1) {
         let rows: Vec<Vec<String>> = rs
             .iter()
@@ -244,112 +279,111 @@ fn status(c: &mut Client, name: &str, json_out: bool) -> Result<(), CtlError> {
                 ]
             })
             .collect();
-        println!();
-        print!(
-            "{}",
+        out.print(&format!(
+            "\n{}",
             table(
                 &["REPLICA", "STATE", "PID", "RESTARTS", "PSS", "REASON"],
                 &rows
             )
-        );
+        ))?;
     }
     Ok(())
 }
 
 fn logs(
     c: &mut Client,
+    out: &mut Printer,
     name: &str,
     follow: bool,
     lines: u32,
     json_out: bool,
 ) -> Result<(), CtlError> {
     let params = json!({ "name": name, "lines": lines });
-    let print = |v: Value| {
+    let mut print = |v: Value| {
         if json_out {
-            println!("{v}");
+            out.line(&v.to_string())?;
         } else if let Some(ls) = v["lines"].as_array() {
+            let mut text = String::new();
             for l in ls {
-                println!("{}", l.as_str().unwrap_or_default());
+                text.push_str(l.as_str().unwrap_or_default());
+                text.push('\n');
             }
+            out.print(&text)?;
+        }
+        // Following for nobody: stop (quietly) rather than forever.
+        if out.closed() {
+            return Err(CtlError::StdoutClosed);
         }
         Ok(())
     };
     if follow {
-        c.call_more(&method("Logs"), params, print)
+        c.call_more(&method("Logs"), params, |v, _| print(v))
     } else {
         let v = c.call(&method("Logs"), params)?;
         print(v)
     }
 }
 
-fn pool(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
+fn pool(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlError> {
     let v = c.call(&method("Pool"), json!({}))?;
     if json_out {
-        print_json(&v);
-        return Ok(());
+        return out.json(&v);
     }
     let p = &v["pool"];
-    print!(
-        "{}",
-        fields(&[
-            (
-                "idle",
-                format!(
-                    "{} (min {}, max {})",
-                    cell(&p["idle"]),
-                    cell(&p["min_idle"]),
-                    cell(&p["max_idle"])
-                )
+    out.print(&fields(&[
+        (
+            "idle",
+            format!(
+                "{} (min {}, max {})",
+                cell(&p["idle"]),
+                cell(&p["min_idle"]),
+                cell(&p["max_idle"])
             ),
-            ("hits", cell(&p["hits"])),
-            ("misses", cell(&p["misses"])),
-            (
-                "refills",
-                format!(
-                    "{} ({} in the last minute)",
-                    cell(&p["refills"]),
-                    cell(&p["refills_last_minute"])
-                )
+        ),
+        ("hits", cell(&p["hits"])),
+        ("misses", cell(&p["misses"])),
+        (
+            "refills",
+            format!(
+                "{} ({} in the last minute)",
+                cell(&p["refills"]),
+                cell(&p["refills_last_minute"])
             ),
-            (
-                "fork time",
-                format!("{} µs on average", cell(&p["fork_us_avg"]))
-            ),
-            ("fork failures", cell(&p["fork_failures"])),
-            ("idle pids", cell(&p["idle_pids"])),
-        ])
-    );
-    Ok(())
+        ),
+        (
+            "fork time",
+            format!("{} µs on average", cell(&p["fork_us_avg"])),
+        ),
+        ("fork failures", cell(&p["fork_failures"])),
+        ("idle pids", cell(&p["idle_pids"])),
+    ]))
 }
 
-fn health(c: &mut Client, json_out: bool) -> Result<(), CtlError> {
+fn health(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlError> {
     let v = c.call(&method("Health"), json!({}))?;
     if json_out {
-        print_json(&v);
+        out.json(&v)?;
     } else {
-        print!(
-            "{}",
-            fields(&[
-                ("healthy", cell(&v["healthy"])),
-                ("version", cell(&v["version"])),
-                (
-                    "uptime",
-                    format!("{:.0}s", v["uptime_seconds"].as_f64().unwrap_or(0.0))
+        out.print(&fields(&[
+            ("healthy", cell(&v["healthy"])),
+            ("version", cell(&v["version"])),
+            (
+                "uptime",
+                format!("{:.0}s", v["uptime_seconds"].as_f64().unwrap_or(0.0)),
+            ),
+            ("zygote pid", cell(&v["zygote_pid"])),
+            (
+                "modules",
+                format!(
+                    "{} ({} running, {} failed)",
+                    cell(&v["modules"]),
+                    cell(&v["running"]),
+                    cell(&v["failed"])
                 ),
-                ("zygote pid", cell(&v["zygote_pid"])),
-                (
-                    "modules",
-                    format!(
-                        "{} ({} running, {} failed)",
-                        cell(&v["modules"]),
-                        cell(&v["running"]),
-                        cell(&v["failed"])
-                    )
-                ),
-                ("memory limits", cell(&v["memory_limits"])),
-                ("cpu limits", cell(&v["cpu_limits"])),
-            ])
-        );
+            ),
+            ("memory limits", cell(&v["memory_limits"])),
+            ("cpu limits", cell(&v["cpu_limits"])),
+        ]))?;
     }
     if v["healthy"].as_bool() == Some(false) {
         return Err(CtlError::Remote {
@@ -365,6 +399,22 @@ fn listeners(v: &Value) -> String {
         Some(a) if !a.is_empty() => a
             .iter()
             .map(|l| format!("{}={}", cell(&l["name"]), cell(&l["address"])))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "-".into(),
+    }
+}
+
+/// `kv wired (exporter kv), prices waiting`: each import, its state and the
+/// module exporting it.
+fn imports(v: &Value) -> String {
+    match v.as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .map(|i| match i["exporter"].as_str() {
+                Some(e) => format!("{} {} (exporter {e})", cell(&i["name"]), cell(&i["state"])),
+                None => format!("{} {}", cell(&i["name"]), cell(&i["state"])),
+            })
             .collect::<Vec<_>>()
             .join(", "),
         _ => "-".into(),

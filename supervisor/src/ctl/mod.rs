@@ -11,6 +11,7 @@ pub mod client;
 mod commands;
 pub mod output;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -26,7 +27,8 @@ nobody listening), 8 protocol error.";
 #[derive(Debug, Parser)]
 #[command(name = "emberctl", version, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// Control socket (default: $EMBER_SOCKET, else the daemon's default).
+    /// Control socket (default: $EMBER_SOCKET if set and not empty, else
+    /// the daemon's default).
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Print replies as JSON.
@@ -44,19 +46,22 @@ pub enum Command {
     Install {
         /// Module directory or manifest file.
         path: PathBuf,
-        /// Follow the module's start: print each state until it is running
-        /// (exit 0) or failed (exit 1).
+        /// Follow the module's start: print each state it enters until it
+        /// settles: running (exit 0), or failed, crashloop or its first
+        /// backoff (exit 1, with the reason).
         #[arg(long, short)]
         wait: bool,
     },
-    /// Stop a module and remove it.
+    /// Stop a module and remove it (says so if it had to be killed at its
+    /// stop deadline).
     Uninstall {
         /// Module name.
         name: String,
     },
     /// List installed modules.
     List,
-    /// Show one module: state, pid, restarts, last error, memory, CPU.
+    /// Show one module: state, pid, restarts, last error, memory, CPU,
+    /// limits, listeners, imports.
     Status {
         /// Module name.
         name: String,
@@ -110,21 +115,22 @@ pub enum ExitCode {
 
 /// Runs a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(
-            shell,
-            &mut Cli::command(),
-            "emberctl",
-            &mut std::io::stdout(),
-        );
-        return ExitCode::Ok;
-    }
-    let socket = crate::paths::client_socket(cli.socket.clone());
-    match commands::run(&socket, &cli) {
-        Ok(()) => ExitCode::Ok,
+    let result = match cli.command {
+        Command::Completions { shell } => completions(shell),
+        _ => commands::run(&crate::paths::client_socket(cli.socket.clone()), &cli),
+    };
+    match result {
+        Ok(()) | Err(CtlError::StdoutClosed) => ExitCode::Ok,
         Err(e) => {
-            eprintln!("emberctl: {e}");
+            // Not `eprintln!`, which panics when stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "emberctl: {e}");
             e.exit_code()
         }
     }
+}
+
+fn completions(shell: clap_complete::Shell) -> Result<(), CtlError> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "emberctl", &mut script);
+    output::Printer::new().print(&String::from_utf8_lossy(&script))
 }

@@ -1,6 +1,59 @@
-//! Human output: aligned tables and key/value blocks.
+//! Output: the one writer every verb prints through, aligned tables and
+//! key/value blocks.
+
+use std::io::Write;
 
 use serde_json::Value;
+
+use super::client::CtlError;
+
+/// Where every verb prints: stdout. When its reader has gone
+/// (`emberctl list | head -1`: `EPIPE`, as Rust ignores `SIGPIPE`), printing
+/// stops quietly and the command finishes as it would have; other write
+/// errors fail the command.
+#[derive(Debug, Default)]
+pub struct Printer {
+    closed: bool,
+}
+
+impl Printer {
+    /// A printer to stdout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes `text` as is and flushes it; nothing once stdout is closed.
+    pub fn print(&mut self, text: &str) -> Result<(), CtlError> {
+        if self.closed {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(e) => Err(CtlError::Output(e)),
+        }
+    }
+
+    /// Writes `line` and a newline.
+    pub fn line(&mut self, line: &str) -> Result<(), CtlError> {
+        self.print(&format!("{line}\n"))
+    }
+
+    /// Writes `v` as indented JSON.
+    pub fn json(&mut self, v: &Value) -> Result<(), CtlError> {
+        self.line(&serde_json::to_string_pretty(v).expect("a Value always serializes"))
+    }
+
+    /// Whether stdout's reader has gone (a verb that would print forever,
+    /// `logs -f`, stops then).
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+}
 
 /// Formats rows as left-aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

@@ -18,13 +18,13 @@ use super::os::{
 use crate::cgroup::{Limiter, Limits};
 use crate::config::{manifest_with_memory, LimitSource, LimitSources, LimitsConfig};
 use crate::control::health::HealthReply;
-use crate::control::install::{Install, InstallError};
+use crate::control::install::{check_artifact, Install, InstallError};
 use crate::control::list::{ListReply, ModuleSummary};
 use crate::control::pool::PoolReply;
 use crate::control::status::{
     ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus, StatusReply,
 };
-use crate::control::uninstall::UninstallError;
+use crate::control::uninstall::{UninstallError, UninstallReply};
 use crate::control::{module_not_found, Request};
 use crate::error_chain;
 use crate::lifecycle::{Event, Lifecycle, Policy, State};
@@ -240,7 +240,6 @@ pub struct Actor {
     /// Limits for modules whose manifest leaves them unset.
     limit_defaults: LimitsConfig,
     started: Instant,
-    zygote_pid: i32,
     next_generation: u64,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
 }
@@ -280,7 +279,6 @@ impl Actor {
         desired: DesiredState,
         pool: PoolHandle,
         policy: Policy,
-        zygote_pid: i32,
         limiter: Arc<Limiter>,
         limit_defaults: LimitsConfig,
     ) -> Self {
@@ -310,7 +308,6 @@ impl Actor {
             policy,
             limit_defaults,
             started: Instant::now(),
-            zygote_pid,
             next_generation: 0,
             shutdown: None,
         }
@@ -645,8 +642,9 @@ impl Actor {
     }
 
     /// Tells callers following an install each state change of the module,
-    /// until it is running, failed, crash-looping or gone. Dropping a
-    /// watch's sender tells the connection the progress is over.
+    /// until the start settles: running, failed, crash-looping, its first
+    /// back-off (the restart's outcome is another start), stopped or gone.
+    /// Dropping a watch's sender tells the connection the progress is over.
     fn report_progress(&mut self) {
         if self.watches.is_empty() {
             return;
@@ -671,7 +669,7 @@ impl Actor {
             }
             !matches!(
                 state,
-                State::Running | State::Failed | State::CrashLoop | State::Stopped
+                State::Running | State::Failed | State::BackOff | State::CrashLoop | State::Stopped
             )
         });
     }
@@ -821,12 +819,7 @@ impl Actor {
         }
         let dir = manifest_path.parent().unwrap_or(std::path::Path::new("/"));
         let artifact = dir.join(&summary.entry);
-        if !artifact.is_file() {
-            return Err(InstallError::ArtifactMissing {
-                path: manifest_path,
-                artifact,
-            });
-        }
+        check_artifact(&manifest_path, &artifact)?;
         let bound = listeners::bind_all(&summary.listeners).map_err(|source| match source {
             ListenError::PortInUse { port, .. } => InstallError::PortInUse { port, source },
             source => InstallError::Listener { source },
@@ -955,8 +948,11 @@ impl Actor {
         }
         let _ = std::fs::remove_file(self.store.log_path(&name));
         tracing::info!(module = %name, "uninstalled");
+        let reply = to_value(UninstallReply {
+            killed: m.replicas.iter().any(Lifecycle::killed_at_stop),
+        });
         for w in m.uninstall.drain(..) {
-            let _ = w.send(Ok(Response::Value(serde_json::json!({}))));
+            let _ = w.send(Ok(Response::Value(reply.clone())));
         }
     }
 
@@ -972,7 +968,9 @@ impl Actor {
         if let (Some(pid), Some(fd)) = (pid, pidfd) {
             self.os.pidfds.insert(pid, fd);
         }
-        let exited = matches!(event, Event::Exited { .. });
+        // A worker that exited, or one registered whose launch order then
+        // failed (it is discarded), is forgotten.
+        let exited = matches!(event, Event::Exited { .. } | Event::LaunchFailed { .. });
         let ready = matches!(event, Event::Ready { .. });
         match self.modules.get_mut(&module) {
             Some(m) if m.generation == generation && (replica as usize) < m.replicas.len() => {
@@ -1113,7 +1111,7 @@ impl Actor {
             healthy: self.os.pool.is_alive(),
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
-            zygote_pid: self.zygote_pid,
+            zygote_pid: self.os.pool.zygote_pid(),
             modules: self.modules.len(),
             running: count(|s| s == State::Running),
             failed: count(|s| matches!(s, State::Failed | State::CrashLoop)),
@@ -1275,6 +1273,19 @@ fn imports_status(
         .filter(|l| l.module == m.record.name && l.generation == m.generation)
         .map(|l| l.replica)
         .collect();
+    // A channel counts once its exporter instance runs: `pid` is the
+    // current worker of a running replica. A worker is wired as soon as it
+    // registers, before it is ready (it may never be), and an entry can
+    // outlive its worker if the launch fails after registering.
+    let exporter_runs = |pid: i32| {
+        live.get(&pid).is_some_and(|l| {
+            modules
+                .get(&l.module)
+                .filter(|e| e.generation == l.generation)
+                .and_then(|e| e.replicas.get(l.replica as usize))
+                .is_some_and(|r| r.pid() == Some(pid) && r.state() == State::Running)
+        })
+    };
     m.imports
         .iter()
         .map(|service| {
@@ -1283,9 +1294,11 @@ fn imports_status(
                 .find(|e| e.exports.contains(service))
                 .map(|e| e.record.name.clone());
             let all_wired = !running.is_empty()
-                && running
-                    .iter()
-                    .all(|r| wired.contains_key(&(m.record.name.clone(), *r, service.clone())));
+                && running.iter().all(|r| {
+                    wired
+                        .get(&(m.record.name.clone(), *r, service.clone()))
+                        .is_some_and(|&pid| exporter_runs(pid))
+                });
             ImportStatus {
                 name: service.clone(),
                 state: if all_wired { "wired" } else { "waiting" }.into(),

@@ -41,39 +41,92 @@ pub async fn tail(path: &Path, n: usize) -> std::io::Result<(Vec<String>, u64)> 
     Ok((lines.split_off(skip), start + end as u64))
 }
 
-/// Complete lines written since `offset`; `partial` keeps an unfinished
-/// line. Fails once the log is gone (module uninstalled).
-pub async fn read_new(
-    path: &Path,
-    offset: &mut u64,
-    partial: &mut Vec<u8>,
-) -> std::io::Result<Vec<String>> {
-    let mut f = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && *offset == 0 => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let len = f.metadata().await?.len();
-    if len < *offset {
-        // Truncated: start over.
-        *offset = 0;
-        partial.clear();
+/// What a poll of a followed log found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Followed {
+    /// Complete lines written since the last poll (maybe none).
+    Lines(Vec<String>),
+    /// The last lines: the log was removed (the module was uninstalled)
+    /// and everything written to it before has been read.
+    Ended(Vec<String>),
+}
+
+/// Follows a module's log from an offset. The file is kept open, so what
+/// was written just before the module was uninstalled (its `stop`'s last
+/// words) is still read after the file has been unlinked; the stream ends
+/// once that is read.
+#[derive(Debug)]
+pub struct Follower {
+    path: std::path::PathBuf,
+    file: Option<tokio::fs::File>,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// Follows `path` from `offset` (where [`tail`] stopped).
+    pub async fn new(path: &Path, offset: u64) -> Self {
+        Self {
+            path: path.to_owned(),
+            file: tokio::fs::File::open(path).await.ok(),
+            offset,
+            partial: Vec::new(),
+        }
     }
-    if len == *offset {
-        return Ok(Vec::new());
+
+    /// Reads what is new.
+    pub async fn poll(&mut self) -> std::io::Result<Followed> {
+        use std::os::unix::fs::MetadataExt;
+        if self.file.is_none() {
+            match tokio::fs::File::open(&self.path).await {
+                Ok(f) => self.file = Some(f),
+                // Nothing written yet.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.offset == 0 => {
+                    return Ok(Followed::Lines(Vec::new()))
+                }
+                // It existed and is gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Followed::Ended(Vec::new()))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let f = self.file.as_mut().expect("opened above");
+        // Unlinked before we read: what we read now is all there will be.
+        let meta = f.metadata().await?;
+        let (len, removed) = (meta.len(), meta.nlink() == 0);
+        if len < self.offset {
+            // Truncated: start over.
+            self.offset = 0;
+            self.partial.clear();
+        }
+        if len > self.offset {
+            f.seek(SeekFrom::Start(self.offset)).await?;
+            let mut bytes = Vec::new();
+            f.take(CHUNK).read_to_end(&mut bytes).await?;
+            self.offset += bytes.len() as u64;
+            self.partial.extend_from_slice(&bytes);
+        }
+        let end = self
+            .partial
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let rest = self.partial.split_off(end);
+        let mut lines: Vec<String> = String::from_utf8_lossy(&self.partial)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        self.partial = rest;
+        if removed && self.offset >= len {
+            if !self.partial.is_empty() {
+                lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+                self.partial.clear();
+            }
+            return Ok(Followed::Ended(lines));
+        }
+        Ok(Followed::Lines(lines))
     }
-    f.seek(SeekFrom::Start(*offset)).await?;
-    let mut bytes = Vec::new();
-    f.take(CHUNK).read_to_end(&mut bytes).await?;
-    *offset += bytes.len() as u64;
-    partial.extend_from_slice(&bytes);
-    let Some(end) = partial.iter().rposition(|&b| b == b'\n') else {
-        return Ok(Vec::new());
-    };
-    let rest = partial.split_off(end + 1);
-    let text = String::from_utf8_lossy(partial).into_owned();
-    *partial = rest;
-    Ok(text.lines().map(str::to_owned).collect())
 }
 
 #[cfg(test)]
@@ -81,16 +134,13 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn tail_then_follow() {
+    async fn tail_then_follow_to_the_last_line_of_a_removed_log() {
         let path = std::env::temp_dir().join(format!("ember-logs-{}.log", std::process::id()));
         std::fs::write(&path, "a\nb\nc\npart").unwrap();
-        let (lines, mut off) = tail(&path, 2).await.unwrap();
+        let (lines, off) = tail(&path, 2).await.unwrap();
         assert_eq!(lines, ["b", "c"]);
-        let mut partial = Vec::new();
-        assert!(read_new(&path, &mut off, &mut partial)
-            .await
-            .unwrap()
-            .is_empty());
+        let mut follow = Follower::new(&path, off).await;
+        assert_eq!(follow.poll().await.unwrap(), Followed::Lines(Vec::new()));
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -98,11 +148,16 @@ mod tests {
             .unwrap();
         f.write_all(b"ial\nd\n").unwrap();
         assert_eq!(
-            read_new(&path, &mut off, &mut partial).await.unwrap(),
-            ["partial", "d"]
+            follow.poll().await.unwrap(),
+            Followed::Lines(vec!["partial".into(), "d".into()])
         );
+        // Written, then removed before the next poll: still read, then the end.
+        f.write_all(b"bye\nno newline").unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert!(read_new(&path, &mut off, &mut partial).await.is_err());
+        assert_eq!(
+            follow.poll().await.unwrap(),
+            Followed::Ended(vec!["bye".into(), "no newline".into()])
+        );
         let (none, _) = tail(&path, 5).await.unwrap();
         assert!(none.is_empty());
     }

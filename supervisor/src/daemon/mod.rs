@@ -53,9 +53,6 @@ pub enum DaemonError {
     /// The runtime could not be built.
     #[error("runtime")]
     Runtime(#[source] std::io::Error),
-    /// The zygote died; workers cannot be forked any more.
-    #[error("zygote died")]
-    ZygoteDied,
 }
 
 /// Loads the configuration with the command-line overrides.
@@ -117,10 +114,13 @@ async fn serve(
     listener: std::os::unix::net::UnixListener,
 ) -> Result<(), DaemonError> {
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
-    let zygote_pid = zygote.pid();
-    let zygote_exit = zygote::fork_pidfd_open(zygote_pid).ok();
     let limiter = Arc::new(start_limiter());
-    let (pool, pool_task) = crate::pool::start(zygote, cfg.pool.clone(), limiter.clone());
+    let (pool, pool_task) = crate::pool::start(
+        zygote,
+        cfg.plugin_specs(),
+        cfg.pool.clone(),
+        limiter.clone(),
+    );
 
     let socket_path = cfg.socket_path();
     let access = Arc::new(server::Access {
@@ -135,7 +135,6 @@ async fn serve(
         desired,
         pool,
         cfg.lifecycle.policy(),
-        zygote_pid,
         limiter.clone(),
         cfg.limits.clone(),
     );
@@ -163,20 +162,12 @@ async fn serve(
         _ => None,
     };
 
-    let zygote_died = async {
-        match zygote_exit.and_then(|fd| crate::zygote::channel::register(fd).ok()) {
-            Some(fd) => {
-                let _ = fd.readable().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Runtime)?;
-    let result = tokio::select! {
-        _ = term.recv() => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = zygote_died => Err(DaemonError::ZygoteDied),
+    // A dead zygote is the pool's business (it starts a new one).
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
     };
     tracing::info!("shutting down");
     if let Some(n) = &notifier {
@@ -194,7 +185,7 @@ async fn serve(
     let _ = actor_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pool_task).await;
     limiter.shutdown();
-    result
+    Ok(())
 }
 
 /// Detects and sets up per-module cgroups (`EMBER_CGROUP_ROOT` overrides

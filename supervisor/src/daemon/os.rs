@@ -399,8 +399,10 @@ async fn instance(
         drop(fds);
         worker.discard().await;
         remove_cgroup(cgroup.take(), &module, pid).await;
+        // With its pid: the worker was registered (wired), and the actor
+        // forgets it on this report.
         return send(
-            None,
+            Some(pid),
             failed(format!("launch order: {}", error_chain(&e))),
             None,
         );

@@ -383,7 +383,7 @@ impl Connection {
         more: bool,
         oneway: bool,
     ) -> Result<Option<Reply>, ErrorReply> {
-        let (tail, mut offset) = super::logs::tail(path, lines)
+        let (tail, offset) = super::logs::tail(path, lines)
             .await
             .map_err(|e| control::invalid_input(format!("log {}: {e}", path.display())))?;
         let mut first = Reply::ok(json!({ "lines": tail }));
@@ -397,7 +397,7 @@ impl Connection {
         if self.write(&first).await.is_err() {
             return Ok(None);
         }
-        let mut partial = Vec::new();
+        let mut follow = super::logs::Follower::new(path, offset).await;
         let mut buf = [0u8; 4096];
         loop {
             tokio::select! {
@@ -408,16 +408,21 @@ impl Connection {
                     Ok(n) => self.decoder.extend(&buf[..n]),
                 },
                 _ = tokio::time::sleep(super::logs::POLL) => {
-                    match super::logs::read_new(path, &mut offset, &mut partial).await {
-                        Ok(new) if new.is_empty() => {}
-                        Ok(new) => {
+                    use super::logs::Followed;
+                    match follow.poll().await {
+                        Ok(Followed::Lines(new)) if new.is_empty() => {}
+                        Ok(Followed::Lines(new)) => {
                             let mut r = Reply::ok(json!({ "lines": new }));
                             r.continues = true;
                             if self.write(&r).await.is_err() {
                                 return Ok(None);
                             }
                         }
-                        // The module was uninstalled: end the stream.
+                        // The module was uninstalled: its last lines, then
+                        // the end of the stream.
+                        Ok(Followed::Ended(last)) => {
+                            return Ok(Some(Reply::ok(json!({ "lines": last }))))
+                        }
                         Err(_) => return Ok(Some(Reply::ok(json!({ "lines": [] })))),
                     }
                 }

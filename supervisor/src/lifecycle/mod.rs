@@ -219,6 +219,9 @@ pub struct Lifecycle {
     /// exits.
     pending_reason: Option<(String, bool)>,
     ran_since: Option<Instant>,
+    /// The last stop overran the stop deadline: the worker was killed
+    /// (by our SIGKILL, or by its own fence at the deadline).
+    killed_at_stop: bool,
 }
 
 impl Lifecycle {
@@ -238,6 +241,7 @@ impl Lifecycle {
             last_error: None,
             pending_reason: None,
             ran_since: None,
+            killed_at_stop: false,
         }
     }
 
@@ -272,6 +276,12 @@ impl Lifecycle {
     /// The module name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// Whether the last stop overran the stop deadline: the worker had
+    /// not exited by then and was killed (our SIGKILL, or its own fence
+    /// ending it with `StopDeadlineExceeded`).
+    pub fn killed_at_stop(&self) -> bool {
+        self.killed_at_stop
     }
 
     fn enter(&mut self, state: State, now: Instant) {
@@ -333,6 +343,7 @@ impl Lifecycle {
                 os.terminate(pid);
                 self.deadline = Some(now + self.policy.stop_timeout);
                 self.pending_reason = None;
+                self.killed_at_stop = false;
                 self.enter(State::Stopping, now);
             }
             (State::Starting, None) => {
@@ -341,6 +352,7 @@ impl Lifecycle {
                 // cgroup of this replica outlives the stop.
                 self.deadline = Some(now + self.policy.stop_timeout);
                 self.pending_reason = None;
+                self.killed_at_stop = false;
                 self.enter(State::Stopping, now);
             }
             (_, None) => {
@@ -348,6 +360,7 @@ impl Lifecycle {
                 self.attempt += 1;
                 self.deadline = None;
                 self.reason = None;
+                self.killed_at_stop = false;
                 self.enter(State::Stopped, now);
             }
         }
@@ -409,6 +422,13 @@ impl Lifecycle {
         self.pid = None;
         match self.state {
             State::Stopping => {
+                // A worker still running at its stop deadline is also ended
+                // by its own fence (counted from the Stop it received, a
+                // little after ours), racing our SIGKILL: either way the
+                // deadline was overrun.
+                if self.deadline.is_some_and(|d| now >= d) {
+                    self.killed_at_stop = true;
+                }
                 self.deadline = None;
                 self.enter(State::Stopped, now);
             }
@@ -486,7 +506,10 @@ impl Lifecycle {
                 }
             }
             State::Stopping => match self.pid {
-                Some(pid) => os.kill(pid),
+                Some(pid) => {
+                    os.kill(pid);
+                    self.killed_at_stop = true;
+                }
                 None => {
                     // The launch never reported: give up on it (a late
                     // `Launched` is stale and gets killed).
@@ -566,6 +589,7 @@ mod tests {
         );
         assert_eq!(l.state(), State::Stopped);
         assert!(os.kills.is_empty());
+        assert!(!l.killed_at_stop());
         assert_eq!(l.deadline(), None);
     }
 
@@ -588,6 +612,41 @@ mod tests {
             &mut os,
         );
         assert_eq!(l.state(), State::Stopped);
+        assert!(l.killed_at_stop());
+        // A later stop that is obeyed says so.
+        l.start(t0, &mut os);
+        let attempt = os.launches.last().unwrap().1;
+        l.on_event(Event::Launched { attempt, pid: 11 }, t0, &mut os);
+        l.on_event(Event::Ready { attempt }, t0, &mut os);
+        l.stop(t0, &mut os);
+        l.on_event(
+            Event::Exited {
+                attempt,
+                status: ExitStatus::Code(0),
+            },
+            t0,
+            &mut os,
+        );
+        assert_eq!(l.state(), State::Stopped);
+        assert!(!l.killed_at_stop());
+        // Ended by its own fence at the deadline, before our tick: overrun
+        // all the same.
+        l.start(t0, &mut os);
+        let attempt = os.launches.last().unwrap().1;
+        l.on_event(Event::Launched { attempt, pid: 12 }, t0, &mut os);
+        l.on_event(Event::Ready { attempt }, t0, &mut os);
+        l.stop(t0, &mut os);
+        l.on_event(
+            Event::Exited {
+                attempt,
+                status: ExitStatus::Code(16),
+            },
+            t0 + Duration::from_secs(1),
+            &mut os,
+        );
+        assert_eq!(l.state(), State::Stopped);
+        assert!(l.killed_at_stop());
+        assert_eq!(os.kills, vec![10]);
     }
 
     #[test]
