@@ -1,5 +1,9 @@
 //! Per-process metrics from `/proc`: memory from `smaps_rollup`, CPU from
 //! `stat`.
+//!
+//! Not through `sysinfo`: it has RSS and CPU but no PSS or USS (the numbers
+//! that show what copy-on-write sharing saves), and refreshing one process
+//! through it reads more of `/proc` than these two files.
 
 use std::path::PathBuf;
 
