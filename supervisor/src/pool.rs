@@ -271,20 +271,19 @@ impl Respawner {
         self.start(dead)
     }
 
-    /// Reaps the dead zygote, if given, then starts a new one. The start
-    /// (fork + exec of emberd in zygote mode, then plugin initialization)
-    /// blocks, so it runs on the blocking pool; exec leaves nothing of this
-    /// multi-threaded process in the child.
+    /// Reaps the dead zygote, if given, then starts a new one: fork + exec
+    /// of emberd in zygote mode (exec leaves nothing of this multi-threaded
+    /// process in the child), then its plugins' initialization, awaited.
+    /// Runs in the pool task, on the runtime's thread, never on the
+    /// blocking pool: the zygote's and its workers' parent-death signal
+    /// follow the thread that started it (see `Zygote::restart`).
     fn start(&self, dead: Option<Zygote>) -> Respawn {
         let plugins = self.plugins.clone();
         Box::pin(async move {
             if let Some(z) = dead {
                 z.shutdown().await;
             }
-            tokio::task::spawn_blocking(move || crate::zygote::spawn(&plugins))
-                .await
-                .map_err(|e| ZygoteError::Spawn(std::io::Error::other(e)))?
-                .and_then(crate::zygote::ZygoteProcess::into_async)
+            Zygote::restart(&plugins).await
         })
     }
 }

@@ -396,7 +396,29 @@ fn a_dead_zygote_is_replaced_and_running_modules_keep_running() {
     );
     let b = module_dir(d.dir.path(), "beta", "1.0.0");
     d.ctl_ok(&["install", b.to_str().unwrap()]);
-    d.wait_status("beta", "running", |s| s["state"] == "running");
+    let beta = d.wait_status("beta", "running", |s| s["state"] == "running")["pid"].clone();
+    // Linux sends a parent-death signal when the parent *thread* exits. The
+    // new zygote (and the workers it forks with CLONE_PARENT) must hang off
+    // a thread that lives as long as emberd: once emberd's idle blocking
+    // threads have retired (tokio lets them go after 10 s idle), both are
+    // still there.
+    poll_until(
+        "emberd's idle blocking threads to retire",
+        Duration::from_millis(200),
+        || {
+            let threads = thread_names(d.pid());
+            (threads.len() <= 2)
+                .then_some(())
+                .ok_or(format!("{threads:?}"))
+        },
+    );
+    assert!(!dead(second), "the new zygote died with a thread of emberd");
+    let s = d.ctl_json(&["status", "beta"])["status"].clone();
+    assert_eq!(
+        (s["state"].as_str(), &s["pid"]),
+        (Some("running"), &beta),
+        "{s}"
+    );
 
     // A restart that cannot load the plugin fails launches with the reason
     // and is retried until it works again.

@@ -40,9 +40,38 @@ pub struct ZygoteProcess {
 /// Starts the zygote by re-executing this binary. Call before any thread
 /// is started: the zygote must be forked from a single-threaded process.
 pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, ZygoteError> {
+    let (child, channel) = exec_zygote()?;
+    let mut z = ZygoteProcess {
+        pid: child.id() as i32,
+        child,
+        channel,
+        plugins: 0,
+    };
+    let ready = channel::send(&z.channel, &hello(plugins), &[])
+        .and_then(|()| channel::recv::<FromZygote>(&z.channel))
+        .map(|(msg, _)| msg);
+    match check_ready(ready, z.pid, &mut z.child) {
+        Ok(n) => {
+            z.plugins = n;
+            Ok(z)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `emberd --zygote` with the zygote's end of a new channel; returns
+/// the child and our end.
+///
+/// The zygote's parent-death signal, and that of every worker it forks
+/// with `CLONE_PARENT`, follows the *thread* that ran this (Linux sends it
+/// when that thread exits, not the process). So it must run on a thread
+/// that lives as long as emberd: the main thread (before the runtime, or
+/// the runtime itself, whose current-thread scheduler is the main thread),
+/// never a blocking-pool thread, which exits when idle.
+fn exec_zygote() -> Result<(Child, OwnedFd), ZygoteError> {
     let (ours, theirs) = channel::pair().map_err(ZygoteError::Channel)?;
-    // The zygote's end must survive exec. No other thread exists, so no
-    // concurrent spawn can inherit it by accident.
+    // The zygote's end must survive exec. emberd starts no other process,
+    // so no concurrent spawn can inherit it by accident.
     fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| ZygoteError::Spawn(e.into()))?;
     let child = Command::new("/proc/self/exe")
         .arg0("emberd-zygote")
@@ -52,35 +81,36 @@ pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, Zy
         .stdin(Stdio::null())
         .spawn()
         .map_err(ZygoteError::Spawn)?;
-    drop(theirs);
-    let mut z = ZygoteProcess {
-        pid: child.id() as i32,
-        child,
-        channel: ours,
-        plugins: 0,
-    };
-    let hello = ToZygote::Hello {
+    Ok((child, ours))
+}
+
+fn hello(plugins: &[crate::plugins::PluginSpec]) -> ToZygote {
+    ToZygote::Hello {
         plugins: plugins.to_vec(),
-    };
-    let ready = channel::send(&z.channel, &hello, &[])
-        .and_then(|()| channel::recv::<FromZygote>(&z.channel));
-    match ready {
-        Ok((FromZygote::Ready { pid, plugins }, _)) if pid == z.pid => {
-            z.plugins = plugins;
-            Ok(z)
-        }
-        Ok((FromZygote::HelloFailed { reason }, _)) => {
-            let _ = z.child.wait();
+    }
+}
+
+/// The zygote's answer to `Hello`: the number of plugins it loaded, or why
+/// not (the child is then reaped).
+fn check_ready(
+    answer: Result<FromZygote, ChannelError>,
+    expected_pid: i32,
+    child: &mut Child,
+) -> Result<usize, ZygoteError> {
+    match answer {
+        Ok(FromZygote::Ready { pid, plugins }) if pid == expected_pid => Ok(plugins),
+        Ok(FromZygote::HelloFailed { reason }) => {
+            let _ = child.wait();
             Err(ZygoteError::Plugins(reason))
         }
         Ok(_) => {
-            let _ = z.child.kill();
-            let _ = z.child.wait();
+            let _ = child.kill();
+            let _ = child.wait();
             Err(ZygoteError::Protocol)
         }
         Err(e) => {
-            let _ = z.child.kill();
-            let _ = z.child.wait();
+            let _ = child.kill();
+            let _ = child.wait();
             Err(ZygoteError::Channel(e))
         }
     }
@@ -145,6 +175,35 @@ pub struct Zygote {
 }
 
 impl Zygote {
+    /// Starts a new zygote from inside the runtime (the last one died).
+    /// Must run on the runtime's own thread (see [`exec_zygote`]); the
+    /// plugins' initialization in the new zygote is awaited, not blocked on.
+    pub async fn restart(plugins: &[crate::plugins::PluginSpec]) -> Result<Zygote, ZygoteError> {
+        let (mut child, ours) = exec_zygote()?;
+        let pid = child.id() as i32;
+        let channel = match AsyncChannel::new(ours) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ZygoteError::Channel(e));
+            }
+        };
+        let answer = match channel.send(&hello(plugins), &[]).await {
+            Ok(()) => channel.recv::<FromZygote>().await.map(|(msg, _)| msg),
+            Err(e) => Err(e),
+        };
+        // A failed answer reaps the child: blocking, but it has exited or
+        // been killed already.
+        check_ready(answer, pid, &mut child)?;
+        Ok(Zygote {
+            channel,
+            child,
+            pid,
+            next_id: 0,
+        })
+    }
+
     /// The zygote's pid.
     pub fn pid(&self) -> i32 {
         self.pid
