@@ -229,6 +229,7 @@ pub fn start(
             plugins,
             pid: zygote_pid.clone(),
             delay: RESPAWN_DELAY_MIN,
+            proven: true,
         },
         policy,
         limiter,
@@ -248,6 +249,10 @@ struct Respawner {
     /// Shared with every [`PoolHandle`].
     pid: Arc<AtomicI32>,
     delay: Duration,
+    /// The current zygote has forked a worker. One that dies before it
+    /// ever did (a plugin that crashes it soon after start) is restarted
+    /// only after `delay`, doubled each time, not in a tight loop.
+    proven: bool,
 }
 
 /// A zygote start in progress.
@@ -262,13 +267,26 @@ fn watch_exit(z: &Zygote) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedF
 }
 
 impl Respawner {
-    /// The zygote died: reap it and start a new one.
-    fn replace(&self, dead: Option<Zygote>) -> Respawn {
+    /// The zygote died: reap it and start a new one (after the back-off
+    /// delay if it never forked).
+    fn replace(&mut self, dead: Option<Zygote>) -> Respawn {
+        let wait = if self.proven {
+            Duration::ZERO
+        } else {
+            let d = self.delay;
+            self.delay = (self.delay * 2).min(RESPAWN_DELAY_MAX);
+            d
+        };
         tracing::error!(
             pid = dead.as_ref().map(Zygote::pid),
+            wait_ms = wait.as_millis() as u64,
             "zygote died; starting a new one (running modules are not affected)"
         );
-        self.start(dead)
+        let start = self.start(dead);
+        Box::pin(async move {
+            tokio::time::sleep(wait).await;
+            start.await
+        })
     }
 
     /// Reaps the dead zygote, if given, then starts a new one: fork + exec
@@ -501,6 +519,10 @@ async fn run(
                 match r {
                     Ok(w) => {
                         pool.forked(t0);
+                        // A zygote that forks is a working one: the next
+                        // restart, if any, starts without delay again.
+                        respawner.delay = RESPAWN_DELAY_MIN;
+                        respawner.proven = true;
                         pool.retry_at = None;
                         match waiting.pop_front() {
                             // A requester that went away drops the worker,
@@ -513,6 +535,10 @@ async fn run(
                             }
                         }
                     }
+                    // The zygote died under this fork: the launch waiting
+                    // for it waits for the new zygote instead (only a
+                    // failed restart fails it).
+                    Err(_) if gone => {}
                     Err(e) => {
                         pool.fork_failed(&e);
                         if let Some(tx) = waiting.pop_front() {
@@ -537,7 +563,7 @@ async fn run(
                     Ok(z) => {
                         tracing::info!(pid = z.pid(), "zygote restarted");
                         respawner.pid.store(z.pid(), Ordering::Relaxed);
-                        respawner.delay = RESPAWN_DELAY_MIN;
+                        respawner.proven = false;
                         pool.stats.zygote_pid = z.pid();
                         pool.stats.zygote_restarts += 1;
                         pool.retry_at = None;

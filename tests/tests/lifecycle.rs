@@ -444,6 +444,44 @@ fn a_dead_zygote_is_replaced_and_running_modules_keep_running() {
 }
 
 #[test]
+fn a_launch_whose_fork_dies_with_the_zygote_waits_for_the_next_one() {
+    let d = Daemon::start(&format!("[pool]\nmin_idle = 0\nmax_idle = 0\n{FAST}"));
+    let zygote = d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32;
+    let signal = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote), sig).unwrap();
+    // Stopped, the zygote never answers the launch's fork request; killed
+    // then, it dies with that request in flight.
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let m = module_dir(d.dir.path(), "patient", "1.0.0");
+    let mut raw = Raw::connect(&d.socket);
+    raw.send(json!({
+        "method": "io.ember.Supervisor.Install",
+        "parameters": { "path": m.to_str().unwrap() },
+    }));
+    poll_until(
+        "the fork request in flight",
+        Duration::from_millis(20),
+        || {
+            let p = d.ctl_json(&["pool"])["pool"].clone();
+            (p["misses"] == 1).then_some(()).ok_or(p.to_string())
+        },
+    );
+    signal(nix::sys::signal::Signal::SIGKILL);
+    let s = d.wait_status("patient", "running", |s| s["state"] == "running");
+    assert_eq!(
+        s["restarts"], 0,
+        "the launch failed instead of waiting: {s}"
+    );
+    assert!(s["last_error"].is_null(), "{s}");
+    let p = d.ctl_json(&["pool"])["pool"].clone();
+    assert_eq!(
+        (&p["zygote_restarts"], &p["fork_failures"]),
+        (&json!(1), &json!(0)),
+        "{p}"
+    );
+    assert!(raw.recv().is_some_and(|r| r.get("error").is_none()));
+}
+
+#[test]
 fn second_daemon_on_same_socket_is_refused() {
     let d = Daemon::start(FAST);
     let out = std::process::Command::new(emberd())

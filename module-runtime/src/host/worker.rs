@@ -392,7 +392,14 @@ extern "C" fn on_load_deadline(_sig: c_int) {
     unsafe { libc::_exit(exit::NEVER_READY) }
 }
 
+/// Arms `ITIMER_REAL` to fire once after `after` (zero disarms it; a
+/// non-zero wait shorter than the timer's resolution fires after 1 us).
 fn set_real_timer(after: Duration) {
+    let after = if after.is_zero() {
+        after
+    } else {
+        after.max(Duration::from_micros(1))
+    };
     let value = libc::timeval {
         tv_sec: after.as_secs().try_into().unwrap_or(libc::time_t::MAX),
         // Below 1_000_000: fits every `suseconds_t`.
