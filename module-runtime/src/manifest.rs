@@ -74,6 +74,9 @@ pub struct Manifest {
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
+    /// How a new revision replaces a running one (`emberctl deploy`).
+    #[serde(default)]
+    pub rollout: Rollout,
     /// Free-form configuration handed to the module.
     #[serde(default)]
     pub config: toml::Table,
@@ -156,6 +159,65 @@ pub struct Limits {
     /// positive.
     #[serde(default = "default_stop", deserialize_with = "de_duration")]
     pub stop_deadline: Duration,
+}
+
+/// How a new revision of the module is rolled out; the names mirror a
+/// Kubernetes Deployment's strategy. `emberctl deploy` flags override them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// `surge` (start every new replica beside the old ones, then drain the
+    /// old ones) or `rolling` (batches bounded by the two below).
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Replicas that may run above `replicas` during a rollout (default:
+    /// `replicas` for surge, 1 for rolling).
+    #[serde(default)]
+    pub max_surge: Option<u32>,
+    /// Replicas that may be missing below `replicas` during a rollout
+    /// (default 0).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+    /// How long the new revision must run without a crash, once it has
+    /// taken over, before it is committed; a crash within it rolls back.
+    #[serde(default = "default_stable_after", deserialize_with = "de_duration")]
+    pub stable_after: Duration,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::default(),
+            max_surge: None,
+            max_unavailable: None,
+            stable_after: default_stable_after(),
+        }
+    }
+}
+
+fn default_stable_after() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A rollout strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Every new replica beside the old ones, then the old ones drain.
+    #[default]
+    Surge,
+    /// Batches bounded by `max_surge` and `max_unavailable`.
+    Rolling,
+}
+
+impl Strategy {
+    /// The wire and manifest name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Surge => "surge",
+            Strategy::Rolling => "rolling",
+        }
+    }
 }
 
 fn default_start() -> Duration {
@@ -354,6 +416,24 @@ impl Manifest {
             return Err(invalid(
                 "replicas",
                 format!("at most {MAX_REPLICAS} (each replica is a process)"),
+            ));
+        }
+        if self.rollout.stable_after > Duration::from_secs(3600) {
+            return Err(invalid("rollout.stable_after", "at most 1h"));
+        }
+        if let Some(n) = self.rollout.max_surge.filter(|n| *n > MAX_REPLICAS) {
+            return Err(invalid(
+                "rollout.max_surge",
+                format!("{n} is more than {MAX_REPLICAS}"),
+            ));
+        }
+        if self.rollout.strategy == Strategy::Rolling
+            && self.rollout.max_surge == Some(0)
+            && self.rollout.max_unavailable.unwrap_or(0) == 0
+        {
+            return Err(invalid(
+                "rollout.max_unavailable",
+                "max_surge and max_unavailable cannot both be 0: the rollout could not move",
             ));
         }
         check_unique("exports", self.exports.iter().map(|s| s.name.as_str()))?;
