@@ -69,6 +69,8 @@ pub struct ManifestSummary {
     pub start_deadline: Option<Duration>,
     /// `limits.stop_deadline`.
     pub stop_deadline: Option<Duration>,
+    /// How a new revision replaces a running one.
+    pub rollout: module_runtime::manifest::Rollout,
 }
 
 /// A manifest was refused. The messages say what is wrong and where
@@ -153,6 +155,7 @@ pub fn parse(text: &str) -> Result<ManifestSummary, ManifestError> {
     Ok(ManifestSummary {
         start_deadline: Some(m.limits.start_deadline),
         stop_deadline: Some(m.limits.stop_deadline),
+        rollout: m.rollout.clone(),
         memory: m.limits.memory,
         cpu: m.limits.cpu,
         exports: m.exports.iter().map(|e| e.name.clone()).collect(),

@@ -41,6 +41,95 @@ pub struct ModuleRecord {
     pub manifest: String,
     /// Where the module was installed from.
     pub source: PathBuf,
+    /// The number of this (the active, committed) revision.
+    #[serde(default = "first_revision")]
+    pub revision: u64,
+    /// The revisions kept, newest first: the active one, a rollout's
+    /// target, and the last ones before them (their artifacts are kept).
+    /// Empty in state written before revisions existed.
+    #[serde(default)]
+    pub revisions: Vec<RevisionRecord>,
+}
+
+fn first_revision() -> u64 {
+    1
+}
+
+/// One revision of a module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionRecord {
+    /// Its number, from 1.
+    pub revision: u64,
+    /// Module version.
+    pub version: String,
+    /// SHA-256 of the artifact (a placeholder until stored, as in
+    /// [`ModuleRecord`]).
+    pub artifact_sha256: String,
+    /// The manifest text.
+    pub manifest: String,
+    /// Where it was deployed from.
+    pub source: PathBuf,
+    /// When it was deployed, seconds since the Unix epoch.
+    pub deployed_at: u64,
+    /// What became of it.
+    pub outcome: Outcome,
+    /// Why it was aborted, rolled back or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What became of a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The committed revision.
+    Active,
+    /// A rollout to it is in progress.
+    RollingOut,
+    /// Replaced by a later revision.
+    Superseded,
+    /// Failed after taking over; the previous revision was restored.
+    RolledBack,
+    /// Its rollout was aborted.
+    Aborted,
+    /// Its artifact could not be stored.
+    Failed,
+}
+
+impl Outcome {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Active => "active",
+            Outcome::RollingOut => "rolling-out",
+            Outcome::Superseded => "superseded",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Aborted => "aborted",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+impl ModuleRecord {
+    /// This record's own revision, as a history entry.
+    pub fn as_revision(&self, deployed_at: u64, outcome: Outcome) -> RevisionRecord {
+        RevisionRecord {
+            revision: self.revision,
+            version: self.version.clone(),
+            artifact_sha256: self.artifact_sha256.clone(),
+            manifest: self.manifest.clone(),
+            source: self.source.clone(),
+            deployed_at,
+            outcome,
+            reason: None,
+        }
+    }
+
+    /// Every artifact hash the record refers to.
+    pub fn hashes(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.artifact_sha256.as_str())
+            .chain(self.revisions.iter().map(|r| r.artifact_sha256.as_str()))
+    }
 }
 
 /// Everything that must survive a restart.
@@ -170,6 +259,16 @@ impl ArtifactImage {
             len,
             sha256: Arc::default(),
         })
+    }
+
+    /// The image's SHA-256 (hex), computed once and shared by every module
+    /// using this image.
+    pub fn hash(&self) -> io::Result<String> {
+        if let Some(h) = self.sha256.get() {
+            return Ok(h.clone());
+        }
+        let h = hex(&Sha256::digest(self.read_all()?));
+        Ok(self.sha256.get_or_init(|| h).clone())
     }
 
     /// Whether `self` and `other` are the same image (not just equal bytes).
@@ -315,7 +414,8 @@ impl Store {
         let keep: std::collections::HashSet<String> = state
             .modules
             .values()
-            .map(|m| format!("{}.so", m.artifact_sha256))
+            .flat_map(ModuleRecord::hashes)
+            .map(|h| format!("{h}.so"))
             .collect();
         let Ok(rd) = fs::read_dir(self.dir.join("artifacts")) else {
             return;
@@ -404,6 +504,15 @@ impl std::fmt::Debug for SaveJob {
 /// Replaces placeholders by the hashes stored; drops modules whose
 /// placeholder has none (their artifact could not be stored).
 fn resolve(state: &mut DesiredState, stored: &HashMap<String, String>) {
+    for r in state.modules.values_mut() {
+        for v in &mut r.revisions {
+            if let Some(h) = stored.get(&v.artifact_sha256) {
+                v.artifact_sha256 = h.clone();
+            }
+        }
+        r.revisions
+            .retain(|v| !v.artifact_sha256.starts_with(PENDING));
+    }
     state.modules.retain(|_, r| {
         if !r.artifact_sha256.starts_with(PENDING) {
             return true;
@@ -595,6 +704,8 @@ mod tests {
                 artifact_sha256: hash.clone(),
                 manifest: "name = \"kv\"".into(),
                 source: src.clone(),
+                revision: 1,
+                revisions: Vec::new(),
             },
         );
         store.save(&state).unwrap();
@@ -615,7 +726,38 @@ mod tests {
             artifact_sha256: sha.into(),
             manifest: format!("name = \"{name}\""),
             source: PathBuf::from("/src/module.toml"),
+            revision: 1,
+            revisions: Vec::new(),
         }
+    }
+
+    #[test]
+    fn garbage_collection_keeps_the_artifacts_of_every_kept_revision() {
+        let dir = tempdir("gc-revisions");
+        let (store, mut state) = Store::open(&dir.join("state")).unwrap();
+        for h in ["aa", "bb", "cc"] {
+            fs::write(store.artifact_path(h), h).unwrap();
+        }
+        let mut r = record("kv", "bb");
+        r.revisions = vec![
+            r.as_revision(0, Outcome::Active),
+            RevisionRecord {
+                revision: 0,
+                artifact_sha256: "aa".into(),
+                ..r.as_revision(0, Outcome::Superseded)
+            },
+        ];
+        state.modules.insert("kv".into(), r);
+        store.collect_garbage(&state);
+        assert!(store.artifact_path("aa").exists());
+        assert!(store.artifact_path("bb").exists());
+        assert!(!store.artifact_path("cc").exists());
+        // Old state files, without revisions, still load.
+        let old = r#"{"format":1,"modules":{"kv":{"name":"kv","version":"1","artifact_sha256":"bb","manifest":"","source":"/m"}}}"#;
+        let s: DesiredState = serde_json::from_str(old).unwrap();
+        assert_eq!(s.modules["kv"].revision, 1);
+        assert!(s.modules["kv"].revisions.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

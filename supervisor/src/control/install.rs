@@ -63,7 +63,7 @@ pub enum InstallError {
         source: module_runtime::elf::ElfError,
     },
     /// Same name already installed.
-    #[error("module {name} {version} is already installed")]
+    #[error("module {name} {version} is already installed; a new version is shipped with `emberctl deploy`")]
     AlreadyInstalled {
         /// Name.
         name: String,

@@ -3,11 +3,14 @@
 //! single state owner, and its typed result or error is turned back into a
 //! Varlink reply.
 
+pub mod deploy;
 pub mod health;
+pub mod history;
 pub mod install;
 pub mod list;
 pub mod logs;
 pub mod pool;
+pub mod rollout;
 pub mod status;
 pub mod uninstall;
 
@@ -31,6 +34,12 @@ pub mod errors {
     pub const PORT_IN_USE: &str = "io.ember.Supervisor.PortInUse";
     /// The install could not be completed (state directory, artifact copy).
     pub const INSTALL_FAILED: &str = "io.ember.Supervisor.InstallFailed";
+    /// A rollout of the module is in progress.
+    pub const ROLLOUT_IN_PROGRESS: &str = "io.ember.Supervisor.RolloutInProgress";
+    /// No such revision in the module's history.
+    pub const REVISION_NOT_FOUND: &str = "io.ember.Supervisor.RevisionNotFound";
+    /// The module has no rollout in progress.
+    pub const NO_ROLLOUT: &str = "io.ember.Supervisor.NoRollout";
     /// The peer is not on the allow list.
     pub const PERMISSION_DENIED: &str = "io.ember.Supervisor.PermissionDenied";
     /// The bytes on the socket are not Varlink.
@@ -56,6 +65,14 @@ pub enum Request {
     Pool(pool::Pool),
     /// `Logs`.
     Logs(logs::Logs),
+    /// `Deploy`.
+    Deploy(deploy::Deploy),
+    /// `Rollback`.
+    Rollback(deploy::Rollback),
+    /// `History`.
+    History(history::History),
+    /// `Rollout`.
+    Rollout(rollout::Rollout),
 }
 
 /// Parses the member name and parameters of an `io.ember.Supervisor` call.
@@ -68,6 +85,14 @@ pub fn parse(member: &str, parameters: &Map<String, Value>) -> Result<Request, E
         "Health" => Request::Health(decode(parameters)?),
         "Pool" => Request::Pool(decode(parameters)?),
         "Logs" => Request::Logs(decode::<logs::Logs>(parameters)?.validated()?),
+        "Deploy" => Request::Deploy(decode(parameters)?),
+        "Rollback" => Request::Rollback(decode(parameters)?),
+        "History" => Request::History(decode(parameters)?),
+        "Rollout" => {
+            let r: rollout::Rollout = decode(parameters)?;
+            r.action()?;
+            Request::Rollout(r)
+        }
         other => {
             return Err(crate::varlink::service::method_not_found(&format!(
                 "{}.{other}",
@@ -84,12 +109,29 @@ pub(crate) fn decode<T: DeserializeOwned>(
 ) -> Result<T, ErrorReply> {
     serde_json::from_value(Value::Object(parameters.clone())).map_err(|e| {
         let msg = e.to_string();
-        let field = msg
+        let named = msg
             .split('`')
             .nth(1)
             .filter(|f| !f.is_empty() && f.len() < 64)
-            .unwrap_or("parameters");
-        invalid_parameter(field)
+            .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"));
+        // A value of the wrong type or range: serde's message names the
+        // value, not the field. The culprit is the parameter without which
+        // the rest decodes (or is only missing that one).
+        let culprit = || {
+            parameters.keys().find(|k| {
+                let mut rest = parameters.clone();
+                rest.remove(*k);
+                match serde_json::from_value::<T>(Value::Object(rest)) {
+                    Ok(_) => true,
+                    Err(e) => e.to_string().contains(&format!("missing field `{k}`")),
+                }
+            })
+        };
+        let field = named
+            .map(str::to_owned)
+            .or_else(|| culprit().cloned())
+            .unwrap_or_else(|| "parameters".into());
+        invalid_parameter(&field)
     })
 }
 
@@ -136,6 +178,15 @@ mod tests {
         assert_eq!(e.name, "org.varlink.service.InvalidParameter");
         let e = parse("List", &p(json!({"bogus": 1}))).unwrap_err();
         assert_eq!(e.parameters["parameter"], "bogus");
+        let e = parse("Rollout", &p(json!({"name": "kv", "action": "explode"}))).unwrap_err();
+        assert_eq!(e.name, errors::INVALID_INPUT);
+        assert!(e.parameters["reason"].as_str().unwrap().contains("explode"));
+        assert!(matches!(
+            parse("Rollout", &p(json!({"name": "kv", "action": "pause"}))).unwrap(),
+            Request::Rollout(r) if r.action().unwrap() == rollout::Action::Pause
+        ));
+        let e = parse("Deploy", &p(json!({"path": "/m", "max_surge": -1}))).unwrap_err();
+        assert_eq!(e.parameters["parameter"], "max_surge");
         let e = parse("Frobnicate", &Map::new()).unwrap_err();
         assert_eq!(e.name, "org.varlink.service.MethodNotFound");
         let e = parse("Logs", &p(json!({"name": "kv", "lines": -1}))).unwrap_err();

@@ -49,6 +49,10 @@ pub struct ModuleStatus {
     pub limits: LimitsStatus,
     /// Each replica.
     pub replicas: Vec<ReplicaStatus>,
+    /// The active (committed) revision.
+    pub revision: u64,
+    /// A rollout in progress.
+    pub rollout: Option<super::list::RolloutSummary>,
 }
 
 /// A module's effective limits, where each comes from and what enforces
@@ -104,6 +108,8 @@ impl LimitsStatus {
 pub struct ReplicaStatus {
     /// Replica number.
     pub replica: u32,
+    /// The revision it runs.
+    pub revision: u64,
     /// Lifecycle state.
     pub state: State,
     /// Why it is failed or backing off.

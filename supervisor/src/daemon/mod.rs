@@ -10,7 +10,12 @@
 
 pub mod actor;
 pub mod logs;
+mod model;
 pub mod os;
+mod pipeline;
+mod registry;
+pub mod release;
+mod render;
 pub mod server;
 
 use std::path::PathBuf;

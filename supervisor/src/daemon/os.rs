@@ -224,7 +224,7 @@ impl InstanceLog {
 
 /// `2026-11-28T01:02:03.456Z hello@1.0.0#0 INFO hello: message\n`, or
 /// without a level for emberd's notes (`… hello@1.0.0#0 ember: launched…`).
-fn format_line(
+pub(super) fn format_line(
     since_epoch: Duration,
     identity: &str,
     level: Option<&str>,

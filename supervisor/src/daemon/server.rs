@@ -304,8 +304,13 @@ impl Connection {
                 };
                 let (tx, rx) = oneshot::channel();
                 let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
-                let follow =
-                    matches!(request, control::Request::Install(_)) && call.more && !call.oneway;
+                let follow = matches!(
+                    request,
+                    control::Request::Install(_)
+                        | control::Request::Deploy(_)
+                        | control::Request::Rollback(_)
+                ) && call.more
+                    && !call.oneway;
                 let (progress, progress_rx) = match follow {
                     true => {
                         let (p, r) = tokio::sync::mpsc::unbounded_channel();
@@ -322,7 +327,7 @@ impl Connection {
                     .await
                     .map_err(|_| shutting_down())?;
                 if let Some(progress_rx) = progress_rx {
-                    return self.install_progress(rx, progress_rx).await;
+                    return self.progress(rx, progress_rx).await;
                 }
                 match rx.await.map_err(|_| shutting_down())?? {
                     Response::Value(v) => Ok(Some(Reply::ok(v))),
@@ -336,12 +341,13 @@ impl Connection {
         }
     }
 
-    /// `Install` with `more`: the module's summary each time its state
-    /// changes until it settles (running, failed, crash loop), as replies
-    /// with `continues`, then the install's own reply once its state is on
-    /// disk. An install refused or rolled back ends the call with its error
-    /// at once.
-    async fn install_progress(
+    /// `Install`, `Deploy` or `Rollback` with `more`: the module's summary
+    /// each time it changes (an install: until its start settles; a
+    /// rollout: each change of its phase or replica counts), as replies
+    /// with `continues`, then the call's own reply (an install's once its
+    /// state is on disk; a rollout's with its outcome). A call refused ends
+    /// with its error at once.
+    async fn progress(
         &mut self,
         mut done: oneshot::Receiver<Result<Response, ErrorReply>>,
         mut progress: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,

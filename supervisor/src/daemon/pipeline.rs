@@ -1,0 +1,1588 @@
+//! The install, release and uninstall pipelines of the actor: each request
+//! is checked and started on the actor's thread, its slow parts (artifact
+//! copies and hashes, state writes) run elsewhere and come back as
+//! [`Pending`] work, and a rollout is driven step by step by [`Actor::advance`]
+//! after every event of its module.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::actor::{drop_run, finished_runs, to_value, unix_now, Actor, Progress, Reply, Response};
+use super::model::{nobody, Kind, Module, Rollout, Run, Watch};
+use super::os::{ImageRx, ImageTx};
+use super::release::{self, Overrides, Params, Phase, Step};
+use super::render;
+use crate::config::{manifest_with_memory, LimitSource};
+use crate::control::deploy::{
+    revision_not_found, rollout_in_progress, Deploy, DeployReply, Rollback,
+};
+use crate::control::install::{check_artifact, Install, InstallError};
+use crate::control::list::ModuleSummary;
+use crate::control::rollout::{no_rollout, Action};
+use crate::control::uninstall::{UninstallError, UninstallReply};
+use crate::control::{invalid_input, module_not_found};
+use crate::error_chain;
+use crate::lifecycle::{Lifecycle, State};
+use crate::listeners::{self, ListenError};
+use crate::manifest::{self, ManifestSummary};
+use crate::store::{
+    self as store, ArtifactImage, ModuleRecord, NewArtifact, Outcome, RevisionRecord, Saved,
+    StoreError,
+};
+use crate::varlink::ErrorReply;
+
+/// How many revisions a module keeps besides its active one and a rollout's
+/// target (their artifacts stay stored; older ones are collected).
+pub const HISTORY: usize = 10;
+
+/// How long an install's state write waits for its module to start.
+const PERSIST_AFTER_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// An install whose caller follows its progress.
+pub(crate) struct InstallWatch {
+    name: String,
+    generation: u64,
+    last: Option<State>,
+    tx: Progress,
+}
+
+/// An install whose state write waits for its module to leave `starting`.
+pub(crate) struct StartingInstall {
+    install: InstallSaved,
+    image: ArtifactImage,
+    pub until: Instant,
+}
+
+/// Work on its way back to the actor.
+pub(crate) enum Pending {
+    /// An install's artifact copy is made (or failed).
+    Copied {
+        install: InstallSaved,
+        image: Result<ArtifactImage, StoreError>,
+    },
+    /// The persister has finished with an install.
+    Saved(InstallSaved),
+    /// An uninstall's state write is done (or failed).
+    Removed {
+        name: String,
+        generation: u64,
+        record: Option<ModuleRecord>,
+        result: Result<(), StoreError>,
+    },
+    /// A deploy's artifact is copied and hashed (or failed).
+    Prepared(Box<Prepared>),
+    /// The state naming a rollout (and its stored artifact) is on disk.
+    Recorded {
+        name: String,
+        to_gen: u64,
+        result: Saved,
+    },
+    /// A rollout's commit is on disk.
+    Committed {
+        name: String,
+        to_gen: u64,
+        result: Saved,
+    },
+}
+
+/// An install the persister has finished with.
+pub(crate) struct InstallSaved {
+    name: String,
+    generation: u64,
+    placeholder: String,
+    result: Saved,
+    summary: ModuleSummary,
+    reply: Reply,
+    /// Called as `Deploy`: answer in its shape.
+    deploy: bool,
+}
+
+/// A deploy whose artifact was copied and hashed off the actor.
+pub(crate) struct Prepared {
+    name: String,
+    text: String,
+    manifest_path: PathBuf,
+    artifact: PathBuf,
+    overrides: Overrides,
+    image: Result<(ArtifactImage, String), StoreError>,
+    reply: Reply,
+    progress: Option<Progress>,
+}
+
+/// Bound listeners for a run.
+pub(super) struct Listeners {
+    fds: Vec<(String, Arc<OwnedFd>)>,
+    addrs: Vec<(String, String)>,
+    unix_paths: Vec<PathBuf>,
+}
+
+impl Listeners {
+    fn bound(bound: Vec<listeners::Bound>) -> Self {
+        Self {
+            addrs: bound
+                .iter()
+                .map(|b| (b.name.clone(), b.address.clone()))
+                .collect(),
+            unix_paths: bound.iter().filter_map(|b| b.unix_path.clone()).collect(),
+            fds: bound
+                .into_iter()
+                .map(|b| (b.name, Arc::new(b.fd)))
+                .collect(),
+        }
+    }
+}
+
+fn bind_error(source: ListenError) -> InstallError {
+    match source {
+        ListenError::PortInUse { port, .. } => InstallError::PortInUse { port, source },
+        source => InstallError::Listener { source },
+    }
+}
+
+/// Reads and parses the manifest at `path` (a directory or the file).
+fn read_manifest(path: &Path) -> Result<(PathBuf, String, ManifestSummary), InstallError> {
+    if !path.is_absolute() {
+        return Err(InstallError::Relative {
+            path: path.to_owned(),
+        });
+    }
+    let manifest_path = manifest::locate(path);
+    let text =
+        std::fs::read_to_string(&manifest_path).map_err(|source| InstallError::Unreadable {
+            path: manifest_path.clone(),
+            source,
+        })?;
+    let summary = manifest::parse(&text).map_err(|source| InstallError::Manifest {
+        path: manifest_path.clone(),
+        source,
+    })?;
+    Ok((manifest_path, text, summary))
+}
+
+fn deploy_reply(
+    m: &Module,
+    revision: u64,
+    changed: bool,
+    outcome: &'static str,
+    reason: Option<String>,
+) -> Response {
+    Response::Value(to_value(DeployReply {
+        module: render::summary(m),
+        revision,
+        changed,
+        outcome,
+        reason,
+    }))
+}
+
+impl Actor {
+    /// A run of `record` (not started: its target is 0).
+    pub(super) fn new_run(
+        &mut self,
+        record: ModuleRecord,
+        (image, image_path): (ImageRx, PathBuf),
+        listeners: Result<Listeners, String>,
+    ) -> Run {
+        self.next_generation += 1;
+        let now = Instant::now();
+        let summary = manifest::parse(&record.manifest).ok();
+        let policy = self.policy_for(summary.as_ref());
+        let replicas = summary.as_ref().map_or(1, |s| s.replicas).max(1);
+        let image_failure = match &*image.borrow() {
+            Some(Err(reason)) => Some(reason.clone()),
+            _ => None,
+        };
+        let (listeners, failure) = match (listeners, image_failure) {
+            (Ok(l), failure) => (l, failure),
+            (Err(reason), _) => (
+                Listeners {
+                    fds: Vec::new(),
+                    addrs: Vec::new(),
+                    unix_paths: Vec::new(),
+                },
+                Some(reason),
+            ),
+        };
+        let (limits, limit_sources) = self.limit_defaults.resolve(
+            summary.as_ref().and_then(|s| s.memory),
+            summary.as_ref().and_then(|s| s.cpu),
+        );
+        let launch_manifest = match (limit_sources.memory, limits.memory) {
+            (LimitSource::Config, Some(bytes)) => {
+                manifest_with_memory(&record.manifest, bytes).unwrap_or(record.manifest.clone())
+            }
+            _ => record.manifest.clone(),
+        };
+        let s = summary.unwrap_or_else(|| ManifestSummary {
+            name: record.name.clone(),
+            version: record.version.clone(),
+            entry: PathBuf::new(),
+            replicas: 1,
+            listeners: Vec::new(),
+            exports: Vec::new(),
+            imports: Vec::new(),
+            required_imports: Vec::new(),
+            memory: None,
+            cpu: None,
+            start_deadline: None,
+            stop_deadline: None,
+            rollout: Default::default(),
+        });
+        Run {
+            revision: record.revision,
+            image,
+            image_path,
+            artifact: None,
+            replicas: (0..replicas)
+                .map(|r| {
+                    let name = if replicas == 1 {
+                        record.name.clone()
+                    } else {
+                        format!("{}#{r}", record.name)
+                    };
+                    Lifecycle::new(name, policy.clone(), now)
+                })
+                .collect(),
+            target: 0,
+            record,
+            generation: self.next_generation,
+            listeners: listeners.fds,
+            listener_addrs: listeners.addrs,
+            unix_paths: listeners.unix_paths,
+            exports: s.exports,
+            imports: s.imports,
+            required: s.required_imports,
+            stop_deadline: policy.stop_timeout,
+            limits,
+            limit_sources,
+            launch_manifest,
+            failure,
+        }
+    }
+
+    /// Adds a module with one run and starts every replica.
+    fn add_and_start(&mut self, mut run: Run) {
+        let name = run.record.name.clone();
+        run.target = run.replicas.len() as u32;
+        let generation = run.generation;
+        if let Some(reason) = &run.failure {
+            tracing::warn!(module = %name, %reason, "cannot start");
+        }
+        self.modules.insert(name.clone(), Module::new(run));
+        self.reconcile(&name, generation);
+    }
+
+    pub(super) fn restore(&mut self, record: ModuleRecord) {
+        let bound = match manifest::parse(&record.manifest) {
+            Ok(summary) => listeners::bind_all(&summary.listeners)
+                .map(Listeners::bound)
+                .map_err(|e| error_chain(&e)),
+            Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
+        };
+        let path = self.store.artifact_path(&record.artifact_sha256);
+        let image = self.image_of(&record.artifact_sha256);
+        let (_, rx) = watch::channel(Some(
+            image.as_ref().map(|i| i.fd.clone()).map_err(Clone::clone),
+        ));
+        let mut run = self.new_run(record, (rx, path), bound);
+        run.artifact = image.ok();
+        self.add_and_start(run);
+    }
+
+    /// The image of a stored artifact: one a run already uses, else the
+    /// stored file (read-only, private to emberd).
+    fn image_of(&self, sha256: &str) -> Result<ArtifactImage, String> {
+        let known = self
+            .modules
+            .values()
+            .flat_map(|m| m.runs.iter().filter_map(|r| r.artifact.clone()))
+            .find(|i| i.sha256.get().is_some_and(|h| h == sha256));
+        match known {
+            Some(i) => Ok(i),
+            None => self
+                .store
+                .open_artifact(sha256)
+                .map_err(|e| format!("stored artifact: {}", error_chain(&e))),
+        }
+    }
+
+    /// Every image in use, once.
+    fn known_images(&self) -> Vec<ArtifactImage> {
+        let mut known: Vec<ArtifactImage> = Vec::new();
+        for i in self
+            .modules
+            .values()
+            .flat_map(|m| m.runs.iter().filter_map(|r| r.artifact.as_ref()))
+        {
+            if !known.iter().any(|k| k.same(i)) {
+                known.push(i.clone());
+            }
+        }
+        known
+    }
+
+    pub(super) fn pending(&mut self, p: Pending) {
+        match p {
+            Pending::Copied { install, image } => self.install_copied(install, image),
+            Pending::Saved(install) => self.install_saved(install),
+            Pending::Removed {
+                name,
+                generation,
+                record,
+                result,
+            } => self.uninstall_saved(name, generation, record, result),
+            Pending::Prepared(p) => self.deploy_prepared(*p),
+            Pending::Recorded {
+                name,
+                to_gen,
+                result,
+            } => self.rollout_recorded(&name, to_gen, result),
+            Pending::Committed {
+                name,
+                to_gen,
+                result,
+            } => self.rollout_committed(&name, to_gen, result),
+        }
+    }
+
+    // ---- install ----
+
+    /// Installs and launches a module, answering once its desired state is
+    /// on disk. The launch waits for neither hashing nor the disk: the
+    /// artifact is copied into a sealed memfd on a blocking thread while the
+    /// instance takes its worker and is wired (the launch order waits for
+    /// the copy), then the persister hashes the copy, stores it and writes
+    /// the state that refers to it (milliseconds of SHA-256 and fsync). An
+    /// install that was never acknowledged may be missing after a crash; an
+    /// acknowledged one never is.
+    pub(super) fn install(
+        &mut self,
+        req: Install,
+        reply: Reply,
+        progress: Option<Progress>,
+        deploy: bool,
+    ) {
+        match self.install_and_launch(req) {
+            Ok((summary, artifact, image_tx)) => {
+                let name = summary.name.clone();
+                let generation = self.modules[&name].active;
+                if let Some(tx) = progress {
+                    self.watches.push(InstallWatch {
+                        name: name.clone(),
+                        generation,
+                        last: None,
+                        tx,
+                    });
+                }
+                let placeholder = self.modules[&name].active().record.artifact_sha256.clone();
+                let pending = self.pending_tx.clone();
+                let known = self.known_images();
+                tokio::spawn(async move {
+                    let src = artifact.clone();
+                    let made =
+                        tokio::task::spawn_blocking(move || ArtifactImage::snapshot(&src, &known))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(StoreError::Io {
+                                    op: "copy",
+                                    path: artifact,
+                                    source: std::io::Error::other(e.to_string()),
+                                })
+                            });
+                    image_tx.send_replace(Some(
+                        made.as_ref()
+                            .map(|i| i.fd.clone())
+                            .map_err(|e| format!("artifact copy: {}", error_chain(e))),
+                    ));
+                    let _ = pending.send(Pending::Copied {
+                        install: InstallSaved {
+                            name,
+                            generation,
+                            placeholder,
+                            result: Ok(None),
+                            summary,
+                            reply,
+                            deploy,
+                        },
+                        image: made,
+                    });
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    fn install_and_launch(
+        &mut self,
+        req: Install,
+    ) -> Result<(ModuleSummary, PathBuf, ImageTx), InstallError> {
+        let (manifest_path, text, summary) = read_manifest(&req.path)?;
+        if let Some(m) = self.modules.get(&summary.name) {
+            return Err(InstallError::AlreadyInstalled {
+                name: summary.name,
+                version: m.active().record.version.clone(),
+            });
+        }
+        let dir = manifest_path.parent().unwrap_or(Path::new("/"));
+        let artifact = dir.join(&summary.entry);
+        check_artifact(&manifest_path, &artifact)?;
+        let bound = listeners::bind_all(&summary.listeners).map_err(bind_error)?;
+        self.next_placeholder += 1;
+        let placeholder = store::placeholder(self.next_placeholder);
+        let mut record = ModuleRecord {
+            name: summary.name.clone(),
+            version: summary.version.clone(),
+            artifact_sha256: placeholder,
+            manifest: text,
+            source: manifest_path,
+            revision: 1,
+            revisions: Vec::new(),
+        };
+        record.revisions = vec![record.as_revision(unix_now(), Outcome::Active)];
+        self.desired
+            .modules
+            .insert(record.name.clone(), record.clone());
+        tracing::info!(module = %record.name, version = %record.version, "installed");
+        let name = record.name.clone();
+        let (image_tx, image_rx) = watch::channel(None);
+        let run = self.new_run(
+            record,
+            (image_rx, artifact.clone()),
+            Ok(Listeners::bound(bound)),
+        );
+        self.add_and_start(run);
+        Ok((render::summary(&self.modules[&name]), artifact, image_tx))
+    }
+
+    /// Tells callers following an install each state change of the module,
+    /// until the start settles: running, failed, crash-looping, its first
+    /// back-off (the restart's outcome is another start), stopped or gone.
+    /// Dropping a watch's sender tells the connection the progress is over.
+    pub(super) fn report_progress(&mut self) {
+        if self.watches.is_empty() {
+            return;
+        }
+        let modules = &self.modules;
+        self.watches.retain_mut(|w| {
+            let Some(m) = modules
+                .get(&w.name)
+                .filter(|m| m.run(w.generation).is_some())
+            else {
+                return false;
+            };
+            let state = m.state();
+            if w.last != Some(state) {
+                w.last = Some(state);
+                if w.tx.send(json!({ "module": render::summary(m) })).is_err() {
+                    return false;
+                }
+            }
+            !matches!(
+                state,
+                State::Running | State::Failed | State::BackOff | State::CrashLoop | State::Stopped
+            )
+        });
+    }
+
+    /// An install's artifact copy is made: hand it to the persister with the
+    /// state as it is now (so every acknowledged install is in it), or undo
+    /// the install if the copy failed.
+    fn install_copied(
+        &mut self,
+        mut install: InstallSaved,
+        image: Result<ArtifactImage, StoreError>,
+    ) {
+        let image = match image {
+            Ok(i) => i,
+            Err(e) => {
+                install.result = Err(e);
+                return self.install_saved(install);
+            }
+        };
+        if let Some(run) = self
+            .modules
+            .get_mut(&install.name)
+            .and_then(|m| m.run_mut(install.generation))
+        {
+            run.artifact = Some(image.clone());
+        }
+        // Durability waits for the start (see `persist_started`).
+        self.starting.push(StartingInstall {
+            install,
+            image,
+            until: Instant::now() + PERSIST_AFTER_AT_MOST,
+        });
+    }
+
+    /// Hands installs whose modules have left `starting` (or waited
+    /// [`PERSIST_AFTER_AT_MOST`]) to the persister. Hashing, writing and
+    /// fsync (and the journal commit behind it) take a core for
+    /// milliseconds; on a small machine, doing that while the worker starts
+    /// slowed the launch (warm p50 3.0 -> 2.6 ms and p99 5-6 -> 4 ms here
+    /// with it deferred). The install's reply still waits for the disk.
+    pub(super) fn persist_started(&mut self) {
+        if self.starting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.starting)
+            .into_iter()
+            .partition(|s| {
+                now >= s.until
+                    || self
+                        .modules
+                        .get(&s.install.name)
+                        .and_then(|m| m.run(s.install.generation))
+                        .is_none_or(|r| r.state() != State::Starting)
+            });
+        self.starting = waiting;
+        for s in ready {
+            self.persist_install(s.install, s.image);
+        }
+    }
+
+    fn persist_install(&mut self, mut install: InstallSaved, image: ArtifactImage) {
+        let done = self.persister.save(
+            self.desired.clone(),
+            Some(NewArtifact {
+                placeholder: install.placeholder.clone(),
+                image,
+            }),
+        );
+        let pending = self.pending_tx.clone();
+        tokio::spawn(async move {
+            install.result = done.await.unwrap_or(Err(StoreError::WriterGone));
+            let _ = pending.send(Pending::Saved(install));
+        });
+    }
+
+    /// Replaces a placeholder by the hash the persister computed, in the
+    /// desired state and in the runs.
+    fn resolve_hash(&mut self, name: &str, placeholder: &str, hash: &str) {
+        if let Some(r) = self.desired.modules.get_mut(name) {
+            if r.artifact_sha256 == placeholder {
+                r.artifact_sha256 = hash.to_owned();
+            }
+            for v in r.revisions.iter_mut() {
+                if v.artifact_sha256 == placeholder {
+                    v.artifact_sha256 = hash.to_owned();
+                }
+            }
+        }
+        if let Some(m) = self.modules.get_mut(name) {
+            for run in &mut m.runs {
+                if run.record.artifact_sha256 == placeholder {
+                    run.record.artifact_sha256 = hash.to_owned();
+                }
+            }
+        }
+    }
+
+    /// The persister is done with an install: record the artifact's hash and
+    /// answer, or undo the install (stop, remove, write the state without
+    /// it) and say why.
+    fn install_saved(&mut self, s: InstallSaved) {
+        let source = match s.result {
+            Ok(hash) => {
+                if let Some(hash) = hash {
+                    self.resolve_hash(&s.name, &s.placeholder, &hash);
+                }
+                // The module as it is now (it may be running already).
+                let m = self
+                    .modules
+                    .get(&s.name)
+                    .filter(|m| m.run(s.generation).is_some());
+                let reply = match (m, s.deploy) {
+                    (Some(m), true) => deploy_reply(m, 1, true, "installed", None),
+                    (None, true) => Response::Value(json!({
+                        "module": s.summary, "revision": 1, "changed": true, "outcome": "installed"
+                    })),
+                    (m, false) => {
+                        Response::Value(json!({ "module": m.map_or(s.summary, render::summary) }))
+                    }
+                };
+                let _ = s.reply.send(Ok(reply));
+                return;
+            }
+            Err(source) => source,
+        };
+        let e: ErrorReply = InstallError::Store {
+            name: s.name.clone(),
+            source,
+        }
+        .into();
+        let _ = s.reply.send(Err(e));
+        if let Some(m) = self
+            .modules
+            .get_mut(&s.name)
+            .filter(|m| m.run(s.generation).is_some())
+        {
+            // Never acknowledged: it goes even if the state cannot be
+            // written (the state without it is what is on disk).
+            m.rolling_back = true;
+            self.uninstall(s.name, nobody());
+        }
+    }
+
+    // ---- uninstall ----
+
+    pub(super) fn uninstall(&mut self, name: String, reply: Reply) {
+        let Some(m) = self.modules.get_mut(&name) else {
+            let _ = reply.send(Err(UninstallError::NotFound(name).into()));
+            return;
+        };
+        m.uninstall.push(reply);
+        if m.rollout.is_some() {
+            self.end_rollout(&name, "aborted", Some("the module was uninstalled".into()));
+        }
+        self.stop_module(&name);
+    }
+
+    /// Removes modules whose uninstall has finished stopping them.
+    ///
+    /// The state without the module is written on the persister; the
+    /// module stays listed (stopped) until that write is done, so its name
+    /// cannot be installed again meanwhile and a failed write can put it
+    /// back.
+    pub(super) fn settle_uninstalls(&mut self) {
+        let done: Vec<String> = self
+            .modules
+            .iter()
+            .filter(|(_, m)| !m.uninstall.is_empty() && m.all_stopped() && !m.removing)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in done {
+            let Some(m) = self.modules.get_mut(&name) else {
+                continue;
+            };
+            m.removing = true;
+            let generation = m.active;
+            let record = self.desired.modules.remove(&name);
+            let done = self.persister.save_and_collect(self.desired.clone());
+            let pending = self.pending_tx.clone();
+            tokio::spawn(async move {
+                let result = done.await.unwrap_or(Err(StoreError::WriterGone));
+                let _ = pending.send(Pending::Removed {
+                    name,
+                    generation,
+                    record,
+                    result: result.map(drop),
+                });
+            });
+        }
+    }
+
+    /// An uninstall's state write is done: finish removing the module, or
+    /// put it back and say why.
+    fn uninstall_saved(
+        &mut self,
+        name: String,
+        generation: u64,
+        record: Option<ModuleRecord>,
+        result: Result<(), StoreError>,
+    ) {
+        if !self
+            .modules
+            .get(&name)
+            .is_some_and(|m| m.active == generation && m.removing)
+        {
+            return;
+        }
+        let rolling_back = self.modules.get(&name).is_some_and(|m| m.rolling_back);
+        if let Err(source) = result {
+            if rolling_back {
+                tracing::warn!(
+                    module = %name,
+                    error = %error_chain(&source),
+                    "state not written; the undone install is removed anyway"
+                );
+            } else {
+                if let Some(r) = record {
+                    self.desired.modules.insert(name.clone(), r);
+                }
+                let e: ErrorReply = UninstallError::Store {
+                    name: name.clone(),
+                    source,
+                }
+                .into();
+                if let Some(m) = self.modules.get_mut(&name) {
+                    m.removing = false;
+                    for w in m.uninstall.drain(..) {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+                return;
+            }
+        }
+        let Some(mut m) = self.modules.remove(&name) else {
+            return;
+        };
+        let killed = m
+            .runs
+            .iter()
+            .any(|r| r.replicas.iter().any(Lifecycle::killed_at_stop));
+        for run in &mut m.runs {
+            // Listeners close when the last launch task lets go.
+            run.listeners.clear();
+            for p in run.unix_paths.drain(..) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let _ = std::fs::remove_file(self.store.log_path(&name));
+        tracing::info!(module = %name, "uninstalled");
+        let reply = to_value(UninstallReply { killed });
+        for w in m.uninstall.drain(..) {
+            let _ = w.send(Ok(Response::Value(reply.clone())));
+        }
+    }
+
+    // ---- deploy and rollback ----
+
+    /// `Deploy`: an install for a module not installed; else the new
+    /// revision's artifact is copied (or found among the images in use) and
+    /// hashed off the actor, then [`Actor::deploy_prepared`] starts the
+    /// rollout.
+    pub(super) fn deploy(&mut self, req: Deploy, reply: Reply, progress: Option<Progress>) {
+        let overrides = match req.overrides() {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let (manifest_path, text, summary) = match read_manifest(&req.path) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let name = summary.name.clone();
+        let Some(m) = self.modules.get_mut(&name) else {
+            // Not installed: a deploy is an install (revision 1).
+            return self.install(Install { path: req.path }, reply, progress, true);
+        };
+        if let Err(e) = busy(&name, m) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let dir = manifest_path.parent().unwrap_or(Path::new("/"));
+        let artifact = dir.join(&summary.entry);
+        if let Err(e) = check_artifact(&manifest_path, &artifact) {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+        m.preparing = true;
+        let known = self.known_images();
+        let pending = self.pending_tx.clone();
+        let src = artifact.clone();
+        tokio::spawn(async move {
+            let s = src.clone();
+            let image = tokio::task::spawn_blocking(move || {
+                let image = ArtifactImage::snapshot(&s, &known)?;
+                let hash = image.hash().map_err(|source| StoreError::Io {
+                    op: "hash",
+                    path: s.clone(),
+                    source,
+                })?;
+                Ok((image, hash))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Io {
+                    op: "copy",
+                    path: src,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+            let _ = pending.send(Pending::Prepared(Box::new(Prepared {
+                name,
+                text,
+                manifest_path,
+                artifact,
+                overrides,
+                image,
+                reply,
+                progress,
+            })));
+        });
+    }
+
+    /// A deploy's artifact is ready: nothing changes if it is the active
+    /// revision; else its revision (a new number, or the number of an
+    /// identical earlier one) is rolled out.
+    fn deploy_prepared(&mut self, p: Prepared) {
+        let Some(m) = self.modules.get_mut(&p.name) else {
+            let _ = p.reply.send(Err(module_not_found(&p.name)));
+            return;
+        };
+        m.preparing = false;
+        if !m.uninstall.is_empty() {
+            let _ = p.reply.send(Err(invalid_input(format!(
+                "{} is being uninstalled",
+                p.name
+            ))));
+            return;
+        }
+        let (image, hash) = match p.image {
+            Ok(v) => v,
+            Err(source) => {
+                let e: ErrorReply = InstallError::Store {
+                    name: p.name.clone(),
+                    source,
+                }
+                .into();
+                let _ = p.reply.send(Err(e));
+                return;
+            }
+        };
+        let active = &m.active().record;
+        if active.artifact_sha256 == hash && active.manifest == p.text {
+            let rev = m.active().revision;
+            let _ = p
+                .reply
+                .send(Ok(deploy_reply(m, rev, false, "unchanged", None)));
+            return;
+        }
+        let revisions = self
+            .desired
+            .modules
+            .get(&p.name)
+            .map(|r| r.revisions.as_slice())
+            .unwrap_or_default();
+        let revision = revisions
+            .iter()
+            .find(|r| r.artifact_sha256 == hash && r.manifest == p.text)
+            .map(|r| r.revision)
+            .unwrap_or_else(|| revisions.iter().map(|r| r.revision).max().unwrap_or(0) + 1);
+        let summary = match manifest::parse(&p.text) {
+            Ok(s) => s,
+            Err(source) => {
+                let e: ErrorReply = InstallError::Manifest {
+                    path: p.manifest_path,
+                    source,
+                }
+                .into();
+                let _ = p.reply.send(Err(e));
+                return;
+            }
+        };
+        let record = ModuleRecord {
+            name: p.name.clone(),
+            version: summary.version.clone(),
+            artifact_sha256: hash,
+            manifest: p.text,
+            source: p.manifest_path,
+            revision,
+            revisions: Vec::new(),
+        };
+        self.next_placeholder += 1;
+        let stored = NewArtifact {
+            placeholder: store::placeholder(self.next_placeholder),
+            image: image.clone(),
+        };
+        let spec = Spec {
+            record,
+            image,
+            image_path: p.artifact,
+            kind: Kind::Deploy,
+            overrides: p.overrides,
+            store: Some(stored),
+            reason: None,
+        };
+        if let Err(e) = self.start_rollout(spec, p.reply, p.progress) {
+            tracing::info!(module = %p.name, reason = %e.name, "deploy refused");
+        }
+    }
+
+    /// `Rollback`: the revision before the active one (or `to`), from the
+    /// stored artifact.
+    pub(super) fn rollback(&mut self, req: Rollback, reply: Reply, progress: Option<Progress>) {
+        let Some(m) = self.modules.get(&req.name) else {
+            let _ = reply.send(Err(module_not_found(&req.name)));
+            return;
+        };
+        if let Err(e) = busy(&req.name, m) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let active = m.active().revision;
+        let revisions = self
+            .desired
+            .modules
+            .get(&req.name)
+            .map(|r| r.revisions.clone())
+            .unwrap_or_default();
+        let target = match req.to {
+            Some(n) => revisions.iter().find(|r| r.revision == n),
+            // The newest revision that was active before this one.
+            None => revisions
+                .iter()
+                .find(|r| r.outcome == Outcome::Superseded && r.revision != active),
+        };
+        let Some(target) = target.cloned() else {
+            let e = match req.to {
+                Some(n) => revision_not_found(&req.name, n),
+                None => invalid_input(format!(
+                    "{} has no earlier revision to roll back to (see `emberctl history {}`)",
+                    req.name, req.name
+                )),
+            };
+            let _ = reply.send(Err(e));
+            return;
+        };
+        if target.revision == active {
+            let _ = reply.send(Ok(deploy_reply(m, active, false, "unchanged", None)));
+            return;
+        }
+        let image = match self.image_of(&target.artifact_sha256) {
+            Ok(i) => i,
+            Err(reason) => {
+                let _ = reply.send(Err(invalid_input(format!(
+                    "revision {} of {}: {reason}",
+                    target.revision, req.name
+                ))));
+                return;
+            }
+        };
+        let record = ModuleRecord {
+            name: req.name.clone(),
+            version: target.version,
+            artifact_sha256: target.artifact_sha256.clone(),
+            manifest: target.manifest,
+            source: target.source,
+            revision: target.revision,
+            revisions: Vec::new(),
+        };
+        let spec = Spec {
+            image_path: self.store.artifact_path(&target.artifact_sha256),
+            record,
+            image,
+            kind: Kind::Rollback,
+            overrides: Overrides::default(),
+            store: None,
+            reason: None,
+        };
+        let _ = self.start_rollout(spec, reply, progress);
+    }
+
+    /// Starts a rollout of `spec` on the module: its run is made (its
+    /// listeners are the active run's where the address is the same, so
+    /// both revisions accept from one queue), the state naming the rollout
+    /// is written (after storing the artifact), and the planner takes over.
+    fn start_rollout(
+        &mut self,
+        spec: Spec,
+        reply: Reply,
+        progress: Option<Progress>,
+    ) -> Result<(), ErrorReply> {
+        let name = spec.record.name.clone();
+        let refuse = |reply: Reply, e: ErrorReply| {
+            let _ = reply.send(Err(e.clone()));
+            Err(e)
+        };
+        let summary = match manifest::parse(&spec.record.manifest) {
+            Ok(s) => s,
+            Err(e) => return refuse(reply, invalid_input(error_chain(&e))),
+        };
+        let params = match Params::resolve(summary.replicas, &summary.rollout, &spec.overrides) {
+            Ok(p) => p,
+            Err(reason) => return refuse(reply, invalid_input(reason)),
+        };
+        let Some(m) = self.modules.get(&name) else {
+            return refuse(reply, module_not_found(&name));
+        };
+        let from = m.serving();
+        let (from_gen, from_revision) = (from.generation, from.revision);
+        // Listeners: the same socket for the same name and address.
+        let mut fds = Vec::new();
+        let mut addrs = Vec::new();
+        let mut unix_paths = Vec::new();
+        let mut fresh = Vec::new();
+        for spec_l in &summary.listeners {
+            let address = spec_l.address.to_string();
+            let same = from
+                .listener_addrs
+                .iter()
+                .position(|(n, a)| *n == spec_l.name && *a == address);
+            match same.and_then(|i| from.listeners.get(i).map(|l| (i, l))) {
+                Some((i, (_, fd))) => {
+                    fds.push((spec_l.name.clone(), fd.clone()));
+                    addrs.push(from.listener_addrs[i].clone());
+                    if let crate::manifest::ListenAddress::Unix(p) = &spec_l.address {
+                        unix_paths.push(p.clone());
+                    }
+                }
+                None => fresh.push(spec_l.clone()),
+            }
+        }
+        if !fresh.is_empty() {
+            match listeners::bind_all(&fresh) {
+                Ok(bound) => {
+                    let l = Listeners::bound(bound);
+                    fds.extend(l.fds);
+                    addrs.extend(l.addrs);
+                    unix_paths.extend(l.unix_paths);
+                }
+                Err(e) => return refuse(reply, bind_error(e).into()),
+            }
+        }
+        let (_, rx) = watch::channel(Some(Ok(spec.image.fd.clone())));
+        let mut run = self.new_run(
+            spec.record.clone(),
+            (rx, spec.image_path),
+            Ok(Listeners {
+                fds,
+                addrs,
+                unix_paths,
+            }),
+        );
+        run.artifact = Some(spec.image);
+        let to_gen = run.generation;
+        let to_revision = run.revision;
+        let version = run.record.version.clone();
+        tracing::info!(module = %name, from = from_revision, to = to_revision, %version, strategy = params.strategy.as_str(), "rollout");
+        let m = self.modules.get_mut(&name).expect("checked above");
+        m.runs.push(run);
+        let mut rollout = Rollout {
+            kind: spec.kind,
+            from_gen,
+            to_gen,
+            from_revision,
+            to_revision,
+            version,
+            params,
+            phase: Phase::Progressing,
+            paused: false,
+            started: Instant::now(),
+            took_over: None,
+            watches: Vec::new(),
+            finals: Vec::new(),
+            reason: spec.reason,
+            recorded: false,
+            committing: false,
+        };
+        match progress {
+            Some(tx) => {
+                rollout.watches.push(Watch { tx, last: None });
+                rollout.finals.push(reply);
+            }
+            None => {
+                m.rollout = Some(rollout);
+                let _ = reply.send(Ok(deploy_reply(m, to_revision, true, "started", None)));
+                return self.record_rollout(&name, spec.store, spec.kind);
+            }
+        }
+        m.rollout = Some(rollout);
+        self.record_rollout(&name, spec.store, spec.kind)
+    }
+
+    /// Writes the state naming the rollout's revision (`rolling-out`),
+    /// storing its artifact first; then drives it.
+    fn record_rollout(
+        &mut self,
+        name: &str,
+        artifact: Option<NewArtifact>,
+        kind: Kind,
+    ) -> Result<(), ErrorReply> {
+        let Some(m) = self.modules.get(name) else {
+            return Ok(());
+        };
+        let Some(ro) = m.rollout.as_ref() else {
+            return Ok(());
+        };
+        let to_gen = ro.to_gen;
+        if kind != Kind::AutoRollback {
+            let run = m.run(to_gen).expect("the rollout's run");
+            let mut entry = run.record.as_revision(unix_now(), Outcome::RollingOut);
+            entry.reason = None;
+            self.put_revision(name, entry);
+        }
+        let done = self.persister.save(self.desired.clone(), artifact);
+        let pending = self.pending_tx.clone();
+        let name = name.to_owned();
+        let n = name.clone();
+        tokio::spawn(async move {
+            let result = done.await.unwrap_or(Err(StoreError::WriterGone));
+            let _ = pending.send(Pending::Recorded {
+                name: n,
+                to_gen,
+                result,
+            });
+        });
+        self.advance(&name);
+        Ok(())
+    }
+
+    /// Puts `entry` first in the module's history (replacing an entry of the
+    /// same number) and keeps the active revision, a rolling-out one and
+    /// the [`HISTORY`] newest others.
+    fn put_revision(&mut self, name: &str, entry: RevisionRecord) {
+        let Some(r) = self.desired.modules.get_mut(name) else {
+            return;
+        };
+        r.revisions.retain(|v| v.revision != entry.revision);
+        r.revisions.insert(0, entry);
+        let mut others = 0;
+        r.revisions.retain(|v| {
+            if matches!(v.outcome, Outcome::Active | Outcome::RollingOut) {
+                return true;
+            }
+            others += 1;
+            others <= HISTORY
+        });
+    }
+
+    /// Sets the outcome of one revision in the module's history.
+    fn set_outcome(&mut self, name: &str, revision: u64, outcome: Outcome, reason: Option<String>) {
+        if let Some(v) = self
+            .desired
+            .modules
+            .get_mut(name)
+            .and_then(|r| r.revisions.iter_mut().find(|v| v.revision == revision))
+        {
+            v.outcome = outcome;
+            v.reason = reason;
+        }
+    }
+
+    fn rollout_recorded(&mut self, name: &str, to_gen: u64, result: Saved) {
+        let Some(ro) = self
+            .modules
+            .get_mut(name)
+            .and_then(|m| m.rollout.as_mut())
+            .filter(|r| r.to_gen == to_gen)
+        else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                ro.recorded = true;
+                self.advance(name);
+            }
+            Err(e) => {
+                let reason = format!("cannot store the new revision: {}", error_chain(&e));
+                let revision = ro.to_revision;
+                self.abort(name, reason.clone());
+                self.set_outcome(name, revision, Outcome::Failed, Some(reason));
+                self.persist_quietly();
+            }
+        }
+    }
+
+    /// Writes the desired state; nobody waits for it (a failure is logged).
+    fn persist_quietly(&mut self) {
+        let done = self.persister.save_and_collect(self.desired.clone());
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = done.await {
+                tracing::warn!(error = %error_chain(&e), "cannot write the desired state");
+            }
+        });
+    }
+
+    /// Drives a module's rollout: asks the planner what should run, applies
+    /// it, and handles the takeover, the commit after `stable_after`, an
+    /// abort, or a rollback of a revision that failed after taking over.
+    pub(super) fn advance(&mut self, name: &str) {
+        for _ in 0..8 {
+            let Some(m) = self.modules.get_mut(name) else {
+                return;
+            };
+            for g in finished_runs(m) {
+                drop_run(m, g);
+            }
+            let Some(ro) = m.rollout.as_ref() else {
+                return;
+            };
+            if ro.took_over.is_some() {
+                let new = m.run(ro.to_gen).expect("the rollout's run");
+                if let Some(why) = new.failure() {
+                    if ro.kind == Kind::AutoRollback {
+                        // The revision we went back to fails as well: stay,
+                        // and say so.
+                        self.end_rollout(name, "rolled-back", Some(why));
+                    } else {
+                        self.auto_rollback(name, why);
+                    }
+                    return;
+                }
+                let due = ro
+                    .took_over
+                    .is_some_and(|t| t + ro.params.stable_after <= Instant::now());
+                if due && ro.recorded && !ro.committing {
+                    self.commit(name);
+                }
+                break;
+            }
+            let Some(counts) = m.counts() else {
+                return;
+            };
+            let ro = m.rollout.as_mut().expect("checked above");
+            if !ro.paused && release::canary_done(&ro.params, &counts) {
+                tracing::info!(
+                    module = name,
+                    ready = counts.new_ready,
+                    "canary ready; rollout paused"
+                );
+                ro.paused = true;
+            }
+            let to_gen = ro.to_gen;
+            match release::plan(&ro.params, &counts, ro.paused) {
+                Step::Abort => {
+                    let why = m
+                        .run(to_gen)
+                        .and_then(Run::failure)
+                        .unwrap_or_else(|| "a new replica failed".into());
+                    self.abort(name, why);
+                    return;
+                }
+                Step::TookOver => {
+                    let ro = m.rollout.as_mut().expect("checked above");
+                    ro.took_over = Some(Instant::now());
+                    ro.phase = Phase::Stabilizing;
+                    tracing::info!(
+                        module = name,
+                        revision = ro.to_revision,
+                        "new revision took over"
+                    );
+                    if ro.kind == Kind::AutoRollback {
+                        let reason = ro.reason.clone();
+                        self.end_rollout(name, "rolled-back", reason);
+                        return;
+                    }
+                }
+                Step::Scale { old, new, phase } => {
+                    let auto = ro.kind == Kind::AutoRollback;
+                    let phase = if auto && phase == Phase::Progressing {
+                        Phase::RollingBack
+                    } else {
+                        phase
+                    };
+                    let (from_gen, to_gen) = (ro.from_gen, ro.to_gen);
+                    let moved = ro.phase != phase;
+                    ro.phase = phase;
+                    let mut changed = moved;
+                    for (g, t) in [(to_gen, new), (from_gen, old)] {
+                        if let Some(run) = m.run_mut(g) {
+                            changed |= run.target != t;
+                            run.target = t;
+                        }
+                    }
+                    self.reconcile(name, to_gen);
+                    self.reconcile(name, from_gen);
+                    if !changed {
+                        break;
+                    }
+                }
+            }
+        }
+        self.report_rollout(name);
+    }
+
+    /// Tells callers following the rollout each change of its phase or
+    /// replica counts.
+    fn report_rollout(&mut self, name: &str) {
+        let Some(m) = self.modules.get(name) else {
+            return;
+        };
+        let Some(ro) = m.rollout.as_ref() else {
+            return;
+        };
+        if ro.watches.is_empty() {
+            return;
+        }
+        let summary = render::summary(m);
+        let key = summary.rollout.as_ref().map(|r| {
+            json!([
+                r.phase,
+                r.old_replicas,
+                r.new_replicas,
+                r.new_ready,
+                summary.state
+            ])
+        });
+        let value = json!({ "module": summary });
+        let m = self.modules.get_mut(name).expect("checked above");
+        let ro = m.rollout.as_mut().expect("checked above");
+        ro.watches.retain_mut(|w| {
+            if w.last == key {
+                return true;
+            }
+            w.last = key.clone();
+            w.tx.send(value.clone()).is_ok()
+        });
+    }
+
+    /// A new replica failed before the new revision took over: its replicas
+    /// stop, every old replica runs again (a rolling rollout had stopped
+    /// some), and the module stays on the old revision.
+    fn abort(&mut self, name: &str, reason: String) {
+        tracing::warn!(module = name, %reason, "rollout aborted");
+        self.end_rollout(name, "aborted", Some(reason));
+    }
+
+    /// Ends the rollout with `outcome` (`aborted`, `rolled-back`: the old
+    /// run serves again; `completed`: the new one is committed).
+    fn end_rollout(&mut self, name: &str, outcome: &'static str, reason: Option<String>) {
+        self.report_rollout(name);
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(ro) = m.rollout.take() else {
+            return;
+        };
+        let keep = if outcome == "completed"
+            || (ro.kind == Kind::AutoRollback && outcome == "rolled-back" && ro.took_over.is_some())
+        {
+            ro.to_gen
+        } else {
+            ro.from_gen
+        };
+        let drop_gen = if keep == ro.to_gen {
+            ro.from_gen
+        } else {
+            ro.to_gen
+        };
+        m.active = keep;
+        if let Some(run) = m.run_mut(drop_gen) {
+            run.target = 0;
+        }
+        if m.uninstall.is_empty() {
+            if let Some(run) = m.run_mut(keep) {
+                run.target = run.replicas.len() as u32;
+            }
+        }
+        let revision = m.active().revision;
+        // The caller's view of the outcome: its own revision's number.
+        let (reply_revision, changed) = match ro.kind {
+            Kind::AutoRollback => (ro.from_revision, false),
+            _ => (ro.to_revision, outcome == "completed"),
+        };
+        let finals = ro.finals;
+        let record_outcome = match outcome {
+            "aborted" => Some(Outcome::Aborted),
+            _ => None,
+        };
+        if let Some(o) = record_outcome {
+            if ro.kind != Kind::AutoRollback {
+                self.set_outcome(name, ro.to_revision, o, reason.clone());
+                self.persist_quietly();
+            }
+        }
+        self.reconcile(name, drop_gen);
+        self.reconcile(name, keep);
+        let Some(m) = self.modules.get(name) else {
+            return;
+        };
+        tracing::info!(module = name, outcome, revision, "rollout ended");
+        for f in finals {
+            let _ = f.send(Ok(deploy_reply(
+                m,
+                reply_revision,
+                changed,
+                outcome,
+                reason.clone(),
+            )));
+        }
+        self.advance(name);
+    }
+
+    /// The new revision failed within `stable_after` of taking over: it is
+    /// recorded as rolled back and the committed revision is rolled out
+    /// again, the same way (the callers following the first rollout follow
+    /// this one and are told `rolled-back`).
+    fn auto_rollback(&mut self, name: &str, why: String) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(ro) = m.rollout.take() else {
+            return;
+        };
+        tracing::warn!(module = name, revision = ro.to_revision, reason = %why, "new revision failed after taking over; rolling back");
+        let committed = m.active().record.clone();
+        let image = m.active().artifact.clone();
+        // The failed run stays (serving what it can) until the rollback
+        // takes over; the old run, stopped, is dropped.
+        let failed_gen = ro.to_gen;
+        m.active = failed_gen;
+        let reason = format!(
+            "revision {} failed after taking over: {why}",
+            ro.to_revision
+        );
+        self.set_outcome(name, ro.to_revision, Outcome::RolledBack, Some(why));
+        self.persist_quietly();
+        let image = match image
+            .map(Ok)
+            .unwrap_or_else(|| self.image_of(&committed.artifact_sha256))
+        {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(module = name, error = %e, "cannot roll back");
+                for f in ro.finals {
+                    let _ = f.send(Err(invalid_input(format!("cannot roll back: {e}"))));
+                }
+                return;
+            }
+        };
+        let spec = Spec {
+            image_path: self.store.artifact_path(&committed.artifact_sha256),
+            record: committed,
+            image,
+            kind: Kind::AutoRollback,
+            overrides: Overrides::default(),
+            store: None,
+            reason: Some(reason.clone()),
+        };
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let _ = self.start_rollout(spec, reply, None);
+        if let Some(new) = self.modules.get_mut(name).and_then(|m| m.rollout.as_mut()) {
+            new.finals = ro.finals;
+            new.watches = ro.watches;
+            new.from_revision = ro.to_revision;
+        }
+        self.advance(name);
+    }
+
+    /// The new revision ran `stable_after` without a crash: it becomes the
+    /// committed one on disk.
+    fn commit(&mut self, name: &str) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(ro) = m.rollout.as_mut() else {
+            return;
+        };
+        ro.committing = true;
+        let (to_gen, to_revision, from_revision) = (ro.to_gen, ro.to_revision, ro.from_revision);
+        let record = m.run(to_gen).expect("the rollout's run").record.clone();
+        if let Some(r) = self.desired.modules.get_mut(name) {
+            r.version = record.version.clone();
+            r.artifact_sha256 = record.artifact_sha256.clone();
+            r.manifest = record.manifest.clone();
+            r.source = record.source.clone();
+            r.revision = to_revision;
+        }
+        if from_revision != to_revision {
+            self.set_outcome(name, from_revision, Outcome::Superseded, None);
+        }
+        self.set_outcome(name, to_revision, Outcome::Active, None);
+        // Any other `active` entry (an earlier revision) is superseded too.
+        if let Some(r) = self.desired.modules.get_mut(name) {
+            for v in &mut r.revisions {
+                if v.revision != to_revision && v.outcome == Outcome::Active {
+                    v.outcome = Outcome::Superseded;
+                }
+            }
+        }
+        let done = self.persister.save_and_collect(self.desired.clone());
+        let pending = self.pending_tx.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let result = done.await.unwrap_or(Err(StoreError::WriterGone));
+            let _ = pending.send(Pending::Committed {
+                name,
+                to_gen,
+                result,
+            });
+        });
+    }
+
+    fn rollout_committed(&mut self, name: &str, to_gen: u64, result: Saved) {
+        let ours = self
+            .modules
+            .get(name)
+            .and_then(|m| m.rollout.as_ref())
+            .is_some_and(|r| r.to_gen == to_gen);
+        if !ours {
+            return;
+        }
+        let reason = result.err().map(|e| {
+            format!(
+                "committed, but the state was not written: {}",
+                error_chain(&e)
+            )
+        });
+        self.end_rollout(name, "completed", reason);
+    }
+
+    /// `Rollout(name, action)`.
+    pub(super) fn rollout_action(
+        &mut self,
+        req: crate::control::rollout::Rollout,
+    ) -> Result<serde_json::Value, ErrorReply> {
+        let name = req.name.as_str();
+        let m = self
+            .modules
+            .get_mut(name)
+            .ok_or_else(|| module_not_found(name))?;
+        let action = req.action()?;
+        let ro = m.rollout.as_mut().ok_or_else(|| no_rollout(name))?;
+        let before_takeover = ro.took_over.is_none() && ro.kind != Kind::AutoRollback;
+        match action {
+            Action::Pause | Action::Abort if !before_takeover => {
+                return Err(invalid_input(format!(
+                    "the rollout of {name} to revision {} is past its takeover ({}); \
+                     use `emberctl rollback {name}` to go back",
+                    ro.to_revision,
+                    ro.phase.as_str()
+                )))
+            }
+            Action::Pause => {
+                ro.paused = true;
+                tracing::info!(module = name, "rollout paused");
+            }
+            Action::Resume => {
+                ro.paused = false;
+                ro.params.pause_after = None;
+                tracing::info!(module = name, "rollout resumed");
+            }
+            Action::Abort => {
+                self.abort(name, "aborted by request".into());
+                let m = self
+                    .modules
+                    .get(name)
+                    .ok_or_else(|| module_not_found(name))?;
+                return Ok(json!({ "module": render::summary(m) }));
+            }
+        }
+        self.advance(name);
+        let m = self
+            .modules
+            .get(name)
+            .ok_or_else(|| module_not_found(name))?;
+        Ok(json!({ "module": render::summary(m) }))
+    }
+}
+
+/// What a rollout starts from.
+struct Spec {
+    record: ModuleRecord,
+    image: ArtifactImage,
+    image_path: PathBuf,
+    kind: Kind,
+    overrides: Overrides,
+    /// The artifact to store before the rollout is recorded (a deploy's).
+    store: Option<NewArtifact>,
+    reason: Option<String>,
+}
+
+/// Refuses a release while another is in progress or the module goes.
+fn busy(name: &str, m: &Module) -> Result<(), ErrorReply> {
+    if let Some(r) = &m.rollout {
+        return Err(rollout_in_progress(name, r.to_revision, r.phase.as_str()));
+    }
+    if m.preparing {
+        return Err(rollout_in_progress(name, 0, "preparing"));
+    }
+    if !m.uninstall.is_empty() {
+        return Err(invalid_input(format!("{name} is being uninstalled")));
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! Replies rendered from the actor's model: `List` lines, `Status`,
+//! `History`. Functions of the model (and, for status, of memory and CPU
+//! readings), nothing else.
+
+use super::model::{Module, Run};
+use super::registry::Registry;
+use crate::cgroup::Limiter;
+use crate::control::history::Revision;
+use crate::control::list::{ModuleSummary, RolloutSummary};
+use crate::control::status::{
+    ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus,
+};
+use crate::lifecycle::{Lifecycle, State};
+use crate::metrics::{Memory, MemoryCache};
+use crate::store::RevisionRecord;
+
+/// The committed revision number of a module.
+pub(super) fn revision(m: &Module) -> u64 {
+    m.active().revision
+}
+
+/// A rollout in progress, as replies show it.
+pub(super) fn rollout(m: &Module) -> Option<RolloutSummary> {
+    let r = m.rollout.as_ref()?;
+    let old = m.run(r.from_gen);
+    let new = m.run(r.to_gen);
+    Some(RolloutSummary {
+        revision: r.to_revision,
+        from_revision: r.from_revision,
+        version: r.version.clone(),
+        strategy: r.params.strategy.as_str(),
+        max_surge: r.params.max_surge,
+        max_unavailable: r.params.max_unavailable,
+        pause_after: r.params.pause_after,
+        phase: r.phase.as_str(),
+        old_replicas: old.map_or(0, Run::alive),
+        new_replicas: new.map_or(0, Run::alive),
+        new_ready: new.map_or(0, Run::ready),
+        reason: r.reason.clone(),
+        seconds: r.started.elapsed().as_secs_f64(),
+    })
+}
+
+pub(super) fn summary(m: &Module) -> ModuleSummary {
+    let run = m.active();
+    let pids: Vec<i32> = m
+        .runs
+        .iter()
+        .flat_map(|r| r.replicas.iter().filter_map(Lifecycle::pid))
+        .collect();
+    ModuleSummary {
+        name: run.record.name.clone(),
+        version: run.record.version.clone(),
+        state: m.state(),
+        pid: m.serving().replicas.iter().find_map(Lifecycle::pid),
+        pids,
+        replicas: m.serving().replicas.len() as u32,
+        restarts: m
+            .runs
+            .iter()
+            .flat_map(|r| r.replicas.iter().map(Lifecycle::restarts))
+            .sum(),
+        revision: revision(m),
+        rollout: rollout(m),
+    }
+}
+
+fn replica_status(
+    run: &Run,
+    r: usize,
+    l: &Lifecycle,
+    limiter: &Limiter,
+    memory: &MemoryCache,
+) -> ReplicaStatus {
+    let pid = l.pid();
+    let cgroups = pid.map_or_else(Vec::new, |p| {
+        limiter
+            .instance_dirs(&run.record.name, r as u32, p)
+            .into_iter()
+            .filter(|d| d.is_dir())
+            .map(|d| d.display().to_string())
+            .collect()
+    });
+    ReplicaStatus {
+        replica: r as u32,
+        revision: run.revision,
+        state: l.state(),
+        reason: l.reason().map(str::to_owned),
+        pid,
+        restarts: l.restarts(),
+        last_error: l.last_error().map(str::to_owned),
+        state_seconds: l.since().elapsed().as_secs_f64(),
+        // smaps_rollup walks the process's page tables under its mmap lock,
+        // which would stall a module that is still loading (dlopen, thread
+        // stacks) for milliseconds: only running replicas are measured.
+        memory: pid
+            .filter(|_| l.state() == State::Running)
+            .and_then(|p| memory.memory(p)),
+        cpu_seconds: pid.and_then(|p| crate::metrics::cpu_seconds(p).ok()),
+        cgroups,
+    }
+}
+
+/// Each import of the serving run: `wired` once every running replica has
+/// a channel to an exporter instance that runs.
+pub(super) fn imports_status<'a>(
+    m: &Module,
+    modules: impl Iterator<Item = &'a Module> + Clone,
+    registry: &Registry,
+) -> Vec<ImportStatus> {
+    let run = m.serving();
+    let running: Vec<i32> = run
+        .replicas
+        .iter()
+        .filter(|l| l.state() == State::Running)
+        .filter_map(Lifecycle::pid)
+        .collect();
+    // A channel counts once its exporter instance runs: `pid` is the
+    // current worker of a running replica.
+    let exporter_runs = |pid: i32| {
+        registry.get(pid).is_some_and(|l| {
+            modules
+                .clone()
+                .filter_map(|e| e.run(l.generation))
+                .filter(|e| e.record.name == l.module)
+                .filter_map(|e| e.replicas.get(l.replica as usize))
+                .any(|r| r.pid() == Some(pid) && r.state() == State::Running)
+        })
+    };
+    run.imports
+        .iter()
+        .map(|service| {
+            let exporter = modules
+                .clone()
+                .find(|e| e.serving().exports.contains(service))
+                .map(|e| e.active().record.name.clone());
+            let all_wired = !running.is_empty()
+                && running
+                    .iter()
+                    .all(|p| registry.exporter_of(*p, service).is_some_and(exporter_runs));
+            ImportStatus {
+                name: service.clone(),
+                state: if all_wired { "wired" } else { "waiting" }.into(),
+                exporter,
+            }
+        })
+        .collect()
+}
+
+pub(super) fn status(
+    m: &Module,
+    imports: Vec<ImportStatus>,
+    limiter: &Limiter,
+    memory: &MemoryCache,
+) -> ModuleStatus {
+    let run = m.serving();
+    // The serving run's replicas, then the other runs' (a rollout's).
+    let mut runs: Vec<&Run> = vec![run];
+    runs.extend(m.runs.iter().filter(|r| r.generation != run.generation));
+    let replicas: Vec<ReplicaStatus> = runs
+        .iter()
+        .flat_map(|run| {
+            run.replicas
+                .iter()
+                .enumerate()
+                .map(move |(r, l)| replica_status(run, r, l, limiter, memory))
+        })
+        .collect();
+    let own: Vec<&ReplicaStatus> = replicas
+        .iter()
+        .filter(|r| r.revision == run.revision)
+        .collect();
+    let many = own.len() > 1;
+    // Module-level fields: the first replica that has one (prefixed with its
+    // number when there are several), sums for counters.
+    let first = |f: fn(&ReplicaStatus) -> Option<&String>| {
+        own.iter().find_map(|r| {
+            f(r).map(|s| {
+                if many {
+                    format!("replica {}: {s}", r.replica)
+                } else {
+                    s.clone()
+                }
+            })
+        })
+    };
+    let memory = replicas
+        .iter()
+        .filter_map(|r| r.memory)
+        .reduce(|a, b| Memory {
+            rss: a.rss + b.rss,
+            pss: a.pss + b.pss,
+            uss: a.uss + b.uss,
+        });
+    let cpu: Vec<f64> = replicas.iter().filter_map(|r| r.cpu_seconds).collect();
+    let active = m.active();
+    ModuleStatus {
+        name: active.record.name.clone(),
+        version: active.record.version.clone(),
+        state: m.state(),
+        reason: first(|r| r.reason.as_ref()),
+        pid: own.iter().find_map(|r| r.pid),
+        restarts: replicas.iter().map(|r| r.restarts).sum(),
+        last_error: first(|r| r.last_error.as_ref()),
+        artifact_sha256: active.record.artifact_sha256.clone(),
+        listeners: run
+            .listener_addrs
+            .iter()
+            .map(|(name, address)| ListenerStatus {
+                name: name.clone(),
+                address: address.clone(),
+            })
+            .collect(),
+        state_seconds: own
+            .iter()
+            .map(|r| r.state_seconds)
+            .fold(f64::INFINITY, f64::min)
+            .min(f64::MAX),
+        memory,
+        cpu_seconds: (!cpu.is_empty()).then(|| cpu.iter().sum()),
+        imports,
+        limits: LimitsStatus::new(run.limits, run.limit_sources, limiter.detection()),
+        replicas,
+        revision: revision(m),
+        rollout: rollout(m),
+    }
+}
+
+/// `History`'s entries, newest first.
+pub(super) fn history(revisions: &[RevisionRecord]) -> Vec<Revision> {
+    revisions
+        .iter()
+        .map(|r| Revision {
+            revision: r.revision,
+            version: r.version.clone(),
+            artifact_sha256: r.artifact_sha256.clone(),
+            deployed_at: rfc3339(r.deployed_at),
+            outcome: r.outcome.as_str(),
+            reason: r.reason.clone(),
+        })
+        .collect()
+}
+
+/// `2026-12-05T16:00:00Z`.
+pub(super) fn rfc3339(unix_seconds: u64) -> String {
+    let line = super::os::format_line(
+        std::time::Duration::from_secs(unix_seconds),
+        "",
+        None,
+        "",
+        "",
+    );
+    // format_line gives `YYYY-MM-DDTHH:MM:SS.mmmZ  : \n`.
+    format!("{}Z", &line[..19])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Outcome;
+
+    #[test]
+    fn history_is_rendered_newest_first_with_utc_times() {
+        let r = |n, outcome, reason: Option<&str>| RevisionRecord {
+            revision: n,
+            version: format!("0.{n}.0"),
+            artifact_sha256: "ab".repeat(32),
+            manifest: String::new(),
+            source: "/m".into(),
+            deployed_at: 1_795_826_986,
+            outcome,
+            reason: reason.map(str::to_owned),
+        };
+        let h = history(&[
+            r(
+                3,
+                Outcome::RolledBack,
+                Some("replica 0: worker killed by signal 11"),
+            ),
+            r(2, Outcome::Active, None),
+        ]);
+        assert_eq!(h[0].revision, 3);
+        assert_eq!(h[0].outcome, "rolled-back");
+        assert_eq!(h[0].deployed_at, "2026-11-28T00:49:46Z");
+        assert!(h[0].reason.as_deref().unwrap().contains("signal 11"));
+        assert_eq!(h[1].outcome, "active");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    }
+}
