@@ -14,6 +14,19 @@ use crate::varlink::{Call, FrameDecoder, Reply, MAX_REPLY};
 /// How long a single reply may take (uninstall waits for the stop).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Error names of the releases interface (`Deploy`, `Rollback`, `History`,
+/// `Rollout`) that `crate::control::errors` does not declare yet.
+pub mod release_errors {
+    /// A rollout of the module is in progress.
+    pub const ROLLOUT_IN_PROGRESS: &str = "io.ember.Supervisor.RolloutInProgress";
+    /// No revision of that number in the module's history.
+    pub const REVISION_NOT_FOUND: &str = "io.ember.Supervisor.RevisionNotFound";
+    /// The module has no rollout to act on.
+    pub const NO_ROLLOUT: &str = "io.ember.Supervisor.NoRollout";
+}
+
+use release_errors::{NO_ROLLOUT, REVISION_NOT_FOUND, ROLLOUT_IN_PROGRESS};
+
 /// A call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -57,6 +70,9 @@ pub enum CtlError {
     /// `install --wait`: the module was installed but did not start.
     #[error("{0}")]
     NotRunning(String),
+    /// `deploy`/`rollback`: the rollout was aborted or rolled back.
+    #[error("{0}")]
+    Rollout(String),
     /// Stdout cannot be written (other than its reader having gone, which
     /// only stops the printing).
     #[error("cannot write to stdout")]
@@ -70,11 +86,31 @@ pub enum CtlError {
 fn describe(name: &str, p: &Value) -> String {
     let short = name.rsplit('.').next().unwrap_or(name);
     let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    let n = |k: &str| {
+        p.get(k)
+            .filter(|v| v.is_number())
+            .map_or("?".into(), Value::to_string)
+    };
     match name {
         errors::MODULE_NOT_FOUND => format!("module {} not found", s("name")),
-        errors::ALREADY_INSTALLED => {
-            format!("module {} {} is already installed", s("name"), s("version"))
-        }
+        errors::ALREADY_INSTALLED => format!(
+            "{} {} is already installed; to ship a new version use `emberctl deploy PATH`",
+            s("name"),
+            s("version")
+        ),
+        ROLLOUT_IN_PROGRESS => format!(
+            "{name} has a rollout to revision {} in progress ({}); wait for it, or abort it \
+             with `emberctl rollout abort {name}`",
+            n("revision"),
+            s("phase"),
+            name = s("name"),
+        ),
+        REVISION_NOT_FOUND => format!(
+            "{name} has no revision {} (see `emberctl history {name}`)",
+            n("revision"),
+            name = s("name"),
+        ),
+        NO_ROLLOUT => format!("{} has no rollout in progress", s("name")),
         // The reason names the file, the field and the line.
         errors::INVALID_MANIFEST => s("reason"),
         errors::INVALID_INPUT => format!("invalid input: {}", s("reason")),
@@ -99,14 +135,20 @@ impl CtlError {
             CtlError::Io(_) => ExitCode::Failure,
             CtlError::Protocol => ExitCode::Protocol,
             CtlError::Input(_) => ExitCode::InvalidInput,
-            CtlError::NotRunning(_) | CtlError::Output(_) => ExitCode::Failure,
+            CtlError::NotRunning(_) | CtlError::Rollout(_) | CtlError::Output(_) => {
+                ExitCode::Failure
+            }
             CtlError::StdoutClosed => ExitCode::Ok,
             CtlError::Remote { name, .. } => match name.as_str() {
-                errors::MODULE_NOT_FOUND => ExitCode::NotFound,
+                errors::MODULE_NOT_FOUND | REVISION_NOT_FOUND => ExitCode::NotFound,
+                // The module exists: 3 would say it does not.
                 errors::INVALID_INPUT
                 | errors::INVALID_MANIFEST
+                | NO_ROLLOUT
                 | "org.varlink.service.InvalidParameter" => ExitCode::InvalidInput,
-                errors::ALREADY_INSTALLED | errors::PORT_IN_USE => ExitCode::Conflict,
+                errors::ALREADY_INSTALLED | errors::PORT_IN_USE | ROLLOUT_IN_PROGRESS => {
+                    ExitCode::Conflict
+                }
                 errors::PERMISSION_DENIED => ExitCode::PermissionDenied,
                 errors::PROTOCOL_ERROR => ExitCode::Protocol,
                 _ => ExitCode::Failure,
@@ -215,5 +257,60 @@ impl Client {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn remote(name: &str, parameters: Value) -> CtlError {
+        CtlError::Remote {
+            name: name.into(),
+            parameters,
+        }
+    }
+
+    #[test]
+    fn release_errors() {
+        let e = remote(
+            errors::ALREADY_INSTALLED,
+            json!({ "name": "greeter", "version": "0.1.0" }),
+        );
+        assert_eq!(
+            e.to_string(),
+            "greeter 0.1.0 is already installed; to ship a new version use `emberctl deploy PATH`"
+        );
+        assert_eq!(e.exit_code(), ExitCode::Conflict);
+
+        let e = remote(
+            ROLLOUT_IN_PROGRESS,
+            json!({ "name": "greeter", "revision": 3, "phase": "paused" }),
+        );
+        assert_eq!(
+            e.to_string(),
+            "greeter has a rollout to revision 3 in progress (paused); wait for it, or abort it \
+             with `emberctl rollout abort greeter`"
+        );
+        assert_eq!(e.exit_code(), ExitCode::Conflict);
+
+        let e = remote(
+            REVISION_NOT_FOUND,
+            json!({ "name": "greeter", "revision": 7 }),
+        );
+        assert_eq!(
+            e.to_string(),
+            "greeter has no revision 7 (see `emberctl history greeter`)"
+        );
+        assert_eq!(e.exit_code(), ExitCode::NotFound);
+
+        let e = remote(NO_ROLLOUT, json!({ "name": "greeter" }));
+        assert_eq!(e.to_string(), "greeter has no rollout in progress");
+        assert_eq!(e.exit_code(), ExitCode::InvalidInput);
+
+        let e = CtlError::Rollout("greeter: revision 3 rolled back".into());
+        assert_eq!(e.exit_code(), ExitCode::Failure);
     }
 }

@@ -1,17 +1,29 @@
 //! One function per verb.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::client::{Client, CtlError};
 use super::output::{bytes, cell, fields, table, Printer};
+use super::release::{self, rollout_fields, rollout_note};
 use super::{Cli, Command};
 
 const IFACE: &str = "io.ember.Supervisor";
 
-fn method(m: &str) -> String {
+pub(super) fn method(m: &str) -> String {
     format!("{IFACE}.{m}")
+}
+
+/// `path` made absolute (the daemon's working directory is not ours); it
+/// must exist.
+pub(super) fn absolute_existing(path: &Path) -> Result<PathBuf, CtlError> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| CtlError::Input(format!("{}: {e}", path.display())))?;
+    if !abs.exists() {
+        return Err(CtlError::Input(format!("{} does not exist", abs.display())));
+    }
+    Ok(abs)
 }
 
 pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
@@ -19,6 +31,12 @@ pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
     let out = &mut Printer::new();
     match &cli.command {
         Command::Install { path, wait } => install(&mut c, out, path, *wait, cli.json),
+        Command::Deploy { path, options } => release::deploy(&mut c, out, path, options, cli.json),
+        Command::Rollback { name, to, wait } => {
+            release::rollback(&mut c, out, name, *to, *wait, cli.json)
+        }
+        Command::History { name } => release::history(&mut c, out, name, cli.json),
+        Command::Rollout { action } => release::rollout(&mut c, out, action, cli.json),
         Command::Uninstall { name } => uninstall(&mut c, out, name, cli.json),
         Command::List => list(&mut c, out, cli.json),
         Command::Status { name } => status(&mut c, out, name, cli.json),
@@ -58,11 +76,7 @@ fn install(
     wait: bool,
     json_out: bool,
 ) -> Result<(), CtlError> {
-    let abs = std::path::absolute(path)
-        .map_err(|e| CtlError::Input(format!("{}: {e}", path.display())))?;
-    if !abs.exists() {
-        return Err(CtlError::Input(format!("{} does not exist", abs.display())));
-    }
+    let abs = absolute_existing(path)?;
     if wait {
         return install_and_wait(c, out, &abs, json_out);
     }
@@ -160,31 +174,46 @@ fn list(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlErro
     if json_out {
         return out.json(&v);
     }
-    let rows: Vec<Vec<String>> = v["modules"]
+    out.print(&list_table(&v))
+}
+
+/// `list`'s table; a ROLLOUT column only when a module has a rollout in
+/// progress.
+fn list_table(v: &Value) -> String {
+    let modules = v["modules"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|m| {
-                    let pids = match m["pids"].as_array() {
-                        Some(p) if !p.is_empty() => cell(&m["pids"]),
-                        _ => "-".into(),
-                    };
-                    vec![
-                        cell(&m["name"]),
-                        cell(&m["version"]),
-                        cell(&m["state"]),
-                        cell(&m["replicas"]),
-                        pids,
-                        cell(&m["restarts"]),
-                    ]
-                })
-                .collect()
-        })
+        .map(Vec::as_slice)
         .unwrap_or_default();
-    out.print(&table(
-        &["NAME", "VERSION", "STATE", "REPLICAS", "PIDS", "RESTARTS"],
-        &rows,
-    ))
+    let rollouts = modules.iter().any(|m| !m["rollout"].is_null());
+    let rows: Vec<Vec<String>> = modules
+        .iter()
+        .map(|m| {
+            let pids = match m["pids"].as_array() {
+                Some(p) if !p.is_empty() => cell(&m["pids"]),
+                _ => "-".into(),
+            };
+            let mut row = vec![
+                cell(&m["name"]),
+                cell(&m["version"]),
+                cell(&m["revision"]),
+                cell(&m["state"]),
+                cell(&m["replicas"]),
+                pids,
+                cell(&m["restarts"]),
+            ];
+            if rollouts {
+                row.push(rollout_note(&m["rollout"]));
+            }
+            row
+        })
+        .collect();
+    let mut header = vec![
+        "NAME", "VERSION", "REV", "STATE", "REPLICAS", "PIDS", "RESTARTS",
+    ];
+    if rollouts {
+        header.push("ROLLOUT");
+    }
+    table(&header, &rows)
 }
 
 /// `memory 64.0 MiB (manifest, cgroup-v1), cpu - (none), open files 1024
@@ -222,14 +251,20 @@ fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Resu
     if json_out {
         return out.json(&v);
     }
-    let s = &v["status"];
+    out.print(&status_text(&v["status"]))
+}
+
+/// `status`'s output: the module's fields, its rollout in progress, and a
+/// table of its replicas when there are several or a rollout runs.
+fn status_text(s: &Value) -> String {
     let mem = &s["memory"];
     let cpu = s["cpu_seconds"]
         .as_f64()
         .map_or("-".into(), |c| format!("{c:.2}s"));
-    out.print(&fields(&[
+    let mut text = fields(&[
         ("name", cell(&s["name"])),
         ("version", cell(&s["version"])),
+        ("revision", cell(&s["revision"])),
         (
             "state",
             format!(
@@ -260,13 +295,24 @@ fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Resu
         ("artifact", cell(&s["artifact_sha256"])),
         ("listeners", listeners(&s["listeners"])),
         ("imports", imports(&s["imports"])),
-    ]))?;
-    if let Some(rs) = s["replicas"].as_array().filter(|r| r.len() > 1) {
+    ]);
+    let rollout = &s["rollout"];
+    if !rollout.is_null() {
+        text.push_str("\nrollout:\n");
+        for l in rollout_fields(rollout).lines() {
+            text.push_str(&format!("  {l}\n"));
+        }
+    }
+    let several = s["replicas"]
+        .as_array()
+        .filter(|r| r.len() > 1 || !rollout.is_null());
+    if let Some(rs) = several {
         let rows: Vec<Vec<String>> = rs
             .iter()
             .map(|r| {
                 vec![
                     cell(&r["replica"]),
+                    cell(&r["revision"]),
                     cell(&r["state"]),
                     cell(&r["pid"]),
                     cell(&r["restarts"]),
@@ -279,15 +325,15 @@ fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Resu
                 ]
             })
             .collect();
-        out.print(&format!(
-            "\n{}",
-            table(
-                &["REPLICA", "STATE", "PID", "RESTARTS", "PSS", "REASON"],
-                &rows
-            )
-        ))?;
+        text.push('\n');
+        text.push_str(&table(
+            &[
+                "REPLICA", "REV", "STATE", "PID", "RESTARTS", "PSS", "REASON",
+            ],
+            &rows,
+        ));
     }
-    Ok(())
+    text
 }
 
 fn logs(
@@ -418,5 +464,110 @@ fn imports(v: &Value) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         _ => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(name: &str, revision: u64, rollout: Value) -> Value {
+        json!({
+            "name": name, "version": "0.1.0", "state": "running", "pid": 10,
+            "pids": [10, 11], "replicas": 2, "restarts": 0,
+            "revision": revision, "rollout": rollout
+        })
+    }
+
+    #[test]
+    fn list_shows_revisions_and_rollouts() {
+        let quiet = json!({ "modules": [summary("kv", 1, Value::Null)] });
+        assert_eq!(
+            list_table(&quiet),
+            "NAME  VERSION  REV  STATE    REPLICAS  PIDS   RESTARTS\n\
+             kv    0.1.0    1    running  2         10,11  0\n"
+        );
+        let rolling = json!({ "modules": [
+            summary("greeter", 2, json!({
+                "revision": 3, "from_revision": 2, "version": "0.2.0",
+                "strategy": "surge", "max_surge": 2, "max_unavailable": 0,
+                "pause_after": null, "phase": "progressing", "old_replicas": 2,
+                "new_replicas": 2, "new_ready": 1, "reason": null, "seconds": 1.0
+            })),
+            summary("kv", 1, Value::Null),
+        ]});
+        assert_eq!(
+            list_table(&rolling),
+            "NAME     VERSION  REV  STATE    REPLICAS  PIDS   RESTARTS  ROLLOUT\n\
+             greeter  0.1.0    2    running  2         10,11  0         \
+             → rev 3 (progressing, new 1/2, old 2)\n\
+             kv       0.1.0    1    running  2         10,11  0\n"
+        );
+        assert_eq!(
+            list_table(&json!({ "modules": [] })),
+            "NAME  VERSION  REV  STATE  REPLICAS  PIDS  RESTARTS\n"
+        );
+    }
+
+    fn status(replicas: Value, rollout: Value) -> Value {
+        json!({
+            "name": "greeter", "version": "0.1.0", "state": "running",
+            "reason": null, "pid": 10, "restarts": 0, "last_error": null,
+            "artifact_sha256": "ab12", "listeners": [], "state_seconds": 5.0,
+            "memory": null, "cpu_seconds": null, "imports": [],
+            "limits": {
+                "memory_bytes": null, "memory_source": "none",
+                "memory_mechanism": "none", "cpu_cores": null,
+                "cpu_source": "none", "cpu_mechanism": "none",
+                "open_files": null, "open_files_source": "none"
+            },
+            "replicas": replicas, "revision": 2, "rollout": rollout
+        })
+    }
+
+    fn replica(i: u64, revision: u64, state: &str) -> Value {
+        json!({
+            "replica": i, "revision": revision, "state": state, "reason": null,
+            "pid": 10 + i, "restarts": 0, "last_error": null,
+            "state_seconds": 1.0, "memory": null, "cpu_seconds": null,
+            "cgroups": []
+        })
+    }
+
+    #[test]
+    fn status_shows_revision_rollout_and_replica_revisions() {
+        let one = status_text(&status(json!([replica(0, 2, "running")]), Value::Null));
+        assert!(one.contains("\n  revision: 2\n"), "{one}");
+        assert!(!one.contains("rollout"), "{one}");
+        assert!(!one.contains("REPLICA"), "{one}");
+
+        let r = json!({
+            "revision": 3, "from_revision": 2, "version": "0.2.0",
+            "strategy": "surge", "max_surge": 1, "max_unavailable": 0,
+            "pause_after": 1, "phase": "paused", "old_replicas": 1,
+            "new_replicas": 1, "new_ready": 1, "reason": null, "seconds": 7.2
+        });
+        let text = status_text(&status(
+            json!([replica(0, 2, "running"), replica(1, 3, "running")]),
+            r,
+        ));
+        assert!(
+            text.contains(
+                "\nrollout:\n       target: revision 3 (0.2.0), from revision 2\n\
+                 \x20    strategy: surge\n\
+                 \x20       phase: paused (7s since the rollout began)\n\
+                 \x20    replicas: old 1, new 1 (1 ready)\n\
+                 \x20 pause after: 1 new replica ready\n\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "REPLICA  REV  STATE    PID  RESTARTS  PSS  REASON\n\
+                 0        2    running  10   0         -    -\n\
+                 1        3    running  11   0         -    -\n"
+            ),
+            "{text}"
+        );
     }
 }
