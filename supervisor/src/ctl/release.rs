@@ -211,7 +211,7 @@ pub(super) fn outcome(reply: &Value, seen: Option<&Value>) -> Result<String, Str
             cell(&m["version"]),
             cell(rev)
         )),
-        _ if outcome == "unchanged" || reply["changed"] == false => Ok(format!(
+        "unchanged" => Ok(format!(
             "{name}: unchanged (revision {} is already active)",
             cell(rev)
         )),
