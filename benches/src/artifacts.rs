@@ -169,6 +169,35 @@ pub fn stage_module(
     Ok(out)
 }
 
+/// Writes `dir/module.toml`: the manifest `manifest` (e.g. an example's),
+/// `entry` made the absolute path `artifact` (nothing is copied), then
+/// `edit` applied. Returns the directory, which `Install`/`Deploy` take.
+pub fn write_manifest(
+    dir: &Path,
+    manifest: &Path,
+    artifact: &Path,
+    edit: impl FnOnce(&mut toml::Table),
+) -> Result<PathBuf, BuildError> {
+    let err = |source| BuildError::Stage {
+        path: dir.to_owned(),
+        source,
+    };
+    let text = std::fs::read_to_string(manifest).map_err(err)?;
+    let mut t: toml::Table = toml::from_str(&text).map_err(|source| BuildError::Manifest {
+        path: manifest.to_owned(),
+        source,
+    })?;
+    t.insert(
+        "entry".into(),
+        artifact.to_string_lossy().into_owned().into(),
+    );
+    edit(&mut t);
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let out = toml::to_string(&t).expect("a TOML table serializes");
+    std::fs::write(dir.join("module.toml"), out).map_err(err)?;
+    Ok(dir.to_owned())
+}
+
 /// A unique temporary directory, removed with everything in it on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
@@ -224,5 +253,24 @@ mod tests {
         assert_eq!(t["entry"].as_str(), Some("libx.so"));
         assert_eq!(t["listeners"][0]["address"].as_str(), Some("127.0.0.1:0"));
         assert!(d.path().join("m/libx.so").exists());
+    }
+
+    #[test]
+    fn written_manifest_has_an_absolute_entry_and_edits() {
+        let d = TempDir::new("ember-bench-manifest").unwrap();
+        let dir = write_manifest(
+            &d.path().join("g"),
+            &example_manifest("greeter"),
+            Path::new("/abs/libgreeter.so"),
+            |t| {
+                t.insert("version".into(), "0.2.0".into());
+            },
+        )
+        .unwrap();
+        let t: toml::Table =
+            toml::from_str(&std::fs::read_to_string(dir.join("module.toml")).unwrap()).unwrap();
+        assert_eq!(t["entry"].as_str(), Some("/abs/libgreeter.so"));
+        assert_eq!(t["version"].as_str(), Some("0.2.0"));
+        assert_eq!(t["name"].as_str(), Some("greeter"));
     }
 }

@@ -62,6 +62,20 @@ pub enum DaemonError {
     },
 }
 
+impl DaemonError {
+    /// The Varlink error a control call was answered with (e.g.
+    /// `org.varlink.service.MethodNotFound`), if that is what this is.
+    pub fn remote(&self) -> Option<&str> {
+        match self {
+            DaemonError::Call {
+                source: VarlinkError::Remote { error, .. },
+                ..
+            } => Some(error),
+            _ => None,
+        }
+    }
+}
+
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -100,6 +114,97 @@ pub struct Emberd {
     log: PathBuf,
     poll: Duration,
     dir: TempDir,
+}
+
+/// One reply to a call with `more` ([`Emberd::call_more`]).
+#[derive(Debug, Clone)]
+pub struct MoreReply {
+    /// When it was read.
+    pub at: Instant,
+    /// Its parameters.
+    pub params: Value,
+    /// Whether more replies followed.
+    pub continues: bool,
+}
+
+/// One progress reply of a rollout, as [`rollout_times`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutProgress {
+    /// Since the call.
+    pub at: Duration,
+    /// `module.rollout.phase`.
+    pub phase: String,
+    /// `module.rollout.old_replicas`.
+    pub old_replicas: u64,
+    /// `module.rollout.new_replicas`.
+    pub new_replicas: u64,
+    /// `module.rollout.new_ready`.
+    pub new_ready: u64,
+}
+
+/// A `Deploy` or `Rollback` called with `more`, timed from its replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutTimes {
+    /// Call → the first progress reply in phase `stabilizing` (only the
+    /// new revision runs: every new replica ready, every old one exited),
+    /// or the final reply if none says so.
+    pub done: Duration,
+    /// Call → the first reply whose `new_ready` reaches `replicas`.
+    pub cutover: Option<Duration>,
+    /// Call → the final reply.
+    pub total: Duration,
+    /// The final reply's `outcome`.
+    pub outcome: String,
+    /// The final reply's `reason` (empty if none).
+    pub reason: String,
+    /// Every reply that carried a rollout.
+    pub progress: Vec<RolloutProgress>,
+}
+
+/// Times a rollout from the replies [`Emberd::call_more`] returned for a
+/// call sent at `call` to a module of `replicas` replicas.
+pub fn rollout_times(call: Instant, replies: &[MoreReply], replicas: u64) -> RolloutTimes {
+    let mut done = None;
+    let mut cutover = None;
+    let mut progress = Vec::new();
+    for r in replies {
+        let at = r.at.saturating_duration_since(call);
+        let ro = &r.params["module"]["rollout"];
+        if ro.is_null() {
+            continue;
+        }
+        let n = |k: &str| ro[k].as_u64().unwrap_or(0);
+        let phase = ro["phase"].as_str().unwrap_or("").to_owned();
+        if r.continues && phase == "stabilizing" {
+            done.get_or_insert(at);
+        }
+        if n("new_ready") >= replicas {
+            cutover.get_or_insert(at);
+        }
+        progress.push(RolloutProgress {
+            at,
+            phase,
+            old_replicas: n("old_replicas"),
+            new_replicas: n("new_replicas"),
+            new_ready: n("new_ready"),
+        });
+    }
+    let (total, outcome, reason) = match replies.last() {
+        Some(last) => (
+            last.at.saturating_duration_since(call),
+            last.params["outcome"].as_str().unwrap_or("").to_owned(),
+            last.params["reason"].as_str().unwrap_or("").to_owned(),
+        ),
+        None => (Duration::ZERO, String::new(), String::new()),
+    };
+    RolloutTimes {
+        done: done.unwrap_or(total),
+        cutover,
+        total,
+        outcome,
+        reason,
+        progress,
+    }
 }
 
 /// `emberd` in a profile directory.
@@ -294,6 +399,44 @@ impl Emberd {
         Ok((running, t.elapsed()))
     }
 
+    /// Calls `io.ember.Supervisor.<method>` with `more` and reads its
+    /// replies until one without `continues` (or `timeout`), each stamped
+    /// on arrival. Returns the instant just before the call was sent and
+    /// the replies; a Varlink error reply ends the call with `Err`.
+    pub fn call_more(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<(Instant, Vec<MoreReply>), DaemonError> {
+        let err = |source| DaemonError::Call {
+            method: method.to_owned(),
+            source,
+        };
+        let t = Instant::now();
+        self.client
+            .send_more(&format!("io.ember.Supervisor.{method}"), params)
+            .map_err(err)?;
+        let mut replies = Vec::new();
+        loop {
+            let (params, continues) = self.client.receive_more().map_err(err)?;
+            replies.push(MoreReply {
+                at: Instant::now(),
+                params,
+                continues,
+            });
+            if !continues {
+                return Ok((t, replies));
+            }
+            if t.elapsed() > timeout {
+                return Err(DaemonError::Timeout(
+                    timeout,
+                    format!("the last reply to {method}"),
+                ));
+            }
+        }
+    }
+
     /// `Uninstall`.
     pub fn uninstall(&mut self, name: &str) -> Result<(), DaemonError> {
         self.call("Uninstall", json!({"name": name})).map(drop)
@@ -423,6 +566,38 @@ pub fn runs_module_artifact(pid: u32, state_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rollouts_are_timed_from_their_replies() {
+        let call = Instant::now();
+        let reply = |ms: u64, rollout: Value, continues: bool, outcome: &str| MoreReply {
+            at: call + Duration::from_millis(ms),
+            params: json!({"module": {"name": "g", "rollout": rollout}, "outcome": outcome}),
+            continues,
+        };
+        let ro = |phase: &str, old: u64, new: u64, ready: u64| json!({"phase": phase, "old_replicas": old, "new_replicas": new, "new_ready": ready});
+        let replies = [
+            reply(2, ro("progressing", 2, 2, 0), true, ""),
+            reply(9, ro("draining", 2, 2, 2), true, ""),
+            reply(15, ro("stabilizing", 0, 2, 2), true, ""),
+            reply(320, Value::Null, false, "completed"),
+        ];
+        let t = rollout_times(call, &replies, 2);
+        assert_eq!(t.done, Duration::from_millis(15));
+        assert_eq!(t.cutover, Some(Duration::from_millis(9)));
+        assert_eq!(t.total, Duration::from_millis(320));
+        assert_eq!(t.outcome, "completed");
+        assert_eq!(t.progress.len(), 3);
+        assert_eq!(t.progress[2].old_replicas, 0);
+        // Aborted: never stabilizing, never every new replica ready.
+        let replies = [
+            reply(2, ro("progressing", 2, 2, 0), true, ""),
+            reply(40, Value::Null, false, "aborted"),
+        ];
+        let t = rollout_times(call, &replies, 2);
+        assert_eq!((t.done, t.cutover), (Duration::from_millis(40), None));
+        assert_eq!(t.outcome, "aborted");
+    }
 
     #[test]
     fn config_lists_the_plugin_and_pool() {

@@ -7,7 +7,7 @@
 //! - [`zygote_load`] + [`zygote_fork`]: this process as the single-threaded
 //!   zygote (the floor for a launch: fork → dlopen → module init → reply).
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -154,6 +154,37 @@ impl Worker {
     /// Sends the launch order and waits for `Ready`.
     pub fn launch(&mut self, order: &Order, timeout: Duration) -> Result<(), LaunchError> {
         let (grants, fds) = order.grants().map_err(LaunchError::Grants)?;
+        self.launch_granting(order, grants, fds, timeout)
+    }
+
+    /// [`Worker::launch`], handing the worker copies of `listeners`
+    /// (`(name, socket)`, e.g. one socket bound once and shared by several
+    /// workers) instead of binding the order's listeners.
+    pub fn launch_sharing(
+        &mut self,
+        order: &Order,
+        listeners: &[(&str, BorrowedFd<'_>)],
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
+        let mut grants = Vec::new();
+        let mut fds = Vec::new();
+        for (name, fd) in listeners {
+            grants.push(Grant {
+                kind: GrantKind::Listener,
+                name: (*name).to_owned(),
+            });
+            fds.push(fd.try_clone_to_owned().map_err(LaunchError::Grants)?);
+        }
+        self.launch_granting(order, grants, fds, timeout)
+    }
+
+    fn launch_granting(
+        &mut self,
+        order: &Order,
+        grants: Vec<Grant>,
+        fds: Vec<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
         let launch = ToWorker::Launch(LaunchOrder {
             artifact: order.artifact.clone(),
             manifest: order.manifest.clone(),
@@ -249,6 +280,51 @@ pub fn cold_start(
     order: &Order,
     timeout: Duration,
 ) -> Result<(Worker, ColdTimes), LaunchError> {
+    cold_start_with(exe, base, order, None, timeout)
+}
+
+/// [`cold_start`], handing the module copies of `listeners` (see
+/// [`Worker::launch_sharing`]): several cold processes can serve one
+/// socket, as a fleet of standalone replicas behind one port would.
+pub fn cold_start_sharing(
+    exe: &Path,
+    base: &Base,
+    order: &Order,
+    listeners: &[(&str, BorrowedFd<'_>)],
+    timeout: Duration,
+) -> Result<(Worker, ColdTimes), LaunchError> {
+    cold_start_with(exe, base, order, Some(listeners), timeout)
+}
+
+fn cold_start_with(
+    exe: &Path,
+    base: &Base,
+    order: &Order,
+    listeners: Option<&[(&str, BorrowedFd<'_>)]>,
+    timeout: Duration,
+) -> Result<(Worker, ColdTimes), LaunchError> {
+    let pending = cold_spawn(exe, base)?;
+    match listeners {
+        Some(l) => pending.finish_sharing(order, l, timeout),
+        None => pending.finish(order, timeout),
+    }
+}
+
+/// A cold-start process spawned by [`cold_spawn`], still initializing.
+///
+/// The worker dies with the *thread* that spawned it (`PR_SET_PDEATHSIG`
+/// follows the thread), so spawn from a thread that outlives it (e.g. the
+/// main thread) and finish in any thread: that is how several cold starts
+/// run at once.
+#[derive(Debug)]
+pub struct ColdPending {
+    w: Worker,
+    t0: Instant,
+}
+
+/// Spawns `exe` (see [`cold_start`]) to initialize `base`; finish the cold
+/// start with [`ColdPending::finish`] or [`ColdPending::finish_sharing`].
+pub fn cold_spawn(exe: &Path, base: &Base) -> Result<ColdPending, LaunchError> {
     let (ours, theirs) =
         protocol::socket_pair().map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))?;
     let raw = theirs.as_raw_fd();
@@ -276,16 +352,54 @@ pub fn cold_start(
     let t0 = Instant::now();
     let child = cmd.spawn().map_err(LaunchError::Spawn)?;
     drop(theirs);
-    let mut w = Worker {
-        pid: child.id(),
-        chan: ParentChannel::new(ours),
-        reaped: false,
-    };
-    w.wait_idle(timeout)?;
-    let idle = t0.elapsed();
-    w.launch(order, timeout)?;
-    let ready = t0.elapsed();
-    Ok((w, ColdTimes { idle, ready }))
+    Ok(ColdPending {
+        w: Worker {
+            pid: child.id(),
+            chan: ParentChannel::new(ours),
+            reaped: false,
+        },
+        t0,
+    })
+}
+
+impl ColdPending {
+    /// Waits for the plugin's init, then launches `order` and waits for
+    /// `Ready`.
+    pub fn finish(
+        self,
+        order: &Order,
+        timeout: Duration,
+    ) -> Result<(Worker, ColdTimes), LaunchError> {
+        self.finish_with(order, None, timeout)
+    }
+
+    /// [`ColdPending::finish`], handing the module copies of `listeners`
+    /// (see [`Worker::launch_sharing`]).
+    pub fn finish_sharing(
+        self,
+        order: &Order,
+        listeners: &[(&str, BorrowedFd<'_>)],
+        timeout: Duration,
+    ) -> Result<(Worker, ColdTimes), LaunchError> {
+        self.finish_with(order, Some(listeners), timeout)
+    }
+
+    fn finish_with(
+        self,
+        order: &Order,
+        listeners: Option<&[(&str, BorrowedFd<'_>)]>,
+        timeout: Duration,
+    ) -> Result<(Worker, ColdTimes), LaunchError> {
+        let ColdPending { mut w, t0 } = self;
+        w.wait_idle(timeout)?;
+        let idle = t0.elapsed();
+        match listeners {
+            Some(l) => w.launch_sharing(order, l, timeout)?,
+            None => w.launch(order, timeout)?,
+        }
+        let ready = t0.elapsed();
+        Ok((w, ColdTimes { idle, ready }))
+    }
 }
 
 /// If this process was started by [`cold_start`], initializes the plugin and

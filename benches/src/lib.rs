@@ -2,8 +2,8 @@
 //! JSON line every benchmark prints last, and the harness that builds the
 //! examples ([`artifacts`]), runs a real `emberd` ([`daemon`]) over its
 //! control socket ([`varlink`]), starts modules without the supervisor
-//! ([`launch`]: cold starts and an in-process zygote), reads memory figures
-//! ([`mem`]) and draws charts ([`svg`]).
+//! ([`launch`]: cold starts and an in-process zygote), loads HTTP modules
+//! ([`http`]), reads memory figures ([`mem`]) and draws charts ([`svg`]).
 //!
 //! ```no_run
 //! use ember_benches::{JsonLine, Samples};
@@ -18,6 +18,7 @@
 
 pub mod artifacts;
 pub mod daemon;
+pub mod http;
 pub mod launch;
 pub mod mem;
 pub mod svg;

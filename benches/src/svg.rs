@@ -195,6 +195,216 @@ pub fn bar_panels(title: &str, subtitle: &str, panels: &[(&str, &str, Vec<Bar>)]
     out
 }
 
+/// One request in a [`timeline`]: when it started and how long it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Dot {
+    /// Start, in milliseconds on the chart's time axis.
+    pub x_ms: f64,
+    /// Latency, in milliseconds.
+    pub y_ms: f64,
+    /// Whether it failed (drawn as a red cross).
+    pub failed: bool,
+}
+
+/// A count over time in a [`timeline`]: each value holds until the next.
+#[derive(Debug, Clone)]
+pub struct Steps {
+    /// Legend.
+    pub label: String,
+    /// Line colour (CSS).
+    pub color: &'static str,
+    /// `(time in ms, value)`, in time order.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A labelled vertical line across a [`timeline`].
+#[derive(Debug, Clone)]
+pub struct Marker {
+    /// Time, in milliseconds.
+    pub x_ms: f64,
+    /// Label.
+    pub label: String,
+}
+
+/// A "nice" tick step (1, 2 or 5 × 10^k) for about `n` ticks over `span`.
+fn nice_step(span: f64, n: f64) -> f64 {
+    let raw = (span / n).max(1e-9);
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    mag * if f <= 1.0 {
+        1.0
+    } else if f <= 2.0 {
+        2.0
+    } else if f <= 5.0 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+/// Request latency over time (one dot per request, log scale) above step
+/// lines of counts (e.g. old and new replicas) on the same time axis, with
+/// vertical markers across both.
+pub fn timeline(
+    title: &str,
+    subtitle: &str,
+    dots: &[Dot],
+    steps: &[Steps],
+    markers: &[Marker],
+) -> String {
+    let (left, right) = (80.0, 30.0);
+    let (lat_top, lat_h) = (90.0, 260.0);
+    let (cnt_top, cnt_h) = (lat_top + lat_h + 40.0, 150.0);
+    let h = cnt_top + cnt_h + 70.0;
+    let xs = dots
+        .iter()
+        .map(|d| d.x_ms)
+        .chain(steps.iter().flat_map(|s| s.points.iter().map(|p| p.0)))
+        .chain(markers.iter().map(|m| m.x_ms));
+    let (x0, x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    let (x0, x1) = if x0 < x1 { (x0, x1) } else { (0.0, 1.0) };
+    let x = |v: f64| left + (v - x0) / (x1 - x0) * (W - left - right);
+    let (y0, y1) = dots.iter().fold((f64::MAX, f64::MIN), |(a, b), d| {
+        (a.min(d.y_ms), b.max(d.y_ms))
+    });
+    let (y0, y1) = if y0 <= y1 { (y0, y1) } else { (0.1, 10.0) };
+    let d0 = y0.max(1e-3).log10().floor();
+    let d1 = y1.max(1e-3).log10().ceil().max(d0 + 1.0);
+    let y = |v: f64| lat_top + lat_h - (v.max(1e-3).log10() - d0) / (d1 - d0) * lat_h;
+    let cmax = steps
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(1.0, f64::max);
+    let cy = |v: f64| cnt_top + cnt_h - v / cmax * cnt_h;
+    let mut out = String::new();
+    header(&mut out, h, title, subtitle);
+    // Latency panel: decades.
+    let mut d = d0;
+    while d <= d1 {
+        let v = 10f64.powf(d);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{left}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}" stroke="#ddd"/><text x="{2:.1}" y="{3:.1}" text-anchor="end" fill="#555">{4}</text>"##,
+            y(v),
+            W - right,
+            left - 6.0,
+            y(v) + 4.0,
+            fmt_ms(v)
+        );
+        d += 1.0;
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="{left}" y="{:.1}" font-weight="bold">request latency (log scale), one dot per request by its start; red: failed</text>"##,
+        lat_top - 12.0
+    );
+    // Count panel: a few integer ticks.
+    let step = nice_step(cmax, 4.0).max(1.0);
+    let mut v = 0.0;
+    while v <= cmax + 1e-9 {
+        let _ = writeln!(
+            out,
+            r##"<line x1="{left}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}" stroke="#ddd"/><text x="{2:.1}" y="{3:.1}" text-anchor="end" fill="#555">{v}</text>"##,
+            cy(v),
+            W - right,
+            left - 6.0,
+            cy(v) + 4.0
+        );
+        v += step;
+    }
+    let mut lx = left;
+    let _ = writeln!(
+        out,
+        r##"<text x="{left}" y="{:.1}" font-weight="bold">replicas</text>"##,
+        cnt_top - 12.0
+    );
+    lx += 80.0;
+    for s in steps {
+        let _ = writeln!(
+            out,
+            r##"<rect x="{lx:.1}" y="{:.1}" width="14" height="4" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"##,
+            cnt_top - 18.0,
+            s.color,
+            lx + 18.0,
+            cnt_top - 12.0,
+            esc(&s.label)
+        );
+        lx += 30.0 + 7.5 * s.label.len() as f64;
+    }
+    // Time axis.
+    let axis_y = cnt_top + cnt_h;
+    let tstep = nice_step(x1 - x0, 8.0);
+    let mut t = (x0 / tstep).ceil() * tstep;
+    while t <= x1 + 1e-9 {
+        let xv = x(t);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{xv:.1}" y1="{lat_top}" x2="{xv:.1}" y2="{axis_y}" stroke="#f0f0f0"/><text x="{xv:.1}" y="{:.1}" text-anchor="middle" fill="#555">{}</text>"##,
+            axis_y + 18.0,
+            t.round()
+        );
+        t += tstep;
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#555">milliseconds since the call</text>"##,
+        left + (W - left - right) / 2.0,
+        axis_y + 40.0
+    );
+    for m in markers {
+        let xv = x(m.x_ms);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{xv:.1}" y1="{lat_top}" x2="{xv:.1}" y2="{axis_y}" stroke="#444" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" font-size="11" transform="rotate(-90 {0:.1} {1:.1})">{}</text>"##,
+            xv - 3.0,
+            lat_top + 4.0,
+            esc(&m.label)
+        )
+        .map(|_| ());
+    }
+    for dot in dots {
+        let (px, py) = (x(dot.x_ms), y(dot.y_ms));
+        if dot.failed {
+            let _ = writeln!(
+                out,
+                r##"<path d="M{0:.1} {1:.1}l6 6m0 -6l-6 6" stroke="#c0392b" stroke-width="2"/>"##,
+                px - 3.0,
+                py - 3.0
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                r##"<circle cx="{px:.1}" cy="{py:.1}" r="2" fill="#2471a3" fill-opacity="0.4"/>"##
+            );
+        }
+    }
+    for s in steps {
+        let mut d = String::new();
+        let mut last: Option<f64> = None;
+        for &(t, v) in &s.points {
+            match last {
+                None => {
+                    let _ = write!(d, "M{:.1} {:.1}", x(t), cy(v));
+                }
+                Some(_) => {
+                    let _ = write!(d, " H{:.1} V{:.1}", x(t), cy(v));
+                }
+            }
+            last = Some(v);
+        }
+        if last.is_some() {
+            let _ = write!(d, " H{:.1}", x(x1));
+        }
+        let _ = writeln!(
+            out,
+            r##"<path d="{d}" fill="none" stroke="{}" stroke-width="2.5"/>"##,
+            s.color
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +445,39 @@ mod tests {
             )],
         );
         assert!(b.contains("1.00 MiB"));
+    }
+
+    #[test]
+    fn timeline_is_well_formed() {
+        let t = timeline(
+            "deploy",
+            "s",
+            &[
+                Dot {
+                    x_ms: -10.0,
+                    y_ms: 0.5,
+                    failed: false,
+                },
+                Dot {
+                    x_ms: 40.0,
+                    y_ms: 3.0,
+                    failed: true,
+                },
+            ],
+            &[Steps {
+                label: "old".into(),
+                color: "#c33",
+                points: vec![(-10.0, 8.0), (20.0, 4.0), (35.0, 0.0)],
+            }],
+            &[Marker {
+                x_ms: 20.0,
+                label: "cutover".into(),
+            }],
+        );
+        assert!(t.starts_with("<svg") && t.trim_end().ends_with("</svg>"));
+        assert_eq!(t.matches("<circle").count(), 1);
+        assert!(t.contains("stroke=\"#c0392b\""));
+        assert!(t.contains(">cutover<"));
+        assert_eq!(nice_step(100.0, 8.0), 20.0);
     }
 }
