@@ -31,7 +31,8 @@ use rkyv::de::Pool;
 use rkyv::rancor::{self, Strategy};
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
-use shm_ipc::channel::{ChannelError, Client, ClientEnd, ServerEnd};
+pub use shm_ipc::channel::ChannelError;
+use shm_ipc::channel::{Client, ClientEnd, ServerEnd};
 
 use crate::sdk::{Attachments, ChannelFds, ModuleContext, Shutdown};
 
@@ -54,6 +55,13 @@ pub enum ServiceError {
         /// How long the call waited for one.
         waited: Duration,
     },
+}
+
+impl ServiceError {
+    /// The call's deadline passed before the reply came.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Channel(ChannelError::TimedOut))
+    }
 }
 
 /// A type that travels over a service: archived with rkyv, validated on
