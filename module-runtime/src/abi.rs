@@ -256,7 +256,24 @@ pub struct HostApi {
     /// valid for the process lifetime.
     pub take_attached:
         unsafe extern "C" fn(ctx: *const c_void, out: *mut FfiGrant, cap: usize) -> usize,
+    /// Appended in version 1 (present when `size >= 160`,
+    /// [`HOST_API_ATTACH_SEQ_SIZE`]): a 64-bit counter, 8-byte aligned and
+    /// valid for the process lifetime, that the host increments (atomically,
+    /// with release ordering) after it queued the grants of each `Attach`.
+    /// Modules only read it, atomically with acquire ordering: a value that
+    /// differs from the one seen last means new grants may wait for
+    /// `take_attached`, without a callback or a system call. May be null.
+    pub attach_seq: *const u64,
 }
+
+/// Smallest `HostApi` an artifact of this version accepts: the struct as
+/// version 1 was first published (up to `take_attached`). Fields appended
+/// since are used only when `size` covers them.
+pub const HOST_API_MIN_SIZE: usize = std::mem::offset_of!(HostApi, attach_seq);
+
+/// A `HostApi` at least this long carries [`HostApi::attach_seq`].
+pub const HOST_API_ATTACH_SEQ_SIZE: usize =
+    std::mem::offset_of!(HostApi, attach_seq) + std::mem::size_of::<*const u64>();
 
 /// What a plugin's [`PLUGIN_SYMBOL`] returns.
 #[repr(C)]
@@ -327,7 +344,10 @@ mod tests {
         assert_eq!(size_of::<FfiStr>(), 16);
         assert_eq!(size_of::<ModuleDescriptor>(), 72);
         assert_eq!(offset_of!(ModuleDescriptor, start), 48);
-        assert_eq!(size_of::<HostApi>(), 152);
+        assert_eq!(size_of::<HostApi>(), 160);
+        assert_eq!(HOST_API_MIN_SIZE, 152);
+        assert_eq!(offset_of!(HostApi, attach_seq), 152);
+        assert_eq!(HOST_API_ATTACH_SEQ_SIZE, 160);
         assert_eq!(offset_of!(HostApi, attach_fd), 136);
         assert_eq!(offset_of!(HostApi, take_attached), 144);
         assert_eq!(offset_of!(HostApi, config_toml), 56);

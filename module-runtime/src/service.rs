@@ -4,9 +4,26 @@
 //! Requests and replies are copied out of shared memory into an aligned
 //! buffer and validated (checked rkyv access) before use: the peer is
 //! untrusted and could rewrite shared bytes at any time.
+//!
+//! # Releases without failed calls
+//!
+//! An importer's client *follows* its exporter
+//! ([`ServiceClient::follow`], [`ModuleContext::import`]): when the
+//! supervisor attaches a newer client end (the exporter restarted, or a new
+//! revision is ready), the next call switches to it and drops the old one,
+//! which the old exporter sees as the client leaving. The check before each
+//! call is one atomic load ([`Attachments::generation`]). A call made
+//! before any end exists waits for one (up to its deadline, or
+//! [`DEFAULT_END_WAIT`]); a call whose exporter is gone is repeated on a
+//! newer end when that is sound ([`Retry`]).
+//!
+//! An exporter's [`ServiceServer::serve_export`] *drains*: once shutdown is
+//! requested it keeps serving until every client has left, or no request
+//! came for [`DRAIN_QUIET`], or the stop deadline is near, whichever comes
+//! first.
 
 use std::marker::PhantomData;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rkyv::api::high::{HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
@@ -14,9 +31,10 @@ use rkyv::de::Pool;
 use rkyv::rancor::{self, Strategy};
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
-use shm_ipc::channel::{ChannelError, Client, ClientEnd, ServerEnd};
+pub use shm_ipc::channel::ChannelError;
+use shm_ipc::channel::{Client, ClientEnd, ServerEnd};
 
-use crate::sdk::{ChannelFds, Shutdown};
+use crate::sdk::{Attachments, ChannelFds, ModuleContext, Shutdown};
 
 /// Why a typed call or serve loop failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +45,23 @@ pub enum ServiceError {
     /// A message did not encode or failed validation.
     #[error("invalid service message")]
     Codec(#[source] rancor::Error),
+    /// No client end of the imported service was available, and none
+    /// arrived in time (the exporter is not up yet, or it went away and no
+    /// replacement came).
+    #[error("no client end of service `{service}` arrived within {waited:?}")]
+    NoEnd {
+        /// The imported service.
+        service: String,
+        /// How long the call waited for one.
+        waited: Duration,
+    },
+}
+
+impl ServiceError {
+    /// The call's deadline passed before the reply came.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Channel(ChannelError::TimedOut))
+    }
 }
 
 /// A type that travels over a service: archived with rkyv, validated on
@@ -60,58 +95,450 @@ fn copy_out(s: shm_ipc::ShmSlice<'_>) -> Vec<u8> {
     s.to_vec()
 }
 
+/// How long a call without a deadline waits for a client end to arrive
+/// (no end yet, or the exporter went away): [`ServiceClient::with_end_wait`]
+/// changes it.
+pub const DEFAULT_END_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a draining exporter waits for a further request before it
+/// returns although clients are still connected.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(150);
+
+/// Longest a serving exporter parks before it looks for newly attached
+/// ends and for shutdown (it parks on its clients' doorbells; an idle
+/// exporter with no client waits on the attach and shutdown descriptors
+/// instead and wakes at once).
+const SERVE_TICK: Duration = Duration::from_millis(20);
+
+/// Which failed calls a following client repeats on a newer client end.
+///
+/// A request is *sent* once it is published in the channel's ring. If the
+/// exporter goes away after that without replying, the client cannot tell
+/// whether it was processed: the exporter may have died halfway through
+/// (crashed, or killed at its stop deadline). Only the caller knows whether
+/// processing it twice is harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retry {
+    /// Repeat only requests the old exporter never received: the channel
+    /// was known to be dead before the request was published. A request
+    /// sent to an exporter that then went away fails with
+    /// `ChannelError::PeerGone` (and the next call uses a newer end).
+    /// With a draining exporter this does not happen in a release: the
+    /// importer switches at its first call after the new end arrived, and
+    /// the old exporter keeps serving until its clients left.
+    #[default]
+    Unsent,
+    /// Also repeat, once, a request that was sent but not answered before
+    /// the exporter went away. Only for idempotent requests.
+    Idempotent,
+}
+
+/// What a following client keeps to find newer ends.
+#[derive(Debug)]
+struct Follow {
+    attachments: Attachments,
+    name: String,
+    /// [`Attachments::generation`] when the attachments were last looked at.
+    seen: u64,
+    switches: u64,
+}
+
+impl Follow {
+    fn new(attachments: &Attachments, name: &str) -> Self {
+        Self {
+            attachments: attachments.clone(),
+            name: name.to_owned(),
+            // Read before taking the launch-time end, so nothing that
+            // arrives in between is missed.
+            seen: attachments.generation(),
+            switches: 0,
+        }
+    }
+
+    /// The newest end waiting, if the generation moved (or `force`).
+    fn newer(&mut self, force: bool) -> Option<ChannelFds> {
+        let g = self.attachments.generation();
+        if g == self.seen && !force {
+            return None;
+        }
+        self.seen = g;
+        self.attachments.take_latest_import(&self.name).ok()
+    }
+
+    fn no_end(&self, waited: Duration) -> ServiceError {
+        ServiceError::NoEnd {
+            service: self.name.clone(),
+            waited,
+        }
+    }
+}
+
+fn open_client(fds: ChannelFds) -> Result<Client, ServiceError> {
+    Ok(Client::open(ClientEnd::from_fds(fds.memfd, fds.sock))?)
+}
+
 /// A blocking typed client of an imported service.
+///
+/// Opened on a fixed end ([`open`](Self::open)) it fails once that end's
+/// exporter is gone. Opened with [`follow`](Self::follow) (or
+/// [`ModuleContext::import`]) it moves to every newer client end the
+/// supervisor attaches; see the [module docs](self).
 #[derive(Debug)]
 pub struct ServiceClient<Req, Resp> {
-    client: Client,
+    /// `None`: no end yet, or the current one's exporter is gone.
+    client: Option<Client>,
+    follow: Option<Follow>,
+    retry: Retry,
+    end_wait: Duration,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
 impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
-    /// Opens the client end handed in by the supervisor.
+    /// Opens the client end handed in by the supervisor; the client stays
+    /// on it.
     pub fn open(fds: ChannelFds) -> Result<Self, ServiceError> {
         Ok(Self {
-            client: Client::open(ClientEnd::from_fds(fds.memfd, fds.sock))?,
+            client: Some(open_client(fds)?),
+            follow: None,
+            retry: Retry::Unsent,
+            end_wait: DEFAULT_END_WAIT,
             _types: PhantomData,
         })
     }
 
+    /// A client of the imported service `name` that follows its exporter:
+    /// it takes the newest client end available now (granted at launch or
+    /// attached since), if any, and switches to newer ones as they arrive.
+    /// Fails only if an end is there and cannot be opened.
+    pub fn follow(attachments: &Attachments, name: &str) -> Result<Self, ServiceError> {
+        let mut follow = Follow::new(attachments, name);
+        let client = follow.newer(true).map(open_client).transpose()?;
+        Ok(Self {
+            client,
+            follow: Some(follow),
+            retry: Retry::Unsent,
+            end_wait: DEFAULT_END_WAIT,
+            _types: PhantomData,
+        })
+    }
+
+    /// Sets which failed calls are repeated on a newer end.
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets how long a call without a deadline waits for a client end.
+    pub fn with_end_wait(mut self, wait: Duration) -> Self {
+        self.end_wait = wait;
+        self
+    }
+
+    /// Whether the client holds an end whose exporter is not known to be
+    /// gone.
+    pub fn is_connected(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// How many times a following client moved to a newer end.
+    pub fn switches(&self) -> u64 {
+        self.follow.as_ref().map_or(0, |f| f.switches)
+    }
+
+    /// Switches to a newer end if one arrived (one atomic load when none
+    /// did); with `force`, looks at the attachments even if the generation
+    /// did not move.
+    fn refresh(&mut self, force: bool) {
+        let Some(f) = self.follow.as_mut() else {
+            return;
+        };
+        if let Some(fds) = f.newer(force) {
+            match open_client(fds) {
+                Ok(c) => {
+                    if self.client.is_some() {
+                        f.switches += 1;
+                    }
+                    // Dropping the old end tells its exporter we left.
+                    self.client = Some(c);
+                }
+                Err(e) => tracing::warn!(
+                    target: "ember::service",
+                    "ignoring a new client end of `{}`: {e}",
+                    f.name
+                ),
+            }
+        }
+    }
+
+    /// Waits until a (newer) end is open or `until` passes.
+    fn wait_for_end(&mut self, until: Instant) -> bool {
+        loop {
+            self.refresh(false);
+            if self.client.is_some() {
+                return true;
+            }
+            let Some(f) = self.follow.as_ref() else {
+                return false;
+            };
+            if Instant::now() >= until {
+                return false;
+            }
+            f.attachments.wait_generation(f.seen, until);
+        }
+    }
+
     /// Calls the service, waiting at most until `deadline` (`None`: until
-    /// the reply or the server's death).
+    /// the reply or the server's death). A following client first switches
+    /// to a newer end if one arrived; without an end it waits for one until
+    /// `deadline` (`None`: for the end wait, [`DEFAULT_END_WAIT`]); if the
+    /// exporter is gone it repeats the call on a newer end as [`Retry`]
+    /// allows.
     pub fn call(&mut self, req: &Req, deadline: Option<Instant>) -> Result<Resp, ServiceError> {
         let bytes = req.to_wire().map_err(ServiceError::Codec)?;
-        let reply = match deadline {
-            Some(d) => self.client.call_deadline(&bytes, d)?,
-            None => self.client.call(&bytes)?,
-        };
-        Resp::from_wire(&reply).map_err(ServiceError::Codec)
+        let started = Instant::now();
+        let end_until = deadline.unwrap_or(started + self.end_wait);
+        self.refresh(false);
+        let mut repeated = false;
+        loop {
+            if self.client.is_none() && !self.wait_for_end(end_until) {
+                return Err(match &self.follow {
+                    Some(f) => f.no_end(started.elapsed()),
+                    None => ChannelError::PeerGone.into(),
+                });
+            }
+            let following = self.follow.is_some();
+            let Some(client) = self.client.as_mut() else {
+                continue;
+            };
+            let id = match client.send_with(deadline, |w| w.write(&bytes)) {
+                Ok(id) => id,
+                // Never published: safe to send again on a newer end.
+                Err(ChannelError::PeerGone) if following => {
+                    self.client = None;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match client.recv_reply(id, deadline, copy_out) {
+                Ok(reply) => return Resp::from_wire(&reply).map_err(ServiceError::Codec),
+                Err(ChannelError::PeerGone) if following => {
+                    self.client = None;
+                    if self.retry == Retry::Idempotent && !repeated {
+                        repeated = true;
+                        continue;
+                    }
+                    return Err(ChannelError::PeerGone.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
-/// An async typed client of an imported service (feature `tokio`).
+/// An async typed client of an imported service (feature `tokio`); the
+/// async counterpart of [`ServiceClient`], following its exporter the same
+/// way when made with [`follow`](Self::follow) or
+/// [`ModuleContext::import_async`].
+///
+/// The async channel cannot tell whether a failed request had been
+/// published, so with [`Retry::Unsent`] it repeats only calls it did not
+/// send at all (the end was already known dead); use [`Retry::Idempotent`]
+/// where repeating is harmless.
 #[cfg(feature = "tokio")]
 #[derive(Debug)]
 pub struct AsyncServiceClient<Req, Resp> {
-    client: shm_ipc::channel::AsyncClient,
+    client: Option<shm_ipc::channel::AsyncClient>,
+    follow: Option<Follow>,
+    retry: Retry,
+    end_wait: Duration,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
 #[cfg(feature = "tokio")]
+fn open_async(fds: ChannelFds) -> Result<shm_ipc::channel::AsyncClient, ServiceError> {
+    Ok(shm_ipc::channel::AsyncClient::new(open_client(fds)?)?)
+}
+
+#[cfg(feature = "tokio")]
 impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
-    /// Opens the client end; must be called inside a tokio runtime.
+    /// Opens the client end; must be called inside a tokio runtime. The
+    /// client stays on this end.
     pub fn open(fds: ChannelFds) -> Result<Self, ServiceError> {
-        let c = Client::open(ClientEnd::from_fds(fds.memfd, fds.sock))?;
         Ok(Self {
-            client: shm_ipc::channel::AsyncClient::new(c)?,
+            client: Some(open_async(fds)?),
+            follow: None,
+            retry: Retry::Unsent,
+            end_wait: DEFAULT_END_WAIT,
             _types: PhantomData,
         })
     }
 
-    /// Calls the service.
+    /// As [`ServiceClient::follow`]; must be called inside a tokio runtime.
+    pub fn follow(attachments: &Attachments, name: &str) -> Result<Self, ServiceError> {
+        let mut follow = Follow::new(attachments, name);
+        let client = follow.newer(true).map(open_async).transpose()?;
+        Ok(Self {
+            client,
+            follow: Some(follow),
+            retry: Retry::Unsent,
+            end_wait: DEFAULT_END_WAIT,
+            _types: PhantomData,
+        })
+    }
+
+    /// Sets which failed calls are repeated on a newer end.
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets how long a call without a deadline waits for a client end.
+    pub fn with_end_wait(mut self, wait: Duration) -> Self {
+        self.end_wait = wait;
+        self
+    }
+
+    /// Whether the client holds an end whose exporter is not known to be
+    /// gone.
+    pub fn is_connected(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// How many times a following client moved to a newer end.
+    pub fn switches(&self) -> u64 {
+        self.follow.as_ref().map_or(0, |f| f.switches)
+    }
+
+    fn refresh(&mut self) {
+        let Some(f) = self.follow.as_mut() else {
+            return;
+        };
+        if let Some(fds) = f.newer(false) {
+            match open_async(fds) {
+                Ok(c) => {
+                    if self.client.is_some() {
+                        f.switches += 1;
+                    }
+                    self.client = Some(c);
+                }
+                Err(e) => tracing::warn!(
+                    target: "ember::service",
+                    "ignoring a new client end of `{}`: {e}",
+                    f.name
+                ),
+            }
+        }
+    }
+
+    async fn wait_for_end(&mut self, until: Instant) -> bool {
+        loop {
+            self.refresh();
+            if self.client.is_some() {
+                return true;
+            }
+            let Some(f) = self.follow.as_ref() else {
+                return false;
+            };
+            if Instant::now() >= until {
+                return false;
+            }
+            f.attachments.wait_generation_async(f.seen, until).await;
+        }
+    }
+
+    /// Calls the service with no deadline for the reply; a following client
+    /// waits at most its end wait ([`DEFAULT_END_WAIT`]) for an end.
     pub async fn call(&mut self, req: &Req) -> Result<Resp, ServiceError> {
+        self.call_inner(req, None).await
+    }
+
+    /// Calls the service, giving up at `deadline` (the reply, and any wait
+    /// for a client end, count against it): `ChannelError::TimedOut` when
+    /// the reply is late, [`ServiceError::NoEnd`] when no end came.
+    pub async fn call_deadline(
+        &mut self,
+        req: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, ServiceError> {
+        self.call_inner(req, Some(deadline)).await
+    }
+
+    /// [`call_deadline`](Self::call_deadline) with `now + timeout`.
+    pub async fn call_timeout(
+        &mut self,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ServiceError> {
+        self.call_inner(req, Some(Instant::now() + timeout)).await
+    }
+
+    async fn call_inner(
+        &mut self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<Resp, ServiceError> {
         let bytes = req.to_wire().map_err(ServiceError::Codec)?;
-        let reply = self.client.call_with(|w| w.write(&bytes), copy_out).await?;
-        Resp::from_wire(&reply).map_err(ServiceError::Codec)
+        let started = Instant::now();
+        let end_until = deadline.unwrap_or(started + self.end_wait);
+        self.refresh();
+        let mut repeated = false;
+        loop {
+            if self.client.is_none() && !self.wait_for_end(end_until).await {
+                return Err(match &self.follow {
+                    Some(f) => f.no_end(started.elapsed()),
+                    None => ChannelError::PeerGone.into(),
+                });
+            }
+            let following = self.follow.is_some();
+            let Some(client) = self.client.as_mut() else {
+                continue;
+            };
+            let call = client.call_with(|w| w.write(&bytes), copy_out);
+            let out = match deadline {
+                Some(d) => {
+                    match tokio::time::timeout_at(tokio::time::Instant::from_std(d), call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ChannelError::TimedOut),
+                    }
+                }
+                None => call.await,
+            };
+            match out {
+                Ok(reply) => return Resp::from_wire(&reply).map_err(ServiceError::Codec),
+                Err(ChannelError::PeerGone) if following => {
+                    self.client = None;
+                    if self.retry == Retry::Idempotent && !repeated {
+                        repeated = true;
+                        continue;
+                    }
+                    return Err(ChannelError::PeerGone.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl ModuleContext {
+    /// A blocking client of the imported service `name` that follows its
+    /// exporter across restarts and releases
+    /// ([`ServiceClient::follow`] on [`attachments`](Self::attachments)).
+    /// One per import per instance: each newer end goes to one client.
+    pub fn import<Req: Wire, Resp: Wire>(
+        &self,
+        name: &str,
+    ) -> Result<ServiceClient<Req, Resp>, ServiceError> {
+        ServiceClient::follow(&self.attachments(), name)
+    }
+
+    /// The async counterpart of [`import`](Self::import) (feature
+    /// `tokio`); must be called inside a tokio runtime.
+    #[cfg(feature = "tokio")]
+    pub fn import_async<Req: Wire, Resp: Wire>(
+        &self,
+        name: &str,
+    ) -> Result<AsyncServiceClient<Req, Resp>, ServiceError> {
+        AsyncServiceClient::follow(&self.attachments(), name)
     }
 }
 
@@ -119,6 +546,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
 #[derive(Debug)]
 pub struct ServiceServer<Req, Resp> {
     server: shm_ipc::service::Server,
+    quiet: Duration,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -128,13 +556,52 @@ impl<Req: Wire, Resp: Wire> Default for ServiceServer<Req, Resp> {
     }
 }
 
+/// State of a draining serve loop.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    /// Give up (clients still connected) at this point: the stop deadline
+    /// minus a reserve for `stop`.
+    until: Instant,
+    /// When the last request was served (or the drain began).
+    last_request: Instant,
+    quiet: Duration,
+}
+
+impl Drain {
+    fn begin(shutdown: &Shutdown, quiet: Duration) -> Self {
+        let now = Instant::now();
+        let remaining = shutdown.remaining().unwrap_or(Duration::ZERO);
+        // Leave a quarter (at most 500 ms) of what is left for `stop`.
+        let reserve = (remaining / 4).min(Duration::from_millis(500));
+        Self {
+            until: now + remaining.saturating_sub(reserve),
+            last_request: now,
+            quiet,
+        }
+    }
+
+    fn ends_at(&self) -> Instant {
+        match self.last_request.checked_add(self.quiet) {
+            Some(q) => self.until.min(q),
+            None => self.until,
+        }
+    }
+}
+
 impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
     /// A server with no clients yet.
     pub fn new() -> Self {
         Self {
             server: shm_ipc::service::Server::new(),
+            quiet: DRAIN_QUIET,
             _types: PhantomData,
         }
+    }
+
+    /// Sets how long a draining server waits for a further request before
+    /// it returns with clients still connected ([`DRAIN_QUIET`] by default).
+    pub fn set_drain_quiet(&mut self, quiet: Duration) {
+        self.quiet = quiet;
     }
 
     /// Adds a server end handed in by the supervisor.
@@ -148,65 +615,145 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         self.server.len()
     }
 
-    /// Serves the export `name` of `ctx`: takes every server end granted at
-    /// launch and, while serving, every end attached later (new importers),
-    /// until shutdown is requested.
+    /// Serves the export `name` of `ctx` ([`serve_attached`](Self::serve_attached)
+    /// with the context's attachments and shutdown).
     pub fn serve_export(
         &mut self,
-        ctx: &crate::ModuleContext,
+        ctx: &ModuleContext,
         name: &str,
         handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
+        self.serve_attached(&ctx.attachments(), &ctx.shutdown(), name, handler)
+    }
+
+    /// Serves the export `name`: takes every server end granted at launch
+    /// and, while serving, every end attached later (new importers, or
+    /// importers' replacement channels), until shutdown is requested and
+    /// the drain ends (see [`serve`](Self::serve)).
+    pub fn serve_attached(
+        &mut self,
+        attachments: &Attachments,
+        shutdown: &Shutdown,
+        name: &str,
+        handler: impl FnMut(Req) -> Resp,
+    ) -> Result<(), ServiceError> {
+        let mut seen: Option<u64> = None;
         let mut adopt = |server: &mut Self| -> Result<(), ServiceError> {
-            ctx.accept_attached();
-            for end in ctx.take_exports(name) {
-                server.add(end)?;
+            // One atomic load unless something was attached.
+            let g = attachments.generation();
+            if seen != Some(g) {
+                seen = Some(g);
+                for end in attachments.take_exports(name) {
+                    server.add(end)?;
+                }
             }
             Ok(())
         };
-        self.serve_loop(&ctx.shutdown(), &mut adopt, handler)
+        let attach_fd = attachments.attach_fd();
+        self.serve_loop(shutdown, attach_fd, &mut adopt, handler)
     }
 
-    /// Serves requests with `handler` until `shutdown` is requested. A
-    /// request that fails validation is answered with an error; a client
-    /// that corrupts its channel is dropped (and logged), the others go on.
+    /// Serves requests with `handler` until shutdown is requested, then
+    /// drains: keeps serving until every client has left (importers moved
+    /// to a newer exporter and dropped their old ends), or no request came
+    /// for [`DRAIN_QUIET`] ([`set_drain_quiet`](Self::set_drain_quiet)), or the stop deadline is near (three quarters of
+    /// what was left when shutdown was requested, at least what is left
+    /// minus 500 ms), whichever comes first. Clients still connected then
+    /// are disconnected. A request that fails validation is answered with
+    /// an error; a client that corrupts its channel is dropped (and
+    /// logged), the others go on.
     pub fn serve(
         &mut self,
         shutdown: &Shutdown,
         handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
-        self.serve_loop(shutdown, &mut |_| Ok(()), handler)
+        self.serve_loop(shutdown, None, &mut |_| Ok(()), handler)
     }
 
     fn serve_loop(
         &mut self,
         shutdown: &Shutdown,
+        attach_fd: Option<std::os::fd::BorrowedFd<'_>>,
         before_tick: &mut dyn FnMut(&mut Self) -> Result<(), ServiceError>,
         mut handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
-        let tick = std::time::Duration::from_millis(50);
-        while !shutdown.is_requested() {
+        let mut drain: Option<Drain> = None;
+        let mut served: u64 = 0;
+        loop {
+            if drain.is_none() && shutdown.is_requested() {
+                let d = Drain::begin(shutdown, self.quiet);
+                tracing::info!(
+                    target: "ember::service",
+                    "shutdown requested: draining {} clients (at most {:?})",
+                    self.server.len(),
+                    d.until.saturating_duration_since(Instant::now())
+                );
+                drain = Some(d);
+            }
             before_tick(self)?;
+            let now = Instant::now();
+            if let Some(d) = &drain {
+                if self.server.is_empty() {
+                    tracing::info!(target: "ember::service", "drained: every client left");
+                    break;
+                }
+                if now >= d.ends_at() {
+                    tracing::info!(
+                        target: "ember::service",
+                        "drain over ({}): disconnecting {} clients",
+                        if now >= d.until { "stop deadline near" } else { "no request for a while" },
+                        self.server.len()
+                    );
+                    break;
+                }
+            }
             if self.server.is_empty() {
-                shutdown.wait_timeout(tick);
+                // Nothing to park on but shutdown and new ends.
+                wait_any(shutdown, attach_fd, SERVE_TICK);
                 continue;
             }
-            let gone = self
-                .server
-                .run(Some(Instant::now() + tick), |_id, req, w| {
-                    let req = Req::from_wire(&copy_out(req))
-                        .map_err(|e| format!("invalid request: {e}"))?;
-                    let resp = handler(req)
-                        .to_wire()
-                        .map_err(|e| format!("cannot encode reply: {e}"))?;
-                    w.write(&resp).map_err(|e| e.to_string())
-                })?;
+            let mut until = now + SERVE_TICK;
+            if let Some(d) = &drain {
+                until = until.min(d.ends_at());
+            }
+            let before = served;
+            let gone = self.server.run(Some(until), |_id, req, w| {
+                served += 1;
+                let req =
+                    Req::from_wire(&copy_out(req)).map_err(|e| format!("invalid request: {e}"))?;
+                let resp = handler(req)
+                    .to_wire()
+                    .map_err(|e| format!("cannot encode reply: {e}"))?;
+                w.write(&resp).map_err(|e| e.to_string())
+            })?;
+            if served != before {
+                if let Some(d) = drain.as_mut() {
+                    d.last_request = Instant::now();
+                }
+            }
             for g in gone {
                 tracing::info!(target: "ember::service", "client left: {g:?}");
             }
         }
+        // Whoever is still connected learns now that this exporter is gone.
+        self.server = shm_ipc::service::Server::new();
         Ok(())
     }
+}
+
+/// Waits until shutdown is requested, `attach` becomes readable, or
+/// `timeout` passes.
+fn wait_any(shutdown: &Shutdown, attach: Option<std::os::fd::BorrowedFd<'_>>, timeout: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32)
+        .unwrap_or(PollTimeout::MAX);
+    let mut fds = vec![PollFd::new(shutdown.as_fd(), PollFlags::POLLIN)];
+    if let Some(a) = attach {
+        fds.push(PollFd::new(a, PollFlags::POLLIN));
+    }
+    // EINTR or a failure only ends this wait early; the loop looks again.
+    let _ = poll(&mut fds, ms);
 }
 
 #[cfg(test)]
@@ -217,6 +764,294 @@ mod tests {
     struct Ping {
         n: u32,
         text: String,
+    }
+
+    use crate::abi::GrantKind;
+    use crate::sdk::test_host::TestHost;
+    use shm_ipc::channel::{channel_pair, ChannelConfig, ServerChannel};
+
+    fn pair() -> (ChannelFds, ChannelFds) {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let (cm, cs) = c.into_fds();
+        let (sm, ss) = s.into_fds();
+        (
+            ChannelFds {
+                memfd: cm,
+                sock: cs,
+            },
+            ChannelFds {
+                memfd: sm,
+                sock: ss,
+            },
+        )
+    }
+
+    fn ping(n: u32) -> Ping {
+        Ping {
+            n,
+            text: String::new(),
+        }
+    }
+
+    /// An exporter in a thread: answers every request with its own `tag`
+    /// in `text` until its client leaves; returns how many it served.
+    fn exporter(end: ChannelFds, tag: &'static str) -> std::thread::JoinHandle<u32> {
+        std::thread::spawn(move || {
+            let mut ch = ServerChannel::open(ServerEnd::from_fds(end.memfd, end.sock)).unwrap();
+            let mut served = 0;
+            loop {
+                let r = ch.serve_next(None, |req, w| {
+                    let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
+                    let r = Ping {
+                        n: p.n,
+                        text: tag.into(),
+                    };
+                    w.write(&r.to_wire().unwrap()).map_err(|e| e.to_string())
+                });
+                match r {
+                    Ok(()) => served += 1,
+                    Err(ChannelError::PeerGone) => return served,
+                    Err(e) => panic!("exporter {tag}: {e}"),
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn a_following_client_switches_to_a_newer_end() {
+        let (c1, s1) = pair();
+        let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
+        let ctx = host.context();
+        let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
+        let old = exporter(s1, "old");
+        let r = client.call(&ping(1), None).unwrap();
+        assert_eq!((r.n, r.text.as_str()), (1, "old"));
+
+        let (c2, s2) = pair();
+        let new = exporter(s2, "new");
+        host.attach(GrantKind::Import, "svc", c2);
+        let r = client.call(&ping(2), None).unwrap();
+        assert_eq!((r.n, r.text.as_str()), (2, "new"));
+        assert_eq!(client.switches(), 1);
+        // The old exporter saw its client leave after one request.
+        assert_eq!(old.join().unwrap(), 1);
+        drop(client);
+        assert_eq!(new.join().unwrap(), 1);
+    }
+
+    /// An exporter that takes one request and dies without answering it,
+    /// after the supervisor attached a replacement end (`then`).
+    fn dies_mid_request(end: ChannelFds, then: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            let mut ch = ServerChannel::open(ServerEnd::from_fds(end.memfd, end.sock)).unwrap();
+            let mut then = Some(then);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ch.serve_next(None, |_req, _w| {
+                    if let Some(f) = then.take() {
+                        f();
+                    }
+                    // Leaves the handler without a reply, as a crash does
+                    // (resume_unwind skips the panic hook's noise).
+                    std::panic::resume_unwind(Box::new("exporter died"))
+                })
+            }));
+            assert!(r.is_err());
+            drop(ch);
+        });
+    }
+
+    #[test]
+    fn a_call_whose_exporter_died_is_repeated_on_the_new_end_only_if_idempotent() {
+        // Idempotent: the request the dead exporter took is sent again on
+        // the end that arrived meanwhile.
+        let (c1, s1) = pair();
+        let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
+        let ctx = host.context();
+        let mut client: ServiceClient<Ping, Ping> =
+            ctx.import("svc").unwrap().with_retry(Retry::Idempotent);
+        let (c2, s2) = pair();
+        let new = exporter(s2, "new");
+        dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let r = client.call(&ping(7), Some(deadline)).unwrap();
+        assert_eq!((r.n, r.text.as_str()), (7, "new"));
+        drop(client);
+        assert_eq!(new.join().unwrap(), 1);
+
+        // Unsent (the default): that request may have been processed, so it
+        // fails; the next call goes to the new end.
+        let (c1, s1) = pair();
+        let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
+        let ctx = host.context();
+        let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
+        let (c2, s2) = pair();
+        let new = exporter(s2, "new");
+        dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
+        let e = client.call(&ping(8), Some(deadline)).unwrap_err();
+        assert!(
+            matches!(e, ServiceError::Channel(ChannelError::PeerGone)),
+            "{e:?}"
+        );
+        assert!(!client.is_connected());
+        let r = client.call(&ping(9), Some(deadline)).unwrap();
+        assert_eq!((r.n, r.text.as_str()), (9, "new"));
+        drop(client);
+        assert_eq!(new.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_call_waits_for_the_first_end_and_gives_up_at_its_deadline() {
+        let host = TestHost::new(vec![]);
+        let ctx = host.context();
+        let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
+        assert!(!client.is_connected());
+        // Nothing arrives: NoEnd at the deadline.
+        let e = client.call(&ping(1), Some(Instant::now())).unwrap_err();
+        assert!(matches!(e, ServiceError::NoEnd { .. }), "{e:?}");
+        // The end arrives from another thread while (or before) the call
+        // waits; either way the call is answered.
+        let (c, s) = pair();
+        let srv = exporter(s, "late");
+        let attacher = std::thread::spawn(move || host.attach(GrantKind::Import, "svc", c));
+        let r = client
+            .call(&ping(2), Some(Instant::now() + Duration::from_secs(30)))
+            .unwrap();
+        assert_eq!(r.text, "late");
+        attacher.join().unwrap();
+        drop(client);
+        assert_eq!(srv.join().unwrap(), 1);
+    }
+
+    fn echo_server(
+        host: &'static TestHost,
+        quiet: Duration,
+    ) -> std::thread::JoinHandle<Result<(), ServiceError>> {
+        std::thread::spawn(move || {
+            let ctx = host.context();
+            let shutdown = ctx.shutdown();
+            let mut server = ServiceServer::<Ping, Ping>::new();
+            server.set_drain_quiet(quiet);
+            server.serve_export(&ctx, "svc", |p| Ping {
+                n: p.n,
+                text: if shutdown.is_requested() {
+                    "draining".into()
+                } else {
+                    "serving".into()
+                },
+            })
+        })
+    }
+
+    #[test]
+    fn a_draining_server_serves_after_shutdown_and_returns_once_clients_left() {
+        let (c1, s1) = pair();
+        let host = TestHost::new(vec![(GrantKind::Export, "svc", s1)]);
+        // No quiet limit and a far deadline: only leaving clients end it.
+        let server = echo_server(host, Duration::from_secs(3600));
+        let mut a = ServiceClient::<Ping, Ping>::open(c1).unwrap();
+        assert_eq!(a.call(&ping(1), None).unwrap().text, "serving");
+
+        host.request_shutdown(Duration::from_secs(3600));
+        // A client attached after the request is adopted and served: the
+        // loop went on after it saw the shutdown.
+        let (c2, s2) = pair();
+        host.attach(GrantKind::Export, "svc", s2);
+        let mut b = ServiceClient::<Ping, Ping>::open(c2).unwrap();
+        assert_eq!(b.call(&ping(2), None).unwrap().text, "draining");
+        assert_eq!(a.call(&ping(3), None).unwrap().text, "draining");
+        drop(a);
+        assert_eq!(b.call(&ping(4), None).unwrap().text, "draining");
+        assert!(!server.is_finished());
+        drop(b);
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_draining_server_gives_up_on_idle_clients_after_the_quiet_period() {
+        let (c1, s1) = pair();
+        let host = TestHost::new(vec![(GrantKind::Export, "svc", s1)]);
+        let server = echo_server(host, DRAIN_QUIET);
+        let mut a = ServiceClient::<Ping, Ping>::open(c1).unwrap();
+        assert_eq!(a.call(&ping(1), None).unwrap().text, "serving");
+        host.request_shutdown(Duration::from_secs(3600));
+        server.join().unwrap().unwrap();
+        // It disconnected the client that never left.
+        let e = a.call(&ping(2), None).unwrap_err();
+        assert!(
+            matches!(e, ServiceError::Channel(ChannelError::PeerGone)),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_release_moves_the_importer_without_a_failed_call() {
+        // The importer and two revisions of the exporter, each with its own
+        // host; the supervisor's part is played by the test.
+        let (c1, s1) = pair();
+        let importer = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
+        let old_host = TestHost::new(vec![(GrantKind::Export, "svc", s1)]);
+        let old = echo_server(old_host, Duration::from_secs(3600));
+        let ctx = importer.context();
+        let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
+        assert_eq!(client.call(&ping(1), None).unwrap().text, "serving");
+
+        // The new revision is up; the importer gets its end, then the old
+        // exporter is asked to stop.
+        let (c2, s2) = pair();
+        let new_host = TestHost::new(vec![(GrantKind::Export, "svc", s2)]);
+        let new = echo_server(new_host, Duration::from_secs(3600));
+        importer.attach(GrantKind::Import, "svc", c2);
+        old_host.request_shutdown(Duration::from_secs(3600));
+        // The old exporter waits for its client; the next call moves.
+        assert_eq!(client.call(&ping(2), None).unwrap().text, "serving");
+        assert_eq!(client.switches(), 1);
+        old.join().unwrap().unwrap();
+        new_host.request_shutdown(Duration::from_secs(3600));
+        drop(client);
+        new.join().unwrap().unwrap();
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn the_async_client_follows_and_repeats_idempotent_calls() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c1, s1) = pair();
+            let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
+            let ctx = host.context();
+            let mut client: AsyncServiceClient<Ping, Ping> = ctx
+                .import_async("svc")
+                .unwrap()
+                .with_retry(Retry::Idempotent);
+            let old = exporter(s1, "old");
+            let r = client.call_timeout(&ping(1), Duration::from_secs(30)).await;
+            assert_eq!(r.unwrap().text, "old");
+
+            // A newer end: the next call moves to it.
+            let (c2, s2) = pair();
+            let new = exporter(s2, "new");
+            host.attach(GrantKind::Import, "svc", c2);
+            let r = client.call(&ping(2)).await.unwrap();
+            assert_eq!(r.text, "new");
+            assert_eq!(client.switches(), 1);
+            assert_eq!(old.join().unwrap(), 1);
+
+            // The next end's exporter dies holding the request; the call is
+            // repeated on the end attached meanwhile.
+            let (c3, s3) = pair();
+            let (c4, s4) = pair();
+            let last = exporter(s4, "last");
+            dies_mid_request(s3, move || host.attach(GrantKind::Import, "svc", c4));
+            host.attach(GrantKind::Import, "svc", c3);
+            let r = client.call_timeout(&ping(3), Duration::from_secs(30)).await;
+            assert_eq!(r.unwrap().text, "last");
+            assert_eq!(new.join().unwrap(), 1);
+            drop(client);
+            assert_eq!(last.join().unwrap(), 1);
+        });
     }
 
     #[test]

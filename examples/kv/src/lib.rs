@@ -36,7 +36,10 @@ impl Module for Kv {
         let map = &mut self.map;
         let max = self.max_value;
         // Serves the server ends granted at launch and those attached later
-        // (one per importing instance).
+        // (one per importing instance). On shutdown it drains: it goes on
+        // serving until every importer has moved to the new kv (dropping
+        // its old end), or no request came for a moment, or the stop
+        // deadline is near.
         self.server.serve_export(ctx, KV_SERVICE, |req| match req {
             KvRequest::Get { key } => KvResponse::Value(map.get(&key).cloned()),
             KvRequest::Put { value, .. } if value.len() > max => {

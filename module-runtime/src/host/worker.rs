@@ -5,7 +5,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,9 @@ struct Shared {
     attached: Mutex<Vec<FfiGrant>>,
     attach_w: OwnedFd,
     attach_r: OwnedFd,
+    /// Bumped after each `Attach` is queued; the module reads it through
+    /// `HostApi::attach_seq` to notice new grants without a callback.
+    attach_seq: AtomicU64,
 }
 
 // SAFETY: `FfiGrant` holds a pointer to a leaked, immutable name string and
@@ -683,6 +686,9 @@ fn attach(shared: &Shared, manifest: &Manifest, grants: Vec<protocol::Grant>, fd
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .extend(ffi_grants(&grants, fds));
+    // Release: a module that reads the new value (Acquire) and then takes
+    // the queue finds these grants (the queue's mutex orders them anyway).
+    shared.attach_seq.fetch_add(1, Ordering::Release);
     let _ = nix::unistd::write(shared.attach_w.as_fd(), b"a");
     shared.log(
         LogLevel::Debug,
@@ -852,6 +858,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         attached: Mutex::new(Vec::new()),
         attach_w,
         attach_r,
+        attach_seq: AtomicU64::new(0),
     });
     let Some(shared) = SHARED.get() else {
         idle_exit(exit::LAUNCH)
@@ -935,6 +942,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         plugin_lookup: host_plugin_lookup,
         attach_fd: shared.attach_r.as_raw_fd(),
         take_attached: host_take_attached,
+        attach_seq: shared.attach_seq.as_ptr().cast_const(),
     }));
 
     start_control_thread(

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::abi::{self, FfiStr, GrantKind, HostApi, PluginRef};
 
@@ -38,6 +39,27 @@ impl Host {
     fn remaining_ms(&self) -> i64 {
         // SAFETY: as in `log`.
         unsafe { (self.0.shutdown_remaining_ms)(self.0.ctx) }
+    }
+
+    /// The host's attach counter, if its `HostApi` carries one.
+    fn attach_seq(&self) -> Option<&'static AtomicU64> {
+        if (self.0.size as usize) < abi::HOST_API_ATTACH_SEQ_SIZE {
+            return None;
+        }
+        let p = self.0.attach_seq;
+        if p.is_null() || !p.cast::<AtomicU64>().is_aligned() {
+            return None;
+        }
+        // SAFETY: `size` says the host filled `attach_seq`; it points to an
+        // aligned u64 that lives for the process and that the host only
+        // ever accesses atomically (docs/abi.md); we only load it.
+        Some(unsafe { AtomicU64::from_ptr(p.cast_mut()) })
+    }
+
+    fn attach_fd(&self) -> Option<BorrowedFd<'static>> {
+        // SAFETY: the host keeps `attach_fd` open for the process lifetime
+        // (a negative number means it has none).
+        (self.0.attach_fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(self.0.attach_fd) })
     }
 }
 
@@ -152,7 +174,16 @@ unsafe fn insert_grant(
     Ok(())
 }
 
-fn accept_attached(host: Host, grants: &Mutex<Grants>) -> usize {
+fn accept_attached(host: Host, grants: &Mutex<Grants>, local_seq: &AtomicU64) -> usize {
+    let total = take_from_host(host, grants);
+    if total > 0 {
+        // Release: pairs with the Acquire in `Attachments::generation`.
+        local_seq.fetch_add(1, Ordering::Release);
+    }
+    total
+}
+
+fn take_from_host(host: Host, grants: &Mutex<Grants>) -> usize {
     let mut total = 0;
     loop {
         let mut buf = [abi::FfiGrant {
@@ -185,6 +216,9 @@ fn accept_attached(host: Host, grants: &Mutex<Grants>) -> usize {
 pub struct Attachments {
     host: Host,
     grants: Arc<Mutex<Grants>>,
+    /// Bumped by this module each time it took attached grants from the
+    /// host (the generation when the host has no counter of its own).
+    local_seq: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Attachments {
@@ -193,13 +227,22 @@ impl std::fmt::Debug for Attachments {
     }
 }
 
+/// Longest single wait on the attach descriptor: another thread of the
+/// module may take the grants (and drain the descriptor) first, which only
+/// a fresh look at [`Attachments::generation`] notices.
+const ATTACH_WAIT_SLICE: Duration = Duration::from_millis(20);
+
 impl Attachments {
     /// Takes the newest client end of the imported service `name` that
     /// arrived (at launch or attached since), closing older unused ones:
-    /// the supervisor sends a replacement when the exporter restarts.
-    /// `NotGranted` when none is waiting.
+    /// the supervisor sends a replacement when the exporter restarts or is
+    /// released. `NotGranted` when none is waiting.
+    ///
+    /// [`ServiceClient::follow`](crate::service::ServiceClient::follow)
+    /// does this for you, and only when [`generation`](Self::generation)
+    /// says something arrived.
     pub fn take_latest_import(&self, name: &str) -> Result<ChannelFds, ContextError> {
-        accept_attached(self.host, &self.grants);
+        self.accept();
         let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         let not_granted = || ContextError::NotGranted {
             kind: "imported service",
@@ -215,6 +258,117 @@ impl Attachments {
             _ => Err(not_granted()),
         }
     }
+
+    /// Takes every server end of the exported service `name` waiting in
+    /// the context (granted at launch or attached since).
+    pub fn take_exports(&self, name: &str) -> Vec<ChannelFds> {
+        self.accept();
+        let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let list = g
+            .remove(&(GrantKind::Export, name.to_owned()))
+            .unwrap_or_default();
+        list.into_iter()
+            .filter_map(|fds| {
+                let mut it = fds.into_iter();
+                match (it.next(), it.next()) {
+                    (Some(memfd), Some(sock)) => Some(ChannelFds { memfd, sock }),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// The host's attach descriptor (readable while attached grants wait
+    /// to be taken), for modules with their own event loop; `None` if the
+    /// host has none.
+    pub fn attach_fd(&self) -> Option<BorrowedFd<'static>> {
+        self.host.attach_fd()
+    }
+
+    /// Moves grants waiting in the host into this context; returns how many.
+    pub fn accept(&self) -> usize {
+        accept_attached(self.host, &self.grants, &self.local_seq)
+    }
+
+    /// A number that changes whenever grants were attached since: compare
+    /// it with the value seen last to learn, cheaply, whether a new service
+    /// end may have arrived. With a current host it is one atomic load of
+    /// the host's counter (`HostApi.attach_seq`); an older host has no
+    /// counter, and then it costs a `poll` of the attach descriptor.
+    pub fn generation(&self) -> u64 {
+        match self.host.attach_seq() {
+            // Acquire: pairs with the host's Release after queueing.
+            Some(seq) => seq.load(Ordering::Acquire),
+            None => {
+                let pending = self.host.attach_fd().is_some_and(|fd| {
+                    crate::protocol::wait_readable(fd, Duration::ZERO).unwrap_or(false)
+                });
+                if pending {
+                    self.accept();
+                }
+                self.local_seq.load(Ordering::Acquire)
+            }
+        }
+    }
+
+    /// Blocks until [`generation`](Self::generation) differs from `seen` or
+    /// `until` passes; returns the generation then.
+    pub fn wait_generation(&self, seen: u64, until: Instant) -> u64 {
+        loop {
+            let now_gen = self.generation();
+            let now = Instant::now();
+            if now_gen != seen || now >= until {
+                return now_gen;
+            }
+            let slice = (until - now).min(ATTACH_WAIT_SLICE);
+            match self.host.attach_fd() {
+                // A poll failure only shortens this slice.
+                Some(fd) => {
+                    let _ = crate::protocol::wait_readable(fd, slice);
+                }
+                None => std::thread::sleep(slice),
+            }
+        }
+    }
+
+    /// [`wait_generation`](Self::wait_generation) for async code: waits on
+    /// the attach descriptor through tokio's reactor.
+    #[cfg(feature = "tokio")]
+    pub async fn wait_generation_async(&self, seen: u64, until: Instant) -> u64 {
+        let afd = self
+            .host
+            .attach_fd()
+            .and_then(|fd| fd.try_clone_to_owned().ok())
+            .and_then(|fd| {
+                // SAFETY: `fd` is an open descriptor owned by the AsyncFd for
+                // its whole life; OwnedFd::as_raw_fd returns that descriptor.
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        fd,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .ok()
+            });
+        loop {
+            let now_gen = self.generation();
+            let now = Instant::now();
+            if now_gen != seen || now >= until {
+                return now_gen;
+            }
+            let slice = (until - now).min(ATTACH_WAIT_SLICE);
+            match &afd {
+                Some(afd) => {
+                    if let Ok(Ok(mut g)) = tokio::time::timeout(slice, afd.readable()).await {
+                        // Level-triggered again on the next look: whoever
+                        // takes the grants drains the descriptor.
+                        g.clear_ready();
+                    }
+                }
+                None => tokio::time::sleep(slice).await,
+            }
+        }
+    }
 }
 
 /// What a module sees of its worker: identity, config, granted descriptors,
@@ -224,6 +378,7 @@ pub struct ModuleContext {
     identity: Identity,
     config: toml::Table,
     grants: Arc<Mutex<Grants>>,
+    local_seq: Arc<AtomicU64>,
     shutdown: Shutdown,
 }
 
@@ -253,9 +408,7 @@ impl ModuleContext {
     /// `host` must be the worker's `HostApi`, valid for the process lifetime,
     /// with grant descriptors this call may take ownership of.
     pub(crate) unsafe fn from_host(host: &'static HostApi) -> Result<Self, BuildError> {
-        if host.abi_version != abi::ABI_VERSION
-            || (host.size as usize) < std::mem::size_of::<HostApi>()
-        {
+        if host.abi_version != abi::ABI_VERSION || (host.size as usize) < abi::HOST_API_MIN_SIZE {
             return Err(BuildError::Abi {
                 found: host.abi_version,
                 expected: abi::ABI_VERSION,
@@ -292,6 +445,7 @@ impl ModuleContext {
             },
             config,
             grants: Arc::new(Mutex::new(grants)),
+            local_seq: Arc::new(AtomicU64::new(0)),
             shutdown: Shutdown {
                 inner: Arc::new(ShutdownInner {
                     host: h,
@@ -305,7 +459,7 @@ impl ModuleContext {
     /// server end for a newly started importer) into this context, where
     /// `take_export` & co. find them. Returns how many arrived.
     pub fn accept_attached(&self) -> usize {
-        accept_attached(self.host, &self.grants)
+        accept_attached(self.host, &self.grants, &self.local_seq)
     }
 
     /// A handle, cloneable and `'static`, for picking up service ends the
@@ -315,6 +469,7 @@ impl ModuleContext {
         Attachments {
             host: self.host,
             grants: self.grants.clone(),
+            local_seq: self.local_seq.clone(),
         }
     }
 
@@ -603,6 +758,147 @@ impl AsFd for Shutdown {
     }
 }
 
+/// An in-process host for unit tests: real descriptors, a real attach
+/// queue and counter, a shutdown that tests request; the worker's
+/// behaviour for the parts services use.
+#[cfg(test)]
+pub(crate) mod test_host {
+    use super::*;
+    use std::ffi::c_void;
+    use std::os::fd::IntoRawFd;
+
+    pub(crate) struct TestHost {
+        queue: Mutex<Vec<abi::FfiGrant>>,
+        seq: AtomicU64,
+        attach_r: OwnedFd,
+        attach_w: OwnedFd,
+        shutdown_r: OwnedFd,
+        shutdown_w: OwnedFd,
+        deadline: Mutex<Option<Instant>>,
+        api: std::sync::OnceLock<&'static HostApi>,
+    }
+
+    // SAFETY: FfiGrant holds a leaked static name and plain descriptor
+    // numbers; all state is behind mutexes or atomics.
+    unsafe impl Send for TestHost {}
+    // SAFETY: as above.
+    unsafe impl Sync for TestHost {}
+
+    fn me(ctx: *const c_void) -> &'static TestHost {
+        // SAFETY: ctx is the leaked TestHost set in `new`.
+        unsafe { &*ctx.cast::<TestHost>() }
+    }
+
+    unsafe extern "C" fn ready(_: *const c_void) {}
+    unsafe extern "C" fn log(_: *const c_void, _: u32, _: FfiStr, _: FfiStr) {}
+    unsafe extern "C" fn error(_: *const c_void, _: FfiStr) {}
+    unsafe extern "C" fn remaining(ctx: *const c_void) -> i64 {
+        let d = *me(ctx).deadline.lock().unwrap();
+        d.map_or(-1, |d| {
+            d.saturating_duration_since(Instant::now()).as_millis() as i64
+        })
+    }
+    unsafe extern "C" fn lookup(
+        _: *const c_void,
+        _: FfiStr,
+        _: u32,
+        _: *mut abi::PluginRef,
+    ) -> i32 {
+        abi::LOOKUP_NOT_FOUND
+    }
+    unsafe extern "C" fn take(ctx: *const c_void, out: *mut abi::FfiGrant, cap: usize) -> usize {
+        let h = me(ctx);
+        let mut q = h.queue.lock().unwrap();
+        let n = q.len().min(cap);
+        for (i, g) in q.drain(..n).enumerate() {
+            // SAFETY: the caller gives room for `cap` grants; i < n <= cap.
+            unsafe { out.add(i).write(g) };
+        }
+        if q.is_empty() {
+            let mut buf = [0u8; 64];
+            while matches!(nix::unistd::read(h.attach_r.as_fd(), &mut buf), Ok(k) if k > 0) {}
+        }
+        n
+    }
+
+    impl TestHost {
+        /// A leaked host with `imports` client ends granted at launch.
+        pub(crate) fn new(launch: Vec<(GrantKind, &'static str, ChannelFds)>) -> &'static Self {
+            let (attach_r, attach_w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                    .unwrap();
+            let (shutdown_r, shutdown_w) = nix::unistd::pipe().unwrap();
+            let h: &'static TestHost = Box::leak(Box::new(TestHost {
+                queue: Mutex::new(Vec::new()),
+                seq: AtomicU64::new(0),
+                attach_r,
+                attach_w,
+                shutdown_r,
+                shutdown_w,
+                deadline: Mutex::new(None),
+                api: std::sync::OnceLock::new(),
+            }));
+            let grants: &'static [abi::FfiGrant] = Box::leak(
+                launch
+                    .into_iter()
+                    .map(|(k, n, fds)| grant(k, n, fds))
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice(),
+            );
+            let api: &'static HostApi = Box::leak(Box::new(HostApi {
+                abi_version: abi::ABI_VERSION,
+                size: std::mem::size_of::<HostApi>() as u32,
+                ctx: (h as *const TestHost).cast(),
+                module_name: FfiStr::new("test"),
+                module_version: FfiStr::new("0.0.1"),
+                replica: 0,
+                config_toml: FfiStr::new(""),
+                grants: grants.as_ptr(),
+                grants_len: grants.len(),
+                shutdown_fd: h.shutdown_r.as_raw_fd(),
+                ready,
+                log,
+                error,
+                shutdown_remaining_ms: remaining,
+                plugin_lookup: lookup,
+                attach_fd: h.attach_r.as_raw_fd(),
+                take_attached: take,
+                attach_seq: h.seq.as_ptr().cast_const(),
+            }));
+            let _ = h.api.set(api);
+            h
+        }
+
+        /// The module's context (takes the launch grants; call once).
+        pub(crate) fn context(&'static self) -> ModuleContext {
+            // SAFETY: the API and its grants are leaked, fresh descriptors.
+            unsafe { ModuleContext::from_host(self.api.get().unwrap()) }.unwrap()
+        }
+
+        /// What the worker does on `Attach`.
+        pub(crate) fn attach(&self, kind: GrantKind, name: &'static str, fds: ChannelFds) {
+            self.queue.lock().unwrap().push(grant(kind, name, fds));
+            self.seq.fetch_add(1, Ordering::Release);
+            let _ = nix::unistd::write(self.attach_w.as_fd(), b"a");
+        }
+
+        /// What the worker does on `Stop`.
+        pub(crate) fn request_shutdown(&self, deadline: Duration) {
+            *self.deadline.lock().unwrap() = Some(Instant::now() + deadline);
+            let _ = nix::unistd::write(self.shutdown_w.as_fd(), b"s");
+        }
+    }
+
+    fn grant(kind: GrantKind, name: &'static str, fds: ChannelFds) -> abi::FfiGrant {
+        abi::FfiGrant {
+            kind: kind as u32,
+            name: FfiStr::new(name),
+            fds: [fds.memfd.into_raw_fd(), fds.sock.into_raw_fd()],
+            nfds: 2,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,6 +1012,7 @@ mod tests {
             plugin_lookup: lookup,
             attach_fd: attach_r.into_raw_fd(),
             take_attached,
+            attach_seq: std::ptr::null(),
         }))
     }
 

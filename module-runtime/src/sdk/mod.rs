@@ -13,6 +13,8 @@ use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+#[cfg(test)]
+pub(crate) use context::test_host;
 pub use context::{
     Attachments, ChannelFds, ContextError, Identity, ModuleContext, PluginTable, Shutdown,
 };
@@ -470,7 +472,7 @@ pub mod __private {
             "HostApi",
             host.abi_version,
             host.size,
-            std::mem::size_of::<HostApi>(),
+            abi::HOST_API_MIN_SIZE,
         ) {
             if host.size as usize >= HOST_API_REPORTABLE {
                 // SAFETY: `ctx` and `error` keep their offsets and types in
@@ -791,6 +793,7 @@ mod tests {
                 plugin_lookup: lookup,
                 attach_fd: -1,
                 take_attached: take,
+                attach_seq: std::ptr::null(),
             }
         }
 
