@@ -1001,26 +1001,30 @@ impl Actor {
         };
         let from = m.serving();
         let (from_gen, from_revision) = (from.generation, from.revision);
-        // Listeners: the same socket for the same name and address.
+        // Listeners: the same socket for the same name and address as asked
+        // for (not as bound: port 0 binds any port once).
+        let asked_before = manifest::parse(&from.record.manifest)
+            .map(|s| s.listeners)
+            .unwrap_or_default();
         let mut fds = Vec::new();
         let mut addrs = Vec::new();
         let mut unix_paths = Vec::new();
         let mut fresh = Vec::new();
         for spec_l in &summary.listeners {
-            let address = spec_l.address.to_string();
-            let same = from
-                .listener_addrs
+            let same = asked_before
                 .iter()
-                .position(|(n, a)| *n == spec_l.name && *a == address);
-            match same.and_then(|i| from.listeners.get(i).map(|l| (i, l))) {
-                Some((i, (_, fd))) => {
-                    fds.push((spec_l.name.clone(), fd.clone()));
-                    addrs.push(from.listener_addrs[i].clone());
+                .any(|b| b.name == spec_l.name && b.address == spec_l.address);
+            let i = from.listeners.iter().position(|(n, _)| *n == spec_l.name);
+            let a = from.listener_addrs.iter().find(|(n, _)| *n == spec_l.name);
+            match (same, i, a) {
+                (true, Some(i), Some(a)) => {
+                    fds.push((spec_l.name.clone(), from.listeners[i].1.clone()));
+                    addrs.push(a.clone());
                     if let crate::manifest::ListenAddress::Unix(p) = &spec_l.address {
                         unix_paths.push(p.clone());
                     }
                 }
-                None => fresh.push(spec_l.clone()),
+                _ => fresh.push(spec_l.clone()),
             }
         }
         if !fresh.is_empty() {
