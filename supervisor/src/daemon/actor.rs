@@ -99,8 +99,9 @@ pub struct Actor {
     /// Numbers artifact placeholders.
     pub(super) next_placeholder: u64,
     pub(super) desired: DesiredState,
-    /// Memory readings for Status, reused for a second.
-    memory: crate::metrics::MemoryCache,
+    /// Memory readings for Status, reused for a second (read off the
+    /// actor).
+    memory: Arc<crate::metrics::MemoryCache>,
     pub(super) modules: BTreeMap<String, Module>,
     pub(super) os: OsHandles,
     /// Registered workers and wired imports.
@@ -357,18 +358,28 @@ impl Actor {
             Request::List(_) => value(Ok(to_value(ListReply {
                 modules: self.modules.values().map(render::summary).collect(),
             }))),
-            Request::Status(req) => value(
-                self.modules
-                    .get(&req.name)
-                    .map(|m| {
-                        let imports =
-                            render::imports_status(m, self.modules.values(), &self.registry);
-                        to_value(StatusReply {
-                            status: render::status(m, imports, &self.os.limiter, &self.memory),
+            Request::Status(req) => match self.modules.get(&req.name) {
+                Some(m) => {
+                    // The model is rendered here; /proc and the cgroups are
+                    // read on the blocking pool, never on the actor.
+                    let imports = render::imports_status(m, self.modules.values(), &self.registry);
+                    let status = render::status(m, imports, &self.os.limiter);
+                    let (limiter, memory) = (self.os.limiter.clone(), self.memory.clone());
+                    tokio::spawn(async move {
+                        let done = tokio::task::spawn_blocking(move || {
+                            let readings = render::read(&status, &limiter, &memory);
+                            render::apply(status, &readings)
                         })
-                    })
-                    .ok_or_else(|| module_not_found(&req.name)),
-            ),
+                        .await;
+                        let r = done
+                            .map(|status| Response::Value(to_value(StatusReply { status })))
+                            .map_err(|e| crate::control::invalid_input(e.to_string()));
+                        let _ = reply.send(r);
+                    });
+                    return;
+                }
+                None => Err(module_not_found(&req.name)),
+            },
             Request::Health(_) => value(Ok(to_value(self.health()))),
             Request::Pool(_) => {
                 let pool = self.os.pool.clone();

@@ -2,6 +2,8 @@
 //! `History`. Functions of the model (and, for status, of memory and CPU
 //! readings), nothing else.
 
+use std::collections::HashMap;
+
 use super::model::{Module, Run};
 use super::registry::Registry;
 use crate::cgroup::Limiter;
@@ -65,40 +67,91 @@ pub(super) fn summary(m: &Module) -> ModuleSummary {
     }
 }
 
-fn replica_status(
-    run: &Run,
-    r: usize,
-    l: &Lifecycle,
-    limiter: &Limiter,
-    memory: &MemoryCache,
-) -> ReplicaStatus {
-    let pid = l.pid();
-    let cgroups = pid.map_or_else(Vec::new, |p| {
-        limiter
-            .instance_dirs(&run.record.name, r as u32, p)
-            .into_iter()
-            .filter(|d| d.is_dir())
-            .map(|d| d.display().to_string())
-            .collect()
-    });
+/// A replica as the model knows it; the readings from `/proc` and the
+/// cgroups are added off the actor ([`read`], [`apply`]).
+fn replica_status(run: &Run, r: usize, l: &Lifecycle) -> ReplicaStatus {
     ReplicaStatus {
         replica: r as u32,
         revision: run.revision,
         state: l.state(),
         reason: l.reason().map(str::to_owned),
-        pid,
+        pid: l.pid(),
         restarts: l.restarts(),
         last_error: l.last_error().map(str::to_owned),
         state_seconds: l.since().elapsed().as_secs_f64(),
-        // smaps_rollup walks the process's page tables under its mmap lock,
-        // which would stall a module that is still loading (dlopen, thread
-        // stacks) for milliseconds: only running replicas are measured.
-        memory: pid
-            .filter(|_| l.state() == State::Running)
-            .and_then(|p| memory.memory(p)),
-        cpu_seconds: pid.and_then(|p| crate::metrics::cpu_seconds(p).ok()),
-        cgroups,
+        memory: None,
+        cpu_seconds: None,
+        cgroups: Vec::new(),
     }
+}
+
+/// What the OS says of one worker.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Reading {
+    memory: Option<Memory>,
+    cpu_seconds: Option<f64>,
+    cgroups: Vec<String>,
+}
+
+/// Reads memory, CPU and cgroup directories of every worker of `status`
+/// (blocking: `/proc` and cgroupfs; run it off the actor).
+pub(super) fn read(
+    status: &ModuleStatus,
+    limiter: &Limiter,
+    memory: &MemoryCache,
+) -> HashMap<i32, Reading> {
+    status
+        .replicas
+        .iter()
+        .filter_map(|r| Some((r, r.pid?)))
+        .map(|(r, pid)| {
+            let cgroups = limiter
+                .instance_dirs(&status.name, r.replica, pid)
+                .into_iter()
+                .filter(|d| d.is_dir())
+                .map(|d| d.display().to_string())
+                .collect();
+            let reading = Reading {
+                // smaps_rollup walks the process's page tables under its
+                // mmap lock, which would stall a module that is still
+                // loading (dlopen, thread stacks) for milliseconds: only
+                // running replicas are measured.
+                memory: (r.state == State::Running)
+                    .then(|| memory.memory(pid))
+                    .flatten(),
+                cpu_seconds: crate::metrics::cpu_seconds(pid).ok(),
+                cgroups,
+            };
+            (pid, reading)
+        })
+        .collect()
+}
+
+/// `status` with the readings in: each replica's, and their sums.
+pub(super) fn apply(mut status: ModuleStatus, readings: &HashMap<i32, Reading>) -> ModuleStatus {
+    for r in &mut status.replicas {
+        if let Some(x) = r.pid.and_then(|p| readings.get(&p)) {
+            r.memory = x.memory;
+            r.cpu_seconds = x.cpu_seconds;
+            r.cgroups = x.cgroups.clone();
+        }
+    }
+    status.memory = status
+        .replicas
+        .iter()
+        .filter_map(|r| r.memory)
+        .reduce(|a, b| Memory {
+            rss: a.rss + b.rss,
+            pss: a.pss + b.pss,
+            uss: a.uss + b.uss,
+        });
+    let cpu: Vec<f64> = status
+        .replicas
+        .iter()
+        .filter_map(|r| r.cpu_seconds)
+        .collect();
+    status.cpu_seconds = (!cpu.is_empty()).then(|| cpu.iter().sum());
+    status
 }
 
 /// Each import of the serving run: `wired` once every running replica has
@@ -147,12 +200,9 @@ pub(super) fn imports_status<'a>(
         .collect()
 }
 
-pub(super) fn status(
-    m: &Module,
-    imports: Vec<ImportStatus>,
-    limiter: &Limiter,
-    memory: &MemoryCache,
-) -> ModuleStatus {
+/// A module's status from the model alone (no memory or CPU yet: see
+/// [`read`] and [`apply`]).
+pub(super) fn status(m: &Module, imports: Vec<ImportStatus>, limiter: &Limiter) -> ModuleStatus {
     let run = m.serving();
     // The serving run's replicas, then the other runs' (a rollout's).
     let mut runs: Vec<&Run> = vec![run];
@@ -163,7 +213,7 @@ pub(super) fn status(
             run.replicas
                 .iter()
                 .enumerate()
-                .map(move |(r, l)| replica_status(run, r, l, limiter, memory))
+                .map(move |(r, l)| replica_status(run, r, l))
         })
         .collect();
     let own: Vec<&ReplicaStatus> = replicas
@@ -184,15 +234,6 @@ pub(super) fn status(
             })
         })
     };
-    let memory = replicas
-        .iter()
-        .filter_map(|r| r.memory)
-        .reduce(|a, b| Memory {
-            rss: a.rss + b.rss,
-            pss: a.pss + b.pss,
-            uss: a.uss + b.uss,
-        });
-    let cpu: Vec<f64> = replicas.iter().filter_map(|r| r.cpu_seconds).collect();
     let active = m.active();
     ModuleStatus {
         name: active.record.name.clone(),
@@ -216,8 +257,8 @@ pub(super) fn status(
             .map(|r| r.state_seconds)
             .fold(f64::INFINITY, f64::min)
             .min(f64::MAX),
-        memory,
-        cpu_seconds: (!cpu.is_empty()).then(|| cpu.iter().sum()),
+        memory: None,
+        cpu_seconds: None,
         imports,
         limits: LimitsStatus::new(run.limits, run.limit_sources, limiter.detection()),
         replicas,
@@ -258,6 +299,80 @@ pub(super) fn rfc3339(unix_seconds: u64) -> String {
 mod tests {
     use super::*;
     use crate::store::Outcome;
+
+    #[test]
+    fn readings_fill_replicas_and_sum_over_them() {
+        let replica = |n: u32, pid: Option<i32>| ReplicaStatus {
+            replica: n,
+            revision: 1,
+            state: State::Running,
+            reason: None,
+            pid,
+            restarts: 0,
+            last_error: None,
+            state_seconds: 0.0,
+            memory: None,
+            cpu_seconds: None,
+            cgroups: Vec::new(),
+        };
+        let status = ModuleStatus {
+            name: "m".into(),
+            version: "1.0.0".into(),
+            state: State::Running,
+            reason: None,
+            pid: Some(10),
+            restarts: 0,
+            last_error: None,
+            artifact_sha256: String::new(),
+            listeners: Vec::new(),
+            state_seconds: 0.0,
+            memory: None,
+            cpu_seconds: None,
+            imports: Vec::new(),
+            limits: LimitsStatus::new(
+                crate::cgroup::Limits::default(),
+                Default::default(),
+                &Default::default(),
+            ),
+            replicas: vec![replica(0, Some(10)), replica(1, Some(11)), replica(2, None)],
+            revision: 1,
+            rollout: None,
+        };
+        let mem = |k| Memory {
+            rss: k,
+            pss: k,
+            uss: k,
+        };
+        let readings = HashMap::from([
+            (
+                10,
+                Reading {
+                    memory: Some(mem(1)),
+                    cpu_seconds: Some(0.5),
+                    cgroups: vec!["/sys/fs/cgroup/x".into()],
+                },
+            ),
+            (
+                11,
+                Reading {
+                    memory: Some(mem(2)),
+                    cpu_seconds: Some(0.25),
+                    cgroups: Vec::new(),
+                },
+            ),
+        ]);
+        let s = apply(status, &readings);
+        assert_eq!(s.memory, Some(mem(3)));
+        assert_eq!(s.cpu_seconds, Some(0.75));
+        assert_eq!(s.replicas[0].cgroups, ["/sys/fs/cgroup/x"]);
+        assert_eq!(s.replicas[2].memory, None);
+        let none = apply(s.clone(), &HashMap::new());
+        assert_eq!(
+            none.memory,
+            Some(mem(3)),
+            "readings are kept where none is new"
+        );
+    }
 
     #[test]
     fn history_is_rendered_newest_first_with_utc_times() {
