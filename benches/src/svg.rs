@@ -355,7 +355,7 @@ pub fn timeline(
         let xv = x(m.x_ms);
         let _ = writeln!(
             out,
-            r##"<line x1="{xv:.1}" y1="{lat_top}" x2="{xv:.1}" y2="{axis_y}" stroke="#444" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" font-size="11" transform="rotate(-90 {0:.1} {1:.1})">{}</text>"##,
+            r##"<line x1="{xv:.1}" y1="{lat_top}" x2="{xv:.1}" y2="{axis_y}" stroke="#444" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end" transform="rotate(-90 {0:.1} {1:.1})">{}</text>"##,
             xv - 3.0,
             lat_top + 4.0,
             esc(&m.label)

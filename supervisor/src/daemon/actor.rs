@@ -543,6 +543,17 @@ impl Actor {
     fn begin_shutdown(&mut self, tx: oneshot::Sender<()>) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for n in &names {
+            // A rollout in progress stops where it is (its revision is
+            // recorded as rolling out, so the next start calls it aborted);
+            // its callers are told, and nothing is started any more.
+            if let Some(ro) = self.modules.get_mut(n).and_then(|m| m.rollout.take()) {
+                for f in ro.finals {
+                    let _ = f.send(Err(ErrorReply::new(
+                        crate::control::errors::SHUTTING_DOWN,
+                        serde_json::json!({}),
+                    )));
+                }
+            }
             self.stop_module(n);
         }
         // Stop deadlines SIGKILL stragglers; give them a moment to exit.
