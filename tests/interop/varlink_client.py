@@ -54,8 +54,26 @@ try:
             assert states[0] == "starting", states
             assert "running" in states, states
             assert states[-1] == "running", states
+            # A release through the stock client: Deploy with "more" of a
+            # new version, progress replies, then the outcome; History.
+            v2 = os.path.join(work, "hello-v2")
+            os.makedirs(v2)
+            shutil.copy(os.path.join(target, "libhello.so"), v2)
+            with open(os.path.join(module, "module.toml")) as f:
+                text = f.read().replace('version = "0.1.0"', 'version = "0.2.0"', 1)
+            text += '\n[rollout]\nstable_after = "100ms"\n'
+            with open(os.path.join(v2, "module.toml"), "w") as f:
+                f.write(text)
+            replies = list(sup.Deploy(path=v2, _more=True))
+            assert replies[-1]["outcome"] == "completed", replies[-1]
+            assert replies[-1]["revision"] == 2, replies[-1]
+            phases = [r["module"]["rollout"]["phase"] for r in replies[:-1] if r["module"].get("rollout")]
+            assert "stabilizing" in phases, phases
+            revisions = sup.History(name="hello")["revisions"]
+            assert [(r["revision"], r["outcome"]) for r in revisions] == [(2, "active"), (1, "superseded")], revisions
+            assert sup.Deploy(path=v2)["outcome"] == "unchanged"
             sup.Uninstall(name="hello")
-    print("varlink interop: 2 passed, 0 failed")
+    print("varlink interop: 3 passed, 0 failed")
 finally:
     if emberd is not None:
         emberd.terminate()

@@ -32,7 +32,7 @@ pub struct ModuleSummary {
     pub rollout: Option<RolloutSummary>,
 }
 
-/// A rollout in progress (`Rollout` in the interface).
+/// A rollout in progress (`RolloutStatus` in the interface).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RolloutSummary {
     /// The revision being rolled out.
