@@ -80,13 +80,18 @@ impl AsyncModule for Greeter {
         let shutdown = ctx.shutdown();
         let stop = shutdown.requested();
         tokio::pin!(stop);
+        // Connections being served: awaited once a stop is requested, so
+        // that a replica that drains answers what it accepted (the runtime
+        // would drop them unfinished when `serve` returns).
+        let mut in_flight = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 accepted = self.listener.accept() => {
                     let (stream, _) = accepted?;
                     let state = self.state.clone();
-                    tokio::spawn(async move {
+                    while in_flight.try_join_next().is_some() {}
+                    in_flight.spawn(async move {
                         if let Err(e) = handle(stream, &state).await {
                             tracing::debug!("connection failed: {e}");
                         }
@@ -94,7 +99,8 @@ impl AsyncModule for Greeter {
                 }
             }
         }
-        tracing::info!("greeter draining");
+        tracing::info!(connections = in_flight.len(), "greeter draining");
+        while in_flight.join_next().await.is_some() {}
         Ok(())
     }
 }
