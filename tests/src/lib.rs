@@ -4,6 +4,8 @@
 //! built from the workspace, and ([`daemon`]) a real `emberd` to drive.
 
 pub mod daemon;
+pub mod load;
+pub mod procs;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
