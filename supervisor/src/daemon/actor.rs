@@ -547,7 +547,7 @@ impl Actor {
             // recorded as rolling out, so the next start calls it aborted);
             // its callers are told, and nothing is started any more.
             if let Some(ro) = self.modules.get_mut(n).and_then(|m| m.rollout.take()) {
-                for f in ro.finals {
+                for f in ro.finals.into_iter().chain(ro.started_replies) {
                     let _ = f.send(Err(ErrorReply::new(
                         crate::control::errors::SHUTTING_DOWN,
                         serde_json::json!({}),

@@ -170,6 +170,9 @@ pub(super) struct Rollout {
     /// Callers following it, and callers waiting for its outcome.
     pub watches: Vec<Watch>,
     pub finals: Vec<Reply>,
+    /// Callers without `more`: answered `started` once the rollout is on
+    /// disk (or with its outcome if it ends first).
+    pub started_replies: Vec<Reply>,
     /// Why it is rolling back (for `AutoRollback`: why the revision it
     /// replaces failed).
     pub reason: Option<String>,

@@ -1069,6 +1069,7 @@ impl Actor {
             took_over: None,
             watches: Vec::new(),
             finals: Vec::new(),
+            started_replies: Vec::new(),
             reason: spec.reason,
             recorded: false,
             committing: false,
@@ -1078,11 +1079,8 @@ impl Actor {
                 rollout.watches.push(Watch { tx, last: None });
                 rollout.finals.push(reply);
             }
-            None => {
-                m.rollout = Some(rollout);
-                let _ = reply.send(Ok(deploy_reply(m, to_revision, true, "started", None)));
-                return self.record_rollout(&name, spec.store, spec.kind);
-            }
+            // Acknowledged once the revision is on disk.
+            None => rollout.started_replies.push(reply),
         }
         m.rollout = Some(rollout);
         self.record_rollout(&name, spec.store, spec.kind)
@@ -1169,6 +1167,13 @@ impl Actor {
         match result {
             Ok(_) => {
                 ro.recorded = true;
+                let started = std::mem::take(&mut ro.started_replies);
+                let revision = ro.to_revision;
+                if let Some(m) = self.modules.get(name) {
+                    for r in started {
+                        let _ = r.send(Ok(deploy_reply(m, revision, true, "started", None)));
+                    }
+                }
                 self.advance(name);
             }
             Err(e) => {
@@ -1369,7 +1374,8 @@ impl Actor {
             Kind::AutoRollback => (ro.from_revision, false),
             _ => (ro.to_revision, outcome == "completed"),
         };
-        let finals = ro.finals;
+        let mut finals = ro.finals;
+        finals.extend(ro.started_replies);
         let record_outcome = match outcome {
             "aborted" => Some(Outcome::Aborted),
             _ => None,
@@ -1448,6 +1454,7 @@ impl Actor {
         let _ = self.start_rollout(spec, reply, None);
         if let Some(new) = self.modules.get_mut(name).and_then(|m| m.rollout.as_mut()) {
             new.finals = ro.finals;
+            new.finals.extend(ro.started_replies);
             new.watches = ro.watches;
             new.from_revision = ro.to_revision;
         }
