@@ -427,6 +427,20 @@ impl Manifest {
                 format!("{n} is more than {MAX_REPLICAS}"),
             ));
         }
+        if let Some(n) = self
+            .rollout
+            .max_surge
+            .filter(|n| self.rollout.strategy == Strategy::Surge && *n < self.replicas)
+        {
+            return Err(invalid(
+                "rollout.max_surge",
+                format!(
+                    "{n}: a surge starts all {} new replicas beside the old ones; \
+                     set strategy = \"rolling\" for fewer at a time",
+                    self.replicas
+                ),
+            ));
+        }
         if self.rollout.strategy == Strategy::Rolling
             && self.rollout.max_surge == Some(0)
             && self.rollout.max_unavailable.unwrap_or(0) == 0
@@ -574,6 +588,42 @@ greeting = "hi"
         let text = "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\n[[listeners]]\nname=\"h\"\naddress=\"x\"\n[[listeners]]\nname=\"h\"\naddress=\"y\"\n";
         let e = Manifest::parse(text).unwrap_err();
         assert!(e.to_string().contains("listeners[1].name"), "{e}");
+    }
+
+    #[test]
+    fn the_rollout_section_is_checked() {
+        let with = |rollout: &str| {
+            Manifest::parse(&format!(
+                "name = \"a\"\nversion = \"1.0.0\"\nentry = \"a.so\"\nreplicas = 4\n[rollout]\n{rollout}"
+            ))
+        };
+        let m = with("stable_after = \"250ms\"").unwrap();
+        assert_eq!(m.rollout.strategy, Strategy::Surge);
+        assert_eq!(m.rollout.stable_after, Duration::from_millis(250));
+        let m = with("strategy = \"rolling\"\nmax_surge = 1\nmax_unavailable = 1").unwrap();
+        assert_eq!(m.rollout.strategy, Strategy::Rolling);
+        let e = with("max_surge = 2").unwrap_err();
+        assert!(
+            crate::sdk::error_chain(&e).contains("rollout.max_surge"),
+            "{e}"
+        );
+        let e = with("strategy = \"rolling\"\nmax_surge = 0").unwrap_err();
+        assert!(
+            crate::sdk::error_chain(&e).contains("rollout.max_unavailable"),
+            "{e}"
+        );
+        let e = with("strategy = \"blue-green\"").unwrap_err();
+        assert!(crate::sdk::error_chain(&e).contains("strategy"), "{e}");
+        let e = with("stable_after = \"2h\"").unwrap_err();
+        assert!(
+            crate::sdk::error_chain(&e).contains("unknown duration unit"),
+            "{e}"
+        );
+        let e = with("stable_after = \"61m\"").unwrap_err();
+        assert!(
+            crate::sdk::error_chain(&e).contains("rollout.stable_after"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -678,7 +678,19 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         mut handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut drain: Option<Drain> = None;
-        let mut served: u64 = 0;
+        let served = std::cell::Cell::new(0u64);
+        let mut answer = |_id: shm_ipc::service::ClientId,
+                          req: shm_ipc::ShmSlice<'_>,
+                          w: &mut shm_ipc::SlotWriter<'_>|
+         -> Result<(), String> {
+            served.set(served.get() + 1);
+            let req =
+                Req::from_wire(&copy_out(req)).map_err(|e| format!("invalid request: {e}"))?;
+            let resp = handler(req)
+                .to_wire()
+                .map_err(|e| format!("cannot encode reply: {e}"))?;
+            w.write(&resp).map_err(|e| e.to_string())
+        };
         loop {
             if drain.is_none() && shutdown.is_requested() {
                 let d = Drain::begin(shutdown, self.quiet);
@@ -698,6 +710,18 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
                     break;
                 }
                 if now >= d.ends_at() {
+                    // A last pass without waiting: a request published just
+                    // before the quiet time ran out is served, not dropped
+                    // with its end (its caller sent it and would fail).
+                    let before = served.get();
+                    let mut gone = Vec::new();
+                    self.server.serve_round(&mut answer, &mut gone);
+                    if served.get() != before && now < d.until {
+                        if let Some(d) = drain.as_mut() {
+                            d.last_request = Instant::now();
+                        }
+                        continue;
+                    }
                     tracing::info!(
                         target: "ember::service",
                         "drain over ({}): disconnecting {} clients",
@@ -716,17 +740,9 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
             if let Some(d) = &drain {
                 until = until.min(d.ends_at());
             }
-            let before = served;
-            let gone = self.server.run(Some(until), |_id, req, w| {
-                served += 1;
-                let req =
-                    Req::from_wire(&copy_out(req)).map_err(|e| format!("invalid request: {e}"))?;
-                let resp = handler(req)
-                    .to_wire()
-                    .map_err(|e| format!("cannot encode reply: {e}"))?;
-                w.write(&resp).map_err(|e| e.to_string())
-            })?;
-            if served != before {
+            let before = served.get();
+            let gone = self.server.run(Some(until), &mut answer)?;
+            if served.get() != before {
                 if let Some(d) = drain.as_mut() {
                     d.last_request = Instant::now();
                 }

@@ -951,7 +951,7 @@ fn rollback_history_and_canary_pause_resume_abort() {
     let out = d.ctl_ok(&["rollout", "abort", "web"]);
     assert_eq!(
         stdout(&out),
-        "web: no rollout in progress; revision 4 (4.0.0) is active\n"
+        "web: the rollout has ended; revision 4 (4.0.0) is active\n"
     );
     let s = all_running(&d, "web", 3, 4);
     assert_eq!(replica_pids(&s), old);
@@ -1330,4 +1330,101 @@ fn rolling_deploys_with_max_surge_1_under_load() {
             (1, "1.0.0".into(), "active".into())
         ]
     );
+}
+
+#[test]
+fn an_abort_while_draining_brings_the_old_replicas_back() {
+    let d = daemon();
+    // Old replicas that take their stop deadline to exit: the rollout
+    // stays in `draining` long enough to abort it there.
+    let mut slow = Web {
+        name: "slow",
+        krate: "fixture-ignores-stop",
+        replicas: 2,
+        trailer: Some("drain 0".into()),
+        ..Web::greeter("1.0.0", "-")
+    };
+    first_deploy(&d, &mut slow);
+    let v2 = Web {
+        version: "2.0.0".into(),
+        trailer: Some("drain 1".into()),
+        ..slow.clone()
+    };
+    let dir = v2.write(d.dir.path());
+    d.ctl_ok(&["deploy", dir.to_str().unwrap()]);
+    wait_rollout(&d, "slow", "draining", |r| r["phase"] == "draining");
+    // Pausing is refused there (the old replicas are already stopping).
+    let out = d.ctl(&["rollout", "pause", "slow"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("draining"), "{}", stderr(&out));
+    d.ctl_ok(&["rollout", "abort", "slow"]);
+    // The old replicas exit at their stop deadline and start again: the
+    // module ends on revision 1 with both replicas running.
+    all_running(&d, "slow", 2, 1);
+    assert_eq!(outcome(&history(&d, "slow"), 2).0, "aborted");
+    assert_no_stray_workers(&d);
+    d.ctl_ok(&["uninstall", "slow"]);
+}
+
+#[test]
+fn deploys_may_change_the_replica_count_and_rolling_replaces_unready_replicas() {
+    let d = daemon();
+    let mut web = Web::greeter("1.0.0", "g1");
+    first_deploy(&d, &mut web);
+    // 3 replicas → 1 (surge), then → 2 (rolling).
+    let one = Web {
+        version: "2.0.0".into(),
+        greeting: "g2".into(),
+        replicas: 1,
+        ..web.clone()
+    };
+    let dir = one.write(d.dir.path());
+    let (code, _, err) = deploy_wait_json(&d, &[dir.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    all_running(&d, "web", 1, 2);
+    let two = Web {
+        version: "3.0.0".into(),
+        greeting: "g3".into(),
+        replicas: 2,
+        ..web.clone()
+    };
+    let dir = two.write(d.dir.path());
+    let (code, _, err) = deploy_wait_json(&d, &[dir.to_str().unwrap(), "--strategy", "rolling"]);
+    assert_eq!(code, Some(0), "{err}");
+    all_running(&d, "web", 2, 3);
+    assert_serves_only(&two, 8);
+
+    // A module whose replicas never become ready (they crash-loop at their
+    // start deadline): a rolling release with max_unavailable 0 replaces
+    // them anyway, since stopping an unready replica costs no
+    // availability.
+    let mut broken = Web {
+        name: "nr",
+        krate: "fixture-never-ready",
+        replicas: 2,
+        port: free_port(),
+        ..Web::greeter("1.0.0", "-")
+    };
+    let dir = broken.write(d.dir.path());
+    d.ctl_ok(&["deploy", dir.to_str().unwrap()]);
+    broken.krate = "greeter";
+    broken.version = "1.1.0".into();
+    broken.greeting = "fixed".into();
+    let dir = broken.write(d.dir.path());
+    let (code, _, err) = deploy_wait_json(
+        &d,
+        &[
+            dir.to_str().unwrap(),
+            "--strategy",
+            "rolling",
+            "--max-surge",
+            "1",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    all_running(&d, "nr", 2, 2);
+    assert_serves_only(&broken, 4);
+    for m in ["web", "nr"] {
+        d.ctl_ok(&["uninstall", m]);
+    }
 }

@@ -681,15 +681,18 @@ fn attach(shared: &Shared, manifest: &Manifest, grants: Vec<protocol::Grant>, fd
         );
     }
     let n = grants.len();
-    shared
-        .attached
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .extend(ffi_grants(&grants, fds));
-    // Release: a module that reads the new value (Acquire) and then takes
-    // the queue finds these grants (the queue's mutex orders them anyway).
-    shared.attach_seq.fetch_add(1, Ordering::Release);
-    let _ = nix::unistd::write(shared.attach_w.as_fd(), b"a");
+    {
+        // Queue, bump and ring under the queue's lock: a taker (which drains
+        // the doorbell under the same lock once the queue is empty) can
+        // never empty the queue between our push and our ring and leave a
+        // stale byte that wakes waiters with nothing new.
+        let mut q = shared.attached.lock().unwrap_or_else(|p| p.into_inner());
+        q.extend(ffi_grants(&grants, fds));
+        // Release: a module that reads the new value (Acquire) and then
+        // takes the queue finds these grants (the mutex orders them too).
+        shared.attach_seq.fetch_add(1, Ordering::Release);
+        let _ = nix::unistd::write(shared.attach_w.as_fd(), b"a");
+    }
     shared.log(
         LogLevel::Debug,
         "ember::worker",

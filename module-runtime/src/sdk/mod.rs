@@ -413,6 +413,36 @@ pub mod __private {
 
     /// Why a host's API struct cannot be used by this artifact, if it
     /// cannot: another ABI version, or shorter than the struct we know.
+    /// The host's `HostApi` as a whole struct. A host of this ABI version
+    /// whose struct ends before a field added since (`attach_seq`) is copied
+    /// into a full one with that field null, once, so no reference ever
+    /// covers bytes the host did not provide.
+    ///
+    /// # Safety
+    /// `host` points to `size` bytes of a valid `HostApi` prefix, valid for
+    /// the process lifetime, and `size >= HOST_API_MIN_SIZE`.
+    unsafe fn full_host_api(host: *const HostApi, size: u32) -> &'static HostApi {
+        if size as usize >= std::mem::size_of::<HostApi>() {
+            // SAFETY: the whole struct is there (caller contract).
+            return unsafe { &*host };
+        }
+        let mut full = std::mem::MaybeUninit::<HostApi>::zeroed();
+        // SAFETY: the host provides at least HOST_API_MIN_SIZE bytes (the
+        // caller checked); the destination is a whole HostApi.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                host.cast::<u8>(),
+                full.as_mut_ptr().cast::<u8>(),
+                abi::HOST_API_MIN_SIZE,
+            )
+        };
+        // SAFETY: every field before `attach_seq` was copied from a valid
+        // HostApi of this ABI version; `attach_seq` (the only field after
+        // them) is a raw pointer, for which all-zero bytes are null, and
+        // consumers read it only when `size` covers it (it does not here).
+        Box::leak(Box::new(unsafe { full.assume_init() }))
+    }
+
     fn host_mismatch(what: &str, abi_version: u32, size: u32, ours: usize) -> Option<String> {
         if abi_version != abi::ABI_VERSION {
             Some(format!(
@@ -465,23 +495,32 @@ pub mod __private {
             return abi::CALL_ERROR;
         }
         // SAFETY: non-null and valid for the process lifetime (caller
-        // contract). Only the frozen fields are read until the check passes.
-        let host: &'static HostApi = unsafe { &*host };
+        // contract); `abi_version` and `size` keep their offsets in every
+        // ABI version (docs/abi.md, "Versioning rule"). Read through the raw
+        // pointer: no reference is made before the size is known.
+        let (abi_version, size) = unsafe {
+            (
+                std::ptr::addr_of!((*host).abi_version).read(),
+                std::ptr::addr_of!((*host).size).read(),
+            )
+        };
         // The ABI check happens before any other callback is used.
-        if let Some(why) = host_mismatch(
-            "HostApi",
-            host.abi_version,
-            host.size,
-            abi::HOST_API_MIN_SIZE,
-        ) {
-            if host.size as usize >= HOST_API_REPORTABLE {
+        if let Some(why) = host_mismatch("HostApi", abi_version, size, abi::HOST_API_MIN_SIZE) {
+            if size as usize >= HOST_API_REPORTABLE {
                 // SAFETY: `ctx` and `error` keep their offsets and types in
-                // every ABI version (docs/abi.md, "Versioning rule"), and
-                // `size` says the host's struct reaches past `error`.
-                unsafe { (host.error)(host.ctx, FfiStr::new(&why)) };
+                // every ABI version, and `size` says the host's struct
+                // reaches past `error`.
+                unsafe {
+                    let error = std::ptr::addr_of!((*host).error).read();
+                    let ctx = std::ptr::addr_of!((*host).ctx).read();
+                    error(ctx, FfiStr::new(&why));
+                }
             }
             return abi::CALL_ERROR;
         }
+        // SAFETY: the check passed: `size` bytes of a valid `HostApi`,
+        // at least `HOST_API_MIN_SIZE`, valid for the process lifetime.
+        let host: &'static HostApi = unsafe { full_host_api(host, size) };
         let h = context::Host(host);
         let report = |m: &str| h.error(m);
         let mut out: *mut c_void = std::ptr::null_mut();
@@ -578,22 +617,33 @@ pub mod __private {
         if host.is_null() {
             return abi::CALL_ERROR;
         }
-        // SAFETY: valid for this call (caller contract). Only the frozen
-        // fields are read until the check passes.
-        let host = unsafe { &*host };
+        // SAFETY: valid for this call (caller contract); the frozen fields
+        // are read through the raw pointer until the size is known.
+        let (abi_version, size) = unsafe {
+            (
+                std::ptr::addr_of!((*host).abi_version).read(),
+                std::ptr::addr_of!((*host).size).read(),
+            )
+        };
         if let Some(why) = host_mismatch(
             "PluginHostApi",
-            host.abi_version,
-            host.size,
+            abi_version,
+            size,
             std::mem::size_of::<PluginHostApi>(),
         ) {
-            if host.size as usize >= PLUGIN_HOST_API_REPORTABLE {
+            if size as usize >= PLUGIN_HOST_API_REPORTABLE {
                 // SAFETY: as in `start`: `ctx` and `error` are frozen, and
                 // the host's struct reaches past `error`.
-                unsafe { (host.error)(host.ctx, FfiStr::new(&why)) };
+                unsafe {
+                    let error = std::ptr::addr_of!((*host).error).read();
+                    let ctx = std::ptr::addr_of!((*host).ctx).read();
+                    error(ctx, FfiStr::new(&why));
+                }
             }
             return abi::CALL_ERROR;
         }
+        // SAFETY: the whole struct is there (checked) and valid for the call.
+        let host = unsafe { &*host };
         // SAFETY: host callbacks are valid during `init`.
         let report = |m: &str| unsafe { (host.error)(host.ctx, FfiStr::new(m)) };
         let log_fn = host.log;

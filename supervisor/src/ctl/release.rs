@@ -344,7 +344,7 @@ pub(super) fn rollout_fields(r: &Value) -> String {
 pub(super) fn rollout_state(m: &Value) -> String {
     if m["rollout"].is_null() {
         format!(
-            "{}: no rollout in progress; {} is active",
+            "{}: the rollout has ended; {} is active",
             cell(&m["name"]),
             revision_label(&m["revision"], m["version"].as_str())
         )
@@ -549,7 +549,7 @@ mod tests {
         assert_eq!(rollout_note(&Value::Null), "");
         assert_eq!(
             rollout_state(&module(2, "0.1.0", Value::Null)),
-            "greeter: no rollout in progress; revision 2 (0.1.0) is active"
+            "greeter: the rollout has ended; revision 2 (0.1.0) is active"
         );
         assert_eq!(
             rollout_state(&module(2, "0.1.0", rollout("paused"))),

@@ -132,7 +132,7 @@ impl Directory for Dir<'_> {
         else {
             return Serving::No;
         };
-        if live.replica >= run.target {
+        if !run.is_wanted(live.replica as usize) {
             return Serving::No;
         }
         match run.replicas.get(live.replica as usize) {
@@ -283,7 +283,7 @@ impl Actor {
             .iter()
             .enumerate()
             .filter(|(i, l)| {
-                *i as u32 >= run.target && !matches!(l.state(), State::Stopped | State::Stopping)
+                !run.is_wanted(*i) && !matches!(l.state(), State::Stopped | State::Stopping)
             })
             .filter_map(|(_, l)| l.pid())
             .collect();
@@ -301,7 +301,7 @@ impl Actor {
         };
         for r in 0..run.replicas.len() {
             let state = run.replicas[r].state();
-            if (r as u32) < run.target {
+            if run.is_wanted(r) {
                 if !matches!(state, State::Installing | State::Stopped | State::Waiting) {
                     continue;
                 }
@@ -417,7 +417,7 @@ impl Actor {
             return;
         };
         for run in &mut m.runs {
-            run.target = 0;
+            run.set_target(0);
         }
         self.reconcile_module(name);
     }
@@ -566,6 +566,11 @@ impl Actor {
             .max(self.policy.stop_timeout);
         let limit = Instant::now() + longest + std::time::Duration::from_secs(1);
         self.shutdown = Some((tx, limit));
+    }
+
+    /// Whether a `Shutdown` began.
+    pub(super) fn shutting_down(&self) -> bool {
+        self.shutdown.is_some()
     }
 
     fn shutdown_done(&mut self) -> bool {

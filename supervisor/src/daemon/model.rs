@@ -36,8 +36,9 @@ pub(super) struct Run {
     pub artifact: Option<ArtifactImage>,
     /// One lifecycle per replica; index = replica number.
     pub replicas: Vec<Lifecycle>,
-    /// Replicas `0..target` should run, the rest stop.
-    pub target: u32,
+    /// Which replicas should run (the others stop); see
+    /// [`Run::set_target`].
+    pub wanted: Vec<bool>,
     /// Names this run in instance events: unique per daemon.
     pub generation: u64,
     /// Bound listeners shared by every replica (and by the other run of a
@@ -73,6 +74,41 @@ impl Run {
 
     pub fn all_stopped(&self) -> bool {
         self.replicas.iter().all(|l| l.state() == State::Stopped)
+    }
+
+    /// How many replicas should run.
+    pub fn target(&self) -> u32 {
+        self.wanted.iter().filter(|w| **w).count() as u32
+    }
+
+    /// Whether replica `r` should run.
+    pub fn is_wanted(&self, r: usize) -> bool {
+        self.wanted.get(r).copied().unwrap_or(false)
+    }
+
+    /// Wants `n` replicas running. Going down, replicas that are not ready
+    /// stop first (a crash-looping or never-ready replica costs nothing to
+    /// stop), then the highest numbers; going up, the lowest numbers start.
+    pub fn set_target(&mut self, n: u32) {
+        let mut on = self.target();
+        while on > n {
+            let victim = (0..self.replicas.len())
+                .rev()
+                .filter(|&r| self.wanted[r])
+                .min_by_key(|&r| self.replicas[r].state() == State::Running)
+                .expect("a wanted replica");
+            self.wanted[victim] = false;
+            on -= 1;
+        }
+        for r in 0..self.replicas.len() {
+            if on >= n {
+                break;
+            }
+            if !self.wanted[r] {
+                self.wanted[r] = true;
+                on += 1;
+            }
+        }
     }
 
     /// Replicas that are not stopped.
@@ -256,8 +292,8 @@ impl Module {
         Some(Counts {
             old_alive: old.alive(),
             old_ready: old.ready(),
-            old_target: old.target,
-            new_target: new.target,
+            old_target: old.target(),
+            new_target: new.target(),
             new_ready: new.ready(),
             new_failure: new.failure().is_some(),
         })

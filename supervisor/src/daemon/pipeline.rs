@@ -248,7 +248,7 @@ impl Actor {
                     Lifecycle::new(name, policy.clone(), now)
                 })
                 .collect(),
-            target: 0,
+            wanted: vec![false; replicas as usize],
             record,
             generation: self.next_generation,
             listeners: listeners.fds,
@@ -268,7 +268,7 @@ impl Actor {
     /// Adds a module with one run and starts every replica.
     fn add_and_start(&mut self, mut run: Run) {
         let name = run.record.name.clone();
-        run.target = run.replicas.len() as u32;
+        run.set_target(run.replicas.len() as u32);
         let generation = run.generation;
         if let Some(reason) = &run.failure {
             tracing::warn!(module = %name, %reason, "cannot start");
@@ -819,11 +819,19 @@ impl Actor {
     /// revision; else its revision (a new number, or the number of an
     /// identical earlier one) is rolled out.
     fn deploy_prepared(&mut self, p: Prepared) {
+        let shutting_down = self.shutting_down();
         let Some(m) = self.modules.get_mut(&p.name) else {
             let _ = p.reply.send(Err(module_not_found(&p.name)));
             return;
         };
         m.preparing = false;
+        if shutting_down {
+            let _ = p.reply.send(Err(ErrorReply::new(
+                crate::control::errors::SHUTTING_DOWN,
+                json!({}),
+            )));
+            return;
+        }
         if !m.uninstall.is_empty() {
             let _ = p.reply.send(Err(invalid_input(format!(
                 "{} is being uninstalled",
@@ -1132,14 +1140,7 @@ impl Actor {
         };
         r.revisions.retain(|v| v.revision != entry.revision);
         r.revisions.insert(0, entry);
-        let mut others = 0;
-        r.revisions.retain(|v| {
-            if matches!(v.outcome, Outcome::Active | Outcome::RollingOut) {
-                return true;
-            }
-            others += 1;
-            others <= HISTORY
-        });
+        trim_history(&mut r.revisions);
     }
 
     /// Sets the outcome of one revision in the module's history.
@@ -1208,6 +1209,9 @@ impl Actor {
                 drop_run(m, g);
             }
             let Some(ro) = m.rollout.as_ref() else {
+                // Replicas told to run again while they were stopping (an
+                // abort during draining) start once they have exited.
+                self.reconcile_module(name);
                 return;
             };
             if ro.took_over.is_some() {
@@ -1230,10 +1234,15 @@ impl Actor {
                 }
                 break;
             }
-            let Some(counts) = m.counts() else {
+            let Some(mut counts) = m.counts() else {
                 return;
             };
             let ro = m.rollout.as_mut().expect("checked above");
+            if ro.kind == Kind::AutoRollback {
+                // Back to the known-good revision whatever it takes: its
+                // replicas restart with back-off until they are ready.
+                counts.new_failure = false;
+            }
             if !ro.paused && release::canary_done(&ro.params, &counts) {
                 tracing::info!(
                     module = name,
@@ -1280,8 +1289,8 @@ impl Actor {
                     let mut changed = moved;
                     for (g, t) in [(to_gen, new), (from_gen, old)] {
                         if let Some(run) = m.run_mut(g) {
-                            changed |= run.target != t;
-                            run.target = t;
+                            changed |= run.target() != t;
+                            run.set_target(t);
                         }
                     }
                     self.reconcile(name, to_gen);
@@ -1361,11 +1370,11 @@ impl Actor {
         };
         m.active = keep;
         if let Some(run) = m.run_mut(drop_gen) {
-            run.target = 0;
+            run.set_target(0);
         }
         if m.uninstall.is_empty() {
             if let Some(run) = m.run_mut(keep) {
-                run.target = run.replicas.len() as u32;
+                run.set_target(run.replicas.len() as u32);
             }
         }
         let revision = m.active().revision;
@@ -1416,48 +1425,64 @@ impl Actor {
             return;
         };
         tracing::warn!(module = name, revision = ro.to_revision, reason = %why, "new revision failed after taking over; rolling back");
-        let committed = m.active().record.clone();
-        let image = m.active().artifact.clone();
-        // The failed run stays (serving what it can) until the rollback
-        // takes over; the old run, stopped, is dropped.
-        let failed_gen = ro.to_gen;
-        m.active = failed_gen;
+        // The committed run is still there, its replicas stopped, its image
+        // and listeners held: it is started again, nothing is bound or
+        // copied. The failed run serves what it can until then.
+        let committed_gen = ro.from_gen;
+        let Some(committed) = m.run(committed_gen) else {
+            return;
+        };
+        let record = committed.record.clone();
+        let replicas = committed.replicas.len() as u32;
+        if ro.committing {
+            // The commit's write may be on its way: the desired state names
+            // the committed revision again (written after it, in order).
+            if let Some(r) = self.desired.modules.get_mut(name) {
+                r.version = record.version.clone();
+                r.artifact_sha256 = record.artifact_sha256.clone();
+                r.manifest = record.manifest.clone();
+                r.source = record.source.clone();
+                r.revision = record.revision;
+            }
+            self.set_outcome(name, record.revision, Outcome::Active, None);
+        }
         let reason = format!(
             "revision {} failed after taking over: {why}",
             ro.to_revision
         );
         self.set_outcome(name, ro.to_revision, Outcome::RolledBack, Some(why));
         self.persist_quietly();
-        let image = match image
-            .map(Ok)
-            .unwrap_or_else(|| self.image_of(&committed.artifact_sha256))
-        {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(module = name, error = %e, "cannot roll back");
-                for f in ro.finals {
-                    let _ = f.send(Err(invalid_input(format!("cannot roll back: {e}"))));
-                }
-                return;
-            }
+        let mut finals = ro.finals;
+        finals.extend(ro.started_replies);
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
         };
-        let spec = Spec {
-            image_path: self.store.artifact_path(&committed.artifact_sha256),
-            record: committed,
-            image,
+        m.rollout = Some(Rollout {
             kind: Kind::AutoRollback,
-            overrides: Overrides::default(),
-            store: None,
-            reason: Some(reason.clone()),
-        };
-        let (reply, _) = tokio::sync::oneshot::channel();
-        let _ = self.start_rollout(spec, reply, None);
-        if let Some(new) = self.modules.get_mut(name).and_then(|m| m.rollout.as_mut()) {
-            new.finals = ro.finals;
-            new.finals.extend(ro.started_replies);
-            new.watches = ro.watches;
-            new.from_revision = ro.to_revision;
-        }
+            from_gen: ro.to_gen,
+            to_gen: committed_gen,
+            from_revision: ro.to_revision,
+            to_revision: record.revision,
+            version: record.version,
+            params: Params {
+                replicas,
+                strategy: module_runtime::manifest::Strategy::Surge,
+                max_surge: replicas,
+                max_unavailable: 0,
+                pause_after: None,
+                stable_after: std::time::Duration::ZERO,
+            },
+            phase: Phase::RollingBack,
+            paused: false,
+            started: Instant::now(),
+            took_over: None,
+            watches: ro.watches,
+            finals,
+            started_replies: Vec::new(),
+            reason: Some(reason),
+            recorded: true,
+            committing: false,
+        });
         self.advance(name);
     }
 
@@ -1536,7 +1561,16 @@ impl Actor {
         let action = req.action()?;
         let ro = m.rollout.as_mut().ok_or_else(|| no_rollout(name))?;
         let before_takeover = ro.took_over.is_none() && ro.kind != Kind::AutoRollback;
+        let draining = ro.phase == Phase::Draining;
         match action {
+            Action::Pause if draining => {
+                return Err(invalid_input(format!(
+                    "the rollout of {name} to revision {} is draining: every new replica is \
+                     ready and the old ones are stopping; `emberctl rollout abort {name}` \
+                     brings them back",
+                    ro.to_revision
+                )))
+            }
             Action::Pause | Action::Abort if !before_takeover => {
                 return Err(invalid_input(format!(
                     "the rollout of {name} to revision {} is past its takeover ({}); \
@@ -1572,6 +1606,25 @@ impl Actor {
     }
 }
 
+/// Keeps the active revision, a rolling-out one, the [`HISTORY`] newest
+/// that ran (superseded, rolled back: rollback targets) and the
+/// [`HISTORY`]` / 2` newest that never took over (aborted, failed), so
+/// failed attempts do not push the rollback targets out.
+fn trim_history(revisions: &mut Vec<RevisionRecord>) {
+    let (mut ran, mut never) = (0, 0);
+    revisions.retain(|v| match v.outcome {
+        Outcome::Active | Outcome::RollingOut => true,
+        Outcome::Superseded | Outcome::RolledBack => {
+            ran += 1;
+            ran <= HISTORY
+        }
+        Outcome::Aborted | Outcome::Failed => {
+            never += 1;
+            never <= HISTORY / 2
+        }
+    });
+}
+
 /// What a rollout starts from.
 struct Spec {
     record: ModuleRecord,
@@ -1591,6 +1644,11 @@ fn busy(name: &str, m: &Module) -> Result<(), ErrorReply> {
     }
     if m.preparing {
         return Err(rollout_in_progress(name, 0, "preparing"));
+    }
+    if m.active().record.artifact_sha256.starts_with("pending-") {
+        // Its install is not on disk yet: a rollout recorded before it
+        // would be written without the module.
+        return Err(rollout_in_progress(name, m.active().revision, "installing"));
     }
     if !m.uninstall.is_empty() {
         return Err(invalid_input(format!("{name} is being uninstalled")));

@@ -274,8 +274,17 @@ impl Registry {
             .collect();
         for (importer, service) in orphaned {
             self.wired.remove(&(importer, service.clone()));
+            // Only to one that serves: a starting one may never be ready;
+            // the import waits instead and is wired when an exporter
+            // registers or becomes ready.
             if let Some(e) = self.pick(&service, dir, &[pid]) {
-                self.rewire(importer, &service, e);
+                if self
+                    .live
+                    .get(&e)
+                    .is_some_and(|l| dir.serving(e, l) == Serving::Ready)
+                {
+                    self.rewire(importer, &service, e);
+                }
             }
         }
         gone

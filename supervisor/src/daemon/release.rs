@@ -205,10 +205,10 @@ pub fn plan(p: &Params, c: &Counts, paused: bool) -> Step {
     let cap = p.pause_after.unwrap_or(n).min(n);
     match p.strategy {
         Strategy::Surge => {
-            // Every new replica beside the old ones (within max_surge); the
-            // old ones drain only once all the new ones are ready.
-            let room = (n + p.max_surge).saturating_sub(c.old_alive);
-            let new = c.new_target.max(room.min(cap));
+            // Every new replica beside the old ones (however many old ones
+            // there are: a deploy may change the count); the old ones drain
+            // only once all the new ones are ready.
+            let new = c.new_target.max(cap);
             if c.new_ready >= n {
                 Step::Scale {
                     old: 0,
@@ -224,15 +224,20 @@ pub fn plan(p: &Params, c: &Counts, paused: bool) -> Step {
             }
         }
         Strategy::Rolling => {
-            // Kubernetes' rule: scale the new one up within n + max_surge
-            // replicas alive, the old one down while at least
-            // n - max_unavailable stay ready.
-            let room = (n + p.max_surge).saturating_sub(c.old_alive);
+            // Kubernetes' rule: old replicas that are not ready go first
+            // (stopping them costs no availability; a release is often the
+            // fix for a crash-looping module), then the new revision scales
+            // up within n + max_surge replicas alive and the old one down
+            // while at least n - max_unavailable stay ready.
+            let unready = c.old_target.saturating_sub(c.old_ready);
+            // The unready ones are asked to stop in this very step.
+            let alive = c.old_alive.saturating_sub(unready);
+            let room = (n + p.max_surge).saturating_sub(alive);
             let new = c.new_target.max(room.min(cap));
             let available = c.old_ready + c.new_ready;
             let floor = n.saturating_sub(p.max_unavailable);
             let surplus = available.saturating_sub(floor);
-            let old = c.old_target.saturating_sub(surplus);
+            let old = c.old_target.saturating_sub(unready).saturating_sub(surplus);
             let phase = if c.new_ready >= n {
                 Phase::Draining
             } else {
@@ -371,6 +376,96 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_deploy_may_change_the_replica_count() {
+        // 3 old replicas, 1 new: the surge starts the one and drains the 3.
+        let p = params(Strategy::Surge, 1, 1, 0);
+        let c = Counts {
+            old_alive: 3,
+            old_ready: 3,
+            old_target: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&p, &c, false),
+            Step::Scale {
+                old: 3,
+                new: 1,
+                phase: Phase::Progressing
+            }
+        );
+        let c = Counts {
+            new_target: 1,
+            new_ready: 1,
+            ..c
+        };
+        assert_eq!(
+            plan(&p, &c, false),
+            Step::Scale {
+                old: 0,
+                new: 1,
+                phase: Phase::Draining
+            }
+        );
+        // Rolling, 3 → 2 and 2 → 5: it finishes.
+        for (old, new) in [(3, 2), (2, 5)] {
+            let p = params(Strategy::Rolling, new, 1, 0);
+            let mut c = Counts {
+                old_alive: old,
+                old_ready: old,
+                old_target: old,
+                ..Default::default()
+            };
+            let mut done = false;
+            for _ in 0..50 {
+                match plan(&p, &c, false) {
+                    Step::Scale { old, new, .. } => {
+                        c.old_target = old;
+                        c.old_alive = old;
+                        c.old_ready = old;
+                        c.new_target = new;
+                        c.new_ready = new;
+                    }
+                    Step::TookOver => {
+                        done = true;
+                        break;
+                    }
+                    Step::Abort => panic!("abort"),
+                }
+            }
+            assert!(done, "{old} -> {new} stuck at {c:?}");
+        }
+    }
+
+    #[test]
+    fn rolling_stops_old_replicas_that_are_not_ready_first() {
+        // Two old replicas that never become ready: they go, the new ones
+        // come, without waiting for availability that never comes.
+        let p = params(Strategy::Rolling, 2, 1, 0);
+        let mut c = Counts {
+            old_alive: 2,
+            old_ready: 0,
+            old_target: 2,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            match plan(&p, &c, false) {
+                Step::Scale { old, new, .. } => {
+                    seen.push((old, new));
+                    c.old_target = old;
+                    c.old_alive = old;
+                    c.new_target = new;
+                    c.new_ready = new;
+                }
+                Step::TookOver => break,
+                Step::Abort => panic!("abort"),
+            }
+        }
+        assert_eq!(plan(&p, &c, false), Step::TookOver, "{seen:?}");
+        assert_eq!(seen[0].0, 0, "unready old replicas stop first: {seen:?}");
     }
 
     #[test]
