@@ -576,6 +576,30 @@ fn main() {
             let all = Summary::of(&e.deploy_records, |_| true);
             let mut steady = Summary::of(&e.deploy_records, |r| !r.overlaps(&windows));
             let mut during = Summary::of(&e.deploy_records, |r| r.overlaps(&windows));
+            if std::env::var_os("EMBER_BENCH_DEPLOY_SLOW").is_some() {
+                // Diagnostics: the slowest requests during the windows.
+                let mut slow: Vec<_> = e
+                    .deploy_records
+                    .iter()
+                    .filter(|r| r.overlaps(&windows) && r.failure.is_none())
+                    .collect();
+                slow.sort_by_key(|r| std::cmp::Reverse(r.latency));
+                for r in slow.iter().take(60) {
+                    let w = windows
+                        .iter()
+                        .find(|(a, b)| r.start <= *b && r.end() >= *a)
+                        .map_or(0.0, |(a, _)| {
+                            r.start.as_secs_f64() * 1e3 - a.as_secs_f64() * 1e3
+                        });
+                    eprintln!(
+                        "slow: {:7.3} ms at {:+8.2} ms of its window, {:?}, keep-alive {}",
+                        r.latency.as_secs_f64() * 1e3,
+                        w,
+                        r.route,
+                        r.keep_alive
+                    );
+                }
+            }
             let completed = e
                 .deploys
                 .iter()

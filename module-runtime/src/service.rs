@@ -638,16 +638,17 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut seen: Option<u64> = None;
-        let mut adopt = |server: &mut Self| -> Result<(), ServiceError> {
+        let mut adopt = |server: &mut Self| -> Result<bool, ServiceError> {
             // One atomic load unless something was attached.
             let g = attachments.generation();
-            if seen != Some(g) {
-                seen = Some(g);
-                for end in attachments.take_exports(name) {
-                    server.add(end)?;
-                }
+            if seen == Some(g) {
+                return Ok(false);
             }
-            Ok(())
+            seen = Some(g);
+            for end in attachments.take_exports(name) {
+                server.add(end)?;
+            }
+            Ok(true)
         };
         let attach_fd = attachments.attach_fd();
         self.serve_loop(shutdown, attach_fd, &mut adopt, handler)
@@ -667,14 +668,14 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         shutdown: &Shutdown,
         handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
-        self.serve_loop(shutdown, None, &mut |_| Ok(()), handler)
+        self.serve_loop(shutdown, None, &mut |_| Ok(false), handler)
     }
 
     fn serve_loop(
         &mut self,
         shutdown: &Shutdown,
         attach_fd: Option<std::os::fd::BorrowedFd<'_>>,
-        before_tick: &mut dyn FnMut(&mut Self) -> Result<(), ServiceError>,
+        before_tick: &mut dyn FnMut(&mut Self) -> Result<bool, ServiceError>,
         mut handler: impl FnMut(Req) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut drain: Option<Drain> = None;
@@ -733,7 +734,18 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
             }
             if self.server.is_empty() {
                 // Nothing to park on but shutdown and new ends.
-                wait_any(shutdown, attach_fd, SERVE_TICK);
+                // (Not on a doorbell that is readable already: grants of
+                // another kind wait for the module, and that would spin.)
+                let wake = match attach_fd {
+                    Some(fd) if readable_now(fd) => {
+                        if before_tick(self)? {
+                            continue;
+                        }
+                        None
+                    }
+                    other => other,
+                };
+                wait_any(shutdown, wake, SERVE_TICK);
                 continue;
             }
             let mut until = now + SERVE_TICK;
@@ -741,7 +753,24 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
                 until = until.min(d.ends_at());
             }
             let before = served.get();
-            let gone = self.server.run(Some(until), &mut answer)?;
+            // Woken by the attach doorbell too, so an end attached while
+            // parked (a new importer) is adopted at once, not at the tick:
+            // its first call would wait for it. Not if it is readable
+            // already (grants of another kind are queued for the module):
+            // that would spin.
+            let wake = match attach_fd {
+                // Something arrived since the adoption above: adopt it
+                // first. Readable with nothing new: grants of another kind
+                // wait for the module; parking on it would spin.
+                Some(fd) if readable_now(fd) => {
+                    if before_tick(self)? {
+                        continue;
+                    }
+                    None
+                }
+                other => other,
+            };
+            let gone = self.server.run_or_wake(Some(until), wake, &mut answer)?;
             if served.get() != before {
                 if let Some(d) = drain.as_mut() {
                     d.last_request = Instant::now();
@@ -755,6 +784,13 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         self.server = shm_ipc::service::Server::new();
         Ok(())
     }
+}
+
+/// Whether `fd` is readable, without waiting.
+fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Waits until shutdown is requested, `attach` becomes readable, or

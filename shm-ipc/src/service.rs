@@ -122,6 +122,20 @@ impl Server {
     pub fn run(
         &mut self,
         deadline: Option<Instant>,
+        handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
+    ) -> Result<Vec<ClientGone>, ChannelError> {
+        self.run_or_wake(deadline, None, handler)
+    }
+
+    /// As [`Server::run`], and also returns (after serving what is pending)
+    /// as soon as `wake` becomes readable while parked: a descriptor that
+    /// says new clients wait to be [`add`](Server::add)ed, so they are served
+    /// at once rather than at the next deadline. `wake` is only polled, never
+    /// read: the caller clears it.
+    pub fn run_or_wake(
+        &mut self,
+        deadline: Option<Instant>,
+        wake: Option<BorrowedFd<'_>>,
         mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
         let mut gone = Vec::new();
@@ -142,17 +156,23 @@ impl Server {
                 std::hint::spin_loop();
                 continue;
             }
-            self.park(deadline, &mut gone)?;
+            if self.park(deadline, wake, &mut gone)? {
+                // Serve what rang with it, then let the caller adopt.
+                self.serve_round(&mut handler, &mut gone);
+                return Ok(gone);
+            }
             idle_since = None;
         }
     }
 
-    /// Parks until some client rings or `deadline` passes.
+    /// Parks until some client rings, `wake` is readable or `deadline`
+    /// passes; true if `wake` is readable.
     fn park(
         &mut self,
         deadline: Option<Instant>,
+        wake: Option<BorrowedFd<'_>>,
         gone: &mut Vec<ClientGone>,
-    ) -> Result<(), ChannelError> {
+    ) -> Result<bool, ChannelError> {
         let mut work = false;
         let mut bad = Vec::new();
         for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
@@ -162,18 +182,26 @@ impl Server {
                 Err(e) => bad.push((i, e)),
             }
         }
+        let mut woken = false;
         let rang = if work || !bad.is_empty() {
             vec![false; self.clients.len()]
-        } else if let ([(_, only)], None) = (self.clients.as_mut_slice(), deadline) {
-            // One client and no deadline: a blocking read is the whole wait.
+        } else if let ([(_, only)], None, None) = (self.clients.as_mut_slice(), deadline, wake) {
+            // One client, no deadline, nothing else to watch: a blocking
+            // read is the whole wait.
             only.park_blocking()?;
             vec![false]
         } else {
-            let socks: Vec<BorrowedFd<'_>> = self.clients.iter().map(|(_, ch)| ch.sock()).collect();
-            doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os {
+            let mut socks: Vec<BorrowedFd<'_>> =
+                self.clients.iter().map(|(_, ch)| ch.sock()).collect();
+            socks.extend(wake);
+            let mut rang = doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os {
                 op: "poll(doorbells)",
                 source: e,
-            })?
+            })?;
+            if wake.is_some() {
+                woken = rang.pop().unwrap_or(false);
+            }
+            rang
         };
         for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
             if let Err(e) = ch.unpark(rang[i]) {
@@ -186,7 +214,7 @@ impl Server {
             let (id, _) = self.clients.remove(i);
             gone.push(ClientGone::Misbehaved(id, e));
         }
-        Ok(())
+        Ok(woken)
     }
 }
 
@@ -194,6 +222,7 @@ impl Server {
 mod tests {
     use super::*;
     use crate::channel::{channel_pair, ChannelConfig, Client};
+    use std::os::fd::AsFd;
     use std::time::Duration;
 
     #[test]
@@ -226,6 +255,30 @@ mod tests {
             );
         }
         assert!(gone.is_empty());
+    }
+
+    #[test]
+    fn a_parked_server_returns_when_woken_to_adopt_a_client() {
+        let mut server = Server::new();
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        server.add(s).unwrap();
+        // Keep the client end open: a client that left would end `run`.
+        let _client = Client::open(c).unwrap();
+        let (wake_r, wake_w) = nix::unistd::pipe().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // No deadline: only the wake can end this park.
+            let gone = server
+                .run_or_wake(None, Some(wake_r.as_fd()), |_, _, _| Ok(()))
+                .unwrap();
+            tx.send(gone.len()).unwrap();
+        });
+        nix::unistd::write(&wake_w, b"w").unwrap();
+        let gone = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("run_or_wake returned on its wake descriptor");
+        assert_eq!(gone, 0);
+        t.join().unwrap();
     }
 
     #[test]

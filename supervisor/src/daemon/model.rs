@@ -64,6 +64,9 @@ pub(super) struct Run {
     pub launch_manifest: String,
     /// Why it cannot be launched (listener or artifact failure).
     pub failure: Option<String>,
+    /// Its replicas start at background priority until ready: a release's
+    /// new revision while the old one serves.
+    pub background: bool,
 }
 
 impl Run {
@@ -165,6 +168,7 @@ impl Run {
             stop_deadline: self.stop_deadline,
             limits: self.limits,
             limiter: limiter.clone(),
+            background: self.background,
         }
     }
 }

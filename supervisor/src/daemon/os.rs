@@ -111,6 +111,54 @@ pub struct LaunchPlan {
     pub limits: crate::cgroup::Limits,
     /// emberd's cgroups.
     pub limiter: Arc<crate::cgroup::Limiter>,
+    /// Start at background priority until ready (a release's new replica,
+    /// while the old revision serves).
+    pub background: bool,
+}
+
+// A release's new replicas start in the idle scheduling class, until they
+// are ready: on a small machine, eight workers loading at once beside the
+// revision that serves would otherwise take the CPU its requests need.
+
+/// Whether emberd can move a worker back from the idle scheduling class
+/// (SCHED_IDLE → SCHED_OTHER needs root, or an RLIMIT_NICE that allows its
+/// nice value).
+fn can_restore_priority() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
+        .is_ok_and(|(soft, _)| soft >= 20)
+}
+
+/// Moves every thread of `pid` to the idle scheduling class (`background`)
+/// or back to the normal one. Linux schedules threads, not processes, and
+/// threads started later inherit their creator's class.
+fn set_background(pid: i32, background: bool) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    let policy = if background {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    for t in tasks.flatten() {
+        let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: a thread id of a worker we own and a valid sched_param
+        // (priority 0, as SCHED_IDLE and SCHED_OTHER require).
+        let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+        if rc != 0 {
+            tracing::debug!(pid, tid, background, error = %std::io::Error::last_os_error(), "sched_setscheduler");
+        }
+    }
 }
 
 /// An artifact image as launches wait for it: `None` while an install's copy
@@ -395,6 +443,11 @@ async fn instance(
         name: "artifact".into(),
     });
     fds.push(image.as_fd());
+    // Idle, single-threaded: every thread it starts inherits this.
+    let mut background = plan.background && can_restore_priority();
+    if background {
+        set_background(pid, true);
+    }
     if let Err(e) = worker.link.launch(&order, &fds).await {
         drop(fds);
         worker.discard().await;
@@ -430,7 +483,19 @@ async fn instance(
             // before its exit.
             biased;
             msg = link.next(), if channel_open => match msg {
-                Ok(m) => report(m, &module, pid, attempt, &mut log, &send),
+                Ok(m) => {
+                    let ready = matches!(
+                        m,
+                        FromWorker::Transition { state: WorkerState::Ready, .. }
+                    );
+                    if ready && background {
+                        // Full priority before it counts as ready (and the
+                        // old replicas are asked to go).
+                        set_background(pid, false);
+                        background = false;
+                    }
+                    report(m, &module, pid, attempt, &mut log, &send)
+                }
                 Err(_) => channel_open = false,
             },
             Some(cmd) = cmd_rx.recv(), if channel_open => {

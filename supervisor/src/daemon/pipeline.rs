@@ -262,6 +262,7 @@ impl Actor {
             limit_sources,
             launch_manifest,
             failure,
+            background: false,
         }
     }
 
@@ -1057,6 +1058,7 @@ impl Actor {
             }),
         );
         run.artifact = Some(spec.image);
+        run.background = true;
         let to_gen = run.generation;
         let to_revision = run.revision;
         let version = run.record.version.clone();
@@ -1369,6 +1371,10 @@ impl Actor {
             ro.to_gen
         };
         m.active = keep;
+        if let Some(run) = m.run_mut(keep) {
+            // It serves now: its restarts are urgent.
+            run.background = false;
+        }
         if let Some(run) = m.run_mut(drop_gen) {
             run.set_target(0);
         }
