@@ -118,6 +118,10 @@ struct Staged {
     greeter: [PathBuf; 2],
     kv: [PathBuf; 2],
     broken: PathBuf,
+    /// The same release on a module nobody calls (a greeter named
+    /// `bystander`, no import): what starting and stopping that many
+    /// processes costs the module that serves.
+    bystander: [PathBuf; 2],
 }
 
 fn stage(tmp: &Path, profile: &Path, replicas: u64) -> Result<Staged, artifacts::BuildError> {
@@ -166,7 +170,34 @@ fn stage(tmp: &Path, profile: &Path, replicas: u64) -> Result<Staged, artifacts:
         )
     };
     let so = artifacts::cdylib(profile, NAME);
+    let bystander = |dir: &str, version: &str| {
+        artifacts::write_manifest(
+            &tmp.join(dir),
+            &artifacts::example_manifest(NAME),
+            &so,
+            |t| {
+                t.insert("name".into(), BYSTANDER.into());
+                t.insert("version".into(), version.into());
+                t.insert("replicas".into(), (replicas as i64).into());
+                t.remove("imports");
+                for l in t
+                    .get_mut("listeners")
+                    .and_then(toml::Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(toml::Value::as_table_mut)
+                {
+                    l.insert("address".into(), "127.0.0.1:0".into());
+                }
+                rollout(t);
+            },
+        )
+    };
     Ok(Staged {
+        bystander: [
+            bystander("bystander-0.1.0", "0.1.0")?,
+            bystander("bystander-0.2.0", "0.2.0")?,
+        ],
         greeter: [
             greeter("greeter-0.1.0", "0.1.0", "hello", &so)?,
             greeter("greeter-0.2.0", "0.2.0", "hi", &so)?,
@@ -183,6 +214,9 @@ fn stage(tmp: &Path, profile: &Path, replicas: u64) -> Result<Staged, artifacts:
         )?,
     })
 }
+
+/// The module of phase E.
+const BYSTANDER: &str = "bystander";
 
 /// The greeting each greeter version answers with.
 const GREETINGS: [&str; 2] = ["hello", "hi"];
@@ -201,6 +235,9 @@ struct EmberOut {
     exporter_records: Vec<Record>,
     aborted: Option<Roll>,
     aborted_records: Vec<Record>,
+    /// Phase E: releases of a module nobody calls, under the same load.
+    bystander: Vec<Roll>,
+    bystander_records: Vec<Record>,
 }
 
 fn with_load<R>(cfg: &LoadConfig, gap: Duration, f: impl FnOnce(Instant) -> R) -> (R, Vec<Record>) {
@@ -362,6 +399,24 @@ fn run_ember(a: &Args, bin: &Path, base: &Base, st: &Staged) -> Result<EmberOut,
     });
     res?;
     out.aborted_records = recs;
+
+    // E. The same release of a module nobody calls: greeter's latency
+    // during these windows is what the start and exit of that many
+    // processes cost on this machine, whatever module they are.
+    d.install(&st.bystander[0])?;
+    d.wait_running(BYSTANDER, TIMEOUT)?;
+    let (res, recs) = with_load(&cfg, a.gap, |t0| -> Result<(), DaemonError> {
+        for i in 0..a.deploys {
+            d.wait_pool_idle(min_idle, TIMEOUT)?;
+            let path = &st.bystander[(i + 1) % 2];
+            let r = roll(&mut d, t0, "Deploy", json!({"path": path}), a.replicas)?;
+            out.bystander.push(r);
+            std::thread::sleep(a.gap);
+        }
+        Ok(())
+    });
+    res?;
+    out.bystander_records = recs;
     d.stop(Duration::from_secs(15));
     Ok(out)
 }
@@ -707,6 +762,21 @@ fn main() {
                     .int("failed_service_calls", calls.failed)
                     .int("exporter_phase_failed_requests", phase.failed);
                 met &= calls.failed == 0 && calls.requests > 0 && ex_ok == a.exporter_deploys;
+
+                if !e.bystander.is_empty() {
+                    let bw: Vec<_> = e.bystander.iter().map(|r| r.window).collect();
+                    let mut by = Summary::of(&e.bystander_records, |r| r.overlaps(&bw));
+                    let by_p99 = by.p_ms(99.0);
+                    eprintln!(
+                        "the same {} releases of a module nobody calls: greeter's latency p99 during them {:.2} ms ({} requests, {} failed)",
+                        e.bystander.len(),
+                        by_p99,
+                        by.requests,
+                        by.failed
+                    );
+                    out.int("bystander_releases", e.bystander.len() as u64)
+                        .num("latency_p99_during_bystander_release_ms", by_p99);
+                }
 
                 if let Some(r) = &e.aborted {
                     let ab = Summary::of(&e.aborted_records, |x| x.overlaps(&[r.window]));
