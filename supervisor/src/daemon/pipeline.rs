@@ -105,6 +105,9 @@ pub(crate) struct InstallSaved {
 /// A deploy whose artifact was copied and hashed off the actor.
 pub(crate) struct Prepared {
     name: String,
+    /// The module's active run when the deploy began: a module uninstalled
+    /// and installed again meanwhile is another module.
+    active: u64,
     text: String,
     manifest_path: PathBuf,
     artifact: PathBuf,
@@ -781,6 +784,7 @@ impl Actor {
             return;
         }
         m.preparing = true;
+        let active = m.active;
         let known = self.known_images();
         let pending = self.pending_tx.clone();
         let src = artifact.clone();
@@ -805,6 +809,7 @@ impl Actor {
             });
             let _ = pending.send(Pending::Prepared(Box::new(Prepared {
                 name,
+                active,
                 text,
                 manifest_path,
                 artifact,
@@ -821,8 +826,15 @@ impl Actor {
     /// identical earlier one) is rolled out.
     fn deploy_prepared(&mut self, p: Prepared) {
         let shutting_down = self.shutting_down();
-        let Some(m) = self.modules.get_mut(&p.name) else {
-            let _ = p.reply.send(Err(module_not_found(&p.name)));
+        let Some(m) = self
+            .modules
+            .get_mut(&p.name)
+            .filter(|m| m.run(p.active).is_some())
+        else {
+            let _ = p.reply.send(Err(invalid_input(format!(
+                "{} was uninstalled while its new revision was being prepared",
+                p.name
+            ))));
             return;
         };
         m.preparing = false;
