@@ -1359,8 +1359,25 @@ fn an_abort_while_draining_brings_the_old_replicas_back() {
     assert!(stderr(&out).contains("draining"), "{}", stderr(&out));
     d.ctl_ok(&["rollout", "abort", "slow"]);
     // The old replicas exit at their stop deadline and start again: the
-    // module ends on revision 1 with both replicas running.
-    all_running(&d, "slow", 2, 1);
+    // module ends on revision 1 with both replicas running. Meanwhile the
+    // new replicas serve: at no moment is no replica running.
+    poll_until("revision 1 running again", EVERY, || {
+        let s = status(&d, "slow");
+        let reps = s["replicas"].as_array().unwrap();
+        let running = reps.iter().filter(|r| r["state"] == "running").count();
+        assert!(running >= 1, "no replica running during the abort: {s}");
+        let back = s["revision"] == 1
+            && s["rollout"].is_null()
+            && reps.len() == 2
+            && reps
+                .iter()
+                .all(|r| r["state"] == "running" && r["revision"] == 1);
+        if back {
+            Ok(())
+        } else {
+            Err(format!("{s}"))
+        }
+    });
     assert_eq!(outcome(&history(&d, "slow"), 2).0, "aborted");
     assert_no_stray_workers(&d);
     d.ctl_ok(&["uninstall", "slow"]);

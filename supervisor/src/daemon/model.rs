@@ -54,6 +54,7 @@ pub(super) struct Run {
     /// The imports it is not launched without (not `optional`).
     pub required: Vec<String>,
     pub stop_deadline: Duration,
+    pub start_deadline: Duration,
     /// Its effective limits: the manifest's, else the configuration's
     /// defaults.
     pub limits: Limits,
@@ -169,6 +170,7 @@ impl Run {
             limits: self.limits,
             limiter: limiter.clone(),
             background: self.background,
+            start_deadline: self.start_deadline,
         }
     }
 }
@@ -221,6 +223,9 @@ pub(super) struct Rollout {
     pub recorded: bool,
     /// A commit write is under way.
     pub committing: bool,
+    /// For `AutoRollback`: what its callers are told at the end
+    /// (`rolled-back`, or `aborted` for an abort while draining).
+    pub final_outcome: &'static str,
 }
 
 /// One installed module.

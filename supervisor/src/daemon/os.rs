@@ -114,21 +114,42 @@ pub struct LaunchPlan {
     /// Start at background priority until ready (a release's new replica,
     /// while the old revision serves).
     pub background: bool,
+    /// How long it may take to be ready (`limits.start_deadline`).
+    pub start_deadline: Duration,
 }
 
 // A release's new replicas start in the idle scheduling class, until they
 // are ready: on a small machine, eight workers loading at once beside the
 // revision that serves would otherwise take the CPU its requests need.
 
-/// Whether emberd can move a worker back from the idle scheduling class
-/// (SCHED_IDLE → SCHED_OTHER needs root, or an RLIMIT_NICE that allows its
-/// nice value).
+/// Whether emberd can move a worker back from the idle scheduling class.
+/// The kernel allows SCHED_IDLE → SCHED_OTHER with CAP_SYS_NICE, or within
+/// the thread's RLIMIT_NICE (workers inherit emberd's): tried once, on a
+/// thread of emberd's own, rather than guessed from the uid (root without
+/// CAP_SYS_NICE, in a container or under a capability bounding set, cannot).
 fn can_restore_priority() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
-        .is_ok_and(|(soft, _)| soft >= 20)
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        let probe = std::thread::Builder::new()
+            .name("ember-sched-probe".into())
+            .spawn(|| {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: this thread's own scheduling policy (tid 0 = the
+                // caller), valid sched_param for both policies.
+                unsafe {
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
+                        && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
+                }
+            });
+        let can = probe.ok().and_then(|t| t.join().ok()).unwrap_or(false);
+        if !can {
+            tracing::info!(
+                "new replicas of a release start at normal priority: emberd cannot move a \
+                 thread back from the idle scheduling class (no CAP_SYS_NICE, RLIMIT_NICE)"
+            );
+        }
+        can
+    })
 }
 
 /// Moves every thread of `pid` to the idle scheduling class (`background`)
@@ -156,7 +177,14 @@ fn set_background(pid: i32, background: bool) {
         // (priority 0, as SCHED_IDLE and SCHED_OTHER require).
         let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
         if rc != 0 {
-            tracing::debug!(pid, tid, background, error = %std::io::Error::last_os_error(), "sched_setscheduler");
+            let error = std::io::Error::last_os_error();
+            // A thread that exited meanwhile is no matter; a worker left in
+            // the idle class is.
+            if background || error.raw_os_error() == Some(libc::ESRCH) {
+                tracing::debug!(pid, tid, background, %error, "sched_setscheduler");
+            } else {
+                tracing::warn!(pid, tid, %error, "cannot move a worker thread back from the idle scheduling class");
+            }
         }
     }
 }
@@ -448,6 +476,9 @@ async fn instance(
     if background {
         set_background(pid, true);
     }
+    // Starved of CPU by a busy old revision, it would miss its start
+    // deadline (wall time): at half of it, it gets its full share.
+    let full_priority_at = tokio::time::Instant::now() + plan.start_deadline / 2;
     if let Err(e) = worker.link.launch(&order, &fds).await {
         drop(fds);
         worker.discard().await;
@@ -498,7 +529,17 @@ async fn instance(
                 }
                 Err(_) => channel_open = false,
             },
+            _ = tokio::time::sleep_until(full_priority_at), if background => {
+                set_background(pid, false);
+                background = false;
+            }
             Some(cmd) = cmd_rx.recv(), if channel_open => {
+                if background && matches!(cmd.msg, ToWorker::Stop { .. }) {
+                    // It drains and exits at full priority (its stop
+                    // deadline is wall time too).
+                    set_background(pid, false);
+                    background = false;
+                }
                 let fds: Vec<_> = cmd.fds.iter().map(|f| f.as_fd()).collect();
                 if let Err(e) = link.send(&cmd.msg, &fds).await {
                     tracing::debug!(module, pid, error = %e, "cannot send to worker");

@@ -164,6 +164,17 @@ fn read_manifest(path: &Path) -> Result<(PathBuf, String, ManifestSummary), Inst
         path: manifest_path.clone(),
         source,
     })?;
+    // A `[rollout]` that no deploy could use is refused now, not at the
+    // first release.
+    Params::resolve(summary.replicas, &summary.rollout, &Overrides::default()).map_err(
+        |reason| InstallError::Manifest {
+            path: manifest_path.clone(),
+            source: manifest::ManifestError::Field {
+                field: "rollout".into(),
+                reason,
+            },
+        },
+    )?;
     Ok((manifest_path, text, summary))
 }
 
@@ -261,6 +272,7 @@ impl Actor {
             imports: s.imports,
             required: s.required_imports,
             stop_deadline: policy.stop_timeout,
+            start_deadline: policy.start_timeout,
             limits,
             limit_sources,
             launch_manifest,
@@ -644,6 +656,9 @@ impl Actor {
         };
         m.uninstall.push(reply);
         if m.rollout.is_some() {
+            for run in &mut m.runs {
+                run.set_target(0);
+            }
             self.end_rollout(&name, "aborted", Some("the module was uninstalled".into()));
         }
         self.stop_module(&name);
@@ -1095,6 +1110,7 @@ impl Actor {
             reason: spec.reason,
             recorded: false,
             committing: false,
+            final_outcome: "completed",
         };
         match progress {
             Some(tx) => {
@@ -1231,13 +1247,7 @@ impl Actor {
             if ro.took_over.is_some() {
                 let new = m.run(ro.to_gen).expect("the rollout's run");
                 if let Some(why) = new.failure() {
-                    if ro.kind == Kind::AutoRollback {
-                        // The revision we went back to fails as well: stay,
-                        // and say so.
-                        self.end_rollout(name, "rolled-back", Some(why));
-                    } else {
-                        self.auto_rollback(name, why);
-                    }
+                    self.auto_rollback(name, why);
                     return;
                 }
                 let due = ro
@@ -1251,12 +1261,39 @@ impl Actor {
             let Some(mut counts) = m.counts() else {
                 return;
             };
-            let ro = m.rollout.as_mut().expect("checked above");
+            let ro = m.rollout.as_ref().expect("checked above");
             if ro.kind == Kind::AutoRollback {
-                // Back to the known-good revision whatever it takes: its
-                // replicas restart with back-off until they are ready.
+                // Back to the known-good revision: its replicas restart with
+                // back-off until they are ready, unless it is broken too
+                // (crash-looping, failed, waiting for a service): then the
+                // way back is given up, and the module stays on it.
+                let broken = m.run(ro.to_gen).and_then(|r| {
+                    r.replicas
+                        .iter()
+                        .enumerate()
+                        .find(|(_, l)| {
+                            matches!(l.state(), State::CrashLoop | State::Failed | State::Waiting)
+                        })
+                        .map(|(i, l)| {
+                            format!(
+                                "replica {i}: {}",
+                                l.reason().or(l.last_error()).unwrap_or("not starting")
+                            )
+                        })
+                });
+                if let Some(b) = broken {
+                    let told = ro.final_outcome;
+                    let reason = format!(
+                        "{}; revision {} does not start either: {b}",
+                        ro.reason.clone().unwrap_or_default(),
+                        ro.to_revision
+                    );
+                    self.end_rollout(name, told, Some(reason));
+                    return;
+                }
                 counts.new_failure = false;
             }
+            let ro = m.rollout.as_mut().expect("checked above");
             if !ro.paused && release::canary_done(&ro.params, &counts) {
                 tracing::info!(
                     module = name,
@@ -1284,9 +1321,14 @@ impl Actor {
                         revision = ro.to_revision,
                         "new revision took over"
                     );
+                    if let Some(run) = m.run_mut(to_gen) {
+                        // It serves now: its restarts are urgent.
+                        run.background = false;
+                    }
+                    let ro = m.rollout.as_mut().expect("checked above");
                     if ro.kind == Kind::AutoRollback {
-                        let reason = ro.reason.clone();
-                        self.end_rollout(name, "rolled-back", reason);
+                        let (told, reason) = (ro.final_outcome, ro.reason.clone());
+                        self.end_rollout(name, told, reason);
                         return;
                     }
                 }
@@ -1357,6 +1399,17 @@ impl Actor {
     /// some), and the module stays on the old revision.
     fn abort(&mut self, name: &str, reason: String) {
         tracing::warn!(module = name, %reason, "rollout aborted");
+        let draining = self
+            .modules
+            .get(name)
+            .and_then(|m| m.rollout.as_ref())
+            .is_some_and(|r| r.phase == Phase::Draining);
+        if draining {
+            // The old replicas are already stopping: the new ones serve
+            // until the old ones are back.
+            let told = reason.clone();
+            return self.back_to_committed(name, reason, told, Outcome::Aborted, "aborted");
+        }
         self.end_rollout(name, "aborted", Some(reason));
     }
 
@@ -1370,9 +1423,9 @@ impl Actor {
         let Some(ro) = m.rollout.take() else {
             return;
         };
-        let keep = if outcome == "completed"
-            || (ro.kind == Kind::AutoRollback && outcome == "rolled-back" && ro.took_over.is_some())
-        {
+        // A way back to the committed run keeps it, whatever happened; a
+        // release keeps its new run only if it completed.
+        let keep = if outcome == "completed" || ro.kind == Kind::AutoRollback {
             ro.to_gen
         } else {
             ro.from_gen
@@ -1432,27 +1485,51 @@ impl Actor {
     }
 
     /// The new revision failed within `stable_after` of taking over: it is
-    /// recorded as rolled back and the committed revision is rolled out
-    /// again, the same way (the callers following the first rollout follow
-    /// this one and are told `rolled-back`).
+    /// recorded as rolled back and the committed revision is started again
+    /// the same way (the callers following the first rollout follow this
+    /// one and are told `rolled-back`).
     fn auto_rollback(&mut self, name: &str, why: String) {
+        let revision = self
+            .modules
+            .get(name)
+            .and_then(|m| m.rollout.as_ref())
+            .map_or(0, |r| r.to_revision);
+        tracing::warn!(module = name, revision, reason = %why, "new revision failed after taking over; rolling back");
+        let reason = format!("revision {revision} failed after taking over: {why}");
+        self.back_to_committed(name, why, reason, Outcome::RolledBack, "rolled-back");
+    }
+
+    /// Ends the rollout by bringing the committed run back: its replicas
+    /// (stopped, or stopping while a release drained) start again, its image
+    /// and listeners are still held, nothing is bound or copied; the new run
+    /// keeps serving until they are ready (a surge back), so nothing is
+    /// left without a replica. The new revision's history entry gets
+    /// `outcome` with `why`; the callers are told `told` at the end.
+    fn back_to_committed(
+        &mut self,
+        name: &str,
+        why: String,
+        reason: String,
+        outcome: Outcome,
+        told: &'static str,
+    ) {
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
-        let Some(ro) = m.rollout.take() else {
+        let Some((committed_gen, committing)) =
+            m.rollout.as_ref().map(|ro| (ro.from_gen, ro.committing))
+        else {
             return;
         };
-        tracing::warn!(module = name, revision = ro.to_revision, reason = %why, "new revision failed after taking over; rolling back");
-        // The committed run is still there, its replicas stopped, its image
-        // and listeners held: it is started again, nothing is bound or
-        // copied. The failed run serves what it can until then.
-        let committed_gen = ro.from_gen;
         let Some(committed) = m.run(committed_gen) else {
-            return;
+            // Cannot happen (the committed run is the active one, never
+            // dropped during a rollout); end it plainly if it does.
+            return self.end_rollout(name, told, Some(reason));
         };
         let record = committed.record.clone();
         let replicas = committed.replicas.len() as u32;
-        if ro.committing {
+        let ro = m.rollout.take().expect("checked above");
+        if committing {
             // The commit's write may be on its way: the desired state names
             // the committed revision again (written after it, in order).
             if let Some(r) = self.desired.modules.get_mut(name) {
@@ -1464,11 +1541,7 @@ impl Actor {
             }
             self.set_outcome(name, record.revision, Outcome::Active, None);
         }
-        let reason = format!(
-            "revision {} failed after taking over: {why}",
-            ro.to_revision
-        );
-        self.set_outcome(name, ro.to_revision, Outcome::RolledBack, Some(why));
+        self.set_outcome(name, ro.to_revision, outcome, Some(why));
         self.persist_quietly();
         let mut finals = ro.finals;
         finals.extend(ro.started_replies);
@@ -1500,6 +1573,7 @@ impl Actor {
             reason: Some(reason),
             recorded: true,
             committing: false,
+            final_outcome: told,
         });
         self.advance(name);
     }
@@ -1580,6 +1654,22 @@ impl Actor {
         let ro = m.rollout.as_mut().ok_or_else(|| no_rollout(name))?;
         let before_takeover = ro.took_over.is_none() && ro.kind != Kind::AutoRollback;
         let draining = ro.phase == Phase::Draining;
+        if ro.kind == Kind::AutoRollback && action == Action::Abort {
+            // Give up the way back: the committed run stays the module's,
+            // the failed one stops.
+            let (told, reason) = (ro.final_outcome, ro.reason.clone());
+            let reason = Some(format!(
+                "{}; the way back to revision {} was abandoned by request",
+                reason.unwrap_or_default(),
+                ro.to_revision
+            ));
+            self.end_rollout(name, told, reason);
+            let m = self
+                .modules
+                .get(name)
+                .ok_or_else(|| module_not_found(name))?;
+            return Ok(json!({ "module": render::summary(m) }));
+        }
         match action {
             Action::Pause if draining => {
                 return Err(invalid_input(format!(
