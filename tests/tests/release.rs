@@ -1096,6 +1096,9 @@ fn kill_9_during_rollouts_keeps_one_committed_revision() {
         };
         match at {
             KillAt::Recorded => {}
+            // Not a wait for a condition: the kill lands wherever the
+            // rollout happens to be this long after the call (any phase is
+            // a valid outcome; the checks below hold for each).
             KillAt::After(ms) => std::thread::sleep(Duration::from_millis(ms)),
             KillAt::Progressing => wait_phase("progressing"),
             KillAt::Paused => wait_phase("paused"),
