@@ -99,6 +99,42 @@ pub struct PoolConfig {
     /// Never keep more idle workers than this.
     #[serde(default = "default_max_idle")]
     pub max_idle: usize,
+    /// How long a new zygote may take to load and initialize the plugins
+    /// (its answer to `Hello`). At start-up emberd then exits with an
+    /// error; after a zygote restart the launches waiting for it fail and
+    /// the restart is retried with back-off.
+    #[serde(default = "default_zygote_start_timeout_ms")]
+    pub zygote_start_timeout_ms: u64,
+}
+
+fn default_zygote_start_timeout_ms() -> u64 {
+    60_000
+}
+
+impl PoolConfig {
+    /// [`PoolConfig::zygote_start_timeout_ms`] as a duration.
+    pub fn zygote_start_timeout(&self) -> Duration {
+        Duration::from_millis(self.zygote_start_timeout_ms)
+    }
+}
+
+/// Caps on what an install or deploy reads from the files a client names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstallConfig {
+    /// The largest `module.toml` accepted, in bytes.
+    pub max_manifest_bytes: u64,
+    /// The largest artifact (`entry`) accepted, in bytes.
+    pub max_artifact_bytes: u64,
+}
+
+impl Default for InstallConfig {
+    fn default() -> Self {
+        Self {
+            max_manifest_bytes: 1 << 20,
+            max_artifact_bytes: 512 << 20,
+        }
+    }
 }
 
 fn default_min_idle() -> usize {
@@ -113,6 +149,7 @@ impl Default for PoolConfig {
         Self {
             min_idle: default_min_idle(),
             max_idle: default_max_idle(),
+            zygote_start_timeout_ms: default_zygote_start_timeout_ms(),
         }
     }
 }
@@ -293,6 +330,9 @@ pub struct Config {
     /// Default limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Caps on the files an install reads.
+    #[serde(default)]
+    pub install: InstallConfig,
 }
 
 fn default_mode() -> String {
@@ -369,6 +409,18 @@ impl Config {
         }
         if self.pool.max_idle > 256 {
             return Err(invalid(&["pool.max_idle"], "at most 256".into()));
+        }
+        if self.pool.zygote_start_timeout_ms == 0 {
+            return Err(invalid(
+                &["pool.zygote_start_timeout_ms"],
+                "must be positive".into(),
+            ));
+        }
+        if self.install.max_manifest_bytes == 0 || self.install.max_artifact_bytes == 0 {
+            return Err(invalid(
+                &["install.max_manifest_bytes", "install.max_artifact_bytes"],
+                "must be positive".into(),
+            ));
         }
         let l = &self.lifecycle;
         if l.backoff_initial_ms == 0 || l.backoff_initial_ms > l.backoff_max_ms {
@@ -454,7 +506,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// The dotted key (`pool.min_idle`, `plugins[1].path`) of the innermost
 /// key or value of `table` whose span holds `offset`.
-fn key_at(table: &toml::de::DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
+pub(crate) fn key_at(table: &toml::de::DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
     for (k, v) in table.iter() {
         let path = if prefix.is_empty() {
             k.get_ref().to_string()
@@ -546,7 +598,8 @@ memory_bytes = 1048576
             c.pool,
             PoolConfig {
                 min_idle: 1,
-                max_idle: 3
+                max_idle: 3,
+                zygote_start_timeout_ms: 60_000,
             }
         );
         assert_eq!(

@@ -20,6 +20,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod lifecycle;
 pub mod link;
+pub mod input;
 pub mod listeners;
 pub mod manifest;
 pub mod metrics;

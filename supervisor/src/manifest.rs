@@ -77,10 +77,21 @@ pub struct ManifestSummary {
 /// (line, field); the caller names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// TOML syntax, a type mismatch, a missing or an unknown field: toml's
-    /// own message, which shows the line and names the field.
-    #[error(transparent)]
-    Syntax(toml::de::Error),
+    /// TOML syntax, a type mismatch, a missing or an unknown field: where,
+    /// and toml's message without the source line it would quote (the file
+    /// may be anything a client named, not a manifest; see [`redact`]).
+    #[error("line {line}, column {column}: {}{message}", field.as_ref().map_or(String::new(), |f| format!("field `{f}`: ")))]
+    Syntax {
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The dotted key the error is in (`limits.start_deadline`), when
+        /// it is one and looks like a key.
+        field: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
     /// A field parsed but its value is not allowed.
     #[error("field `{field}`: {reason}")]
     Field {
@@ -102,17 +113,103 @@ pub enum ManifestError {
     Runtime(module_runtime::manifest::ManifestError),
 }
 
-impl From<module_runtime::manifest::ManifestError> for ManifestError {
-    fn from(e: module_runtime::manifest::ManifestError) -> Self {
+impl ManifestError {
+    /// module-runtime's refusal of `text`, taken apart so that "invalid
+    /// manifest" is said once, by the caller that knows the file.
+    fn of(e: module_runtime::manifest::ManifestError, text: &str) -> Self {
         use module_runtime::manifest::ManifestError as Runtime;
-        // Taken apart so that "invalid manifest" is said once, by the
-        // caller that knows the file.
         match e {
-            Runtime::Parse(source) => ManifestError::Syntax(source),
+            Runtime::Parse(source) => {
+                let offset = source.span().map_or(0, |s| s.start);
+                let (line, column) = line_col(text, offset);
+                // The spanned document, as far as it parses, tells which
+                // key the error is in (toml's message does not).
+                let (doc, _) = toml::de::DeTable::parse_recoverable(text);
+                let field = source
+                    .span()
+                    .and_then(|_| crate::config::key_at(doc.get_ref(), offset, ""))
+                    .filter(|f| key_like(f))
+                    .filter(|_| !source.message().starts_with("unknown field"));
+                ManifestError::Syntax {
+                    line,
+                    column,
+                    field,
+                    message: redact(source.message().trim()),
+                }
+            }
             Runtime::Invalid { field, reason } => ManifestError::Field { field, reason },
             e @ Runtime::Read { .. } => ManifestError::Runtime(e),
         }
     }
+}
+
+/// A short word of `[A-Za-z0-9_.[]-]`: a field name or a dotted key, shown
+/// in errors; anything else read from the file is not.
+fn key_like(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 48
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c))
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset + 1, |i| offset - i);
+    (line, column)
+}
+
+/// toml's message with what it quotes from the file taken out, so that
+/// naming any file as a manifest shows nothing of its content: the value
+/// of a type mismatch (`invalid type: string "…"` becomes `invalid type:
+/// string`), the unknown variant, and any quoted literal that is not a
+/// plain key-like word (field names, the expected lists and units stay).
+pub fn redact(message: &str) -> String {
+    let mut m = message.to_owned();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = m.strip_prefix(prefix) {
+            if let Some(end) = rest.find(", expected ") {
+                let kind = match rest[..end].split_once([' ', '`', '"']) {
+                    Some((k, _)) => k,
+                    None => &rest[..end],
+                };
+                let kind = if kind == "floating" {
+                    "floating point"
+                } else {
+                    kind
+                };
+                m = format!("{prefix}{kind}{}", &rest[end..]);
+            }
+        }
+    }
+    if let Some(rest) = m.strip_prefix("unknown variant `") {
+        if let Some(end) = rest.find('`') {
+            m = format!("unknown variant{}", &rest[end + 1..]);
+        }
+    }
+    // Backticked or double-quoted literals: kept only if key-like.
+    let mut out = String::with_capacity(m.len());
+    let mut rest = m.as_str();
+    while let Some(i) = rest.find(['`', '"']) {
+        let q = rest.as_bytes()[i] as char;
+        out.push_str(&rest[..=i]);
+        let after = &rest[i + 1..];
+        match after.find(q) {
+            Some(j) => {
+                let lit = &after[..j];
+                out.push_str(if key_like(lit) { lit } else { "…" });
+                out.push(q);
+                rest = &after[j + 1..];
+            }
+            None => {
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Checks a name: 1–64 bytes of `[a-z0-9_-]`, starting with `[a-z0-9]`.
@@ -135,7 +232,7 @@ pub fn parse_address(s: &str) -> Option<ListenAddress> {
 
 /// Parses and validates a manifest with module-runtime's parser.
 pub fn parse(text: &str) -> Result<ManifestSummary, ManifestError> {
-    let m = Manifest::parse(text)?;
+    let m = Manifest::parse(text).map_err(|e| ManifestError::of(e, text))?;
     let listeners = m
         .listeners
         .iter()
@@ -270,11 +367,56 @@ greeting = "hello"
         let e = crate::error_chain(
             &parse(&format!("name = \"kv\"\n{base}replicaz = 2\n")).unwrap_err(),
         );
-        assert_eq!(e.matches("TOML parse error at line 4").count(), 1, "{e}");
+        assert!(e.starts_with("line 4, column 1: unknown field `replicaz`"), "{e}");
         assert_eq!(e.matches("unknown field `replicaz`").count(), 1, "{e}");
         assert!(!e.contains("invalid manifest"), "{e}");
+        assert!(!e.contains("replicaz = 2"), "no source line: {e}");
         let e = parse(&format!("name = \"kv\"\n{base}replicas = 0\n")).unwrap_err();
         assert!(e.to_string().starts_with("field `replicas`: "), "{e}");
+    }
+
+    #[test]
+    fn errors_show_nothing_of_a_file_that_is_not_a_manifest() {
+        let secrets = [
+            "root:$6$hunter2hash:19000:0:99999:7:::\n",
+            "API_KEY=sk-live-hunter2\n",
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n",
+            "name = \"x\"\nversion = \"1\"\nentry = \"e\"\nreplicas = \"hunter2\"\n",
+            "name = \"x\"\nversion = \"1\"\nentry = \"e\"\n[rollout]\nstrategy = \"hunter2\"\n",
+            "password = \"hunter2\"\n",
+            "[default]\naws_secret_access_key = hunter2/ABC+def\n",
+        ];
+        for text in secrets {
+            let e = crate::error_chain(&parse(text).unwrap_err());
+            for secret in ["hunter2", "BEGIN", "b3BlbnNz", "sk-live"] {
+                assert!(!e.contains(secret), "{text:?} -> {e}");
+            }
+            assert!(e.starts_with("line "), "{e}");
+        }
+    }
+
+    #[test]
+    fn redact_keeps_field_names_and_drops_values() {
+        assert_eq!(
+            redact("invalid type: string \"s3cret\", expected u32"),
+            "invalid type: string, expected u32"
+        );
+        assert_eq!(
+            redact("invalid value: integer `-5`, expected u32"),
+            "invalid value: integer, expected u32"
+        );
+        assert_eq!(
+            redact("unknown variant `s3cret`, expected `surge` or `rolling`"),
+            "unknown variant, expected `surge` or `rolling`"
+        );
+        assert_eq!(
+            redact("unknown field `colour`, expected one of `name`, `version`"),
+            "unknown field `colour`, expected one of `name`, `version`"
+        );
+        assert_eq!(
+            redact("`a b/c+=` is not a duration like \"500ms\""),
+            "`…` is not a duration like \"500ms\""
+        );
     }
 
     proptest! {
