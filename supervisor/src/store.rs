@@ -210,12 +210,25 @@ impl ArtifactImage {
     /// shrinking and growing, so what workers map is exactly what was
     /// installed, whatever happens to `src` afterwards.
     pub fn snapshot(src: &Path, known: &[ArtifactImage]) -> Result<Self, StoreError> {
-        let mut from = File::open(src).map_err(io_err("open", src))?;
+        let from = File::open(src).map_err(io_err("open", src))?;
+        Self::snapshot_file(from, src, known, u64::MAX)
+    }
+
+    /// [`ArtifactImage::snapshot`] of a file already opened (and checked)
+    /// from `src`, copying at most `cap` bytes: a file that grew past it
+    /// since it was checked is refused.
+    pub fn snapshot_file(
+        from: File,
+        src: &Path,
+        known: &[ArtifactImage],
+        cap: u64,
+    ) -> Result<Self, StoreError> {
         let len = from.metadata().map_err(io_err("stat", src))?.len();
+        let mut from = from.take(cap);
         let same_size: Vec<&ArtifactImage> = known.iter().filter(|k| k.len == len).collect();
         let mut bytes = None;
         if !same_size.is_empty() {
-            let mut mine = Vec::with_capacity(len as usize);
+            let mut mine = Vec::with_capacity(len.min(cap) as usize);
             from.read_to_end(&mut mine).map_err(io_err("read", src))?;
             for k in same_size {
                 let theirs = k
@@ -253,6 +266,11 @@ impl ArtifactImage {
             .metadata()
             .map_err(io_err("stat the copy of", src))?
             .len();
+        if len >= cap && from.into_inner().read(&mut [0u8]).map_err(io_err("read", src))? > 0 {
+            return Err(io_err("copy", src)(io::Error::other(format!(
+                "it grew past the {cap}-byte cap while being copied"
+            ))));
+        }
         Ok(Self {
             fd: Arc::new(to.into()),
             source: src.to_owned(),

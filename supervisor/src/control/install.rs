@@ -20,14 +20,15 @@ pub struct Install {
 /// Why an install was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    /// The path is not absolute or cannot be read.
+    /// The manifest cannot be read, or is refused before it is (not a
+    /// regular file, over its cap).
     #[error("cannot read manifest {}", path.display())]
     Unreadable {
         /// The manifest path.
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: crate::input::FileError,
     },
     /// The path is relative (the daemon has no useful working directory).
     #[error("path {} is not absolute", path.display())]
@@ -61,6 +62,16 @@ pub enum InstallError {
         /// What is wrong with the file (it names it).
         #[source]
         source: module_runtime::elf::ElfError,
+    },
+    /// The artifact named by `entry` is refused before it is read (not a
+    /// regular file, over its cap) or cannot be read.
+    #[error("invalid manifest {}: field `entry`", path.display())]
+    ArtifactRefused {
+        /// The manifest path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::input::FileError,
     },
     /// Same name already installed.
     #[error("module {name} {version} is already installed; a new version is shipped with `emberctl deploy`")]
@@ -97,20 +108,53 @@ pub enum InstallError {
     },
 }
 
-/// Checks the file a manifest's `entry` names before anything is installed:
-/// it must exist and be an ELF shared object for this host (a worker would
-/// otherwise only find out at `dlopen`, after the install was accepted).
-pub fn check_artifact(manifest: &Path, artifact: &Path) -> Result<(), InstallError> {
-    if !artifact.is_file() {
-        return Err(InstallError::ArtifactMissing {
-            path: manifest.to_owned(),
-            artifact: artifact.to_owned(),
-        });
-    }
-    module_runtime::elf::check_file(artifact).map_err(|source| InstallError::ArtifactUnloadable {
+/// Opens the file a manifest's `entry` names and checks it before anything
+/// is installed: a regular file of at most `cap` bytes
+/// (`install.max_artifact_bytes`), an ELF shared object for this host (a
+/// worker would otherwise only find out at `dlopen`, after the install was
+/// accepted). Blocking: run it on the blocking pool. The file returned is
+/// the one checked, for the install to copy.
+pub fn check_artifact(
+    manifest: &Path,
+    artifact: &Path,
+    cap: u64,
+) -> Result<std::fs::File, InstallError> {
+    use std::os::unix::fs::FileExt;
+    let (file, _) = crate::input::open_regular(artifact, cap, "install.max_artifact_bytes")
+        .map_err(|source| {
+            if source.is_not_found() {
+                InstallError::ArtifactMissing {
+                    path: manifest.to_owned(),
+                    artifact: artifact.to_owned(),
+                }
+            } else {
+                InstallError::ArtifactRefused {
+                    path: manifest.to_owned(),
+                    source,
+                }
+            }
+        })?;
+    let unloadable = |source| InstallError::ArtifactUnloadable {
         path: manifest.to_owned(),
         source,
-    })
+    };
+    let mut head = [0u8; 64];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read_at(&mut head[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(unloadable(module_runtime::elf::ElfError::Read {
+                    path: artifact.to_owned(),
+                    source,
+                }))
+            }
+        }
+    }
+    module_runtime::elf::check_header(artifact, &head[..n]).map_err(unloadable)?;
+    Ok(file)
 }
 
 impl From<InstallError> for ErrorReply {
@@ -127,6 +171,7 @@ impl From<InstallError> for ErrorReply {
             }
             InstallError::Manifest { path, .. }
             | InstallError::ArtifactMissing { path, .. }
+            | InstallError::ArtifactRefused { path, .. }
             | InstallError::ArtifactUnloadable { path, .. } => ErrorReply::new(
                 errors::INVALID_MANIFEST,
                 json!({ "path": path, "reason": reason }),

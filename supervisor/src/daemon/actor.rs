@@ -110,6 +110,8 @@ pub struct Actor {
     pub(super) policy: Policy,
     /// Limits for modules whose manifest leaves them unset.
     pub(super) limit_defaults: LimitsConfig,
+    /// Caps on the files an install reads.
+    pub(super) install_caps: crate::config::InstallConfig,
     started: Instant,
     pub(super) next_generation: u64,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
@@ -164,6 +166,7 @@ impl Actor {
         policy: Policy,
         limiter: Arc<Limiter>,
         limit_defaults: LimitsConfig,
+        install_caps: crate::config::InstallConfig,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
@@ -189,6 +192,7 @@ impl Actor {
             events_rx,
             policy,
             limit_defaults,
+            install_caps,
             started: Instant::now(),
             next_generation: 0,
             shutdown: None,
@@ -349,7 +353,18 @@ impl Actor {
     fn control(&mut self, request: Request, reply: Reply, progress: Option<Progress>) {
         let value = |v: Result<Value, ErrorReply>| v.map(Response::Value);
         let result = match request {
-            Request::Install(req) => return self.install(req, reply, progress, false),
+            Request::Install(req) => {
+                // The files are read on the blocking pool: a path may name
+                // a FIFO, a device, a huge file.
+                return self.read_then(
+                    req.path,
+                    super::pipeline::Then::Install {
+                        reply,
+                        progress,
+                        deploy: false,
+                    },
+                );
+            }
             Request::Deploy(req) => return self.deploy(req, reply, progress),
             Request::Rollback(req) => return self.rollback(req, reply, progress),
             Request::Rollout(req) => value(self.rollout_action(req)),

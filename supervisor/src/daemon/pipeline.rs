@@ -17,11 +17,11 @@ use super::model::{nobody, Kind, Module, Rollout, Run, Watch};
 use super::os::{ImageRx, ImageTx};
 use super::release::{self, Overrides, Params, Phase, Step};
 use super::render;
-use crate::config::{manifest_with_memory, LimitSource};
+use crate::config::{manifest_with_memory, InstallConfig, LimitSource};
 use crate::control::deploy::{
     revision_not_found, rollout_in_progress, Deploy, DeployReply, Rollback,
 };
-use crate::control::install::{check_artifact, Install, InstallError};
+use crate::control::install::{check_artifact, InstallError};
 use crate::control::list::ModuleSummary;
 use crate::control::rollout::{no_rollout, Action};
 use crate::control::uninstall::{UninstallError, UninstallReply};
@@ -60,6 +60,11 @@ pub(crate) struct StartingInstall {
 
 /// Work on its way back to the actor.
 pub(crate) enum Pending {
+    /// An install's or a deploy's files are read (or refused).
+    Read {
+        input: Result<Input, InstallError>,
+        then: Then,
+    },
     /// An install's artifact copy is made (or failed).
     Copied {
         install: InstallSaved,
@@ -147,19 +152,56 @@ fn bind_error(source: ListenError) -> InstallError {
     }
 }
 
-/// Reads and parses the manifest at `path` (a directory or the file).
-fn read_manifest(path: &Path) -> Result<(PathBuf, String, ManifestSummary), InstallError> {
+/// An install's or a deploy's files, read and checked on the blocking pool
+/// (see [`read_input`]).
+pub(crate) struct Input {
+    manifest_path: PathBuf,
+    text: String,
+    summary: ManifestSummary,
+    /// The artifact's path, for messages and the run.
+    artifact: PathBuf,
+    /// The artifact as checked: a regular file, under its cap, an ELF
+    /// shared object for this host. The install copies this descriptor,
+    /// not whatever the path names by then.
+    file: std::fs::File,
+}
+
+/// What to do with an [`Input`] once read.
+pub(crate) enum Then {
+    /// `Install`, or a `Deploy` of a module not installed (`deploy`).
+    Install {
+        reply: Reply,
+        progress: Option<Progress>,
+        deploy: bool,
+    },
+    /// `Deploy` of a module that may be installed.
+    Deploy {
+        overrides: Overrides,
+        reply: Reply,
+        progress: Option<Progress>,
+    },
+}
+
+/// Reads, parses and checks the manifest at `path` (a directory or the
+/// file) and the artifact it names. Blocking (a path may name anything: the
+/// files are opened without blocking and only regular files under their
+/// caps are read): run on the blocking pool, never on the actor.
+fn read_input(path: &Path, caps: &InstallConfig) -> Result<Input, InstallError> {
     if !path.is_absolute() {
         return Err(InstallError::Relative {
             path: path.to_owned(),
         });
     }
     let manifest_path = manifest::locate(path);
-    let text =
-        std::fs::read_to_string(&manifest_path).map_err(|source| InstallError::Unreadable {
-            path: manifest_path.clone(),
-            source,
-        })?;
+    let text = crate::input::read_text(
+        &manifest_path,
+        caps.max_manifest_bytes,
+        "install.max_manifest_bytes",
+    )
+    .map_err(|source| InstallError::Unreadable {
+        path: manifest_path.clone(),
+        source,
+    })?;
     let summary = manifest::parse(&text).map_err(|source| InstallError::Manifest {
         path: manifest_path.clone(),
         source,
@@ -175,7 +217,16 @@ fn read_manifest(path: &Path) -> Result<(PathBuf, String, ManifestSummary), Inst
             },
         },
     )?;
-    Ok((manifest_path, text, summary))
+    let dir = manifest_path.parent().unwrap_or(Path::new("/"));
+    let artifact = dir.join(&summary.entry);
+    let file = check_artifact(&manifest_path, &artifact, caps.max_artifact_bytes)?;
+    Ok(Input {
+        manifest_path,
+        text,
+        summary,
+        artifact,
+        file,
+    })
 }
 
 fn deploy_reply(
@@ -344,6 +395,7 @@ impl Actor {
 
     pub(super) fn pending(&mut self, p: Pending) {
         match p {
+            Pending::Read { input, then } => self.input_read(input, then),
             Pending::Copied { install, image } => self.install_copied(install, image),
             Pending::Saved(install) => self.install_saved(install),
             Pending::Removed {
@@ -378,13 +430,14 @@ impl Actor {
     /// acknowledged one never is.
     pub(super) fn install(
         &mut self,
-        req: Install,
+        input: Input,
         reply: Reply,
         progress: Option<Progress>,
         deploy: bool,
     ) {
-        match self.install_and_launch(req) {
-            Ok((summary, artifact, image_tx)) => {
+        let cap = self.install_caps.max_artifact_bytes;
+        match self.install_and_launch(input) {
+            Ok((summary, artifact, file, image_tx)) => {
                 let name = summary.name.clone();
                 let generation = self.modules[&name].active;
                 if let Some(tx) = progress {
@@ -400,9 +453,10 @@ impl Actor {
                 let known = self.known_images();
                 tokio::spawn(async move {
                     let src = artifact.clone();
-                    let made =
-                        tokio::task::spawn_blocking(move || ArtifactImage::snapshot(&src, &known))
-                            .await
+                    let made = tokio::task::spawn_blocking(move || {
+                        ArtifactImage::snapshot_file(file, &src, &known, cap)
+                    })
+                    .await
                             .unwrap_or_else(|e| {
                                 Err(StoreError::Io {
                                     op: "copy",
@@ -437,18 +491,21 @@ impl Actor {
 
     fn install_and_launch(
         &mut self,
-        req: Install,
-    ) -> Result<(ModuleSummary, PathBuf, ImageTx), InstallError> {
-        let (manifest_path, text, summary) = read_manifest(&req.path)?;
+        input: Input,
+    ) -> Result<(ModuleSummary, PathBuf, std::fs::File, ImageTx), InstallError> {
+        let Input {
+            manifest_path,
+            text,
+            summary,
+            artifact,
+            file,
+        } = input;
         if let Some(m) = self.modules.get(&summary.name) {
             return Err(InstallError::AlreadyInstalled {
                 name: summary.name,
                 version: m.active().record.version.clone(),
             });
         }
-        let dir = manifest_path.parent().unwrap_or(Path::new("/"));
-        let artifact = dir.join(&summary.entry);
-        check_artifact(&manifest_path, &artifact)?;
         let bound = listeners::bind_all(&summary.listeners).map_err(bind_error)?;
         self.next_placeholder += 1;
         let placeholder = store::placeholder(self.next_placeholder);
@@ -474,7 +531,7 @@ impl Actor {
             Ok(Listeners::bound(bound)),
         );
         self.add_and_start(run);
-        Ok((render::summary(&self.modules[&name]), artifact, image_tx))
+        Ok((render::summary(&self.modules[&name]), artifact, file, image_tx))
     }
 
     /// Tells callers following an install each state change of the module,
@@ -776,28 +833,89 @@ impl Actor {
                 return;
             }
         };
-        let (manifest_path, text, summary) = match read_manifest(&req.path) {
-            Ok(v) => v,
+        self.read_then(
+            req.path,
+            Then::Deploy {
+                overrides,
+                reply,
+                progress,
+            },
+        );
+    }
+
+    /// Reads an install's or a deploy's files on the blocking pool; the
+    /// request goes on in [`Actor::input_read`].
+    pub(super) fn read_then(&mut self, path: PathBuf, then: Then) {
+        let caps = self.install_caps.clone();
+        let pending = self.pending_tx.clone();
+        tokio::spawn(async move {
+            let p = path.clone();
+            let input = tokio::task::spawn_blocking(move || read_input(&p, &caps))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(InstallError::Unreadable {
+                        path,
+                        source: crate::input::FileError::Io {
+                            path: PathBuf::new(),
+                            source: std::io::Error::other(e.to_string()),
+                        },
+                    })
+                });
+            let _ = pending.send(Pending::Read { input, then });
+        });
+    }
+
+    fn input_read(&mut self, input: Result<Input, InstallError>, then: Then) {
+        let input = match input {
+            Ok(i) => i,
             Err(e) => {
+                let reply = match then {
+                    Then::Install { reply, .. } | Then::Deploy { reply, .. } => reply,
+                };
                 let _ = reply.send(Err(e.into()));
                 return;
             }
         };
-        let name = summary.name.clone();
+        match then {
+            Then::Install {
+                reply,
+                progress,
+                deploy,
+            } => self.install(input, reply, progress, deploy),
+            Then::Deploy {
+                overrides,
+                reply,
+                progress,
+            } => self.deploy_read(input, overrides, reply, progress),
+        }
+    }
+
+    /// A deploy's files are read: an install for a module not installed,
+    /// else its artifact is copied and hashed off the actor.
+    fn deploy_read(
+        &mut self,
+        input: Input,
+        overrides: Overrides,
+        reply: Reply,
+        progress: Option<Progress>,
+    ) {
+        let name = input.summary.name.clone();
         let Some(m) = self.modules.get_mut(&name) else {
             // Not installed: a deploy is an install (revision 1).
-            return self.install(Install { path: req.path }, reply, progress, true);
+            return self.install(input, reply, progress, true);
         };
         if let Err(e) = busy(&name, m) {
             let _ = reply.send(Err(e));
             return;
         }
-        let dir = manifest_path.parent().unwrap_or(Path::new("/"));
-        let artifact = dir.join(&summary.entry);
-        if let Err(e) = check_artifact(&manifest_path, &artifact) {
-            let _ = reply.send(Err(e.into()));
-            return;
-        }
+        let Input {
+            manifest_path,
+            text,
+            artifact,
+            file,
+            ..
+        } = input;
+        let cap = self.install_caps.max_artifact_bytes;
         m.preparing = true;
         let active = m.active;
         let known = self.known_images();
@@ -806,7 +924,7 @@ impl Actor {
         tokio::spawn(async move {
             let s = src.clone();
             let image = tokio::task::spawn_blocking(move || {
-                let image = ArtifactImage::snapshot(&s, &known)?;
+                let image = ArtifactImage::snapshot_file(file, &s, &known, cap)?;
                 let hash = image.hash().map_err(|source| StoreError::Io {
                     op: "hash",
                     path: s.clone(),
