@@ -305,6 +305,8 @@ mod kind {
     pub const LAUNCH: u16 = 1;
     pub const STOP: u16 = 2;
     pub const ATTACH: u16 = 3;
+    /// More descriptors of the message before it (no body).
+    pub const MORE_FDS: u16 = 4;
     pub const IDLE: u16 = 100;
     pub const TRANSITION: u16 = 101;
     pub const FAILED: u16 = 102;
@@ -440,9 +442,47 @@ pub trait Message: Sized {
     fn encode(&self) -> Vec<u8>;
     /// Decodes one complete frame.
     fn decode(buf: &[u8]) -> Result<Self, DecodeError>;
+    /// How many descriptors travel with this message.
+    fn fd_count(&self) -> usize {
+        0
+    }
+}
+
+/// Most descriptors one packet carries (what a receiver makes room for);
+/// a message with more sends the rest in continuation packets.
+pub const FDS_PER_PACKET: usize = shm_ipc::fdpass::MAX_FDS;
+
+/// A continuation packet's frame: it carries the next descriptors of the
+/// message before it, and nothing else.
+pub fn more_fds_frame() -> Vec<u8> {
+    Enc::new(kind::MORE_FDS).finish()
+}
+
+/// The packets one message travels in: its frame with the first
+/// [`FDS_PER_PACKET`] descriptors, then continuation frames with the rest,
+/// in order. The receiver ([`Channel::recv`]) reassembles them by the count
+/// the message declares.
+pub fn packets<'a, 'f>(
+    frame: Vec<u8>,
+    fds: &'a [BorrowedFd<'f>],
+) -> impl Iterator<Item = (Vec<u8>, &'a [BorrowedFd<'f>])> {
+    let first = fds.len().min(FDS_PER_PACKET);
+    std::iter::once((frame, &fds[..first])).chain(
+        fds[first..]
+            .chunks(FDS_PER_PACKET)
+            .map(|c| (more_fds_frame(), c)),
+    )
 }
 
 impl Message for ToWorker {
+    fn fd_count(&self) -> usize {
+        match self {
+            ToWorker::Launch(o) => o.fd_count(),
+            ToWorker::Attach(grants) => fd_count(grants),
+            ToWorker::Stop { .. } => 0,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         match self {
             ToWorker::Launch(o) => {
@@ -613,6 +653,14 @@ pub enum ChannelError {
     /// The frame did not decode.
     #[error("malformed control message")]
     Decode(#[source] DecodeError),
+    /// A message's descriptors did not all arrive (or more did).
+    #[error("a control message lists {expected} descriptors but {arrived} arrived")]
+    Descriptors {
+        /// What the message declares.
+        expected: usize,
+        /// What arrived with it and its continuation packets.
+        arrived: usize,
+    },
 }
 
 /// Creates a connected `SOCK_SEQPACKET` pair (close-on-exec) for a parent and
@@ -659,9 +707,13 @@ impl<Out: Message, In: Message> Channel<Out, In> {
         self.sock
     }
 
-    /// Sends one message with `fds` attached.
+    /// Sends one message with `fds` attached (in several packets if there
+    /// are more than [`FDS_PER_PACKET`]).
     pub fn send(&self, msg: &Out, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
-        send_frame(self.sock.as_fd(), &msg.encode(), fds)
+        for (frame, fds) in packets(msg.encode(), fds) {
+            send_frame(self.sock.as_fd(), &frame, fds)?;
+        }
+        Ok(())
     }
 
     /// Receives one message, blocking.
@@ -680,8 +732,39 @@ impl<Out: Message, In: Message> Channel<Out, In> {
             }
         }
         let mut buf = vec![0u8; MAX_FRAME];
+        let (n, mut fds) = self.recv_packet(&mut buf)?;
+        let msg = In::decode(&buf[..n]).map_err(ChannelError::Decode)?;
+        // The rest of its descriptors follow in continuation packets, sent
+        // back to back by the peer.
+        let expected = msg.fd_count();
+        while fds.len() < expected {
+            let short = ChannelError::Descriptors {
+                expected,
+                arrived: fds.len(),
+            };
+            if !wait_readable(self.sock.as_fd(), CONTINUATION_WAIT)? {
+                return Err(short);
+            }
+            let (n, more) = self.recv_packet(&mut buf)?;
+            match open_frame(&buf[..n]) {
+                Ok((kind::MORE_FDS, [])) if !more.is_empty() => fds.extend(more),
+                _ => return Err(short),
+            }
+        }
+        if fds.len() > expected {
+            return Err(ChannelError::Descriptors {
+                expected,
+                arrived: fds.len(),
+            });
+        }
+        Ok((msg, fds))
+    }
+
+    /// One packet and its descriptors; a truncated descriptor list (more
+    /// than [`FDS_PER_PACKET`] in one packet) is an error.
+    fn recv_packet(&self, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), ChannelError> {
         let (n, fds) = loop {
-            match shm_ipc::fdpass::recv_with_fds(self.sock.as_fd(), &mut buf) {
+            match shm_ipc::fdpass::recv_with_fds(self.sock.as_fd(), buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 r => break r.map_err(ChannelError::Io)?,
             }
@@ -689,10 +772,13 @@ impl<Out: Message, In: Message> Channel<Out, In> {
         if n == 0 {
             return Err(ChannelError::Closed);
         }
-        let msg = In::decode(&buf[..n]).map_err(ChannelError::Decode)?;
-        Ok((msg, fds))
+        Ok((n, fds))
     }
 }
+
+/// How long a receiver waits for the continuation packets of a message
+/// (the peer sends them right after it).
+const CONTINUATION_WAIT: Duration = Duration::from_secs(5);
 
 /// Sends one raw frame. Used by the crash handler path too, which
 /// pre-encodes its frames.
@@ -844,6 +930,39 @@ mod tests {
         ));
         drop(worker);
         assert!(matches!(parent.recv(), Err(ChannelError::Closed)));
+    }
+
+    #[test]
+    fn any_number_of_descriptors_arrive_and_a_short_list_is_an_error() {
+        let (a, b) = socket_pair().unwrap();
+        let parent = ParentChannel::new(a);
+        let worker = WorkerChannel::new(b);
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let grants: Vec<Grant> = (0..50)
+            .map(|i| Grant {
+                kind: GrantKind::Import,
+                name: format!("s{i}"),
+            })
+            .collect();
+        let msg = ToWorker::Attach(grants.clone());
+        let n = msg.fd_count();
+        assert!(n > 3 * FDS_PER_PACKET, "{n}");
+        let fds = vec![r.as_fd(); n];
+        parent.send(&msg, &fds).unwrap();
+        let (got, fds) = worker.recv_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(got, msg);
+        assert_eq!(fds.len(), n);
+        // A message whose descriptors do not all arrive (a peer that sends
+        // the first packet only) is a typed error naming the counts.
+        send_frame(parent.fd(), &msg.encode(), &vec![r.as_fd(); FDS_PER_PACKET]).unwrap();
+        send_frame(parent.fd(), &ToWorker::Stop { deadline: Duration::ZERO }.encode(), &[])
+            .unwrap();
+        match worker.recv() {
+            Err(ChannelError::Descriptors { expected, arrived }) => {
+                assert_eq!((expected, arrived), (n, FDS_PER_PACKET));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest::proptest! {

@@ -84,8 +84,7 @@ impl WorkerLink {
         order: &LaunchOrder,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), ChannelError> {
-        let bytes = encode(&ToWorker::Launch(order.clone()));
-        self.chan.send_bytes(&bytes, fds).await
+        self.send(&ToWorker::Launch(order.clone()), fds).await
     }
 
     /// Asks for a graceful stop.
@@ -101,14 +100,17 @@ impl WorkerLink {
         grants: &[Grant],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), ChannelError> {
-        self.chan
-            .send_bytes(&encode(&ToWorker::Attach(grants.to_vec())), fds)
-            .await
+        self.send(&ToWorker::Attach(grants.to_vec()), fds).await
     }
 
-    /// Sends one message with descriptors.
+    /// Sends one message with descriptors: several packets if there are
+    /// more than one packet carries (see
+    /// [`module_runtime::protocol::packets`]), back to back.
     pub async fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
-        self.chan.send_bytes(&encode(msg), fds).await
+        for (frame, fds) in module_runtime::protocol::packets(encode(msg), fds) {
+            self.chan.send_bytes(&frame, fds).await?;
+        }
+        Ok(())
     }
 
     /// The worker's next report. Cancel-safe.

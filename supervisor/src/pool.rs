@@ -227,6 +227,7 @@ pub fn start(
         zygote,
         Respawner {
             plugins,
+            start_timeout: policy.zygote_start_timeout(),
             pid: zygote_pid.clone(),
             delay: RESPAWN_DELAY_MIN,
             proven: true,
@@ -246,6 +247,8 @@ const RESPAWN_DELAY_MAX: Duration = Duration::from_secs(30);
 /// Starts new zygotes: what it needs, and the back-off between attempts.
 struct Respawner {
     plugins: Vec<PluginSpec>,
+    /// How long a new zygote may take to answer `Hello`.
+    start_timeout: Duration,
     /// Shared with every [`PoolHandle`].
     pid: Arc<AtomicI32>,
     delay: Duration,
@@ -297,11 +300,12 @@ impl Respawner {
     /// follow the thread that started it (see `Zygote::restart`).
     fn start(&self, dead: Option<Zygote>) -> Respawn {
         let plugins = self.plugins.clone();
+        let timeout = self.start_timeout;
         Box::pin(async move {
             if let Some(z) = dead {
                 z.shutdown().await;
             }
-            Zygote::restart(&plugins).await
+            Zygote::restart(&plugins, timeout).await
         })
     }
 }

@@ -761,7 +761,22 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
             Err(protocol::ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
                 continue
             }
-            Err(_) => idle_exit(exit::LAUNCH),
+            // A launch order that did not arrive whole (descriptors cut
+            // off, a garbled frame): said, not a silent exit.
+            Err(e) => {
+                let _ = chan.send(
+                    &FromWorker::Failed(Failure {
+                        stage: Stage::Launch,
+                        kind: FailureKind::BadLaunchOrder,
+                        message: format!(
+                            "the launch order did not arrive whole: {}",
+                            crate::sdk::error_chain(&e)
+                        ),
+                    }),
+                    &[],
+                );
+                idle_exit(exit::LAUNCH)
+            }
         }
     };
     launch(chan, order, fds)

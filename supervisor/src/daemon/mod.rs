@@ -89,7 +89,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
         .map_err(DaemonError::Bind)?;
     // Still single-threaded here: the only safe moment to start the zygote.
-    let zygote = match zygote::spawn(&cfg.plugin_specs()) {
+    let zygote = match zygote::spawn(&cfg.plugin_specs(), cfg.pool.zygote_start_timeout()) {
         Ok(z) => z,
         Err(e) => {
             let _ = std::fs::remove_file(&socket_path);

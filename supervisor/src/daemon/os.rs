@@ -399,12 +399,24 @@ async fn instance(
     };
     // The worker is idle in the pool: move it into its own cgroup before it
     // runs any module code. Without one, the worker's RSS watchdog remains.
-    let mut cgroup = match plan
-        .limiter
-        .enter(&module, plan.order.replica, pid, &plan.limits)
-    {
-        Ok(c) => Some(c),
+    // On the blocking pool: a worker not adopted while idle is attached
+    // here, which waits for an RCU grace period (see `Limiter::adopt`).
+    let entered = {
+        let (limiter, module, replica, limits) = (
+            plan.limiter.clone(),
+            module.clone(),
+            plan.order.replica,
+            plan.limits.clone(),
+        );
+        tokio::task::spawn_blocking(move || limiter.enter(&module, replica, pid, &limits)).await
+    };
+    let mut cgroup = match entered {
+        Ok(Ok(c)) => Some(c),
         Err(e) => {
+            tracing::warn!(module, pid, error = %e, "no cgroup for this instance");
+            None
+        }
+        Ok(Err(e)) => {
             tracing::warn!(module, pid, error = %error_chain(&e), "no cgroup for this instance");
             None
         }
@@ -559,8 +571,18 @@ async fn instance(
                     _ => ExitStatus::Unknown,
                 };
                 drop(link);
-                if let Some(c) = cgroup.as_mut() {
-                    if let Some(reason) = c.oom_reason() {
+                let oom = match cgroup.take() {
+                    Some(c) => tokio::task::spawn_blocking(move || {
+                        let reason = c.oom_reason();
+                        (Some(c), reason)
+                    })
+                    .await
+                    .unwrap_or((None, None)),
+                    None => (None, None),
+                };
+                cgroup = oom.0;
+                {
+                    if let Some(reason) = oom.1 {
                         log.note(&reason);
                         send(
                             Some(pid),
@@ -588,9 +610,14 @@ async fn remove_cgroup(cgroup: Option<crate::cgroup::Instance>, module: &str, pi
         return;
     };
     for _ in 0..100 {
-        if c.remove() {
+        // rmdir on the cgroup file system, off the runtime's thread.
+        let Ok((gone, back)) = tokio::task::spawn_blocking(move || (c.remove(), c)).await else {
+            return;
+        };
+        if gone {
             return;
         }
+        c = back;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tracing::warn!(module, pid, "instance cgroup still busy; left for shutdown");

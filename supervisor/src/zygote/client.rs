@@ -1,7 +1,7 @@
 //! The supervisor's side of the zygote: start it (before tokio), then ask
 //! it for workers.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
@@ -26,6 +26,13 @@ pub enum ZygoteError {
     /// The zygote answered something unexpected.
     #[error("zygote protocol violation")]
     Protocol,
+    /// The plugins did not initialize in time; the zygote was killed.
+    #[error(
+        "the zygote's plugins did not initialize within {} ms \
+         (`pool.zygote_start_timeout_ms` in emberd's configuration); the zygote was killed",
+        .0.as_millis()
+    )]
+    Timeout(std::time::Duration),
 }
 
 /// A started zygote, before the async runtime exists.
@@ -37,9 +44,14 @@ pub struct ZygoteProcess {
     plugins: usize,
 }
 
-/// Starts the zygote by re-executing this binary. Call before any thread
-/// is started: the zygote must be forked from a single-threaded process.
-pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, ZygoteError> {
+/// Starts the zygote by re-executing this binary and waits up to `timeout`
+/// for its plugins to initialize. Call before any thread is started: the
+/// zygote must be forked from a single-threaded process.
+pub fn spawn(
+    plugins: &[crate::plugins::PluginSpec],
+    timeout: std::time::Duration,
+) -> Result<ZygoteProcess, ZygoteError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let (child, channel) = exec_zygote()?;
     let mut z = ZygoteProcess {
         pid: child.id() as i32,
@@ -47,15 +59,41 @@ pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, Zy
         channel,
         plugins: 0,
     };
-    let ready = channel::send(&z.channel, &hello(plugins), &[])
-        .and_then(|()| channel::recv::<FromZygote>(&z.channel))
-        .map(|(msg, _)| msg);
-    match check_ready(ready, z.pid, &mut z.child) {
+    let answered = || {
+        let mut fds = [PollFd::new(z.channel.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        loop {
+            match poll(&mut fds, ms) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => return matches!(r, Ok(n) if n > 0),
+            }
+        }
+    };
+    let ready = channel::send(&z.channel, &hello(plugins), &[]).and_then(|()| {
+        if answered() {
+            channel::recv::<FromZygote>(&z.channel).map(|(msg, _)| Some(msg))
+        } else {
+            Ok(None)
+        }
+    });
+    let ready = match ready {
+        Ok(Some(msg)) => Ok(msg),
+        Ok(None) => Err(ZygoteError::Timeout(timeout)),
+        Err(e) => Err(ZygoteError::Channel(e)),
+    };
+    match check_ready(ready, z.pid) {
         Ok(n) => {
             z.plugins = n;
             Ok(z)
         }
-        Err(e) => Err(e),
+        Err((e, kill)) => {
+            // Still single-threaded: reaping here blocks nobody.
+            if kill {
+                let _ = z.child.kill();
+            }
+            let _ = z.child.wait();
+            Err(e)
+        }
     }
 }
 
@@ -91,29 +129,27 @@ fn hello(plugins: &[crate::plugins::PluginSpec]) -> ToZygote {
 }
 
 /// The zygote's answer to `Hello`: the number of plugins it loaded, or why
-/// not (the child is then reaped).
+/// not, and whether the child must be killed (it is then to be reaped by
+/// the caller, which knows whether it may block).
 fn check_ready(
-    answer: Result<FromZygote, ChannelError>,
+    answer: Result<FromZygote, ZygoteError>,
     expected_pid: i32,
-    child: &mut Child,
-) -> Result<usize, ZygoteError> {
+) -> Result<usize, (ZygoteError, bool)> {
     match answer {
         Ok(FromZygote::Ready { pid, plugins }) if pid == expected_pid => Ok(plugins),
-        Ok(FromZygote::HelloFailed { reason }) => {
-            let _ = child.wait();
-            Err(ZygoteError::Plugins(reason))
-        }
-        Ok(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(ZygoteError::Protocol)
-        }
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(ZygoteError::Channel(e))
-        }
+        Ok(FromZygote::HelloFailed { reason }) => Err((ZygoteError::Plugins(reason), false)),
+        Ok(_) => Err((ZygoteError::Protocol, true)),
+        Err(e) => Err((e, true)),
     }
+}
+
+/// Kills (if `kill`) and reaps a zygote child on the blocking pool, never on
+/// the runtime's thread.
+fn reap_off_thread(mut child: Child, kill: bool) {
+    if kill {
+        let _ = child.kill();
+    }
+    drop(tokio::task::spawn_blocking(move || child.wait()));
 }
 
 impl ZygoteProcess {
@@ -130,7 +166,7 @@ impl ZygoteProcess {
     /// Moves onto the async runtime; call inside it.
     pub fn into_async(self) -> Result<Zygote, ZygoteError> {
         let ZygoteProcess {
-            mut child,
+            child,
             channel,
             pid,
             ..
@@ -143,8 +179,7 @@ impl ZygoteProcess {
                 next_id: 0,
             }),
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                reap_off_thread(child, true);
                 Err(ZygoteError::Channel(e))
             }
         }
@@ -178,24 +213,31 @@ impl Zygote {
     /// Starts a new zygote from inside the runtime (the last one died).
     /// Must run on the runtime's own thread (see [`exec_zygote`]); the
     /// plugins' initialization in the new zygote is awaited, not blocked on.
-    pub async fn restart(plugins: &[crate::plugins::PluginSpec]) -> Result<Zygote, ZygoteError> {
-        let (mut child, ours) = exec_zygote()?;
+    pub async fn restart(
+        plugins: &[crate::plugins::PluginSpec],
+        timeout: std::time::Duration,
+    ) -> Result<Zygote, ZygoteError> {
+        let (child, ours) = exec_zygote()?;
         let pid = child.id() as i32;
         let channel = match AsyncChannel::new(ours) {
             Ok(c) => c,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                reap_off_thread(child, true);
                 return Err(ZygoteError::Channel(e));
             }
         };
-        let answer = match channel.send(&hello(plugins), &[]).await {
-            Ok(()) => channel.recv::<FromZygote>().await.map(|(msg, _)| msg),
-            Err(e) => Err(e),
+        let answer = async {
+            channel.send(&hello(plugins), &[]).await?;
+            channel.recv::<FromZygote>().await.map(|(msg, _)| msg)
         };
-        // A failed answer reaps the child: blocking, but it has exited or
-        // been killed already.
-        check_ready(answer, pid, &mut child)?;
+        let answer = match tokio::time::timeout(timeout, answer).await {
+            Ok(a) => a.map_err(ZygoteError::Channel),
+            Err(_) => Err(ZygoteError::Timeout(timeout)),
+        };
+        if let Err((e, kill)) = check_ready(answer, pid) {
+            reap_off_thread(child, kill);
+            return Err(e);
+        }
         Ok(Zygote {
             channel,
             child,
