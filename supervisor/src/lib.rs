@@ -28,6 +28,7 @@ pub mod notify;
 pub mod paths;
 pub mod plugins;
 pub mod pool;
+pub mod rlimit;
 pub mod store;
 pub mod varlink;
 pub mod worker;

@@ -32,4 +32,9 @@ pub struct HealthReply {
     /// What enforces modules' `limits.cpu`: `cgroup-v2`, `cgroup-v1` or
     /// `none`.
     pub cpu_limits: Mechanism,
+    /// Descriptors emberd has open.
+    pub open_files: u64,
+    /// emberd's `RLIMIT_NOFILE` soft limit (raised to the hard one at
+    /// start-up): where installs would start failing.
+    pub open_files_limit: u64,
 }

@@ -429,6 +429,14 @@ fn health(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlEr
             ),
             ("memory limits", cell(&v["memory_limits"])),
             ("cpu limits", cell(&v["cpu_limits"])),
+            (
+                "open files",
+                format!(
+                    "{} of {}",
+                    cell(&v["open_files"]),
+                    cell(&v["open_files_limit"])
+                ),
+            ),
         ]))?;
     }
     if v["healthy"].as_bool() == Some(false) {

@@ -76,7 +76,7 @@ pub(super) struct OsHandles {
     pub pool: PoolHandle,
     pub events: mpsc::UnboundedSender<OsMsg>,
     /// Live workers' pidfds by pid.
-    pub pidfds: HashMap<i32, OwnedFd>,
+    pub pidfds: HashMap<i32, Arc<OwnedFd>>,
     /// Command senders by pid (a copy of the registry's, for `RealOs`).
     pub commands: HashMap<i32, super::os::CommandTx>,
     pub limiter: Arc<Limiter>,
@@ -395,7 +395,24 @@ impl Actor {
                 }
                 None => Err(module_not_found(&req.name)),
             },
-            Request::Health(_) => value(Ok(to_value(self.health()))),
+            Request::Health(_) => {
+                // /proc/self/fd is read on the blocking pool.
+                let mut health = self.health();
+                tokio::spawn(async move {
+                    let (open, limit) = tokio::task::spawn_blocking(|| {
+                        (
+                            crate::rlimit::open_count().unwrap_or(0),
+                            crate::rlimit::get().map_or(0, |(soft, _)| soft),
+                        )
+                    })
+                    .await
+                    .unwrap_or((0, 0));
+                    health.open_files = open;
+                    health.open_files_limit = limit;
+                    let _ = reply.send(Ok(Response::Value(to_value(health))));
+                });
+                return;
+            }
             Request::Pool(_) => {
                 let pool = self.os.pool.clone();
                 tokio::spawn(async move {
@@ -552,6 +569,8 @@ impl Actor {
             failed: count(|s| matches!(s, State::Failed | State::CrashLoop)),
             memory_limits: self.os.limiter.detection().memory_mechanism(),
             cpu_limits: self.os.limiter.detection().cpu_mechanism(),
+            open_files: 0,
+            open_files_limit: 0,
         }
     }
 

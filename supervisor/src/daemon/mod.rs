@@ -79,6 +79,8 @@ pub fn load_config(opts: &Options) -> Result<Config, ConfigError> {
 /// any thread is started.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
     let cfg = load_config(&opts).map_err(DaemonError::Config)?;
+    // Descriptors: a few per running module (see `crate::rlimit`).
+    let nofile = crate::rlimit::raise();
     let state_dir = cfg.state_path();
     let (store, desired) = Store::open(&state_dir).map_err(DaemonError::Store)?;
     // Artifacts of an install cut short by a crash are not referenced.
@@ -96,6 +98,10 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             return Err(DaemonError::Zygote(e));
         }
     };
+    match nofile {
+        Ok((from, to)) => tracing::info!(from, to, "descriptor limit (RLIMIT_NOFILE) raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE)"),
+    }
     tracing::info!(
         pid = zygote.pid(),
         plugins = zygote.plugins(),

@@ -33,8 +33,9 @@ pub struct InstanceEvent {
     pub pid: Option<i32>,
     /// What happened.
     pub event: Event,
-    /// With [`Event::Launched`]: a pidfd for signalling the worker.
-    pub pidfd: Option<OwnedFd>,
+    /// With [`Event::Launched`]: the worker's pidfd, for signalling it
+    /// (shared with the task that watches it: one descriptor a worker).
+    pub pidfd: Option<Arc<OwnedFd>>,
 }
 
 /// What an instance task tells the actor.
@@ -202,7 +203,7 @@ pub struct RealOs<'a> {
     /// Where instance tasks report.
     pub events: &'a mpsc::UnboundedSender<OsMsg>,
     /// Live workers' pidfds by pid.
-    pub pidfds: &'a HashMap<i32, OwnedFd>,
+    pub pidfds: &'a HashMap<i32, Arc<OwnedFd>>,
     /// Live workers' command senders by pid.
     pub commands: &'a HashMap<i32, CommandTx>,
     /// For `launch`.
@@ -355,7 +356,7 @@ async fn instance(
     plan: LaunchPlan,
     events: mpsc::UnboundedSender<OsMsg>,
 ) {
-    let send = |pid: Option<i32>, event: Event, pidfd: Option<OwnedFd>| {
+    let send = |pid: Option<i32>, event: Event, pidfd: Option<Arc<OwnedFd>>| {
         let _ = events.send(OsMsg::Instance(InstanceEvent {
             module: module.clone(),
             generation: plan.generation,
@@ -388,13 +389,6 @@ async fn instance(
                 failed(format!("cannot open log {}: {e}", plan.log.display())),
                 None,
             );
-        }
-    };
-    let (dup, exit_fd) = match (worker.pidfd.try_clone(), worker.pidfd.try_clone()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            worker.discard().await;
-            return send(None, failed(format!("pidfd: {e}")), None);
         }
     };
     // The worker is idle in the pool: move it into its own cgroup before it
@@ -507,18 +501,29 @@ async fn instance(
     // The worker has its service ends; the supervisor keeps no copy.
     drop(services);
     log.note(&format!("launched in pid {pid}"));
-    send(Some(pid), Event::Launched { attempt, pid }, Some(dup));
-    let exit = match crate::zygote::channel::register(exit_fd) {
+    // One pidfd per worker: the actor signals through it, this task learns
+    // of the exit and reaps through it.
+    let crate::pool::Worker { pidfd, link, .. } = worker;
+    let pidfd = Arc::new(pidfd);
+    send(Some(pid), Event::Launched { attempt, pid }, Some(pidfd.clone()));
+    // SAFETY: the Arc keeps the pidfd open for the AsyncFd's whole life
+    // (this task holds a clone until the AsyncFd is dropped), and no holder
+    // of a clone closes or replaces the descriptor: OwnedFd only closes on
+    // the last drop.
+    let exit = match unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
         Ok(a) => a,
-        Err(e) => {
+        Err(err) => {
+            let (pidfd, e) = err.into_parts();
             tracing::warn!(pid, error = %e, "cannot watch worker; killing it");
             let status = ExitStatus::Unknown;
-            worker.discard().await;
+            let _ = pidfd_signal(pidfd.as_fd(), libc::SIGKILL);
+            if mode == ForkMode::Clone3Parent {
+                let _ = tokio::task::spawn_blocking(move || pidfd_reap(pidfd.as_fd())).await;
+            }
             remove_cgroup(cgroup.take(), &module, pid).await;
             return send(Some(pid), Event::Exited { attempt, status }, None);
         }
     };
-    let link = worker.link;
     let mut channel_open = true;
     loop {
         tokio::select! {
@@ -629,7 +634,7 @@ fn report(
     pid: i32,
     attempt: u64,
     log: &mut InstanceLog,
-    send: &dyn Fn(Option<i32>, Event, Option<OwnedFd>),
+    send: &dyn Fn(Option<i32>, Event, Option<Arc<OwnedFd>>),
 ) {
     match msg {
         FromWorker::Transition {

@@ -111,14 +111,20 @@ fn exec_zygote() -> Result<(Child, OwnedFd), ZygoteError> {
     // The zygote's end must survive exec. emberd starts no other process,
     // so no concurrent spawn can inherit it by accident.
     fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| ZygoteError::Spawn(e.into()))?;
-    let child = Command::new("/proc/self/exe")
-        .arg0("emberd-zygote")
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("emberd-zygote")
         .arg(ZYGOTE_ARG)
         .arg(theirs.as_raw_fd().to_string())
         .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(ZygoteError::Spawn)?;
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes two async-signal-safe system calls (no allocation, no lock).
+    unsafe {
+        // The zygote and its workers get the descriptor limit emberd
+        // started with (emberd raised its own; see `crate::rlimit`).
+        cmd.pre_exec(crate::rlimit::restore_in_child);
+    }
+    let child = cmd.spawn().map_err(ZygoteError::Spawn)?;
     Ok((child, ours))
 }
 
