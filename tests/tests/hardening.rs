@@ -1,0 +1,457 @@
+//! emberd under hostile input and at scale: its one runtime thread never
+//! blocks on a file a client names, the zygote's start is bounded in time,
+//! any number of service ends reach a worker, and descriptors are not what
+//! limits the number of modules.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ember_tests::daemon::*;
+use ember_tests::{artifact, poll_until, ChildGuard};
+use serde_json::{json, Value};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `Health` over a raw connection; the connection's read timeout (10 s) is
+/// the guard against a daemon that does not answer.
+fn health(d: &Daemon) -> Value {
+    let mut raw = Raw::connect(&d.socket);
+    let h = raw.call("io.ember.Supervisor.Health", json!({}));
+    assert!(h["parameters"]["version"].is_string(), "{h}");
+    let l = raw.call("io.ember.Supervisor.List", json!({}));
+    assert!(l["parameters"]["modules"].is_array(), "{l}");
+    h["parameters"].clone()
+}
+
+fn mkfifo(p: &Path) {
+    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// A module directory whose `entry` is `entry` (absolute).
+fn module_with_entry(parent: &Path, name: &str, entry: &Path) -> std::path::PathBuf {
+    let d = parent.join(format!("mod-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("module.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"1.0.0\"\nentry = {:?}\n",
+            entry.display().to_string()
+        ),
+    )
+    .unwrap();
+    d
+}
+
+#[test]
+fn a_fifo_named_module_toml_is_refused_and_other_clients_are_answered() {
+    let d = Daemon::start(FAST);
+    let m = d.dir.path().join("fifo-mod");
+    std::fs::create_dir_all(&m).unwrap();
+    mkfifo(&m.join("module.toml"));
+    // The install in the background: on a daemon that opens the FIFO on its
+    // runtime thread it never returns (nobody writes to the FIFO)…
+    let mut install = ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("install")
+            .arg(&m)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // …and neither does anyone else's call.
+    health(&d);
+    let status = install
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the install of a FIFO returns");
+    let mut err = String::new();
+    std::io::Read::read_to_string(install.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot read manifest {}: {} is a FIFO, not a regular file",
+            m.join("module.toml").display(),
+            m.join("module.toml").display()
+        )),
+        "{err}"
+    );
+    // Nothing was installed, nothing else was harmed.
+    assert_eq!(health(&d)["modules"], 0);
+}
+
+#[test]
+fn artifacts_that_are_not_regular_files_are_refused_by_what_they_are() {
+    let d = Daemon::start(FAST);
+    let fifo = d.dir.path().join("libfifo.so");
+    mkfifo(&fifo);
+    // emberd's stdin is /dev/null: its magic link leads to a device.
+    for (name, entry, says) in [
+        ("fifo", fifo.as_path(), "is a FIFO, not a regular file"),
+        (
+            "zero",
+            Path::new("/dev/zero"),
+            "is a character device, not a regular file",
+        ),
+        (
+            "stdin",
+            Path::new("/proc/self/fd/0"),
+            "goes through a /proc magic link",
+        ),
+    ] {
+        let m = module_with_entry(d.dir.path(), name, entry);
+        let out = d.ctl(&["install", m.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("field `entry`") && err.contains(says),
+            "{name}: {err}"
+        );
+        health(&d);
+    }
+    assert_eq!(health(&d)["modules"], 0);
+}
+
+#[test]
+fn files_over_their_cap_are_refused_naming_the_cap() {
+    let d = Daemon::start(&format!(
+        "[install]\nmax_manifest_bytes = 4096\nmax_artifact_bytes = 65536\n{FAST}"
+    ));
+    let big = real_module(
+        d.dir.path(),
+        "big",
+        "hello",
+        &format!("# {}\n", "x".repeat(5000)),
+    );
+    let err = stderr(&d.ctl(&["install", big.to_str().unwrap()]));
+    assert!(
+        err.contains("over the 4096-byte cap (`install.max_manifest_bytes`"),
+        "{err}"
+    );
+    // The hello cdylib is far larger than 64 KiB.
+    let size = std::fs::metadata(artifact("hello")).unwrap().len();
+    assert!(size > 65536);
+    let m = real_module(d.dir.path(), "hello", "hello", "");
+    let err = stderr(&d.ctl(&["install", m.to_str().unwrap()]));
+    assert!(
+        err.contains(&format!(
+            "is {size} bytes, over the 65536-byte cap (`install.max_artifact_bytes`"
+        )),
+        "{err}"
+    );
+    assert_eq!(health(&d)["modules"], 0);
+}
+
+#[test]
+fn a_file_that_is_not_a_manifest_is_not_echoed_back() {
+    let d = Daemon::start(FAST);
+    let secrets = [
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRET\n",
+        "root:$6$Zm9vYmFyYmF6SECRET$hash:19000:0:99999:7:::\n",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUSECRET\n",
+        "token = \"ghp_0123456789abcdefSECRET\"\nname = 5\n",
+    ];
+    for (i, text) in secrets.iter().enumerate() {
+        let f = d.dir.path().join(format!("secret-{i}"));
+        std::fs::write(&f, text).unwrap();
+        let out = d.ctl(&["install", f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+        let err = stderr(&out);
+        assert!(!err.contains("SECRET"), "{text:?} echoed: {err}");
+        assert!(!err.contains("BEGIN"), "{err}");
+        // It says where and what, by line and column.
+        assert!(
+            err.starts_with(&format!(
+                "emberctl: invalid manifest {}: line ",
+                f.display()
+            )) && err.contains(", column "),
+            "{err}"
+        );
+    }
+}
+
+/// A config with the panic-plugin fixture, which hangs in `init` while
+/// `marker` exists, and a short zygote start timeout.
+fn hanging_plugin_config(marker: &Path) -> String {
+    format!(
+        "plugins = [{{ path = {:?}, config = {{ hang_in_init_when_exists = {:?} }} }}]\n\
+         [pool]\nmin_idle = 0\nmax_idle = 0\nzygote_start_timeout_ms = 1000\n{FAST}",
+        artifact("fixture-panic-plugin").display().to_string(),
+        marker.display().to_string(),
+    )
+}
+
+#[test]
+fn a_zygote_whose_plugin_hangs_is_given_up_and_restarted() {
+    let tmp = ember_tests::TempDir::new("hang");
+    let marker = tmp.path().join("hang");
+    let d = Daemon::start(&hanging_plugin_config(&marker));
+    let zygote = health(&d)["zygote_pid"].as_i64().unwrap() as i32;
+    // The next zygote's plugin hangs; this one dies.
+    std::fs::write(&marker, "").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zygote),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let m = module_dir(d.dir.path(), "waits", "1.0.0");
+    let out = d.ctl(&["install", m.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The launch fails with the reason, naming the timeout and its key;
+    // the daemon answers meanwhile.
+    let s = d.wait_status("waits", "the launch to fail on the timeout", |s| {
+        let text = s.to_string();
+        text.contains("did not initialize within 1000 ms")
+            && text.contains("pool.zygote_start_timeout_ms")
+    });
+    assert_ne!(s["state"], "running", "{s}");
+    health(&d);
+    // The plugin recovers: the back-off brings a zygote back, and the
+    // module starts.
+    std::fs::remove_file(&marker).unwrap();
+    d.wait_status("waits", "running", |s| s["state"] == "running");
+    let h = health(&d);
+    assert_ne!(h["zygote_pid"], zygote, "{h}");
+    assert_eq!(h["healthy"], true, "{h}");
+}
+
+#[test]
+fn a_zygote_that_hangs_at_start_up_makes_emberd_exit_with_the_reason() {
+    let tmp = ember_tests::TempDir::new("hang0");
+    let marker = tmp.path().join("hang");
+    std::fs::write(&marker, "").unwrap();
+    let cfg = tmp.path().join("emberd.toml");
+    std::fs::write(&cfg, hanging_plugin_config(&marker)).unwrap();
+    let mut emberd = ChildGuard(
+        Command::new(emberd())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--socket")
+            .arg(tmp.path().join("ctl.sock"))
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .env("EMBER_LOG", "error")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = emberd
+        .wait_timeout(ember_tests::PATIENCE)
+        .expect("emberd gives up on the zygote");
+    let mut err = String::new();
+    std::io::Read::read_to_string(emberd.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("did not initialize within 1000 ms")
+            && err.contains("pool.zygote_start_timeout_ms"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_exporter_is_wired_to_more_importers_than_one_message_carries() {
+    const REPLICAS: usize = 20;
+    let plugin = artifact("catalog");
+    let d = Daemon::start(&format!(
+        "plugins = [{{ path = {:?}, config = {{ size_mb = 1, extra_init_ms = 0 }} }}]\n{FAST}",
+        plugin.display().to_string()
+    ));
+    let port = poll_until("a free port for greeter", Duration::ZERO, || {
+        let port = ember_tests::daemon::free_port();
+        let dir = real_module(
+            d.dir.path(),
+            "greeter",
+            "greeter",
+            &format!(
+                "replicas = {REPLICAS}\n[[imports]]\nname = \"kv\"\noptional = true\n\
+                 [[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n\
+                 [[plugins]]\nname = \"catalog\"\ntable_version = 1\n\
+                 [limits]\nstart_deadline = \"20s\"\n"
+            ),
+        );
+        let out = d.ctl(&["install", dir.to_str().unwrap()]);
+        match out.status.code() {
+            Some(0) => Ok(port),
+            Some(5) => Err(stderr(&out)),
+            _ => panic!("install greeter: {}", stderr(&out)),
+        }
+    });
+    d.wait_status("greeter", "running", |s| s["state"] == "running");
+    // The exporter comes after its importers: its launch order carries
+    // an end for each of them (two descriptors each).
+    let kv = real_module(
+        d.dir.path(),
+        "kv",
+        "kv",
+        "[[exports]]\nname = \"kv\"\n[limits]\nstart_deadline = \"10s\"\n",
+    );
+    d.ctl_ok(&["install", kv.to_str().unwrap()]);
+    let check = |what: &str| {
+        let kv = d.wait_status("kv", what, |s| s["state"] == "running");
+        let g = d.wait_status("greeter", "wired", |s| {
+            s["state"] == "running" && s["imports"][0]["state"] == "wired"
+        });
+        // Every importer replica shares a channel segment with the exporter.
+        let kv_pid = kv["pid"].as_i64().unwrap() as i32;
+        let ends = poll_until("every replica wired", Duration::from_millis(50), || {
+            let theirs = ember_tests::daemon::channel_segments(kv_pid);
+            let unwired: Vec<i32> = g["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["pid"].as_i64().unwrap() as i32)
+                .filter(|p| {
+                    ember_tests::daemon::channel_segments(*p)
+                        .intersection(&theirs)
+                        .next()
+                        .is_none()
+                })
+                .collect();
+            if unwired.is_empty() {
+                Ok(theirs.len())
+            } else {
+                Err(format!("not wired to kv: {unwired:?}"))
+            }
+        });
+        assert!(ends >= REPLICAS, "{ends}");
+        // And it serves them (connections spread over the replicas).
+        for i in 0..2 * REPLICAS {
+            assert_eq!(
+                ember_tests::daemon::http_get(port, &format!("/kv/put/k{i}/v{i}")),
+                (200, "ok".into())
+            );
+        }
+        kv_pid
+    };
+    let first = check("running");
+    // Restarted (killed): wired again, the same way.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    poll_until("a new kv worker", Duration::from_millis(50), || {
+        let s = d.ctl_json(&["status", "kv"])["status"].clone();
+        match s["pid"].as_i64() {
+            Some(p) if p as i32 != first && s["state"] == "running" => Ok(()),
+            _ => Err(s.to_string()),
+        }
+    });
+    check("running again");
+}
+
+/// `RLIMIT_NOFILE` (soft, hard) of `pid`, from `/proc/PID/limits`.
+fn nofile(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut f = line["Max open files".len()..].split_whitespace();
+    (
+        f.next().unwrap().parse().unwrap(),
+        f.next().unwrap().parse().unwrap(),
+    )
+}
+
+#[test]
+fn hundreds_of_modules_fit_under_a_1024_soft_descriptor_limit() {
+    const MODULES: usize = 260;
+    const HARD: u64 = 8192;
+    let dir = ember_tests::TempDir::new("nofile");
+    let socket = dir.path().join("ctl.sock");
+    let state = dir.path().join("state");
+    let config = dir.path().join("emberd.toml");
+    std::fs::write(
+        &config,
+        format!("[pool]\nmin_idle = 1\nmax_idle = 2\n{FAST}"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(emberd());
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("EMBER_LOG", "error")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(Stdio::null());
+    // SAFETY: between fork and exec, one async-signal-safe setrlimit: the
+    // limits systemd gives a service by default (soft 1024), with room
+    // above it.
+    unsafe {
+        cmd.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: HARD,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let mut d = Daemon {
+        child: Some(child),
+        dir,
+        socket,
+        state,
+        config,
+    };
+    poll_until("emberd's socket", Duration::from_millis(20), || {
+        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("emberd exited early: {st}");
+        }
+        std::os::unix::net::UnixStream::connect(&d.socket)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let h = health(&d);
+    assert_eq!(h["open_files_limit"], HARD, "{h}");
+    assert_eq!(nofile(d.pid()), (HARD, HARD));
+    // The zygote (and so every worker) has the conventional soft limit.
+    let zygote = h["zygote_pid"].as_i64().unwrap() as i32;
+    assert_eq!(nofile(zygote), (1024, HARD));
+
+    let mut raw = Raw::connect(&d.socket);
+    for i in 0..MODULES {
+        let m = real_module(d.dir.path(), &format!("h{i}"), "hello", "");
+        let r = raw.call(
+            "io.ember.Supervisor.Install",
+            json!({ "path": m.to_str().unwrap() }),
+        );
+        assert!(r.get("error").is_none(), "install {i}: {r}");
+    }
+    poll_until("every module running", Duration::from_millis(200), || {
+        let h = health(&d);
+        if h["running"] == MODULES {
+            Ok(())
+        } else {
+            Err(h.to_string())
+        }
+    });
+    let h = health(&d);
+    let open = h["open_files"].as_u64().unwrap();
+    assert!(open > MODULES as u64, "{h}");
+    assert!(open < HARD, "{h}");
+    // The human form shows the headroom.
+    let out = d.ctl_ok(&["health"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("of {HARD}")), "{text}");
+    let worker = d.ctl_json(&["status", "h0"])["status"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert_eq!(nofile(worker).0, 1024);
+    d.stop();
+}
