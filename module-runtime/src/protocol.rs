@@ -954,9 +954,16 @@ mod tests {
         assert_eq!(fds.len(), n);
         // A message whose descriptors do not all arrive (a peer that sends
         // the first packet only) is a typed error naming the counts.
-        send_frame(parent.fd(), &msg.encode(), &vec![r.as_fd(); FDS_PER_PACKET]).unwrap();
-        send_frame(parent.fd(), &ToWorker::Stop { deadline: Duration::ZERO }.encode(), &[])
-            .unwrap();
+        send_frame(parent.fd(), &msg.encode(), &[r.as_fd(); FDS_PER_PACKET]).unwrap();
+        send_frame(
+            parent.fd(),
+            &ToWorker::Stop {
+                deadline: Duration::ZERO,
+            }
+            .encode(),
+            &[],
+        )
+        .unwrap();
         match worker.recv() {
             Err(ChannelError::Descriptors { expected, arrived }) => {
                 assert_eq!((expected, arrived), (n, FDS_PER_PACKET));

@@ -120,7 +120,8 @@ pub fn open_regular(path: &Path, cap: u64, key: &'static str) -> Result<(File, u
         // link check; the type check below still refuses what is not a
         // regular file).
         Err(nix::errno::Errno::ENOSYS) => {
-            nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty()).map_err(|e| io(e.into()))?
+            nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())
+                .map_err(|e| io(e.into()))?
         }
         Err(e) => return Err(io(e.into())),
     };
@@ -141,10 +142,7 @@ pub fn open_regular(path: &Path, cap: u64, key: &'static str) -> Result<(File, u
         });
     }
     // Regular files never block; reads are plain from here on.
-    let _ = nix::fcntl::fcntl(
-        &file,
-        nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()),
-    );
+    let _ = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
     Ok((file, meta.len()))
 }
 

@@ -367,7 +367,10 @@ greeting = "hello"
         let e = crate::error_chain(
             &parse(&format!("name = \"kv\"\n{base}replicaz = 2\n")).unwrap_err(),
         );
-        assert!(e.starts_with("line 4, column 1: unknown field `replicaz`"), "{e}");
+        assert!(
+            e.starts_with("line 4, column 1: unknown field `replicaz`"),
+            "{e}"
+        );
         assert_eq!(e.matches("unknown field `replicaz`").count(), 1, "{e}");
         assert!(!e.contains("invalid manifest"), "{e}");
         assert!(!e.contains("replicaz = 2"), "no source line: {e}");

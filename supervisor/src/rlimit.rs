@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 static ORIGINAL_SOFT: OnceLock<libc::rlim_t> = OnceLock::new();
 
 /// The current `RLIMIT_NOFILE` (soft, hard).
+// `rlim_t` is `u64` on 64-bit Linux, not on every target.
+#[allow(clippy::unnecessary_cast)]
 pub fn get() -> std::io::Result<(u64, u64)> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -70,5 +72,7 @@ pub fn restore_in_child() -> std::io::Result<()> {
 /// How many descriptors this process has open (`/proc/self/fd`, less the
 /// one reading it). Blocking: call on the blocking pool.
 pub fn open_count() -> std::io::Result<u64> {
-    Ok(std::fs::read_dir("/proc/self/fd")?.count().saturating_sub(1) as u64)
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1) as u64)
 }

@@ -266,7 +266,13 @@ impl ArtifactImage {
             .metadata()
             .map_err(io_err("stat the copy of", src))?
             .len();
-        if len >= cap && from.into_inner().read(&mut [0u8]).map_err(io_err("read", src))? > 0 {
+        if len >= cap
+            && from
+                .into_inner()
+                .read(&mut [0u8])
+                .map_err(io_err("read", src))?
+                > 0
+        {
             return Err(io_err("copy", src)(io::Error::other(format!(
                 "it grew past the {cap}-byte cap while being copied"
             ))));

@@ -400,7 +400,7 @@ async fn instance(
             plan.limiter.clone(),
             module.clone(),
             plan.order.replica,
-            plan.limits.clone(),
+            plan.limits,
         );
         tokio::task::spawn_blocking(move || limiter.enter(&module, replica, pid, &limits)).await
     };
@@ -505,7 +505,11 @@ async fn instance(
     // of the exit and reaps through it.
     let crate::pool::Worker { pidfd, link, .. } = worker;
     let pidfd = Arc::new(pidfd);
-    send(Some(pid), Event::Launched { attempt, pid }, Some(pidfd.clone()));
+    send(
+        Some(pid),
+        Event::Launched { attempt, pid },
+        Some(pidfd.clone()),
+    );
     // SAFETY: the Arc keeps the pidfd open for the AsyncFd's whole life
     // (this task holds a clone until the AsyncFd is dropped), and no holder
     // of a clone closes or replaces the descriptor: OwnedFd only closes on

@@ -457,13 +457,13 @@ impl Actor {
                         ArtifactImage::snapshot_file(file, &src, &known, cap)
                     })
                     .await
-                            .unwrap_or_else(|e| {
-                                Err(StoreError::Io {
-                                    op: "copy",
-                                    path: artifact,
-                                    source: std::io::Error::other(e.to_string()),
-                                })
-                            });
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Io {
+                            op: "copy",
+                            path: artifact,
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    });
                     image_tx.send_replace(Some(
                         made.as_ref()
                             .map(|i| i.fd.clone())
@@ -531,7 +531,12 @@ impl Actor {
             Ok(Listeners::bound(bound)),
         );
         self.add_and_start(run);
-        Ok((render::summary(&self.modules[&name]), artifact, file, image_tx))
+        Ok((
+            render::summary(&self.modules[&name]),
+            artifact,
+            file,
+            image_tx,
+        ))
     }
 
     /// Tells callers following an install each state change of the module,
