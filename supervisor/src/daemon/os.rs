@@ -510,10 +510,10 @@ async fn instance(
         Event::Launched { attempt, pid },
         Some(pidfd.clone()),
     );
-    // SAFETY: the Arc keeps the pidfd open for the AsyncFd's whole life
-    // (this task holds a clone until the AsyncFd is dropped), and no holder
-    // of a clone closes or replaces the descriptor: OwnedFd only closes on
-    // the last drop.
+    // SAFETY: the AsyncFd owns one clone of the Arc, so the pidfd stays
+    // open for its whole life; no other holder (the actor's clone) can close
+    // or replace the descriptor: an OwnedFd behind an Arc closes only when
+    // the last clone is dropped.
     let exit = match unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
         Ok(a) => a,
         Err(err) => {
