@@ -21,6 +21,8 @@ use super::registry::{Directory, Live, Registry, Serving};
 use super::render;
 use crate::cgroup::Limiter;
 use crate::config::LimitsConfig;
+use crate::sandbox::SandboxConfig;
+use crate::worker::SandboxReport;
 use crate::control::health::HealthReply;
 use crate::control::list::ListReply;
 use crate::control::pool::PoolReply;
@@ -110,6 +112,12 @@ pub struct Actor {
     pub(super) policy: Policy,
     /// Limits for modules whose manifest leaves them unset.
     pub(super) limit_defaults: LimitsConfig,
+    /// The module sandbox.
+    pub(super) sandbox: SandboxConfig,
+    /// emberd is root: modules get their own uid (else they keep emberd's).
+    pub(super) root: bool,
+    /// What each live worker said its sandbox is, by pid.
+    pub(super) sandboxes: HashMap<i32, SandboxReport>,
     started: Instant,
     pub(super) next_generation: u64,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
@@ -164,6 +172,7 @@ impl Actor {
         policy: Policy,
         limiter: Arc<Limiter>,
         limit_defaults: LimitsConfig,
+        sandbox: SandboxConfig,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
@@ -189,6 +198,9 @@ impl Actor {
             events_rx,
             policy,
             limit_defaults,
+            sandbox,
+            root: nix::unistd::geteuid().is_root(),
+            sandboxes: HashMap::new(),
             started: Instant::now(),
             next_generation: 0,
             shutdown: None,
@@ -226,6 +238,9 @@ impl Actor {
                 Some(ev) = self.events_rx.recv() => match ev {
                     OsMsg::Instance(ev) => self.instance_event(ev),
                     OsMsg::Register(r) => self.register(r),
+                    OsMsg::Sandboxed { pid, report } => {
+                        self.sandboxes.insert(pid, report);
+                    }
                 },
                 Some(p) = self.pending_rx.recv() => self.pending(p),
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
@@ -363,7 +378,8 @@ impl Actor {
                     // The model is rendered here; /proc and the cgroups are
                     // read on the blocking pool, never on the actor.
                     let imports = render::imports_status(m, self.modules.values(), &self.registry);
-                    let status = render::status(m, imports, &self.os.limiter);
+                    let status =
+                        render::status(m, imports, &self.os.limiter, &self.sandboxes);
                     let (limiter, memory) = (self.os.limiter.clone(), self.memory.clone());
                     tokio::spawn(async move {
                         let done = tokio::task::spawn_blocking(move || {
@@ -463,6 +479,7 @@ impl Actor {
             if let Some(pid) = pid {
                 self.os.pidfds.remove(&pid);
                 self.os.commands.remove(&pid);
+                self.sandboxes.remove(&pid);
                 self.registry.unregister(pid, &Dir(&self.modules));
             }
         }
@@ -568,6 +585,20 @@ impl Actor {
         self.shutdown = Some((tx, limit));
     }
 
+    /// A uid for the module `name` that no other module has and the system
+    /// does not know (see [`SandboxConfig::allocate`]).
+    pub(super) fn allocate_uid(&self, name: &str) -> Option<u32> {
+        let taken: std::collections::HashSet<u32> = self
+            .desired
+            .modules
+            .values()
+            .filter(|r| r.name != name)
+            .filter_map(|r| r.uid)
+            .collect();
+        self.sandbox
+            .allocate(name, &taken, crate::sandbox::id_in_use)
+    }
+
     /// Whether a `Shutdown` began.
     pub(super) fn shutting_down(&self) -> bool {
         self.shutdown.is_some()
@@ -604,6 +635,21 @@ impl Actor {
                     v.reason = Some("emberd restarted during its rollout".into());
                     changed = true;
                 }
+            }
+        }
+        // State written before the sandbox existed has no uids.
+        let names: Vec<String> = self
+            .desired
+            .modules
+            .values()
+            .filter(|r| r.uid.is_none())
+            .map(|r| r.name.clone())
+            .collect();
+        for name in names {
+            let uid = self.allocate_uid(&name);
+            if let Some(r) = self.desired.modules.get_mut(&name) {
+                r.uid = uid;
+                changed |= uid.is_some();
             }
         }
         let records: Vec<ModuleRecord> = self.desired.modules.values().cloned().collect();

@@ -142,6 +142,7 @@ async fn serve(
         cfg.lifecycle.policy(),
         limiter.clone(),
         cfg.limits.clone(),
+        cfg.sandbox.clone(),
     );
     let actor_task = tokio::spawn(a.run(actor_rx));
     let server_task = tokio::spawn(server::serve(listener, access, actor_tx.clone()));

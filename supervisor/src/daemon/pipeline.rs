@@ -67,6 +67,12 @@ pub(crate) enum Pending {
     },
     /// The persister has finished with an install.
     Saved(InstallSaved),
+    /// A restored module's stored artifact is copied and verified.
+    Verified {
+        name: String,
+        generation: u64,
+        image: ArtifactImage,
+    },
     /// An uninstall's state write is done (or failed).
     Removed {
         name: String,
@@ -211,7 +217,7 @@ impl Actor {
             Some(Err(reason)) => Some(reason.clone()),
             _ => None,
         };
-        let (listeners, failure) = match (listeners, image_failure) {
+        let (listeners, mut failure) = match (listeners, image_failure) {
             (Ok(l), failure) => (l, failure),
             (Err(reason), _) => (
                 Listeners {
@@ -221,6 +227,20 @@ impl Actor {
                 },
                 Some(reason),
             ),
+        };
+        let sandbox = module_runtime::manifest::Manifest::parse(&record.manifest)
+            .map_err(|e| format!("stored manifest: {}", error_chain(&e)))
+            .and_then(|m| {
+                self.sandbox
+                    .order(self.root, record.uid, &m)
+                    .map_err(|e| format!("sandbox: {e}"))
+            });
+        let sandbox = match sandbox {
+            Ok(s) => s,
+            Err(reason) => {
+                failure.get_or_insert(reason);
+                None
+            }
         };
         let (limits, limit_sources) = self.limit_defaults.resolve(
             summary.as_ref().and_then(|s| s.memory),
@@ -277,6 +297,7 @@ impl Actor {
             limit_sources,
             launch_manifest,
             failure,
+            sandbox,
             background: false,
         }
     }
@@ -301,28 +322,65 @@ impl Actor {
             Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
         };
         let path = self.store.artifact_path(&record.artifact_sha256);
-        let image = self.image_of(&record.artifact_sha256);
-        let (_, rx) = watch::channel(Some(
-            image.as_ref().map(|i| i.fd.clone()).map_err(Clone::clone),
-        ));
+        let sha256 = record.artifact_sha256.clone();
+        let known = self.known_image(&sha256);
+        let (tx, rx) = watch::channel(
+            known
+                .as_ref()
+                .map(|i| Ok(i.fd.clone())),
+        );
+        let name = record.name.clone();
         let mut run = self.new_run(record, (rx, path), bound);
-        run.artifact = image.ok();
+        let generation = run.generation;
+        match known {
+            Some(image) => run.artifact = Some(image),
+            // Copied and verified off the actor; launches wait for it.
+            None => {
+                let (store, pending) = (self.store.clone(), self.pending_tx.clone());
+                tokio::spawn(async move {
+                    let image = tokio::task::spawn_blocking(move || store.load_verified(&sha256))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(StoreError::Io {
+                                op: "verify",
+                                path: PathBuf::new(),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        });
+                    tx.send_replace(Some(image.as_ref().map(|i| i.fd.clone()).map_err(|e| {
+                        format!("stored artifact: {}", error_chain(e))
+                    })));
+                    if let Ok(image) = image {
+                        let _ = pending.send(Pending::Verified {
+                            name,
+                            generation,
+                            image,
+                        });
+                    }
+                });
+            }
+        }
         self.add_and_start(run);
     }
 
-    /// The image of a stored artifact: one a run already uses, else the
-    /// stored file (read-only, private to emberd).
-    fn image_of(&self, sha256: &str) -> Result<ArtifactImage, String> {
-        let known = self
-            .modules
+    /// An image a run already uses for the artifact `sha256` (verified when
+    /// it was made).
+    fn known_image(&self, sha256: &str) -> Option<ArtifactImage> {
+        self.modules
             .values()
             .flat_map(|m| m.runs.iter().filter_map(|r| r.artifact.clone()))
-            .find(|i| i.sha256.get().is_some_and(|h| h == sha256));
-        match known {
+            .find(|i| i.sha256.get().is_some_and(|h| h == sha256))
+    }
+
+    /// The image of a stored artifact: one a run already uses, else a
+    /// verified copy of the stored file (read and hashed here: a rollback
+    /// to a revision no run uses waits for it).
+    fn image_of(&self, sha256: &str) -> Result<ArtifactImage, String> {
+        match self.known_image(sha256) {
             Some(i) => Ok(i),
             None => self
                 .store
-                .open_artifact(sha256)
+                .load_verified(sha256)
                 .map_err(|e| format!("stored artifact: {}", error_chain(&e))),
         }
     }
@@ -346,6 +404,19 @@ impl Actor {
         match p {
             Pending::Copied { install, image } => self.install_copied(install, image),
             Pending::Saved(install) => self.install_saved(install),
+            Pending::Verified {
+                name,
+                generation,
+                image,
+            } => {
+                if let Some(run) = self
+                    .modules
+                    .get_mut(&name)
+                    .and_then(|m| m.run_mut(generation))
+                {
+                    run.artifact = Some(image);
+                }
+            }
             Pending::Removed {
                 name,
                 generation,
@@ -449,6 +520,13 @@ impl Actor {
         let dir = manifest_path.parent().unwrap_or(Path::new("/"));
         let artifact = dir.join(&summary.entry);
         check_artifact(&manifest_path, &artifact)?;
+        self.check_sandbox(&manifest_path, &text)?;
+        let uid = self
+            .allocate_uid(&summary.name)
+            .ok_or_else(|| InstallError::NoUid {
+                name: summary.name.clone(),
+                range: self.sandbox.uid_range,
+            })?;
         let bound = listeners::bind_all(&summary.listeners).map_err(bind_error)?;
         self.next_placeholder += 1;
         let placeholder = store::placeholder(self.next_placeholder);
@@ -460,6 +538,7 @@ impl Actor {
             source: manifest_path,
             revision: 1,
             revisions: Vec::new(),
+            uid: Some(uid),
         };
         record.revisions = vec![record.as_revision(unix_now(), Outcome::Active)];
         self.desired
@@ -647,6 +726,24 @@ impl Actor {
         }
     }
 
+    /// Refuses a manifest whose `[sandbox] allow_syscalls` asks for a
+    /// syscall the configuration does not grant.
+    fn check_sandbox(&self, manifest_path: &Path, text: &str) -> Result<(), InstallError> {
+        let Ok(m) = module_runtime::manifest::Manifest::parse(text) else {
+            return Ok(()); // refused by the parser already
+        };
+        match self.sandbox.ungranted(&m.sandbox.allow_syscalls) {
+            Some(syscall) if self.sandbox.enabled => Err(InstallError::Manifest {
+                path: manifest_path.to_owned(),
+                source: manifest::ManifestError::Field {
+                    field: "sandbox.allow_syscalls".into(),
+                    reason: crate::sandbox::not_granted(syscall),
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
+
     // ---- uninstall ----
 
     pub(super) fn uninstall(&mut self, name: String, reply: Reply) {
@@ -794,10 +891,15 @@ impl Actor {
         }
         let dir = manifest_path.parent().unwrap_or(Path::new("/"));
         let artifact = dir.join(&summary.entry);
-        if let Err(e) = check_artifact(&manifest_path, &artifact) {
+        if let Err(e) = check_artifact(&manifest_path, &artifact)
+            .and_then(|()| self.check_sandbox(&manifest_path, &text))
+        {
             let _ = reply.send(Err(e.into()));
             return;
         }
+        let Some(m) = self.modules.get_mut(&name) else {
+            return;
+        };
         m.preparing = true;
         let active = m.active;
         let known = self.known_images();
@@ -918,6 +1020,7 @@ impl Actor {
             source: p.manifest_path,
             revision,
             revisions: Vec::new(),
+            uid: m.active().record.uid,
         };
         self.next_placeholder += 1;
         let stored = NewArtifact {
@@ -996,6 +1099,7 @@ impl Actor {
             source: target.source,
             revision: target.revision,
             revisions: Vec::new(),
+            uid: m.active().record.uid,
         };
         let spec = Spec {
             image_path: self.store.artifact_path(&target.artifact_sha256),
