@@ -503,7 +503,9 @@ impl Manifest {
             if !crate::host::sandbox::is_denied(n) {
                 return Err(invalid(
                     format!("sandbox.allow_syscalls[{i}]"),
-                    format!("`{n}` is not a syscall the sandbox denies (see docs/module-manifest.md)"),
+                    format!(
+                        "`{n}` is not a syscall the sandbox denies (see docs/module-manifest.md)"
+                    ),
                 ));
             }
         }

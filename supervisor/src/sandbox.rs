@@ -4,10 +4,10 @@
 //! the [`SandboxOrder`] a worker applies (module-runtime's `host::sandbox`)
 //! before it loads the module. Design and limits: `docs/design.md`, "Trust".
 
-use std::collections::HashSet;
 use module_runtime::manifest::Manifest;
 use module_runtime::protocol::SandboxOrder;
 use serde::Deserialize;
+use std::collections::HashSet;
 
 /// The default `uid_range`: 0x70000000–0x7000FFFF. Above regular users
 /// (1000–60000), systemd-homed (60001–60513), systemd's `DynamicUser=`
@@ -188,7 +188,10 @@ mod tests {
         // A syscall the configuration does not grant.
         let m = manifest("[sandbox]\nallow_syscalls = [\"ptrace\"]\n");
         let e = c.order(true, Some(7), &m).unwrap_err();
-        assert!(e.contains("`ptrace`") && e.contains("sandbox.grantable_syscalls"), "{e}");
+        assert!(
+            e.contains("`ptrace`") && e.contains("sandbox.grantable_syscalls"),
+            "{e}"
+        );
         let granting = SandboxConfig {
             grantable_syscalls: vec!["ptrace".into()],
             ..Default::default()

@@ -436,7 +436,9 @@ impl Store {
         let path = self.artifact_path(sha256);
         let image = ArtifactImage::snapshot(&path, &[])?;
         let found = hex(&Sha256::digest(
-            image.read_all().map_err(io_err("read the copy of", &path))?,
+            image
+                .read_all()
+                .map_err(io_err("read the copy of", &path))?,
         ));
         if found != sha256 {
             return Err(StoreError::Tampered {

@@ -55,10 +55,10 @@ fn a_hostile_module_is_fenced_in() {
     install(&d, &module_dir(work.path(), "sibling", "1.0.0"));
     let sibling = running(&d, "sibling");
     let sibling_pid = sibling["pid"].as_i64().unwrap();
-    let artifact = d
-        .state
-        .join("artifacts")
-        .join(format!("{}.so", sibling["artifact_sha256"].as_str().unwrap()));
+    let artifact = d.state.join("artifacts").join(format!(
+        "{}.so",
+        sibling["artifact_sha256"].as_str().unwrap()
+    ));
     // Both directories may be written by anyone as far as file modes go:
     // only the sandbox tells them apart.
     let writable = dir_0777(work.path().join("data"));
@@ -117,7 +117,9 @@ fn a_hostile_module_is_fenced_in() {
     assert_eq!(st["CapEff"], "0000000000000000");
     // Not dumpable: the kernel hands its /proc files to root (all but the
     // /proc/PID directory itself, which keeps showing the euid).
-    let owner = std::fs::metadata(format!("/proc/{pid}/status")).unwrap().uid();
+    let owner = std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid();
     assert_eq!(owner, 0, "a dumpable process's /proc files are its own");
     let sb = &status["replicas"][0]["sandbox"];
     assert_eq!(sb["uid_mechanism"], "own-uid");
@@ -132,7 +134,9 @@ fn a_hostile_module_is_fenced_in() {
     }
     let text = String::from_utf8(d.ctl_ok(&["status", "hostile"]).stdout).unwrap();
     assert!(
-        text.contains(&format!("sandbox: uid {uid} gid {uid} (own-uid), no-new-privs, not dumpable, seccomp-bpf")),
+        text.contains(&format!(
+            "sandbox: uid {uid} gid {uid} (own-uid), no-new-privs, not dumpable, seccomp-bpf"
+        )),
         "{text}"
     );
 
@@ -242,7 +246,10 @@ fn a_manifest_gets_only_the_syscalls_the_configuration_grants() {
     );
     let out = d.ctl(&["install", odd.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("sandbox.allow_syscalls[0]") && err.contains("`read`"), "{err}");
+    assert!(
+        err.contains("sandbox.allow_syscalls[0]") && err.contains("`read`"),
+        "{err}"
+    );
     drop(d);
 
     // Granted by the configuration: installed, and the worker says so.

@@ -265,7 +265,8 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
         switch_ids(uid, gid)?;
     }
     nix::sys::prctl::set_dumpable(false).map_err(|e| SandboxError::Prctl("PR_SET_DUMPABLE", e))?;
-    nix::sys::prctl::set_no_new_privs().map_err(|e| SandboxError::Prctl("PR_SET_NO_NEW_PRIVS", e))?;
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| SandboxError::Prctl("PR_SET_NO_NEW_PRIVS", e))?;
     let fs = landlock(&order.writable)?;
     let [deny, clone3] = &programs;
     seccompiler::apply_filter_all_threads(deny).map_err(SandboxError::Seccomp)?;
@@ -294,11 +295,13 @@ fn report(own_ids: bool, seccomp: String, landlock: String) -> SandboxReport {
 
 fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
     use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
-    let fail = |call| move |source| SandboxError::Identity {
-        uid,
-        gid,
-        call,
-        source,
+    let fail = |call| {
+        move |source| SandboxError::Identity {
+            uid,
+            gid,
+            call,
+            source,
+        }
     };
     let parent = nix::unistd::getppid();
     setgroups(&[]).map_err(fail("setgroups"))?;

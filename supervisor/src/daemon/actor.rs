@@ -21,8 +21,6 @@ use super::registry::{Directory, Live, Registry, Serving};
 use super::render;
 use crate::cgroup::Limiter;
 use crate::config::LimitsConfig;
-use crate::sandbox::SandboxConfig;
-use crate::worker::SandboxReport;
 use crate::control::health::HealthReply;
 use crate::control::list::ListReply;
 use crate::control::pool::PoolReply;
@@ -31,8 +29,10 @@ use crate::control::{module_not_found, Request};
 use crate::lifecycle::{Event, Lifecycle, Policy, State};
 use crate::manifest;
 use crate::pool::PoolHandle;
+use crate::sandbox::SandboxConfig;
 use crate::store::{DesiredState, ModuleRecord, Persister, Store};
 use crate::varlink::ErrorReply;
+use crate::worker::SandboxReport;
 use crate::zygote::client::pidfd_signal;
 
 pub(super) use super::pipeline::{InstallWatch, Pending, StartingInstall};
@@ -378,8 +378,7 @@ impl Actor {
                     // The model is rendered here; /proc and the cgroups are
                     // read on the blocking pool, never on the actor.
                     let imports = render::imports_status(m, self.modules.values(), &self.registry);
-                    let status =
-                        render::status(m, imports, &self.os.limiter, &self.sandboxes);
+                    let status = render::status(m, imports, &self.os.limiter, &self.sandboxes);
                     let (limiter, memory) = (self.os.limiter.clone(), self.memory.clone());
                     tokio::spawn(async move {
                         let done = tokio::task::spawn_blocking(move || {

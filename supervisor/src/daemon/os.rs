@@ -666,7 +666,11 @@ fn sandbox_note(r: &SandboxReport) -> String {
         } else {
             "new privileges allowed"
         },
-        if r.dumpable { "dumpable" } else { "not dumpable" },
+        if r.dumpable {
+            "dumpable"
+        } else {
+            "not dumpable"
+        },
         r.seccomp,
         r.landlock
     )

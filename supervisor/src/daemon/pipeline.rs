@@ -324,11 +324,7 @@ impl Actor {
         let path = self.store.artifact_path(&record.artifact_sha256);
         let sha256 = record.artifact_sha256.clone();
         let known = self.known_image(&sha256);
-        let (tx, rx) = watch::channel(
-            known
-                .as_ref()
-                .map(|i| Ok(i.fd.clone())),
-        );
+        let (tx, rx) = watch::channel(known.as_ref().map(|i| Ok(i.fd.clone())));
         let name = record.name.clone();
         let mut run = self.new_run(record, (rx, path), bound);
         let generation = run.generation;
@@ -347,9 +343,12 @@ impl Actor {
                                 source: std::io::Error::other(e.to_string()),
                             })
                         });
-                    tx.send_replace(Some(image.as_ref().map(|i| i.fd.clone()).map_err(|e| {
-                        format!("stored artifact: {}", error_chain(e))
-                    })));
+                    tx.send_replace(Some(
+                        image
+                            .as_ref()
+                            .map(|i| i.fd.clone())
+                            .map_err(|e| format!("stored artifact: {}", error_chain(e))),
+                    ));
                     if let Ok(image) = image {
                         let _ = pending.send(Pending::Verified {
                             name,

@@ -12,10 +12,10 @@ use crate::control::list::{ModuleSummary, RolloutSummary};
 use crate::control::status::{
     ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus, SandboxStatus,
 };
-use crate::worker::SandboxReport;
 use crate::lifecycle::{Lifecycle, State};
 use crate::metrics::{Memory, MemoryCache};
 use crate::store::RevisionRecord;
+use crate::worker::SandboxReport;
 
 /// The committed revision number of a module.
 pub(super) fn revision(m: &Module) -> u64 {
