@@ -568,7 +568,7 @@ mod tests {
     fn status_shows_each_sandbox_layer_with_its_mechanism() {
         let mut r = replica(0, 2, "running");
         let text = status_text(&status(json!([r.clone()]), Value::Null));
-        assert!(text.contains("\n     sandbox: -\n"), "{text}");
+        assert!(text.contains("\n   sandbox: -\n"), "{text}");
         r["sandbox"] = json!({
             "uid": 1879048192, "gid": 1879048192, "uid_mechanism": "own-uid",
             "no_new_privs": true, "dumpable": false,
@@ -577,7 +577,7 @@ mod tests {
         let text = status_text(&status(json!([r]), Value::Null));
         assert!(
             text.contains(
-                "\n     sandbox: uid 1879048192 gid 1879048192 (own-uid), no-new-privs, \
+                "\n   sandbox: uid 1879048192 gid 1879048192 (own-uid), no-new-privs, \
                  not dumpable, seccomp-bpf: 46 syscalls, landlock ABI 7\n"
             ),
             "{text}"
