@@ -155,7 +155,7 @@ pub fn seccomp_programs(allow: &[String]) -> Result<[BpfProgram; 2], SandboxErro
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
         .filter(|(n, _)| !allow.iter().any(|a| a == n))
-        .map(|(_, nr)| (*nr as i64, Vec::new()))
+        .map(|(_, nr)| (*nr, Vec::new()))
         .collect();
     let clone_rules = NAMESPACE_FLAGS
         .iter()
@@ -167,7 +167,7 @@ pub fn seccomp_programs(allow: &[String]) -> Result<[BpfProgram; 2], SandboxErro
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(seccomp)?;
-    rules.insert(libc::SYS_clone as i64, clone_rules);
+    rules.insert(libc::SYS_clone, clone_rules);
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -176,7 +176,7 @@ pub fn seccomp_programs(allow: &[String]) -> Result<[BpfProgram; 2], SandboxErro
     )
     .map_err(seccomp)?;
     let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3 as i64, Vec::new())]),
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
