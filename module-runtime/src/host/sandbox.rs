@@ -252,6 +252,18 @@ fn landlock(writable: &[PathBuf]) -> Result<String, SandboxError> {
     })
 }
 
+/// The programs for a module granted nothing, compiled by [`prepare`].
+static DEFAULT_PROGRAMS: std::sync::OnceLock<[BpfProgram; 2]> = std::sync::OnceLock::new();
+
+/// Compiles the seccomp programs for a module granted nothing (most
+/// modules) ahead of time: a warm worker calls it while it waits, so the
+/// launch does not (~40 us of ~260 us the sandbox takes, release build).
+pub fn prepare() {
+    if let Ok(p) = seccomp_programs(&[]) {
+        let _ = DEFAULT_PROGRAMS.set(p);
+    }
+}
+
 /// Applies `order` to this (single-threaded) worker and says what is in
 /// force. `None`: the sandbox is off; only the report is made.
 pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError> {
@@ -260,7 +272,10 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
     };
     // Compiled before anything is given up: a bad name fails the launch
     // with the module's own credentials untouched.
-    let programs = seccomp_programs(&order.allow_syscalls)?;
+    let programs = match DEFAULT_PROGRAMS.get() {
+        Some(p) if order.allow_syscalls.is_empty() => p.clone(),
+        _ => seccomp_programs(&order.allow_syscalls)?,
+    };
     if let Some((uid, gid)) = order.ids {
         switch_ids(uid, gid)?;
     }

@@ -749,6 +749,8 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
     if chan.send(&idle, &[]).is_err() {
         idle_exit(exit::LAUNCH);
     }
+    // Off the launch's clock: the default seccomp programs.
+    sandbox::prepare();
     // Wait warm.
     let (order, fds) = loop {
         match chan.recv() {
