@@ -544,6 +544,13 @@ pub fn config_text(opts: &Options) -> String {
     pool.insert("min_idle".into(), (opts.min_idle as i64).into());
     pool.insert("max_idle".into(), (opts.max_idle as i64).into());
     t.insert("pool".into(), pool.into());
+    // The module sandbox is on, as by default; `EMBER_BENCH_SANDBOX=off`
+    // turns it off to measure what it costs a launch.
+    if std::env::var("EMBER_BENCH_SANDBOX").is_ok_and(|v| v == "off") {
+        let mut sandbox = toml::Table::new();
+        sandbox.insert("enabled".into(), false.into());
+        t.insert("sandbox".into(), sandbox.into());
+    }
     toml::to_string(&t).expect("a TOML table serializes")
 }
 

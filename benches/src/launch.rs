@@ -192,6 +192,7 @@ impl Worker {
             // No cgroup here: the worker's own watchdog enforces limits.memory.
             memory_enforced: false,
             grants,
+            sandbox: None,
         });
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         self.chan

@@ -77,6 +77,9 @@ pub struct Manifest {
     /// How a new revision replaces a running one (`emberctl deploy`).
     #[serde(default)]
     pub rollout: Rollout,
+    /// What the module needs beyond the default sandbox.
+    #[serde(default)]
+    pub sandbox: Sandbox,
     /// Free-form configuration handed to the module.
     #[serde(default)]
     pub config: toml::Table,
@@ -197,6 +200,21 @@ impl Default for Rollout {
 
 fn default_stable_after() -> Duration {
     Duration::from_secs(10)
+}
+
+/// What a module asks of the sandbox beyond its defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sandbox {
+    /// Absolute paths (directories or files) the module may write; the rest
+    /// of the filesystem is read-only to it where the kernel has Landlock.
+    #[serde(default)]
+    pub writable: Vec<PathBuf>,
+    /// Syscalls of the sandbox's deny list the module needs; emberd
+    /// refuses the install unless its `[sandbox] grantable_syscalls` lists
+    /// each.
+    #[serde(default)]
+    pub allow_syscalls: Vec<String>,
 }
 
 /// A rollout strategy.
@@ -470,6 +488,24 @@ impl Manifest {
                 return Err(invalid(
                     format!("imports[{i}].version"),
                     "must be at least 1 (schema versions start at 1)",
+                ));
+            }
+        }
+        for (i, p) in self.sandbox.writable.iter().enumerate() {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    format!("sandbox.writable[{i}]"),
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
+        for (i, n) in self.sandbox.allow_syscalls.iter().enumerate() {
+            if !crate::host::sandbox::is_denied(n) {
+                return Err(invalid(
+                    format!("sandbox.allow_syscalls[{i}]"),
+                    format!(
+                        "`{n}` is not a syscall the sandbox denies (see docs/module-manifest.md)"
+                    ),
                 ));
             }
         }

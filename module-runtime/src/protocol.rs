@@ -44,6 +44,43 @@ pub struct LaunchOrder {
     pub memory_enforced: bool,
     /// Descriptor grants, in the order of the attached descriptors.
     pub grants: Vec<Grant>,
+    /// The sandbox to apply before loading (`None`: off, by emberd's
+    /// configuration).
+    pub sandbox: Option<SandboxOrder>,
+}
+
+/// What the worker gives up before loading the module (see
+/// `host::sandbox`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxOrder {
+    /// The module's own uid and gid; `None`: the worker keeps emberd's
+    /// (emberd is not root and cannot switch).
+    pub ids: Option<(u32, u32)>,
+    /// Denied syscalls the module may use all the same (its manifest's
+    /// `[sandbox] allow_syscalls`, granted by emberd's configuration).
+    pub allow_syscalls: Vec<String>,
+    /// Paths the module may write (its manifest's `[sandbox] writable`).
+    pub writable: Vec<PathBuf>,
+}
+
+/// What is in force in a worker once its sandbox is applied, as the worker
+/// itself reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxReport {
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+    /// It switched to the module's own uid and gid (else it kept emberd's).
+    pub own_ids: bool,
+    /// `PR_GET_NO_NEW_PRIVS`.
+    pub no_new_privs: bool,
+    /// `PR_GET_DUMPABLE`.
+    pub dumpable: bool,
+    /// The seccomp filter in force, or `none …`.
+    pub seccomp: String,
+    /// The Landlock ABI in force, or `none (why)`.
+    pub landlock: String,
 }
 
 impl LaunchOrder {
@@ -163,6 +200,9 @@ pub enum FailureKind {
     MemoryLimitExceeded = 10,
     /// A fatal signal (segfault, abort, ...).
     Crashed = 11,
+    /// The sandbox could not be applied (uid switch, seccomp, Landlock);
+    /// the module's code was not loaded.
+    Sandbox = 12,
 }
 
 impl FailureKind {
@@ -180,6 +220,7 @@ impl FailureKind {
             9 => StopDeadlineExceeded,
             10 => MemoryLimitExceeded,
             11 => Crashed,
+            12 => Sandbox,
             _ => return None,
         })
     }
@@ -256,6 +297,8 @@ pub enum FromWorker {
     },
     /// A failure; the worker exits next.
     Failed(Failure),
+    /// The sandbox is applied (sent before `Loading`).
+    Sandboxed(SandboxReport),
     /// A log record from the module or the worker.
     Log {
         /// Level.
@@ -311,6 +354,7 @@ mod kind {
     pub const TRANSITION: u16 = 101;
     pub const FAILED: u16 = 102;
     pub const LOG: u16 = 103;
+    pub const SANDBOXED: u16 = 104;
 }
 
 struct Enc(Vec<u8>);
@@ -346,6 +390,12 @@ impl Enc {
         for g in grants {
             self.u32(g.kind as u32);
             self.str(&g.name);
+        }
+    }
+    fn strs<'s>(&mut self, v: impl ExactSizeIterator<Item = &'s str>) {
+        self.u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
+        for x in v {
+            self.str(x);
         }
     }
     fn finish(mut self) -> Vec<u8> {
@@ -398,6 +448,24 @@ impl<'a> Dec<'a> {
             });
         }
         Ok(grants)
+    }
+    fn strs(&mut self) -> Result<Vec<String>, DecodeError> {
+        let n = self.u32()?;
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(self.str()?);
+        }
+        Ok(v)
+    }
+    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(DecodeError::InvalidValue {
+                field,
+                value: v.into(),
+            }),
+        }
     }
     fn str(&mut self) -> Result<String, DecodeError> {
         let n = self.u32()? as usize;
@@ -492,6 +560,23 @@ impl Message for ToWorker {
                 e.u32(o.replica);
                 e.u32(u32::from(o.memory_enforced));
                 e.grants(&o.grants);
+                match &o.sandbox {
+                    None => e.u8(0),
+                    Some(sb) => {
+                        e.u8(1);
+                        let (uid, gid) = sb.ids.unwrap_or((0, 0));
+                        e.u8(u8::from(sb.ids.is_some()));
+                        e.u32(uid);
+                        e.u32(gid);
+                        e.strs(sb.allow_syscalls.iter().map(String::as_str));
+                        let w: Vec<String> = sb
+                            .writable
+                            .iter()
+                            .map(|p| p.to_string_lossy().into_owned())
+                            .collect();
+                        e.strs(w.iter().map(String::as_str));
+                    }
+                }
                 e.finish()
             }
             ToWorker::Attach(grants) => {
@@ -526,12 +611,24 @@ impl Message for ToWorker {
                     }
                 };
                 let grants = d.grants()?;
+                let sandbox = if d.flag("sandbox")? {
+                    let own = d.flag("sandbox ids")?;
+                    let ids = (d.u32()?, d.u32()?);
+                    Some(SandboxOrder {
+                        ids: own.then_some(ids),
+                        allow_syscalls: d.strs()?,
+                        writable: d.strs()?.into_iter().map(PathBuf::from).collect(),
+                    })
+                } else {
+                    None
+                };
                 ToWorker::Launch(LaunchOrder {
                     artifact,
                     manifest,
                     replica,
                     memory_enforced,
                     grants,
+                    sandbox,
                 })
             }
             kind::ATTACH => ToWorker::Attach(d.grants()?),
@@ -570,6 +667,17 @@ impl Message for FromWorker {
                 e.u8(f.stage as u8);
                 e.u16(f.kind as u16);
                 e.str(&f.message);
+                e.finish()
+            }
+            FromWorker::Sandboxed(r) => {
+                let mut e = Enc::new(kind::SANDBOXED);
+                e.u32(r.uid);
+                e.u32(r.gid);
+                e.u8(u8::from(r.own_ids));
+                e.u8(u8::from(r.no_new_privs));
+                e.u8(u8::from(r.dumpable));
+                e.str(&r.seccomp);
+                e.str(&r.landlock);
                 e.finish()
             }
             FromWorker::Log {
@@ -623,6 +731,15 @@ impl Message for FromWorker {
                     message: d.str()?,
                 })
             }
+            kind::SANDBOXED => FromWorker::Sandboxed(SandboxReport {
+                uid: d.u32()?,
+                gid: d.u32()?,
+                own_ids: d.flag("own ids")?,
+                no_new_privs: d.flag("no new privs")?,
+                dumpable: d.flag("dumpable")?,
+                seccomp: d.str()?,
+                landlock: d.str()?,
+            }),
             kind::LOG => {
                 let level = LogLevel::from_u32(d.u8()?.into());
                 FromWorker::Log {
@@ -842,6 +959,19 @@ mod tests {
                         name: "kv".into(),
                     },
                 ],
+                sandbox: Some(SandboxOrder {
+                    ids: Some((1_879_048_193, 1_879_048_193)),
+                    allow_syscalls: vec!["ptrace".into()],
+                    writable: vec!["/var/lib/hello".into()],
+                }),
+            }),
+            ToWorker::Launch(LaunchOrder {
+                artifact: "/x/libkv.so".into(),
+                manifest: String::new(),
+                replica: 0,
+                memory_enforced: false,
+                grants: Vec::new(),
+                sandbox: None,
             }),
             ToWorker::Stop {
                 deadline: Duration::from_millis(1500),
@@ -874,6 +1004,15 @@ mod tests {
                 target: "hello".into(),
                 message: "hi x=1".into(),
             },
+            FromWorker::Sandboxed(SandboxReport {
+                uid: 7,
+                gid: 8,
+                own_ids: true,
+                no_new_privs: true,
+                dumpable: false,
+                seccomp: "seccomp-bpf".into(),
+                landlock: "landlock ABI 7".into(),
+            }),
         ]
     }
 

@@ -22,6 +22,11 @@
 //! [limits]            # for modules whose manifest leaves a limit unset
 //! memory_bytes = 268435456
 //! open_files = 1024
+//!
+//! [sandbox]
+//! enabled = true
+//! uid_range = [1879048192, 1879113727]
+//! grantable_syscalls = ["perf_event_open"]
 //! ```
 //!
 //! Errors name the file, the line and column, and the dotted key:
@@ -333,6 +338,9 @@ pub struct Config {
     /// Caps on the files an install reads.
     #[serde(default)]
     pub install: InstallConfig,
+    /// The module sandbox.
+    #[serde(default)]
+    pub sandbox: crate::sandbox::SandboxConfig,
 }
 
 fn default_mode() -> String {
@@ -450,6 +458,9 @@ impl Config {
                 &["limits.open_files"],
                 format!("at least {MIN_OPEN_FILES} (a worker needs descriptors for its channels, log and listeners)"),
             ));
+        }
+        if let Err((field, message)) = self.sandbox.check() {
+            return Err(invalid(&[field], message));
         }
         for (field, p) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
             if let Some(p) = p {
@@ -570,6 +581,8 @@ mod tests {
         assert_eq!(c.mode().unwrap(), 0o660);
         assert!(c.plugins.is_empty());
         assert!(c.pool.min_idle <= c.pool.max_idle);
+        assert_eq!(c.sandbox, crate::sandbox::SandboxConfig::default());
+        assert!(c.sandbox.enabled);
     }
 
     #[test]
@@ -709,6 +722,13 @@ memory_bytes = 1048576
         assert!(
             e.starts_with("/etc/ember/emberd.toml:2:1: field `limits.open_files`: at least 16"),
             "{e}"
+        );
+        let e = parse("[sandbox]\ngrantable_syscalls = [\"read\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/ember/emberd.toml:2:1: field `sandbox.grantable_syscalls`: `read` is not a syscall the sandbox denies"
         );
         let e = parse("[limits]\ncpu_cores = 0.0\n")
             .unwrap_err()

@@ -29,6 +29,7 @@ pub mod paths;
 pub mod plugins;
 pub mod pool;
 pub mod rlimit;
+pub mod sandbox;
 pub mod store;
 pub mod varlink;
 pub mod worker;

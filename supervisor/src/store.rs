@@ -3,9 +3,14 @@
 //!
 //! ```text
 //! STATE_DIR/desired.json          the list, replaced atomically
-//! STATE_DIR/artifacts/SHA256.so   artifacts, named by content
+//! STATE_DIR/artifacts/SHA256.so   artifacts, named by content (0400, in a
+//!                                 0700 directory: emberd's alone)
 //! STATE_DIR/logs/NAME.log         module output
 //! ```
+//!
+//! A stored artifact is loaded only through [`Store::load_verified`], which
+//! copies it into a sealed memfd and checks the copy's SHA-256 against its
+//! name: a file changed on disk is refused, never loaded.
 //!
 //! Every write goes to a temporary file that is fsynced, renamed over the
 //! target, and followed by an fsync of the directory, so a `kill -9` at any
@@ -49,6 +54,11 @@ pub struct ModuleRecord {
     /// Empty in state written before revisions existed.
     #[serde(default)]
     pub revisions: Vec<RevisionRecord>,
+    /// The module's own uid (and gid) in the sandbox, allocated at its
+    /// first install and kept by every revision; absent in state written
+    /// before the sandbox existed (one is allocated at restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 fn first_revision() -> u64 {
@@ -163,6 +173,16 @@ pub enum StoreError {
         /// Why.
         #[source]
         source: serde_json::Error,
+    },
+    /// A stored artifact's content does not match its hash.
+    #[error("stored artifact {} was modified: its SHA-256 is {found}, {expected} expected", path.display())]
+    Tampered {
+        /// The file.
+        path: PathBuf,
+        /// The hash it is stored under.
+        expected: String,
+        /// The hash of its content.
+        found: String,
     },
     /// `desired.json` was written by a newer emberd.
     #[error("state file format {found} is newer than this emberd ({FORMAT_VERSION})")]
@@ -325,6 +345,16 @@ impl Store {
         }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
             .map_err(io_err("chmod", dir))?;
+        // Artifacts are emberd's alone: module uids can neither list nor
+        // read nor replace them (older state stored them 0444).
+        let artifacts = dir.join("artifacts");
+        fs::set_permissions(&artifacts, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", &artifacts))?;
+        if let Ok(rd) = fs::read_dir(&artifacts) {
+            for e in rd.flatten() {
+                let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o400));
+            }
+        }
         let store = Self {
             dir: dir.to_owned(),
         };
@@ -408,7 +438,7 @@ impl Store {
             let mut out = create_private(&tmp)?;
             out.write_all(&bytes).map_err(io_err("write", &tmp))?;
             out.sync_all().map_err(io_err("fsync", &tmp))?;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o400))
                 .map_err(io_err("chmod", &tmp))?;
             fs::rename(&tmp, &dst).map_err(io_err("rename", &dst))?;
             sync_dir(&dir)?;
@@ -420,17 +450,29 @@ impl Store {
         result
     }
 
-    /// The stored artifact with this hash, opened for workers to load.
-    pub fn open_artifact(&self, sha256: &str) -> Result<ArtifactImage, StoreError> {
+    /// The stored artifact with this hash, as workers load it: copied into
+    /// a sealed memfd whose SHA-256 is checked against `sha256`. The check
+    /// and the load are of the same bytes (the memfd cannot change), so a
+    /// file modified on disk is refused ([`StoreError::Tampered`]), and
+    /// every launch from the image is as verified as the first. Reads and
+    /// hashes the whole file: call it off the actor's thread.
+    pub fn load_verified(&self, sha256: &str) -> Result<ArtifactImage, StoreError> {
         let path = self.artifact_path(sha256);
-        let f = File::open(&path).map_err(io_err("open", &path))?;
-        let len = f.metadata().map_err(io_err("stat", &path))?.len();
-        Ok(ArtifactImage {
-            fd: Arc::new(f.into()),
-            source: path,
-            len,
-            sha256: Arc::new(OnceLock::from(sha256.to_owned())),
-        })
+        let image = ArtifactImage::snapshot(&path, &[])?;
+        let found = hex(&Sha256::digest(
+            image
+                .read_all()
+                .map_err(io_err("read the copy of", &path))?,
+        ));
+        if found != sha256 {
+            return Err(StoreError::Tampered {
+                path,
+                expected: sha256.to_owned(),
+                found,
+            });
+        }
+        let _ = image.sha256.set(found);
+        Ok(image)
     }
 
     /// Removes artifacts no module of `state` refers to.
@@ -718,8 +760,20 @@ mod tests {
         assert_eq!(fs::read(store.artifact_path(&hash)).unwrap(), b"abc");
         // Same content twice is fine.
         assert_eq!(store.store_image(&image).unwrap(), hash);
-        let reopened = store.open_artifact(&hash).unwrap();
+        let reopened = store.load_verified(&hash).unwrap();
         assert_eq!(reopened.read_all().unwrap(), b"abc");
+        // Stored read-only, in a directory only emberd may enter.
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&store.artifact_path(&hash)), 0o400);
+        assert_eq!(mode(&dir.join("state/artifacts")), 0o700);
+        // A byte changed on disk: refused, naming the file and both hashes.
+        let path = store.artifact_path(&hash);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&path, b"abd").unwrap();
+        let e = store.load_verified(&hash).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains(&hash) && e.contains("a52d159f262b2c6d"), "{e}");
+        fs::write(&path, b"abc").unwrap();
         state.modules.insert(
             "kv".into(),
             ModuleRecord {
@@ -730,6 +784,7 @@ mod tests {
                 source: src.clone(),
                 revision: 1,
                 revisions: Vec::new(),
+                uid: Some(1_879_048_192),
             },
         );
         store.save(&state).unwrap();
@@ -752,6 +807,7 @@ mod tests {
             source: PathBuf::from("/src/module.toml"),
             revision: 1,
             revisions: Vec::new(),
+            uid: None,
         }
     }
 

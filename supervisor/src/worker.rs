@@ -10,14 +10,15 @@
 
 pub use module_runtime::abi::GrantKind;
 pub use module_runtime::protocol::{
-    Failure, FailureKind, FromWorker, Grant, LaunchOrder, LogLevel, Message, Stage,
-    State as WorkerState, ToWorker,
+    Failure, FailureKind, FromWorker, Grant, LaunchOrder, LogLevel, Message, SandboxOrder,
+    SandboxReport, Stage, State as WorkerState, ToWorker,
 };
 
 /// The descriptor number of the worker's channel after the fork.
 pub const CHANNEL_FD: i32 = 3;
 
-/// Whether restarting cannot help: the artifact itself is unusable.
+/// Whether restarting cannot help: the artifact itself is unusable, or
+/// the sandbox cannot be applied (a uid switch refused by the system).
 pub fn is_permanent(kind: FailureKind) -> bool {
     matches!(
         kind,
@@ -26,6 +27,7 @@ pub fn is_permanent(kind: FailureKind) -> bool {
             | FailureKind::DlopenFailed
             | FailureKind::MissingSymbol
             | FailureKind::AbiMismatch
+            | FailureKind::Sandbox
     )
 }
 

@@ -5,6 +5,7 @@
 pub mod loader;
 pub mod plugins;
 pub mod process;
+pub mod sandbox;
 pub mod worker;
 
 pub use loader::{load_module, load_plugin, LoadError, LoadedModule};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::{loader, plugins, process};
+use super::{loader, plugins, process, sandbox};
 use crate::abi::{self, FfiGrant, FfiStr, GrantKind, HostApi, PluginRef};
 use crate::manifest::Manifest;
 use crate::protocol::{
@@ -749,6 +749,8 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
     if chan.send(&idle, &[]).is_err() {
         idle_exit(exit::LAUNCH);
     }
+    // Off the launch's clock: the default seccomp programs.
+    sandbox::prepare();
     // Wait warm.
     let (order, fds) = loop {
         match chan.recv() {
@@ -834,6 +836,24 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
     let order = LaunchOrder { grants, ..order };
     let identity = manifest.identity(order.replica);
     process::set_process_name(&format!("ember: {identity}"));
+
+    // The sandbox, while this is the only thread and before any of the
+    // module's code (its constructors included) is mapped.
+    let report = match sandbox::apply(order.sandbox.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = chan.send(
+                &FromWorker::Failed(Failure {
+                    stage: Stage::Launch,
+                    kind: FailureKind::Sandbox,
+                    message: format!("sandbox: {}", crate::sdk::error_chain(&e)),
+                }),
+                &[],
+            );
+            idle_exit(exit::LAUNCH)
+        }
+    };
+    let _ = chan.send(&FromWorker::Sandboxed(report), &[]);
 
     // SIGTERM/SIGINT are handled by the control thread through a signalfd;
     // block them before any thread exists so every thread inherits the mask.

@@ -250,6 +250,7 @@ impl Worker {
             replica,
             memory_enforced: false,
             grants: gs,
+            sandbox: None,
         };
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         self.chan.send(&ToWorker::Launch(order), &borrowed).unwrap();

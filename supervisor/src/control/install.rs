@@ -97,6 +97,14 @@ pub enum InstallError {
         #[source]
         source: crate::listeners::ListenError,
     },
+    /// Every uid of `[sandbox] uid_range` is taken.
+    #[error("no free uid for module {name} in sandbox.uid_range [{}, {}]", range[0], range[1])]
+    NoUid {
+        /// Name.
+        name: String,
+        /// The range.
+        range: [u32; 2],
+    },
     /// The state directory could not take the module.
     #[error("cannot store module {name}")]
     Store {
@@ -180,7 +188,7 @@ impl From<InstallError> for ErrorReply {
                 errors::ALREADY_INSTALLED,
                 json!({ "name": name, "version": version }),
             ),
-            InstallError::Store { name, .. } => ErrorReply::new(
+            InstallError::Store { name, .. } | InstallError::NoUid { name, .. } => ErrorReply::new(
                 errors::INSTALL_FAILED,
                 json!({ "name": name, "reason": reason }),
             ),

@@ -128,6 +128,48 @@ pub struct ReplicaStatus {
     pub cpu_seconds: Option<f64>,
     /// The worker's cgroup directories (emberd's own), while it runs in one.
     pub cgroups: Vec<String>,
+    /// Its sandbox as the worker reported it (once it applied it).
+    pub sandbox: Option<SandboxStatus>,
+}
+
+/// One worker's sandbox, each layer with what enforces it, as the worker
+/// read it back after applying it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxStatus {
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+    /// `own-uid` (the module's own uid and gid), `emberd-uid` (emberd is
+    /// not root: the module runs as emberd) or `none` (sandbox off).
+    pub uid_mechanism: &'static str,
+    /// `PR_SET_NO_NEW_PRIVS` is set.
+    pub no_new_privs: bool,
+    /// The process is dumpable (ptrace-able by its uid, core dumps).
+    pub dumpable: bool,
+    /// The seccomp filter in force (`seccomp-bpf: …`), or `none …`.
+    pub seccomp: String,
+    /// The Landlock ABI in force (`landlock ABI 7`), or `none (why)`.
+    pub filesystem: String,
+}
+
+impl SandboxStatus {
+    /// From a worker's report; `enabled`: the sandbox is on.
+    pub fn new(r: &crate::worker::SandboxReport, enabled: bool) -> Self {
+        Self {
+            uid: r.uid,
+            gid: r.gid,
+            uid_mechanism: match (enabled, r.own_ids) {
+                (false, _) => "none",
+                (true, true) => "own-uid",
+                (true, false) => "emberd-uid",
+            },
+            no_new_privs: r.no_new_privs,
+            dumpable: r.dumpable,
+            seccomp: r.seccomp.clone(),
+            filesystem: r.landlock.clone(),
+        }
+    }
 }
 
 /// Reply of `Status`.

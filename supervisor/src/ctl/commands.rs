@@ -246,6 +246,35 @@ fn limits(l: &Value) -> String {
     out
 }
 
+/// `uid 1879048192 (own-uid), no-new-privs, not dumpable, seccomp-bpf: …,
+/// landlock ABI 7`: the first replica's sandbox that was reported, each
+/// layer with its mechanism.
+fn sandbox(replicas: &Value) -> String {
+    let Some(s) = replicas
+        .as_array()
+        .and_then(|rs| rs.iter().map(|r| &r["sandbox"]).find(|s| !s.is_null()))
+    else {
+        return "-".into();
+    };
+    let flag = |v: &Value, yes: &str, no: &str| {
+        if v.as_bool() == Some(true) {
+            yes.to_owned()
+        } else {
+            no.to_owned()
+        }
+    };
+    format!(
+        "uid {} gid {} ({}), {}, {}, {}, {}",
+        cell(&s["uid"]),
+        cell(&s["gid"]),
+        cell(&s["uid_mechanism"]),
+        flag(&s["no_new_privs"], "no-new-privs", "new privileges allowed"),
+        flag(&s["dumpable"], "dumpable", "not dumpable"),
+        cell(&s["seccomp"]),
+        cell(&s["filesystem"]),
+    )
+}
+
 fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Result<(), CtlError> {
     let v = c.call(&method("Status"), json!({ "name": name }))?;
     if json_out {
@@ -292,6 +321,7 @@ fn status_text(s: &Value) -> String {
         ),
         ("cpu", cpu),
         ("limits", limits(&s["limits"])),
+        ("sandbox", sandbox(&s["replicas"])),
         ("artifact", cell(&s["artifact_sha256"])),
         ("listeners", listeners(&s["listeners"])),
         ("imports", imports(&s["imports"])),
@@ -540,6 +570,26 @@ mod tests {
             "state_seconds": 1.0, "memory": null, "cpu_seconds": null,
             "cgroups": []
         })
+    }
+
+    #[test]
+    fn status_shows_each_sandbox_layer_with_its_mechanism() {
+        let mut r = replica(0, 2, "running");
+        let text = status_text(&status(json!([r.clone()]), Value::Null));
+        assert!(text.contains("\n   sandbox: -\n"), "{text}");
+        r["sandbox"] = json!({
+            "uid": 1879048192, "gid": 1879048192, "uid_mechanism": "own-uid",
+            "no_new_privs": true, "dumpable": false,
+            "seccomp": "seccomp-bpf: 46 syscalls", "filesystem": "landlock ABI 7"
+        });
+        let text = status_text(&status(json!([r]), Value::Null));
+        assert!(
+            text.contains(
+                "\n   sandbox: uid 1879048192 gid 1879048192 (own-uid), no-new-privs, \
+                 not dumpable, seccomp-bpf: 46 syscalls, landlock ABI 7\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

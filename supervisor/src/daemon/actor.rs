@@ -29,8 +29,10 @@ use crate::control::{module_not_found, Request};
 use crate::lifecycle::{Event, Lifecycle, Policy, State};
 use crate::manifest;
 use crate::pool::PoolHandle;
+use crate::sandbox::SandboxConfig;
 use crate::store::{DesiredState, ModuleRecord, Persister, Store};
 use crate::varlink::ErrorReply;
+use crate::worker::SandboxReport;
 use crate::zygote::client::pidfd_signal;
 
 pub(super) use super::pipeline::{InstallWatch, Pending, StartingInstall};
@@ -112,6 +114,12 @@ pub struct Actor {
     pub(super) limit_defaults: LimitsConfig,
     /// Caps on the files an install reads.
     pub(super) install_caps: crate::config::InstallConfig,
+    /// The module sandbox.
+    pub(super) sandbox: SandboxConfig,
+    /// emberd is root: modules get their own uid (else they keep emberd's).
+    pub(super) root: bool,
+    /// What each live worker said its sandbox is, by pid.
+    pub(super) sandboxes: HashMap<i32, SandboxReport>,
     started: Instant,
     pub(super) next_generation: u64,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
@@ -156,6 +164,18 @@ impl Directory for Dir<'_> {
     }
 }
 
+/// The parts of emberd's configuration the actor applies.
+pub struct Settings {
+    /// Restart policy.
+    pub policy: Policy,
+    /// Limits for modules whose manifest leaves one unset.
+    pub limit_defaults: LimitsConfig,
+    /// Caps on the files an install reads.
+    pub install_caps: crate::config::InstallConfig,
+    /// The module sandbox.
+    pub sandbox: SandboxConfig,
+}
+
 impl Actor {
     /// An actor over loaded desired state; [`Actor::run`] starts the
     /// recorded modules.
@@ -163,11 +183,15 @@ impl Actor {
         store: Store,
         desired: DesiredState,
         pool: PoolHandle,
-        policy: Policy,
         limiter: Arc<Limiter>,
-        limit_defaults: LimitsConfig,
-        install_caps: crate::config::InstallConfig,
+        settings: Settings,
     ) -> Self {
+        let Settings {
+            policy,
+            limit_defaults,
+            install_caps,
+            sandbox,
+        } = settings;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
         Self {
@@ -193,6 +217,9 @@ impl Actor {
             policy,
             limit_defaults,
             install_caps,
+            sandbox,
+            root: nix::unistd::geteuid().is_root(),
+            sandboxes: HashMap::new(),
             started: Instant::now(),
             next_generation: 0,
             shutdown: None,
@@ -230,6 +257,9 @@ impl Actor {
                 Some(ev) = self.events_rx.recv() => match ev {
                     OsMsg::Instance(ev) => self.instance_event(ev),
                     OsMsg::Register(r) => self.register(r),
+                    OsMsg::Sandboxed { pid, report } => {
+                        self.sandboxes.insert(pid, report);
+                    }
                 },
                 Some(p) = self.pending_rx.recv() => self.pending(p),
                 _ = sleep_until(deadline), if deadline.is_some() => self.tick(),
@@ -378,7 +408,7 @@ impl Actor {
                     // The model is rendered here; /proc and the cgroups are
                     // read on the blocking pool, never on the actor.
                     let imports = render::imports_status(m, self.modules.values(), &self.registry);
-                    let status = render::status(m, imports, &self.os.limiter);
+                    let status = render::status(m, imports, &self.os.limiter, &self.sandboxes);
                     let (limiter, memory) = (self.os.limiter.clone(), self.memory.clone());
                     tokio::spawn(async move {
                         let done = tokio::task::spawn_blocking(move || {
@@ -495,6 +525,7 @@ impl Actor {
             if let Some(pid) = pid {
                 self.os.pidfds.remove(&pid);
                 self.os.commands.remove(&pid);
+                self.sandboxes.remove(&pid);
                 self.registry.unregister(pid, &Dir(&self.modules));
             }
         }
@@ -602,6 +633,20 @@ impl Actor {
         self.shutdown = Some((tx, limit));
     }
 
+    /// A uid for the module `name` that no other module has and the system
+    /// does not know (see [`SandboxConfig::allocate`]).
+    pub(super) fn allocate_uid(&self, name: &str) -> Option<u32> {
+        let taken: std::collections::HashSet<u32> = self
+            .desired
+            .modules
+            .values()
+            .filter(|r| r.name != name)
+            .filter_map(|r| r.uid)
+            .collect();
+        self.sandbox
+            .allocate(name, &taken, crate::sandbox::id_in_use)
+    }
+
     /// Whether a `Shutdown` began.
     pub(super) fn shutting_down(&self) -> bool {
         self.shutdown.is_some()
@@ -638,6 +683,21 @@ impl Actor {
                     v.reason = Some("emberd restarted during its rollout".into());
                     changed = true;
                 }
+            }
+        }
+        // State written before the sandbox existed has no uids.
+        let names: Vec<String> = self
+            .desired
+            .modules
+            .values()
+            .filter(|r| r.uid.is_none())
+            .map(|r| r.name.clone())
+            .collect();
+        for name in names {
+            let uid = self.allocate_uid(&name);
+            if let Some(r) = self.desired.modules.get_mut(&name) {
+                r.uid = uid;
+                changed |= uid.is_some();
             }
         }
         let records: Vec<ModuleRecord> = self.desired.modules.values().cloned().collect();

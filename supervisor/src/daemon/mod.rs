@@ -145,10 +145,13 @@ async fn serve(
         store,
         desired,
         pool,
-        cfg.lifecycle.policy(),
         limiter.clone(),
-        cfg.limits.clone(),
-        cfg.install.clone(),
+        actor::Settings {
+            policy: cfg.lifecycle.policy(),
+            limit_defaults: cfg.limits.clone(),
+            install_caps: cfg.install.clone(),
+            sandbox: cfg.sandbox.clone(),
+        },
     );
     let actor_task = tokio::spawn(a.run(actor_rx));
     let server_task = tokio::spawn(server::serve(listener, access, actor_tx.clone()));

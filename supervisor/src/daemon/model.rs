@@ -18,7 +18,7 @@ use crate::cgroup::{Limiter, Limits};
 use crate::config::LimitSources;
 use crate::lifecycle::{Lifecycle, State};
 use crate::store::{ArtifactImage, ModuleRecord, Store};
-use crate::worker::LaunchOrder;
+use crate::worker::{LaunchOrder, SandboxOrder};
 
 /// The replicas of one revision of a module.
 pub(super) struct Run {
@@ -63,8 +63,10 @@ pub(super) struct Run {
     /// The manifest text sent to its workers (the record's, with a default
     /// memory limit filled in).
     pub launch_manifest: String,
-    /// Why it cannot be launched (listener or artifact failure).
+    /// Why it cannot be launched (listener, artifact or sandbox failure).
     pub failure: Option<String>,
+    /// The sandbox its workers apply (`None`: off by configuration).
+    pub sandbox: Option<SandboxOrder>,
     /// Its replicas start at background priority until ready: a release's
     /// new revision while the old one serves.
     pub background: bool,
@@ -162,6 +164,7 @@ impl Run {
                 // Set at launch, once the instance's cgroup is known.
                 memory_enforced: false,
                 grants: Vec::new(),
+                sandbox: self.sandbox.clone(),
             },
             log: store.log_path(&self.record.name),
             listeners: self.listeners.clone(),

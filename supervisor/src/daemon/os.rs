@@ -15,7 +15,9 @@ use std::time::Duration;
 use crate::error_chain;
 use crate::lifecycle::{Event, ExitStatus, WorkerOs};
 use crate::pool::PoolHandle;
-use crate::worker::{FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, ToWorker, WorkerState};
+use crate::worker::{
+    FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, SandboxReport, ToWorker, WorkerState,
+};
 use crate::zygote::client::{pidfd_reap, pidfd_signal};
 use crate::zygote::ForkMode;
 
@@ -47,6 +49,13 @@ pub enum OsMsg {
     /// order: the actor registers it (for Stop and Attach) and answers with
     /// the service ends it gets at launch.
     Register(Registration),
+    /// A worker applied its sandbox and says what is in force.
+    Sandboxed {
+        /// The worker.
+        pid: i32,
+        /// What it read back.
+        report: SandboxReport,
+    },
 }
 
 /// A message (with descriptors) for one running worker.
@@ -540,6 +549,13 @@ async fn instance(
                         m,
                         FromWorker::Transition { state: WorkerState::Ready, .. }
                     );
+                    if let FromWorker::Sandboxed(report) = &m {
+                        log.note(&sandbox_note(report));
+                        let _ = events.send(OsMsg::Sandboxed {
+                            pid,
+                            report: report.clone(),
+                        });
+                    }
                     if ready && background {
                         // Full priority before it counts as ready (and the
                         // old replicas are asked to go).
@@ -669,8 +685,31 @@ fn report(
         } => {
             log.line(Some(level_name(level)), &target, &message);
         }
-        FromWorker::Idle { .. } => {}
+        FromWorker::Idle { .. } | FromWorker::Sandboxed(_) => {}
     }
+}
+
+/// `sandbox: uid 1879048192 gid 1879048192 (own), no-new-privs, not
+/// dumpable, seccomp-bpf: …, landlock ABI 7`: the note in the module's log.
+fn sandbox_note(r: &SandboxReport) -> String {
+    format!(
+        "sandbox: uid {} gid {} ({}), {}, {}, {}, {}",
+        r.uid,
+        r.gid,
+        if r.own_ids { "own" } else { "emberd's" },
+        if r.no_new_privs {
+            "no-new-privs"
+        } else {
+            "new privileges allowed"
+        },
+        if r.dumpable {
+            "dumpable"
+        } else {
+            "not dumpable"
+        },
+        r.seccomp,
+        r.landlock
+    )
 }
 
 #[cfg(test)]

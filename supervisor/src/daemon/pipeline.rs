@@ -72,6 +72,12 @@ pub(crate) enum Pending {
     },
     /// The persister has finished with an install.
     Saved(InstallSaved),
+    /// A restored module's stored artifact is copied and verified.
+    Verified {
+        name: String,
+        generation: u64,
+        image: ArtifactImage,
+    },
     /// An uninstall's state write is done (or failed).
     Removed {
         name: String,
@@ -262,7 +268,7 @@ impl Actor {
             Some(Err(reason)) => Some(reason.clone()),
             _ => None,
         };
-        let (listeners, failure) = match (listeners, image_failure) {
+        let (listeners, mut failure) = match (listeners, image_failure) {
             (Ok(l), failure) => (l, failure),
             (Err(reason), _) => (
                 Listeners {
@@ -272,6 +278,20 @@ impl Actor {
                 },
                 Some(reason),
             ),
+        };
+        let sandbox = module_runtime::manifest::Manifest::parse(&record.manifest)
+            .map_err(|e| format!("stored manifest: {}", error_chain(&e)))
+            .and_then(|m| {
+                self.sandbox
+                    .order(self.root, record.uid, &m)
+                    .map_err(|e| format!("sandbox: {e}"))
+            });
+        let sandbox = match sandbox {
+            Ok(s) => s,
+            Err(reason) => {
+                failure.get_or_insert(reason);
+                None
+            }
         };
         let (limits, limit_sources) = self.limit_defaults.resolve(
             summary.as_ref().and_then(|s| s.memory),
@@ -328,6 +348,7 @@ impl Actor {
             limit_sources,
             launch_manifest,
             failure,
+            sandbox,
             background: false,
         }
     }
@@ -352,28 +373,64 @@ impl Actor {
             Err(e) => Err(format!("stored manifest: {}", error_chain(&e))),
         };
         let path = self.store.artifact_path(&record.artifact_sha256);
-        let image = self.image_of(&record.artifact_sha256);
-        let (_, rx) = watch::channel(Some(
-            image.as_ref().map(|i| i.fd.clone()).map_err(Clone::clone),
-        ));
+        let sha256 = record.artifact_sha256.clone();
+        let known = self.known_image(&sha256);
+        let (tx, rx) = watch::channel(known.as_ref().map(|i| Ok(i.fd.clone())));
+        let name = record.name.clone();
         let mut run = self.new_run(record, (rx, path), bound);
-        run.artifact = image.ok();
+        let generation = run.generation;
+        match known {
+            Some(image) => run.artifact = Some(image),
+            // Copied and verified off the actor; launches wait for it.
+            None => {
+                let (store, pending) = (self.store.clone(), self.pending_tx.clone());
+                tokio::spawn(async move {
+                    let image = tokio::task::spawn_blocking(move || store.load_verified(&sha256))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(StoreError::Io {
+                                op: "verify",
+                                path: PathBuf::new(),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        });
+                    tx.send_replace(Some(
+                        image
+                            .as_ref()
+                            .map(|i| i.fd.clone())
+                            .map_err(|e| format!("stored artifact: {}", error_chain(e))),
+                    ));
+                    if let Ok(image) = image {
+                        let _ = pending.send(Pending::Verified {
+                            name,
+                            generation,
+                            image,
+                        });
+                    }
+                });
+            }
+        }
         self.add_and_start(run);
     }
 
-    /// The image of a stored artifact: one a run already uses, else the
-    /// stored file (read-only, private to emberd).
-    fn image_of(&self, sha256: &str) -> Result<ArtifactImage, String> {
-        let known = self
-            .modules
+    /// An image a run already uses for the artifact `sha256` (verified when
+    /// it was made).
+    fn known_image(&self, sha256: &str) -> Option<ArtifactImage> {
+        self.modules
             .values()
             .flat_map(|m| m.runs.iter().filter_map(|r| r.artifact.clone()))
-            .find(|i| i.sha256.get().is_some_and(|h| h == sha256));
-        match known {
+            .find(|i| i.sha256.get().is_some_and(|h| h == sha256))
+    }
+
+    /// The image of a stored artifact: one a run already uses, else a
+    /// verified copy of the stored file (read and hashed here: a rollback
+    /// to a revision no run uses waits for it).
+    fn image_of(&self, sha256: &str) -> Result<ArtifactImage, String> {
+        match self.known_image(sha256) {
             Some(i) => Ok(i),
             None => self
                 .store
-                .open_artifact(sha256)
+                .load_verified(sha256)
                 .map_err(|e| format!("stored artifact: {}", error_chain(&e))),
         }
     }
@@ -398,6 +455,19 @@ impl Actor {
             Pending::Read { input, then } => self.input_read(input, then),
             Pending::Copied { install, image } => self.install_copied(install, image),
             Pending::Saved(install) => self.install_saved(install),
+            Pending::Verified {
+                name,
+                generation,
+                image,
+            } => {
+                if let Some(run) = self
+                    .modules
+                    .get_mut(&name)
+                    .and_then(|m| m.run_mut(generation))
+                {
+                    run.artifact = Some(image);
+                }
+            }
             Pending::Removed {
                 name,
                 generation,
@@ -506,6 +576,13 @@ impl Actor {
                 version: m.active().record.version.clone(),
             });
         }
+        self.check_sandbox(&manifest_path, &text)?;
+        let uid = self
+            .allocate_uid(&summary.name)
+            .ok_or_else(|| InstallError::NoUid {
+                name: summary.name.clone(),
+                range: self.sandbox.uid_range,
+            })?;
         let bound = listeners::bind_all(&summary.listeners).map_err(bind_error)?;
         self.next_placeholder += 1;
         let placeholder = store::placeholder(self.next_placeholder);
@@ -517,6 +594,7 @@ impl Actor {
             source: manifest_path,
             revision: 1,
             revisions: Vec::new(),
+            uid: Some(uid),
         };
         record.revisions = vec![record.as_revision(unix_now(), Outcome::Active)];
         self.desired
@@ -706,6 +784,24 @@ impl Actor {
             // written (the state without it is what is on disk).
             m.rolling_back = true;
             self.uninstall(s.name, nobody());
+        }
+    }
+
+    /// Refuses a manifest whose `[sandbox] allow_syscalls` asks for a
+    /// syscall the configuration does not grant.
+    fn check_sandbox(&self, manifest_path: &Path, text: &str) -> Result<(), InstallError> {
+        let Ok(m) = module_runtime::manifest::Manifest::parse(text) else {
+            return Ok(()); // refused by the parser already
+        };
+        match self.sandbox.ungranted(&m.sandbox.allow_syscalls) {
+            Some(syscall) if self.sandbox.enabled => Err(InstallError::Manifest {
+                path: manifest_path.to_owned(),
+                source: manifest::ManifestError::Field {
+                    field: "sandbox.allow_syscalls".into(),
+                    reason: crate::sandbox::not_granted(syscall),
+                },
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -921,6 +1017,13 @@ impl Actor {
             ..
         } = input;
         let cap = self.install_caps.max_artifact_bytes;
+        if let Err(e) = self.check_sandbox(&manifest_path, &text) {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+        let Some(m) = self.modules.get_mut(&name) else {
+            return;
+        };
         m.preparing = true;
         let active = m.active;
         let known = self.known_images();
@@ -1041,6 +1144,7 @@ impl Actor {
             source: p.manifest_path,
             revision,
             revisions: Vec::new(),
+            uid: m.active().record.uid,
         };
         self.next_placeholder += 1;
         let stored = NewArtifact {
@@ -1119,6 +1223,7 @@ impl Actor {
             source: target.source,
             revision: target.revision,
             revisions: Vec::new(),
+            uid: m.active().record.uid,
         };
         let spec = Spec {
             image_path: self.store.artifact_path(&target.artifact_sha256),

@@ -10,11 +10,12 @@ use crate::cgroup::Limiter;
 use crate::control::history::Revision;
 use crate::control::list::{ModuleSummary, RolloutSummary};
 use crate::control::status::{
-    ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus,
+    ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus, SandboxStatus,
 };
 use crate::lifecycle::{Lifecycle, State};
 use crate::metrics::{Memory, MemoryCache};
 use crate::store::RevisionRecord;
+use crate::worker::SandboxReport;
 
 /// The committed revision number of a module.
 pub(super) fn revision(m: &Module) -> u64 {
@@ -69,7 +70,12 @@ pub(super) fn summary(m: &Module) -> ModuleSummary {
 
 /// A replica as the model knows it; the readings from `/proc` and the
 /// cgroups are added off the actor ([`read`], [`apply`]).
-fn replica_status(run: &Run, r: usize, l: &Lifecycle) -> ReplicaStatus {
+fn replica_status(
+    run: &Run,
+    r: usize,
+    l: &Lifecycle,
+    sandboxes: &HashMap<i32, SandboxReport>,
+) -> ReplicaStatus {
     ReplicaStatus {
         replica: r as u32,
         revision: run.revision,
@@ -82,6 +88,10 @@ fn replica_status(run: &Run, r: usize, l: &Lifecycle) -> ReplicaStatus {
         memory: None,
         cpu_seconds: None,
         cgroups: Vec::new(),
+        sandbox: l
+            .pid()
+            .and_then(|p| sandboxes.get(&p))
+            .map(|s| SandboxStatus::new(s, run.sandbox.is_some())),
     }
 }
 
@@ -202,7 +212,12 @@ pub(super) fn imports_status<'a>(
 
 /// A module's status from the model alone (no memory or CPU yet: see
 /// [`read`] and [`apply`]).
-pub(super) fn status(m: &Module, imports: Vec<ImportStatus>, limiter: &Limiter) -> ModuleStatus {
+pub(super) fn status(
+    m: &Module,
+    imports: Vec<ImportStatus>,
+    limiter: &Limiter,
+    sandboxes: &HashMap<i32, SandboxReport>,
+) -> ModuleStatus {
     let run = m.serving();
     // The serving run's replicas, then the other runs' (a rollout's).
     let mut runs: Vec<&Run> = vec![run];
@@ -213,7 +228,7 @@ pub(super) fn status(m: &Module, imports: Vec<ImportStatus>, limiter: &Limiter) 
             run.replicas
                 .iter()
                 .enumerate()
-                .map(move |(r, l)| replica_status(run, r, l))
+                .map(move |(r, l)| replica_status(run, r, l, sandboxes))
         })
         .collect();
     let own: Vec<&ReplicaStatus> = replicas
@@ -314,6 +329,7 @@ mod tests {
             memory: None,
             cpu_seconds: None,
             cgroups: Vec::new(),
+            sandbox: None,
         };
         let status = ModuleStatus {
             name: "m".into(),

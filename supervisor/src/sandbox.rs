@@ -1,0 +1,213 @@
+//! The module sandbox as emberd plans it: the `[sandbox]` configuration,
+//! each module's own uid and gid (allocated from `uid_range`, stable per
+//! name, recorded in the state), the syscalls a manifest may be granted, and
+//! the [`SandboxOrder`] a worker applies (module-runtime's `host::sandbox`)
+//! before it loads the module. Design and limits: `docs/design.md`, "Trust".
+
+use module_runtime::manifest::Manifest;
+use module_runtime::protocol::SandboxOrder;
+use serde::Deserialize;
+use std::collections::HashSet;
+
+/// The default `uid_range`: 0x70000000–0x7000FFFF. Above regular users
+/// (1000–60000), systemd-homed (60001–60513), systemd's `DynamicUser=`
+/// range (61184–65519), `nobody` (65534), the `/etc/subuid` ranges
+/// (100000 upwards, 65536 a user) and systemd-nspawn's container range
+/// (524288–1879048191); below 2^31, where signed-uid bugs and systemd's
+/// foreign-uid range (2147352576 upwards) begin.
+pub const DEFAULT_UID_RANGE: [u32; 2] = [0x7000_0000, 0x7000_FFFF];
+
+/// `[sandbox]` of emberd's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Sandbox every module (the default); `false` runs them as emberd
+    /// runs, and `emberctl status` says so.
+    pub enabled: bool,
+    /// First and last uid (and gid) given to modules, inclusive.
+    pub uid_range: [u32; 2],
+    /// Denied syscalls a manifest may ask for (`[sandbox] allow_syscalls`).
+    pub grantable_syscalls: Vec<String>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uid_range: DEFAULT_UID_RANGE,
+            grantable_syscalls: Vec::new(),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// What is wrong with it, naming the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let [first, last] = self.uid_range;
+        if first == 0 || first > last {
+            return Err((
+                "sandbox.uid_range",
+                format!("[{first}, {last}] must be [first, last] with 0 < first <= last"),
+            ));
+        }
+        if let Some(n) = self
+            .grantable_syscalls
+            .iter()
+            .find(|n| !module_runtime::host::sandbox::is_denied(n))
+        {
+            return Err((
+                "sandbox.grantable_syscalls",
+                format!("`{n}` is not a syscall the sandbox denies"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first syscall of `allow` the configuration does not grant.
+    pub fn ungranted<'a>(&self, allow: &'a [String]) -> Option<&'a str> {
+        allow
+            .iter()
+            .find(|n| !self.grantable_syscalls.contains(n))
+            .map(String::as_str)
+    }
+
+    /// The order for a worker of the module `manifest`, whose recorded uid
+    /// is `uid`; `None` when the sandbox is off. `root`: emberd can switch
+    /// uids (else the module keeps emberd's). Errors name what refuses it.
+    pub fn order(
+        &self,
+        root: bool,
+        uid: Option<u32>,
+        manifest: &Manifest,
+    ) -> Result<Option<SandboxOrder>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if let Some(n) = self.ungranted(&manifest.sandbox.allow_syscalls) {
+            return Err(not_granted(n));
+        }
+        let ids = match (root, uid) {
+            (false, _) => None,
+            (true, Some(u)) => Some((u, u)),
+            (true, None) => return Err("no uid allocated to the module".into()),
+        };
+        Ok(Some(SandboxOrder {
+            ids,
+            allow_syscalls: manifest.sandbox.allow_syscalls.clone(),
+            writable: manifest.sandbox.writable.clone(),
+        }))
+    }
+
+    /// A uid for the module `name`: the one its name hashes to in the
+    /// range, else the next free one, skipping `taken` (other modules')
+    /// and ids `in_use` says the system has (passwd, group). Deterministic,
+    /// so a module installed again after an uninstall gets its uid back.
+    pub fn allocate(
+        &self,
+        name: &str,
+        taken: &HashSet<u32>,
+        in_use: impl Fn(u32) -> bool,
+    ) -> Option<u32> {
+        let [first, last] = self.uid_range;
+        let size = u64::from(last - first) + 1;
+        // FNV-1a: stable across builds and platforms (std's hasher is not).
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        (0..size.min(1 << 20))
+            .map(|i| first + ((h.wrapping_add(i)) % size) as u32)
+            .find(|id| !taken.contains(id) && !in_use(*id))
+    }
+}
+
+/// The refusal of a syscall the configuration does not grant.
+pub fn not_granted(syscall: &str) -> String {
+    format!(
+        "`{syscall}` is not granted by emberd's configuration (add it to `sandbox.grantable_syscalls`)"
+    )
+}
+
+/// Whether the system's user or group databases know `id` (either way it
+/// is not free for a module).
+pub fn id_in_use(id: u32) -> bool {
+    use nix::unistd::{Gid, Group, Uid, User};
+    // A lookup that fails is taken as "in use": never hand out an id the
+    // system may know.
+    !matches!(User::from_uid(Uid::from_raw(id)), Ok(None))
+        || !matches!(Group::from_gid(Gid::from_raw(id)), Ok(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn manifest(extra: &str) -> Manifest {
+        Manifest::parse(&format!(
+            "name = \"m\"\nversion = \"1.0.0\"\nentry = \"libm.so\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn uids_are_stable_distinct_and_skip_known_ids() {
+        let c = SandboxConfig {
+            uid_range: [1000, 1009],
+            ..Default::default()
+        };
+        let none = HashSet::new();
+        let a = c.allocate("hello", &none, |_| false).unwrap();
+        assert_eq!(c.allocate("hello", &none, |_| false), Some(a), "stable");
+        assert!((1000..=1009).contains(&a));
+        // Taken by another module, or known to the system: the next one.
+        let b = c.allocate("hello", &HashSet::from([a]), |_| false).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(c.allocate("hello", &none, |id| id == a), Some(b));
+        // A full range has nothing to give.
+        let all: HashSet<u32> = (1000..=1009).collect();
+        assert_eq!(c.allocate("hello", &all, |_| false), None);
+        // The default range starts above every range systemd reserves.
+        assert!(SandboxConfig::default().uid_range[0] > 1_879_048_191);
+        assert!(id_in_use(0), "root is in passwd");
+    }
+
+    #[test]
+    fn orders_follow_the_configuration() {
+        let c = SandboxConfig::default();
+        let m = manifest("[sandbox]\nwritable = [\"/var/lib/m\"]\n");
+        let o = c.order(true, Some(7), &m).unwrap().unwrap();
+        assert_eq!(o.ids, Some((7, 7)));
+        assert_eq!(o.writable, [PathBuf::from("/var/lib/m")]);
+        // Not root: no switch, said so by the worker's report.
+        assert_eq!(c.order(false, Some(7), &m).unwrap().unwrap().ids, None);
+        let off = SandboxConfig {
+            enabled: false,
+            ..Default::default()
+        };
+        assert_eq!(off.order(true, Some(7), &m).unwrap(), None);
+        // A syscall the configuration does not grant.
+        let m = manifest("[sandbox]\nallow_syscalls = [\"ptrace\"]\n");
+        let e = c.order(true, Some(7), &m).unwrap_err();
+        assert!(
+            e.contains("`ptrace`") && e.contains("sandbox.grantable_syscalls"),
+            "{e}"
+        );
+        let granting = SandboxConfig {
+            grantable_syscalls: vec!["ptrace".into()],
+            ..Default::default()
+        };
+        let o = granting.order(true, Some(7), &m).unwrap().unwrap();
+        assert_eq!(o.allow_syscalls, ["ptrace"]);
+        assert!(granting.check().is_ok());
+        let bad = SandboxConfig {
+            grantable_syscalls: vec!["read".into()],
+            ..Default::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "sandbox.grantable_syscalls");
+        let bad = SandboxConfig {
+            uid_range: [5, 4],
+            ..Default::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "sandbox.uid_range");
+    }
+}

@@ -1,0 +1,317 @@
+//! The module sandbox, through the real emberd: a hostile module's attacks
+//! on emberd, a sibling and the host fail with the errno each layer
+//! promises; each module runs as its own stable uid, with no new
+//! privileges, a seccomp filter and not dumpable; a tampered stored
+//! artifact is refused; a manifest cannot grant itself syscalls; the
+//! control socket refuses uids outside its allow list, module uids
+//! included.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use ember_tests::daemon::*;
+use ember_tests::TempDir;
+use serde_json::Value;
+
+fn root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn running(d: &Daemon, name: &str) -> Value {
+    d.wait_status(name, &format!("{name} running with its sandbox"), |s| {
+        s["state"] == "running" && !s["replicas"][0]["sandbox"].is_null()
+    })
+}
+
+fn install(d: &Daemon, dir: &Path) {
+    d.ctl_ok(&["install", dir.to_str().unwrap()]);
+}
+
+/// `Key:\tv1\tv2…` fields of `/proc/PID/status`.
+fn proc_status(pid: i64) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn dir_0777(path: PathBuf) -> PathBuf {
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    path
+}
+
+#[test]
+fn a_hostile_module_is_fenced_in() {
+    if !root() {
+        return; // the uid switch needs root; its fallback is unit-tested
+    }
+    let d = Daemon::start(FAST);
+    let work = TempDir::new("hostile");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&d, &module_dir(work.path(), "sibling", "1.0.0"));
+    let sibling = running(&d, "sibling");
+    let sibling_pid = sibling["pid"].as_i64().unwrap();
+    let artifact = d.state.join("artifacts").join(format!(
+        "{}.so",
+        sibling["artifact_sha256"].as_str().unwrap()
+    ));
+    // Both directories may be written by anyone as far as file modes go:
+    // only the sandbox tells them apart.
+    let writable = dir_0777(work.path().join("data"));
+    let outside = dir_0777(work.path().join("outside"));
+    let extra = format!(
+        "[sandbox]\nwritable = [{writable:?}]\n[config]\nemberd_pid = {}\nsibling_pid = {sibling_pid}\n\
+         artifact = {artifact:?}\nsocket = {:?}\nwritable = {writable:?}\noutside = {outside:?}\n",
+        d.pid(),
+        d.socket,
+    );
+    install(
+        &d,
+        &real_module(work.path(), "hostile", "fixture-hostile", &extra),
+    );
+    let status = running(&d, "hostile");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(writable.join("report.json")).unwrap()).unwrap();
+    let expect = [
+        ("signal_emberd", libc::EPERM),
+        ("signal_sibling", libc::EPERM),
+        ("ptrace_sibling", libc::EPERM),
+        ("sibling_fd", libc::EACCES),
+        ("artifact_overwrite", libc::EACCES),
+        ("artifact_read", libc::EACCES),
+        ("artifact_store_create", libc::EACCES),
+        ("control_socket", libc::EACCES),
+        ("mount", libc::EPERM),
+        ("bpf", libc::EPERM),
+        ("unshare_user", libc::EPERM),
+        ("clone_newuser", libc::EPERM),
+        ("clone3", libc::ENOSYS),
+        ("write_outside", libc::EACCES),
+        ("write_inside", 0),
+    ];
+    for (attack, errno) in expect {
+        assert_eq!(report[attack], errno, "{attack}: {report}");
+    }
+    assert!(writable.join("proof").exists());
+    assert!(!outside.join("escaped").exists());
+    assert!(!d.state.join("artifacts/evil.so").exists());
+
+    // What the kernel says of it.
+    let pid = status["pid"].as_i64().unwrap();
+    let uid = status["replicas"][0]["sandbox"]["uid"].as_u64().unwrap();
+    assert_ne!(uid, 0);
+    assert_eq!(report["uid"], uid);
+    assert_eq!(report["dumpable"], 0);
+    assert_eq!(report["no_new_privs"], 1);
+    let st = proc_status(pid);
+    let all = |v: &str| v.split_whitespace().all(|x| x == uid.to_string());
+    assert!(all(&st["Uid"]), "{:?}", st["Uid"]);
+    assert!(all(&st["Gid"]), "{:?}", st["Gid"]);
+    assert_eq!(st["Groups"], "");
+    assert_eq!(st["NoNewPrivs"], "1");
+    assert_eq!(st["Seccomp"], "2");
+    assert_eq!(st["CapEff"], "0000000000000000");
+    // Not dumpable: the kernel hands its /proc files to root (all but the
+    // /proc/PID directory itself, which keeps showing the euid).
+    let owner = std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid();
+    assert_eq!(owner, 0, "a dumpable process's /proc files are its own");
+    let sb = &status["replicas"][0]["sandbox"];
+    assert_eq!(sb["uid_mechanism"], "own-uid");
+    assert_eq!(sb["no_new_privs"], true);
+    assert_eq!(sb["dumpable"], false);
+    assert!(sb["seccomp"].as_str().unwrap().starts_with("seccomp-bpf"));
+    let fs = sb["filesystem"].as_str().unwrap();
+    if module_runtime::host::sandbox::landlock_abi() > 0 {
+        assert!(fs.starts_with("landlock ABI "), "{fs}");
+    } else {
+        assert!(fs.starts_with("none"), "{fs}");
+    }
+    let text = String::from_utf8(d.ctl_ok(&["status", "hostile"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "sandbox: uid {uid} gid {uid} (own-uid), no-new-privs, not dumpable, seccomp-bpf"
+        )),
+        "{text}"
+    );
+
+    // Nobody was harmed: emberd and the sibling run as before.
+    assert!(!dead(d.pid()));
+    let sibling_now = d.ctl_json(&["status", "sibling"]);
+    assert_eq!(sibling_now["status"]["state"], "running");
+    assert_eq!(sibling_now["status"]["pid"], sibling_pid);
+    assert_eq!(sibling_now["status"]["restarts"], 0);
+}
+
+#[test]
+fn each_module_has_its_own_uid_stable_across_restart_and_reinstall() {
+    if !root() {
+        return;
+    }
+    let mut d = Daemon::start(FAST);
+    let work = TempDir::new("uids");
+    let a_dir = module_dir(work.path(), "alpha", "1.0.0");
+    install(&d, &a_dir);
+    install(&d, &module_dir(work.path(), "beta", "1.0.0"));
+    let uid = |d: &Daemon, name: &str| running(d, name)["replicas"][0]["sandbox"]["uid"].clone();
+    let (a, b) = (uid(&d, "alpha"), uid(&d, "beta"));
+    assert_ne!(a, b);
+    let range = 0x7000_0000u64..=0x7000_FFFF;
+    assert!(range.contains(&a.as_u64().unwrap()), "{a}");
+    assert!(range.contains(&b.as_u64().unwrap()), "{b}");
+    // Recorded in the state: the same after a restart.
+    let state = std::fs::read_to_string(d.state.join("desired.json")).unwrap();
+    assert!(state.contains(&format!("\"uid\": {a}")), "{state}");
+    d.stop();
+    d.spawn(&[]);
+    assert_eq!(uid(&d, "alpha"), a);
+    assert_eq!(uid(&d, "beta"), b);
+    // And after an uninstall and a new install of the same name.
+    d.ctl_ok(&["uninstall", "alpha"]);
+    install(&d, &a_dir);
+    assert_eq!(uid(&d, "alpha"), a);
+}
+
+#[test]
+fn a_tampered_stored_artifact_is_refused_with_both_hashes() {
+    let mut d = Daemon::start(FAST);
+    let work = TempDir::new("tamper");
+    install(&d, &copied_module(work.path(), "victim", "hello"));
+    let sha = running(&d, "victim")["artifact_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored = d.state.join("artifacts").join(format!("{sha}.so"));
+    let meta = std::fs::metadata(&stored).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+    assert_eq!(
+        std::fs::metadata(d.state.join("artifacts"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    d.stop();
+    // Flip one byte in the middle (where a patch would go).
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::set_permissions(&stored, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&stored, &bytes).unwrap();
+    d.spawn(&[]);
+    let s = d.wait_status("victim", "the launch refused", |s| s["state"] == "failed");
+    let reason = s["reason"].as_str().unwrap();
+    assert!(reason.contains("was modified"), "{reason}");
+    assert!(reason.contains(&stored.display().to_string()), "{reason}");
+    assert!(reason.contains(&sha), "{reason}");
+    use sha2::Digest;
+    let found = format!("{:x}", sha2::Sha256::digest(&bytes));
+    assert!(reason.contains(&found), "{reason}");
+    assert!(s["pid"].is_null(), "never launched");
+    let list = d.ctl_json(&["list"]);
+    assert_eq!(list["modules"][0]["state"], "failed");
+}
+
+#[test]
+fn a_manifest_gets_only_the_syscalls_the_configuration_grants() {
+    let work = TempDir::new("grants");
+    let asks = real_module(
+        work.path(),
+        "tracer",
+        "hello",
+        "[sandbox]\nallow_syscalls = [\"ptrace\"]\n",
+    );
+    let d = Daemon::start(FAST);
+    let out = d.ctl(&["install", asks.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`ptrace`"), "{err}");
+    assert!(err.contains("sandbox.grantable_syscalls"), "{err}");
+    assert!(d.ctl_json(&["list"])["modules"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Not a syscall the sandbox denies: a manifest error of its own.
+    let odd = real_module(
+        work.path(),
+        "odd",
+        "hello",
+        "[sandbox]\nallow_syscalls = [\"read\"]\n",
+    );
+    let out = d.ctl(&["install", odd.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sandbox.allow_syscalls[0]") && err.contains("`read`"),
+        "{err}"
+    );
+    drop(d);
+
+    // Granted by the configuration: installed, and the worker says so.
+    let d = Daemon::start(&format!(
+        "[sandbox]\ngrantable_syscalls = [\"ptrace\"]\n{FAST}"
+    ));
+    install(&d, &asks);
+    let s = running(&d, "tracer");
+    let seccomp = s["replicas"][0]["sandbox"]["seccomp"].as_str().unwrap();
+    assert!(seccomp.contains("granted ptrace"), "{seccomp}");
+    drop(d);
+
+    // Off by configuration: said so, not silently.
+    let d = Daemon::start(&format!("[sandbox]\nenabled = false\n{FAST}"));
+    install(&d, &module_dir(work.path(), "plain", "1.0.0"));
+    let sb = running(&d, "plain")["replicas"][0]["sandbox"].clone();
+    assert_eq!(sb["uid_mechanism"], "none", "{sb}");
+    assert_eq!(sb["seccomp"], "none (sandbox off)", "{sb}");
+    assert_eq!(sb["uid"], nix::unistd::geteuid().as_raw(), "{sb}");
+}
+
+/// A uid no passwd or group entry has and no module was given.
+fn unused_uid() -> u32 {
+    (4_000_000u32..)
+        .find(|&id| !supervisor::sandbox::id_in_use(id))
+        .unwrap()
+}
+
+fn health_as(socket: &Path, uid: u32) -> std::process::Output {
+    std::process::Command::new(emberctl())
+        .arg("--socket")
+        .arg(socket)
+        .arg("health")
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_control_socket_refuses_outsiders_and_module_uids() {
+    if !root() {
+        return; // needs a second uid
+    }
+    // The socket file lets anyone connect: SO_PEERCRED is what refuses.
+    let d = Daemon::start(&format!("socket_mode = \"0666\"\n{FAST}"));
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = health_as(&d.socket, unused_uid());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    // A module's own uid is no better.
+    let work = TempDir::new("sock");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&d, &module_dir(work.path(), "insider", "1.0.0"));
+    let uid = running(&d, "insider")["replicas"][0]["sandbox"]["uid"]
+        .as_u64()
+        .unwrap() as u32;
+    let out = health_as(&d.socket, uid);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    // The allowed user still gets in.
+    assert!(d.ctl(&["health"]).status.success());
+}
