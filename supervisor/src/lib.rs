@@ -27,6 +27,7 @@ pub mod notify;
 pub mod paths;
 pub mod plugins;
 pub mod pool;
+pub mod reaper;
 pub mod store;
 pub mod varlink;
 pub mod worker;

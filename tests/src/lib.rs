@@ -141,6 +141,8 @@ pub const EXAMPLES: &[&str] = &[
     "fixture-wrong-sdk",
     "fixture-panic-plugin",
     "fixture-hangs-in-load",
+    "fixture-fork-probe",
+    "fixture-fork-probe-plugin",
 ];
 
 /// The workspace's root directory.

@@ -128,7 +128,7 @@ fn main() -> ExitCode {
                 break;
             }
             if &buf[..n] == b"fork" {
-                match host::fork_worker() {
+                match host::fork_worker(&[control.as_fd(), sfd.as_fd()]) {
                     Ok((pid, chan)) => {
                         children.push(pid);
                         send(control.as_fd(), &format!("forked {pid}"), &[chan.fd()]);

@@ -17,7 +17,6 @@ use crate::lifecycle::{Event, ExitStatus, WorkerOs};
 use crate::pool::PoolHandle;
 use crate::worker::{FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, ToWorker, WorkerState};
 use crate::zygote::client::{pidfd_reap, pidfd_signal};
-use crate::zygote::ForkMode;
 
 /// Something that happened to one instance, addressed to the actor.
 #[derive(Debug)]
@@ -375,7 +374,6 @@ async fn instance(
         Err(e) => return send(None, failed(error_chain(&e)), None),
     };
     let pid = worker.pid;
-    let mode = worker.mode;
     let mut log = match open_log(&plan.log) {
         Ok(file) => InstanceLog {
             file,
@@ -555,8 +553,8 @@ async fn instance(
                     }
                 }
                 let status = match r {
-                    Ok(_) if mode == ForkMode::Clone3Parent => pidfd_reap(exit.get_ref().as_fd()),
-                    _ => ExitStatus::Unknown,
+                    Ok(_) => pidfd_reap(exit.get_ref().as_fd()),
+                    Err(_) => ExitStatus::Unknown,
                 };
                 drop(link);
                 if let Some(c) = cgroup.as_mut() {

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 use super::channel::{self, AsyncChannel, ChannelError};
-use super::{ForkMode, FromZygote, ToZygote, ZYGOTE_ARG};
+use super::{FromZygote, ToZygote, ZYGOTE_ARG};
+use crate::reaper::{self, Claim};
 use crate::lifecycle::ExitStatus;
 
 /// The zygote could not be started.
@@ -35,17 +36,20 @@ pub struct ZygoteProcess {
     channel: OwnedFd,
     pid: i32,
     plugins: usize,
+    // Declared last: released after `child` is reaped (or dropped).
+    claim: Claim,
 }
 
 /// Starts the zygote by re-executing this binary. Call before any thread
 /// is started: the zygote must be forked from a single-threaded process.
 pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, ZygoteError> {
-    let (child, channel) = exec_zygote()?;
+    let (child, channel, claim) = exec_zygote()?;
     let mut z = ZygoteProcess {
         pid: child.id() as i32,
         child,
         channel,
         plugins: 0,
+        claim,
     };
     let ready = channel::send(&z.channel, &hello(plugins), &[])
         .and_then(|()| channel::recv::<FromZygote>(&z.channel))
@@ -60,7 +64,8 @@ pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, Zy
 }
 
 /// Runs `emberd --zygote` with the zygote's end of a new channel; returns
-/// the child and our end.
+/// the child, our end and the claim on its pid (the orphan reaper leaves it
+/// to `child.wait()`).
 ///
 /// The zygote's parent-death signal, and that of every worker it forks
 /// with `CLONE_PARENT`, follows the *thread* that ran this (Linux sends it
@@ -68,7 +73,7 @@ pub fn spawn(plugins: &[crate::plugins::PluginSpec]) -> Result<ZygoteProcess, Zy
 /// that lives as long as emberd: the main thread (before the runtime, or
 /// the runtime itself, whose current-thread scheduler is the main thread),
 /// never a blocking-pool thread, which exits when idle.
-fn exec_zygote() -> Result<(Child, OwnedFd), ZygoteError> {
+fn exec_zygote() -> Result<(Child, OwnedFd, Claim), ZygoteError> {
     let (ours, theirs) = channel::pair().map_err(ZygoteError::Channel)?;
     // The zygote's end must survive exec. emberd starts no other process,
     // so no concurrent spawn can inherit it by accident.
@@ -81,7 +86,10 @@ fn exec_zygote() -> Result<(Child, OwnedFd), ZygoteError> {
         .stdin(Stdio::null())
         .spawn()
         .map_err(ZygoteError::Spawn)?;
-    Ok((child, ours))
+    // Before anything can yield to the orphan reaper (this runs on its
+    // thread, or before it exists).
+    let claim = reaper::claim(child.id() as i32);
+    Ok((child, ours, claim))
 }
 
 fn hello(plugins: &[crate::plugins::PluginSpec]) -> ToZygote {
@@ -133,6 +141,7 @@ impl ZygoteProcess {
             mut child,
             channel,
             pid,
+            claim,
             ..
         } = self;
         match AsyncChannel::new(channel) {
@@ -141,6 +150,7 @@ impl ZygoteProcess {
                 child,
                 pid,
                 next_id: 0,
+                claim,
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -172,6 +182,7 @@ pub struct Zygote {
     child: Child,
     pid: i32,
     next_id: u64,
+    claim: Claim,
 }
 
 impl Zygote {
@@ -179,7 +190,7 @@ impl Zygote {
     /// Must run on the runtime's own thread (see [`exec_zygote`]); the
     /// plugins' initialization in the new zygote is awaited, not blocked on.
     pub async fn restart(plugins: &[crate::plugins::PluginSpec]) -> Result<Zygote, ZygoteError> {
-        let (mut child, ours) = exec_zygote()?;
+        let (mut child, ours, claim) = exec_zygote()?;
         let pid = child.id() as i32;
         let channel = match AsyncChannel::new(ours) {
             Ok(c) => c,
@@ -201,6 +212,7 @@ impl Zygote {
             child,
             pid,
             next_id: 0,
+            claim,
         })
     }
 
@@ -223,7 +235,10 @@ impl Zygote {
             .await
             .map_err(ForkError::ZygoteGone)?;
         match msg {
-            FromZygote::Forked { id: got, pid, mode } if got == id && fds.len() == 2 => {
+            FromZygote::Forked { id: got, pid } if got == id && fds.len() == 2 => {
+                // Before anything can yield to the orphan reaper: from here
+                // on, this worker's exit is its owner's to reap.
+                let claim = reaper::claim(pid);
                 let mut fds = fds.into_iter();
                 let pidfd = fds.next().expect("two descriptors");
                 let channel = fds.next().expect("two descriptors");
@@ -231,7 +246,7 @@ impl Zygote {
                     pid,
                     pidfd,
                     channel,
-                    mode,
+                    claim,
                 })
             }
             FromZygote::ForkFailed { id: got, reason } if got == id => Err(ForkError::Fork(reason)),
@@ -242,10 +257,18 @@ impl Zygote {
     /// Closes the channel (the zygote exits) and reaps it.
     pub async fn shutdown(self) {
         let Zygote {
-            channel, mut child, ..
+            channel,
+            mut child,
+            claim,
+            ..
         } = self;
         drop(channel);
-        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            drop(claim);
+            status
+        })
+        .await;
     }
 }
 
@@ -259,8 +282,9 @@ pub struct NewWorker {
     pub pidfd: OwnedFd,
     /// The supervisor's end of its channel.
     pub channel: OwnedFd,
-    /// How it was forked (decides who reaps it).
-    pub mode: ForkMode,
+    /// Its pid, claimed from the orphan reaper: whoever holds this reaps it
+    /// through the pidfd.
+    pub claim: Claim,
 }
 
 /// Whether the process behind `pidfd` has exited, without blocking.
@@ -289,9 +313,9 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> nix::Result<()> {
     }
 }
 
-/// Reaps an exited process through its pidfd and says how it ended.
-/// Workers forked in [`ForkMode::ForkPidfdOpen`] are reaped by the zygote's
-/// kernel auto-reap and give [`ExitStatus::Unknown`].
+/// Reaps an exited process through its pidfd and says how it ended:
+/// [`ExitStatus::Unknown`] if it was reaped already (it died before emberd
+/// claimed it, see [`crate::reaper`]).
 pub fn pidfd_reap(pidfd: BorrowedFd<'_>) -> ExitStatus {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     loop {
