@@ -82,8 +82,10 @@ fn plugin_descriptors_and_atfork_handlers_hold_in_workers() {
         // clone3 did not)…
         "atfork_child_ran=true",
         // …and the C library knows the worker's thread id (with clone3 it
-        // kept the zygote's: ESRCH).
+        // kept the zygote's: ESRCH) and its robust-futex list.
         "pthread_kill_self=0",
+        "pthread_sigqueue_self=0",
+        "robust_list=true",
         "tid_is_pid=true",
         "wrote=true",
         // Socket activation still puts the listener at descriptor 3.
