@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use crate::link::{HandshakeError, WorkerLink};
 use crate::plugins::PluginSpec;
-use crate::zygote::client::{pidfd_exited, pidfd_reap, pidfd_signal};
 use crate::reaper::Claim;
+use crate::zygote::client::{pidfd_exited, pidfd_reap, pidfd_signal};
 use crate::zygote::{ForkError, Zygote, ZygoteError};
 
 /// How long a new worker may take to report `Idle`.

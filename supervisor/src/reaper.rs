@@ -68,7 +68,10 @@ fn children() -> Option<Vec<i32>> {
             continue;
         };
         found = true;
-        pids.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        pids.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
     }
     found.then_some(pids)
 }
@@ -132,14 +135,13 @@ fn reap_unclaimed_by_peeking() -> Vec<i32> {
 /// Reaps unclaimed children now and after every `SIGCHLD`, for as long as
 /// the runtime runs. Spawn it on the runtime thread that takes the claims.
 pub async fn run() {
-    let mut sigchld =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "orphaned processes will not be reaped: no SIGCHLD handler");
-                return;
-            }
-        };
+    let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "orphaned processes will not be reaped: no SIGCHLD handler");
+            return;
+        }
+    };
     loop {
         reap_unclaimed();
         if sigchld.recv().await.is_none() {

@@ -135,7 +135,10 @@ fn a_killed_zygote_spares_running_modules_and_emberd_takes_all_down() {
     assert!(!dead(first), "the worker died with the zygote");
     assert_eq!(ppid(first), Some(d.pid()));
     let s = d.ctl_json(&["status", "first"])["status"].clone();
-    assert_eq!((s["state"].as_str(), s["restarts"].as_u64()), (Some("running"), Some(0)));
+    assert_eq!(
+        (s["state"].as_str(), s["restarts"].as_u64()),
+        (Some("running"), Some(0))
+    );
     assert_eq!(s["pid"].as_i64(), Some(i64::from(first)));
 
     // It can be stopped, and its exit is reaped by emberd (no zombie).
@@ -165,10 +168,8 @@ fn a_killed_zygote_spares_running_modules_and_emberd_takes_all_down() {
     child.wait().unwrap();
     for &p in &pids {
         assert!(wait_dead(p), "process {p} survived kill -9 of emberd");
-        let _ = nix::sys::wait::waitpid(
-            Pid::from_raw(p),
-            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-        );
+        let _ =
+            nix::sys::wait::waitpid(Pid::from_raw(p), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     }
 }
 
@@ -190,7 +191,10 @@ fn emberd_reaps_what_is_orphaned_below_it() {
     let probe = TempDir::new("fork-probe");
     let file = probe.path().join("plugin.log");
     let d = Daemon::start(&config(&file));
-    d.ctl_ok(&["install", &probe_module(&d, "parent", "spawn_child = true\n")]);
+    d.ctl_ok(&[
+        "install",
+        &probe_module(&d, "parent", "spawn_child = true\n"),
+    ]);
     let worker = running_pid(&d, "parent");
     let log = d.state.join("logs/parent.log");
     let child: i32 = poll_until("the module's child", Duration::from_millis(20), || {

@@ -340,7 +340,10 @@ fn await_parent(expected: nix::unistd::Pid, limit: Duration) -> Result<bool, Pro
         }
         waited_on = Some(now);
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(sys("poll(pidfd)")(e)),
         }

@@ -9,8 +9,8 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 use super::channel::{self, AsyncChannel, ChannelError};
 use super::{FromZygote, ToZygote, ZYGOTE_ARG};
-use crate::reaper::{self, Claim};
 use crate::lifecycle::ExitStatus;
+use crate::reaper::{self, Claim};
 
 /// The zygote could not be started.
 #[derive(Debug, thiserror::Error)]
