@@ -444,7 +444,7 @@ pub fn zygote_load(base: &Base) -> Result<(), LaunchError> {
 
 /// Forks a warm worker from this (zygote) process and waits for its `Idle`.
 pub fn zygote_fork(timeout: Duration) -> Result<Worker, LaunchError> {
-    let (pid, chan) = host::fork_worker()?;
+    let (pid, chan) = host::fork_worker(&[])?;
     let mut w = Worker {
         pid: pid.as_raw() as u32,
         chan,

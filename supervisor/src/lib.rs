@@ -28,6 +28,7 @@ pub mod notify;
 pub mod paths;
 pub mod plugins;
 pub mod pool;
+pub mod reaper;
 pub mod rlimit;
 pub mod sandbox;
 pub mod store;

@@ -9,8 +9,8 @@
 //! The pool owns the zygote. If the zygote dies, the pool starts a new one
 //! (re-executing emberd in zygote mode, which loads the plugins again) and
 //! goes on; running modules are not touched (their workers are emberd's
-//! children, not the zygote's), launches meanwhile wait for it, and a
-//! failed restart is retried with back-off.
+//! children, not the zygote's: see `zygote/fork.rs`), launches meanwhile
+//! wait for it, and a failed restart is retried with back-off.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -27,8 +27,9 @@ use std::sync::Arc;
 
 use crate::link::{HandshakeError, WorkerLink};
 use crate::plugins::PluginSpec;
+use crate::reaper::Claim;
 use crate::zygote::client::{pidfd_exited, pidfd_reap, pidfd_signal};
-use crate::zygote::{ForkError, ForkMode, Zygote, ZygoteError};
+use crate::zygote::{ForkError, Zygote, ZygoteError};
 
 /// How long a new worker may take to report `Idle`.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,8 +43,9 @@ pub struct Worker {
     pub pidfd: OwnedFd,
     /// Its channel.
     pub link: WorkerLink,
-    /// How it was forked (decides who reaps it).
-    pub mode: ForkMode,
+    /// Its pid, claimed: whoever holds the worker reaps it (through the
+    /// pidfd), then drops this.
+    pub claim: Claim,
 }
 
 impl Worker {
@@ -55,10 +57,12 @@ impl Worker {
     /// Kills and reaps it.
     pub async fn discard(self) {
         let _ = pidfd_signal(self.pidfd.as_fd(), libc::SIGKILL);
-        if self.mode == ForkMode::Clone3Parent {
-            let fd = self.pidfd;
-            let _ = tokio::task::spawn_blocking(move || pidfd_reap(fd.as_fd())).await;
-        }
+        let (fd, claim) = (self.pidfd, self.claim);
+        let _ = tokio::task::spawn_blocking(move || {
+            pidfd_reap(fd.as_fd());
+            drop(claim);
+        })
+        .await;
     }
 }
 
@@ -100,14 +104,16 @@ async fn make_worker(zygote: &mut Zygote) -> Result<Worker, WorkerError> {
             pid: new.pid,
             pidfd: new.pidfd,
             link,
-            mode: new.mode,
+            claim: new.claim,
         }),
         Err(source) => {
             let _ = pidfd_signal(new.pidfd.as_fd(), libc::SIGKILL);
-            if new.mode == ForkMode::Clone3Parent {
-                let fd = new.pidfd;
-                let _ = tokio::task::spawn_blocking(move || pidfd_reap(fd.as_fd())).await;
-            }
+            let (fd, claim) = (new.pidfd, new.claim);
+            let _ = tokio::task::spawn_blocking(move || {
+                pidfd_reap(fd.as_fd());
+                drop(claim);
+            })
+            .await;
             Err(WorkerError::Handshake {
                 pid: new.pid,
                 source,
@@ -368,9 +374,7 @@ impl Pool {
     fn prune(&mut self) {
         self.idle.retain(|w| {
             if w.has_exited() {
-                if w.mode == ForkMode::Clone3Parent {
-                    pidfd_reap(w.pidfd.as_fd());
-                }
+                pidfd_reap(w.pidfd.as_fd());
                 tracing::warn!(pid = w.pid, "idle worker died");
                 self.limiter.release_idle(w.pid);
                 false

@@ -3,19 +3,18 @@
 //! worker body is module-runtime's `host::worker::run`, called by the
 //! zygote's fork path.
 //!
-//! A worker is forked by the zygote with exactly four descriptors: stdin
+//! A worker is forked by the zygote (`zygote/fork.rs`) with stdin
 //! (`/dev/null`), stdout and stderr (the daemon's until a
-//! [`GrantKind::Stdio`] grant redirects them into the module's log) and its
-//! channel to the supervisor at fd 3.
+//! [`GrantKind::Stdio`] grant redirects them into the module's log), its
+//! channel to the supervisor at the lowest free number (3: the zygote holds
+//! 3 to 18 while plugins load, so none of theirs is there) and every
+//! descriptor its plugins opened, at the same numbers as in the zygote.
 
 pub use module_runtime::abi::GrantKind;
 pub use module_runtime::protocol::{
     Failure, FailureKind, FromWorker, Grant, LaunchOrder, LogLevel, Message, SandboxOrder,
     SandboxReport, Stage, State as WorkerState, ToWorker,
 };
-
-/// The descriptor number of the worker's channel after the fork.
-pub const CHANNEL_FD: i32 = 3;
 
 /// Whether restarting cannot help: the artifact itself is unusable, or
 /// the sandbox cannot be applied (a uid switch refused by the system).

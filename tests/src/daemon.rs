@@ -248,7 +248,7 @@ pub fn wait_dead(pid: i32) -> bool {
 }
 
 /// Waits until `pid` is gone from the process table: dead *and* reaped by
-/// its parent. For workers, whose parent is emberd (`CLONE_PARENT`), this
+/// its parent. For workers, whose parent is emberd (re-parented to it), this
 /// proves emberd collected the exit.
 pub fn wait_reaped(pid: i32) -> bool {
     poll(Duration::from_millis(20), || {

@@ -142,6 +142,8 @@ pub const EXAMPLES: &[&str] = &[
     "fixture-panic-plugin",
     "fixture-hangs-in-load",
     "fixture-hostile",
+    "fixture-fork-probe",
+    "fixture-fork-probe-plugin",
 ];
 
 /// The workspace's root directory.

@@ -32,7 +32,8 @@ fn all_pids() -> Vec<i32> {
 }
 
 /// Live children of `parent`. emberd's are its zygote and every worker
-/// (the zygote forks them with `CLONE_PARENT`).
+/// (re-parented to it, a child subreaper, from the zygote's intermediate
+/// process).
 pub fn children_of(parent: i32) -> Vec<i32> {
     all_pids()
         .into_iter()

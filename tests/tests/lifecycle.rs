@@ -24,7 +24,7 @@ fn install_status_crash_restart_uninstall() {
     let pid = pid_of(&s).unwrap();
     d.wait_status("other", "running", |s| s["state"] == "running");
     let other_pid = pid_of(&d.ctl_json(&["status", "other"])["status"]).unwrap();
-    // Workers are the daemon's children (clone3 CLONE_PARENT).
+    // Workers are the daemon's children (re-parented to it, a subreaper).
     let ppid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(ppid.contains(&format!("PPid:\t{}\n", d.pid())), "{ppid}");
     assert!(s["memory"]["rss"].as_u64().unwrap() > 0);
@@ -398,7 +398,7 @@ fn a_dead_zygote_is_replaced_and_running_modules_keep_running() {
     d.ctl_ok(&["install", b.to_str().unwrap()]);
     let beta = d.wait_status("beta", "running", |s| s["state"] == "running")["pid"].clone();
     // Linux sends a parent-death signal when the parent *thread* exits. The
-    // new zygote (and the workers it forks with CLONE_PARENT) must hang off
+    // new zygote (and the workers re-parented to emberd) must hang off
     // a thread that lives as long as emberd: once emberd's idle blocking
     // threads have retired (tokio lets them go after 10 s idle), both are
     // still there.
@@ -735,8 +735,32 @@ fn processes_hold_only_their_descriptors() {
             Err(p.to_string())
         }
     });
+    // The zygote: stdio, its channel, and the numbers where workers put
+    // listeners (3 to 18), held before plugins load so none of theirs is
+    // there; nothing else.
     let z = fds(zygote);
-    assert_eq!(z.len(), 4, "zygote: stdio and its channel only: {z:?}");
+    let link = |fd: u32| {
+        std::fs::read_link(format!("/proc/{zygote}/fd/{fd}"))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    let sockets: Vec<u32> = z
+        .iter()
+        .copied()
+        .filter(|&fd| link(fd).starts_with("socket:"))
+        .collect();
+    assert_eq!(sockets.len(), 1, "zygote: one channel: {z:?}");
+    for fd in 3..19 {
+        assert!(
+            sockets.contains(&fd) || link(fd) == "/dev/null",
+            "zygote: {fd} not reserved: {z:?}"
+        );
+    }
+    assert!(
+        z.iter().all(|&fd| fd < 19 || sockets.contains(&fd)),
+        "zygote: stray descriptors: {z:?}"
+    );
     for p in idle.as_array().unwrap() {
         let pid = p.as_i64().unwrap() as i32;
         assert_eq!(fds(pid), vec![0, 1, 2, 3], "idle worker {pid}");

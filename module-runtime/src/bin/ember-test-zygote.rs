@@ -43,6 +43,13 @@ fn reap(sock: BorrowedFd<'_>, children: &mut Vec<Pid>) {
 }
 
 fn main() -> ExitCode {
+    // Descriptors inherited through exec without close-on-exec (a test
+    // harness's, cargo's jobserver) are not the plugins': workers keep every
+    // descriptor but the zygote's own, so close them here, as emberd's
+    // zygote does.
+    // SAFETY: this process was just exec'd; nothing in it owns a descriptor
+    // above 3.
+    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
     // SAFETY: the parent passes the control socket as descriptor 3 and
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(3) };
@@ -128,7 +135,7 @@ fn main() -> ExitCode {
                 break;
             }
             if &buf[..n] == b"fork" {
-                match host::fork_worker() {
+                match host::fork_worker(&[control.as_fd(), sfd.as_fd()]) {
                     Ok((pid, chan)) => {
                         children.push(pid);
                         send(control.as_fd(), &format!("forked {pid}"), &[chan.fd()]);

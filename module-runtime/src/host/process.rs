@@ -1,9 +1,15 @@
 //! Process state a forked worker resets before it loads a module: signal
-//! dispositions and mask, inherited descriptors, process name, parent-death
+//! dispositions and mask, descriptor numbers, process name, parent-death
 //! signal, and the fork itself. This is the one place in the worker that
 //! makes raw process-level calls.
+//!
+//! Descriptors: a worker closes exactly the descriptors its zygote owns (the
+//! zygote drops them in the child, or names them to [`fork_worker`]), never
+//! by sweeping: every other inherited descriptor belongs to a plugin (a log
+//! file, an epoll) and stays open at its number.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
@@ -13,6 +19,25 @@ pub enum ProcessError {
     /// The caller has more than one thread, so forking is not safe.
     #[error("refusing to fork: process has {0} threads (fork only from a single-threaded zygote)")]
     MultiThreaded(usize),
+    /// Socket activation needs a descriptor number that something else
+    /// (a plugin) holds.
+    #[error("descriptor {fd} is held by a plugin: {listeners} listeners need descriptors 3 to {}", 2 + listeners)]
+    DescriptorTaken {
+        /// The number.
+        fd: RawFd,
+        /// Listeners to place.
+        listeners: usize,
+    },
+    /// The expected parent did not become this process's parent in time.
+    #[error("parent is {found}, not the supervisor {expected}, after {waited:?}")]
+    NotReparented {
+        /// The supervisor's pid.
+        expected: i32,
+        /// The parent at the deadline.
+        found: i32,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// A system call failed.
     #[error("{call} failed")]
     Sys {
@@ -31,11 +56,65 @@ fn sys(call: &'static str) -> impl FnOnce(nix::Error) -> ProcessError {
 /// The first descriptor of socket activation (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
 
+/// How many descriptors from [`LISTEN_FDS_START`] a zygote reserves before
+/// its plugins load ([`reserve_listener_fds`]), so that no plugin descriptor
+/// sits where socket activation puts a module's listeners.
+pub const RESERVED_FDS: RawFd = 16;
+
+/// Descriptors [`LISTEN_FDS_START`]`..`[`LISTEN_FDS_START`]` + `[`RESERVED_FDS`]
+/// held by a zygote (`/dev/null`, close-on-exec), dropped in each worker.
+#[derive(Debug)]
+pub struct ReservedFds(#[allow(dead_code)] Vec<OwnedFd>);
+
+/// Fills every free descriptor number in the reserved block with a
+/// placeholder. Call in the zygote before any plugin loads: a plugin's
+/// descriptors then get numbers above the block, the block is the zygote's
+/// own, and the worker (which drops the placeholders) can place listeners
+/// there without closing anything of a plugin's.
+pub fn reserve_listener_fds() -> Result<ReservedFds, ProcessError> {
+    let end = LISTEN_FDS_START + RESERVED_FDS;
+    let mut held = Vec::new();
+    loop {
+        // open(2) returns the lowest free number: the holes below `end` are
+        // filled in order, and the first number at or past it ends the loop.
+        let fd = nix::fcntl::open(
+            c"/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(sys("open(/dev/null)"))?;
+        if fd.as_raw_fd() >= end {
+            return Ok(ReservedFds(held));
+        }
+        held.push(fd);
+    }
+}
+
+/// Moves `fd` to the lowest free descriptor number from 3 (close-on-exec),
+/// if that is lower than its own; otherwise gives it back as it is.
+pub fn lowest_free_number(fd: OwnedFd) -> OwnedFd {
+    match nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(LISTEN_FDS_START)) {
+        Ok(new) if new < fd.as_raw_fd() => {
+            // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor;
+            // nothing else owns it. The old one is closed when `fd` drops.
+            unsafe { OwnedFd::from_raw_fd(new) }
+        }
+        Ok(higher) => {
+            // SAFETY: as above; the copy is not wanted and closed at once.
+            drop(unsafe { OwnedFd::from_raw_fd(higher) });
+            fd
+        }
+        Err(_) => fd,
+    }
+}
+
 /// Lays out descriptors the way systemd's socket activation does, for
 /// modules written against that convention: the `listeners` (given as
 /// indices into `fds`, in order) become descriptors 3, 4, … and `fds` is
 /// updated to the new numbers; `control` and every other descriptor are
 /// first moved above that block. Returns how many listeners were placed.
+/// A number in the block held by anything else (a plugin's descriptor, past
+/// the zygote's [`RESERVED_FDS`]) is an error, never closed.
 /// Must run while the process is single-threaded (it renumbers descriptors).
 pub fn place_listeners(
     control: &mut OwnedFd,
@@ -55,11 +134,21 @@ pub fn place_listeners(
         // else owns it. Assigning drops (closes) the old number.
         *fd = unsafe { OwnedFd::from_raw_fd(moved) };
     }
+    if let Some(taken) = (LISTEN_FDS_START..floor).find(|&fd| {
+        // SAFETY: F_GETFD only queries the number; a free one yields EBADF.
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        nix::fcntl::fcntl(b, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+    }) {
+        return Err(ProcessError::DescriptorTaken {
+            fd: taken,
+            listeners: listeners.len(),
+        });
+    }
     for (i, &at) in listeners.iter().enumerate() {
         let target = LISTEN_FDS_START + i as RawFd;
         // SAFETY: `target` is below `floor`, where no descriptor is open
-        // any more (everything was moved above it), so dup3 creates a
-        // descriptor nothing else owns; it is wrapped at once.
+        // (ours were moved above it, and none other is, checked above), so
+        // dup3 creates a descriptor nothing else owns; it is wrapped at once.
         let placed = unsafe {
             let r = libc::dup3(fds[at].as_raw_fd(), target, libc::O_CLOEXEC);
             if r < 0 {
@@ -188,46 +277,91 @@ pub fn block_signals(sigs: &[Signal]) -> Result<SigSet, ProcessError> {
     Ok(set)
 }
 
-/// Descriptors currently open, from `/proc/self/fd`.
-pub fn open_fds() -> Vec<RawFd> {
-    let mut fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(d) => d
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    // The directory's own descriptor was in the list and is closed now.
-    fds.retain(|fd| {
-        // SAFETY: F_GETFD only queries the descriptor number; a closed
-        // number yields EBADF, nothing is touched.
-        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
-        nix::fcntl::fcntl(b, nix::fcntl::FcntlArg::F_GETFD).is_ok()
-    });
-    fds
+/// How long a worker waits to be re-parented to its supervisor
+/// ([`die_with_parent`]); the intermediate process exits right after the
+/// fork, so this only bounds a wait on one that was stopped or killed.
+pub const REPARENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Asks the kernel to `SIGKILL` this process when `parent` dies. A worker
+/// forked through an intermediate process (the supervisor's zygote) is
+/// re-parented to the supervisor, a child subreaper, when the intermediate
+/// exits: first this waits, at most [`REPARENT_WAIT`], until `parent` is
+/// this process's parent, since the parent-death signal follows whichever
+/// process is the parent when it is set. Returns `false` if the expected
+/// parent is gone (this process was re-parented elsewhere).
+pub fn die_with_parent(parent: Option<nix::unistd::Pid>) -> Result<bool, ProcessError> {
+    if let Some(p) = parent {
+        if !await_parent(p, REPARENT_WAIT)? {
+            return Ok(false);
+        }
+    }
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("prctl(PR_SET_PDEATHSIG)"))?;
+    // The parent may have died between the check and the flag.
+    Ok(parent.is_none_or(|p| nix::unistd::getppid() == p))
 }
 
-/// Closes every descriptor except `keep` (and 0, 1, 2).
-///
-/// Must be called while the process is single-threaded, right after a fork,
-/// when no live object of this process owns the closed descriptors (they
-/// belong to the parent's objects, which the child never drops).
-pub fn close_stray_fds(keep: &[RawFd]) {
-    for fd in open_fds() {
-        if fd <= 2 || keep.contains(&fd) {
+/// Waits until `expected` is this process's parent: `Ok(true)`; `Ok(false)`
+/// when the parent changed to another process (the expected one died) or
+/// did not change within `limit`. Waits on a pidfd of the current parent,
+/// which is readable once it has exited, and the kernel re-parents its
+/// children before that.
+fn await_parent(expected: nix::unistd::Pid, limit: Duration) -> Result<bool, ProcessError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + limit;
+    let mut waited_on = None;
+    loop {
+        let now = nix::unistd::getppid();
+        if now == expected {
+            return Ok(true);
+        }
+        if waited_on.is_some_and(|w| w != now) || now.as_raw() == 1 {
+            // Re-parented, but not to `expected`: it is gone.
+            return Ok(false);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProcessError::NotReparented {
+                expected: expected.as_raw(),
+                found: now.as_raw(),
+                waited: limit,
+            });
+        }
+        let Ok(fd) = pidfd_open(now.as_raw()) else {
+            // Gone already (and reaped): look again shortly.
+            waited_on = Some(now);
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        // The pidfd names whoever had that pid when it was opened: the
+        // parent, unless it exited and its pid was reused meanwhile, which
+        // the next getppid() shows (the parent changed).
+        if nix::unistd::getppid() != now {
             continue;
         }
-        // SAFETY: `fd` is open (listed above) and, per this function's
-        // contract, owned by no live object in this process: taking
-        // ownership to close it cannot double-close.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        waited_on = Some(now);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(sys("poll(pidfd)")(e)),
+        }
     }
 }
 
-/// Asks the kernel to `SIGKILL` this process when its parent dies; returns
-/// `false` if the expected parent is already gone.
-pub fn die_with_parent(parent: Option<nix::unistd::Pid>) -> Result<bool, ProcessError> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("prctl(PR_SET_PDEATHSIG)"))?;
-    Ok(parent.is_none_or(|p| nix::unistd::getppid() == p))
+/// `pidfd_open(pid, 0)`.
+fn pidfd_open(pid: i32) -> Result<OwnedFd, ProcessError> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(ProcessError::Sys {
+            call: "pidfd_open",
+            source: nix::Error::last(),
+        });
+    }
+    // SAFETY: pidfd_open returned a new descriptor (close-on-exec) that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Sets the process name: the kernel `comm` (first 15 bytes, shown by `ps -o
@@ -290,14 +424,20 @@ pub fn thread_count() -> usize {
     super::plugins::thread_count()
 }
 
-/// Forks a worker: creates its control socket, forks, and in the child runs
-/// [`super::worker::run`], which never returns. The parent gets the child's
-/// pid and its end of the control socket.
+/// Forks a worker: creates its control socket, forks, and in the child
+/// closes `own` (the caller's own descriptors: its control socket, a
+/// signalfd…) and runs [`super::worker::run`], which never returns. Every
+/// other descriptor stays open in the worker at its number: it belongs to a
+/// plugin. The parent gets the child's pid and its end of the control
+/// socket.
 ///
 /// Refuses unless the process is single-threaded: fork copies only the
 /// calling thread, and a lock held by another thread would stay locked in the
-/// child forever.
-pub fn fork_worker() -> Result<(nix::unistd::Pid, crate::protocol::ParentChannel), ProcessError> {
+/// child forever. glibc's `fork()` is used, so `pthread_atfork` handlers run
+/// and the child's C library knows its own thread id.
+pub fn fork_worker(
+    own: &[BorrowedFd<'_>],
+) -> Result<(nix::unistd::Pid, crate::protocol::ParentChannel), ProcessError> {
     let threads = thread_count();
     if threads != 1 {
         return Err(ProcessError::MultiThreaded(threads));
@@ -313,7 +453,13 @@ pub fn fork_worker() -> Result<(nix::unistd::Pid, crate::protocol::ParentChannel
     match unsafe { nix::unistd::fork() }.map_err(sys("fork"))? {
         nix::unistd::ForkResult::Child => {
             drop(parent_end);
-            super::worker::run(child_end, Some(me))
+            for fd in own {
+                // SAFETY: in the child, the caller's objects that own these
+                // descriptors are never dropped (`run` never returns), so
+                // closing our copy here cannot be a double close.
+                drop(unsafe { OwnedFd::from_raw_fd(fd.as_raw_fd()) });
+            }
+            super::worker::run(lowest_free_number(child_end), Some(me))
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(child_end);
@@ -327,15 +473,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lists_own_descriptors() {
-        let (r, _w) = nix::unistd::pipe().unwrap();
-        use std::os::fd::AsRawFd;
-        assert!(open_fds().contains(&r.as_raw_fd()));
+    fn fork_refuses_in_a_multithreaded_process() {
+        let _t = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
+        assert!(matches!(fork_worker(&[]), Err(ProcessError::MultiThreaded(n)) if n > 1));
     }
 
     #[test]
-    fn fork_refuses_in_a_multithreaded_process() {
-        let _t = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
-        assert!(matches!(fork_worker(), Err(ProcessError::MultiThreaded(n)) if n > 1));
+    fn a_process_waits_for_no_one_when_its_parent_is_the_expected_one() {
+        assert!(await_parent(nix::unistd::getppid(), Duration::ZERO).unwrap());
+    }
+
+    #[test]
+    fn waiting_for_a_parent_that_never_comes_ends_at_the_deadline() {
+        // Our parent (cargo) outlives the test: the wait runs out.
+        let nobody = nix::unistd::Pid::from_raw(i32::MAX);
+        let e = await_parent(nobody, Duration::from_millis(20)).unwrap_err();
+        assert!(
+            matches!(e, ProcessError::NotReparented { expected, .. } if expected == i32::MAX),
+            "{e}"
+        );
     }
 }

@@ -731,12 +731,15 @@ fn idle_exit(code: i32) -> ! {
 }
 
 /// Runs a worker on `control` (a `SOCK_SEQPACKET` socket to its parent).
-/// Call right after `fork` in a single-threaded child; never returns.
+/// Call right after `fork` in a single-threaded child, once the forking
+/// process's own descriptors are closed (every other inherited descriptor is
+/// a plugin's and stays open); never returns. With `parent`, the worker
+/// waits until that process is its parent (see
+/// [`process::die_with_parent`]) and dies with it.
 pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
     // Reset inherited state before anything else.
     let _ = process::reset_signals();
-    process::close_stray_fds(&[control.as_raw_fd()]);
-    if let Ok(false) = process::die_with_parent(parent) {
+    if !matches!(process::die_with_parent(parent), Ok(true)) {
         idle_exit(exit::LAUNCH);
     }
     process::set_process_name("ember: warm");

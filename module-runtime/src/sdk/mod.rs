@@ -253,9 +253,10 @@ fn shared_table<T: Copy + Send + Sync + 'static>(
 /// A plugin: initialized once in the zygote, then called in-process by
 /// modules through its `#[repr(C)]` [`PluginTable`].
 ///
-/// `init` must not leave threads running (the zygote forks afterwards) and
-/// must not rely on file descriptors surviving into workers (workers close
-/// descriptors they were not granted). Logging works during `init` only;
+/// `init` must not leave threads running (the zygote forks afterwards).
+/// Descriptors it opens stay open in every worker at the same numbers, and
+/// `pthread_atfork` handlers it registers run at each fork (`docs/abi.md`
+/// §3). Logging works during `init` only;
 /// afterwards a panic is reported on stderr (the instance's log in a
 /// worker). The table's `extern "C"` functions must not let a panic unwind:
 /// wrap each body in [`ffi_guard`].

@@ -2,7 +2,8 @@
 //!
 //! 1. configuration and state directory (no threads yet);
 //! 2. the zygote, re-executed from this binary while the process is still
-//!    single-threaded;
+//!    single-threaded (emberd is a child subreaper first: workers come to
+//!    it from the zygote's intermediate processes, see [`crate::reaper`]);
 //! 3. the tokio runtime: warm pool, state owner ([`actor`]), control socket
 //!    ([`server`]), systemd notifications;
 //! 4. on SIGTERM/SIGINT: stop modules (graceful, then kill), stop the
@@ -58,6 +59,9 @@ pub enum DaemonError {
     /// The runtime could not be built.
     #[error("runtime")]
     Runtime(#[source] std::io::Error),
+    /// emberd could not become its workers' parent.
+    #[error("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER)")]
+    Subreaper(#[source] nix::Error),
 }
 
 /// Loads the configuration with the command-line overrides.
@@ -90,6 +94,12 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let mode = cfg.mode().expect("validated");
     let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
         .map_err(DaemonError::Bind)?;
+    // Workers are forked by an intermediate process that exits at once:
+    // they are re-parented to emberd, which reaps them, only as a subreaper.
+    if let Err(e) = crate::reaper::become_subreaper() {
+        let _ = std::fs::remove_file(&socket_path);
+        return Err(DaemonError::Subreaper(e));
+    }
     // Still single-threaded here: the only safe moment to start the zygote.
     let zygote = match zygote::spawn(&cfg.plugin_specs(), cfg.pool.zygote_start_timeout()) {
         Ok(z) => z,
@@ -125,6 +135,8 @@ async fn serve(
     listener: std::os::unix::net::UnixListener,
 ) -> Result<(), DaemonError> {
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
+    // Orphans re-parented to emberd; on this thread, where claims are taken.
+    let reaper_task = tokio::spawn(crate::reaper::run());
     let limiter = Arc::new(start_limiter());
     let (pool, pool_task) = crate::pool::start(
         zygote,
@@ -199,6 +211,7 @@ async fn serve(
     drop(actor_tx);
     let _ = actor_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pool_task).await;
+    reaper_task.abort();
     limiter.shutdown();
     Ok(())
 }

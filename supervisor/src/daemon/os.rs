@@ -19,7 +19,6 @@ use crate::worker::{
     FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, SandboxReport, ToWorker, WorkerState,
 };
 use crate::zygote::client::{pidfd_reap, pidfd_signal};
-use crate::zygote::ForkMode;
 
 /// Something that happened to one instance, addressed to the actor.
 #[derive(Debug)]
@@ -385,7 +384,6 @@ async fn instance(
         Err(e) => return send(None, failed(error_chain(&e)), None),
     };
     let pid = worker.pid;
-    let mode = worker.mode;
     let mut log = match open_log(&plan.log) {
         Ok(file) => InstanceLog {
             file,
@@ -530,9 +528,7 @@ async fn instance(
             tracing::warn!(pid, error = %e, "cannot watch worker; killing it");
             let status = ExitStatus::Unknown;
             let _ = pidfd_signal(pidfd.as_fd(), libc::SIGKILL);
-            if mode == ForkMode::Clone3Parent {
-                let _ = tokio::task::spawn_blocking(move || pidfd_reap(pidfd.as_fd())).await;
-            }
+            let _ = tokio::task::spawn_blocking(move || pidfd_reap(pidfd.as_fd())).await;
             remove_cgroup(cgroup.take(), &module, pid).await;
             return send(Some(pid), Event::Exited { attempt, status }, None);
         }
@@ -592,8 +588,8 @@ async fn instance(
                     }
                 }
                 let status = match r {
-                    Ok(_) if mode == ForkMode::Clone3Parent => pidfd_reap(exit.get_ref().as_fd()),
-                    _ => ExitStatus::Unknown,
+                    Ok(_) => pidfd_reap(exit.get_ref().as_fd()),
+                    Err(_) => ExitStatus::Unknown,
                 };
                 drop(link);
                 let oom = match cgroup.take() {

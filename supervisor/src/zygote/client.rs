@@ -8,8 +8,9 @@ use std::process::{Child, Command, Stdio};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 use super::channel::{self, AsyncChannel, ChannelError};
-use super::{ForkMode, FromZygote, ToZygote, ZYGOTE_ARG};
+use super::{FromZygote, ToZygote, ZYGOTE_ARG};
 use crate::lifecycle::ExitStatus;
+use crate::reaper::{self, Claim};
 
 /// The zygote could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub struct ZygoteProcess {
     channel: OwnedFd,
     pid: i32,
     plugins: usize,
+    // Declared last: released after `child` is reaped (or dropped).
+    claim: Claim,
 }
 
 /// Starts the zygote by re-executing this binary and waits up to `timeout`
@@ -52,12 +55,13 @@ pub fn spawn(
     timeout: std::time::Duration,
 ) -> Result<ZygoteProcess, ZygoteError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let (child, channel) = exec_zygote()?;
+    let (child, channel, claim) = exec_zygote()?;
     let mut z = ZygoteProcess {
         pid: child.id() as i32,
         child,
         channel,
         plugins: 0,
+        claim,
     };
     let answered = || {
         let mut fds = [PollFd::new(z.channel.as_fd(), PollFlags::POLLIN)];
@@ -98,7 +102,8 @@ pub fn spawn(
 }
 
 /// Runs `emberd --zygote` with the zygote's end of a new channel; returns
-/// the child and our end.
+/// the child, our end and the claim on its pid (the orphan reaper leaves it
+/// to `child.wait()`).
 ///
 /// The zygote's parent-death signal, and that of every worker it forks
 /// with `CLONE_PARENT`, follows the *thread* that ran this (Linux sends it
@@ -106,7 +111,7 @@ pub fn spawn(
 /// that lives as long as emberd: the main thread (before the runtime, or
 /// the runtime itself, whose current-thread scheduler is the main thread),
 /// never a blocking-pool thread, which exits when idle.
-fn exec_zygote() -> Result<(Child, OwnedFd), ZygoteError> {
+fn exec_zygote() -> Result<(Child, OwnedFd, Claim), ZygoteError> {
     let (ours, theirs) = channel::pair().map_err(ZygoteError::Channel)?;
     // The zygote's end must survive exec. emberd starts no other process,
     // so no concurrent spawn can inherit it by accident.
@@ -125,7 +130,10 @@ fn exec_zygote() -> Result<(Child, OwnedFd), ZygoteError> {
         cmd.pre_exec(crate::rlimit::restore_in_child);
     }
     let child = cmd.spawn().map_err(ZygoteError::Spawn)?;
-    Ok((child, ours))
+    // Before anything can yield to the orphan reaper (this runs on its
+    // thread, or before it exists).
+    let claim = reaper::claim(child.id() as i32);
+    Ok((child, ours, claim))
 }
 
 fn hello(plugins: &[crate::plugins::PluginSpec]) -> ToZygote {
@@ -151,11 +159,15 @@ fn check_ready(
 
 /// Kills (if `kill`) and reaps a zygote child on the blocking pool, never on
 /// the runtime's thread.
-fn reap_off_thread(mut child: Child, kill: bool) {
+fn reap_off_thread(mut child: Child, kill: bool, claim: Claim) {
     if kill {
         let _ = child.kill();
     }
-    drop(tokio::task::spawn_blocking(move || child.wait()));
+    drop(tokio::task::spawn_blocking(move || {
+        let status = child.wait();
+        drop(claim);
+        status
+    }));
 }
 
 impl ZygoteProcess {
@@ -175,6 +187,7 @@ impl ZygoteProcess {
             child,
             channel,
             pid,
+            claim,
             ..
         } = self;
         match AsyncChannel::new(channel) {
@@ -183,9 +196,10 @@ impl ZygoteProcess {
                 child,
                 pid,
                 next_id: 0,
+                claim,
             }),
             Err(e) => {
-                reap_off_thread(child, true);
+                reap_off_thread(child, true, claim);
                 Err(ZygoteError::Channel(e))
             }
         }
@@ -213,6 +227,7 @@ pub struct Zygote {
     child: Child,
     pid: i32,
     next_id: u64,
+    claim: Claim,
 }
 
 impl Zygote {
@@ -223,12 +238,12 @@ impl Zygote {
         plugins: &[crate::plugins::PluginSpec],
         timeout: std::time::Duration,
     ) -> Result<Zygote, ZygoteError> {
-        let (child, ours) = exec_zygote()?;
+        let (child, ours, claim) = exec_zygote()?;
         let pid = child.id() as i32;
         let channel = match AsyncChannel::new(ours) {
             Ok(c) => c,
             Err(e) => {
-                reap_off_thread(child, true);
+                reap_off_thread(child, true, claim);
                 return Err(ZygoteError::Channel(e));
             }
         };
@@ -241,7 +256,7 @@ impl Zygote {
             Err(_) => Err(ZygoteError::Timeout(timeout)),
         };
         if let Err((e, kill)) = check_ready(answer, pid) {
-            reap_off_thread(child, kill);
+            reap_off_thread(child, kill, claim);
             return Err(e);
         }
         Ok(Zygote {
@@ -249,6 +264,7 @@ impl Zygote {
             child,
             pid,
             next_id: 0,
+            claim,
         })
     }
 
@@ -271,7 +287,10 @@ impl Zygote {
             .await
             .map_err(ForkError::ZygoteGone)?;
         match msg {
-            FromZygote::Forked { id: got, pid, mode } if got == id && fds.len() == 2 => {
+            FromZygote::Forked { id: got, pid } if got == id && fds.len() == 2 => {
+                // Before anything can yield to the orphan reaper: from here
+                // on, this worker's exit is its owner's to reap.
+                let claim = reaper::claim(pid);
                 let mut fds = fds.into_iter();
                 let pidfd = fds.next().expect("two descriptors");
                 let channel = fds.next().expect("two descriptors");
@@ -279,7 +298,7 @@ impl Zygote {
                     pid,
                     pidfd,
                     channel,
-                    mode,
+                    claim,
                 })
             }
             FromZygote::ForkFailed { id: got, reason } if got == id => Err(ForkError::Fork(reason)),
@@ -290,10 +309,18 @@ impl Zygote {
     /// Closes the channel (the zygote exits) and reaps it.
     pub async fn shutdown(self) {
         let Zygote {
-            channel, mut child, ..
+            channel,
+            mut child,
+            claim,
+            ..
         } = self;
         drop(channel);
-        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            drop(claim);
+            status
+        })
+        .await;
     }
 }
 
@@ -307,8 +334,9 @@ pub struct NewWorker {
     pub pidfd: OwnedFd,
     /// The supervisor's end of its channel.
     pub channel: OwnedFd,
-    /// How it was forked (decides who reaps it).
-    pub mode: ForkMode,
+    /// Its pid, claimed from the orphan reaper: whoever holds this reaps it
+    /// through the pidfd.
+    pub claim: Claim,
 }
 
 /// Whether the process behind `pidfd` has exited, without blocking.
@@ -337,9 +365,9 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> nix::Result<()> {
     }
 }
 
-/// Reaps an exited process through its pidfd and says how it ended.
-/// Workers forked in [`ForkMode::ForkPidfdOpen`] are reaped by the zygote's
-/// kernel auto-reap and give [`ExitStatus::Unknown`].
+/// Reaps an exited process through its pidfd and says how it ended:
+/// [`ExitStatus::Unknown`] if it was reaped already (it died before emberd
+/// claimed it, see [`crate::reaper`]).
 pub fn pidfd_reap(pidfd: BorrowedFd<'_>) -> ExitStatus {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     loop {

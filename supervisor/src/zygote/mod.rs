@@ -3,14 +3,16 @@
 //! forks workers on request.
 //!
 //! ```text
-//! emberd (main thread, before tokio)
+//! emberd (main thread, before tokio; PR_SET_CHILD_SUBREAPER)
 //!   └─ spawn("/proc/self/exe --zygote FD PPID")  ── SOCK_SEQPACKET ──┐
-//!        zygote: PR_SET_PDEATHSIG, load plugins, loop { Fork → clone3 }
-//!          └─ worker (CLONE_PARENT: emberd is its parent, pidfd to emberd)
+//!        zygote: PR_SET_PDEATHSIG, load plugins, loop { Fork → fork() }
+//!          └─ intermediate ─ fork() ─▶ worker, then exits
+//!   └─ worker (re-parented to emberd; pidfd to emberd)
 //! ```
 //!
 //! Each `Fork` answer carries the worker's pid and two descriptors: its
-//! pidfd and the supervisor's end of the worker's channel.
+//! pidfd and the supervisor's end of the worker's channel. The fork path
+//! and why it is a double fork: `fork.rs`.
 
 pub mod channel;
 pub mod client;
@@ -41,18 +43,6 @@ pub enum ToZygote {
     },
 }
 
-/// How workers are created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ForkMode {
-    /// `clone3(CLONE_PARENT | CLONE_PIDFD)`: the supervisor is the
-    /// worker's parent and reaps it.
-    Clone3Parent,
-    /// `fork()` + `pidfd_open`: the zygote is the parent and reaps
-    /// automatically; exit statuses are not available.
-    ForkPidfdOpen,
-}
-
 /// Zygote to supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,8 +65,6 @@ pub enum FromZygote {
         id: u64,
         /// The worker's pid.
         pid: i32,
-        /// How it was forked.
-        mode: ForkMode,
     },
     /// No worker could be forked.
     ForkFailed {

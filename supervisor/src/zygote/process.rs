@@ -2,11 +2,9 @@
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
-use nix::errno::Errno;
-
 use super::channel::{self, ChannelError};
-use super::fork::{become_worker, fork_worker, Forked};
-use super::{ForkMode, FromZygote, ToZygote};
+use super::fork::{become_worker, fork_worker, ForkPathError, Forked};
+use super::{FromZygote, ToZygote};
 use crate::error_chain;
 
 /// Exit code when the zygote's arguments are wrong.
@@ -33,6 +31,15 @@ pub fn main(args: &[String]) -> i32 {
         return EXIT_CHANNEL;
     }
     let _ = nix::sys::prctl::set_name(c"ember-zygote");
+    // An ignored SIGCHLD (it survives exec) would have the kernel reap the
+    // intermediate processes of the fork path by itself.
+    // SAFETY: installing SIG_DFL runs no code of ours.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGCHLD,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     // Descriptors the daemon inherited without close-on-exec came along
     // through exec: close all but stdio and our channel.
     // SAFETY: this process was just exec'd; no Rust object owns any
@@ -59,6 +66,11 @@ fn serve(chan: OwnedFd, parent: i32) -> i32 {
         Ok((ToZygote::Hello { plugins }, _)) => plugins,
         _ => return EXIT_CHANNEL,
     };
+    // Before any plugin opens a descriptor: the numbers where a worker puts
+    // its module's listeners are the zygote's own, so no plugin's is there.
+    let Ok(reserved) = module_runtime::host::process::reserve_listener_fds() else {
+        return EXIT_CHANNEL;
+    };
     // Kept alive (mapped) for the zygote's whole life, so every worker
     // inherits them.
     let _plugins = match crate::plugins::preload(&plugins) {
@@ -78,7 +90,6 @@ fn serve(chan: OwnedFd, parent: i32) -> i32 {
             return EXIT_PLUGINS;
         }
     };
-    let mut mode = ForkMode::Clone3Parent;
     loop {
         let id = match channel::recv::<ToZygote>(&chan) {
             Ok((ToZygote::Fork { id }, _)) => id,
@@ -87,22 +98,29 @@ fn serve(chan: OwnedFd, parent: i32) -> i32 {
             Err(ChannelError::Closed) => return 0,
             Err(_) => return EXIT_CHANNEL,
         };
-        let reply = fork_one(id, &mut mode, parent);
-        let sent = match reply {
-            Ok((pid, pidfd, sup_end, used)) => channel::send(
+        let sent = match fork_one() {
+            Ok(Outcome::Worker(worker_end)) => {
+                // In the new worker: close exactly what the zygote owns (its
+                // channel to emberd, the placeholders); every other
+                // descriptor is a plugin's and keeps its number.
+                drop(chan);
+                drop(reserved);
+                become_worker(worker_end, parent)
+            }
+            Ok(Outcome::Forked {
+                pid,
+                pidfd,
+                sup_end,
+            }) => channel::send(
                 &chan,
-                &FromZygote::Forked {
-                    id,
-                    pid,
-                    mode: used,
-                },
+                &FromZygote::Forked { id, pid },
                 &[pidfd.as_fd(), sup_end.as_fd()],
             ),
             Err(e) => channel::send(
                 &chan,
                 &FromZygote::ForkFailed {
                     id,
-                    reason: e.to_string(),
+                    reason: error_chain(&e),
                 },
                 &[],
             ),
@@ -113,44 +131,35 @@ fn serve(chan: OwnedFd, parent: i32) -> i32 {
     }
 }
 
-fn fork_one(
-    _id: u64,
-    mode: &mut ForkMode,
-    supervisor: i32,
-) -> Result<(i32, OwnedFd, OwnedFd, ForkMode), Errno> {
-    let (sup_end, worker_end) = channel::pair().map_err(|_| Errno::EMFILE)?;
-    let zygote = nix::unistd::getpid().as_raw();
+/// What [`fork_one`] returns on each side of the fork.
+enum Outcome {
+    /// In the new worker: its end of the channel.
+    Worker(OwnedFd),
+    /// In the zygote: the worker's pid, pidfd and emberd's end of its
+    /// channel.
+    Forked {
+        pid: i32,
+        pidfd: OwnedFd,
+        sup_end: OwnedFd,
+    },
+}
+
+fn fork_one() -> Result<Outcome, ForkPathError> {
+    let (sup_end, worker_end) = channel::pair().map_err(ForkPathError::Socket)?;
     // SAFETY: the zygote never starts a thread (no runtime, plugins must not
     // leave threads), so it is single-threaded here.
-    let forked = match unsafe { fork_worker(*mode) } {
-        Err(Errno::ENOSYS | Errno::EPERM | Errno::EINVAL) if *mode == ForkMode::Clone3Parent => {
-            // clone3 refused here (old kernel, seccomp): fall back for good.
-            *mode = ForkMode::ForkPidfdOpen;
-            // SIGCHLD ignored: the zygote's children are reaped by the kernel.
-            // SAFETY: installing SIG_IGN runs no code of ours.
-            let _ = unsafe {
-                nix::sys::signal::signal(
-                    nix::sys::signal::Signal::SIGCHLD,
-                    nix::sys::signal::SigHandler::SigIgn,
-                )
-            };
-            // SAFETY: as above, single-threaded.
-            unsafe { fork_worker(*mode) }?
-        }
-        other => other?,
-    };
-    match forked {
-        Forked::Child => {
+    match unsafe { fork_worker() }? {
+        Forked::Worker => {
             drop(sup_end);
-            let parent = match *mode {
-                ForkMode::Clone3Parent => supervisor,
-                ForkMode::ForkPidfdOpen => zygote,
-            };
-            become_worker(worker_end, parent)
+            Ok(Outcome::Worker(worker_end))
         }
         Forked::Parent { pid, pidfd } => {
             drop(worker_end);
-            Ok((pid, pidfd, sup_end, *mode))
+            Ok(Outcome::Forked {
+                pid,
+                pidfd,
+                sup_end,
+            })
         }
     }
 }
