@@ -33,6 +33,11 @@ impl Rng {
         Self(seed)
     }
 
+    /// A generator with this seed.
+    pub fn seeded(seed: u64) -> Self {
+        Self(seed)
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
