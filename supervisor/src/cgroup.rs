@@ -15,7 +15,9 @@
 //! the idle worker is moved before its launch order is sent. An instance's
 //! cgroup is removed once its worker has exited and been reaped, the parent
 //! at a clean shutdown; parents left by a dead emberd (`ember-<pid>` whose
-//! pid is gone) are removed at start-up when empty.
+//! pid is gone) are removed at start-up: a worker of it still exiting
+//! (its parent-death signal on its way) is killed, and the removal retried
+//! until it has gone.
 //!
 //! Where no memory controller is usable, the worker's resident-set watchdog
 //! (module-runtime) is the only memory fence; it runs in every case.
@@ -345,6 +347,8 @@ pub struct Limiter {
     detection: Detection,
     /// Our parent cgroup per usable hierarchy (one for v2, up to two in v1).
     parents: Vec<(Controller, Version, PathBuf)>,
+    /// Parents of dead emberds still to remove.
+    stale: Vec<PathBuf>,
 }
 
 impl Limiter {
@@ -353,6 +357,7 @@ impl Limiter {
         Self {
             detection: Detection::default(),
             parents: Vec::new(),
+            stale: Vec::new(),
         }
     }
 
@@ -362,13 +367,14 @@ impl Limiter {
     pub fn start(root: &Path, self_cgroup: &str, pid: u32) -> Self {
         let mut detection = detect(root, self_cgroup);
         let mut parents: Vec<(Controller, Version, PathBuf)> = Vec::new();
+        let mut stale = Vec::new();
         for c in [Controller::Memory, Controller::Cpu] {
             let slot = match c {
                 Controller::Memory => &mut detection.memory,
                 Controller::Cpu => &mut detection.cpu,
             };
             let Some(h) = slot.clone() else { continue };
-            remove_stale(&h.base, pid);
+            stale.extend(remove_stale(&h.base, pid));
             let dir = h.base.join(parent_name(pid));
             let made = (|| -> Result<(), CgroupError> {
                 if h.enable_in_base {
@@ -395,7 +401,18 @@ impl Limiter {
                 }
             }
         }
-        Self { detection, parents }
+        Self {
+            detection,
+            parents,
+            stale,
+        }
+    }
+
+    /// Parents of dead emberds that [`Limiter::start`] could not remove
+    /// yet (a worker was still exiting): retry with
+    /// [`remove_stale_parent`].
+    pub fn stale(&self) -> &[PathBuf] {
+        &self.stale
     }
 
     /// What was detected (and is in use).
@@ -613,11 +630,16 @@ fn alive(pid: i32) -> bool {
     )
 }
 
-/// Removes `ember-<pid>` parents below `base` whose emberd is dead.
-fn remove_stale(base: &Path, own: u32) {
+/// Removes `ember-<pid>` parents below `base` whose emberd is dead; returns
+/// those that could not be removed yet. A worker of a dead emberd may still
+/// be exiting (its parent-death signal is on its way) when the next emberd
+/// starts: each process left in such a cgroup is sent SIGKILL, and the
+/// caller retries the removal with [`remove_stale_parent`].
+fn remove_stale(base: &Path, own: u32) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(base) else {
-        return;
+        return Vec::new();
     };
+    let mut left = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name();
         let Some(pid) = name.to_str().and_then(parse_parent_name) else {
@@ -627,8 +649,33 @@ fn remove_stale(base: &Path, own: u32) {
             continue;
         }
         tracing::info!(dir = %e.path().display(), "removing stale cgroup of a dead emberd");
-        remove_tree(&e.path());
+        if !remove_stale_parent(&e.path()) {
+            left.push(e.path());
+        }
     }
+    left
+}
+
+/// Kills what is left in a dead emberd's parent cgroup `dir` (its workers
+/// only ever run there) and removes it with the empty cgroups below it;
+/// true once it is gone.
+pub fn remove_stale_parent(dir: &Path) -> bool {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        {
+            let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    std::fs::remove_dir(dir).is_ok() || !dir.exists()
 }
 
 #[cfg(test)]

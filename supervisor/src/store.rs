@@ -493,6 +493,23 @@ impl Store {
             }
         }
     }
+
+    /// Removes the logs of modules `state` does not list: left by an
+    /// install that a crash cut short before its state was written, or by
+    /// an uninstall cut short after. Only at start-up, before any install
+    /// can be in progress.
+    pub fn remove_stale_logs(&self, state: &DesiredState) {
+        let Ok(rd) = fs::read_dir(self.dir.join("logs")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let module = name.strip_suffix(".log").unwrap_or(&name);
+            if !state.modules.contains_key(module) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn unique() -> u64 {
@@ -809,6 +826,20 @@ mod tests {
             revisions: Vec::new(),
             uid: None,
         }
+    }
+
+    #[test]
+    fn logs_of_modules_not_installed_are_removed_at_start() {
+        let dir = tempdir("stale-logs");
+        let (store, mut state) = Store::open(&dir.join("state")).unwrap();
+        state.modules.insert("kv".into(), record("kv", "aa"));
+        for n in ["kv", "gone"] {
+            fs::write(store.log_path(n), "line\n").unwrap();
+        }
+        store.remove_stale_logs(&state);
+        assert!(store.log_path("kv").exists());
+        assert!(!store.log_path("gone").exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -58,6 +58,21 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        self.spawn_nowait(env);
+        let child = self.child.as_mut().unwrap();
+        poll_until("emberd's socket", Duration::from_millis(20), || {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("emberd exited early: {st}");
+            }
+            UnixStream::connect(&self.socket)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
+    }
+
+    /// Starts emberd on this directory's state and socket without waiting
+    /// for it to serve (to kill it while it starts).
+    pub fn spawn_nowait(&mut self, env: &[(&str, &str)]) {
         let mut cmd = Command::new(emberd());
         cmd.arg("--config")
             .arg(&self.config)
@@ -72,17 +87,7 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap();
-        self.child = Some(child);
-        let child = self.child.as_mut().unwrap();
-        poll_until("emberd's socket", Duration::from_millis(20), || {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("emberd exited early: {st}");
-            }
-            UnixStream::connect(&self.socket)
-                .map(drop)
-                .map_err(|e| e.to_string())
-        });
+        self.child = Some(cmd.spawn().unwrap());
     }
 
     pub fn pid(&self) -> i32 {

@@ -3,6 +3,7 @@
 //! channel ends to a peer process, the example cdylibs and daemon binaries
 //! built from the workspace, and ([`daemon`]) a real `emberd` to drive.
 
+pub mod chaos;
 pub mod daemon;
 pub mod load;
 pub mod procs;

@@ -87,8 +87,10 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let nofile = crate::rlimit::raise();
     let state_dir = cfg.state_path();
     let (store, desired) = Store::open(&state_dir).map_err(DaemonError::Store)?;
-    // Artifacts of an install cut short by a crash are not referenced.
+    // Artifacts and logs of an install cut short by a crash are not
+    // referenced.
     store.collect_garbage(&desired);
+    store.remove_stale_logs(&desired);
     // The socket first: a daemon that cannot serve starts no process.
     let socket_path = cfg.socket_path();
     let mode = cfg.mode().expect("validated");
@@ -228,6 +230,10 @@ fn start_limiter() -> crate::cgroup::Limiter {
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         Limiter::start(std::path::Path::new(&root), &own, std::process::id())
     };
+    let stale = limiter.stale().to_vec();
+    if !stale.is_empty() {
+        tokio::spawn(sweep_stale_cgroups(stale));
+    }
     let d = limiter.detection();
     tracing::info!(
         memory = %d.memory_mechanism(),
@@ -237,6 +243,19 @@ fn start_limiter() -> crate::cgroup::Limiter {
         "resource limits"
     );
     limiter
+}
+
+/// Retries removing the cgroups of a dead emberd whose workers were still
+/// exiting at start-up (each try takes a few directory operations).
+async fn sweep_stale_cgroups(mut dirs: Vec<PathBuf>) {
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dirs.retain(|d| !crate::cgroup::remove_stale_parent(d));
+        if dirs.is_empty() {
+            return;
+        }
+    }
+    tracing::warn!(cgroups = ?dirs, "cannot remove the cgroups of a dead emberd");
 }
 
 /// Pings the systemd watchdog while the state owner answers.

@@ -1,21 +1,23 @@
 //! The control socket: bind with the configured mode, check each peer's
 //! credentials, decode Varlink calls, dispatch, reply.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::actor::{ActorMsg, Response};
-use crate::control::{self, errors};
-use crate::varlink::{service, Call, ErrorReply, FrameDecoder, FrameError, Reply, MAX_MESSAGE};
+use crate::control::{self, errors, Action, Decoded};
+use crate::varlink::{Call, ErrorReply, FrameDecoder, FrameError, Reply, MAX_MESSAGE};
 
-/// Most connections served at once; more are closed on accept.
+/// Most connections served at once; beyond that the one idle the longest
+/// is closed to make room (see `Slots`), or the new one if none is idle.
 pub const MAX_CONNECTIONS: usize = 128;
 
 /// The socket could not be bound.
@@ -171,7 +173,7 @@ pub async fn serve(
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -181,16 +183,114 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("too many control connections; closing one");
+        let Some(slot) = slots.take().await else {
+            tracing::warn!("too many control connections, none idle; closing one");
             continue;
         };
         let access = access.clone();
         let actor = actor.clone();
         tokio::spawn(async move {
-            Connection::new(stream, actor).run(&access).await;
-            drop(permit);
+            Connection::new(stream, actor, slot).run(&access).await;
         });
+    }
+}
+
+/// How long the rest of a call may take to arrive once its first byte has:
+/// a client that sends part of a call and stalls (slow-loris) is answered
+/// `ProtocolError` and closed.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long a reply may wait for the client to read it: a client that
+/// sends calls and never reads the replies is closed.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a connection accepted at [`MAX_CONNECTIONS`] waits for the idle
+/// one it evicted to let go of its slot.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
+
+/// The connection slots. When all are taken, the connection idle the
+/// longest (waiting for a call, or stalled in the middle of one) is closed
+/// to make room: a client holding many idle connections cannot lock the
+/// others out. Connections busy with a call are never evicted.
+struct Slots {
+    permits: Arc<Semaphore>,
+    table: Arc<Mutex<SlotTable>>,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next: u64,
+    /// Per connection: idle since when (`None`: busy with a call), and how
+    /// to tell it to close.
+    conns: HashMap<u64, (Option<Instant>, Arc<Notify>)>,
+}
+
+/// One connection's slot, given back when dropped.
+struct Slot {
+    id: u64,
+    table: Arc<Mutex<SlotTable>>,
+    evict: Arc<Notify>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(n)),
+            table: Arc::default(),
+        }
+    }
+
+    /// A slot for a new connection: a free one, or the one of the
+    /// connection idle the longest, once it has closed. `None` if every
+    /// connection is busy with a call.
+    async fn take(&self) -> Option<Slot> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let oldest = {
+                    let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                    t.conns
+                        .values()
+                        .filter_map(|(idle, evict)| idle.map(|i| (i, evict.clone())))
+                        .min_by_key(|(i, _)| *i)
+                        .map(|(_, evict)| evict)
+                };
+                oldest?.notify_one();
+                tokio::time::timeout(EVICT_WAIT, self.permits.clone().acquire_owned())
+                    .await
+                    .ok()?
+                    .ok()?
+            }
+        };
+        let evict = Arc::new(Notify::new());
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let id = t.next;
+        t.next += 1;
+        t.conns.insert(id, (Some(Instant::now()), evict.clone()));
+        Some(Slot {
+            id,
+            table: self.table.clone(),
+            evict,
+            _permit: permit,
+        })
+    }
+}
+
+impl Slot {
+    /// Marks the connection idle (waiting for bytes) or busy (a call).
+    fn set_idle(&self, idle: bool) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = t.conns.get_mut(&self.id) {
+            e.0 = idle.then(Instant::now);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.conns.remove(&self.id);
     }
 }
 
@@ -198,6 +298,7 @@ struct Connection {
     stream: UnixStream,
     actor: mpsc::Sender<ActorMsg>,
     decoder: FrameDecoder,
+    slot: Slot,
 }
 
 enum Flow {
@@ -206,16 +307,20 @@ enum Flow {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, actor: mpsc::Sender<ActorMsg>) -> Self {
+    fn new(stream: UnixStream, actor: mpsc::Sender<ActorMsg>, slot: Slot) -> Self {
         Self {
             stream,
             actor,
             decoder: FrameDecoder::new(MAX_MESSAGE),
+            slot,
         }
     }
 
     async fn write(&mut self, reply: &Reply) -> Result<(), std::io::Error> {
-        self.stream.write_all(&reply.encode()).await
+        match tokio::time::timeout(WRITE_DEADLINE, self.stream.write_all(&reply.encode())).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 
     async fn run(mut self, access: &Access) {
@@ -234,10 +339,15 @@ impl Connection {
             let _ = self.stream.shutdown().await;
             return;
         }
+        // When the call being received began to arrive.
+        let mut partial_since: Option<Instant> = None;
         loop {
+            let mut completed = false;
             loop {
                 match self.decoder.next_frame() {
                     Ok(Some(frame)) => {
+                        completed = true;
+                        self.slot.set_idle(false);
                         if let Flow::Close = self.call(&frame).await {
                             return;
                         }
@@ -248,9 +358,41 @@ impl Connection {
                     }
                 }
             }
-            match self.stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => self.decoder.extend(&buf[..n]),
+            partial_since = match self.decoder.pending() {
+                0 => None,
+                _ if completed => Some(Instant::now()),
+                _ => partial_since.or_else(|| Some(Instant::now())),
+            };
+            self.slot.set_idle(true);
+            let evict = self.slot.evict.clone();
+            let read = async {
+                match partial_since {
+                    Some(t) => tokio::time::timeout_at(
+                        (t + FRAME_DEADLINE).into(),
+                        self.stream.read(&mut buf),
+                    )
+                    .await
+                    .ok(),
+                    None => Some(self.stream.read(&mut buf).await),
+                }
+            };
+            let read = tokio::select! {
+                r = read => r,
+                _ = evict.notified() => {
+                    tracing::debug!("idle control connection closed to make room");
+                    return;
+                }
+            };
+            match read {
+                None => {
+                    let reason = format!(
+                        "incomplete call: no terminator {} s after its first byte",
+                        FRAME_DEADLINE.as_secs()
+                    );
+                    return self.protocol_error(reason).await;
+                }
+                Some(Ok(0) | Err(_)) => return,
+                Some(Ok(n)) => self.decoder.extend(&buf[..n]),
             }
         }
     }
@@ -262,14 +404,17 @@ impl Connection {
     }
 
     async fn call(&mut self, frame: &[u8]) -> Flow {
-        let call = match Call::parse(frame) {
-            Ok(c) => c,
+        let Decoded { call, action } = match control::decode_call(frame) {
+            Ok(d) => d,
             Err(e) => {
                 self.protocol_error(crate::error_chain(&e)).await;
                 return Flow::Close;
             }
         };
-        let result = self.dispatch(&call).await;
+        let result = match action {
+            Ok(action) => self.dispatch(&call, action).await,
+            Err(e) => Err(e),
+        };
         let reply = match result {
             Ok(Some(r)) => r,
             Ok(None) => return Flow::Continue,
@@ -285,59 +430,48 @@ impl Connection {
     }
 
     /// `Ok(None)` when the reply was already streamed.
-    async fn dispatch(&mut self, call: &Call) -> Result<Option<Reply>, ErrorReply> {
-        if call.upgrade {
-            return Err(service::invalid_parameter("upgrade"));
+    async fn dispatch(&mut self, call: &Call, action: Action) -> Result<Option<Reply>, ErrorReply> {
+        let request = match action {
+            Action::Service(v) => return Ok(Some(Reply::ok(v))),
+            Action::Supervisor(r) => r,
+        };
+        let logs = match &request {
+            control::Request::Logs(l) => Some(l.clone()),
+            _ => None,
+        };
+        let (tx, rx) = oneshot::channel();
+        let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
+        let follow = matches!(
+            request,
+            control::Request::Install(_)
+                | control::Request::Deploy(_)
+                | control::Request::Rollback(_)
+        ) && call.more
+            && !call.oneway;
+        let (progress, progress_rx) = match follow {
+            true => {
+                let (p, r) = tokio::sync::mpsc::unbounded_channel();
+                (Some(p), Some(r))
+            }
+            false => (None, None),
+        };
+        self.actor
+            .send(ActorMsg::Control {
+                request,
+                reply: tx,
+                progress,
+            })
+            .await
+            .map_err(|_| shutting_down())?;
+        if let Some(progress_rx) = progress_rx {
+            return self.progress(rx, progress_rx).await;
         }
-        let (iface, member) = call
-            .interface_and_member()
-            .map_err(|_| service::method_not_found(&call.method))?;
-        match iface {
-            service::INTERFACE => {
-                service::handle(member, &call.parameters).map(|v| Some(Reply::ok(v)))
+        match rx.await.map_err(|_| shutting_down())?? {
+            Response::Value(v) => Ok(Some(Reply::ok(v))),
+            Response::Logs(path) => {
+                let logs = logs.expect("logs response to a logs request");
+                self.logs(&path, logs.lines(), call.more, call.oneway).await
             }
-            service::EMBER_INTERFACE => {
-                let request = control::parse(member, &call.parameters)?;
-                let logs = match &request {
-                    control::Request::Logs(l) => Some(l.clone()),
-                    _ => None,
-                };
-                let (tx, rx) = oneshot::channel();
-                let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
-                let follow = matches!(
-                    request,
-                    control::Request::Install(_)
-                        | control::Request::Deploy(_)
-                        | control::Request::Rollback(_)
-                ) && call.more
-                    && !call.oneway;
-                let (progress, progress_rx) = match follow {
-                    true => {
-                        let (p, r) = tokio::sync::mpsc::unbounded_channel();
-                        (Some(p), Some(r))
-                    }
-                    false => (None, None),
-                };
-                self.actor
-                    .send(ActorMsg::Control {
-                        request,
-                        reply: tx,
-                        progress,
-                    })
-                    .await
-                    .map_err(|_| shutting_down())?;
-                if let Some(progress_rx) = progress_rx {
-                    return self.progress(rx, progress_rx).await;
-                }
-                match rx.await.map_err(|_| shutting_down())?? {
-                    Response::Value(v) => Ok(Some(Reply::ok(v))),
-                    Response::Logs(path) => {
-                        let logs = logs.expect("logs response to a logs request");
-                        self.logs(&path, logs.lines(), call.more, call.oneway).await
-                    }
-                }
-            }
-            other => Err(service::interface_not_found(other)),
         }
     }
 
