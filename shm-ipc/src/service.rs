@@ -124,18 +124,19 @@ impl Server {
         deadline: Option<Instant>,
         handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
-        self.run_or_wake(deadline, None, handler)
+        self.run_or_wake(deadline, &[], handler)
     }
 
     /// As [`Server::run`], and also returns (after serving what is pending)
-    /// as soon as `wake` becomes readable while parked: a descriptor that
-    /// says new clients wait to be [`add`](Server::add)ed, so they are served
-    /// at once rather than at the next deadline. `wake` is only polled, never
-    /// read: the caller clears it.
+    /// as soon as one of `wake` becomes readable while parked: descriptors
+    /// that say new clients wait to be [`add`](Server::add)ed, or that the
+    /// caller should stop, so it acts at once rather than at a deadline (an
+    /// idle server parked with no deadline wakes for nothing else). `wake`
+    /// is only polled, never read: the caller clears it.
     pub fn run_or_wake(
         &mut self,
         deadline: Option<Instant>,
-        wake: Option<BorrowedFd<'_>>,
+        wake: &[BorrowedFd<'_>],
         mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
         let mut gone = Vec::new();
@@ -165,12 +166,12 @@ impl Server {
         }
     }
 
-    /// Parks until some client rings, `wake` is readable or `deadline`
-    /// passes; true if `wake` is readable.
+    /// Parks until some client rings, one of `wake` is readable or
+    /// `deadline` passes; true if one of `wake` is readable.
     fn park(
         &mut self,
         deadline: Option<Instant>,
-        wake: Option<BorrowedFd<'_>>,
+        wake: &[BorrowedFd<'_>],
         gone: &mut Vec<ClientGone>,
     ) -> Result<bool, ChannelError> {
         let mut work = false;
@@ -185,7 +186,7 @@ impl Server {
         let mut woken = false;
         let rang = if work || !bad.is_empty() {
             vec![false; self.clients.len()]
-        } else if let ([(_, only)], None, None) = (self.clients.as_mut_slice(), deadline, wake) {
+        } else if let ([(_, only)], None, []) = (self.clients.as_mut_slice(), deadline, wake) {
             // One client, no deadline, nothing else to watch: a blocking
             // read is the whole wait.
             only.park_blocking()?;
@@ -193,14 +194,12 @@ impl Server {
         } else {
             let mut socks: Vec<BorrowedFd<'_>> =
                 self.clients.iter().map(|(_, ch)| ch.sock()).collect();
-            socks.extend(wake);
+            socks.extend_from_slice(wake);
             let mut rang = doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os {
                 op: "poll(doorbells)",
                 source: e,
             })?;
-            if wake.is_some() {
-                woken = rang.pop().unwrap_or(false);
-            }
+            woken = rang.split_off(self.clients.len()).contains(&true);
             rang
         };
         for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
@@ -258,27 +257,30 @@ mod tests {
     }
 
     #[test]
-    fn a_parked_server_returns_when_woken_to_adopt_a_client() {
-        let mut server = Server::new();
-        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
-        server.add(s).unwrap();
-        // Keep the client end open: a client that left would end `run`.
-        let _client = Client::open(c).unwrap();
-        let (wake_r, wake_w) = nix::unistd::pipe().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || {
-            // No deadline: only the wake can end this park.
-            let gone = server
-                .run_or_wake(None, Some(wake_r.as_fd()), |_, _, _| Ok(()))
-                .unwrap();
-            tx.send(gone.len()).unwrap();
-        });
-        nix::unistd::write(&wake_w, b"w").unwrap();
-        let gone = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("run_or_wake returned on its wake descriptor");
-        assert_eq!(gone, 0);
-        t.join().unwrap();
+    fn a_parked_server_returns_when_any_wake_descriptor_is_readable() {
+        for which in 0..2 {
+            let mut server = Server::new();
+            let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+            server.add(s).unwrap();
+            // Keep the client end open: a client that left would end `run`.
+            let _client = Client::open(c).unwrap();
+            // Say, "new clients to adopt" and "shutdown requested".
+            let pipes = [nix::unistd::pipe().unwrap(), nix::unistd::pipe().unwrap()];
+            let readers: Vec<_> = pipes.iter().map(|(r, _)| r.try_clone().unwrap()).collect();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                let wake: Vec<_> = readers.iter().map(|r| r.as_fd()).collect();
+                // No deadline: only a wake can end this park.
+                let gone = server.run_or_wake(None, &wake, |_, _, _| Ok(())).unwrap();
+                tx.send(gone.len()).unwrap();
+            });
+            nix::unistd::write(&pipes[which].1, b"w").unwrap();
+            let gone = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("run_or_wake returned on its wake descriptor");
+            assert_eq!(gone, 0);
+            t.join().unwrap();
+        }
     }
 
     #[test]
