@@ -22,6 +22,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod listeners;
 pub mod manifest;
+pub mod memwatch;
 pub mod metrics;
 pub mod notify;
 pub mod paths;
