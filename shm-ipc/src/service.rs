@@ -116,9 +116,10 @@ impl Server {
         served
     }
 
-    /// Serves until `deadline` or until no client is left, spinning
-    /// briefly when idle and then parking on every client's doorbell.
-    /// Returns the clients that left.
+    /// Serves until `deadline`, until a client leaves (so the caller learns
+    /// of it at once) or until no client is left, spinning briefly when
+    /// idle and then parking on every client's doorbell. Returns the
+    /// clients that left.
     pub fn run(
         &mut self,
         deadline: Option<Instant>,
@@ -148,7 +149,11 @@ impl Server {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(gone);
             }
-            if self.serve_round(&mut handler, &mut gone) > 0 {
+            let served = self.serve_round(&mut handler, &mut gone);
+            if !gone.is_empty() {
+                return Ok(gone);
+            }
+            if served > 0 {
                 idle_since = None;
                 continue;
             }
@@ -160,6 +165,9 @@ impl Server {
             if self.park(deadline, wake, &mut gone)? {
                 // Serve what rang with it, then let the caller adopt.
                 self.serve_round(&mut handler, &mut gone);
+                return Ok(gone);
+            }
+            if !gone.is_empty() {
                 return Ok(gone);
             }
             idle_since = None;
@@ -281,6 +289,55 @@ mod tests {
             assert_eq!(gone, 0);
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_busy_server_without_deadline_reports_a_corrupt_client_at_once() {
+        let mut server = Server::new();
+        let (bad_end, s1) = channel_pair(&ChannelConfig::default()).unwrap();
+        let (good_end, s2) = channel_pair(&ChannelConfig::default()).unwrap();
+        server.add(s1).unwrap();
+        server.add(s2).unwrap();
+        // The bad client publishes a head no correct client could.
+        let (memfd, _sock) = bad_end.into_fds();
+        let region = crate::region::Region::map_rw(&memfd, 4096).unwrap();
+        region
+            .u32_at(128)
+            .store(1000, std::sync::atomic::Ordering::Release);
+        // The good client keeps calling meanwhile.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let caller = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut good = Client::open(good_end).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let d = Instant::now() + Duration::from_secs(5);
+                    if good.call_deadline(b"hi", d).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // No deadline, no wake descriptor.
+            let gone = server
+                .run(None, |_, req, w| {
+                    w.write(&req.to_vec()).map_err(|e| e.to_string())
+                })
+                .unwrap();
+            tx.send(format!("{gone:?}")).unwrap();
+            server
+        });
+        let gone = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("run returned once a client misbehaved");
+        assert!(gone.contains("Misbehaved(ClientId(1)"), "{gone}");
+        let server = t.join().unwrap();
+        assert_eq!(server.len(), 1);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(server);
+        caller.join().unwrap();
     }
 
     #[test]

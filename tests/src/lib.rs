@@ -141,6 +141,7 @@ pub const EXAMPLES: &[&str] = &[
     "fixture-wrong-sdk",
     "fixture-panic-plugin",
     "fixture-hangs-in-load",
+    "fixture-scribbler",
 ];
 
 /// The workspace's root directory.
