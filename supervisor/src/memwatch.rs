@@ -12,9 +12,9 @@
 //! A worker's *private* resident memory: its anonymous pages, what
 //! `/proc/PID/status` shows as `RssAnon`. It is read from
 //! `/proc/PID/statm` as `resident − shared`: the kernel (`task_statm`)
-//! writes `resident` as file + shmem + anonymous pages and `shared` as file
-//! + shmem pages, so the difference is the same `MM_ANONPAGES` counter as
-//! `RssAnon` (one short line, no walk of the mappings, no mmap lock). It
+//! counts file, shmem and anonymous pages in `resident` and file and shmem
+//! pages in `shared`, so the difference is the same `MM_ANONPAGES` counter
+//! as `RssAnon` (one short line, no walk of the mappings, no mmap lock). It
 //! holds the heap, stacks, private anonymous mappings, and every private
 //! copy a write makes of a `MAP_PRIVATE` page (copy-on-write of a page
 //! inherited from the zygote, of a library's data, of a private file
