@@ -13,8 +13,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ember_tests::artifact;
 use ember_tests::daemon::*;
+use ember_tests::{artifact, poll_until};
 use serde_json::json;
 
 /// How long the workers are watched.
@@ -47,8 +47,33 @@ fn switches(pid: i32) -> BTreeMap<String, u64> {
     out
 }
 
-/// Per-thread context switches of each worker during `WINDOW`.
+/// Threads of `pid` that are not asleep (state other than `S`).
+fn awake(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("worker {pid} is gone: {e}"))
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter(|status| !status.contains("\nState:\tS"))
+        .map(|status| status.lines().take(3).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// Per-thread context switches of each worker during `WINDOW`, counted
+/// from a moment when every thread sleeps (one still finishing the last
+/// request would add the switch of going to sleep).
 fn wakeups(workers: &[(&str, i32)]) -> BTreeMap<String, BTreeMap<String, u64>> {
+    poll_until(
+        "every worker thread asleep",
+        Duration::from_millis(10),
+        || {
+            let awake: Vec<String> = workers.iter().flat_map(|(_, p)| awake(*p)).collect();
+            if awake.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{awake:?}"))
+            }
+        },
+    );
     let before: Vec<_> = workers.iter().map(|(_, p)| switches(*p)).collect();
     std::thread::sleep(WINDOW);
     let mut out = BTreeMap::new();
@@ -100,7 +125,7 @@ fn idle_modules_cost_no_wakeups(env: &[(&str, &str)], mechanism_is_cgroup: Optio
         "[[exports]]\nname = \"kv\"\n[limits]\nmemory = \"64MiB\"\n",
     );
     d.ctl_ok(&["install", kv.to_str().unwrap()]);
-    let port = ember_tests::poll_until("a free port for greeter", Duration::ZERO, || {
+    let port = poll_until("a free port for greeter", Duration::ZERO, || {
         let port = free_port();
         let dir = real_module(
             d.dir.path(),
