@@ -116,24 +116,31 @@ impl Server {
         served
     }
 
-    /// Serves until `deadline`, until a client leaves (so the caller learns
-    /// of it at once) or until no client is left, spinning briefly when
-    /// idle and then parking on every client's doorbell. Returns the
-    /// clients that left.
+    /// Serves until `deadline` or until no client is left, spinning
+    /// briefly when idle and then parking on every client's doorbell.
+    /// Returns the clients that left.
     pub fn run(
         &mut self,
         deadline: Option<Instant>,
-        handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
+        mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
-        self.run_or_wake(deadline, &[], handler)
+        let mut gone = Vec::new();
+        loop {
+            gone.extend(self.run_or_wake(deadline, &[], &mut handler)?);
+            if self.clients.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(gone);
+            }
+        }
     }
 
-    /// As [`Server::run`], and also returns (after serving what is pending)
-    /// as soon as one of `wake` becomes readable while parked: descriptors
-    /// that say new clients wait to be [`add`](Server::add)ed, or that the
-    /// caller should stop, so it acts at once rather than at a deadline (an
-    /// idle server parked with no deadline wakes for nothing else). `wake`
-    /// is only polled, never read: the caller clears it.
+    /// As [`Server::run`], but also returns as soon as a client left (so the
+    /// caller learns of it while other clients keep it busy), and (after
+    /// serving what is pending) as soon as one of `wake` becomes readable
+    /// while parked: descriptors that say new clients wait to be
+    /// [`add`](Server::add)ed, or that the caller should stop, so it acts at
+    /// once rather than at a deadline (an idle server parked with no
+    /// deadline wakes for nothing else). `wake` is only polled, never read:
+    /// the caller clears it.
     pub fn run_or_wake(
         &mut self,
         deadline: Option<Instant>,
@@ -292,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_server_without_deadline_reports_a_corrupt_client_at_once() {
+    fn a_busy_server_without_deadline_returns_once_a_client_misbehaved() {
         let mut server = Server::new();
         let (bad_end, s1) = channel_pair(&ChannelConfig::default()).unwrap();
         let (good_end, s2) = channel_pair(&ChannelConfig::default()).unwrap();
@@ -322,7 +329,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             // No deadline, no wake descriptor.
             let gone = server
-                .run(None, |_, req, w| {
+                .run_or_wake(None, &[], |_, req, w| {
                     w.write(&req.to_vec()).map_err(|e| e.to_string())
                 })
                 .unwrap();
@@ -331,7 +338,7 @@ mod tests {
         });
         let gone = rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("run returned once a client misbehaved");
+            .expect("run_or_wake returned once a client misbehaved");
         assert!(gone.contains("Misbehaved(ClientId(1)"), "{gone}");
         let server = t.join().unwrap();
         assert_eq!(server.len(), 1);

@@ -428,10 +428,11 @@ mod tests {
             .expect("the private toucher is reported")
             .unwrap();
         assert_eq!(over.limit, LIMIT);
-        assert!(over.grown >= SIZE as u64, "{over:?}");
+        // Reported by the first sample over the limit, maybe mid-touch.
+        assert!(over.grown > LIMIT, "{over:?}");
         assert!(
             over.to_string()
-                .starts_with("private resident memory grew by 6"),
+                .starts_with("private resident memory grew by "),
             "{over}"
         );
         assert!(
