@@ -189,7 +189,8 @@ impl Worker {
             artifact: order.artifact.clone(),
             manifest: order.manifest.clone(),
             replica: 0,
-            // No cgroup here: the worker's own watchdog enforces limits.memory.
+            // No cgroup here (and no emberd to watch the memory): the worker
+            // caps its address space, as without cgroups.
             memory_enforced: false,
             grants,
             sandbox: None,

@@ -147,8 +147,10 @@ pub struct SharedData {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Memory the module may add on top of the warm worker, e.g. `"256MiB"`.
-    /// Enforced by the worker (resident-set watchdog, address-space cap) and,
-    /// where available, by the supervisor's cgroup.
+    /// Enforced by the supervisor: the instance's cgroup where one is
+    /// usable, else its memory watch (private resident memory, sampled from
+    /// outside the worker), with an address-space cap in the worker as a
+    /// backstop.
     #[serde(default, deserialize_with = "de_bytes")]
     pub memory: Option<u64>,
     /// CPU share in cores (e.g. `0.5`); enforced by the supervisor.

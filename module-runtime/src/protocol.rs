@@ -39,8 +39,9 @@ pub struct LaunchOrder {
     pub manifest: String,
     /// Replica index.
     pub replica: u32,
-    /// The host enforces the manifest's `limits.memory` itself (a cgroup),
-    /// so the worker starts no resident-memory watchdog of its own.
+    /// The host enforces the manifest's `limits.memory` with a cgroup. When
+    /// not (the host samples the worker's memory instead), the worker caps
+    /// its own address space as a backstop.
     pub memory_enforced: bool,
     /// Descriptor grants, in the order of the attached descriptors.
     pub grants: Vec<Grant>,

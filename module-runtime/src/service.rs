@@ -23,6 +23,7 @@
 //! first.
 
 use std::marker::PhantomData;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use rkyv::api::high::{HighSerializer, HighValidator};
@@ -104,11 +105,12 @@ pub const DEFAULT_END_WAIT: Duration = Duration::from_secs(2);
 /// returns although clients are still connected.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(150);
 
-/// Longest a serving exporter parks before it looks for newly attached
-/// ends and for shutdown (it parks on its clients' doorbells; an idle
-/// exporter with no client waits on the attach and shutdown descriptors
-/// instead and wakes at once).
-const SERVE_TICK: Duration = Duration::from_millis(20);
+/// How often a serving exporter looks for newly attached ends while the
+/// attach descriptor is readable with nothing for it (grants of another
+/// kind wait for the module to take them). Otherwise it parks without a
+/// deadline on its clients' doorbells and the attach and shutdown
+/// descriptors: an idle exporter is never woken.
+const STALE_ATTACH_TICK: Duration = Duration::from_millis(20);
 
 /// Which failed calls a following client repeats on a newer client end.
 ///
@@ -732,45 +734,41 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
                     break;
                 }
             }
-            if self.server.is_empty() {
-                // Nothing to park on but shutdown and new ends.
-                // (Not on a doorbell that is readable already: grants of
-                // another kind wait for the module, and that would spin.)
-                let wake = match attach_fd {
-                    Some(fd) if readable_now(fd) => {
-                        if before_tick(self)? {
-                            continue;
-                        }
-                        None
-                    }
-                    other => other,
-                };
-                wait_any(shutdown, wake, SERVE_TICK);
-                continue;
-            }
-            let mut until = now + SERVE_TICK;
-            if let Some(d) = &drain {
-                until = until.min(d.ends_at());
-            }
-            let before = served.get();
-            // Woken by the attach doorbell too, so an end attached while
-            // parked (a new importer) is adopted at once, not at the tick:
-            // its first call would wait for it. Not if it is readable
-            // already (grants of another kind are queued for the module):
-            // that would spin.
-            let wake = match attach_fd {
+            // Park without a deadline while serving: a client's doorbell, the
+            // attach descriptor (an end to adopt, e.g. a new importer whose
+            // first call would wait for it) or the shutdown descriptor wakes
+            // it, so an idle exporter is not woken at all. Draining, the
+            // shutdown descriptor stays readable: park until the drain ends.
+            let attach = match attach_fd {
                 // Something arrived since the adoption above: adopt it
-                // first. Readable with nothing new: grants of another kind
-                // wait for the module; parking on it would spin.
+                // first.
                 Some(fd) if readable_now(fd) => {
                     if before_tick(self)? {
                         continue;
                     }
+                    // Readable with nothing new for us: grants of another
+                    // kind wait for the module, and parking on it would
+                    // spin. Look again after a while.
                     None
                 }
                 other => other,
             };
-            let gone = self.server.run_or_wake(Some(until), wake, &mut answer)?;
+            let mut until = drain.as_ref().map(Drain::ends_at);
+            if attach_fd.is_some() && attach.is_none() {
+                until =
+                    Some(until.map_or(now + STALE_ATTACH_TICK, |u| u.min(now + STALE_ATTACH_TICK)));
+            }
+            let mut wake: Vec<std::os::fd::BorrowedFd<'_>> = attach.into_iter().collect();
+            if drain.is_none() {
+                wake.push(shutdown.as_fd());
+            }
+            if self.server.is_empty() {
+                // Nothing to serve: wait for shutdown or a new end.
+                wait_any(&wake, until);
+                continue;
+            }
+            let before = served.get();
+            let gone = self.server.run_or_wake(until, &wake, &mut answer)?;
             if served.get() != before {
                 if let Some(d) = drain.as_mut() {
                     d.last_request = Instant::now();
@@ -793,19 +791,27 @@ fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
-/// Waits until shutdown is requested, `attach` becomes readable, or
-/// `timeout` passes.
-fn wait_any(shutdown: &Shutdown, attach: Option<std::os::fd::BorrowedFd<'_>>, timeout: Duration) {
+/// Waits until one of `fds` becomes readable or `until` passes (`None`:
+/// no deadline).
+fn wait_any(fds: &[std::os::fd::BorrowedFd<'_>], until: Option<Instant>) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32)
-        .unwrap_or(PollTimeout::MAX);
-    let mut fds = vec![PollFd::new(shutdown.as_fd(), PollFlags::POLLIN)];
-    if let Some(a) = attach {
-        fds.push(PollFd::new(a, PollFlags::POLLIN));
-    }
+    let timeout = match until {
+        None => PollTimeout::NONE,
+        Some(u) => {
+            // Rounded up: waking before the deadline would only loop.
+            let ms = u
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
     // EINTR or a failure only ends this wait early; the loop looks again.
-    let _ = poll(&mut fds, ms);
+    let _ = poll(&mut polled, timeout);
 }
 
 #[cfg(test)]

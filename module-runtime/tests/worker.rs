@@ -38,7 +38,9 @@ fn hello_runs_its_lifecycle() {
     let fds = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
         .unwrap()
         .count();
-    assert!(fds <= 10, "worker holds {fds} descriptors");
+    // stdio, the control socket and its copy, the shutdown and attach
+    // pipes, the signalfd and the start-deadline timerfd: 11.
+    assert!(fds <= 11, "worker holds {fds} descriptors");
 
     w.wait_for(
         T,
@@ -177,15 +179,85 @@ fn fixture_never_ready_hits_the_start_deadline() {
     );
 }
 
+/// Context switches of the thread of `pid` named `name`, once it sleeps (a
+/// thread still starting has its creator's name, and one about to block
+/// would add a switch).
+fn sleeping_thread_switches(pid: i32, name: &str) -> u64 {
+    let what = format!("thread {name} of {pid} asleep");
+    ember_tests::poll_until(&what, Duration::from_millis(5), || {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let t = t.unwrap().path();
+            if std::fs::read_to_string(t.join("comm")).unwrap().trim() != name {
+                continue;
+            }
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            if !status.contains("State:\tS") {
+                return Err(status);
+            }
+            return Ok(status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+                .sum());
+        }
+        Err(format!("no thread {name} yet"))
+    })
+}
+
 #[test]
-fn fixture_unbounded_alloc_hits_the_memory_limit() {
-    fixture(
-        "fixture-unbounded-alloc",
-        Stage::Serve,
-        FailureKind::MemoryLimitExceeded,
-        "limit is 64 MiB",
-        "17",
+fn a_ready_module_is_not_woken_at_its_start_deadline() {
+    // The control thread counts the start deadline down while the module
+    // starts; once it is ready, that deadline must not wake the worker
+    // (an idle module costs no wake-ups).
+    let mut z = Zygote::start(&[]);
+    let mut w = z.fork();
+    let text = manifest("hello").replace("start_deadline = \"2s\"", "start_deadline = \"300ms\"");
+    assert!(text.contains("300ms"), "{text}");
+    w.launch(&artifact("hello"), &text, 0, vec![]);
+    w.wait_state(State::Ready, T);
+    w.wait_for(
+        T,
+        |m| matches!(m, FromWorker::Log { message, .. } if message == "hello, world"),
     );
+    let before = sleeping_thread_switches(w.pid, "ember-control");
+    // Well past the deadline (not a speed bound: waiting longer only
+    // makes the check stricter).
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(sleeping_thread_switches(w.pid, "ember-control"), before);
+    w.stop(Duration::from_secs(2));
+    w.wait_state(State::Stopped, T);
+    assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 0", w.pid));
+}
+
+#[test]
+fn without_a_cgroup_the_worker_caps_its_address_space_and_runs_no_memory_thread() {
+    // `limits.memory` is the host's to enforce: a cgroup, or emberd's
+    // memory watch sampling the worker's private memory from outside
+    // (supervisor/src/memwatch.rs, tested with the real emberd in
+    // tests/tests/limits.rs). The worker only caps its address space as a
+    // backstop, and runs no thread of its own that would wake it.
+    let mut z = Zygote::start(&[]);
+    let mut w = z.fork();
+    let text = manifest("hello");
+    assert!(text.contains("memory = "), "{text}");
+    w.launch(&artifact("hello"), &text, 0, vec![]);
+    w.wait_state(State::Ready, T);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid)).unwrap();
+    let cap = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .unwrap();
+    assert!(!cap.contains("unlimited"), "{cap}");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", w.pid))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("ember-"))
+        .collect();
+    assert_eq!(threads, ["ember-control"]);
+    w.stop(Duration::from_secs(2));
+    w.wait_state(State::Stopped, T);
+    assert_eq!(z.wait_exit(w.pid, T), format!("exit {} 0", w.pid));
 }
 
 #[test]
@@ -712,8 +784,7 @@ fn workers_do_not_inherit_the_zygotes_signal_state() {
     fatal.sort_unstable();
     let mut stop = [SIGINT as i32, SIGTERM as i32];
     stop.sort_unstable();
-    // main, ember-control and (hello has limits.memory) ember-memwatch.
-    // Wait until the helper threads have finished starting: a thread that
+    // main and ember-control. Wait until the helper threads have finished starting: a thread that
     // is still starting has every signal blocked by the C library and the
     // creator's name; it restores its mask before std names it.
     let tasks = ember_tests::poll_until("the worker's threads", Duration::from_millis(5), || {
@@ -726,7 +797,7 @@ fn workers_do_not_inherit_the_zygotes_signal_state() {
             .map(|t| std::fs::read_to_string(t.join("comm")).unwrap_or_default())
             .collect();
         let helpers = names.iter().filter(|n| n.starts_with("ember-")).count();
-        if tasks.len() >= 3 && helpers == tasks.len() - 1 {
+        if tasks.len() >= 2 && helpers == tasks.len() - 1 {
             Ok(tasks)
         } else {
             Err(format!("{names:?}"))

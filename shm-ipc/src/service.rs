@@ -122,20 +122,29 @@ impl Server {
     pub fn run(
         &mut self,
         deadline: Option<Instant>,
-        handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
+        mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
-        self.run_or_wake(deadline, None, handler)
+        let mut gone = Vec::new();
+        loop {
+            gone.extend(self.run_or_wake(deadline, &[], &mut handler)?);
+            if self.clients.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(gone);
+            }
+        }
     }
 
-    /// As [`Server::run`], and also returns (after serving what is pending)
-    /// as soon as `wake` becomes readable while parked: a descriptor that
-    /// says new clients wait to be [`add`](Server::add)ed, so they are served
-    /// at once rather than at the next deadline. `wake` is only polled, never
-    /// read: the caller clears it.
+    /// As [`Server::run`], but also returns as soon as a client left (so the
+    /// caller learns of it while other clients keep it busy), and (after
+    /// serving what is pending) as soon as one of `wake` becomes readable
+    /// while parked: descriptors that say new clients wait to be
+    /// [`add`](Server::add)ed, or that the caller should stop, so it acts at
+    /// once rather than at a deadline (an idle server parked with no
+    /// deadline wakes for nothing else). `wake` is only polled, never read:
+    /// the caller clears it.
     pub fn run_or_wake(
         &mut self,
         deadline: Option<Instant>,
-        wake: Option<BorrowedFd<'_>>,
+        wake: &[BorrowedFd<'_>],
         mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
         let mut gone = Vec::new();
@@ -147,7 +156,11 @@ impl Server {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(gone);
             }
-            if self.serve_round(&mut handler, &mut gone) > 0 {
+            let served = self.serve_round(&mut handler, &mut gone);
+            if !gone.is_empty() {
+                return Ok(gone);
+            }
+            if served > 0 {
                 idle_since = None;
                 continue;
             }
@@ -161,16 +174,19 @@ impl Server {
                 self.serve_round(&mut handler, &mut gone);
                 return Ok(gone);
             }
+            if !gone.is_empty() {
+                return Ok(gone);
+            }
             idle_since = None;
         }
     }
 
-    /// Parks until some client rings, `wake` is readable or `deadline`
-    /// passes; true if `wake` is readable.
+    /// Parks until some client rings, one of `wake` is readable or
+    /// `deadline` passes; true if one of `wake` is readable.
     fn park(
         &mut self,
         deadline: Option<Instant>,
-        wake: Option<BorrowedFd<'_>>,
+        wake: &[BorrowedFd<'_>],
         gone: &mut Vec<ClientGone>,
     ) -> Result<bool, ChannelError> {
         let mut work = false;
@@ -185,7 +201,7 @@ impl Server {
         let mut woken = false;
         let rang = if work || !bad.is_empty() {
             vec![false; self.clients.len()]
-        } else if let ([(_, only)], None, None) = (self.clients.as_mut_slice(), deadline, wake) {
+        } else if let ([(_, only)], None, []) = (self.clients.as_mut_slice(), deadline, wake) {
             // One client, no deadline, nothing else to watch: a blocking
             // read is the whole wait.
             only.park_blocking()?;
@@ -193,14 +209,12 @@ impl Server {
         } else {
             let mut socks: Vec<BorrowedFd<'_>> =
                 self.clients.iter().map(|(_, ch)| ch.sock()).collect();
-            socks.extend(wake);
+            socks.extend_from_slice(wake);
             let mut rang = doorbell::wait_any(&socks, deadline).map_err(|e| ChannelError::Os {
                 op: "poll(doorbells)",
                 source: e,
             })?;
-            if wake.is_some() {
-                woken = rang.pop().unwrap_or(false);
-            }
+            woken = rang.split_off(self.clients.len()).contains(&true);
             rang
         };
         for (i, (_, ch)) in self.clients.iter_mut().enumerate() {
@@ -258,27 +272,79 @@ mod tests {
     }
 
     #[test]
-    fn a_parked_server_returns_when_woken_to_adopt_a_client() {
+    fn a_parked_server_returns_when_any_wake_descriptor_is_readable() {
+        for which in 0..2 {
+            let mut server = Server::new();
+            let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+            server.add(s).unwrap();
+            // Keep the client end open: a client that left would end `run`.
+            let _client = Client::open(c).unwrap();
+            // Say, "new clients to adopt" and "shutdown requested".
+            let pipes = [nix::unistd::pipe().unwrap(), nix::unistd::pipe().unwrap()];
+            let readers: Vec<_> = pipes.iter().map(|(r, _)| r.try_clone().unwrap()).collect();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                let wake: Vec<_> = readers.iter().map(|r| r.as_fd()).collect();
+                // No deadline: only a wake can end this park.
+                let gone = server.run_or_wake(None, &wake, |_, _, _| Ok(())).unwrap();
+                tx.send(gone.len()).unwrap();
+            });
+            nix::unistd::write(&pipes[which].1, b"w").unwrap();
+            let gone = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("run_or_wake returned on its wake descriptor");
+            assert_eq!(gone, 0);
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_busy_server_without_deadline_returns_once_a_client_misbehaved() {
         let mut server = Server::new();
-        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
-        server.add(s).unwrap();
-        // Keep the client end open: a client that left would end `run`.
-        let _client = Client::open(c).unwrap();
-        let (wake_r, wake_w) = nix::unistd::pipe().unwrap();
+        let (bad_end, s1) = channel_pair(&ChannelConfig::default()).unwrap();
+        let (good_end, s2) = channel_pair(&ChannelConfig::default()).unwrap();
+        server.add(s1).unwrap();
+        server.add(s2).unwrap();
+        // The bad client publishes a head no correct client could.
+        let (memfd, _sock) = bad_end.into_fds();
+        let region = crate::region::Region::map_rw(&memfd, 4096).unwrap();
+        region
+            .u32_at(128)
+            .store(1000, std::sync::atomic::Ordering::Release);
+        // The good client keeps calling meanwhile.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let caller = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut good = Client::open(good_end).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let d = Instant::now() + Duration::from_secs(5);
+                    if good.call_deadline(b"hi", d).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
-            // No deadline: only the wake can end this park.
+            // No deadline, no wake descriptor.
             let gone = server
-                .run_or_wake(None, Some(wake_r.as_fd()), |_, _, _| Ok(()))
+                .run_or_wake(None, &[], |_, req, w| {
+                    w.write(&req.to_vec()).map_err(|e| e.to_string())
+                })
                 .unwrap();
-            tx.send(gone.len()).unwrap();
+            tx.send(format!("{gone:?}")).unwrap();
+            server
         });
-        nix::unistd::write(&wake_w, b"w").unwrap();
         let gone = rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("run_or_wake returned on its wake descriptor");
-        assert_eq!(gone, 0);
-        t.join().unwrap();
+            .expect("run_or_wake returned once a client misbehaved");
+        assert!(gone.contains("Misbehaved(ClientId(1)"), "{gone}");
+        let server = t.join().unwrap();
+        assert_eq!(server.len(), 1);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(server);
+        caller.join().unwrap();
     }
 
     #[test]

@@ -19,19 +19,22 @@
 //! (its parent-death signal on its way) is killed, and the removal retried
 //! until it has gone.
 //!
-//! Where no memory controller is usable, the worker's resident-set watchdog
-//! (module-runtime) is the only memory fence; it runs in every case.
+//! Where no memory controller is usable, or an instance got no cgroup, the
+//! [memory watch](crate::memwatch) (an emberd thread sampling the worker's
+//! private resident memory) enforces `limits.memory` instead.
 //!
 //! ```
 //! use supervisor::cgroup::{detect, Mechanism};
 //! let d = detect(std::path::Path::new("/nonexistent"), "0::/\n");
-//! assert_eq!(d.memory_mechanism(), Mechanism::InWorkerRss);
+//! assert_eq!(d.memory_mechanism(), Mechanism::PrivateRssWatch);
 //! assert_eq!(d.cpu_mechanism(), Mechanism::None);
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+
+use crate::memwatch::MemoryWatch;
 
 /// The default cgroup file-system root.
 pub const ROOT: &str = "/sys/fs/cgroup";
@@ -47,8 +50,9 @@ pub enum Mechanism {
     CgroupV2,
     /// A cgroup v1 controller.
     CgroupV1,
-    /// The worker's own resident-set watchdog (memory only).
-    InWorkerRss,
+    /// emberd's [memory watch](crate::memwatch): the worker's private
+    /// resident memory, sampled (memory only).
+    PrivateRssWatch,
     /// Nothing.
     None,
 }
@@ -59,7 +63,7 @@ impl Mechanism {
         match self {
             Mechanism::CgroupV2 => "cgroup-v2",
             Mechanism::CgroupV1 => "cgroup-v1",
-            Mechanism::InWorkerRss => "in-worker-rss",
+            Mechanism::PrivateRssWatch => "private-rss-watch",
             Mechanism::None => "none",
         }
     }
@@ -116,7 +120,7 @@ impl Detection {
     pub fn memory_mechanism(&self) -> Mechanism {
         self.memory
             .as_ref()
-            .map_or(Mechanism::InWorkerRss, Hierarchy::mechanism)
+            .map_or(Mechanism::PrivateRssWatch, Hierarchy::mechanism)
     }
 
     /// What enforces `limits.cpu`.
@@ -341,7 +345,8 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
     }
 }
 
-/// emberd's cgroups: what was detected and the parents it created.
+/// emberd's cgroups: what was detected and the parents it created; and
+/// the memory watch for instances whose memory limit no cgroup holds.
 #[derive(Debug)]
 pub struct Limiter {
     detection: Detection,
@@ -349,6 +354,7 @@ pub struct Limiter {
     parents: Vec<(Controller, Version, PathBuf)>,
     /// Parents of dead emberds still to remove.
     stale: Vec<PathBuf>,
+    memory_watch: MemoryWatch,
 }
 
 impl Limiter {
@@ -358,6 +364,7 @@ impl Limiter {
             detection: Detection::default(),
             parents: Vec::new(),
             stale: Vec::new(),
+            memory_watch: MemoryWatch::new(),
         }
     }
 
@@ -405,6 +412,7 @@ impl Limiter {
             detection,
             parents,
             stale,
+            memory_watch: MemoryWatch::new(),
         }
     }
 
@@ -418,6 +426,12 @@ impl Limiter {
     /// What was detected (and is in use).
     pub fn detection(&self) -> &Detection {
         &self.detection
+    }
+
+    /// The memory watch: enforces `limits.memory` for the instances whose
+    /// cgroup does not ([`Instance::enforces_memory`]).
+    pub fn memory_watch(&self) -> &MemoryWatch {
+        &self.memory_watch
     }
 
     /// The cgroup directories of one instance, one per hierarchy in use.
@@ -549,7 +563,7 @@ pub struct Instance {
 
 impl Instance {
     /// Whether a memory limit is set on this instance's cgroup (the kernel
-    /// enforces it; the worker needs no watchdog of its own).
+    /// enforces it; the memory watch need not).
     pub fn enforces_memory(&self) -> bool {
         self.memory.is_some() && self.limit.is_some()
     }
@@ -744,7 +758,7 @@ mod tests {
         t.file("app/cgroup.controllers", "memory\n");
         t.file("app/cgroup.subtree_control", "\n");
         let d = detect(&t.0, "0::/app\n");
-        assert_eq!(d.memory_mechanism(), Mechanism::InWorkerRss);
+        assert_eq!(d.memory_mechanism(), Mechanism::PrivateRssWatch);
     }
 
     #[test]
@@ -766,11 +780,11 @@ mod tests {
         let t = Tree::new("none");
         let d = detect(&t.0, HYBRID);
         assert_eq!(d, Detection::default());
-        assert_eq!(d.memory_mechanism(), Mechanism::InWorkerRss);
+        assert_eq!(d.memory_mechanism(), Mechanism::PrivateRssWatch);
         assert_eq!(d.cpu_mechanism(), Mechanism::None);
         assert_eq!(
-            serde_json::to_value(Mechanism::InWorkerRss).unwrap(),
-            "in-worker-rss"
+            serde_json::to_value(Mechanism::PrivateRssWatch).unwrap(),
+            "private-rss-watch"
         );
     }
 

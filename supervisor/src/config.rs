@@ -211,9 +211,8 @@ impl LifecycleConfig {
 /// `limits.memory` but not `limits.cpu` keeps its memory limit and gets
 /// `cpu_cores` from here. The effective limits go the same way as a
 /// manifest's (see [`LimitsConfig::resolve`]): memory and CPU into the
-/// instance's cgroup (memory also to the worker's resident-set watchdog
-/// when no cgroup enforces it), `open_files` as the worker's
-/// `RLIMIT_NOFILE`.
+/// instance's cgroup (memory to emberd's memory watch instead when no
+/// cgroup enforces it), `open_files` as the worker's `RLIMIT_NOFILE`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -283,8 +282,8 @@ impl LimitsConfig {
 
 /// The manifest text a worker is launched with when its memory limit is
 /// the configuration's default: the module's manifest with
-/// `limits.memory` set, so the worker's own watchdog knows the limit where
-/// no cgroup enforces it. `None` if the text does not parse (the worker
+/// `limits.memory` set, so the worker caps its address space by it where
+/// no cgroup enforces the limit. `None` if the text does not parse (the worker
 /// then refuses it itself).
 pub fn manifest_with_memory(manifest: &str, bytes: u64) -> Option<String> {
     let mut doc: toml::Table = toml::from_str(manifest).ok()?;

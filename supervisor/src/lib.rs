@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod listeners;
 pub mod manifest;
+pub mod memwatch;
 pub mod metrics;
 pub mod notify;
 pub mod paths;

@@ -145,6 +145,7 @@ pub const EXAMPLES: &[&str] = &[
     "fixture-hostile",
     "fixture-fork-probe",
     "fixture-fork-probe-plugin",
+    "fixture-scribbler",
 ];
 
 /// The workspace's root directory.

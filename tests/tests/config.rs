@@ -1,6 +1,6 @@
 //! The daemon configuration as the real emberd applies it: `[limits]`
 //! defaults for modules whose manifest leaves a limit unset (reported by
-//! `Status` with their source, and enforced: cgroup or worker watchdog,
+//! `Status` with their source, and enforced: cgroup or emberd's memory watch,
 //! `RLIMIT_NOFILE`), `--socket` over the file's `socket`, and the socket
 //! file's owner.
 
@@ -134,18 +134,18 @@ fn without_limits_config_nothing_is_limited() {
 }
 
 #[test]
-fn a_default_memory_limit_reaches_the_worker_watchdog_without_cgroups() {
+fn a_default_memory_limit_reaches_the_memory_watch_without_cgroups() {
     let d = Daemon::start_with(&limits_config(), &[("EMBER_CGROUP_ROOT", "none")]);
     let plain = module_dir(d.dir.path(), "plain", "1.0.0");
     d.ctl_ok(&["install", plain.to_str().unwrap()]);
     let s = d.wait_status("plain", "running", |s| s["state"] == "running");
     assert_eq!(s["limits"]["memory_bytes"], DEFAULT_MEMORY, "{s}");
     assert_eq!(s["limits"]["memory_source"], "config", "{s}");
-    assert_eq!(s["limits"]["memory_mechanism"], "in-worker-rss", "{s}");
-    // The worker learned the limit from its launch order: it watches its
-    // resident set and capped its address space.
+    assert_eq!(s["limits"]["memory_mechanism"], "private-rss-watch", "{s}");
+    // emberd watches the worker's memory; the worker learned the limit from
+    // its launch order and capped its address space.
     let pid = s["pid"].as_i64().unwrap() as i32;
-    let names = thread_names(pid);
+    let names = thread_names(d.pid());
     assert!(names.iter().any(|n| n == "ember-memwatch"), "{names:?}");
     assert_ne!(proc_limit(pid, "Max address space").0, "unlimited");
     // The stored manifest is the module's own, untouched.

@@ -3,7 +3,9 @@
 //! `unbounded-alloc` fixture's worker into a cgroup of its own with the
 //! manifest's memory limit, reports the kill as a memory failure, and
 //! leaves no cgroup behind. Without a usable controller the same test
-//! asserts the in-worker fallback.
+//! asserts the fallback: emberd's memory watch, which counts a worker's
+//! private memory only (a plugin's sealed table that a module reads is not
+//! charged to it).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -102,8 +104,8 @@ fn memory_limit_is_enforced_reported_and_cleaned_up() {
             assert!(r.contains("64 MiB"), "{r}");
         }
         None => {
-            assert_eq!(expected, Mechanism::InWorkerRss);
-            let s = d.wait_status("alloc", "the watchdog's failure", |s| {
+            assert_eq!(expected, Mechanism::PrivateRssWatch);
+            let s = d.wait_status("alloc", "the memory watch's failure", |s| {
                 reason(s).contains("MemoryLimitExceeded")
             });
             assert!(s["replicas"][0]["cgroups"]
@@ -136,21 +138,101 @@ fn memory_limit_is_enforced_reported_and_cleaned_up() {
 }
 
 #[test]
-fn without_cgroups_the_worker_watchdog_enforces_memory() {
+fn without_cgroups_emberd_watches_private_memory() {
     let d = Daemon::start_with(FAST, &[("EMBER_CGROUP_ROOT", "none")]);
     let h = d.ctl_json(&["health"]);
-    assert_eq!(h["memory_limits"], "in-worker-rss", "{h}");
+    assert_eq!(h["memory_limits"], "private-rss-watch", "{h}");
     assert_eq!(h["cpu_limits"], "none", "{h}");
     let dir = fixture(&d);
     d.ctl_ok(&["install", dir.to_str().unwrap()]);
-    let s = d.wait_status("alloc", "the watchdog's failure", |s| {
-        reason(s).contains("resident memory grew")
+    let s = d.wait_status("alloc", "the memory watch's failure", |s| {
+        reason(s).contains("private resident memory grew")
     });
-    assert_eq!(s["limits"]["memory_mechanism"], "in-worker-rss", "{s}");
+    // Reported as the worker reports its own failures: stage, kind, why.
+    let r = reason(&s);
+    assert!(
+        r.contains("Serve failed (MemoryLimitExceeded): private resident memory grew by "),
+        "{r}"
+    );
+    assert!(r.contains("limit is 64 MiB (limits.memory)"), "{r}");
+    assert_eq!(s["limits"]["memory_mechanism"], "private-rss-watch", "{s}");
+}
+
+/// Sum of a `/proc/PID/status` field, in bytes (the file gives kB).
+fn status_bytes(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        << 10
 }
 
 #[test]
-fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
+fn a_module_reading_a_sealed_plugin_table_larger_than_its_limit_is_not_killed() {
+    // The pattern the README recommends: a plugin publishes a sealed table
+    // (shared memory) and modules read it in place. Reading all of it makes
+    // it resident in the module's worker, but it is not the module's
+    // memory: the watch must not charge it.
+    const TABLE_MIB: u64 = 96;
+    let plugin = ember_tests::artifact("catalog");
+    let d = Daemon::start_with(
+        &format!(
+            "plugins = [{{ path = {:?}, config = {{ size_mb = {TABLE_MIB}, extra_init_ms = 0 }} }}]\n{FAST}",
+            plugin.display().to_string()
+        ),
+        &[("EMBER_CGROUP_ROOT", "none")],
+    );
+    let port = ember_tests::poll_until("a free port for greeter", Duration::ZERO, || {
+        let port = free_port();
+        let dir = real_module(
+            d.dir.path(),
+            "greeter",
+            "greeter",
+            &format!(
+                "[[imports]]\nname = \"kv\"\noptional = true\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nmemory = \"32MiB\"\n"
+            ),
+        );
+        let out = d.ctl(&["install", dir.to_str().unwrap()]);
+        match out.status.code() {
+            Some(0) => Ok(port),
+            // The port was taken meanwhile: try another.
+            Some(5) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+            _ => panic!("install greeter: {}", String::from_utf8_lossy(&out.stderr)),
+        }
+    });
+    let s = d.wait_status("greeter", "greeter running", |s| s["state"] == "running");
+    assert_eq!(s["limits"]["memory_mechanism"], "private-rss-watch", "{s}");
+    let pid = s["pid"].as_i64().unwrap() as i32;
+
+    // Reads every row of the table, in place.
+    let (status, body) = http_get(port, "/catalog/sum");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("price_sum="), "{body}");
+    // The whole table is resident in the greeter's worker now: three times
+    // its limit, all of it shared memory, none of it private.
+    let shmem = status_bytes(pid, "RssShmem:");
+    assert!(shmem >= TABLE_MIB << 20, "RssShmem {shmem}");
+    assert!(status_bytes(pid, "VmRSS:") > 3 * (32 << 20));
+
+    // A module that does overgrow is still killed: the sample that finds it
+    // over its limit is one that also looked at the greeter, after the read.
+    let dir = fixture(&d);
+    d.ctl_ok(&["install", dir.to_str().unwrap()]);
+    d.wait_status("alloc", "the memory watch's failure", |s| {
+        reason(s).contains("private resident memory grew")
+    });
+    let s = d.ctl_json(&["status", "greeter"])["status"].clone();
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["pid"].as_i64(), Some(pid as i64), "{s}");
+    assert_eq!(s["restarts"], 0, "{s}");
+    assert!(s["last_error"].is_null(), "{s}");
+    assert_eq!(http_get(port, "/catalog/sum"), (status, body));
+}
+
+#[test]
+fn emberd_watches_memory_only_when_no_cgroup_does() {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let cgroup = detect(Path::new(ROOT), &own).memory.is_some();
     let d = Daemon::start(FAST);
@@ -163,13 +245,22 @@ fn the_worker_watches_its_memory_only_when_no_cgroup_does() {
     d.ctl_ok(&["install", dir.to_str().unwrap()]);
     let s = d.wait_status("watched", "running", |s| s["state"] == "running");
     let pid = s["pid"].as_i64().unwrap() as i32;
+    // The worker never watches its own memory (a thread doing so would wake
+    // the idle module): the kernel enforces the limit through the
+    // instance's cgroup, or else emberd samples the worker from outside.
     let names = thread_names(pid);
-    assert!(names.iter().any(|n| n == "ember-control"), "{names:?}");
-    // The kernel enforces the limit through the instance's cgroup; only
-    // without one does the worker poll its own resident set.
     assert_eq!(
-        names.iter().any(|n| n == "ember-memwatch"),
+        names
+            .iter()
+            .filter(|n| n.starts_with("ember-"))
+            .collect::<Vec<_>>(),
+        ["ember-control"],
+        "{names:?}"
+    );
+    let emberd = thread_names(d.pid());
+    assert_eq!(
+        emberd.iter().any(|n| n == "ember-memwatch"),
         !cgroup,
-        "cgroup memory controller: {cgroup}; threads {names:?}"
+        "cgroup memory controller: {cgroup}; emberd's threads {emberd:?}"
     );
 }

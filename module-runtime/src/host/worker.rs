@@ -10,6 +10,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use nix::sys::time::TimeSpec;
+use nix::sys::timer::Expiration;
+use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use super::{loader, plugins, process, sandbox};
 use crate::abi::{self, FfiGrant, FfiStr, GrantKind, HostApi, PluginRef};
@@ -37,7 +40,9 @@ pub mod exit {
     pub const NEVER_READY: i32 = 15;
     /// Still running at the stop deadline.
     pub const STOP_DEADLINE: i32 = 16;
-    /// Memory limit exceeded.
+    /// Memory limit exceeded. No longer used by the worker itself: the
+    /// host enforces `limits.memory` (a cgroup, or emberd's memory watch,
+    /// which kills with `SIGKILL`); kept so the number is not reused.
     pub const MEMORY: i32 = 17;
 }
 
@@ -62,6 +67,10 @@ struct Shared {
     /// Bumped after each `Attach` is queued; the module reads it through
     /// `HostApi::attach_seq` to notice new grants without a callback.
     attach_seq: AtomicU64,
+    /// The start deadline, armed by the control thread and disarmed by
+    /// [`Shared::mark_ready`], so that a ready module's control thread is
+    /// not woken by a deadline that no longer applies.
+    ready_timer: Option<TimerFd>,
 }
 
 // SAFETY: `FfiGrant` holds a pointer to a leaked, immutable name string and
@@ -149,6 +158,10 @@ impl Shared {
         // AcqRel: only the first call reports; the control thread's Acquire
         // load sees it.
         if !self.ready.swap(true, Ordering::AcqRel) {
+            if let Some(t) = &self.ready_timer {
+                // Armed before the module's code ran (start_control_thread).
+                let _ = t.unset();
+            }
             self.transition(State::Ready, "");
         }
     }
@@ -323,65 +336,31 @@ fn install_crash_handlers(sock: &OwnedFd) -> Result<(), process::ProcessError> {
     Ok(())
 }
 
-fn statm_resident_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
-}
-
 fn statm_size_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = s.split_whitespace().next()?.parse().ok()?;
-    Some(pages * page_size())
-}
-
-fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()
-        .map_or(4096, |v| v as u64)
+        .map_or(4096, |v| v as u64);
+    Some(pages * page)
 }
 
-fn start_memory_watchdog(shared: &'static Shared, limit: u64) {
-    let baseline = statm_resident_bytes().unwrap_or(0);
+/// The worker's part of `limits.memory` where the host enforces it by
+/// sampling (no cgroup holds it): a backstop that costs nothing at run
+/// time. The address space is capped at what is mapped now (the zygote's
+/// mappings, a plugin's shared tables among them) plus the limit plus
+/// [`ADDRESS_SPACE_SLACK`], so a module allocating faster than the host
+/// samples cannot take the machine's memory. The limit itself is the
+/// host's: it counts the module's private memory, which the worker does not
+/// watch (a thread doing so would wake the idle module).
+fn cap_address_space(limit: u64) {
     if let Some(vsz) = statm_size_bytes() {
         let cap = vsz
             .saturating_add(limit)
             .saturating_add(ADDRESS_SPACE_SLACK);
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, cap, cap);
     }
-    std::thread::Builder::new()
-        .name("ember-memwatch".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(10));
-            let Some(rss) = statm_resident_bytes() else {
-                continue;
-            };
-            let grown = rss.saturating_sub(baseline);
-            if grown > limit {
-                let stage = stage_from(STAGE.load(Ordering::Relaxed));
-                shared.fail(
-                    stage,
-                    FailureKind::MemoryLimitExceeded,
-                    format!(
-                        "resident memory grew by {} MiB, limit is {} MiB (limits.memory)",
-                        grown >> 20,
-                        limit >> 20
-                    ),
-                    exit::MEMORY,
-                );
-            }
-        })
-        .map(drop)
-        .unwrap_or(());
-}
-
-fn stage_from(v: u8) -> Stage {
-    STAGES
-        .iter()
-        .copied()
-        .find(|s| *s as u8 == v)
-        .unwrap_or(Stage::Serve)
 }
 
 /// Frame sent by [`on_load_deadline`]: `Failed(Load, NeverReady)`.
@@ -480,6 +459,20 @@ fn start_control_thread(
         nix::sys::signalfd::SignalFd::with_flags(&sigs, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
             .ok();
     let ready_by = launched + start_deadline;
+    // The start deadline as a timer that `ready` disarms, armed here, before
+    // any module code runs (so it cannot be armed after `ready`). Without
+    // a timer descriptor, the poll's timeout counts it down instead.
+    let arm = |t: &TimerFd, left: Duration| {
+        t.set(
+            Expiration::OneShot(TimeSpec::from_duration(left.max(Duration::from_micros(1)))),
+            TimerSetTimeFlags::empty(),
+        )
+        .is_ok()
+    };
+    let timer = shared
+        .ready_timer
+        .as_ref()
+        .filter(|t| ready_wait(shared, ready_by, start_deadline).is_none_or(|left| arm(t, left)));
     let _ = std::thread::Builder::new()
         .name("ember-control".into())
         .spawn(move || loop {
@@ -488,22 +481,39 @@ fn start_control_thread(
             if let Some(s) = &sfd {
                 fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
             }
-            let timeout = match ready_wait(shared, ready_by, start_deadline) {
-                // Round up: waking before the deadline would only loop.
-                Some(left) => PollTimeout::try_from(left.as_millis().saturating_add(1))
-                    .unwrap_or(PollTimeout::MAX),
-                None => PollTimeout::NONE,
+            if let Some(t) = timer {
+                fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+            }
+            let left = ready_wait(shared, ready_by, start_deadline);
+            let timeout = match (timer, left) {
+                (None, Some(left)) => {
+                    // Round up: waking before the deadline would only loop.
+                    PollTimeout::try_from(left.as_millis().saturating_add(1))
+                        .unwrap_or(PollTimeout::MAX)
+                }
+                _ => PollTimeout::NONE,
             };
             match poll(&mut fds, timeout) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return,
                 Ok(_) => {}
             }
-            let sock_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-            let sig_ready = fds
-                .get(1)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty());
+            let readable = |i: usize| {
+                fds.get(i)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| !r.is_empty())
+            };
+            let sock_ready = readable(0);
+            let sig_ready = sfd.is_some() && readable(1);
+            if let Some(t) = timer.filter(|_| readable(fds.len() - 1)) {
+                // Expired: clear it; the next look at the deadline fails
+                // the instance unless it became ready meanwhile (or the
+                // timer fired early: then it is armed again).
+                let _ = t.wait();
+                if let Some(left) = ready_wait(shared, ready_by, start_deadline) {
+                    arm(t, left);
+                }
+            }
             if sig_ready {
                 if let Some(Ok(Some(info))) = sfd.as_ref().map(|s| s.read_signal()) {
                     shared.request_shutdown(stop_deadline, &format!("signal {}", info.ssi_signo));
@@ -900,6 +910,11 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
         attach_w,
         attach_r,
         attach_seq: AtomicU64::new(0),
+        ready_timer: TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )
+        .ok(),
     });
     let Some(shared) = SHARED.get() else {
         idle_exit(exit::LAUNCH)
@@ -916,7 +931,7 @@ fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>) -> ! {
     STAGE.store(Stage::Load as u8, Ordering::Relaxed);
     shared.transition(State::Loading, order.artifact.display().to_string());
     match manifest.limits.memory {
-        Some(limit) if !order.memory_enforced => start_memory_watchdog(shared, limit),
+        Some(limit) if !order.memory_enforced => cap_address_space(limit),
         _ => {}
     }
     // The start deadline covers loading too. No thread can watch it while

@@ -695,9 +695,20 @@ impl Shutdown {
         (ms >= 0).then(|| Duration::from_millis(ms.unsigned_abs()))
     }
 
-    /// Blocks until shutdown is requested.
+    /// Blocks until shutdown is requested. The wait has no timeout: the
+    /// host makes the shutdown descriptor readable when a stop is
+    /// requested, and nothing else wakes the caller.
     pub fn wait(&self) {
-        while !self.wait_timeout(Duration::from_secs(3600)) {}
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        while !self.is_requested() {
+            let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                // The descriptor is unusable (closed by the module?): fall
+                // back to asking the host now and then.
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// Blocks until shutdown is requested or `timeout` passes; returns whether

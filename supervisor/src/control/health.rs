@@ -27,7 +27,7 @@ pub struct HealthReply {
     /// Modules failed or in crash loop.
     pub failed: usize,
     /// What enforces modules' `limits.memory`: `cgroup-v2`, `cgroup-v1` or
-    /// `in-worker-rss`.
+    /// `private-rss-watch`.
     pub memory_limits: Mechanism,
     /// What enforces modules' `limits.cpu`: `cgroup-v2`, `cgroup-v1` or
     /// `none`.

@@ -16,7 +16,8 @@ use crate::error_chain;
 use crate::lifecycle::{Event, ExitStatus, WorkerOs};
 use crate::pool::PoolHandle;
 use crate::worker::{
-    FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, SandboxReport, ToWorker, WorkerState,
+    Failure, FailureKind, FromWorker, Grant, GrantKind, LaunchOrder, LogLevel, SandboxReport,
+    Stage, ToWorker, WorkerState,
 };
 use crate::zygote::client::{pidfd_reap, pidfd_signal};
 
@@ -399,7 +400,8 @@ async fn instance(
         }
     };
     // The worker is idle in the pool: move it into its own cgroup before it
-    // runs any module code. Without one, the worker's RSS watchdog remains.
+    // runs any module code. Without one, emberd's memory watch holds
+    // `limits.memory`.
     // On the blocking pool: a worker not adopted while idle is attached
     // here, which waits for an RCU grace period (see `Limiter::adopt`).
     let entered = {
@@ -426,6 +428,24 @@ async fn instance(
     // then the artifact.
     let mut order = plan.order.clone();
     order.memory_enforced = cgroup.as_ref().is_some_and(|c| c.enforces_memory());
+    // Its baseline is taken now, while the worker is idle; awaited before
+    // the launch order goes out.
+    let watching = match plan.limits.memory {
+        Some(limit) if !order.memory_enforced => {
+            match plan
+                .limiter
+                .memory_watch()
+                .watch(pid, worker.pidfd.as_fd(), limit)
+            {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(module, pid, error = %error_chain(&e), "memory limit not watched");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let mut fds = Vec::new();
     order.grants.push(Grant {
         kind: GrantKind::Stdio,
@@ -484,6 +504,17 @@ async fn instance(
         name: "artifact".into(),
     });
     fds.push(image.as_fd());
+    let mut over = match watching {
+        Some(w) => match w.started.await {
+            Ok(Ok(())) => Some(w.over),
+            Ok(Err(e)) => {
+                tracing::warn!(module, pid, error = %error_chain(&e), "memory limit not watched");
+                None
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
     // Idle, single-threaded: every thread it starts inherits this.
     let mut background = plan.background && can_restore_priority();
     if background {
@@ -534,6 +565,8 @@ async fn instance(
         }
     };
     let mut channel_open = true;
+    // Where the worker is, for a failure emberd reports on its behalf.
+    let mut stage = Stage::Launch;
     loop {
         tokio::select! {
             // Reports first: a worker's last words (Failed) must be seen
@@ -558,10 +591,40 @@ async fn instance(
                         set_background(pid, false);
                         background = false;
                     }
+                    if let FromWorker::Transition { state, .. } = &m {
+                        stage = stage_after(stage, *state);
+                    }
                     report(m, &module, pid, attempt, &mut log, &send)
                 }
                 Err(_) => channel_open = false,
             },
+            r = async { over.as_mut().expect("guarded").await }, if over.is_some() => {
+                // Done either way (a receiver is polled to completion once):
+                // an error means the watch ended, the worker being gone.
+                over = None;
+                let Ok(exceeded) = r else { continue };
+                // Reported as the worker would report a failure, then
+                // killed: it may not be listening.
+                let reason = Failure {
+                    stage,
+                    kind: FailureKind::MemoryLimitExceeded,
+                    message: exceeded.to_string(),
+                }
+                .to_string();
+                log.note(&reason);
+                send(
+                    Some(pid),
+                    Event::Failed {
+                        attempt,
+                        reason,
+                        permanent: false,
+                    },
+                    None,
+                );
+                if let Err(e) = pidfd_signal(exit.get_ref().as_fd(), libc::SIGKILL) {
+                    tracing::warn!(module, pid, error = %e, "cannot kill a worker over its memory limit");
+                }
+            }
             _ = tokio::time::sleep_until(full_priority_at), if background => {
                 set_background(pid, false);
                 background = false;
@@ -621,6 +684,19 @@ async fn instance(
                 return send(Some(pid), Event::Exited { attempt, status }, None);
             }
         }
+    }
+}
+
+/// The stage a worker is in after it reported `state`: what a failure
+/// emberd reports for it (the memory watch's) names.
+fn stage_after(stage: Stage, state: WorkerState) -> Stage {
+    match state {
+        WorkerState::Loading | WorkerState::Loaded => Stage::Load,
+        WorkerState::Starting => Stage::Start,
+        WorkerState::Serving => Stage::Serve,
+        WorkerState::Stopping | WorkerState::Stopped => Stage::Stop,
+        // Ready may come from `start` or from `serve`.
+        WorkerState::Ready => stage,
     }
 }
 
