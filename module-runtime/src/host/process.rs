@@ -135,9 +135,11 @@ pub fn place_listeners(
         *fd = unsafe { OwnedFd::from_raw_fd(moved) };
     }
     if let Some(taken) = (LISTEN_FDS_START..floor).find(|&fd| {
-        // SAFETY: F_GETFD only queries the number; a free one yields EBADF.
-        let b = unsafe { BorrowedFd::borrow_raw(fd) };
-        nix::fcntl::fcntl(b, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+        // SAFETY: F_GETFD on a raw number only queries it (a free number
+        // yields EBADF); no `BorrowedFd` is made for a number that may be
+        // closed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags >= 0
     }) {
         return Err(ProcessError::DescriptorTaken {
             fd: taken,

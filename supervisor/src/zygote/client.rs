@@ -105,9 +105,9 @@ pub fn spawn(
 /// the child, our end and the claim on its pid (the orphan reaper leaves it
 /// to `child.wait()`).
 ///
-/// The zygote's parent-death signal, and that of every worker it forks
-/// with `CLONE_PARENT`, follows the *thread* that ran this (Linux sends it
-/// when that thread exits, not the process). So it must run on a thread
+/// The zygote's parent-death signal follows the *thread* that ran this
+/// (Linux sends it when that thread exits, not the process); workers,
+/// re-parented to emberd, follow its main thread (see `fork.rs`). So it must run on a thread
 /// that lives as long as emberd: the main thread (before the runtime, or
 /// the runtime itself, whose current-thread scheduler is the main thread),
 /// never a blocking-pool thread, which exits when idle.

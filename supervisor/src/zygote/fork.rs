@@ -23,7 +23,10 @@
 //! unreaped child, so it names that process and no other. The zygote reaps
 //! the intermediate before it answers emberd, so by then the worker is
 //! emberd's child (the kernel re-parents before the intermediate can be
-//! reaped) and emberd's `waitid(P_PIDFD)` on it cannot fail with `ECHILD`.
+//! reaped). emberd's `waitid(P_PIDFD)` on it fails with `ECHILD` only if
+//! the worker died before emberd claimed its pid and the orphan reaper
+//! took it (`crate::reaper`); `pidfd_reap` reports that as an unknown
+//! status.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
@@ -67,6 +70,12 @@ pub(super) enum ForkPathError {
         #[source]
         source: Errno,
     },
+    /// The zygote is not single-threaded (a plugin started a thread):
+    /// forking it would copy locks other threads hold.
+    #[error(
+        "the zygote has {0} threads (a plugin started one); it forks only while single-threaded"
+    )]
+    Threads(usize),
     /// The intermediate process died without handing the worker over.
     #[error("the intermediate process exited without handing over the worker")]
     Handoff(#[source] ChannelError),
@@ -88,6 +97,12 @@ enum Handoff {
 /// The calling process must be single-threaded: the child gets a copy of
 /// this thread only, and locks held by other threads would stay held.
 pub(super) unsafe fn fork_worker() -> Result<Forked, ForkPathError> {
+    // Defence in depth: plugins were checked for threads after `init`, but
+    // a plugin call could have started one since.
+    let threads = process::thread_count();
+    if threads != 1 {
+        return Err(ForkPathError::Threads(threads));
+    }
     let (ours, theirs) = channel::pair().map_err(ForkPathError::Socket)?;
     // SAFETY: the caller guarantees we are single-threaded.
     match unsafe { fork() }.map_err(ForkPathError::Intermediate)? {
