@@ -60,7 +60,7 @@ pub fn zygote_family(emberd: i32) -> Vec<i32> {
 
 /// Reaps the zombies of zygotes and workers that were handed to this
 /// process (a child subreaper) when their emberd was killed: children of
-/// ours named `ember-zygote` or `ember-worker`, never the `emberd`
+/// ours named `ember-zygote`, `ember-worker` or `ember: …`, never the `emberd`
 /// processes other tests hold a `Child` for.
 pub fn reap_orphans() {
     let me = std::process::id() as i32;
@@ -72,7 +72,9 @@ pub fn reap_orphans() {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
     {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let ours = matches!(comm.trim(), "ember-zygote" | "ember-worker");
+        // Workers rename themselves `ember: warm` / `ember: NAME@VERSION#N`.
+        let comm = comm.trim();
+        let ours = matches!(comm, "ember-zygote" | "ember-worker") || comm.starts_with("ember: ");
         if ours && ppid(pid) == Some(me) && crate::daemon::dead(pid) {
             let _ = nix::sys::wait::waitpid(
                 nix::unistd::Pid::from_raw(pid),
