@@ -455,3 +455,49 @@ fn hundreds_of_modules_fit_under_a_1024_soft_descriptor_limit() {
     assert_eq!(nofile(worker).0, 1024);
     d.stop();
 }
+
+#[test]
+fn files_of_pseudo_filesystems_are_refused_by_their_filesystem() {
+    let d = Daemon::start(FAST);
+    // /proc/kmsg is a regular file of size 0 whose read blocks until the
+    // kernel logs (and, as root, takes the message from the log). The
+    // install runs in the background: on a daemon that reads it, it never
+    // returns.
+    let mut install = ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("install")
+            .arg("/proc/kmsg")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    health(&d);
+    let status = install
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the install of /proc/kmsg returns");
+    let mut err = String::new();
+    std::io::Read::read_to_string(install.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(
+            "cannot read manifest /proc/kmsg: /proc/kmsg is on a pseudo filesystem (proc), \
+             not a regular file"
+        ),
+        "{err}"
+    );
+    // A sysfs file as the artifact: a regular file by its mode, refused by
+    // its filesystem.
+    let m = module_with_entry(d.dir.path(), "sysfs", Path::new("/sys/kernel/notes"));
+    let out = d.ctl(&["install", m.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("field `entry`")
+            && err.contains("/sys/kernel/notes is on a pseudo filesystem (sysfs)"),
+        "{err}"
+    );
+    assert_eq!(health(&d)["modules"], 0);
+}
