@@ -219,7 +219,9 @@ pub fn open_regular(path: &Path, cap: u64, key: &'static str) -> Result<(File, u
     let again = file.metadata().map_err(io)?;
     if (again.dev(), again.ino()) != (st.st_dev as u64, st.st_ino as u64) {
         // Only if /proc is not what it should be; never read another file.
-        return Err(io(std::io::Error::other("the file changed while being opened")));
+        return Err(io(std::io::Error::other(
+            "the file changed while being opened",
+        )));
     }
     Ok((file, len))
 }

@@ -185,7 +185,9 @@ impl SandboxConfig {
         taken: &HashSet<u32>,
         in_use: impl Fn(u32) -> bool,
     ) -> Option<u32> {
-        self.free_candidates(name, taken, in_use, 1).first().copied()
+        self.free_candidates(name, taken, in_use, 1)
+            .first()
+            .copied()
     }
 
     /// The first `n` uids [`SandboxConfig::allocate`] would consider for
@@ -362,7 +364,8 @@ mod tests {
             let (i, why) = ok(p).unwrap_err();
             assert_eq!(i, 0);
             assert!(
-                why.starts_with(&format!("{p} is not inside")) && why.contains("sandbox.writable_roots"),
+                why.starts_with(&format!("{p} is not inside"))
+                    && why.contains("sandbox.writable_roots"),
                 "{why}"
             );
         }
@@ -371,11 +374,22 @@ mod tests {
         assert!(why.contains("`..`"), "{why}");
         // The state directory, an ancestor, a descendant: never, even
         // inside a root.
-        for p in ["/var/tmp/ember/state", "/var/tmp/ember", "/var/tmp/ember/state/artifacts", "/var/tmp"] {
+        for p in [
+            "/var/tmp/ember/state",
+            "/var/tmp/ember",
+            "/var/tmp/ember/state/artifacts",
+            "/var/tmp",
+        ] {
             let (_, why) = ok(p).unwrap_err();
-            assert!(why.contains("/var/tmp/ember/state, emberd's state"), "{p}: {why}");
+            assert!(
+                why.contains("/var/tmp/ember/state, emberd's state"),
+                "{p}: {why}"
+            );
         }
-        assert!(ok("/var/tmp/embers").is_ok(), "component-wise, not by string");
+        assert!(
+            ok("/var/tmp/embers").is_ok(),
+            "component-wise, not by string"
+        );
         // The second path is the one named.
         let e = c
             .check_writable(&[PathBuf::from("/tmp/a"), PathBuf::from("/etc")], &state)
@@ -384,7 +398,10 @@ mod tests {
         // The order refuses it too (a state recorded before the rule).
         let m = manifest("[sandbox]\nwritable = [\"/var/tmp/ember\"]\n");
         let e = c.order(true, Some(7), &m, &state).unwrap_err();
-        assert!(e.starts_with("writable[0]: /var/tmp/ember is, holds"), "{e}");
+        assert!(
+            e.starts_with("writable[0]: /var/tmp/ember is, holds"),
+            "{e}"
+        );
         // Roots are checked like paths.
         let bad = SandboxConfig {
             writable_roots: vec![PathBuf::from("tmp")],
@@ -395,6 +412,10 @@ mod tests {
             writable_roots: Vec::new(),
             ..Default::default()
         };
-        assert!(none.check_writable(&[PathBuf::from("/tmp/m")], &[]).unwrap_err().1.contains("(none)"));
+        assert!(none
+            .check_writable(&[PathBuf::from("/tmp/m")], &[])
+            .unwrap_err()
+            .1
+            .contains("(none)"));
     }
 }

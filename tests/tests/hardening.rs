@@ -573,5 +573,8 @@ fn a_rollback_reads_its_stored_artifact_off_the_runtime_thread() {
     assert_eq!(s["status"]["revision"], 2, "{s}");
     assert_eq!(s["status"]["state"], "running", "{s}");
     let out = d.ctl_ok(&["rollback", "rb", "--to", "2"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unchanged"),
+        "{out:?}"
+    );
 }
