@@ -27,6 +27,7 @@
 //! enabled = true
 //! uid_range = [1879048192, 1879113727]
 //! grantable_syscalls = ["perf_event_open"]
+//! writable_roots = ["/tmp", "/var/tmp", "/var/lib/modules"]
 //! ```
 //!
 //! Errors name the file, the line and column, and the dotted key:
@@ -728,6 +729,13 @@ memory_bytes = 1048576
         assert_eq!(
             e,
             "/etc/ember/emberd.toml:2:1: field `sandbox.grantable_syscalls`: `read` is not a syscall the sandbox denies"
+        );
+        let e = parse("[sandbox]\nwritable_roots = [\"/tmp\", \"/srv/../etc\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/ember/emberd.toml:2:1: field `sandbox.writable_roots`: /srv/../etc contains `..`"
         );
         let e = parse("[limits]\ncpu_cores = 0.0\n")
             .unwrap_err()

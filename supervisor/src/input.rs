@@ -2,13 +2,18 @@
 //! that nothing blocks and nothing but a regular file of bounded size gets
 //! read.
 //!
-//! A FIFO, a device, a socket or a `/proc` magic link (`/proc/self/fd/0`)
-//! named as `module.toml` or as an `entry` is refused before a byte is
-//! read: the open never waits for a writer (`O_NONBLOCK`), never takes a
-//! controlling terminal (`O_NOCTTY`), resolves no magic link
-//! (`openat2(RESOLVE_NO_MAGICLINKS)`), and `fstat` of the descriptor (not a
-//! second look at the path) must say regular file under the size cap. The
-//! callers run this on the blocking pool, never on the actor's thread.
+//! A FIFO, a device, a socket, a `/proc` magic link (`/proc/self/fd/0`) or
+//! a file of a pseudo filesystem (`/proc/kmsg`, a sysfs or tracefs file)
+//! named as `module.toml` or as an `entry` is refused before it is even
+//! opened for reading: the path is first opened `O_PATH` (which opens no
+//! device and reads nothing), resolving no magic link
+//! (`openat2(RESOLVE_NO_MAGICLINKS)`); `fstat` and `fstatfs` of that
+//! descriptor (not a second look at the path) must say a regular file under
+//! the size cap on a filesystem that stores files. Only then is that same
+//! file opened for reading, through the descriptor, with `O_NONBLOCK` and
+//! `O_NOCTTY` kept, and [`read_text`] reads no more than the size `fstat`
+//! gave (one byte more says it grew, an error). The callers run this on the
+//! blocking pool, never on the actor's thread.
 //!
 //! ```no_run
 //! # use std::path::Path;
@@ -22,7 +27,8 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
@@ -53,6 +59,21 @@ pub enum FileError {
         /// The path.
         path: PathBuf,
     },
+    /// On a filesystem whose files are kernel interfaces, not stored
+    /// bytes (their size says nothing and a read may block for ever).
+    #[error("{} is on a pseudo filesystem ({fs}), not a regular file", path.display())]
+    PseudoFs {
+        /// The file.
+        path: PathBuf,
+        /// The filesystem (`proc`, `sysfs`…).
+        fs: &'static str,
+    },
+    /// Its size changed between the check and the read.
+    #[error("{} changed size while being read", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
     /// Larger than its cap.
     #[error("{} is {size} bytes, over the {cap}-byte cap (`{key}` in emberd's configuration)", path.display())]
     TooLarge {
@@ -80,70 +101,129 @@ impl FileError {
     }
 }
 
-/// What a non-regular file is, for messages.
-fn kind_of(t: std::fs::FileType) -> &'static str {
-    if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "not a plain file"
+/// What a file of mode `mode` that is not regular is, for messages.
+fn kind_of(mode: nix::sys::stat::mode_t) -> &'static str {
+    use nix::sys::stat::SFlag;
+    match SFlag::from_bits_truncate(mode) & SFlag::S_IFMT {
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFDIR => "a directory",
+        _ => "not a plain file",
     }
+}
+
+/// Filesystems whose "regular files" are kernel interfaces (`f_type` of
+/// `fstatfs`, from `linux/magic.h`): their size is 0 or a page whatever they
+/// hold, a read may block for ever (`/proc/kmsg`, tracefs `trace_pipe`) or
+/// change the system.
+const PSEUDO_FS: &[(u32, &str)] = &[
+    (0x9fa0, "proc"),
+    (0x6265_6572, "sysfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0x0027_e0eb, "cgroup"),
+    (0x6367_7270, "cgroup2"),
+    (0x6265_6570, "configfs"),
+    (0xcafe_4a11, "bpf"),
+    (0x1cd1, "devpts"),
+    (0x6165_676c, "pstore"),
+    (0xde5e_81e4, "efivarfs"),
+    (0xf97c_ff8c, "selinuxfs"),
+    (0x4341_5d53, "smackfs"),
+    (0x6573_5543, "fusectl"),
+    (0x4249_4e4d, "binfmt_misc"),
+    (0x6e73_6673, "nsfs"),
+    (0x1980_0202, "mqueue"),
+    (0x0765_5821, "resctrl"),
+    (0x0904_1934, "anon_inode"),
+    (0x5049_5045, "pipefs"),
+    (0x534f_434b, "sockfs"),
+];
+
+/// The pseudo filesystem (see [`PSEUDO_FS`]) with magic `f_type`, if any.
+fn pseudo_fs(f_type: u32) -> Option<&'static str> {
+    PSEUDO_FS
+        .iter()
+        .find(|(magic, _)| *magic == f_type)
+        .map(|(_, name)| *name)
 }
 
 /// Opens `path` for reading without blocking and checks, on the open
 /// descriptor, that it is a regular file of at most `cap` bytes (`key`
-/// names the cap in errors). Returns the file and its size.
+/// names the cap in errors) on a filesystem that stores files. Returns the
+/// file (still `O_NONBLOCK`) and its size.
 pub fn open_regular(path: &Path, cap: u64, key: &'static str) -> Result<(File, u64), FileError> {
     let io = |source| FileError::Io {
         path: path.to_owned(),
         source,
     };
-    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    // O_PATH: no device is opened (opening `/dev/watchdog` arms it), no
+    // pseudo file sees an open; the checks below run on this descriptor.
     let how = OpenHow::new()
-        .flags(flags)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = match openat2(AT_FDCWD, path, how) {
+    let at = match openat2(AT_FDCWD, path, how) {
         Ok(fd) => fd,
         Err(nix::errno::Errno::ELOOP) if through_magic_link(path) => {
             return Err(FileError::MagicLink {
                 path: path.to_owned(),
             })
         }
-        // Kernels before 5.6: a plain open with the same flags (no magic
-        // link check; the type check below still refuses what is not a
-        // regular file).
-        Err(nix::errno::Errno::ENOSYS) => {
-            nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())
-                .map_err(|e| io(e.into()))?
-        }
+        // Kernels before 5.6: a plain O_PATH open (no magic link check; the
+        // type check below still refuses what is not a regular file).
+        Err(nix::errno::Errno::ENOSYS) => nix::fcntl::open(
+            path,
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io(e.into()))?,
         Err(e) => return Err(io(e.into())),
     };
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(io)?;
-    if !meta.file_type().is_file() {
+    let st = nix::sys::stat::fstat(&at).map_err(|e| io(e.into()))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(FileError::NotRegular {
             path: path.to_owned(),
-            kind: kind_of(meta.file_type()),
+            kind: kind_of(st.st_mode),
         });
     }
-    if meta.len() > cap {
+    let fs = nix::sys::statfs::fstatfs(&at).map_err(|e| io(e.into()))?;
+    // `f_type` is a signed word of the platform; the magics are 32 bits.
+    if let Some(fs) = pseudo_fs(fs.filesystem_type().0 as u32) {
+        return Err(FileError::PseudoFs {
+            path: path.to_owned(),
+            fs,
+        });
+    }
+    let len = st.st_size as u64;
+    if len > cap {
         return Err(FileError::TooLarge {
             path: path.to_owned(),
-            size: meta.len(),
+            size: len,
             cap,
             key,
         });
     }
-    // Regular files never block; reads are plain from here on.
-    let _ = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
-    Ok((file, meta.len()))
+    // The file checked, opened for reading through its descriptor (the
+    // path may name another file by now). Regular files ignore O_NONBLOCK
+    // on the filesystems left; it stays set in case one does not.
+    let fd = nix::fcntl::open(
+        format!("/proc/self/fd/{}", at.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| io(e.into()))?;
+    let file = File::from(fd);
+    let again = file.metadata().map_err(io)?;
+    if (again.dev(), again.ino()) != (st.st_dev as u64, st.st_ino as u64) {
+        // Only if /proc is not what it should be; never read another file.
+        return Err(io(std::io::Error::other(
+            "the file changed while being opened",
+        )));
+    }
+    Ok((file, len))
 }
 
 /// Whether an `ELOOP` from `RESOLVE_NO_MAGICLINKS` came from a magic link
@@ -154,23 +234,21 @@ fn through_magic_link(path: &Path) -> bool {
     openat2(AT_FDCWD, path, how).is_ok()
 }
 
-/// Reads a whole text file of at most `cap` bytes (see [`open_regular`]).
+/// Reads a whole text file of at most `cap` bytes (see [`open_regular`]):
+/// no more than the size `fstat` gave, and a file that grew since is
+/// refused ([`FileError::Changed`]).
 pub fn read_text(path: &Path, cap: u64, key: &'static str) -> Result<String, FileError> {
-    let (file, _) = open_regular(path, cap, key)?;
-    let mut bytes = Vec::new();
-    // It may have grown since the stat: never read past the cap.
-    file.take(cap + 1)
+    let (file, len) = open_regular(path, cap, key)?;
+    let mut bytes = Vec::with_capacity(len as usize + 1);
+    file.take(len + 1)
         .read_to_end(&mut bytes)
         .map_err(|source| FileError::Io {
             path: path.to_owned(),
             source,
         })?;
-    if bytes.len() as u64 > cap {
-        return Err(FileError::TooLarge {
+    if bytes.len() as u64 != len {
+        return Err(FileError::Changed {
             path: path.to_owned(),
-            size: bytes.len() as u64,
-            cap,
-            key,
         });
     }
     String::from_utf8(bytes).map_err(|_| FileError::NotText {
@@ -251,5 +329,27 @@ mod tests {
         std::os::unix::fs::symlink(&p, &l).unwrap();
         assert!(open_regular(&l, 10, "k").is_ok());
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn pseudo_filesystems_are_refused_before_a_read() {
+        // /proc/kmsg blocks a read for ever (and as root drains the kernel
+        // log); it is refused by its filesystem, whoever may open it.
+        for (p, fs) in [
+            ("/proc/kmsg", "proc"),
+            ("/proc/self/status", "proc"),
+            ("/sys/kernel/notes", "sysfs"),
+        ] {
+            if !Path::new(p).exists() {
+                continue;
+            }
+            let e = read_text(Path::new(p), 1 << 20, "k").unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("{p} is on a pseudo filesystem ({fs}), not a regular file")
+            );
+        }
+        assert_eq!(pseudo_fs(0x9fa0), Some("proc"));
+        assert_eq!(pseudo_fs(0xef53), None, "ext4 stores files");
     }
 }

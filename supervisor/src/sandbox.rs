@@ -8,6 +8,7 @@ use module_runtime::manifest::Manifest;
 use module_runtime::protocol::SandboxOrder;
 use serde::Deserialize;
 use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
 
 /// The default `uid_range`: 0x70000000–0x7000FFFF. Above regular users
 /// (1000–60000), systemd-homed (60001–60513), systemd's `DynamicUser=`
@@ -28,6 +29,17 @@ pub struct SandboxConfig {
     pub uid_range: [u32; 2],
     /// Denied syscalls a manifest may ask for (`[sandbox] allow_syscalls`).
     pub grantable_syscalls: Vec<String>,
+    /// Directories under which a manifest may ask for write access
+    /// (`[sandbox] writable`); see [`default_writable_roots`].
+    pub writable_roots: Vec<PathBuf>,
+}
+
+/// The default `writable_roots`: `/tmp` and `/var/tmp`, the directories
+/// every user of the host may already write (sticky, so the modules' own
+/// uids keep their files apart). A persistent data directory is the host's
+/// decision: the operator adds its parent (`/var/lib/modules`…).
+pub fn default_writable_roots() -> Vec<PathBuf> {
+    vec![PathBuf::from("/tmp"), PathBuf::from("/var/tmp")]
 }
 
 impl Default for SandboxConfig {
@@ -36,6 +48,7 @@ impl Default for SandboxConfig {
             enabled: true,
             uid_range: DEFAULT_UID_RANGE,
             grantable_syscalls: Vec::new(),
+            writable_roots: default_writable_roots(),
         }
     }
 }
@@ -60,6 +73,65 @@ impl SandboxConfig {
                 format!("`{n}` is not a syscall the sandbox denies"),
             ));
         }
+        for r in &self.writable_roots {
+            normalize(r).map_err(|why| ("sandbox.writable_roots", why))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a manifest's `writable` path outside every `writable_roots`
+    /// entry, or that is, holds or lies in one of `protected` (emberd's
+    /// state directory and its control socket's: never writable to a
+    /// module, whatever the configuration says). Lexical: paths are
+    /// normalized (`.` and repeated `/` dropped), `..` is refused. Returns
+    /// the index of the refused path and why.
+    pub fn check_writable(
+        &self,
+        writable: &[PathBuf],
+        protected: &[PathBuf],
+    ) -> Result<(), (usize, String)> {
+        for (i, p) in writable.iter().enumerate() {
+            let n = normalize(p).map_err(|why| (i, why))?;
+            if !self
+                .writable_roots
+                .iter()
+                .any(|r| normalize(r).is_ok_and(|r| n.starts_with(r)))
+            {
+                let roots: Vec<String> = self
+                    .writable_roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect();
+                return Err((
+                    i,
+                    format!(
+                        "{} is not inside a directory of `sandbox.writable_roots` in \
+                         emberd's configuration ({})",
+                        p.display(),
+                        if roots.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            roots.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if let Some(d) = protected
+                .iter()
+                .find(|d| n.starts_with(d) || d.starts_with(&n))
+            {
+                return Err((
+                    i,
+                    format!(
+                        "{} is, holds or lies in {}, emberd's state or control socket \
+                         directory (never writable to a module, whatever \
+                         `sandbox.writable_roots` says)",
+                        p.display(),
+                        d.display()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -74,11 +146,13 @@ impl SandboxConfig {
     /// The order for a worker of the module `manifest`, whose recorded uid
     /// is `uid`; `None` when the sandbox is off. `root`: emberd can switch
     /// uids (else the module keeps emberd's). Errors name what refuses it.
+    /// `protected`: see [`SandboxConfig::check_writable`].
     pub fn order(
         &self,
         root: bool,
         uid: Option<u32>,
         manifest: &Manifest,
+        protected: &[PathBuf],
     ) -> Result<Option<SandboxOrder>, String> {
         if !self.enabled {
             return Ok(None);
@@ -86,6 +160,9 @@ impl SandboxConfig {
         if let Some(n) = self.ungranted(&manifest.sandbox.allow_syscalls) {
             return Err(not_granted(n));
         }
+        // Recorded before the rule, or the configuration changed since.
+        self.check_writable(&manifest.sandbox.writable, protected)
+            .map_err(|(i, why)| format!("writable[{i}]: {why}"))?;
         let ids = match (root, uid) {
             (false, _) => None,
             (true, Some(u)) => Some((u, u)),
@@ -108,6 +185,24 @@ impl SandboxConfig {
         taken: &HashSet<u32>,
         in_use: impl Fn(u32) -> bool,
     ) -> Option<u32> {
+        self.free_candidates(name, taken, in_use, 1)
+            .first()
+            .copied()
+    }
+
+    /// The first `n` uids [`SandboxConfig::allocate`] would consider for
+    /// `name`, in its order, that are neither `taken` nor `in_use`. Install
+    /// and deploy compute them on the blocking pool (`in_use` asks NSS,
+    /// which may be LDAP or sssd over the network) with `taken` as it was
+    /// when the request came; the actor then takes the first one no module
+    /// holds by then (the `n - 1` spares cover installs that raced).
+    pub fn free_candidates(
+        &self,
+        name: &str,
+        taken: &HashSet<u32>,
+        in_use: impl Fn(u32) -> bool,
+        n: usize,
+    ) -> Vec<u32> {
         let [first, last] = self.uid_range;
         let size = u64::from(last - first) + 1;
         // FNV-1a: stable across builds and platforms (std's hasher is not).
@@ -116,8 +211,53 @@ impl SandboxConfig {
         });
         (0..size.min(1 << 20))
             .map(|i| first + ((h.wrapping_add(i)) % size) as u32)
-            .find(|id| !taken.contains(id) && !in_use(*id))
+            .filter(|id| !taken.contains(id) && !in_use(*id))
+            .take(n)
+            .collect()
     }
+
+    /// Gives each module of `state` without a uid (state written before
+    /// the sandbox existed) one, as an install would; whether any was
+    /// given. Asks NSS: call it where blocking harms no one (emberd calls
+    /// it at start-up, before its runtime and the control socket serve).
+    pub fn assign_missing_uids(&self, state: &mut crate::store::DesiredState) -> bool {
+        let names: Vec<String> = state
+            .modules
+            .values()
+            .filter(|r| r.uid.is_none())
+            .map(|r| r.name.clone())
+            .collect();
+        let mut changed = false;
+        for name in names {
+            let taken: HashSet<u32> = state.modules.values().filter_map(|r| r.uid).collect();
+            let uid = self.allocate(&name, &taken, id_in_use);
+            if let Some(r) = state.modules.get_mut(&name) {
+                r.uid = uid;
+                changed |= uid.is_some();
+            }
+        }
+        changed
+    }
+}
+
+/// `path` made absolute-only and lexical: `.` and repeated separators
+/// dropped; `..` and relative paths refused (a lexical check cannot follow
+/// them).
+pub fn normalize(path: &Path) -> Result<PathBuf, String> {
+    if !path.is_absolute() {
+        return Err(format!("{} is not an absolute path", path.display()));
+    }
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(s) => out.push(s),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(format!("{} contains `..`", path.display()))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The refusal of a syscall the configuration does not grant.
@@ -174,20 +314,20 @@ mod tests {
     #[test]
     fn orders_follow_the_configuration() {
         let c = SandboxConfig::default();
-        let m = manifest("[sandbox]\nwritable = [\"/var/lib/m\"]\n");
-        let o = c.order(true, Some(7), &m).unwrap().unwrap();
+        let m = manifest("[sandbox]\nwritable = [\"/var/tmp/m\"]\n");
+        let o = c.order(true, Some(7), &m, &[]).unwrap().unwrap();
         assert_eq!(o.ids, Some((7, 7)));
-        assert_eq!(o.writable, [PathBuf::from("/var/lib/m")]);
+        assert_eq!(o.writable, [PathBuf::from("/var/tmp/m")]);
         // Not root: no switch, said so by the worker's report.
-        assert_eq!(c.order(false, Some(7), &m).unwrap().unwrap().ids, None);
+        assert_eq!(c.order(false, Some(7), &m, &[]).unwrap().unwrap().ids, None);
         let off = SandboxConfig {
             enabled: false,
             ..Default::default()
         };
-        assert_eq!(off.order(true, Some(7), &m).unwrap(), None);
+        assert_eq!(off.order(true, Some(7), &m, &[]).unwrap(), None);
         // A syscall the configuration does not grant.
         let m = manifest("[sandbox]\nallow_syscalls = [\"ptrace\"]\n");
-        let e = c.order(true, Some(7), &m).unwrap_err();
+        let e = c.order(true, Some(7), &m, &[]).unwrap_err();
         assert!(
             e.contains("`ptrace`") && e.contains("sandbox.grantable_syscalls"),
             "{e}"
@@ -196,7 +336,7 @@ mod tests {
             grantable_syscalls: vec!["ptrace".into()],
             ..Default::default()
         };
-        let o = granting.order(true, Some(7), &m).unwrap().unwrap();
+        let o = granting.order(true, Some(7), &m, &[]).unwrap().unwrap();
         assert_eq!(o.allow_syscalls, ["ptrace"]);
         assert!(granting.check().is_ok());
         let bad = SandboxConfig {
@@ -209,5 +349,73 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.check().unwrap_err().0, "sandbox.uid_range");
+    }
+
+    #[test]
+    fn writable_paths_stay_inside_the_roots_and_off_emberds_directories() {
+        let c = SandboxConfig::default();
+        let state = [PathBuf::from("/var/tmp/ember/state")];
+        let ok = |p: &str| c.check_writable(&[PathBuf::from(p)], &state);
+        assert!(ok("/tmp/m").is_ok());
+        assert!(ok("/var/tmp//m/./data").is_ok());
+        assert!(ok("/tmp").is_ok(), "a root itself");
+        // Outside every root: named, with the key.
+        for p in ["/", "/var/lib/m", "/tmpfoo", "/var"] {
+            let (i, why) = ok(p).unwrap_err();
+            assert_eq!(i, 0);
+            assert!(
+                why.starts_with(&format!("{p} is not inside"))
+                    && why.contains("sandbox.writable_roots"),
+                "{why}"
+            );
+        }
+        // `..` is not followed, it is refused.
+        let (_, why) = ok("/tmp/../var/lib/ember").unwrap_err();
+        assert!(why.contains("`..`"), "{why}");
+        // The state directory, an ancestor, a descendant: never, even
+        // inside a root.
+        for p in [
+            "/var/tmp/ember/state",
+            "/var/tmp/ember",
+            "/var/tmp/ember/state/artifacts",
+            "/var/tmp",
+        ] {
+            let (_, why) = ok(p).unwrap_err();
+            assert!(
+                why.contains("/var/tmp/ember/state, emberd's state"),
+                "{p}: {why}"
+            );
+        }
+        assert!(
+            ok("/var/tmp/embers").is_ok(),
+            "component-wise, not by string"
+        );
+        // The second path is the one named.
+        let e = c
+            .check_writable(&[PathBuf::from("/tmp/a"), PathBuf::from("/etc")], &state)
+            .unwrap_err();
+        assert_eq!(e.0, 1);
+        // The order refuses it too (a state recorded before the rule).
+        let m = manifest("[sandbox]\nwritable = [\"/var/tmp/ember\"]\n");
+        let e = c.order(true, Some(7), &m, &state).unwrap_err();
+        assert!(
+            e.starts_with("writable[0]: /var/tmp/ember is, holds"),
+            "{e}"
+        );
+        // Roots are checked like paths.
+        let bad = SandboxConfig {
+            writable_roots: vec![PathBuf::from("tmp")],
+            ..Default::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "sandbox.writable_roots");
+        let none = SandboxConfig {
+            writable_roots: Vec::new(),
+            ..Default::default()
+        };
+        assert!(none
+            .check_writable(&[PathBuf::from("/tmp/m")], &[])
+            .unwrap_err()
+            .1
+            .contains("(none)"));
     }
 }

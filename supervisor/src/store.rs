@@ -235,8 +235,8 @@ impl ArtifactImage {
     }
 
     /// [`ArtifactImage::snapshot`] of a file already opened (and checked)
-    /// from `src`, copying at most `cap` bytes: a file that grew past it
-    /// since it was checked is refused.
+    /// from `src`, copying no more than the size `fstat` gives it (and at
+    /// most `cap` bytes): a file that grew since is refused.
     pub fn snapshot_file(
         from: File,
         src: &Path,
@@ -244,11 +244,13 @@ impl ArtifactImage {
         cap: u64,
     ) -> Result<Self, StoreError> {
         let len = from.metadata().map_err(io_err("stat", src))?.len();
-        let mut from = from.take(cap);
+        // One byte over says it grew; nothing further is read.
+        let limit = len.min(cap);
+        let mut from = from.take(limit + 1);
         let same_size: Vec<&ArtifactImage> = known.iter().filter(|k| k.len == len).collect();
         let mut bytes = None;
         if !same_size.is_empty() {
-            let mut mine = Vec::with_capacity(len.min(cap) as usize);
+            let mut mine = Vec::with_capacity(limit as usize + 1);
             from.read_to_end(&mut mine).map_err(io_err("read", src))?;
             for k in same_size {
                 let theirs = k
@@ -286,15 +288,9 @@ impl ArtifactImage {
             .metadata()
             .map_err(io_err("stat the copy of", src))?
             .len();
-        if len >= cap
-            && from
-                .into_inner()
-                .read(&mut [0u8])
-                .map_err(io_err("read", src))?
-                > 0
-        {
+        if len > limit {
             return Err(io_err("copy", src)(io::Error::other(format!(
-                "it grew past the {cap}-byte cap while being copied"
+                "it grew past {limit} bytes while being copied"
             ))));
         }
         Ok(Self {

@@ -3,6 +3,7 @@
 //! any number of service ends reach a worker, and descriptors are not what
 //! limits the number of modules.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -454,4 +455,126 @@ fn hundreds_of_modules_fit_under_a_1024_soft_descriptor_limit() {
         .unwrap() as i32;
     assert_eq!(nofile(worker).0, 1024);
     d.stop();
+}
+
+#[test]
+fn files_of_pseudo_filesystems_are_refused_by_their_filesystem() {
+    let d = Daemon::start(FAST);
+    // /proc/kmsg is a regular file of size 0 whose read blocks until the
+    // kernel logs (and, as root, takes the message from the log). The
+    // install runs in the background: on a daemon that reads it, it never
+    // returns.
+    let mut install = ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("install")
+            .arg("/proc/kmsg")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    health(&d);
+    let status = install
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the install of /proc/kmsg returns");
+    let mut err = String::new();
+    std::io::Read::read_to_string(install.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(
+            "cannot read manifest /proc/kmsg: /proc/kmsg is on a pseudo filesystem (proc), \
+             not a regular file"
+        ),
+        "{err}"
+    );
+    // A sysfs file as the artifact: a regular file by its mode, refused by
+    // its filesystem.
+    let m = module_with_entry(d.dir.path(), "sysfs", Path::new("/sys/kernel/notes"));
+    let out = d.ctl(&["install", m.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("field `entry`")
+            && err.contains("/sys/kernel/notes is on a pseudo filesystem (sysfs)"),
+        "{err}"
+    );
+    assert_eq!(health(&d)["modules"], 0);
+}
+
+#[test]
+fn a_rollback_reads_its_stored_artifact_off_the_runtime_thread() {
+    let mut d = Daemon::start(FAST);
+    let work = d.dir.path().join("rb");
+    let v1 = copied_module(&work, "rb", "hello");
+    d.ctl_ok(&["install", v1.to_str().unwrap()]);
+    let sha1 = d.wait_status("rb", "revision 1 running", |s| s["state"] == "running")
+        ["artifact_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Revision 2: the same cdylib with bytes appended (another hash).
+    let lib = v1.join("libhello.so");
+    let mut bytes = std::fs::read(&lib).unwrap();
+    bytes.extend_from_slice(&[0u8; 64]);
+    std::fs::write(&lib, &bytes).unwrap();
+    d.ctl_ok(&["deploy", v1.to_str().unwrap(), "--wait"]);
+    // After a restart only revision 2 has an image: a rollback to 1 loads
+    // the stored file. Made a FIFO, that load waits for a writer.
+    d.stop();
+    d.spawn(&[]);
+    d.wait_status("rb", "revision 2 running", |s| {
+        s["state"] == "running" && s["revision"] == 2
+    });
+    let stored = d.state.join("artifacts").join(format!("{sha1}.so"));
+    std::fs::remove_file(&stored).unwrap();
+    mkfifo(&stored);
+    let rollback = ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["rollback", "rb"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The load is waiting in the FIFO's open (a non-blocking writer gets
+    // in only while a reader is there); holding it open without writing
+    // keeps the load in its read.
+    let writer = poll_until("the rollback's load", Duration::from_millis(10), || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&stored)
+            .map_err(|e| e.to_string())
+    });
+    // Meanwhile everyone else is answered (the read timeout is the guard).
+    health(&d);
+    // The file it reads is not what was stored (not even its size):
+    // refused, with the revision and the file.
+    std::io::Write::write_all(&mut &writer, b"not the artifact").unwrap();
+    drop(writer);
+    let mut rollback = rollback;
+    let status = rollback
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the rollback returns");
+    let mut err = String::new();
+    std::io::Read::read_to_string(rollback.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("revision 1 of rb: stored artifact:")
+            && err.contains(&stored.display().to_string()),
+        "{err}"
+    );
+    // Revision 2 serves on, and the module takes the next release.
+    let s = d.ctl_json(&["status", "rb"]);
+    assert_eq!(s["status"]["revision"], 2, "{s}");
+    assert_eq!(s["status"]["state"], "running", "{s}");
+    let out = d.ctl_ok(&["rollback", "rb", "--to", "2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unchanged"),
+        "{out:?}"
+    );
 }

@@ -315,3 +315,238 @@ fn the_control_socket_refuses_outsiders_and_module_uids() {
     // The allowed user still gets in.
     assert!(d.ctl(&["health"]).status.success());
 }
+
+/// `emberctl install DIR`'s stderr; the install must fail.
+fn refused(d: &Daemon, dir: &Path) -> String {
+    let out = d.ctl(&["install", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    err
+}
+
+#[test]
+fn writable_paths_are_confined_to_the_configured_roots_and_off_emberds_directories() {
+    let work = TempDir::new("roots");
+    let d = Daemon::start(FAST);
+    // The whole filesystem: outside the default roots (/tmp, /var/tmp).
+    let all = real_module(
+        work.path(),
+        "all",
+        "hello",
+        "[sandbox]\nwritable = [\"/\"]\n",
+    );
+    let err = refused(&d, &all);
+    assert!(
+        err.contains("field `sandbox.writable[0]`")
+            && err.contains("/ is not inside a directory of `sandbox.writable_roots`"),
+        "{err}"
+    );
+    // `..` out of a root.
+    let up = real_module(
+        work.path(),
+        "up",
+        "hello",
+        "[sandbox]\nwritable = [\"/tmp/../etc\"]\n",
+    );
+    assert!(refused(&d, &up).contains("contains `..`"));
+    // emberd's state directory, its socket's directory, an ancestor and a
+    // descendant: all inside /tmp here, all refused.
+    let socket_dir = d.socket.parent().unwrap().to_owned();
+    for (i, p) in [
+        d.state.clone(),
+        socket_dir.clone(),
+        socket_dir.parent().unwrap().to_owned(),
+        d.state.join("artifacts"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let m = real_module(
+            work.path(),
+            &format!("own{i}"),
+            "hello",
+            &format!("[sandbox]\nwritable = [{p:?}]\n"),
+        );
+        let err = refused(&d, &m);
+        assert!(
+            err.contains(&format!("{} is, holds or lies in", p.display()))
+                && err.contains("emberd's state or control socket directory"),
+            "{p:?}: {err}"
+        );
+    }
+    assert!(d.ctl_json(&["list"])["modules"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Inside a root: installed. A deploy may not widen it.
+    let data = dir_0777(work.path().join("data"));
+    let ok = real_module(
+        work.path(),
+        "ok",
+        "hello",
+        &format!("[sandbox]\nwritable = [{data:?}]\n"),
+    );
+    d.ctl_ok(&["install", ok.to_str().unwrap()]);
+    running(&d, "ok");
+    std::fs::write(
+        ok.join("module.toml"),
+        format!(
+            "name = \"ok\"\nversion = \"2.0.0\"\nentry = {:?}\n[sandbox]\nwritable = [{:?}]\n",
+            ember_tests::artifact("hello").display().to_string(),
+            d.state
+        ),
+    )
+    .unwrap();
+    let out = d.ctl(&["deploy", ok.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("field `sandbox.writable[0]`"), "{err}");
+    let s = d.ctl_json(&["status", "ok"]);
+    assert_eq!(s["status"]["revision"], 1, "{s}");
+    assert_eq!(s["status"]["state"], "running", "{s}");
+    drop(d);
+
+    // The operator's roots replace the default: /tmp is no longer one.
+    let elsewhere = TempDir::new("roots-cfg");
+    let d = Daemon::start(&format!(
+        "[sandbox]\nwritable_roots = [{:?}]\n{FAST}",
+        elsewhere.path()
+    ));
+    let err = refused(&d, &ok_like(work.path(), "tmp", &data));
+    assert!(
+        err.contains(&format!("({})", elsewhere.path().display())),
+        "{err}"
+    );
+    let inside = dir_0777(elsewhere.path().join("m"));
+    d.ctl_ok(&[
+        "install",
+        ok_like(work.path(), "inside", &inside).to_str().unwrap(),
+    ]);
+    running(&d, "inside");
+}
+
+/// A hello module named `name` asking to write `path`.
+fn ok_like(parent: &Path, name: &str, path: &Path) -> PathBuf {
+    real_module(
+        parent,
+        name,
+        "hello",
+        &format!("[sandbox]\nwritable = [{path:?}]\n"),
+    )
+}
+
+/// Opens the FIFO `p` for writing if a reader waits on it (else `None`).
+fn fifo_writer(p: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)
+        .ok()
+}
+
+#[test]
+fn an_installs_passwd_and_group_lookups_block_no_other_client() {
+    if !root() {
+        return; // a private mount namespace needs root
+    }
+    // emberd in its own mount namespace where /etc/passwd is a FIFO: each
+    // passwd lookup (the uid allocation's) waits for a writer, as a lookup
+    // against a stalled LDAP or sssd would.
+    let dir = TempDir::new("nss");
+    let fifo = dir.path().join("passwd");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let cfg = dir.path().join("emberd.toml");
+    std::fs::write(&cfg, FAST).unwrap();
+    let mut d = Daemon {
+        child: None,
+        socket: dir.path().join("ctl.sock"),
+        state: dir.path().join("state"),
+        config: cfg,
+        dir,
+    };
+    let child = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/passwd && exec \"$@\"")
+        .arg(&fifo)
+        .arg(emberd())
+        .arg("--config")
+        .arg(&d.config)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(&d.state)
+        .env("EMBER_LOG", "error")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    d.child = Some(child);
+    ember_tests::poll_until(
+        "emberd's socket",
+        std::time::Duration::from_millis(20),
+        || {
+            std::os::unix::net::UnixStream::connect(&d.socket)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    );
+    let work = TempDir::new("nss-mod");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let m = module_dir(work.path(), "looked-up", "1.0.0");
+    let install = ember_tests::ChildGuard(
+        std::process::Command::new(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("install")
+            .arg(&m)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The first lookup waits in the FIFO's open for a writer (the kernel's
+    // `wait_for_partner`), on whichever emberd thread runs it.
+    let pid = d.pid();
+    ember_tests::poll_until(
+        "the install's passwd lookup",
+        std::time::Duration::from_millis(10),
+        || {
+            let waiting = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .any(|t| {
+                    std::fs::read_to_string(t.path().join("wchan"))
+                        .is_ok_and(|w| w == "wait_for_partner")
+                });
+            waiting.then_some(()).ok_or_else(|| "not yet".to_owned())
+        },
+    );
+    // Everyone else is answered meanwhile (the read timeout is the guard).
+    let mut raw = Raw::connect(&d.socket);
+    let h = raw.call("io.ember.Supervisor.Health", serde_json::json!({}));
+    assert!(h["parameters"]["version"].is_string(), "{h}");
+    // Then passwd answers, this lookup and every later one.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let (stop, fifo) = (stop.clone(), fifo.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(w) = fifo_writer(&fifo) {
+                    let _ = std::io::Write::write_all(&mut &w, b"root:x:0:0:root:/root:/bin/sh\n");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
+    let mut install = install;
+    let status = install
+        .wait_timeout(std::time::Duration::from_secs(30))
+        .expect("the install returns");
+    let s = running(&d, "looked-up");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap();
+    assert!(status.success());
+    let uid = s["replicas"][0]["sandbox"]["uid"].as_u64().unwrap();
+    assert!((0x7000_0000u64..=0x7000_FFFF).contains(&uid), "{uid}");
+}

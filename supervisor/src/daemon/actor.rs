@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -116,6 +116,9 @@ pub struct Actor {
     pub(super) install_caps: crate::config::InstallConfig,
     /// The module sandbox.
     pub(super) sandbox: SandboxConfig,
+    /// emberd's state and control socket directories, never writable to a
+    /// module (see [`SandboxConfig::check_writable`]).
+    pub(super) protected: Vec<PathBuf>,
     /// emberd is root: modules get their own uid (else they keep emberd's).
     pub(super) root: bool,
     /// What each live worker said its sandbox is, by pid.
@@ -174,6 +177,8 @@ pub struct Settings {
     pub install_caps: crate::config::InstallConfig,
     /// The module sandbox.
     pub sandbox: SandboxConfig,
+    /// emberd's own directories (see [`protected_dirs`]).
+    pub protected: Vec<PathBuf>,
 }
 
 impl Actor {
@@ -191,6 +196,7 @@ impl Actor {
             limit_defaults,
             install_caps,
             sandbox,
+            protected,
         } = settings;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
@@ -218,6 +224,7 @@ impl Actor {
             limit_defaults,
             install_caps,
             sandbox,
+            protected,
             root: nix::unistd::geteuid().is_root(),
             sandboxes: HashMap::new(),
             started: Instant::now(),
@@ -633,9 +640,19 @@ impl Actor {
         self.shutdown = Some((tx, limit));
     }
 
-    /// A uid for the module `name` that no other module has and the system
-    /// does not know (see [`SandboxConfig::allocate`]).
-    pub(super) fn allocate_uid(&self, name: &str) -> Option<u32> {
+    /// Every module's uid, by name, as recorded now: what an install's
+    /// read phase skips (see [`SandboxConfig::free_candidates`]).
+    pub(super) fn recorded_uids(&self) -> Vec<(String, u32)> {
+        self.desired
+            .modules
+            .values()
+            .filter_map(|r| Some((r.name.clone(), r.uid?)))
+            .collect()
+    }
+
+    /// A uid for the module `name`: the first of `candidates` (free in
+    /// passwd and group, checked off this thread) that no other module has.
+    pub(super) fn allocate_uid(&self, name: &str, candidates: &[u32]) -> Option<u32> {
         let taken: std::collections::HashSet<u32> = self
             .desired
             .modules
@@ -643,8 +660,7 @@ impl Actor {
             .filter(|r| r.name != name)
             .filter_map(|r| r.uid)
             .collect();
-        self.sandbox
-            .allocate(name, &taken, crate::sandbox::id_in_use)
+        candidates.iter().copied().find(|id| !taken.contains(id))
     }
 
     /// Whether a `Shutdown` began.
@@ -685,21 +701,9 @@ impl Actor {
                 }
             }
         }
-        // State written before the sandbox existed has no uids.
-        let names: Vec<String> = self
-            .desired
-            .modules
-            .values()
-            .filter(|r| r.uid.is_none())
-            .map(|r| r.name.clone())
-            .collect();
-        for name in names {
-            let uid = self.allocate_uid(&name);
-            if let Some(r) = self.desired.modules.get_mut(&name) {
-                r.uid = uid;
-                changed |= uid.is_some();
-            }
-        }
+        // State written before the sandbox existed got its uids at
+        // start-up, before the runtime (`SandboxConfig::assign_missing_uids`:
+        // NSS lookups, which may block).
         let records: Vec<ModuleRecord> = self.desired.modules.values().cloned().collect();
         for r in records {
             tracing::info!(module = %r.name, version = %r.version, revision = r.revision, "restoring");
@@ -710,6 +714,26 @@ impl Actor {
             drop(self.persister.save(self.desired.clone(), None));
         }
     }
+}
+
+/// The directories no module may write, whatever its manifest and the
+/// configuration say: emberd's state directory and its control socket's,
+/// as configured and as resolved (a symlink in the configured path names
+/// the same place under another name). Resolving touches the filesystem:
+/// called once at start-up, before the actor runs.
+pub fn protected_dirs(state_dir: &Path, socket: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in [Some(state_dir), socket.parent()].into_iter().flatten() {
+        let resolved = std::fs::canonicalize(d).ok();
+        for p in [Some(d.to_owned()), resolved].into_iter().flatten() {
+            if let Ok(p) = crate::sandbox::normalize(&p) {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
 }
 
 pub(super) async fn sleep_until(deadline: Option<Instant>) {

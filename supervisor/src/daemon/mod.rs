@@ -86,7 +86,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     // Descriptors: a few per running module (see `crate::rlimit`).
     let nofile = crate::rlimit::raise();
     let state_dir = cfg.state_path();
-    let (store, desired) = Store::open(&state_dir).map_err(DaemonError::Store)?;
+    let (store, mut desired) = Store::open(&state_dir).map_err(DaemonError::Store)?;
     // Artifacts and logs of an install cut short by a crash are not
     // referenced.
     store.collect_garbage(&desired);
@@ -119,12 +119,21 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         plugins = zygote.plugins(),
         "zygote ready"
     );
+    // State written before the sandbox existed has no uids: given here,
+    // where the passwd and group lookups (NSS: LDAP, sssd…) block nobody,
+    // and after the zygote started (nothing NSS opens reaches it).
+    if cfg.sandbox.assign_missing_uids(&mut desired) {
+        if let Err(e) = store.save(&desired) {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot record the uids given to modules");
+        }
+    }
+    let protected = actor::protected_dirs(&state_dir, &socket_path);
     let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("emberd")
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let result = rt.block_on(serve(cfg, store, desired, zygote, listener));
+    let result = rt.block_on(serve(cfg, store, desired, zygote, listener, protected));
     let _ = std::fs::remove_file(&socket_path);
     result
 }
@@ -135,6 +144,7 @@ async fn serve(
     desired: crate::store::DesiredState,
     zygote: ZygoteProcess,
     listener: std::os::unix::net::UnixListener,
+    protected: Vec<PathBuf>,
 ) -> Result<(), DaemonError> {
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
     // Orphans re-parented to emberd; on this thread, where claims are taken.
@@ -165,6 +175,7 @@ async fn serve(
             limit_defaults: cfg.limits.clone(),
             install_caps: cfg.install.clone(),
             sandbox: cfg.sandbox.clone(),
+            protected,
         },
     );
     let actor_task = tokio::spawn(a.run(actor_rx));

@@ -93,6 +93,8 @@ pub(crate) enum Pending {
         to_gen: u64,
         result: Saved,
     },
+    /// A rollback's stored artifact is copied and verified (or refused).
+    Loaded(Box<Loaded>),
     /// A rollout's commit is on disk.
     Committed {
         name: String,
@@ -124,6 +126,17 @@ pub(crate) struct Prepared {
     artifact: PathBuf,
     overrides: Overrides,
     image: Result<(ArtifactImage, String), StoreError>,
+    reply: Reply,
+    progress: Option<Progress>,
+}
+
+/// A rollback whose target's stored artifact was loaded off the actor.
+pub(crate) struct Loaded {
+    name: String,
+    /// The module's active run when the rollback began.
+    active: u64,
+    target: RevisionRecord,
+    image: Result<ArtifactImage, String>,
     reply: Reply,
     progress: Option<Progress>,
 }
@@ -170,7 +183,21 @@ pub(crate) struct Input {
     /// shared object for this host. The install copies this descriptor,
     /// not whatever the path names by then.
     file: std::fs::File,
+    /// Uids for the module should this be its install, free in passwd and
+    /// group (see [`crate::sandbox::SandboxConfig::free_candidates`]).
+    uids: Vec<u32>,
 }
+
+/// What an install's read phase needs to offer uids: the sandbox
+/// configuration and every module's uid when the request came.
+pub(crate) struct UidQuery {
+    sandbox: crate::sandbox::SandboxConfig,
+    recorded: Vec<(String, u32)>,
+}
+
+/// Spare uid candidates beyond the first: installs that raced for the same
+/// candidates while their files were read.
+const SPARE_UIDS: usize = 4;
 
 /// What to do with an [`Input`] once read.
 pub(crate) enum Then {
@@ -192,7 +219,7 @@ pub(crate) enum Then {
 /// file) and the artifact it names. Blocking (a path may name anything: the
 /// files are opened without blocking and only regular files under their
 /// caps are read): run on the blocking pool, never on the actor.
-fn read_input(path: &Path, caps: &InstallConfig) -> Result<Input, InstallError> {
+fn read_input(path: &Path, caps: &InstallConfig, q: &UidQuery) -> Result<Input, InstallError> {
     if !path.is_absolute() {
         return Err(InstallError::Relative {
             path: path.to_owned(),
@@ -226,12 +253,26 @@ fn read_input(path: &Path, caps: &InstallConfig) -> Result<Input, InstallError> 
     let dir = manifest_path.parent().unwrap_or(Path::new("/"));
     let artifact = dir.join(&summary.entry);
     let file = check_artifact(&manifest_path, &artifact, caps.max_artifact_bytes)?;
+    // Here, not on the actor: NSS (LDAP, sssd) may take its time.
+    let taken = q
+        .recorded
+        .iter()
+        .filter(|(n, _)| *n != summary.name)
+        .map(|(_, uid)| *uid)
+        .collect();
+    let uids = q.sandbox.free_candidates(
+        &summary.name,
+        &taken,
+        crate::sandbox::id_in_use,
+        1 + SPARE_UIDS,
+    );
     Ok(Input {
         manifest_path,
         text,
         summary,
         artifact,
         file,
+        uids,
     })
 }
 
@@ -283,7 +324,7 @@ impl Actor {
             .map_err(|e| format!("stored manifest: {}", error_chain(&e)))
             .and_then(|m| {
                 self.sandbox
-                    .order(self.root, record.uid, &m)
+                    .order(self.root, record.uid, &m, &self.protected)
                     .map_err(|e| format!("sandbox: {e}"))
             });
         let sandbox = match sandbox {
@@ -422,19 +463,6 @@ impl Actor {
             .find(|i| i.sha256.get().is_some_and(|h| h == sha256))
     }
 
-    /// The image of a stored artifact: one a run already uses, else a
-    /// verified copy of the stored file (read and hashed here: a rollback
-    /// to a revision no run uses waits for it).
-    fn image_of(&self, sha256: &str) -> Result<ArtifactImage, String> {
-        match self.known_image(sha256) {
-            Some(i) => Ok(i),
-            None => self
-                .store
-                .load_verified(sha256)
-                .map_err(|e| format!("stored artifact: {}", error_chain(&e))),
-        }
-    }
-
     /// Every image in use, once.
     fn known_images(&self) -> Vec<ArtifactImage> {
         let mut known: Vec<ArtifactImage> = Vec::new();
@@ -475,6 +503,7 @@ impl Actor {
                 result,
             } => self.uninstall_saved(name, generation, record, result),
             Pending::Prepared(p) => self.deploy_prepared(*p),
+            Pending::Loaded(l) => self.rollback_loaded(*l),
             Pending::Recorded {
                 name,
                 to_gen,
@@ -569,6 +598,7 @@ impl Actor {
             summary,
             artifact,
             file,
+            uids,
         } = input;
         if let Some(m) = self.modules.get(&summary.name) {
             return Err(InstallError::AlreadyInstalled {
@@ -578,7 +608,7 @@ impl Actor {
         }
         self.check_sandbox(&manifest_path, &text)?;
         let uid = self
-            .allocate_uid(&summary.name)
+            .allocate_uid(&summary.name, &uids)
             .ok_or_else(|| InstallError::NoUid {
                 name: summary.name.clone(),
                 range: self.sandbox.uid_range,
@@ -788,21 +818,29 @@ impl Actor {
     }
 
     /// Refuses a manifest whose `[sandbox] allow_syscalls` asks for a
-    /// syscall the configuration does not grant.
+    /// syscall the configuration does not grant, or whose `writable` names a
+    /// path outside `sandbox.writable_roots` or over emberd's own
+    /// directories (see [`crate::sandbox::SandboxConfig::check_writable`]).
     fn check_sandbox(&self, manifest_path: &Path, text: &str) -> Result<(), InstallError> {
         let Ok(m) = module_runtime::manifest::Manifest::parse(text) else {
             return Ok(()); // refused by the parser already
         };
-        match self.sandbox.ungranted(&m.sandbox.allow_syscalls) {
-            Some(syscall) if self.sandbox.enabled => Err(InstallError::Manifest {
-                path: manifest_path.to_owned(),
-                source: manifest::ManifestError::Field {
-                    field: "sandbox.allow_syscalls".into(),
-                    reason: crate::sandbox::not_granted(syscall),
-                },
-            }),
-            _ => Ok(()),
+        if !self.sandbox.enabled {
+            return Ok(());
         }
+        let refuse = |field: String, reason: String| InstallError::Manifest {
+            path: manifest_path.to_owned(),
+            source: manifest::ManifestError::Field { field, reason },
+        };
+        if let Some(syscall) = self.sandbox.ungranted(&m.sandbox.allow_syscalls) {
+            return Err(refuse(
+                "sandbox.allow_syscalls".into(),
+                crate::sandbox::not_granted(syscall),
+            ));
+        }
+        self.sandbox
+            .check_writable(&m.sandbox.writable, &self.protected)
+            .map_err(|(i, why)| refuse(format!("sandbox.writable[{i}]"), why))
     }
 
     // ---- uninstall ----
@@ -948,10 +986,14 @@ impl Actor {
     /// request goes on in [`Actor::input_read`].
     pub(super) fn read_then(&mut self, path: PathBuf, then: Then) {
         let caps = self.install_caps.clone();
+        let q = UidQuery {
+            sandbox: self.sandbox.clone(),
+            recorded: self.recorded_uids(),
+        };
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
             let p = path.clone();
-            let input = tokio::task::spawn_blocking(move || read_input(&p, &caps))
+            let input = tokio::task::spawn_blocking(move || read_input(&p, &caps, &q))
                 .await
                 .unwrap_or_else(|e| {
                     Err(InstallError::Unreadable {
@@ -1205,18 +1247,84 @@ impl Actor {
             let _ = reply.send(Ok(deploy_reply(m, active, false, "unchanged", None)));
             return;
         }
-        let image = match self.image_of(&target.artifact_sha256) {
+        let generation = m.active;
+        let loaded = |image| Loaded {
+            name: req.name.clone(),
+            active: generation,
+            target: target.clone(),
+            image,
+            reply,
+            progress,
+        };
+        // An image a run already uses (verified when it was made), else
+        // the stored file, read, copied and hashed off the actor.
+        if let Some(image) = self.known_image(&target.artifact_sha256) {
+            return self.rollback_loaded(loaded(Ok(image)));
+        }
+        let mut l = loaded(Err(String::new()));
+        if let Some(m) = self.modules.get_mut(&req.name) {
+            m.preparing = true;
+        }
+        let (store, pending) = (self.store.clone(), self.pending_tx.clone());
+        tokio::spawn(async move {
+            let sha256 = l.target.artifact_sha256.clone();
+            l.image = tokio::task::spawn_blocking(move || store.load_verified(&sha256))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(StoreError::Io {
+                        op: "verify",
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })
+                .map_err(|e| format!("stored artifact: {}", error_chain(&e)));
+            let _ = pending.send(Pending::Loaded(Box::new(l)));
+        });
+    }
+
+    /// A rollback's image is ready (or refused): its rollout starts, unless
+    /// the module was uninstalled or emberd began shutting down meanwhile.
+    fn rollback_loaded(&mut self, l: Loaded) {
+        let shutting_down = self.shutting_down();
+        let Some(m) = self
+            .modules
+            .get_mut(&l.name)
+            .filter(|m| m.run(l.active).is_some())
+        else {
+            let _ = l.reply.send(Err(invalid_input(format!(
+                "{} was uninstalled while its rollback was being prepared",
+                l.name
+            ))));
+            return;
+        };
+        m.preparing = false;
+        if shutting_down {
+            let _ = l.reply.send(Err(ErrorReply::new(
+                crate::control::errors::SHUTTING_DOWN,
+                json!({}),
+            )));
+            return;
+        }
+        if !m.uninstall.is_empty() {
+            let _ = l.reply.send(Err(invalid_input(format!(
+                "{} is being uninstalled",
+                l.name
+            ))));
+            return;
+        }
+        let target = l.target;
+        let image = match l.image {
             Ok(i) => i,
             Err(reason) => {
-                let _ = reply.send(Err(invalid_input(format!(
+                let _ = l.reply.send(Err(invalid_input(format!(
                     "revision {} of {}: {reason}",
-                    target.revision, req.name
+                    target.revision, l.name
                 ))));
                 return;
             }
         };
         let record = ModuleRecord {
-            name: req.name.clone(),
+            name: l.name.clone(),
             version: target.version,
             artifact_sha256: target.artifact_sha256.clone(),
             manifest: target.manifest,
@@ -1234,7 +1342,7 @@ impl Actor {
             store: None,
             reason: None,
         };
-        let _ = self.start_rollout(spec, reply, progress);
+        let _ = self.start_rollout(spec, l.reply, l.progress);
     }
 
     /// Starts a rollout of `spec` on the module: its run is made (its
