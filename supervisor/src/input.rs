@@ -45,6 +45,15 @@ pub enum FileError {
         #[source]
         source: std::io::Error,
     },
+    /// Opened with a client's rights (see [`crate::fscred`]), which do not
+    /// let it search a directory on the path or read the file.
+    #[error("permission denied: {} (opened with the rights of uid {uid})", path.display())]
+    Denied {
+        /// The file.
+        path: PathBuf,
+        /// The client's uid.
+        uid: u32,
+    },
     /// Not a regular file (a FIFO, a device, a socket, a directory).
     #[error("{} is {kind}, not a regular file", path.display())]
     NotRegular {
@@ -95,6 +104,24 @@ pub enum FileError {
 }
 
 impl FileError {
+    /// An open or read of `path` failed: [`FileError::Denied`] when it was
+    /// refused to a client whose rights this thread has, else
+    /// [`FileError::Io`].
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        match crate::fscred::acting_for() {
+            Some(uid) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                FileError::Denied {
+                    path: path.to_owned(),
+                    uid,
+                }
+            }
+            _ => FileError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+
     /// Whether the file does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, FileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
@@ -156,10 +183,7 @@ fn pseudo_fs(f_type: u32) -> Option<&'static str> {
 /// names the cap in errors) on a filesystem that stores files. Returns the
 /// file (still `O_NONBLOCK`) and its size.
 pub fn open_regular(path: &Path, cap: u64, key: &'static str) -> Result<(File, u64), FileError> {
-    let io = |source| FileError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| FileError::io(path, source);
     // O_PATH: no device is opened (opening `/dev/watchdog` arms it), no
     // pseudo file sees an open; the checks below run on this descriptor.
     let how = OpenHow::new()
@@ -242,10 +266,7 @@ pub fn read_text(path: &Path, cap: u64, key: &'static str) -> Result<String, Fil
     let mut bytes = Vec::with_capacity(len as usize + 1);
     file.take(len + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| FileError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(|source| FileError::io(path, source))?;
     if bytes.len() as u64 != len {
         return Err(FileError::Changed {
             path: path.to_owned(),
@@ -351,5 +372,48 @@ mod tests {
         }
         assert_eq!(pseudo_fs(0x9fa0), Some("proc"));
         assert_eq!(pseudo_fs(0xef53), None, "ext4 stores files");
+    }
+
+    #[test]
+    fn opened_with_a_clients_rights_a_file_it_cannot_read_is_denied() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return; // needs CAP_SETUID
+        }
+        let d = dir();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let client = crate::fscred::Credentials {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![],
+        };
+        let as_client = |p: &Path| {
+            crate::fscred::with_rights(&client, || read_text(p, 1024, "k")).unwrap()
+        };
+        // Root's 0600 file, and a readable file in root's 0700 directory.
+        let secret = d.join("secret");
+        std::fs::write(&secret, "token = \"ghp_SECRET\"\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let closed = d.join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let inside = closed.join("module.toml");
+        std::fs::write(&inside, "name = \"ghp_SECRET\"\n").unwrap();
+        for p in [&secret, &inside] {
+            let e = as_client(p).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "permission denied: {} (opened with the rights of uid 65534)",
+                    p.display()
+                )
+            );
+        }
+        // Readable by the client: read; and root reads the secret as before.
+        let open = d.join("open");
+        std::fs::write(&open, "name = \"hello\"\n").unwrap();
+        assert_eq!(as_client(&open).unwrap(), "name = \"hello\"\n");
+        assert!(read_text(&secret, 1024, "k").is_ok());
+        std::fs::remove_dir_all(d).unwrap();
     }
 }

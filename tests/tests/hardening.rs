@@ -148,6 +148,11 @@ fn files_over_their_cap_are_refused_naming_the_cap() {
     assert_eq!(health(&d)["modules"], 0);
 }
 
+/// A client only ever sees content of files it can read itself: emberd
+/// opens what a client names with the client's rights (see
+/// `install_and_deploy_open_the_files_with_the_clients_rights`). Root may
+/// read these files anyway; what is shown of a file that is not a manifest
+/// is still only where the syntax broke, never its text.
 #[test]
 fn a_file_that_is_not_a_manifest_is_not_echoed_back() {
     let d = Daemon::start(FAST);
@@ -573,6 +578,120 @@ fn a_rollback_reads_its_stored_artifact_off_the_runtime_thread() {
     assert_eq!(s["status"]["revision"], 2, "{s}");
     assert_eq!(s["status"]["state"], "running", "{s}");
     let out = d.ctl_ok(&["rollback", "rb", "--to", "2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unchanged"),
+        "{out:?}"
+    );
+}
+
+/// The unprivileged client of the tests below.
+const CLIENT_UID: u32 = 65534;
+
+/// `emberctl ARGS` run as uid [`CLIENT_UID`] (fork, setgid/setuid, exec).
+fn ctl_as_client(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(emberctl())
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .uid(CLIENT_UID)
+        .gid(CLIENT_UID)
+        .output()
+        .unwrap()
+}
+
+/// emberd as root, with [`CLIENT_UID`] on its allow list and its socket
+/// reachable by it; `None` when the tests do not run as root.
+fn daemon_allowing_the_client() -> Option<Daemon> {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return None; // needs a second uid
+    }
+    let d = Daemon::start(&format!(
+        "socket_mode = \"0666\"\nallowed_uids = [{CLIENT_UID}]\n{FAST}"
+    ));
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some(d)
+}
+
+fn root_only(p: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(p, text).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn install_and_deploy_open_the_files_with_the_clients_rights() {
+    let Some(d) = daemon_allowing_the_client() else {
+        return;
+    };
+    // Root's 0600 files: as root emberd would quote the unknown key, the
+    // name that does not match its pattern, the listener address.
+    let secrets = [
+        "ghp_SECRETTOKEN123 = 1\n",
+        "name = \"ghp_SECRET\"\nversion = \"1.0.0\"\nentry = \"x.so\"\n",
+        "name = \"ok\"\nversion = \"1.0.0\"\nentry = \"x.so\"\n\
+         [[listeners]]\nname = \"l\"\naddress = \"SECRET-host:80\"\n",
+    ];
+    let denied = |p: &Path| {
+        format!(
+            "permission denied: {} (opened with the rights of uid {CLIENT_UID})",
+            p.display()
+        )
+    };
+    for (i, text) in secrets.iter().enumerate() {
+        let f = d.dir.path().join(format!("secret-{i}.toml"));
+        root_only(&f, text);
+        for verb in ["install", "deploy"] {
+            let out = ctl_as_client(&d, &[verb, f.to_str().unwrap()]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(4), "{verb} {text:?}: {err}");
+            assert!(!err.contains("SECRET"), "{verb} {text:?} echoed: {err}");
+            assert!(err.contains(&denied(&f)), "{verb}: {err}");
+        }
+    }
+    // A manifest it may read, naming an artifact it may not (root's 0600
+    // copy of a real cdylib): refused by the same rule, at `entry`.
+    let m = copied_module(d.dir.path(), "theirs", "hello");
+    let lib = m.join("libhello.so");
+    std::fs::set_permissions(
+        &lib,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let out = ctl_as_client(&d, &["install", m.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("field `entry`") && err.contains(&denied(&lib)),
+        "{err}"
+    );
+    assert_eq!(health(&d)["modules"], 0);
+    // Root is unaffected: the same module installs.
+    d.ctl_ok(&["install", m.to_str().unwrap()]);
+    assert_eq!(health(&d)["modules"], 1);
+}
+
+#[test]
+fn a_client_installs_its_own_readable_module() {
+    let Some(d) = daemon_allowing_the_client() else {
+        return;
+    };
+    // The client's own files, readable by it alone (0600, in its 0700
+    // directory): emberd opens them with its rights.
+    let m = copied_module(d.dir.path(), "mine", "hello");
+    for p in [m.join("module.toml"), m.join("libhello.so")] {
+        std::os::unix::fs::chown(&p, Some(CLIENT_UID), Some(CLIENT_UID)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+    std::os::unix::fs::chown(&m, Some(CLIENT_UID), Some(CLIENT_UID)).unwrap();
+    std::fs::set_permissions(&m, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = ctl_as_client(&d, &["install", m.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_status("mine", "running", |s| s["state"] == "running");
+    // And deploys it again (the same files: unchanged).
+    let out = ctl_as_client(&d, &["deploy", m.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("unchanged"),
         "{out:?}"

@@ -30,6 +30,16 @@ pub enum InstallError {
         #[source]
         source: crate::input::FileError,
     },
+    /// The files could not be opened with the client's rights (emberd is
+    /// not root and the client's uid is not emberd's own).
+    #[error("cannot open {} for this client", path.display())]
+    Rights {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::fscred::SwitchError,
+    },
     /// The path is relative (the daemon has no useful working directory).
     #[error("path {} is not absolute", path.display())]
     Relative {
@@ -173,6 +183,7 @@ impl From<InstallError> for ErrorReply {
                 ErrorReply::new(errors::PORT_IN_USE, json!({ "port": port }))
             }
             InstallError::Unreadable { .. }
+            | InstallError::Rights { .. }
             | InstallError::Relative { .. }
             | InstallError::Listener { .. } => {
                 ErrorReply::new(errors::INVALID_INPUT, json!({ "reason": reason }))

@@ -26,6 +26,7 @@ use crate::control::list::ListReply;
 use crate::control::pool::PoolReply;
 use crate::control::status::StatusReply;
 use crate::control::{module_not_found, Request};
+use crate::fscred::Credentials;
 use crate::lifecycle::{Event, Lifecycle, Policy, State};
 use crate::manifest;
 use crate::pool::PoolHandle;
@@ -65,6 +66,9 @@ pub enum ActorMsg {
         /// `Rollback`): the module's summary each time it changes, until it
         /// settles.
         progress: Option<Progress>,
+        /// The client's credentials: `Install` and `Deploy` open the files
+        /// they name with its rights (see [`crate::fscred`]).
+        peer: Arc<Credentials>,
     },
     /// Liveness probe (watchdog).
     Ping(oneshot::Sender<()>),
@@ -255,8 +259,8 @@ impl Actor {
             tokio::select! {
                 msg = rx.recv(), if self.shutdown.is_none() => match msg {
                     None => break,
-                    Some(ActorMsg::Control { request, reply, progress }) => {
-                        self.control(request, reply, progress)
+                    Some(ActorMsg::Control { request, reply, progress, peer }) => {
+                        self.control(request, reply, progress, peer)
                     }
                     Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
                     Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
@@ -387,14 +391,21 @@ impl Actor {
         }
     }
 
-    fn control(&mut self, request: Request, reply: Reply, progress: Option<Progress>) {
+    fn control(
+        &mut self,
+        request: Request,
+        reply: Reply,
+        progress: Option<Progress>,
+        peer: Arc<Credentials>,
+    ) {
         let value = |v: Result<Value, ErrorReply>| v.map(Response::Value);
         let result = match request {
             Request::Install(req) => {
-                // The files are read on the blocking pool: a path may name
-                // a FIFO, a device, a huge file.
+                // The files are read on the blocking pool (a path may name
+                // a FIFO, a device, a huge file), with the client's rights.
                 return self.read_then(
                     req.path,
+                    peer,
                     super::pipeline::Then::Install {
                         reply,
                         progress,
@@ -402,7 +413,7 @@ impl Actor {
                     },
                 );
             }
-            Request::Deploy(req) => return self.deploy(req, reply, progress),
+            Request::Deploy(req) => return self.deploy(req, reply, progress, peer),
             Request::Rollback(req) => return self.rollback(req, reply, progress),
             Request::Rollout(req) => value(self.rollout_action(req)),
             Request::History(req) => value(self.history(&req.name)),

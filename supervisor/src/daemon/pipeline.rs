@@ -27,6 +27,7 @@ use crate::control::rollout::{no_rollout, Action};
 use crate::control::uninstall::{UninstallError, UninstallReply};
 use crate::control::{invalid_input, module_not_found};
 use crate::error_chain;
+use crate::fscred::{with_rights, Credentials};
 use crate::lifecycle::{Lifecycle, State};
 use crate::listeners::{self, ListenError};
 use crate::manifest::{self, ManifestSummary};
@@ -216,22 +217,38 @@ pub(crate) enum Then {
 }
 
 /// Reads, parses and checks the manifest at `path` (a directory or the
-/// file) and the artifact it names. Blocking (a path may name anything: the
+/// file) and the artifact it names. Both are opened with the rights of
+/// `peer`, the client that named them ([`crate::fscred::with_rights`]): a
+/// client never sees anything of a file it could not read itself, not even
+/// a field quoted in an error. Blocking (a path may name anything: the
 /// files are opened without blocking and only regular files under their
 /// caps are read): run on the blocking pool, never on the actor.
-fn read_input(path: &Path, caps: &InstallConfig, q: &UidQuery) -> Result<Input, InstallError> {
+fn read_input(
+    path: &Path,
+    peer: &Credentials,
+    caps: &InstallConfig,
+    q: &UidQuery,
+) -> Result<Input, InstallError> {
     if !path.is_absolute() {
         return Err(InstallError::Relative {
             path: path.to_owned(),
         });
     }
-    let manifest_path = manifest::locate(path);
-    let text = crate::input::read_text(
-        &manifest_path,
-        caps.max_manifest_bytes,
-        "install.max_manifest_bytes",
-    )
-    .map_err(|source| InstallError::Unreadable {
+    let as_peer = |source| InstallError::Rights {
+        path: path.to_owned(),
+        source,
+    };
+    let (manifest_path, text) = with_rights(peer, || {
+        let manifest_path = manifest::locate(path);
+        let text = crate::input::read_text(
+            &manifest_path,
+            caps.max_manifest_bytes,
+            "install.max_manifest_bytes",
+        );
+        (manifest_path, text)
+    })
+    .map_err(as_peer)?;
+    let text = text.map_err(|source| InstallError::Unreadable {
         path: manifest_path.clone(),
         source,
     })?;
@@ -252,7 +269,10 @@ fn read_input(path: &Path, caps: &InstallConfig, q: &UidQuery) -> Result<Input, 
     )?;
     let dir = manifest_path.parent().unwrap_or(Path::new("/"));
     let artifact = dir.join(&summary.entry);
-    let file = check_artifact(&manifest_path, &artifact, caps.max_artifact_bytes)?;
+    let file = with_rights(peer, || {
+        check_artifact(&manifest_path, &artifact, caps.max_artifact_bytes)
+    })
+    .map_err(as_peer)??;
     // Here, not on the actor: NSS (LDAP, sssd) may take its time.
     let taken = q
         .recorded
@@ -964,7 +984,13 @@ impl Actor {
     /// revision's artifact is copied (or found among the images in use) and
     /// hashed off the actor, then [`Actor::deploy_prepared`] starts the
     /// rollout.
-    pub(super) fn deploy(&mut self, req: Deploy, reply: Reply, progress: Option<Progress>) {
+    pub(super) fn deploy(
+        &mut self,
+        req: Deploy,
+        reply: Reply,
+        progress: Option<Progress>,
+        peer: Arc<Credentials>,
+    ) {
         let overrides = match req.overrides() {
             Ok(o) => o,
             Err(e) => {
@@ -974,6 +1000,7 @@ impl Actor {
         };
         self.read_then(
             req.path,
+            peer,
             Then::Deploy {
                 overrides,
                 reply,
@@ -982,9 +1009,10 @@ impl Actor {
         );
     }
 
-    /// Reads an install's or a deploy's files on the blocking pool; the
-    /// request goes on in [`Actor::input_read`].
-    pub(super) fn read_then(&mut self, path: PathBuf, then: Then) {
+    /// Reads an install's or a deploy's files on the blocking pool, with
+    /// the rights of `peer` (the client); the request goes on in
+    /// [`Actor::input_read`].
+    pub(super) fn read_then(&mut self, path: PathBuf, peer: Arc<Credentials>, then: Then) {
         let caps = self.install_caps.clone();
         let q = UidQuery {
             sandbox: self.sandbox.clone(),
@@ -993,7 +1021,7 @@ impl Actor {
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
             let p = path.clone();
-            let input = tokio::task::spawn_blocking(move || read_input(&p, &caps, &q))
+            let input = tokio::task::spawn_blocking(move || read_input(&p, &peer, &caps, &q))
                 .await
                 .unwrap_or_else(|e| {
                     Err(InstallError::Unreadable {

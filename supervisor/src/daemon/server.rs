@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::actor::{ActorMsg, Response};
 use crate::control::{self, errors, Action, Decoded};
+use crate::fscred::Credentials;
 use crate::varlink::{Call, ErrorReply, FrameDecoder, FrameError, Reply, MAX_MESSAGE};
 
 /// Most connections served at once; beyond that the one idle the longest
@@ -67,8 +68,17 @@ impl Access {
 }
 
 /// The peer's supplementary groups as the kernel recorded them at
-/// `connect` (`SO_PEERGROUPS`, Linux 4.13+); empty if it cannot tell.
-fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+/// `connect` (`SO_PEERGROUPS`, Linux 4.13+); else, on older kernels, the
+/// `Groups:` line of `/proc/PID/status` of the peer's pid; empty if neither
+/// tells (the peer then has its primary group's rights only).
+fn peer_groups(stream: &UnixStream, pid: Option<i32>) -> Vec<u32> {
+    so_peergroups(stream)
+        .or_else(|| pid.and_then(proc_groups))
+        .unwrap_or_default()
+}
+
+/// `SO_PEERGROUPS`; `None` if the kernel does not have it.
+fn so_peergroups(stream: &UnixStream) -> Option<Vec<u32>> {
     use std::os::fd::AsRawFd;
     // SO_PEERGROUPS from asm-generic/socket.h (x86_64, aarch64, riscv).
     const SO_PEERGROUPS: libc::c_int = 59;
@@ -91,15 +101,28 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
         let needed = len as usize / GID;
         if rc == 0 {
             groups.truncate(needed);
-            return groups;
+            return Some(groups);
         }
         let grow = std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE)
             && needed > groups.len();
         if !grow {
-            return Vec::new();
+            return None;
         }
         groups.resize(needed, 0);
     }
+}
+
+/// The `Groups:` of `/proc/PID/status` (the process's groups now, not at
+/// `connect`: the fallback only).
+fn proc_groups(pid: i32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_groups(&status)
+}
+
+/// The `Groups:` line of a `/proc/PID/status` text.
+fn parse_groups(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    line.split_whitespace().map(|g| g.parse().ok()).collect()
 }
 
 /// Binds the socket at `path` with `mode` (and owner, if given): bound
@@ -190,7 +213,18 @@ pub async fn serve(
         let access = access.clone();
         let actor = actor.clone();
         tokio::spawn(async move {
-            Connection::new(stream, actor, slot).run(&access).await;
+            // The peer as the kernel recorded it at `connect`.
+            let Ok(cred) = stream.peer_cred() else {
+                return;
+            };
+            let peer = Credentials {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                groups: peer_groups(&stream, cred.pid()),
+            };
+            Connection::new(stream, actor, slot, peer)
+                .run(&access)
+                .await;
         });
     }
 }
@@ -299,6 +333,9 @@ struct Connection {
     actor: mpsc::Sender<ActorMsg>,
     decoder: FrameDecoder,
     slot: Slot,
+    /// The peer's credentials: the allow list checks them, and `Install`
+    /// and `Deploy` open the files they name with them.
+    peer: Arc<Credentials>,
 }
 
 enum Flow {
@@ -307,12 +344,13 @@ enum Flow {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, actor: mpsc::Sender<ActorMsg>, slot: Slot) -> Self {
+    fn new(stream: UnixStream, actor: mpsc::Sender<ActorMsg>, slot: Slot, peer: Credentials) -> Self {
         Self {
             stream,
             actor,
             decoder: FrameDecoder::new(MAX_MESSAGE),
             slot,
+            peer: Arc::new(peer),
         }
     }
 
@@ -324,17 +362,14 @@ impl Connection {
     }
 
     async fn run(mut self, access: &Access) {
-        let cred = match self.stream.peer_cred() {
-            Ok(c) => c,
-            Err(_) => return,
-        };
         let mut buf = vec![0u8; 16 * 1024];
-        if !access.allows(cred.uid(), cred.gid(), &peer_groups(&self.stream)) {
-            tracing::warn!(uid = cred.uid(), gid = cred.gid(), "control peer refused");
+        let peer = self.peer.clone();
+        if !access.allows(peer.uid, peer.gid, &peer.groups) {
+            tracing::warn!(uid = peer.uid, gid = peer.gid, "control peer refused");
             // Answer the first call (read with a short deadline, never
             // parsed) so the client sees the error rather than a reset.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.read(&mut buf)).await;
-            let e = ErrorReply::new(errors::PERMISSION_DENIED, json!({ "uid": cred.uid() }));
+            let e = ErrorReply::new(errors::PERMISSION_DENIED, json!({ "uid": peer.uid }));
             let _ = self.write(&e.to_reply()).await;
             let _ = self.stream.shutdown().await;
             return;
@@ -460,6 +495,7 @@ impl Connection {
                 request,
                 reply: tx,
                 progress,
+                peer: self.peer.clone(),
             })
             .await
             .map_err(|_| shutting_down())?;
@@ -568,5 +604,29 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_from_proc_status() {
+        let status = "Name:\temberctl\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 27 1000 \n";
+        assert_eq!(parse_groups(status), Some(vec![4, 27, 1000]));
+        assert_eq!(parse_groups("Groups:\t\n"), Some(vec![]));
+        assert_eq!(parse_groups("Name:\tx\n"), None);
+        // Our own, as the kernel has them.
+        let own = proc_groups(std::process::id() as i32).unwrap();
+        let mut expected: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
+        let mut own_sorted = own.clone();
+        own_sorted.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(own_sorted, expected);
     }
 }
