@@ -283,7 +283,12 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return; // needs CAP_SETUID
         }
-        let before = (status("Uid"), status("Gid"), status("Groups"), status("CapEff"));
+        let before = (
+            status("Uid"),
+            status("Gid"),
+            status("Groups"),
+            status("CapEff"),
+        );
         let secret = std::env::temp_dir().join(format!("ember-fscred-{}", std::process::id()));
         std::fs::write(&secret, "root only").unwrap();
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -319,9 +324,17 @@ mod tests {
         assert!(during.1.ends_with("\t65534"), "{during:?}");
         assert_eq!(during.2, "4242 4243");
         // The other thread kept its own, groups and capabilities included.
-        assert_eq!((&other.0, &other.1, &other.2), (&before.0, &before.2, &before.3));
         assert_eq!(
-            (status("Uid"), status("Gid"), status("Groups"), status("CapEff")),
+            (&other.0, &other.1, &other.2),
+            (&before.0, &before.2, &before.3)
+        );
+        assert_eq!(
+            (
+                status("Uid"),
+                status("Gid"),
+                status("Groups"),
+                status("CapEff")
+            ),
             before
         );
         assert_eq!(acting_for(), None);
@@ -335,7 +348,12 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return; // needs CAP_SETUID
         }
-        let before = (status("Uid"), status("Gid"), status("Groups"), status("CapEff"));
+        let before = (
+            status("Uid"),
+            status("Gid"),
+            status("Groups"),
+            status("CapEff"),
+        );
         let r = std::panic::catch_unwind(|| {
             with_rights(&nobody(), || {
                 assert_eq!(acting_for(), Some(65534));
@@ -344,7 +362,12 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(
-            (status("Uid"), status("Gid"), status("Groups"), status("CapEff")),
+            (
+                status("Uid"),
+                status("Gid"),
+                status("Groups"),
+                status("CapEff")
+            ),
             before
         );
         assert_eq!(acting_for(), None);

@@ -13,7 +13,9 @@
 //! file opened for reading, through the descriptor, with `O_NONBLOCK` and
 //! `O_NOCTTY` kept, and [`read_text`] reads no more than the size `fstat`
 //! gave (one byte more says it grew, an error). The callers run this on the
-//! blocking pool, never on the actor's thread.
+//! blocking pool, never on the actor's thread, with the rights of the
+//! client that named the file ([`crate::fscred::with_rights`]): a file it
+//! may not read is [`FileError::Denied`], naming its uid.
 //!
 //! ```no_run
 //! # use std::path::Path;
@@ -387,9 +389,8 @@ mod tests {
             gid: 65534,
             groups: vec![],
         };
-        let as_client = |p: &Path| {
-            crate::fscred::with_rights(&client, || read_text(p, 1024, "k")).unwrap()
-        };
+        let as_client =
+            |p: &Path| crate::fscred::with_rights(&client, || read_text(p, 1024, "k")).unwrap();
         // Root's 0600 file, and a readable file in root's 0700 directory.
         let secret = d.join("secret");
         std::fs::write(&secret, "token = \"ghp_SECRET\"\n").unwrap();

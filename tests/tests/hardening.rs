@@ -653,11 +653,7 @@ fn install_and_deploy_open_the_files_with_the_clients_rights() {
     // copy of a real cdylib): refused by the same rule, at `entry`.
     let m = copied_module(d.dir.path(), "theirs", "hello");
     let lib = m.join("libhello.so");
-    std::fs::set_permissions(
-        &lib,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let out = ctl_as_client(&d, &["install", m.to_str().unwrap()]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
@@ -681,8 +677,7 @@ fn a_client_installs_its_own_readable_module() {
     let m = copied_module(d.dir.path(), "mine", "hello");
     for p in [m.join("module.toml"), m.join("libhello.so")] {
         std::os::unix::fs::chown(&p, Some(CLIENT_UID), Some(CLIENT_UID)).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
     std::os::unix::fs::chown(&m, Some(CLIENT_UID), Some(CLIENT_UID)).unwrap();
     std::fs::set_permissions(&m, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();

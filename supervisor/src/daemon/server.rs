@@ -344,7 +344,12 @@ enum Flow {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, actor: mpsc::Sender<ActorMsg>, slot: Slot, peer: Credentials) -> Self {
+    fn new(
+        stream: UnixStream,
+        actor: mpsc::Sender<ActorMsg>,
+        slot: Slot,
+        peer: Credentials,
+    ) -> Self {
         Self {
             stream,
             actor,
