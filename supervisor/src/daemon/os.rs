@@ -587,12 +587,10 @@ async fn instance(
                                 report: report.clone(),
                             });
                         }
-                        Some(Err(first_forged)) => {
-                            if first_forged {
-                                tracing::warn!(module, pid, "sandbox report after the module's code was loaded: ignored");
-                            }
+                        Some(Err(true)) => {
+                            tracing::warn!(module, pid, "sandbox report after the module's code was loaded: ignored");
                         }
-                        None => {}
+                        Some(Err(false)) | None => {}
                     }
                     if ready && background {
                         // Full priority before it counts as ready (and the
