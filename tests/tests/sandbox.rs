@@ -1,6 +1,8 @@
 //! The module sandbox, through the real emberd: a hostile module's attacks
 //! on emberd, a sibling and the host fail with the errno each layer
-//! promises; each module runs as its own stable uid, with no new
+//! promises, emberd running as root or as a user whose uid modules keep
+//! (then emberd and its zygote are not dumpable either); a forged sandbox
+//! report is not believed; each module runs as its own stable uid, with no new
 //! privileges, a seccomp filter and not dumpable; a tampered stored
 //! artifact is refused; a manifest cannot grant itself syscalls; the
 //! control socket refuses uids outside its allow list, module uids
@@ -92,6 +94,13 @@ fn a_hostile_module_is_fenced_in() {
         ("clone3", libc::ENOSYS),
         ("write_outside", libc::EACCES),
         ("write_inside", 0),
+        ("prlimit_emberd", libc::EPERM),
+        ("setpriority_emberd", libc::EPERM),
+        ("setaffinity_emberd", libc::EPERM),
+        ("emberd_mem", libc::EACCES),
+        ("set_dumpable", libc::EPERM),
+        // Sent: emberd must not believe it (below).
+        ("forge_report", 0),
     ];
     for (attack, errno) in expect {
         assert_eq!(report[attack], errno, "{attack}: {report}");
@@ -126,6 +135,7 @@ fn a_hostile_module_is_fenced_in() {
     assert_eq!(sb["no_new_privs"], true);
     assert_eq!(sb["dumpable"], false);
     assert!(sb["seccomp"].as_str().unwrap().starts_with("seccomp-bpf"));
+    assert_ne!(sb["filesystem"], "forged", "{sb}");
     let fs = sb["filesystem"].as_str().unwrap();
     if module_runtime::host::sandbox::landlock_abi() > 0 {
         assert!(fs.starts_with("landlock ABI "), "{fs}");
@@ -146,6 +156,137 @@ fn a_hostile_module_is_fenced_in() {
     assert_eq!(sibling_now["status"]["state"], "running");
     assert_eq!(sibling_now["status"]["pid"], sibling_pid);
     assert_eq!(sibling_now["status"]["restarts"], 0);
+}
+
+/// Owner of `/proc/PID/status`: root for a process that is not dumpable.
+fn proc_owner(pid: i64) -> u32 {
+    std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid()
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/PID/stat`.
+fn proc_stat(pid: i64, n: usize) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, which may hold spaces: field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(n - 3).unwrap().to_owned()
+}
+
+#[test]
+fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
+    if !root() {
+        return; // emberd is started as another uid
+    }
+    let uid = unused_uid();
+    // emberd as `uid`: it cannot switch a module to another uid, so the
+    // module keeps `uid` too.
+    let dir = TempDir::new("nonroot");
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+    let config = dir.path().join("emberd.toml");
+    std::fs::write(&config, FAST).unwrap();
+    let mut d = Daemon {
+        child: None,
+        socket: dir.path().join("ctl.sock"),
+        state: dir.path().join("state"),
+        config,
+        dir,
+    };
+    let mut cmd = std::process::Command::new(emberd());
+    cmd.arg("--config")
+        .arg(&d.config)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(&d.state)
+        .env("EMBER_LOG", "error")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .uid(uid)
+        .gid(uid); // std drops root's supplementary groups with the uid
+    d.child = Some(cmd.spawn().unwrap());
+    ember_tests::poll_until(
+        "emberd's socket",
+        std::time::Duration::from_millis(20),
+        || {
+            std::os::unix::net::UnixStream::connect(&d.socket)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    );
+    let emberd = i64::from(d.pid());
+    assert_eq!(
+        proc_status(emberd)["Uid"].split_whitespace().next(),
+        Some(&*uid.to_string())
+    );
+    // Not dumpable, so its /proc files are root's, not `uid`'s.
+    assert_eq!(proc_owner(emberd), 0, "emberd is dumpable");
+    let zygote = d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap();
+    assert_eq!(proc_owner(zygote), 0, "the zygote is dumpable");
+
+    let work = TempDir::new("nonroot-mods");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&d, &module_dir(work.path(), "sibling", "1.0.0"));
+    let sibling = running(&d, "sibling");
+    let artifact = d.state.join("artifacts").join(format!(
+        "{}.so",
+        sibling["artifact_sha256"].as_str().unwrap()
+    ));
+    let writable = dir_0777(work.path().join("data"));
+    let outside = dir_0777(work.path().join("outside"));
+    let extra = format!(
+        "[sandbox]\nwritable = [{writable:?}]\n[config]\nemberd_pid = {emberd}\nsibling_pid = {}\n\
+         artifact = {artifact:?}\nsocket = {:?}\nwritable = {writable:?}\noutside = {outside:?}\n",
+        sibling["pid"], d.socket,
+    );
+    install(
+        &d,
+        &real_module(work.path(), "hostile", "fixture-hostile", &extra),
+    );
+    let status = running(&d, "hostile");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(writable.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["uid"], uid, "{report}");
+    for (attack, errno) in [
+        ("prlimit_emberd", libc::EPERM),
+        ("setpriority_emberd", libc::EPERM),
+        ("setaffinity_emberd", libc::EPERM),
+        ("emberd_mem", libc::EACCES),
+        ("set_dumpable", libc::EPERM),
+        ("signal_emberd", libc::EPERM),
+        // It may connect (emberd's uid), but emberd refuses its own
+        // descendants' calls.
+        ("control_socket", libc::EACCES),
+        ("forge_report", 0),
+    ] {
+        assert_eq!(report[attack], errno, "{attack}: {report}");
+    }
+    assert_eq!(report["dumpable"], 0);
+    // emberd has what it had: its descriptors, its priority, all CPUs.
+    let limits = std::fs::read_to_string(format!("/proc/{emberd}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(!nofile.split_whitespace().any(|f| f == "3"), "{nofile}");
+    assert_eq!(proc_stat(emberd, 19), "0", "emberd's nice value");
+    // As this test's (emberd's parent's), not pinned to CPU 0.
+    let cpus = |pid: i64| proc_status(pid)["Cpus_allowed_list"].clone();
+    assert_eq!(
+        cpus(emberd),
+        cpus(std::process::id().into()),
+        "emberd pinned"
+    );
+    // The worker's own report, not the module's forgery.
+    let sb = &status["replicas"][0]["sandbox"];
+    assert_eq!(sb["uid"], uid, "{sb}");
+    assert_eq!(sb["uid_mechanism"], "emberd-uid", "{sb}");
+    assert!(
+        sb["seccomp"].as_str().unwrap().starts_with("seccomp-bpf"),
+        "{sb}"
+    );
+    assert!(d.ctl(&["health"]).status.success());
+    assert_eq!(d.ctl_json(&["status", "sibling"])["status"]["restarts"], 0);
 }
 
 #[test]

@@ -11,10 +11,14 @@
 //!    execute only, except the manifest's `[sandbox] writable` paths and
 //!    [`ALWAYS_WRITABLE`]; signals and abstract Unix sockets scoped to the
 //!    worker (ABI 6 and later);
-//! 4. a seccomp filter (built with `seccompiler`) that fails the syscalls of
-//!    [`DENIED`] with `EPERM`, `clone` with a namespace flag with `EPERM`,
-//!    and `clone3` with `ENOSYS` (its flags are behind a pointer the filter
-//!    cannot read; glibc then falls back to `clone`), on every thread.
+//! 4. seccomp filters (built with `seccompiler`, see [`seccomp_programs`])
+//!    that fail with `EPERM` the syscalls of [`DENIED`], `clone` with a
+//!    namespace flag, calls on another process's limits, priority and
+//!    scheduling (which a module that kept emberd's uid could otherwise
+//!    make on emberd) and `prctl(PR_SET_DUMPABLE)`; `clone3` with `ENOSYS`
+//!    (its flags are behind a pointer the filter cannot read; glibc then
+//!    falls back to `clone`), and on x86_64 every x32 syscall with
+//!    `ENOSYS`; on every thread.
 //!
 //! It runs while the worker has a single thread, so every thread the module
 //! starts inherits all of it. Any step that fails fails the launch: a module
@@ -143,15 +147,13 @@ pub enum SandboxError {
     Landlock(#[source] landlock::RulesetError),
 }
 
-/// The seccomp programs for a module allowed `allow` (names of
-/// [`DENIED`]): the deny list (`EPERM`), then `clone3` (`ENOSYS`). Two
-/// programs because a `seccompiler` filter has one action on a match.
-pub fn seccomp_programs(allow: &[String]) -> Result<[BpfProgram; 2], SandboxError> {
-    if let Some(n) = allow.iter().find(|n| !is_denied(n)) {
-        return Err(SandboxError::UnknownSyscall(n.clone()));
-    }
-    let seccomp = |e: seccompiler::BackendError| SandboxError::Seccomp(e.into());
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccomp)?;
+/// `clone` with a namespace flag, [`DENIED`] less `allow`, and calls on
+/// other processes' limits, priority and scheduling (see
+/// [`other_process_rules`]) and `prctl(PR_SET_DUMPABLE)`: the rules of the
+/// program that answers `EPERM`.
+fn eperm_rules(
+    allow: &[String],
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
         .filter(|(n, _)| !allow.iter().any(|a| a == n))
@@ -165,11 +167,77 @@ pub fn seccomp_programs(allow: &[String]) -> Result<[BpfProgram; 2], SandboxErro
                 SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(f), f)?;
             SeccompRule::new(vec![c])
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(seccomp)?;
+        .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
+    rules.extend(other_process_rules()?);
+    // Not dumpable stays true: the report said so and emberd relies on it.
+    let option = libc::PR_SET_DUMPABLE as u64;
+    rules.insert(
+        libc::SYS_prctl,
+        vec![SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, option)?])?],
+    );
+    Ok(rules)
+}
+
+/// A condition on the `int` argument `index` (`Dword`: the kernel reads
+/// the low 32 bits of a `pid_t` or `int`, and so does the filter).
+fn arg(
+    index: u8,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
+}
+
+/// Calls a process of the same uid may make on another (so on emberd, the
+/// zygote and sibling modules, when emberd is not root and modules keep
+/// its uid): each matches, so fails with `EPERM`, unless it names the
+/// caller itself with 0.
+///
+/// - `prlimit64(pid, …)`: `pid` ≠ 0 (glibc's `getrlimit`/`setrlimit` pass
+///   0; `prlimit(getpid(), …)` is refused too);
+/// - `setpriority(which, who, …)`: `which` ≠ `PRIO_PROCESS` or `who` ≠ 0;
+/// - `sched_setaffinity`, `sched_setattr`, `sched_setscheduler`,
+///   `sched_setparam` on a pid ≠ 0 (a thread sets its own with 0;
+///   `pthread_setaffinity_np` and `pthread_setschedparam`, which pass a
+///   thread id, are refused);
+/// - `ioprio_set(which, who, …)`: allowed only for `IOPRIO_WHO_PROCESS` and
+///   `who` 0.
+fn other_process_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
+    const IOPRIO_WHO_PROCESS: u64 = 1;
+    let not_self = || -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        Ok(vec![SeccompRule::new(vec![arg(0, SeccompCmpOp::Ne, 0)?])?])
+    };
+    let which_who = |which: u64| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        Ok(vec![
+            SeccompRule::new(vec![arg(0, SeccompCmpOp::Ne, which)?])?,
+            SeccompRule::new(vec![arg(1, SeccompCmpOp::Ne, 0)?])?,
+        ])
+    };
+    Ok(vec![
+        (libc::SYS_prlimit64, not_self()?),
+        (libc::SYS_sched_setaffinity, not_self()?),
+        (libc::SYS_sched_setattr, not_self()?),
+        (libc::SYS_sched_setscheduler, not_self()?),
+        (libc::SYS_sched_setparam, not_self()?),
+        (libc::SYS_setpriority, which_who(libc::PRIO_PROCESS as u64)?),
+        (libc::SYS_ioprio_set, which_who(IOPRIO_WHO_PROCESS)?),
+    ])
+}
+
+/// The seccomp programs for a module allowed `allow` (names of
+/// [`DENIED`]): the `EPERM` rules ([`DENIED`], namespace clones, other
+/// processes, `PR_SET_DUMPABLE`), then `clone3` (`ENOSYS`), and on x86_64
+/// the x32 ABI ([`x32_program`]). Several programs because a
+/// `seccompiler` filter has one action on a match.
+pub fn seccomp_programs(allow: &[String]) -> Result<Vec<BpfProgram>, SandboxError> {
+    if let Some(n) = allow.iter().find(|n| !is_denied(n)) {
+        return Err(SandboxError::UnknownSyscall(n.clone()));
+    }
+    let seccomp = |e: seccompiler::BackendError| SandboxError::Seccomp(e.into());
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccomp)?;
     let deny = SeccompFilter::new(
-        rules,
+        eperm_rules(allow).map_err(seccomp)?,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
@@ -182,10 +250,70 @@ pub fn seccomp_programs(allow: &[String]) -> Result<[BpfProgram; 2], SandboxErro
         arch,
     )
     .map_err(seccomp)?;
-    Ok([
+    #[allow(unused_mut)] // one more program on x86_64
+    let mut programs = vec![
         deny.try_into().map_err(seccomp)?,
         clone3.try_into().map_err(seccomp)?,
-    ])
+    ];
+    #[cfg(target_arch = "x86_64")]
+    programs.push(x32_program());
+    Ok(programs)
+}
+
+/// `AUDIT_ARCH_X86_64` (`EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`).
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+/// The bit that marks an x32 syscall number (`__X32_SYSCALL_BIT`).
+#[cfg(target_arch = "x86_64")]
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// Fails every x32 syscall with `ENOSYS`. An x32 call carries the x86_64
+/// audit arch and its number with [`X32_SYSCALL_BIT`] set, so it passes
+/// `seccompiler`'s arch check and matches none of its numbers: without this
+/// program `unshare` through x32 would be allowed. `ENOSYS` is what a
+/// kernel without x32 (most distributions' default) answers, so nothing a
+/// module may legitimately run changes; killing the worker would say no
+/// more and would hide the attempt from the module's own report.
+#[cfg(target_arch = "x86_64")]
+pub fn x32_program() -> BpfProgram {
+    use seccompiler::sock_filter;
+    let stmt = |code: u32, k: u32| sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    // struct seccomp_data { int nr; __u32 arch; … }
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    vec![
+        stmt(load, ARCH),
+        // Another arch: not this program's business (the others kill it).
+        jump(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            AUDIT_ARCH_X86_64,
+            0,
+            3,
+        ),
+        stmt(load, NR),
+        jump(
+            libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+            X32_SYSCALL_BIT,
+            0,
+            1,
+        ),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 /// The Landlock ABI of the running kernel (0: none), asked directly: the
@@ -253,7 +381,7 @@ fn landlock(writable: &[PathBuf]) -> Result<String, SandboxError> {
 }
 
 /// The programs for a module granted nothing, compiled by [`prepare`].
-static DEFAULT_PROGRAMS: std::sync::OnceLock<[BpfProgram; 2]> = std::sync::OnceLock::new();
+static DEFAULT_PROGRAMS: std::sync::OnceLock<Vec<BpfProgram>> = std::sync::OnceLock::new();
 
 /// Compiles the seccomp programs for a module granted nothing (most
 /// modules) ahead of time: a warm worker calls it while it waits, so the
@@ -268,6 +396,11 @@ pub fn prepare() {
 /// force. `None`: the sandbox is off; only the report is made.
 pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError> {
     let Some(order) = order else {
+        // The zygote is not dumpable (so that a module keeping emberd's uid
+        // cannot read it) and its workers inherit that; without a sandbox
+        // a worker is dumpable as any process of its uid.
+        nix::sys::prctl::set_dumpable(true)
+            .map_err(|e| SandboxError::Prctl("PR_SET_DUMPABLE", e))?;
         return Ok(report(false, "none (sandbox off)".into(), "none".into()));
     };
     // Compiled before anything is given up: a bad name fails the launch
@@ -283,12 +416,18 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| SandboxError::Prctl("PR_SET_NO_NEW_PRIVS", e))?;
     let fs = landlock(&order.writable)?;
-    let [deny, clone3] = &programs;
-    seccompiler::apply_filter_all_threads(deny).map_err(SandboxError::Seccomp)?;
-    seccompiler::apply_filter_all_threads(clone3).map_err(SandboxError::Seccomp)?;
+    for p in &programs {
+        seccompiler::apply_filter_all_threads(p).map_err(SandboxError::Seccomp)?;
+    }
     let mut seccomp = format!(
-        "seccomp-bpf: {} syscalls and namespace clones EPERM, clone3 ENOSYS",
-        DENIED.len() - order.allow_syscalls.len()
+        "seccomp-bpf: {} syscalls, namespace clones, other processes' limits and \
+         scheduling, PR_SET_DUMPABLE EPERM; clone3{} ENOSYS",
+        DENIED.len() - order.allow_syscalls.len(),
+        if cfg!(target_arch = "x86_64") {
+            ", x32"
+        } else {
+            ""
+        }
     );
     if !order.allow_syscalls.is_empty() {
         seccomp.push_str(&format!("; granted {}", order.allow_syscalls.join(", ")));
@@ -339,12 +478,315 @@ mod tests {
 
     #[test]
     fn programs_build_and_refuse_unknown_names() {
-        let [deny, clone3] = seccomp_programs(&[]).unwrap();
-        assert!(!deny.is_empty() && !clone3.is_empty());
-        let [fewer, _] = seccomp_programs(&["ptrace".into()]).unwrap();
-        assert!(fewer.len() < deny.len());
+        let programs = seccomp_programs(&[]).unwrap();
+        assert!(programs.iter().all(|p| !p.is_empty()));
+        let fewer = seccomp_programs(&["ptrace".into()]).unwrap();
+        assert!(fewer[0].len() < programs[0].len());
         let e = seccomp_programs(&["read".into()]).unwrap_err();
         assert_eq!(e.to_string(), "`read` is not a syscall the sandbox denies");
         assert!(is_denied("bpf") && !is_denied("clone3"));
+    }
+
+    /// What the kernel answers for a syscall, by running `programs` (all
+    /// installed) the way it does: every program sees the call and the
+    /// answer of highest precedence wins. Knows the instructions
+    /// `seccompiler` and [`x32_program`] emit; panics on any other.
+    fn verdict(programs: &[BpfProgram], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        // struct seccomp_data, little-endian.
+        let mut data = Vec::with_capacity(64);
+        data.extend_from_slice(&nr.to_le_bytes());
+        data.extend_from_slice(&arch.to_le_bytes());
+        data.extend_from_slice(&0u64.to_le_bytes());
+        for a in args {
+            data.extend_from_slice(&a.to_le_bytes());
+        }
+        let run = |p: &BpfProgram| -> u32 {
+            let (mut acc, mut pc) = (0u32, 0usize);
+            loop {
+                let i = &p[pc];
+                let (code, k) = (u32::from(i.code), i.k);
+                pc += 1;
+                let cond = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+                match code {
+                    c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                        let o = k as usize;
+                        acc = u32::from_le_bytes(data[o..o + 4].try_into().unwrap());
+                    }
+                    c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => acc &= k,
+                    c if c == libc::BPF_JMP | libc::BPF_JA => pc += k as usize,
+                    c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => pc += cond(acc == k),
+                    c if c == libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K => pc += cond(acc > k),
+                    c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => pc += cond(acc >= k),
+                    c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => {
+                        pc += cond(acc & k != 0)
+                    }
+                    c if c == libc::BPF_RET | libc::BPF_K => return k,
+                    c => panic!("instruction {c:#x} at {}", pc - 1),
+                }
+            }
+        };
+        // Lower action as a signed number: higher precedence (kill first).
+        programs
+            .iter()
+            .map(run)
+            .min_by_key(|r| (r & libc::SECCOMP_RET_ACTION_FULL) as i32)
+            .unwrap()
+    }
+
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x32_syscalls_get_enosys() {
+        let programs = seccomp_programs(&[]).unwrap();
+        assert_eq!(programs.last(), Some(&x32_program()));
+        let call = |nr: libc::c_long, a0: u64| {
+            verdict(&programs, nr as u32, AUDIT_ARCH_X86_64, [a0, 0, 0, 0, 0, 0])
+        };
+        let newuser = libc::CLONE_NEWUSER as u64;
+        assert_eq!(call(libc::SYS_unshare, newuser), EPERM);
+        // The same call through the x32 ABI: seccompiler alone allows it.
+        let x32 = |nr: libc::c_long| nr | X32_SYSCALL_BIT as libc::c_long;
+        assert_eq!(call(x32(libc::SYS_unshare), newuser), ENOSYS);
+        assert_eq!(call(x32(libc::SYS_getpid), 0), ENOSYS);
+        assert_eq!(call(libc::SYS_getpid, 0), ALLOW);
+        // Any other arch: seccompiler's programs kill.
+        const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+        let other = verdict(&programs, 20, AUDIT_ARCH_I386, [0; 6]);
+        assert_eq!(other, libc::SECCOMP_RET_KILL_PROCESS);
+    }
+
+    #[test]
+    fn calls_on_other_processes_get_eperm_and_on_itself_pass() {
+        let programs = seccomp_programs(&[]).unwrap();
+        let arch = seccompiler_arch();
+        let call = |nr: libc::c_long, a: [u64; 3]| {
+            verdict(&programs, nr as u32, arch, [a[0], a[1], a[2], 0, 0, 0])
+        };
+        let (other, prio) = (4242u64, libc::PRIO_PROCESS as u64);
+        for nr in [
+            libc::SYS_prlimit64,
+            libc::SYS_sched_setaffinity,
+            libc::SYS_sched_setattr,
+            libc::SYS_sched_setscheduler,
+            libc::SYS_sched_setparam,
+        ] {
+            assert_eq!(call(nr, [other, 0, 0]), EPERM, "{nr}");
+            assert_eq!(call(nr, [0, 0, 0]), ALLOW, "{nr}");
+        }
+        assert_eq!(call(libc::SYS_setpriority, [prio, 0, 19]), ALLOW);
+        assert_eq!(call(libc::SYS_setpriority, [prio, other, 19]), EPERM);
+        assert_eq!(
+            call(libc::SYS_setpriority, [libc::PRIO_PGRP as u64, 0, 19]),
+            EPERM
+        );
+        assert_eq!(
+            call(libc::SYS_setpriority, [libc::PRIO_USER as u64, 0, 19]),
+            EPERM
+        );
+        assert_eq!(call(libc::SYS_ioprio_set, [1, 0, 0]), ALLOW);
+        assert_eq!(call(libc::SYS_ioprio_set, [1, other, 0]), EPERM);
+        assert_eq!(call(libc::SYS_ioprio_set, [2, 0, 0]), EPERM);
+        assert_eq!(call(libc::SYS_ioprio_set, [3, 0, 0]), EPERM);
+        let dumpable = libc::PR_SET_DUMPABLE as u64;
+        assert_eq!(call(libc::SYS_prctl, [dumpable, 1, 0]), EPERM);
+        assert_eq!(
+            call(libc::SYS_prctl, [libc::PR_GET_DUMPABLE as u64, 0, 0]),
+            ALLOW
+        );
+        assert_eq!(
+            call(libc::SYS_prctl, [libc::PR_SET_NAME as u64, 0, 0]),
+            ALLOW
+        );
+        // Getting is harmless.
+        assert_eq!(call(libc::SYS_sched_getaffinity, [other, 0, 0]), ALLOW);
+    }
+
+    /// The audit arch `seccompiler` checks on this machine.
+    fn seccompiler_arch() -> u32 {
+        let first = &seccomp_programs(&[]).unwrap()[0];
+        // `ld [arch]; jeq ARCH …`: the arch is the first comparison.
+        first[1].k
+    }
+
+    /// errno of a raw syscall's result (0: it worked).
+    fn errno_of(rc: libc::c_long) -> i32 {
+        if rc == -1 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    }
+
+    /// In a forked child that keeps this process's uid (as a module keeps
+    /// emberd's when emberd is not root): the sandbox, then the attacks on
+    /// a sibling (as on emberd) and the calls on itself, each errno written
+    /// to `out`.
+    fn attacker(victim: libc::pid_t, order: &SandboxOrder, out: std::os::fd::BorrowedFd) -> ! {
+        use std::os::fd::AsRawFd;
+        let mut results = [-1i32; 9];
+        if apply(Some(order)).is_ok() {
+            let v = victim as libc::c_long;
+            let crippled = libc::rlimit {
+                rlim_cur: 3,
+                rlim_max: 3,
+            };
+            let null = std::ptr::null_mut::<libc::rlimit>();
+            // SAFETY: a one-CPU mask on the stack, read by the kernel.
+            let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: CPU 0 is within the set.
+            unsafe { libc::CPU_SET(0, &mut cpus) };
+            let param = libc::sched_param { sched_priority: 0 };
+            let own = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            const IOPRIO_IDLE: libc::c_long = 3 << 13;
+            // SAFETY: raw syscalls whose pointer arguments point at live
+            // values on this stack (or are null where the kernel allows).
+            results = unsafe {
+                [
+                    errno_of(libc::syscall(
+                        libc::SYS_prlimit64,
+                        v,
+                        libc::RLIMIT_NOFILE,
+                        &crippled,
+                        null,
+                    )),
+                    errno_of(libc::syscall(
+                        libc::SYS_setpriority,
+                        libc::PRIO_PROCESS,
+                        v,
+                        19,
+                    )),
+                    errno_of(libc::syscall(
+                        libc::SYS_sched_setaffinity,
+                        v,
+                        std::mem::size_of::<libc::cpu_set_t>(),
+                        &cpus,
+                    )),
+                    errno_of(libc::syscall(
+                        libc::SYS_sched_setscheduler,
+                        v,
+                        libc::SCHED_IDLE,
+                        &param,
+                    )),
+                    errno_of(libc::syscall(libc::SYS_ioprio_set, 1, v, IOPRIO_IDLE)),
+                    errno_of(libc::syscall(
+                        libc::SYS_prctl,
+                        libc::PR_SET_DUMPABLE,
+                        1,
+                        0,
+                        0,
+                        0,
+                    )),
+                    // On itself: allowed.
+                    errno_of(libc::syscall(
+                        libc::SYS_prlimit64,
+                        0,
+                        libc::RLIMIT_NOFILE,
+                        &own,
+                        null,
+                    )),
+                    errno_of(libc::syscall(
+                        libc::SYS_setpriority,
+                        libc::PRIO_PROCESS,
+                        0,
+                        19,
+                    )),
+                    errno_of(libc::syscall(
+                        libc::SYS_sched_setscheduler,
+                        0,
+                        libc::SCHED_IDLE,
+                        &param,
+                    )),
+                ]
+            };
+        }
+        let bytes: Vec<u8> = results.iter().flat_map(|r| r.to_le_bytes()).collect();
+        // SAFETY: writes a buffer that outlives the call; then ends the
+        // child without running the parent's destructors.
+        unsafe {
+            libc::write(out.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0)
+        }
+    }
+
+    /// The reviewer's probe: a sandboxed child with this process's uid
+    /// cannot cripple another process of that uid.
+    #[test]
+    fn a_module_keeping_emberds_uid_cannot_touch_another_process() {
+        use nix::unistd::{fork, ForkResult};
+        use std::io::Read;
+        use std::os::fd::{AsFd, AsRawFd};
+        let order = SandboxOrder {
+            ids: None,
+            allow_syscalls: Vec::new(),
+            writable: Vec::new(),
+        };
+        // Close-on-exec: a test forking and exec'ing meanwhile keeps no end.
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let (hold_r, hold_w) = pipe();
+        // SAFETY: the children only read a pipe, or apply the sandbox
+        // (glibc's malloc is fork-safe) and make raw syscalls, then `_exit`.
+        let victim = match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                drop(hold_w);
+                let mut b = [0u8; 1];
+                // SAFETY: reads into a byte on the stack until the parent
+                // closes its end; ends without unwinding into the harness.
+                unsafe {
+                    libc::read(hold_r.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+                    libc::_exit(0)
+                }
+            }
+            ForkResult::Parent { child } => child,
+        };
+        drop(hold_r);
+        let (res_r, res_w) = pipe();
+        // SAFETY: as above.
+        let attack = match unsafe { fork() }.unwrap() {
+            ForkResult::Child => attacker(victim.as_raw(), &order, res_w.as_fd()),
+            ForkResult::Parent { child } => child,
+        };
+        drop(res_w);
+        let mut bytes = Vec::new();
+        std::fs::File::from(res_r).read_to_end(&mut bytes).unwrap();
+        nix::sys::wait::waitpid(attack, None).unwrap();
+        // What the victim has now, read before it is let go.
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reads the victim's limit into `limit`.
+        let rc = unsafe {
+            libc::prlimit(
+                victim.as_raw(),
+                libc::RLIMIT_NOFILE,
+                std::ptr::null(),
+                &mut limit,
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: no memory arguments.
+        let policy = unsafe { libc::sched_getscheduler(victim.as_raw()) };
+        drop(hold_w);
+        nix::sys::wait::waitpid(victim, None).unwrap();
+
+        let got: Vec<i32> = bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let eperm = libc::EPERM;
+        assert_eq!(
+            got,
+            [eperm, eperm, eperm, eperm, eperm, eperm, 0, 0, 0],
+            "prlimit, setpriority, sched_setaffinity, sched_setscheduler, ioprio_set on the \
+             sibling; PR_SET_DUMPABLE; prlimit, setpriority, sched_setscheduler on itself"
+        );
+        assert_ne!(limit.rlim_cur, 3);
+        assert_ne!(policy, libc::SCHED_IDLE);
     }
 }

@@ -30,7 +30,10 @@ fn exit_code(e: &DaemonError) -> u8 {
     match e {
         DaemonError::Config(_) => 78,
         DaemonError::Store(_) => 73,
-        DaemonError::Zygote(_) | DaemonError::Runtime(_) | DaemonError::Subreaper(_) => 71,
+        DaemonError::Zygote(_)
+        | DaemonError::Runtime(_)
+        | DaemonError::Subreaper(_)
+        | DaemonError::Dumpable(_) => 71,
         DaemonError::Bind(_) => 69,
     }
 }

@@ -1,6 +1,7 @@
 //! `emberd`: boot order, the runtime, shutdown.
 //!
-//! 1. configuration and state directory (no threads yet);
+//! 1. not dumpable (see [`run`]), configuration and state directory (no
+//!    threads yet);
 //! 2. the zygote, re-executed from this binary while the process is still
 //!    single-threaded (emberd is a child subreaper first: workers come to
 //!    it from the zygote's intermediate processes, see [`crate::reaper`]);
@@ -59,6 +60,9 @@ pub enum DaemonError {
     /// The runtime could not be built.
     #[error("runtime")]
     Runtime(#[source] std::io::Error),
+    /// emberd could not make itself not dumpable.
+    #[error("cannot make emberd not dumpable (PR_SET_DUMPABLE)")]
+    Dumpable(#[source] nix::Error),
     /// emberd could not become its workers' parent.
     #[error("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER)")]
     Subreaper(#[source] nix::Error),
@@ -82,6 +86,10 @@ pub fn load_config(opts: &Options) -> Result<Config, ConfigError> {
 /// Runs the daemon until SIGTERM/SIGINT. Must be called from `main` before
 /// any thread is started.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
+    // Not dumpable: a module that keeps emberd's uid (emberd is not root)
+    // can then neither read nor write emberd's memory through
+    // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
+    nix::sys::prctl::set_dumpable(false).map_err(DaemonError::Dumpable)?;
     let cfg = load_config(&opts).map_err(DaemonError::Config)?;
     // Descriptors: a few per running module (see `crate::rlimit`).
     let nofile = crate::rlimit::raise();

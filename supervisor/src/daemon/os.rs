@@ -567,6 +567,7 @@ async fn instance(
     let mut channel_open = true;
     // Where the worker is, for a failure emberd reports on its behalf.
     let mut stage = Stage::Launch;
+    let mut sandbox_gate = SandboxGate::default();
     loop {
         tokio::select! {
             // Reports first: a worker's last words (Failed) must be seen
@@ -578,12 +579,18 @@ async fn instance(
                         m,
                         FromWorker::Transition { state: WorkerState::Ready, .. }
                     );
-                    if let FromWorker::Sandboxed(report) = &m {
-                        log.note(&sandbox_note(report));
-                        let _ = events.send(OsMsg::Sandboxed {
-                            pid,
-                            report: report.clone(),
-                        });
+                    match sandbox_gate.admit(&m) {
+                        Some(Ok(report)) => {
+                            log.note(&sandbox_note(report));
+                            let _ = events.send(OsMsg::Sandboxed {
+                                pid,
+                                report: report.clone(),
+                            });
+                        }
+                        Some(Err(true)) => {
+                            tracing::warn!(module, pid, "sandbox report after the module's code was loaded: ignored");
+                        }
+                        Some(Err(false)) | None => {}
                     }
                     if ready && background {
                         // Full priority before it counts as ready (and the
@@ -683,6 +690,42 @@ async fn instance(
                 log.note(&format!("pid {pid} {status}"));
                 return send(Some(pid), Event::Exited { attempt, status }, None);
             }
+        }
+    }
+}
+
+/// Which of a worker's sandbox reports emberd believes: the first, if it
+/// comes before any transition. The worker sends it before it reports
+/// `Loading` and maps the module, so anything later was written by the
+/// module's code on the control socket (which it can reach) and says
+/// nothing of the sandbox.
+#[derive(Debug, Default)]
+struct SandboxGate {
+    /// A report was taken or a transition seen: no report is believed.
+    closed: bool,
+    /// Reports refused so far.
+    refused: u64,
+}
+
+impl SandboxGate {
+    /// For a sandbox report: `Ok` with it if it is believed, else
+    /// `Err(true)` for the first refused one (logged) and `Err(false)` for
+    /// later ones. `None` for any other message.
+    fn admit<'m>(&mut self, msg: &'m FromWorker) -> Option<Result<&'m SandboxReport, bool>> {
+        match msg {
+            FromWorker::Sandboxed(report) if !self.closed => {
+                self.closed = true;
+                Some(Ok(report))
+            }
+            FromWorker::Sandboxed(_) => {
+                self.refused += 1;
+                Some(Err(self.refused == 1))
+            }
+            FromWorker::Transition { .. } => {
+                self.closed = true;
+                None
+            }
+            _ => None,
         }
     }
 }
@@ -787,6 +830,39 @@ fn sandbox_note(r: &SandboxReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(uid: u32) -> FromWorker {
+        FromWorker::Sandboxed(SandboxReport {
+            uid,
+            gid: uid,
+            own_ids: true,
+            no_new_privs: true,
+            dumpable: false,
+            seccomp: "seccomp-bpf".into(),
+            landlock: "none".into(),
+        })
+    }
+
+    fn transition(state: WorkerState) -> FromWorker {
+        FromWorker::Transition {
+            state,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_first_sandbox_report_before_loading_is_believed() {
+        let uid = |r: Option<Result<&SandboxReport, bool>>| r.map(|r| r.map(|r| r.uid));
+        let mut g = SandboxGate::default();
+        assert_eq!(uid(g.admit(&report(7))), Some(Ok(7)));
+        assert_eq!(uid(g.admit(&report(0))), Some(Err(true)));
+        assert_eq!(uid(g.admit(&transition(WorkerState::Loading))), None);
+        assert_eq!(uid(g.admit(&report(0))), Some(Err(false)));
+        // None before loading: a report after it is the module's.
+        let mut g = SandboxGate::default();
+        assert_eq!(uid(g.admit(&transition(WorkerState::Loading))), None);
+        assert_eq!(uid(g.admit(&report(0))), Some(Err(true)));
+    }
 
     #[test]
     fn log_lines_carry_utc_time_and_identity() {

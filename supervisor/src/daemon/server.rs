@@ -67,6 +67,45 @@ impl Access {
     }
 }
 
+/// Why a peer must be refused as one of emberd's own descendants (a worker
+/// or a process a module started), or `None`. Fails closed: a peer whose
+/// ancestry cannot be read (it exited, perhaps after handing its
+/// connection to another process) is refused too.
+fn refuse_descendant(pid: Option<i32>) -> Option<&'static str> {
+    let Some(mut pid) = pid.filter(|&p| p > 0) else {
+        return Some("the kernel did not record the peer's pid");
+    };
+    let me = std::process::id() as i32;
+    // Deep enough for any real process tree; a longer chain is refused.
+    for _ in 0..256 {
+        if pid == me {
+            return Some("it runs below emberd (a module or a process it started)");
+        }
+        if pid <= 1 {
+            return None;
+        }
+        match parent_of(pid) {
+            Some(p) => pid = p,
+            None => return Some("its process ancestry cannot be read"),
+        }
+    }
+    Some("its process ancestry is too deep to check")
+}
+
+/// The parent pid of `pid`, from `/proc/PID/stat` (world-readable, also
+/// for a process that is not dumpable).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ppid(&stat)
+}
+
+/// The ppid field of a `/proc/PID/stat` line: the second field after the
+/// command, which ends at the last `)` (a command may contain one).
+fn parse_stat_ppid(stat: &str) -> Option<i32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The peer's supplementary groups as the kernel recorded them at
 /// `connect` (`SO_PEERGROUPS`, Linux 4.13+); else, on older kernels, the
 /// `Groups:` line of `/proc/PID/status` of the peer's pid; empty if neither
@@ -217,6 +256,19 @@ pub async fn serve(
             let Ok(cred) = stream.peer_cred() else {
                 return;
             };
+            // A module, or anything it started, never drives emberd (under
+            // a non-root emberd it has emberd's own uid, which the allow
+            // list admits). emberd is a child subreaper, so every process a
+            // worker starts stays below it.
+            if let Some(why) = refuse_descendant(cred.pid()) {
+                tracing::warn!(pid = ?cred.pid(), why, "control peer refused");
+                let e = ErrorReply::new(errors::PERMISSION_DENIED, json!({ "uid": cred.uid() }));
+                let mut stream = stream;
+                let _ =
+                    tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&e.to_reply().encode()))
+                        .await;
+                return;
+            }
             let peer = Credentials {
                 uid: cred.uid(),
                 gid: cred.gid(),
@@ -615,6 +667,33 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_descendant_is_refused_and_a_stranger_is_not() {
+        assert_eq!(parse_stat_ppid("42 (a) b) S 7 42 42 0"), Some(7));
+        assert_eq!(parse_stat_ppid("garbage"), None);
+        // A real child of this process is below it.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let refused = refuse_descendant(Some(child.id() as i32));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            refused.is_some_and(|w| w.contains("below emberd")),
+            "{refused:?}"
+        );
+        // Our parent is not (and its ancestry reaches pid 1).
+        assert_eq!(
+            refuse_descendant(Some(nix::unistd::getppid().as_raw())),
+            None
+        );
+        // No pid, or one that is gone: refused.
+        assert!(refuse_descendant(None).is_some());
+        let gone = child.id() as i32;
+        assert!(refuse_descendant(Some(gone)).is_some());
+    }
 
     #[test]
     fn groups_from_proc_status() {

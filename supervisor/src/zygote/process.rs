@@ -13,6 +13,8 @@ pub const EXIT_USAGE: i32 = 64;
 pub const EXIT_CHANNEL: i32 = 74;
 /// Exit code when the plugins failed to load.
 pub const EXIT_PLUGINS: i32 = 78;
+/// Exit code when the zygote cannot make itself not dumpable.
+pub const EXIT_OSERR: i32 = 71;
 
 /// Entry point of zygote mode: `emberd --zygote FD PARENT_PID`. Must be
 /// called before any other thread exists; returns the exit code.
@@ -31,6 +33,12 @@ pub fn main(args: &[String]) -> i32 {
         return EXIT_CHANNEL;
     }
     let _ = nix::sys::prctl::set_name(c"ember-zygote");
+    // exec made this process dumpable again; like emberd, it is not (a
+    // module that keeps emberd's uid cannot read the zygote's memory, nor a
+    // warm worker's, which inherits this before it becomes another module).
+    if nix::sys::prctl::set_dumpable(false).is_err() {
+        return EXIT_OSERR;
+    }
     // An ignored SIGCHLD (it survives exec) would have the kernel reap the
     // intermediate processes of the fork path by itself.
     // SAFETY: installing SIG_DFL runs no code of ours.
