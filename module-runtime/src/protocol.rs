@@ -82,6 +82,11 @@ pub struct SandboxReport {
     pub seccomp: String,
     /// The Landlock ABI in force, or `none (why)`.
     pub landlock: String,
+    /// The paths it may write besides `/dev/null`, `/dev/zero` and
+    /// `/dev/full` (its manifest's `[sandbox] writable`, each opened
+    /// before the uid switch, no symlink followed); empty with the sandbox
+    /// off. Enforced by Landlock only where `landlock` names an ABI.
+    pub writable: Vec<PathBuf>,
 }
 
 impl LaunchOrder {
@@ -679,6 +684,12 @@ impl Message for FromWorker {
                 e.u8(u8::from(r.dumpable));
                 e.str(&r.seccomp);
                 e.str(&r.landlock);
+                let w: Vec<String> = r
+                    .writable
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                e.strs(w.iter().map(String::as_str));
                 e.finish()
             }
             FromWorker::Log {
@@ -740,6 +751,7 @@ impl Message for FromWorker {
                 dumpable: d.flag("dumpable")?,
                 seccomp: d.str()?,
                 landlock: d.str()?,
+                writable: d.strs()?.into_iter().map(PathBuf::from).collect(),
             }),
             kind::LOG => {
                 let level = LogLevel::from_u32(d.u8()?.into());
@@ -1013,6 +1025,7 @@ mod tests {
                 dumpable: false,
                 seccomp: "seccomp-bpf".into(),
                 landlock: "landlock ABI 7".into(),
+                writable: vec!["/var/lib/hello".into(), "/tmp/x".into()],
             }),
         ]
     }

@@ -18,6 +18,11 @@ use std::path::{Component, Path, PathBuf};
 /// foreign-uid range (2147352576 upwards) begin.
 pub const DEFAULT_UID_RANGE: [u32; 2] = [0x7000_0000, 0x7000_FFFF];
 
+/// The first id `uid_range` may not reach: 2^31. Above it lie systemd's
+/// foreign-uid range, signed-uid bugs and 4294967295, which is -1 to
+/// `setresuid`/`setresgid` ("leave unchanged": the worker would stay root).
+pub const UID_LIMIT: u32 = 1 << 31;
+
 /// `[sandbox]` of emberd's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,10 +62,14 @@ impl SandboxConfig {
     /// What is wrong with it, naming the field.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let [first, last] = self.uid_range;
-        if first == 0 || first > last {
+        if first == 0 || first > last || last >= UID_LIMIT {
             return Err((
                 "sandbox.uid_range",
-                format!("[{first}, {last}] must be [first, last] with 0 < first <= last"),
+                format!(
+                    "[{first}, {last}] must be [first, last] with 0 < first <= last < \
+                     {UID_LIMIT} (2^31: ids above are signed-uid trouble, and 4294967295 is \
+                     -1 to setresuid, which leaves the worker root)"
+                ),
             ));
         }
         if let Some(n) = self
@@ -344,11 +353,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.check().unwrap_err().0, "sandbox.grantable_syscalls");
-        let bad = SandboxConfig {
-            uid_range: [5, 4],
+        for range in [[5, 4], [0, 10], [1, u32::MAX], [UID_LIMIT, UID_LIMIT], [7, UID_LIMIT]] {
+            let bad = SandboxConfig {
+                uid_range: range,
+                ..Default::default()
+            };
+            let (field, why) = bad.check().unwrap_err();
+            assert_eq!(field, "sandbox.uid_range", "{range:?}");
+            assert!(why.contains("< 2147483648"), "{why}");
+        }
+        let top = SandboxConfig {
+            uid_range: [UID_LIMIT - 10, UID_LIMIT - 1],
             ..Default::default()
         };
-        assert_eq!(bad.check().unwrap_err().0, "sandbox.uid_range");
+        assert!(top.check().is_ok());
     }
 
     #[test]

@@ -2,11 +2,16 @@
 //! on emberd, a sibling and the host fail with the errno each layer
 //! promises, emberd running as root or as a user whose uid modules keep
 //! (then emberd and its zygote are not dumpable either); a forged sandbox
-//! report is not believed; each module runs as its own stable uid, with no new
-//! privileges, a seccomp filter and not dumpable; a tampered stored
-//! artifact is refused; a manifest cannot grant itself syscalls; the
-//! control socket refuses uids outside its allow list, module uids
-//! included.
+//! report is not believed; calls any uid may make on itself fail only
+//! while seccomp denies them, and a granted one gets through; each module
+//! runs as its own stable uid, with no new privileges, a seccomp filter and
+//! not dumpable; a tampered stored artifact is refused; a manifest cannot
+//! grant itself syscalls; a writable path that is missing or a symlink
+//! fails the launch; the control socket refuses uids outside its allow
+//! list, module uids included.
+//!
+//! Tests that need root (a second uid, a mount namespace) say `skipped` on
+//! stderr and pass without it; CI runs them as root.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -18,6 +23,36 @@ use serde_json::Value;
 
 fn root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Whether the test may run: root, else it says why it is skipped.
+fn root_or_skip(test: &str, why: &str) -> bool {
+    let r = root();
+    if !r {
+        eprintln!("{test}: skipped, not root ({why})");
+    }
+    r
+}
+
+/// The fixture's calls on itself (`fixture-hostile`'s `SELF_ATTACKS`),
+/// each with the syscall it makes: any uid may make them, so `EPERM` comes
+/// from the seccomp filter.
+const SELF_ATTACKS: [(&str, &str); 8] = [
+    ("ptrace_traceme", "ptrace"),
+    ("process_vm_readv", "process_vm_readv"),
+    ("kcmp", "kcmp"),
+    ("pidfd_getfd", "pidfd_getfd"),
+    ("keyctl", "keyctl"),
+    ("io_uring_setup", "io_uring_setup"),
+    ("perf_event_open", "perf_event_open"),
+    ("userfaultfd", "userfaultfd"),
+];
+
+/// The attacks on itself in `report` all got `EPERM`.
+fn self_attacks_refused(report: &Value) {
+    for (attack, _) in SELF_ATTACKS {
+        assert_eq!(report[attack], libc::EPERM, "{attack}: {report}");
+    }
 }
 
 fn running(d: &Daemon, name: &str) -> Value {
@@ -48,8 +83,11 @@ fn dir_0777(path: PathBuf) -> PathBuf {
 
 #[test]
 fn a_hostile_module_is_fenced_in() {
-    if !root() {
-        return; // the uid switch needs root; its fallback is unit-tested
+    if !root_or_skip(
+        "a_hostile_module_is_fenced_in",
+        "the uid switch needs root",
+    ) {
+        return;
     }
     let d = Daemon::start(FAST);
     let work = TempDir::new("hostile");
@@ -92,7 +130,6 @@ fn a_hostile_module_is_fenced_in() {
         ("unshare_user", libc::EPERM),
         ("clone_newuser", libc::EPERM),
         ("clone3", libc::ENOSYS),
-        ("write_outside", libc::EACCES),
         ("write_inside", 0),
         ("prlimit_emberd", libc::EPERM),
         ("setpriority_emberd", libc::EPERM),
@@ -105,8 +142,18 @@ fn a_hostile_module_is_fenced_in() {
     for (attack, errno) in expect {
         assert_eq!(report[attack], errno, "{attack}: {report}");
     }
+    self_attacks_refused(&report);
     assert!(writable.join("proof").exists());
-    assert!(!outside.join("escaped").exists());
+    // `outside` is mode 0777: only Landlock keeps the module out of it.
+    // Without Landlock the write succeeds, and the status says the
+    // filesystem layer is `none` (checked below).
+    let landlock = module_runtime::host::sandbox::landlock_abi() > 0;
+    if landlock {
+        assert_eq!(report["write_outside"], libc::EACCES, "{report}");
+        assert!(!outside.join("escaped").exists());
+    } else {
+        assert_eq!(report["write_outside"], 0, "{report}");
+    }
     assert!(!d.state.join("artifacts/evil.so").exists());
 
     // What the kernel says of it.
@@ -137,16 +184,19 @@ fn a_hostile_module_is_fenced_in() {
     assert!(sb["seccomp"].as_str().unwrap().starts_with("seccomp-bpf"));
     assert_ne!(sb["filesystem"], "forged", "{sb}");
     let fs = sb["filesystem"].as_str().unwrap();
-    if module_runtime::host::sandbox::landlock_abi() > 0 {
+    if landlock {
         assert!(fs.starts_with("landlock ABI "), "{fs}");
     } else {
         assert!(fs.starts_with("none"), "{fs}");
     }
+    // The worker's list, not the forged report's `/`.
+    let w = writable.display().to_string();
+    assert_eq!(sb["writable"], serde_json::json!([w]), "{sb}");
     let text = String::from_utf8(d.ctl_ok(&["status", "hostile"]).stdout).unwrap();
     assert!(
         text.contains(&format!(
             "sandbox: uid {uid} gid {uid} (own-uid), no-new-privs, not dumpable, seccomp-bpf"
-        )),
+        )) && text.contains(&format!("; writable: {w}\n")),
         "{text}"
     );
 
@@ -175,8 +225,11 @@ fn proc_stat(pid: i64, n: usize) -> String {
 
 #[test]
 fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
-    if !root() {
-        return; // emberd is started as another uid
+    if !root_or_skip(
+        "a_module_keeping_emberds_uid_cannot_reach_emberd",
+        "emberd is started as another uid",
+    ) {
+        return;
     }
     let uid = unused_uid();
     // emberd as `uid`: it cannot switch a module to another uid, so the
@@ -261,6 +314,7 @@ fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
     ] {
         assert_eq!(report[attack], errno, "{attack}: {report}");
     }
+    self_attacks_refused(&report);
     assert_eq!(report["dumpable"], 0);
     // emberd has what it had: its descriptors, its priority, all CPUs.
     let limits = std::fs::read_to_string(format!("/proc/{emberd}/limits")).unwrap();
@@ -291,7 +345,10 @@ fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
 
 #[test]
 fn each_module_has_its_own_uid_stable_across_restart_and_reinstall() {
-    if !root() {
+    if !root_or_skip(
+        "each_module_has_its_own_uid_stable_across_restart_and_reinstall",
+        "modules keep emberd's uid without it",
+    ) {
         return;
     }
     let mut d = Daemon::start(FAST);
@@ -412,6 +469,116 @@ fn a_manifest_gets_only_the_syscalls_the_configuration_grants() {
     assert_eq!(sb["uid"], nix::unistd::geteuid().as_raw(), "{sb}");
 }
 
+/// `fixture-hostile` named `name`, trying only the calls on itself, granted
+/// `allow`; its report once it runs.
+fn self_attacks_with(d: &Daemon, work: &Path, name: &str, allow: &[&str]) -> Value {
+    let writable = dir_0777(work.join(format!("{name}-data")));
+    let extra = format!(
+        "[sandbox]\nwritable = [{writable:?}]\nallow_syscalls = {allow:?}\n\
+         [config]\nself_only = true\nwritable = {writable:?}\n"
+    );
+    install(d, &real_module(work, name, "fixture-hostile", &extra));
+    let s = running(d, name);
+    let seccomp = s["replicas"][0]["sandbox"]["seccomp"].as_str().unwrap();
+    if !allow.is_empty() {
+        assert!(
+            seccomp.contains(&format!("granted {}", allow.join(", "))),
+            "{seccomp}"
+        );
+    }
+    serde_json::from_slice(&std::fs::read(writable.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_granted_syscall_gets_through_and_only_it() {
+    let work = TempDir::new("granted");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let syscalls: Vec<&str> = SELF_ATTACKS.iter().map(|(_, s)| *s).collect();
+    let d = Daemon::start(&format!(
+        "[sandbox]\ngrantable_syscalls = {syscalls:?}\n{FAST}"
+    ));
+    // Nothing granted: each refused by the filter…
+    self_attacks_refused(&self_attacks_with(&d, work.path(), "none", &[]));
+    // …and with all granted, none refused with EPERM: the kernel itself
+    // lets this uid make them, so the EPERM above is the filter's. Those
+    // that depend on no sysctl work outright.
+    let all = self_attacks_with(&d, work.path(), "all", &syscalls);
+    eprintln!("every self attack granted: {all}");
+    for (attack, _) in SELF_ATTACKS {
+        assert_ne!(all[attack], libc::EPERM, "{attack}: {all}");
+    }
+    for attack in ["ptrace_traceme", "process_vm_readv", "pidfd_getfd"] {
+        assert_eq!(all[attack], 0, "{attack}: {all}");
+    }
+    // ptrace alone: PTRACE_TRACEME works, the other seven stay refused.
+    let one = self_attacks_with(&d, work.path(), "tracer", &["ptrace"]);
+    assert_eq!(one["ptrace_traceme"], 0, "{one}");
+    for (attack, _) in &SELF_ATTACKS[1..] {
+        assert_eq!(one[attack], libc::EPERM, "{attack}: {one}");
+    }
+}
+
+/// Installs a hello module asking to write `path` (the install passes the
+/// lexical checks) and returns `emberctl status`'s text once its launch
+/// failed, after checking the reason names `path` and says `why`.
+fn launch_refused(d: &Daemon, work: &Path, name: &str, path: &Path, why: &str) -> String {
+    install(d, &ok_like(work, name, path));
+    let s = d.wait_status(name, "the launch refused", |s| s["state"] == "failed");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    let expect = format!("sandbox: writable path {}: {why}", path.display());
+    assert!(reason.contains(&expect), "{expect:?} not in {s}");
+    let text = String::from_utf8(d.ctl_ok(&["status", name]).stdout).unwrap();
+    assert!(text.contains(&expect), "{text}");
+    text
+}
+
+#[test]
+fn a_writable_path_that_is_missing_or_a_symlink_fails_the_launch() {
+    let work = TempDir::new("wmissing");
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(FAST);
+    // Missing: the module would run without it and fail at its first write.
+    launch_refused(
+        &d,
+        work.path(),
+        "missing",
+        &work.path().join("not-there"),
+        "does not exist (a writable path must exist when the module starts)",
+    );
+    // A link inside a root to emberd's state directory: the lexical check
+    // passes it, the worker does not follow it.
+    let link = work.path().join("state-link");
+    std::os::unix::fs::symlink(&d.state, &link).unwrap();
+    launch_refused(
+        &d,
+        work.path(),
+        "linked",
+        &link,
+        "is or passes through a symbolic link",
+    );
+    // A link on the way, to a directory anyone may write.
+    let real = dir_0777(work.path().join("real"));
+    dir_0777(real.join("sub"));
+    let via = work.path().join("via");
+    std::os::unix::fs::symlink(&real, &via).unwrap();
+    launch_refused(
+        &d,
+        work.path(),
+        "via",
+        &via.join("sub"),
+        "is or passes through a symbolic link",
+    );
+    // The real path: it runs, and the status lists it.
+    install(&d, &ok_like(work.path(), "direct", &real.join("sub")));
+    let s = running(&d, "direct");
+    let w = real.join("sub").display().to_string();
+    assert_eq!(
+        s["replicas"][0]["sandbox"]["writable"],
+        serde_json::json!([w])
+    );
+    assert!(!dead(d.pid()));
+}
+
 /// A uid no passwd or group entry has and no module was given.
 fn unused_uid() -> u32 {
     (4_000_000u32..)
@@ -432,8 +599,11 @@ fn health_as(socket: &Path, uid: u32) -> std::process::Output {
 
 #[test]
 fn the_control_socket_refuses_outsiders_and_module_uids() {
-    if !root() {
-        return; // needs a second uid
+    if !root_or_skip(
+        "the_control_socket_refuses_outsiders_and_module_uids",
+        "needs a second uid",
+    ) {
+        return;
     }
     // The socket file lets anyone connect: SO_PEERCRED is what refuses.
     let d = Daemon::start(&format!("socket_mode = \"0666\"\n{FAST}"));
@@ -588,8 +758,11 @@ fn fifo_writer(p: &Path) -> Option<std::fs::File> {
 
 #[test]
 fn an_installs_passwd_and_group_lookups_block_no_other_client() {
-    if !root() {
-        return; // a private mount namespace needs root
+    if !root_or_skip(
+        "an_installs_passwd_and_group_lookups_block_no_other_client",
+        "a private mount namespace needs root",
+    ) {
+        return;
     }
     // emberd in its own mount namespace where /etc/passwd is a FIFO: each
     // passwd lookup (the uid allocation's) waits for a writer, as a lookup

@@ -2,13 +2,19 @@
 //! arrived and before the module's code is loaded (see `docs/design.md`,
 //! "Trust"). In order:
 //!
+//! 0. the manifest's `[sandbox] writable` paths are opened (`O_PATH`,
+//!    `openat2` with `RESOLVE_NO_SYMLINKS`) with emberd's credentials: a
+//!    path that is missing, is or passes through a symlink, or is neither a
+//!    directory nor a regular file fails the launch, naming it;
 //! 1. its own uid and gid (`setgroups([])`, `setresgid`, `setresuid`), when
-//!    emberd sent them (it is root); the parent-death signal, which the
-//!    kernel clears on a credential change, is set again;
+//!    emberd sent them (it is root), read back (`getresuid`, `getresgid`,
+//!    `getgroups`): all must be the ids asked for, neither 0, and no
+//!    supplementary group; the parent-death signal, which the kernel clears
+//!    on a credential change, is set again;
 //! 2. `PR_SET_DUMPABLE 0` (no core dumps, `/proc/PID` owned by root, no
 //!    ptrace by its own uid) and `PR_SET_NO_NEW_PRIVS 1`;
 //! 3. Landlock, where the kernel has it: the whole filesystem read and
-//!    execute only, except the manifest's `[sandbox] writable` paths and
+//!    execute only, except the paths opened in step 0 and
 //!    [`ALWAYS_WRITABLE`]; signals and abstract Unix sockets scoped to the
 //!    worker (ABI 6 and later);
 //! 4. seccomp filters (built with `seccompiler`, see [`seccomp_programs`])
@@ -25,7 +31,8 @@
 //! never runs with less than it was promised.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -129,6 +136,37 @@ pub enum SandboxError {
         /// Why.
         #[source]
         source: nix::Error,
+    },
+    /// The ids read back after the switch are not the ones asked for: an
+    /// id the kernel takes for "leave unchanged" (4294967295, -1 to
+    /// `setresuid`), or 0.
+    #[error(
+        "uid {uid} gid {gid} not in force after the switch (read back: uids {uids:?}, \
+         gids {gids:?}, supplementary groups {groups:?}); a module's ids are neither 0 \
+         nor 2^31 or above"
+    )]
+    IdentityMismatch {
+        /// The uid asked for.
+        uid: u32,
+        /// The gid asked for.
+        gid: u32,
+        /// Real, effective and saved uid read back.
+        uids: [u32; 3],
+        /// Real, effective and saved gid read back.
+        gids: [u32; 3],
+        /// Supplementary groups read back.
+        groups: Vec<u32>,
+    },
+    /// A manifest's `[sandbox] writable` path cannot be given to the module.
+    #[error("writable path {}: {why}", path.display())]
+    Writable {
+        /// The path, as the manifest wrote it.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+        /// The error of the open or stat, if one failed.
+        #[source]
+        source: Option<nix::Error>,
     },
     /// The parent died while the credentials changed.
     #[error("the parent exited while the sandbox was applied")]
@@ -333,13 +371,66 @@ pub fn landlock_abi() -> i32 {
     i32::try_from(v).unwrap_or(0).max(0)
 }
 
+/// A `[sandbox] writable` path opened for its Landlock rule.
+struct WritablePath {
+    /// `O_PATH` descriptor of the path.
+    fd: OwnedFd,
+    /// A directory (else a regular file).
+    dir: bool,
+}
+
+/// Opens each of `paths` (`O_PATH`, through `openat2` with
+/// `RESOLVE_NO_SYMLINKS`: a symlink anywhere on the way, the last component
+/// included, is refused, so `/tmp/link → STATE_DIR` cannot widen what the
+/// manifest was allowed). Called with emberd's credentials, before the uid
+/// switch: the module's uid reaching the path is the file modes' business,
+/// checked at each write, not a reason to drop the rule. Each must be an
+/// absolute path to an existing directory or regular file.
+fn open_writable(paths: &[PathBuf]) -> Result<Vec<WritablePath>, SandboxError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
+    use nix::sys::stat::{fstat, SFlag};
+    paths
+        .iter()
+        .map(|path| {
+            let fail = |why, source| SandboxError::Writable {
+                path: path.clone(),
+                why,
+                source,
+            };
+            if !path.is_absolute() {
+                return Err(fail("not an absolute path", None));
+            }
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+            let fd = openat2(AT_FDCWD, path.as_path(), how).map_err(|e| {
+                let why = match e {
+                    Errno::ENOENT => "does not exist (a writable path must exist when the module starts)",
+                    Errno::ELOOP => "is or passes through a symbolic link (writable paths are not followed through symlinks)",
+                    Errno::ENOTDIR => "passes through something that is not a directory",
+                    _ => "cannot be opened",
+                };
+                fail(why, Some(e))
+            })?;
+            let st = fstat(&fd).map_err(|e| fail("cannot be examined", Some(e)))?;
+            let dir = match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+                SFlag::S_IFDIR => true,
+                SFlag::S_IFREG => false,
+                _ => return Err(fail("is neither a directory nor a regular file", None)),
+            };
+            Ok(WritablePath { fd, dir })
+        })
+        .collect()
+}
+
 /// Restricts the filesystem to read and execute, except `writable` and
 /// [`ALWAYS_WRITABLE`]; scopes signals and abstract Unix sockets. Returns
 /// what is in force, for the report.
-fn landlock(writable: &[PathBuf]) -> Result<String, SandboxError> {
+fn landlock(writable: Vec<WritablePath>) -> Result<String, SandboxError> {
     use landlock::{
-        path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, Scope, ABI,
+        path_beneath_rules, Access, AccessFs, PathBeneath, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
     let kernel = landlock_abi();
     if kernel == 0 {
@@ -359,19 +450,26 @@ fn landlock(writable: &[PathBuf]) -> Result<String, SandboxError> {
             .scope(Scope::Signal | Scope::AbstractUnixSocket)
             .map_err(err)?;
     }
-    let fixed = ALWAYS_WRITABLE.iter().map(Path::new);
-    let status = ruleset
+    let mut created = ruleset
         .create()
         .map_err(err)?
         .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
         .map_err(err)?
-        .add_rules(path_beneath_rules(
-            writable.iter().map(PathBuf::as_path).chain(fixed),
-            write,
-        ))
-        .map_err(err)?
-        .restrict_self()
+        // World-writable devices: a missing one is no loss.
+        .add_rules(path_beneath_rules(ALWAYS_WRITABLE, write))
         .map_err(err)?;
+    for w in writable {
+        // A file takes only the rights that apply to files.
+        let access = if w.dir {
+            write
+        } else {
+            write & AccessFs::from_file(abi)
+        };
+        created = created
+            .add_rule(PathBeneath::new(w.fd, access))
+            .map_err(err)?;
+    }
+    let status = created.restrict_self().map_err(err)?;
     let abi_num = abi as i32;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => format!("landlock ABI {abi_num}"),
@@ -401,7 +499,12 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
         // a worker is dumpable as any process of its uid.
         nix::sys::prctl::set_dumpable(true)
             .map_err(|e| SandboxError::Prctl("PR_SET_DUMPABLE", e))?;
-        return Ok(report(false, "none (sandbox off)".into(), "none".into()));
+        return Ok(report(
+            false,
+            "none (sandbox off)".into(),
+            "none".into(),
+            Vec::new(),
+        ));
     };
     // Compiled before anything is given up: a bad name fails the launch
     // with the module's own credentials untouched.
@@ -409,13 +512,20 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
         Some(p) if order.allow_syscalls.is_empty() => p.clone(),
         _ => seccomp_programs(&order.allow_syscalls)?,
     };
-    if let Some((uid, gid)) = order.ids {
-        switch_ids(uid, gid)?;
-    }
+    // Opened with emberd's credentials, before they are given up.
+    let writable = open_writable(&order.writable)?;
+    // Own ids only once read back as asked.
+    let own_ids = match order.ids {
+        Some((uid, gid)) => {
+            switch_ids(uid, gid)?;
+            true
+        }
+        None => false,
+    };
     nix::sys::prctl::set_dumpable(false).map_err(|e| SandboxError::Prctl("PR_SET_DUMPABLE", e))?;
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| SandboxError::Prctl("PR_SET_NO_NEW_PRIVS", e))?;
-    let fs = landlock(&order.writable)?;
+    let fs = landlock(writable)?;
     for p in &programs {
         seccompiler::apply_filter_all_threads(p).map_err(SandboxError::Seccomp)?;
     }
@@ -432,10 +542,15 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
     if !order.allow_syscalls.is_empty() {
         seccomp.push_str(&format!("; granted {}", order.allow_syscalls.join(", ")));
     }
-    Ok(report(order.ids.is_some(), seccomp, fs))
+    Ok(report(own_ids, seccomp, fs, order.writable.clone()))
 }
 
-fn report(own_ids: bool, seccomp: String, landlock: String) -> SandboxReport {
+fn report(
+    own_ids: bool,
+    seccomp: String,
+    landlock: String,
+    writable: Vec<PathBuf>,
+) -> SandboxReport {
     SandboxReport {
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),
@@ -444,6 +559,7 @@ fn report(own_ids: bool, seccomp: String, landlock: String) -> SandboxReport {
         dumpable: nix::sys::prctl::get_dumpable().unwrap_or(true),
         seccomp,
         landlock,
+        writable,
     }
 }
 
@@ -463,6 +579,7 @@ fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
     setresgid(g, g, g).map_err(fail("setresgid"))?;
     let u = Uid::from_raw(uid);
     setresuid(u, u, u).map_err(fail("setresuid"))?;
+    verify_ids(uid, gid)?;
     // The kernel clears the parent-death signal when credentials change.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| SandboxError::Prctl("PR_SET_PDEATHSIG", e))?;
@@ -470,6 +587,36 @@ fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
         return Err(SandboxError::Orphaned);
     }
     Ok(())
+}
+
+/// Fails unless the real, effective and saved uid and gid read back are
+/// `uid` and `gid`, neither is 0 and no supplementary group is left: a
+/// `setresuid` given 4294967295 (-1) succeeds and changes nothing.
+fn verify_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    use nix::unistd::{getgroups, getresgid, getresuid};
+    let read = |call| {
+        move |source| SandboxError::Identity {
+            uid,
+            gid,
+            call,
+            source,
+        }
+    };
+    let u = getresuid().map_err(read("getresuid"))?;
+    let g = getresgid().map_err(read("getresgid"))?;
+    let groups = getgroups().map_err(read("getgroups"))?;
+    let uids = [u.real, u.effective, u.saved].map(|x| x.as_raw());
+    let gids = [g.real, g.effective, g.saved].map(|x| x.as_raw());
+    if uid != 0 && gid != 0 && uids == [uid; 3] && gids == [gid; 3] && groups.is_empty() {
+        return Ok(());
+    }
+    Err(SandboxError::IdentityMismatch {
+        uid,
+        gid,
+        uids,
+        gids,
+        groups: groups.iter().map(|g| g.as_raw()).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -788,5 +935,128 @@ mod tests {
         );
         assert_ne!(limit.rlim_cur, 3);
         assert_ne!(policy, libc::SCHED_IDLE);
+    }
+
+    /// `switch_ids(uid, gid)` in a forked child (the switch cannot be
+    /// undone): `Ok(uid read back)` or the error's text.
+    fn switch_in_child(uid: u32, gid: u32) -> Result<u32, String> {
+        use nix::unistd::{fork, ForkResult};
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // SAFETY: the child makes the id syscalls, formats a string
+        // (glibc's malloc is fork-safe), writes it and `_exit`s.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                drop(r);
+                let out = match switch_ids(uid, gid) {
+                    Ok(()) => format!("ok {}", nix::unistd::getuid()),
+                    Err(e) => e.to_string(),
+                };
+                // SAFETY: writes a buffer that outlives the call, then ends
+                // the child without running the parent's destructors.
+                unsafe {
+                    libc::write(w.as_raw_fd(), out.as_ptr().cast(), out.len());
+                    libc::_exit(0)
+                }
+            }
+            ForkResult::Parent { child } => {
+                drop(w);
+                let mut out = String::new();
+                std::fs::File::from(r).read_to_string(&mut out).unwrap();
+                nix::sys::wait::waitpid(child, None).unwrap();
+                match out.strip_prefix("ok ") {
+                    Some(u) => Ok(u.parse().unwrap()),
+                    None => Err(out),
+                }
+            }
+        }
+    }
+
+    /// The reviewer's probe: uid 4294967295 is -1 to `setresuid` ("leave
+    /// unchanged"), so the switch "succeeds" and the worker stays root;
+    /// the read-back refuses it, and 0.
+    #[test]
+    fn ids_the_kernel_leaves_unchanged_fail_the_switch() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: switching uids needs root");
+            return;
+        }
+        let e = switch_in_child(u32::MAX, u32::MAX).unwrap_err();
+        assert!(
+            e.starts_with("uid 4294967295 gid 4294967295 not in force after the switch")
+                && e.contains("uids [0, 0, 0]"),
+            "{e}"
+        );
+        let e = switch_in_child(0, 0).unwrap_err();
+        assert!(e.starts_with("uid 0 gid 0 not in force"), "{e}");
+        // Only the gid left unchanged: refused as well.
+        let e = switch_in_child(0x7000_0001, u32::MAX).unwrap_err();
+        assert!(e.contains("gids [0, 0, 0]"), "{e}");
+        assert_eq!(switch_in_child(0x7000_0001, 0x7000_0001), Ok(0x7000_0001));
+    }
+
+    /// A fresh directory under the temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "ember-sandbox-{tag}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn writable_paths_must_exist_and_no_symlink_is_followed() {
+        let s = Scratch::new("writable");
+        let dir = s.0.join("data");
+        std::fs::create_dir(&dir).unwrap();
+        let file = s.0.join("file");
+        std::fs::write(&file, b"").unwrap();
+        let opened = open_writable(&[dir.clone(), file.clone()]).unwrap();
+        assert_eq!(
+            opened.iter().map(|w| w.dir).collect::<Vec<_>>(),
+            [true, false]
+        );
+        let why = |p: PathBuf| match open_writable(&[dir.clone(), p.clone()]) {
+            Err(e @ SandboxError::Writable { .. }) => {
+                let SandboxError::Writable { ref path, .. } = e else {
+                    unreachable!()
+                };
+                assert_eq!(*path, p, "the failing path is named");
+                crate::sdk::error_chain(&e)
+            }
+            other => panic!("{p:?}: {:?}", other.map(|v| v.len())),
+        };
+        let missing = why(s.0.join("missing"));
+        assert!(
+            missing.contains("missing: does not exist (a writable path must exist"),
+            "{missing}"
+        );
+        // A link to a directory the manifest could not name (emberd's
+        // state, say): refused, last component or on the way.
+        let link = s.0.join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let e = why(link.clone());
+        assert!(e.contains("is or passes through a symbolic link"), "{e}");
+        let e = why(link.join("sub"));
+        assert!(e.contains("symbolic link"), "{e}");
+        let e = why(PathBuf::from("/dev/null"));
+        assert!(e.contains("neither a directory nor a regular file"), "{e}");
+        let e = why(PathBuf::from("tmp"));
+        assert!(e.contains("not an absolute path"), "{e}");
+        let e = why(file.join("x"));
+        assert!(e.contains("not a directory"), "{e}");
     }
 }

@@ -151,6 +151,10 @@ pub struct SandboxStatus {
     pub seccomp: String,
     /// The Landlock ABI in force (`landlock ABI 7`), or `none (why)`.
     pub filesystem: String,
+    /// The paths the module may write (its manifest's `[sandbox]
+    /// writable`, as the worker opened them), besides `/dev/null`,
+    /// `/dev/zero` and `/dev/full`.
+    pub writable: Vec<String>,
 }
 
 impl SandboxStatus {
@@ -168,6 +172,11 @@ impl SandboxStatus {
             dumpable: r.dumpable,
             seccomp: r.seccomp.clone(),
             filesystem: r.landlock.clone(),
+            writable: r
+                .writable
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
         }
     }
 }

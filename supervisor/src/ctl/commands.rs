@@ -263,7 +263,7 @@ fn sandbox(replicas: &Value) -> String {
             no.to_owned()
         }
     };
-    format!(
+    let mut text = format!(
         "uid {} gid {} ({}), {}, {}, {}, {}",
         cell(&s["uid"]),
         cell(&s["gid"]),
@@ -272,7 +272,20 @@ fn sandbox(replicas: &Value) -> String {
         flag(&s["dumpable"], "dumpable", "not dumpable"),
         cell(&s["seccomp"]),
         cell(&s["filesystem"]),
-    )
+    );
+    // An emberd that does not send the list: nothing said.
+    if let (Some(paths), false) = (s["writable"].as_array(), s["uid_mechanism"] == "none") {
+        let paths: Vec<String> = paths.iter().map(cell).collect();
+        text.push_str(&format!(
+            "; writable: {}",
+            if paths.is_empty() {
+                "none declared".to_owned()
+            } else {
+                paths.join(", ")
+            }
+        ));
+    }
+    text
 }
 
 fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Result<(), CtlError> {
@@ -582,12 +595,24 @@ mod tests {
             "no_new_privs": true, "dumpable": false,
             "seccomp": "seccomp-bpf: 46 syscalls", "filesystem": "landlock ABI 7"
         });
-        let text = status_text(&status(json!([r]), Value::Null));
+        let text = status_text(&status(json!([r.clone()]), Value::Null));
         assert!(
             text.contains(
                 "\n   sandbox: uid 1879048192 gid 1879048192 (own-uid), no-new-privs, \
                  not dumpable, seccomp-bpf: 46 syscalls, landlock ABI 7\n"
             ),
+            "{text}"
+        );
+        r["sandbox"]["writable"] = json!(["/var/lib/m", "/tmp/m"]);
+        let text = status_text(&status(json!([r.clone()]), Value::Null));
+        assert!(
+            text.contains("landlock ABI 7; writable: /var/lib/m, /tmp/m\n"),
+            "{text}"
+        );
+        r["sandbox"]["writable"] = json!([]);
+        let text = status_text(&status(json!([r]), Value::Null));
+        assert!(
+            text.contains("landlock ABI 7; writable: none declared\n"),
             "{text}"
         );
     }

@@ -805,9 +805,10 @@ fn report(
 }
 
 /// `sandbox: uid 1879048192 gid 1879048192 (own), no-new-privs, not
-/// dumpable, seccomp-bpf: …, landlock ABI 7`: the note in the module's log.
+/// dumpable, seccomp-bpf: …, landlock ABI 7; writable: /var/lib/m`: the
+/// note in the module's log.
 fn sandbox_note(r: &SandboxReport) -> String {
-    format!(
+    let mut note = format!(
         "sandbox: uid {} gid {} ({}), {}, {}, {}, {}",
         r.uid,
         r.gid,
@@ -824,7 +825,12 @@ fn sandbox_note(r: &SandboxReport) -> String {
         },
         r.seccomp,
         r.landlock
-    )
+    );
+    if !r.writable.is_empty() {
+        let paths: Vec<String> = r.writable.iter().map(|p| p.display().to_string()).collect();
+        note.push_str(&format!("; writable: {}", paths.join(", ")));
+    }
+    note
 }
 
 #[cfg(test)]
@@ -840,6 +846,7 @@ mod tests {
             dumpable: false,
             seccomp: "seccomp-bpf".into(),
             landlock: "none".into(),
+            writable: Vec::new(),
         })
     }
 
