@@ -353,7 +353,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.check().unwrap_err().0, "sandbox.grantable_syscalls");
-        for range in [[5, 4], [0, 10], [1, u32::MAX], [UID_LIMIT, UID_LIMIT], [7, UID_LIMIT]] {
+        for range in [
+            [5, 4],
+            [0, 10],
+            [1, u32::MAX],
+            [UID_LIMIT, UID_LIMIT],
+            [7, UID_LIMIT],
+        ] {
             let bad = SandboxConfig {
                 uid_range: range,
                 ..Default::default()

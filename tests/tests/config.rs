@@ -1,8 +1,9 @@
 //! The daemon configuration as the real emberd applies it: `[limits]`
 //! defaults for modules whose manifest leaves a limit unset (reported by
 //! `Status` with their source, and enforced: cgroup or emberd's memory watch,
-//! `RLIMIT_NOFILE`), `--socket` over the file's `socket`, and the socket
-//! file's owner.
+//! `RLIMIT_NOFILE`), `--socket` over the file's `socket`, the socket
+//! file's owner, and a `[sandbox] uid_range` that would leave modules root
+//! refused.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -270,4 +271,61 @@ fn socket_owner_and_group_come_from_the_config() {
     let d = Daemon::start(&format!("socket_gid = {gid}\n{FAST}"));
     let m = mode(&d);
     assert_eq!((m.uid(), m.gid()), (0, gid));
+}
+
+#[test]
+fn a_uid_range_reaching_2_pow_31_is_refused() {
+    let dir = TempDir::new("uidrange");
+    let cfg = dir.path().join("emberd.toml");
+    // 4294967295 is -1 to setresuid ("leave unchanged"): a module given it
+    // would stay root. 0 is root itself.
+    for range in [
+        "[1879048192, 4294967295]",
+        "[2147483648, 2147483648]",
+        "[0, 10]",
+    ] {
+        std::fs::write(&cfg, format!("[sandbox]\nuid_range = {range}\n")).unwrap();
+        let check = Command::new(emberd())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.code(), Some(78), "{range}: {err}");
+        assert!(
+            err.contains(&format!("{}:2:1: field `sandbox.uid_range`", cfg.display()))
+                && err.contains("< 2147483648"),
+            "{range}: {err}"
+        );
+        // And at start-up: emberd does not serve.
+        let socket = dir.path().join("ctl.sock");
+        let out = Command::new(emberd())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("EMBER_LOG", "error")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{range}");
+        assert!(!socket.exists());
+    }
+    // The top of the allowed range is accepted.
+    std::fs::write(&cfg, "[sandbox]\nuid_range = [2147483000, 2147483647]\n").unwrap();
+    let ok = Command::new(emberd())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }

@@ -126,14 +126,74 @@ fn a_module_scribbling_on_its_channel_breaks_neither_the_exporter_nor_its_other_
         dropped.join("\n"),
         reports.join("\n")
     );
-    // The attacker got nothing but errors from its calls.
+    // The attacker got nothing but errors from its calls, and it did call
+    // (else "0 ok" would hold by construction) and scribble.
     let last = reports
         .iter()
         .rev()
         .find(|l| l.contains(" calls: "))
         .expect("the attacker reports its calls");
-    assert!(last.contains("calls: 0 ok,"), "{last}");
+    let counts = ScribblerCounts::parse(last);
+    assert_eq!(counts.ok, 0, "{last}");
+    assert!(counts.failed > 0, "no call attempted: {last}");
+    assert!(counts.scribbles > 0, "no scribble: {last}");
 
     d.ctl_ok(&["uninstall", "scribbler"]);
     assert_eq!(http_get(port, "/kv/get/after0"), (200, "x".into()));
+}
+
+/// The counts of the scribbler's report line: `scribbler: N scribbles, M
+/// doorbell rings; calls: A ok, B remote errors, C corrupt, D timed out, E
+/// peer gone, F other; channel …`.
+#[derive(Debug)]
+struct ScribblerCounts {
+    scribbles: u64,
+    /// Calls that succeeded.
+    ok: u64,
+    /// Calls that failed, whatever the reason.
+    failed: u64,
+}
+
+impl ScribblerCounts {
+    fn parse(line: &str) -> Self {
+        // The number before `label` in `text`.
+        let count = |text: &str, label: &str| -> u64 {
+            let end = text
+                .find(label)
+                .unwrap_or_else(|| panic!("no `{label}` in {line}"));
+            text[..end]
+                .trim_end()
+                .rsplit([' ', ','])
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no count before `{label}` in {line}"))
+        };
+        let (head, calls) = line
+            .split_once("calls: ")
+            .unwrap_or_else(|| panic!("no calls in {line}"));
+        let calls = calls.split(';').next().unwrap_or_default();
+        Self {
+            scribbles: count(head, " scribbles"),
+            ok: count(calls, " ok"),
+            failed: [
+                " remote errors",
+                " corrupt",
+                " timed out",
+                " peer gone",
+                " other",
+            ]
+            .iter()
+            .map(|l| count(calls, l))
+            .sum(),
+        }
+    }
+}
+
+#[test]
+fn the_scribblers_report_line_parses() {
+    let c = ScribblerCounts::parse(
+        "INFO scribbler: 1200 scribbles, 31 doorbell rings; calls: 0 ok, 4 remote errors, \
+         2 corrupt, 0 timed out, 1 peer gone, 0 other; channel dropped by the exporter",
+    );
+    assert_eq!((c.scribbles, c.ok, c.failed), (1200, 0, 7));
 }

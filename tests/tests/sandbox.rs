@@ -83,10 +83,7 @@ fn dir_0777(path: PathBuf) -> PathBuf {
 
 #[test]
 fn a_hostile_module_is_fenced_in() {
-    if !root_or_skip(
-        "a_hostile_module_is_fenced_in",
-        "the uid switch needs root",
-    ) {
+    if !root_or_skip("a_hostile_module_is_fenced_in", "the uid switch needs root") {
         return;
     }
     let d = Daemon::start(FAST);

@@ -1001,10 +1001,8 @@ mod tests {
 
     impl Scratch {
         fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "ember-sandbox-{tag}-{}",
-                std::process::id()
-            ));
+            let p =
+                std::env::temp_dir().join(format!("ember-sandbox-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).unwrap();
             Self(p)

@@ -172,11 +172,7 @@ impl SandboxStatus {
             dumpable: r.dumpable,
             seccomp: r.seccomp.clone(),
             filesystem: r.landlock.clone(),
-            writable: r
-                .writable
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect(),
+            writable: r.writable.iter().map(|p| p.display().to_string()).collect(),
         }
     }
 }
