@@ -376,7 +376,11 @@ impl Pool {
             if w.has_exited() {
                 pidfd_reap(w.pidfd.as_fd());
                 tracing::warn!(pid = w.pid, "idle worker died");
-                self.limiter.release_idle(w.pid);
+                // cgroupfs: off the runtime thread.
+                let (limiter, pid) = (self.limiter.clone(), w.pid);
+                drop(tokio::task::spawn_blocking(move || {
+                    limiter.release_idle(pid)
+                }));
                 false
             } else {
                 true
@@ -625,7 +629,8 @@ async fn run(
     for w in pool.idle.drain(..) {
         let pid = w.pid;
         w.discard().await;
-        pool.limiter.release_idle(pid);
+        let limiter = pool.limiter.clone();
+        let _ = tokio::task::spawn_blocking(move || limiter.release_idle(pid)).await;
     }
     if let Some(z) = zygote {
         z.shutdown().await;
