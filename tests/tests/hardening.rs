@@ -692,3 +692,53 @@ fn a_client_installs_its_own_readable_module() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_client_cannot_make_emberd_replace_a_file_with_a_socket() {
+    let Some(d) = daemon_allowing_the_client() else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // Root's file in root's 0700 directory: as root emberd once unlinked
+    // whatever was at a listener's path and bound its socket there.
+    let secret = d.dir.path().join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = secret.join("victim");
+    root_only(&victim, "keep me");
+    // The client's own module (readable files in its own directory).
+    let m = copied_module(d.dir.path(), "evil", "hello");
+    let manifest = m.join("module.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        format!(
+            "{text}[[listeners]]\nname = \"l\"\naddress = \"unix:{}\"\n",
+            victim.display()
+        ),
+    )
+    .unwrap();
+    for p in [&manifest, &m.join("libhello.so"), &m] {
+        std::os::unix::fs::chown(p, Some(CLIENT_UID), Some(CLIENT_UID)).unwrap();
+    }
+    for verb in ["install", "deploy"] {
+        let out = ctl_as_client(&d, &[verb, m.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{verb}: {err}");
+        assert!(
+            err.contains(&format!(
+                "uid {CLIENT_UID} may not create {}",
+                victim.display()
+            )),
+            "{verb}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert_eq!(health(&d)["modules"], 0);
+    // Root may; still, a file is never replaced, only a stale socket.
+    let out = d.ctl(&["install", m.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+}

@@ -104,6 +104,9 @@ pub struct Actor {
     pending_rx: mpsc::UnboundedReceiver<Pending>,
     /// Numbers artifact placeholders.
     pub(super) next_placeholder: u64,
+    /// Installs and deploys whose files are being read on the blocking
+    /// pool (at most [`super::pipeline::MAX_READS`]).
+    pub(super) reads_in_flight: usize,
     pub(super) desired: DesiredState,
     /// Memory readings for Status, reused for a second (read off the
     /// actor).
@@ -211,6 +214,7 @@ impl Actor {
             pending_tx,
             pending_rx,
             next_placeholder: 0,
+            reads_in_flight: 0,
             store,
             desired,
             memory: Default::default(),
@@ -727,14 +731,19 @@ impl Actor {
     }
 }
 
-/// The directories no module may write, whatever its manifest and the
+/// The paths no module may write, whatever its manifest and the
 /// configuration say: emberd's state directory and its control socket's,
-/// as configured and as resolved (a symlink in the configured path names
-/// the same place under another name). Resolving touches the filesystem:
-/// called once at start-up, before the actor runs.
-pub fn protected_dirs(state_dir: &Path, socket: &Path) -> Vec<PathBuf> {
+/// and the files emberd runs unsandboxed — its binary, its configuration
+/// file and the base's plugins (a writable directory holding one is
+/// refused too) — as configured and as resolved (a symlink in the
+/// configured path names the same place under another name). Resolving
+/// touches the filesystem: called once at start-up, before the actor runs.
+pub fn protected_dirs(state_dir: &Path, socket: &Path, files: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for d in [Some(state_dir), socket.parent()].into_iter().flatten() {
+    let exe = std::fs::read_link("/proc/self/exe").ok();
+    let dirs = [Some(state_dir), socket.parent()].into_iter().flatten();
+    let files = files.iter().map(PathBuf::as_path).chain(exe.as_deref());
+    for d in dirs.chain(files) {
         let resolved = std::fs::canonicalize(d).ok();
         for p in [Some(d.to_owned()), resolved].into_iter().flatten() {
             if let Ok(p) = crate::sandbox::normalize(&p) {
@@ -790,9 +799,13 @@ pub(super) fn drop_run(m: &mut Module, generation: u64) {
         return;
     };
     let run: Run = m.runs.remove(i);
-    for p in &run.unix_paths {
-        if !m.runs.iter().any(|r| r.unix_paths.contains(p)) {
-            let _ = std::fs::remove_file(p);
+    for (p, id) in &run.unix_paths {
+        if !m
+            .runs
+            .iter()
+            .any(|r| r.unix_paths.iter().any(|(q, _)| q == p))
+        {
+            crate::listeners::unlink_own(p, *id);
         }
     }
 }

@@ -135,7 +135,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             tracing::warn!(error = %crate::error_chain(&e), "cannot record the uids given to modules");
         }
     }
-    let protected = actor::protected_dirs(&state_dir, &socket_path);
+    let mut files: Vec<PathBuf> = cfg.plugins.iter().map(|p| p.spec().path).collect();
+    files.extend(opts.config.clone());
+    let protected = actor::protected_dirs(&state_dir, &socket_path, &files);
     let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("emberd")
         .enable_all()

@@ -46,8 +46,10 @@ pub(super) struct Run {
     pub listeners: Vec<(String, Arc<OwnedFd>)>,
     /// Listener names and bound addresses, for status.
     pub listener_addrs: Vec<(String, String)>,
-    /// Unix listener paths this run bound (unlinked when the module goes).
-    pub unix_paths: Vec<PathBuf>,
+    /// Unix listener paths this run bound, with the device and inode of
+    /// the socket there (unlinked when the module goes, if still that
+    /// socket).
+    pub unix_paths: Vec<(PathBuf, (u64, u64))>,
     /// Services it exports and imports (manifest).
     pub exports: Vec<String>,
     pub imports: Vec<String>,

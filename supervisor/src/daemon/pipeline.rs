@@ -146,7 +146,7 @@ pub(crate) struct Loaded {
 pub(super) struct Listeners {
     fds: Vec<(String, Arc<OwnedFd>)>,
     addrs: Vec<(String, String)>,
-    unix_paths: Vec<PathBuf>,
+    unix_paths: Vec<(PathBuf, (u64, u64))>,
 }
 
 impl Listeners {
@@ -171,6 +171,10 @@ fn bind_error(source: ListenError) -> InstallError {
         source => InstallError::Listener { source },
     }
 }
+
+/// Installs and deploys that may read their files at once: each holds a
+/// blocking-pool thread (tokio has 512) while it reads.
+pub(super) const MAX_READS: usize = 64;
 
 /// An install's or a deploy's files, read and checked on the blocking pool
 /// (see [`read_input`]).
@@ -267,6 +271,15 @@ fn read_input(
             },
         },
     )?;
+    // Unix listener paths: emberd binds (and at uninstall unlinks) them
+    // with its own rights; the client must be able to create them itself.
+    if crate::fscred::needs_switch(peer.uid) {
+        with_rights(peer, || {
+            listeners::check_client_may_create(&summary.listeners, peer.uid)
+        })
+        .map_err(as_peer)?
+        .map_err(bind_error)?;
+    }
     let dir = manifest_path.parent().unwrap_or(Path::new("/"));
     let artifact = dir.join(&summary.entry);
     let file = with_rights(peer, || {
@@ -966,8 +979,8 @@ impl Actor {
         for run in &mut m.runs {
             // Listeners close when the last launch task lets go.
             run.listeners.clear();
-            for p in run.unix_paths.drain(..) {
-                let _ = std::fs::remove_file(p);
+            for (p, id) in run.unix_paths.drain(..) {
+                listeners::unlink_own(&p, id);
             }
         }
         let _ = std::fs::remove_file(self.store.log_path(&name));
@@ -1013,6 +1026,23 @@ impl Actor {
     /// the rights of `peer` (the client); the request goes on in
     /// [`Actor::input_read`].
     pub(super) fn read_then(&mut self, path: PathBuf, peer: Arc<Credentials>, then: Then) {
+        // A read that never ends (a FUSE file whose server never answers)
+        // holds a blocking-pool thread; so many would starve every other
+        // use of the pool (reaping, cgroups, hashing).
+        if self.reads_in_flight >= MAX_READS {
+            let reply = match then {
+                Then::Install { reply, .. } | Then::Deploy { reply, .. } => reply,
+            };
+            let _ = reply.send(Err(ErrorReply::new(
+                crate::control::errors::INVALID_INPUT,
+                json!({ "reason": format!(
+                    "{MAX_READS} installs or deploys are still reading their files; \
+                     try again when one has finished"
+                ) }),
+            )));
+            return;
+        }
+        self.reads_in_flight += 1;
         let caps = self.install_caps.clone();
         let q = UidQuery {
             sandbox: self.sandbox.clone(),
@@ -1037,6 +1067,7 @@ impl Actor {
     }
 
     fn input_read(&mut self, input: Result<Input, InstallError>, then: Then) {
+        self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
         let input = match input {
             Ok(i) => i,
             Err(e) => {
@@ -1421,7 +1452,7 @@ impl Actor {
                     fds.push((spec_l.name.clone(), from.listeners[i].1.clone()));
                     addrs.push(a.clone());
                     if let crate::manifest::ListenAddress::Unix(p) = &spec_l.address {
-                        unix_paths.push(p.clone());
+                        unix_paths.extend(from.unix_paths.iter().filter(|(q, _)| q == p).cloned());
                     }
                 }
                 _ => fresh.push(spec_l.clone()),
