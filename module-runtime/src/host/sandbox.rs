@@ -2,19 +2,21 @@
 //! arrived and before the module's code is loaded (see `docs/design.md`,
 //! "Trust"). In order:
 //!
-//! 0. the manifest's `[sandbox] writable` paths are opened (`O_PATH`,
-//!    `openat2` with `RESOLVE_NO_SYMLINKS`) with emberd's credentials: a
-//!    path that is missing, is or passes through a symlink, or is neither a
-//!    directory nor a regular file fails the launch, naming it;
 //! 1. its own uid and gid (`setgroups([])`, `setresgid`, `setresuid`), when
 //!    emberd sent them (it is root), read back (`getresuid`, `getresgid`,
 //!    `getgroups`): all must be the ids asked for, neither 0, and no
 //!    supplementary group; the parent-death signal, which the kernel clears
 //!    on a credential change, is set again;
+//!    then the manifest's `[sandbox] writable` paths are opened (`O_PATH`,
+//!    `openat2` with `RESOLVE_NO_SYMLINKS`) with the module's credentials:
+//!    a path that is missing, is or passes through a symlink, is neither a
+//!    directory nor a regular file, or that the module's uid cannot reach
+//!    fails the launch, naming it (so a launch tells a client only what the
+//!    module's uid could find out itself);
 //! 2. `PR_SET_DUMPABLE 0` (no core dumps, `/proc/PID` owned by root, no
 //!    ptrace by its own uid) and `PR_SET_NO_NEW_PRIVS 1`;
 //! 3. Landlock, where the kernel has it: the whole filesystem read and
-//!    execute only, except the paths opened in step 0 and
+//!    execute only, except the paths opened in step 1 and
 //!    [`ALWAYS_WRITABLE`]; signals and abstract Unix sockets scoped to the
 //!    worker (ABI 6 and later);
 //! 4. seccomp filters (built with `seccompiler`, see [`seccomp_programs`])
@@ -382,10 +384,12 @@ struct WritablePath {
 /// Opens each of `paths` (`O_PATH`, through `openat2` with
 /// `RESOLVE_NO_SYMLINKS`: a symlink anywhere on the way, the last component
 /// included, is refused, so `/tmp/link → STATE_DIR` cannot widen what the
-/// manifest was allowed). Called with emberd's credentials, before the uid
-/// switch: the module's uid reaching the path is the file modes' business,
-/// checked at each write, not a reason to drop the rule. Each must be an
-/// absolute path to an existing directory or regular file.
+/// manifest was allowed). Called with the module's credentials, after the
+/// uid switch: opened as root, a launch's error ("does not exist", "symbolic
+/// link", …) would tell a client what lies inside directories only root may
+/// search. A path the module's uid cannot reach fails with the same words
+/// whether or not it exists. Each must be an absolute path to an existing
+/// directory or regular file.
 fn open_writable(paths: &[PathBuf]) -> Result<Vec<WritablePath>, SandboxError> {
     use nix::errno::Errno;
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
@@ -409,6 +413,8 @@ fn open_writable(paths: &[PathBuf]) -> Result<Vec<WritablePath>, SandboxError> {
                     Errno::ENOENT => "does not exist (a writable path must exist when the module starts)",
                     Errno::ELOOP => "is or passes through a symbolic link (writable paths are not followed through symlinks)",
                     Errno::ENOTDIR => "passes through something that is not a directory",
+                    // Said alike of a path that exists and one that does not.
+                    Errno::EACCES => "cannot be opened by the module's uid (it needs search permission on every directory on the way)",
                     _ => "cannot be opened",
                 };
                 fail(why, Some(e))
@@ -512,8 +518,6 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
         Some(p) if order.allow_syscalls.is_empty() => p.clone(),
         _ => seccomp_programs(&order.allow_syscalls)?,
     };
-    // Opened with emberd's credentials, before they are given up.
-    let writable = open_writable(&order.writable)?;
     // Own ids only once read back as asked.
     let own_ids = match order.ids {
         Some((uid, gid)) => {
@@ -522,6 +526,9 @@ pub fn apply(order: Option<&SandboxOrder>) -> Result<SandboxReport, SandboxError
         }
         None => false,
     };
+    // Opened with the module's credentials: an error says only what its
+    // uid may learn anyway.
+    let writable = open_writable(&order.writable)?;
     nix::sys::prctl::set_dumpable(false).map_err(|e| SandboxError::Prctl("PR_SET_DUMPABLE", e))?;
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| SandboxError::Prctl("PR_SET_NO_NEW_PRIVS", e))?;
@@ -673,11 +680,36 @@ mod tests {
             }
         };
         // Lower action as a signed number: higher precedence (kill first).
+        // The kernel walks from the newest filter and keeps the first
+        // strict minimum; `min_by_key` keeps the first of equals, so
+        // newest first.
         programs
             .iter()
+            .rev()
             .map(run)
             .min_by_key(|r| (r & libc::SECCOMP_RET_ACTION_FULL) as i32)
             .unwrap()
+    }
+
+    /// Two filters answering the same action with different data: the
+    /// kernel keeps the newest's (the last installed), and so must the
+    /// emulator the other tests trust.
+    #[test]
+    fn equal_actions_go_to_the_newest_filter() {
+        let ret = |k: u32| {
+            vec![seccompiler::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k,
+            }]
+        };
+        let programs = vec![ret(EPERM), ret(ENOSYS)];
+        assert_eq!(verdict(&programs, 0, 0, [0; 6]), ENOSYS);
+        // A strictly stronger action still wins from an older filter.
+        let programs = vec![ret(libc::SECCOMP_RET_KILL_PROCESS), ret(EPERM)];
+        let v = verdict(&programs, 0, 0, [0; 6]);
+        assert_eq!(v, libc::SECCOMP_RET_KILL_PROCESS);
     }
 
     const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
