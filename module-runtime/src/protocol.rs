@@ -84,7 +84,8 @@ pub struct SandboxReport {
     pub landlock: String,
     /// The paths it may write besides `/dev/null`, `/dev/zero` and
     /// `/dev/full` (its manifest's `[sandbox] writable`, each opened
-    /// before the uid switch, no symlink followed); empty with the sandbox
+    /// with the module's credentials after the uid switch, no symlink
+    /// followed); empty with the sandbox
     /// off. Enforced by Landlock only where `landlock` names an ABI.
     pub writable: Vec<PathBuf>,
 }
