@@ -200,6 +200,40 @@ fn socket_is_live(p: &std::path::Path) -> std::io::Result<bool> {
     }
 }
 
+/// Waits, up to `patience`, until no listener of `specs` is held by
+/// another process: after a crash, the workers of the emberd that was
+/// killed hold the modules' listeners until their parent-death `SIGKILL`
+/// has ended them, which on a busy host takes a moment. Returns the
+/// addresses still in use then (the restore reports them as it would
+/// have). Blocking: call before the runtime starts.
+pub fn wait_free(specs: &[ListenerSpec], patience: std::time::Duration) -> Vec<String> {
+    let give_up = std::time::Instant::now() + patience;
+    loop {
+        let busy: Vec<String> = specs
+            .iter()
+            .filter(|s| match &s.address {
+                ListenAddress::Tcp(a) => {
+                    a.port() != 0
+                        && matches!(
+                            std::net::TcpListener::bind(a),
+                            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+                        )
+                }
+                ListenAddress::Unix(p) => {
+                    use std::os::unix::fs::FileTypeExt;
+                    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+                        && socket_is_live(p).unwrap_or(false)
+                }
+            })
+            .map(|s| s.address.to_string())
+            .collect();
+        if busy.is_empty() || std::time::Instant::now() >= give_up {
+            return busy;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Binds all of a module's listeners, or none.
 pub fn bind_all(specs: &[ListenerSpec]) -> Result<Vec<Bound>, ListenError> {
     let mut out = Vec::with_capacity(specs.len());

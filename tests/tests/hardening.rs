@@ -742,3 +742,35 @@ fn a_client_cannot_make_emberd_replace_a_file_with_a_socket() {
     assert!(err.contains("exists and is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
 }
+
+#[test]
+fn a_restore_waits_for_a_listener_a_dying_worker_still_holds() {
+    // After `kill -9` of emberd, its workers hold the modules' listeners
+    // until their parent-death SIGKILL has ended them; a new emberd that
+    // came up faster failed the restore ("… is in use") for good. Here the
+    // test holds the port across the restart, as such a worker would, and
+    // lets it go a moment later.
+    let mut d = Daemon::start(FAST);
+    let port = free_port();
+    let m = copied_module(d.dir.path(), "held", "hello");
+    let manifest = m.join("module.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        format!("{text}[[listeners]]\nname = \"l\"\naddress = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    d.ctl_ok(&["install", m.to_str().unwrap()]);
+    d.wait_status("held", "running", |s| s["state"] == "running");
+    d.stop();
+    let holder = ember_tests::poll_until("the port, free", Duration::from_millis(20), || {
+        std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())
+    });
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(holder);
+    });
+    d.spawn(&[]);
+    release.join().unwrap();
+    d.wait_status("held", "running", |s| s["state"] == "running");
+}

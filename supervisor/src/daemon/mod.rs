@@ -135,6 +135,19 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             tracing::warn!(error = %crate::error_chain(&e), "cannot record the uids given to modules");
         }
     }
+    // The recorded modules' listeners may still be held by the workers of
+    // an emberd that was just killed, while they die: wait a little for
+    // them (no client is served yet) rather than fail their restore.
+    let specs: Vec<_> = desired
+        .modules
+        .values()
+        .filter_map(|r| crate::manifest::parse(&r.manifest).ok())
+        .flat_map(|s| s.listeners)
+        .collect();
+    let busy = crate::listeners::wait_free(&specs, std::time::Duration::from_secs(5));
+    if !busy.is_empty() {
+        tracing::warn!(?busy, "listeners of recorded modules are still in use");
+    }
     let mut files: Vec<PathBuf> = cfg.plugins.iter().map(|p| p.spec().path).collect();
     files.extend(opts.config.clone());
     let protected = actor::protected_dirs(&state_dir, &socket_path, &files);
