@@ -491,8 +491,11 @@ fn plugin_memory_is_shared_between_workers() {
             w.pid
         );
         eprintln!("{report}");
-        // The whole table is resident in this worker...
-        assert!(map_rss >= table_kib && rss >= table_kib, "{report}");
+        // The whole table is resident in this worker (but for a few pages
+        // the host may have reclaimed since it was read: kernels running
+        // DAMON reclaim, as CI's does, page out cold pages)...
+        let nearly = table_kib - table_kib / 100;
+        assert!(map_rss >= nearly && rss >= nearly, "{report}");
         // ...in the same physical pages as in the other workers: each
         // worker's proportional share of the table is a third (no copy,
         // no page of it counted for one worker alone)...
