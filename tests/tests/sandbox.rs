@@ -114,6 +114,7 @@ fn a_hostile_module_is_fenced_in() {
     let status = running(&d, "hostile");
     let report: Value =
         serde_json::from_slice(&std::fs::read(writable.join("report.json")).unwrap()).unwrap();
+    eprintln!("the hostile module's report (errno per attack): {report}");
     let expect = [
         ("signal_emberd", libc::EPERM),
         ("signal_sibling", libc::EPERM),
