@@ -358,6 +358,24 @@ pub fn copied_module(parent: &Path, name: &str, krate: &str) -> PathBuf {
     d
 }
 
+/// Installs `krate` as module `name` with `extra` manifest lines plus an
+/// `http` listener on a free 127.0.0.1 port, tried again on another port
+/// if one was taken meanwhile (exit code 5); returns the port.
+pub fn install_on_free_port(d: &Daemon, name: &str, krate: &str, extra: &str) -> u16 {
+    crate::poll_until("a free port", Duration::ZERO, || {
+        let port = free_port();
+        let listener = format!("[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n");
+        let dir = real_module(d.dir.path(), name, krate, &format!("{extra}{listener}"));
+        let out = d.ctl(&["install", dir.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        match out.status.code() {
+            Some(0) => Ok(port),
+            Some(5) => Err(stderr),
+            _ => panic!("install {name}: {stderr}"),
+        }
+    })
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; races are retried by
 /// callers that install with it).
 pub fn free_port() -> u16 {

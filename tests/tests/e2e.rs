@@ -28,25 +28,14 @@ fn daemon() -> Daemon {
 
 /// Installs `greeter` on a free port (retried if another test grabbed it).
 fn install_greeter(d: &Daemon, name: &str, replicas: u32) -> u16 {
-    poll_until("a free port for greeter", Duration::ZERO, || {
-        let port = free_port();
-        let dir = real_module(
-            d.dir.path(),
-            name,
-            "greeter",
-            &format!(
-                "replicas = {replicas}\n[[imports]]\nname = \"kv\"\noptional = true\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nstart_deadline = \"3s\"\nstop_deadline = \"2s\"\n[config]\ngreeting = \"hi\"\n"
-            ),
-        );
-        let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        match out.status.code() {
-            Some(0) => Ok(port),
-            // Port taken meanwhile (exit code 5): try another.
-            Some(5) => Err(stderr),
-            _ => panic!("install greeter: {stderr}"),
-        }
-    })
+    install_on_free_port(
+        d,
+        name,
+        "greeter",
+        &format!(
+            "replicas = {replicas}\n[[imports]]\nname = \"kv\"\noptional = true\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nstart_deadline = \"3s\"\nstop_deadline = \"2s\"\n[config]\ngreeting = \"hi\"\n"
+        ),
+    )
 }
 
 fn kv_module(d: &Daemon) -> std::path::PathBuf {

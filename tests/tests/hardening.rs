@@ -270,26 +270,16 @@ fn an_exporter_is_wired_to_more_importers_than_one_message_carries() {
         "plugins = [{{ path = {:?}, config = {{ size_mb = 1, extra_init_ms = 0 }} }}]\n{FAST}",
         plugin.display().to_string()
     ));
-    let port = poll_until("a free port for greeter", Duration::ZERO, || {
-        let port = ember_tests::daemon::free_port();
-        let dir = real_module(
-            d.dir.path(),
-            "greeter",
-            "greeter",
-            &format!(
-                "replicas = {REPLICAS}\n[[imports]]\nname = \"kv\"\noptional = true\n\
-                 [[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n\
-                 [[plugins]]\nname = \"catalog\"\ntable_version = 1\n\
-                 [limits]\nstart_deadline = \"20s\"\n"
-            ),
-        );
-        let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        match out.status.code() {
-            Some(0) => Ok(port),
-            Some(5) => Err(stderr(&out)),
-            _ => panic!("install greeter: {}", stderr(&out)),
-        }
-    });
+    let port = install_on_free_port(
+        &d,
+        "greeter",
+        "greeter",
+        &format!(
+            "replicas = {REPLICAS}\n[[imports]]\nname = \"kv\"\noptional = true\n\
+             [[plugins]]\nname = \"catalog\"\ntable_version = 1\n\
+             [limits]\nstart_deadline = \"20s\"\n"
+        ),
+    );
     d.wait_status("greeter", "running", |s| s["state"] == "running");
     // The exporter comes after its importers: its launch order carries
     // an end for each of them (two descriptors each).

@@ -36,24 +36,7 @@ fn a_module_scribbling_on_its_channel_breaks_neither_the_exporter_nor_its_other_
         "[[exports]]\nname = \"kv\"\n[limits]\nstart_deadline = \"2s\"\nstop_deadline = \"2s\"\n",
     );
     d.ctl_ok(&["install", kv.to_str().unwrap()]);
-    let port = poll_until("a free port for greeter", Duration::ZERO, || {
-        let port = free_port();
-        let dir = real_module(
-            d.dir.path(),
-            "greeter",
-            "greeter",
-            &format!(
-                "[[imports]]\nname = \"kv\"\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n"
-            ),
-        );
-        let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        match out.status.code() {
-            Some(0) => Ok(port),
-            // The port was taken meanwhile: try another.
-            Some(5) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-            _ => panic!("install greeter: {}", String::from_utf8_lossy(&out.stderr)),
-        }
-    });
+    let port = install_on_free_port(&d, "greeter", "greeter", "[[imports]]\nname = \"kv\"\n");
     let kv_before = d.wait_status("kv", "kv running", running);
     d.wait_status("greeter", "greeter wired to kv", wired);
     assert_eq!(http_get(port, "/kv/put/before/1"), (200, "ok".into()));

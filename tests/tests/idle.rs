@@ -125,24 +125,12 @@ fn idle_modules_cost_no_wakeups(env: &[(&str, &str)], mechanism_is_cgroup: Optio
         "[[exports]]\nname = \"kv\"\n[limits]\nmemory = \"64MiB\"\n",
     );
     d.ctl_ok(&["install", kv.to_str().unwrap()]);
-    let port = poll_until("a free port for greeter", Duration::ZERO, || {
-        let port = free_port();
-        let dir = real_module(
-            d.dir.path(),
-            "greeter",
-            "greeter",
-            &format!(
-                "[[imports]]\nname = \"kv\"\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nmemory = \"64MiB\"\n"
-            ),
-        );
-        let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        match out.status.code() {
-            Some(0) => Ok(port),
-            // The port was taken meanwhile: try another.
-            Some(5) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-            _ => panic!("install greeter: {}", String::from_utf8_lossy(&out.stderr)),
-        }
-    });
+    let port = install_on_free_port(
+        &d,
+        "greeter",
+        "greeter",
+        "[[imports]]\nname = \"kv\"\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nmemory = \"64MiB\"\n",
+    );
     let running = |s: &serde_json::Value| s["state"] == "running";
     let hello_pid = pid_of(&d.wait_status("hello", "hello running", running));
     let kv_pid = pid_of(&d.wait_status("kv", "kv running", running));

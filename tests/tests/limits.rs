@@ -184,24 +184,12 @@ fn a_module_reading_a_sealed_plugin_table_larger_than_its_limit_is_not_killed() 
         ),
         &[("EMBER_CGROUP_ROOT", "none")],
     );
-    let port = ember_tests::poll_until("a free port for greeter", Duration::ZERO, || {
-        let port = free_port();
-        let dir = real_module(
-            d.dir.path(),
-            "greeter",
-            "greeter",
-            &format!(
-                "[[imports]]\nname = \"kv\"\noptional = true\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nmemory = \"32MiB\"\n"
-            ),
-        );
-        let out = d.ctl(&["install", dir.to_str().unwrap()]);
-        match out.status.code() {
-            Some(0) => Ok(port),
-            // The port was taken meanwhile: try another.
-            Some(5) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-            _ => panic!("install greeter: {}", String::from_utf8_lossy(&out.stderr)),
-        }
-    });
+    let port = install_on_free_port(
+        &d,
+        "greeter",
+        "greeter",
+        "[[imports]]\nname = \"kv\"\noptional = true\n[[plugins]]\nname = \"catalog\"\ntable_version = 1\n[limits]\nmemory = \"32MiB\"\n",
+    );
     let s = d.wait_status("greeter", "greeter running", |s| s["state"] == "running");
     assert_eq!(s["limits"]["memory_mechanism"], "private-rss-watch", "{s}");
     let pid = s["pid"].as_i64().unwrap() as i32;

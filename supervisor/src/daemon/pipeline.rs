@@ -1168,32 +1168,14 @@ impl Actor {
     /// identical earlier one) is rolled out.
     fn deploy_prepared(&mut self, p: Prepared) {
         let shutting_down = self.shutting_down();
-        let Some(m) = self
-            .modules
-            .get_mut(&p.name)
-            .filter(|m| m.run(p.active).is_some())
-        else {
-            let _ = p.reply.send(Err(invalid_input(format!(
-                "{} was uninstalled while its new revision was being prepared",
-                p.name
-            ))));
-            return;
+        let prepared = (p.name.as_str(), p.active, "its new revision");
+        let m = match Self::prepared(&mut self.modules, shutting_down, prepared) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = p.reply.send(Err(e));
+                return;
+            }
         };
-        m.preparing = false;
-        if shutting_down {
-            let _ = p.reply.send(Err(ErrorReply::new(
-                crate::control::errors::SHUTTING_DOWN,
-                json!({}),
-            )));
-            return;
-        }
-        if !m.uninstall.is_empty() {
-            let _ = p.reply.send(Err(invalid_input(format!(
-                "{} is being uninstalled",
-                p.name
-            ))));
-            return;
-        }
         let (image, hash) = match p.image {
             Ok(v) => v,
             Err(source) => {
@@ -1341,36 +1323,45 @@ impl Actor {
         });
     }
 
+    /// A deploy's or rollback's preparation off the actor is over: the
+    /// module, marked no longer preparing, if `what` may still go on (it
+    /// was not uninstalled meanwhile, emberd is not shutting down, and no
+    /// uninstall is under way); else the error to reply.
+    fn prepared<'a>(
+        modules: &'a mut std::collections::BTreeMap<String, Module>,
+        shutting_down: bool,
+        (name, active, what): (&str, u64, &str),
+    ) -> Result<&'a mut Module, ErrorReply> {
+        let Some(m) = modules.get_mut(name).filter(|m| m.run(active).is_some()) else {
+            return Err(invalid_input(format!(
+                "{name} was uninstalled while {what} was being prepared"
+            )));
+        };
+        m.preparing = false;
+        if shutting_down {
+            return Err(ErrorReply::new(
+                crate::control::errors::SHUTTING_DOWN,
+                json!({}),
+            ));
+        }
+        if !m.uninstall.is_empty() {
+            return Err(invalid_input(format!("{name} is being uninstalled")));
+        }
+        Ok(m)
+    }
+
     /// A rollback's image is ready (or refused): its rollout starts, unless
     /// the module was uninstalled or emberd began shutting down meanwhile.
     fn rollback_loaded(&mut self, l: Loaded) {
         let shutting_down = self.shutting_down();
-        let Some(m) = self
-            .modules
-            .get_mut(&l.name)
-            .filter(|m| m.run(l.active).is_some())
-        else {
-            let _ = l.reply.send(Err(invalid_input(format!(
-                "{} was uninstalled while its rollback was being prepared",
-                l.name
-            ))));
-            return;
+        let prepared = (l.name.as_str(), l.active, "its rollback");
+        let m = match Self::prepared(&mut self.modules, shutting_down, prepared) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = l.reply.send(Err(e));
+                return;
+            }
         };
-        m.preparing = false;
-        if shutting_down {
-            let _ = l.reply.send(Err(ErrorReply::new(
-                crate::control::errors::SHUTTING_DOWN,
-                json!({}),
-            )));
-            return;
-        }
-        if !m.uninstall.is_empty() {
-            let _ = l.reply.send(Err(invalid_input(format!(
-                "{} is being uninstalled",
-                l.name
-            ))));
-            return;
-        }
         let target = l.target;
         let image = match l.image {
             Ok(i) => i,
