@@ -27,6 +27,10 @@ const H_VERSION: usize = 8;
 const H_SLOTS: usize = 12;
 const H_CAPACITY: usize = 16;
 const H_READY: usize = 20;
+/// Server state flags (`SERVER_*`), written by the server only.
+const H_SERVER: usize = 24;
+/// Id of the last request the server began to handle, on its own line.
+const H_CLAIMED: usize = 64;
 const RING_CTRL: [usize; 2] = [128, 384];
 const R_HEAD: usize = 0;
 const R_TAIL: usize = 64;
@@ -49,6 +53,13 @@ pub const MAX_SLOT_CAPACITY: u32 = 256 << 20;
 const STATUS_OK: u32 = 0;
 /// Reply status: the handler failed; the payload is a UTF-8 message.
 const STATUS_ERROR: u32 = 1;
+
+/// Server flag: the server records in `claimed` each request it takes, so
+/// a client can tell a request its dead server never took.
+const SERVER_CLAIMS: u32 = 1;
+/// Server flag: the server is draining (shutting down): clients with
+/// another server should move there.
+const SERVER_DRAINING: u32 = 2;
 
 /// Shape of a channel: slots per direction and bytes per slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -635,6 +646,38 @@ impl Client {
         self.ep.layout.capacity
     }
 
+    /// Whether the server said it is draining (shutting down): it still
+    /// answers, but a client that has another server should move there.
+    /// One atomic load of a line the server writes once.
+    pub fn draining(&self) -> bool {
+        // Relaxed: a hint; nothing else is read on the strength of it.
+        self.ep.region.u32_at(H_SERVER).load(Ordering::Relaxed) & SERVER_DRAINING != 0
+    }
+
+    /// Whether the server may have taken request `id`: meaningful once
+    /// the server is gone ([`ChannelError::PeerGone`]), to tell a request
+    /// it never began to handle (safe to send to another server) from one
+    /// it may have processed. A server that does not record what it takes
+    /// (an older one, or one that never opened the channel) counts as
+    /// having taken everything sent.
+    pub fn taken(&self, id: u64) -> bool {
+        // Acquire: pairs with the server's Release stores of the flags and
+        // of `claimed` (in practice the server is dead when this is read).
+        let flags = self.ep.region.u32_at(H_SERVER).load(Ordering::Acquire);
+        flags & SERVER_CLAIMS == 0 || self.ep.region.u64_at(H_CLAIMED).load(Ordering::Acquire) >= id
+    }
+
+    /// Whether the server is gone, found without waiting: wake-ups pending
+    /// on the doorbell are drained (harmless between calls: every wait
+    /// checks the ring before it parks), and end of stream means gone.
+    pub fn check_peer_gone(&mut self) -> bool {
+        if !self.ep.peer_gone {
+            // A failed read says nothing about the peer; the next wait sees.
+            let _ = self.ep.drain();
+        }
+        self.ep.peer_gone
+    }
+
     /// Sends `req` and returns a copy of the reply.
     pub fn call(&mut self, req: &[u8]) -> Result<Vec<u8>, ChannelError> {
         self.call_with(None, |w| w.write(req), |reply| reply.to_vec())
@@ -786,8 +829,29 @@ impl AsyncClient {
         write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
         read: impl FnOnce(ShmSlice<'_>) -> R,
     ) -> Result<R, ChannelError> {
+        let id = self.send_with(write).await?;
+        self.recv_reply(id, read).await
+    }
+
+    /// Sends a request once a slot is free; returns its id (see
+    /// [`Client::send_with`]).
+    pub async fn send_with(
+        &mut self,
+        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
+    ) -> Result<u64, ChannelError> {
+        if self.client.ep.peer_gone {
+            return Err(ChannelError::PeerGone);
+        }
         let slot = self.wait(true).await?;
-        let id = self.client.fill_and_publish(slot, write)?;
+        self.client.fill_and_publish(slot, write)
+    }
+
+    /// Waits for the reply to request `id` (see [`Client::recv_reply`]).
+    pub async fn recv_reply<R>(
+        &mut self,
+        id: u64,
+        read: impl FnOnce(ShmSlice<'_>) -> R,
+    ) -> Result<R, ChannelError> {
         let mut read = Some(read);
         loop {
             let slot = self.wait(false).await?;
@@ -795,6 +859,17 @@ impl AsyncClient {
                 return out;
             }
         }
+    }
+
+    /// The blocking client inside, for its state ([`Client::draining`],
+    /// [`Client::taken`]).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// [`Client::check_peer_gone`].
+    pub fn check_peer_gone(&mut self) -> bool {
+        self.client.check_peer_gone()
     }
 
     /// Waits for a free request slot (`tx`) or a reply.
@@ -858,9 +933,22 @@ pub struct ServerChannel {
 impl ServerChannel {
     /// Maps the channel after checking its seals, size and header.
     pub fn open(end: ServerEnd) -> Result<Self, ChannelError> {
-        Ok(Self {
-            ep: Endpoint::open(end.memfd, end.sock, REPLIES)?,
-        })
+        let ep = Endpoint::open(end.memfd, end.sock, REPLIES)?;
+        // Release: pairs with the Acquire in `Client::taken`.
+        ep.region
+            .u32_at(H_SERVER)
+            .fetch_or(SERVER_CLAIMS, Ordering::Release);
+        Ok(Self { ep })
+    }
+
+    /// Tells the client this server is draining (see [`Client::draining`]);
+    /// it still serves.
+    pub fn set_draining(&self) {
+        // Release: pairs with the client's load (a hint, see `draining`).
+        self.ep
+            .region
+            .u32_at(H_SERVER)
+            .fetch_or(SERVER_DRAINING, Ordering::Release);
     }
 
     /// Sets how long to spin before parking.
@@ -903,6 +991,13 @@ impl ServerChannel {
         handler: &mut impl FnMut(ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<(), ChannelError> {
         let h = self.ep.read_header(req_slot)?;
+        // Claimed before the handler runs: a client whose server dies
+        // learns whether this request may have been processed.
+        // Release: pairs with the Acquire in `Client::taken`.
+        self.ep
+            .region
+            .u64_at(H_CLAIMED)
+            .store(h.id, Ordering::Release);
         let mut w = self.ep.writer(reply_slot);
         let status = match handler(self.ep.payload(req_slot, h.len), &mut w) {
             Ok(()) => STATUS_OK,
@@ -1075,6 +1170,60 @@ mod tests {
         let mut c = Client::open(c).unwrap();
         drop(s);
         assert!(matches!(c.call(b"x"), Err(ChannelError::PeerGone)));
+    }
+
+    #[test]
+    fn a_dead_server_says_which_requests_it_took() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let mut c = Client::open(c).unwrap();
+        let mut s = ServerChannel::open(s).unwrap();
+        let first = c.send_with(None, |w| w.write(b"1")).unwrap();
+        let second = c.send_with(None, |w| w.write(b"2")).unwrap();
+        assert!(s.serve_one(&mut echo).unwrap());
+        // The server dies in the handler of the second request.
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.serve_one(&mut |_, _| std::panic::resume_unwind(Box::new("died")))
+        }));
+        assert!(died.is_err());
+        drop(s);
+        // Published after its death, before the client knew: never taken.
+        let third = c.send_with(None, |w| w.write(b"3")).unwrap();
+        assert_eq!(c.recv_reply(first, None, |r| r.to_vec()).unwrap(), b"1");
+        assert!(matches!(
+            c.recv_reply(second, None, |_| ()),
+            Err(ChannelError::PeerGone)
+        ));
+        assert!(c.taken(second), "it began to handle the second");
+        assert!(matches!(
+            c.recv_reply(third, None, |_| ()),
+            Err(ChannelError::PeerGone)
+        ));
+        assert!(!c.taken(third));
+        assert!(c.check_peer_gone());
+    }
+
+    #[test]
+    fn a_server_that_never_opened_counts_as_having_taken_everything() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let mut c = Client::open(c).unwrap();
+        assert!(!c.check_peer_gone());
+        drop(s);
+        let id = c.send_with(None, |w| w.write(b"x")).unwrap();
+        assert!(c.recv_reply(id, None, |_| ()).is_err());
+        assert!(c.taken(id));
+    }
+
+    #[test]
+    fn a_draining_server_says_so_and_still_serves() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let mut c = Client::open(c).unwrap();
+        let mut s = ServerChannel::open(s).unwrap();
+        assert!(!c.draining());
+        s.set_draining();
+        assert!(c.draining());
+        let id = c.send_with(None, |w| w.write(b"x")).unwrap();
+        assert!(s.serve_one(&mut echo).unwrap());
+        assert_eq!(c.recv_reply(id, None, |r| r.to_vec()).unwrap(), b"x");
     }
 
     #[cfg(feature = "tokio")]

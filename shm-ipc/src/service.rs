@@ -33,6 +33,8 @@ pub struct Server {
     next_id: u64,
     quota: u32,
     wait: WaitStrategy,
+    /// Set by [`Server::set_draining`]: channels added later are marked too.
+    draining: bool,
 }
 
 impl Default for Server {
@@ -50,6 +52,7 @@ impl Server {
             next_id: 1,
             quota: 8,
             wait: WaitStrategy::default(),
+            draining: false,
         }
     }
 
@@ -70,10 +73,23 @@ impl Server {
 
     /// Adds an open channel.
     pub fn add_channel(&mut self, channel: ServerChannel) -> ClientId {
+        if self.draining {
+            channel.set_draining();
+        }
         let id = ClientId(self.next_id);
         self.next_id += 1;
         self.clients.push((id, channel));
         id
+    }
+
+    /// Tells every client, and every client added from now on, that this
+    /// server is draining ([`ServerChannel::set_draining`]): a client with
+    /// another server moves there. The server goes on serving.
+    pub fn set_draining(&mut self) {
+        self.draining = true;
+        for (_, ch) in &self.clients {
+            ch.set_draining();
+        }
     }
 
     /// Number of connected clients.
@@ -345,6 +361,19 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(server);
         caller.join().unwrap();
+    }
+
+    #[test]
+    fn a_draining_server_marks_every_client_and_those_added_later() {
+        let mut server = Server::new();
+        let (c1, s1) = channel_pair(&ChannelConfig::default()).unwrap();
+        server.add(s1).unwrap();
+        let c1 = Client::open(c1).unwrap();
+        server.set_draining();
+        assert!(c1.draining());
+        let (c2, s2) = channel_pair(&ChannelConfig::default()).unwrap();
+        server.add(s2).unwrap();
+        assert!(Client::open(c2).unwrap().draining());
     }
 
     #[test]
