@@ -46,7 +46,7 @@ pub mod service;
 
 #[cfg(feature = "tokio")]
 pub use sdk::AsyncModule;
-pub use sdk::{ffi_guard, Module, ModuleContext, ModuleError, PluginTable, Shutdown};
+pub use sdk::{error_chain, ffi_guard, Module, ModuleContext, ModuleError, PluginTable, Shutdown};
 
 /// Re-exported so modules archive service messages and read shared data
 /// with the same `rkyv` the SDK validates with.

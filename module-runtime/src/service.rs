@@ -5,23 +5,36 @@
 //! buffer and validated (checked rkyv access) before use: the peer is
 //! untrusted and could rewrite shared bytes at any time.
 //!
-//! # Releases without failed calls
+//! # Replicas, restarts and releases
 //!
-//! An importer's client *follows* its exporter
-//! ([`ServiceClient::follow`], [`ModuleContext::import`]): when the
-//! supervisor attaches a newer client end (the exporter restarted, or a new
-//! revision is ready), the next call switches to it and drops the old one,
-//! which the old exporter sees as the client leaving. The check before each
-//! call is one atomic load ([`Attachments::generation`]). A call made
-//! before any end exists waits for one (up to its deadline, or
-//! [`DEFAULT_END_WAIT`]); a call whose exporter is gone is repeated on a
-//! newer end when that is sound ([`Retry`]).
+//! An importer's client holds one channel per exporter instance it may
+//! call: the supervisor gives every importing instance a channel to every
+//! ready replica of the exporter. Calls go round-robin over them (the
+//! async client, shared between tasks, keeps one call in flight per
+//! channel, so concurrent calls use every replica).
+//!
+//! A *following* client ([`ModuleContext::import`],
+//! [`ServiceClient::follow`]) adopts every end the supervisor attaches
+//! later: a replica that became ready, a restarted exporter, a new
+//! revision. The check before each call is one atomic load
+//! ([`Attachments::generation`]); only when it moved does the client take
+//! the new ends and drop the channels whose exporter is gone. It leaves a
+//! channel whose exporter drains (shuts down) as soon as another channel
+//! serves, which lets that exporter finish.
+//!
+//! When an exporter goes away under a call, a request it never took goes
+//! to another channel (or waits for a replacement end until the deadline);
+//! one it took and did not answer is repeated only with
+//! [`Retry::Idempotent`], else the call fails with [`ServiceError::Lost`].
+//! A call made while no channel exists waits for one (up to its deadline,
+//! or [`DEFAULT_END_WAIT`]).
 //!
 //! An exporter's [`ServiceServer::serve_export`] *drains*: once shutdown is
-//! requested it keeps serving until every client has left, or no request
-//! came for [`DRAIN_QUIET`], or the stop deadline is near, whichever comes
-//! first.
+//! requested it marks its channels draining and keeps serving until every
+//! client has left, or no request came for [`DRAIN_QUIET`], or the stop
+//! deadline is near, whichever comes first.
 
+use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -37,25 +50,46 @@ use shm_ipc::channel::{Client, ClientEnd, ServerEnd};
 
 use crate::sdk::{Attachments, ChannelFds, ModuleContext, Shutdown};
 
-/// Why a typed call or serve loop failed.
+/// Why a typed call or serve loop failed. The cause is in `source()`;
+/// [`error_chain`](crate::error_chain) renders the whole chain
+/// (`service channel failed: peer is gone`).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// The channel failed (peer gone, corrupt, timed out, remote error...).
+    /// The channel failed (corrupt, timed out, remote error...).
     #[error("service channel failed")]
     Channel(#[from] ChannelError),
     /// A message did not encode or failed validation.
     #[error("invalid service message")]
     Codec(#[source] rancor::Error),
-    /// No client end of the imported service was available, and none
+    /// The client held no channel of the imported service, and none
     /// arrived in time (the exporter is not up yet, or it went away and no
     /// replacement came).
-    #[error("no client end of service `{service}` arrived within {waited:?}")]
+    #[error("no exporter of service `{service}` connected within {waited:?}")]
     NoEnd {
         /// The imported service.
         service: String,
         /// How long the call waited for one.
         waited: Duration,
     },
+    /// The exporter took the request and went away (crashed, killed)
+    /// without replying, so it may have been processed; it was not
+    /// repeated ([`Retry::Unsent`]), or was repeated once and lost again.
+    #[error(
+        "the exporter{} went away with the request unanswered; it may have been processed",
+        of_service(service)
+    )]
+    Lost {
+        /// The imported service (empty for a client on fixed ends).
+        service: String,
+    },
+}
+
+fn of_service(service: &str) -> String {
+    if service.is_empty() {
+        String::new()
+    } else {
+        format!(" of service `{service}`")
+    }
 }
 
 impl ServiceError {
@@ -112,84 +146,337 @@ pub const DRAIN_QUIET: Duration = Duration::from_millis(150);
 /// descriptors: an idle exporter is never woken.
 const STALE_ATTACH_TICK: Duration = Duration::from_millis(20);
 
-/// Which failed calls a following client repeats on a newer client end.
+/// Which failed calls a client repeats on another channel.
 ///
-/// A request is *sent* once it is published in the channel's ring. If the
-/// exporter goes away after that without replying, the client cannot tell
-/// whether it was processed: the exporter may have died halfway through
-/// (crashed, or killed at its stop deadline). Only the caller knows whether
-/// processing it twice is harmless.
+/// A channel's exporter may go away (a crash, `kill -9`, its stop
+/// deadline) while a call is on it. The exporter marks each request as
+/// taken in the channel before its handler runs (`docs/shm-layout.md`), so
+/// the client can tell the two cases apart:
+/// - the exporter never took the request: it is sent on another channel
+///   (another replica, or the replacement that arrives within the
+///   deadline), whatever `Retry` says: nothing was processed;
+/// - the exporter took it and went away without a reply: it may have been
+///   processed, halfway or wholly. Only the caller knows whether
+///   processing it twice is harmless; this is what `Retry` decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Retry {
-    /// Repeat only requests the old exporter never received: the channel
-    /// was known to be dead before the request was published. A request
-    /// sent to an exporter that then went away fails with
-    /// `ChannelError::PeerGone` (and the next call uses a newer end).
-    /// With a draining exporter this does not happen in a release: the
-    /// importer switches at its first call after the new end arrived, and
-    /// the old exporter keeps serving until its clients left.
+    /// Repeat only requests no exporter took. One that was taken and never
+    /// answered fails with [`ServiceError::Lost`]; the next call uses
+    /// another channel. With a draining exporter this does not happen in
+    /// a release or a scale-down: clients leave a draining exporter for
+    /// one that serves, and the draining one answers what it took.
     #[default]
     Unsent,
-    /// Also repeat, once, a request that was sent but not answered before
-    /// the exporter went away. Only for idempotent requests.
+    /// Also repeat, once, a request that was taken but not answered
+    /// before its exporter went away. Only for idempotent requests.
     Idempotent,
 }
 
-/// What a following client keeps to find newer ends.
+/// How one call on one channel ended without a reply.
+#[derive(Debug)]
+enum Attempt {
+    /// The exporter went away before it took the request: sending it on
+    /// another channel is safe.
+    Untaken,
+    /// The exporter took the request and went away without replying.
+    Taken,
+    /// Anything else (deadline, remote handler error, codec, corrupt).
+    Failed(ServiceError),
+}
+
+fn failed(e: impl Into<ServiceError>) -> Attempt {
+    Attempt::Failed(e.into())
+}
+
+/// One call on one chosen channel: encode the request, send it, wait for
+/// the reply until `deadline`, decode it. The client's data path; which
+/// channel, failover and retries are the caller's.
+fn call_on<Req: Wire, Resp: Wire>(
+    client: &mut Client,
+    req: &Req,
+    deadline: Option<Instant>,
+) -> Result<Resp, Attempt> {
+    let bytes = req.to_wire().map_err(|e| failed(ServiceError::Codec(e)))?;
+    let id = match client.send_with(deadline, |w| w.write(&bytes)) {
+        Ok(id) => id,
+        Err(ChannelError::PeerGone) => return Err(Attempt::Untaken),
+        Err(e) => return Err(failed(e)),
+    };
+    match client.recv_reply(id, deadline, copy_out) {
+        Ok(reply) => Resp::from_wire(&reply).map_err(|e| failed(ServiceError::Codec(e))),
+        Err(ChannelError::PeerGone) if client.taken(id) => Err(Attempt::Taken),
+        Err(ChannelError::PeerGone) => Err(Attempt::Untaken),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// [`call_on`] for the async client.
+#[cfg(feature = "tokio")]
+async fn call_on_async<Req: Wire, Resp: Wire>(
+    client: &mut shm_ipc::channel::AsyncClient,
+    req: &Req,
+    deadline: Option<Instant>,
+) -> Result<Resp, Attempt> {
+    let bytes = req.to_wire().map_err(|e| failed(ServiceError::Codec(e)))?;
+    let exchange = async {
+        let id = match client.send_with(|w| w.write(&bytes)).await {
+            Ok(id) => id,
+            Err(ChannelError::PeerGone) => return Err(Attempt::Untaken),
+            Err(e) => return Err(failed(e)),
+        };
+        match client.recv_reply(id, copy_out).await {
+            Ok(reply) => Resp::from_wire(&reply).map_err(|e| failed(ServiceError::Codec(e))),
+            Err(ChannelError::PeerGone) if client.client().taken(id) => Err(Attempt::Taken),
+            Err(ChannelError::PeerGone) => Err(Attempt::Untaken),
+            Err(e) => Err(failed(e)),
+        }
+    };
+    match deadline {
+        Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), exchange)
+            .await
+            .unwrap_or(Err(failed(ChannelError::TimedOut))),
+        None => exchange.await,
+    }
+}
+
+/// Whether a failed call left its channel unusable.
+fn breaks_channel(e: &ServiceError) -> bool {
+    matches!(e, ServiceError::Channel(ChannelError::Corrupt(_)))
+}
+
+/// A channel end a client holds.
+trait End: Sized {
+    fn open(fds: ChannelFds) -> Result<Self, ServiceError>;
+    /// The exporter said it drains.
+    fn draining(&self) -> bool;
+    /// The exporter is gone (checked without waiting).
+    fn check_gone(&mut self) -> bool;
+}
+
+impl End for Client {
+    fn open(fds: ChannelFds) -> Result<Self, ServiceError> {
+        Ok(Client::open(ClientEnd::from_fds(fds.memfd, fds.sock))?)
+    }
+    fn draining(&self) -> bool {
+        Client::draining(self)
+    }
+    fn check_gone(&mut self) -> bool {
+        self.check_peer_gone()
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl End for shm_ipc::channel::AsyncClient {
+    fn open(fds: ChannelFds) -> Result<Self, ServiceError> {
+        Ok(shm_ipc::channel::AsyncClient::new(<Client as End>::open(
+            fds,
+        )?)?)
+    }
+    fn draining(&self) -> bool {
+        self.client().draining()
+    }
+    fn check_gone(&mut self) -> bool {
+        self.check_peer_gone()
+    }
+}
+
+/// What a following client keeps to find new ends.
 #[derive(Debug)]
 struct Follow {
     attachments: Attachments,
-    name: String,
     /// [`Attachments::generation`] when the attachments were last looked at.
     seen: u64,
-    switches: u64,
 }
 
-impl Follow {
-    fn new(attachments: &Attachments, name: &str) -> Self {
-        Self {
-            attachments: attachments.clone(),
-            name: name.to_owned(),
-            // Read before taking the launch-time end, so nothing that
-            // arrives in between is missed.
-            seen: attachments.generation(),
-            switches: 0,
+/// The channels a client holds, one per exporter instance it may call,
+/// where new ones come from, and which one is next.
+#[derive(Debug)]
+struct Ends<C> {
+    /// Channels free for a call, in round-robin order: the next at the
+    /// front.
+    idle: VecDeque<C>,
+    /// Channels out on a call (the async client lends them).
+    busy: usize,
+    /// Of those, how many were not draining when lent.
+    busy_serving: usize,
+    follow: Option<Follow>,
+    /// The imported service (empty for a client on fixed ends).
+    service: String,
+    /// Ends adopted after the first.
+    adopted: u64,
+}
+
+/// What a call gets from [`Ends::lend`].
+#[cfg(feature = "tokio")]
+enum Lent<C> {
+    /// A channel, and whether it was not draining.
+    Channel(C, bool),
+    /// Every channel is out on a call.
+    Busy,
+    /// No channel at all.
+    Empty,
+}
+
+impl<C: End> Ends<C> {
+    fn fixed(ends: impl IntoIterator<Item = ChannelFds>) -> Result<Self, ServiceError> {
+        Ok(Self {
+            idle: ends.into_iter().map(C::open).collect::<Result<_, _>>()?,
+            busy: 0,
+            busy_serving: 0,
+            follow: None,
+            service: String::new(),
+            adopted: 0,
+        })
+    }
+
+    fn following(attachments: &Attachments, name: &str) -> Result<Self, ServiceError> {
+        let mut ends = Self {
+            idle: VecDeque::new(),
+            busy: 0,
+            busy_serving: 0,
+            follow: Some(Follow {
+                attachments: attachments.clone(),
+                // Read before taking the launch-time ends, so nothing that
+                // arrives in between is missed.
+                seen: attachments.generation(),
+            }),
+            service: name.to_owned(),
+            adopted: 0,
+        };
+        for fds in attachments.take_imports(name) {
+            ends.idle.push_back(C::open(fds)?);
+        }
+        Ok(ends)
+    }
+
+    fn len(&self) -> usize {
+        self.idle.len() + self.busy
+    }
+
+    /// Adopts the ends attached since the last look (one atomic load when
+    /// none were) and drops the channels whose exporter is gone; `force`
+    /// looks even if the generation did not move. A new end goes to the
+    /// front: it is usually a replacement, or a replica that just became
+    /// ready.
+    fn refresh(&mut self, force: bool) {
+        let Some(f) = self.follow.as_mut() else {
+            return;
+        };
+        let g = f.attachments.generation();
+        if g == f.seen && !force {
+            return;
+        }
+        f.seen = g;
+        let new = f.attachments.take_imports(&self.service);
+        self.idle.retain_mut(|c| !c.check_gone());
+        for fds in new {
+            match C::open(fds) {
+                Ok(c) => {
+                    if self.len() > 0 {
+                        self.adopted += 1;
+                    }
+                    self.idle.push_front(c);
+                }
+                Err(e) => tracing::warn!(
+                    target: "ember::service",
+                    "ignoring a new client end of `{}`: {}",
+                    self.service,
+                    crate::sdk::error_chain(&e)
+                ),
+            }
         }
     }
 
-    /// The newest end waiting, if the generation moved (or `force`).
-    fn newer(&mut self, force: bool) -> Option<ChannelFds> {
-        let g = self.attachments.generation();
-        if g == self.seen && !force {
-            return None;
+    /// The channel for the next call. A draining channel at the front is
+    /// dropped when another channel serves (its exporter waits for its
+    /// clients to leave); it is kept, and used, while it is the only one.
+    fn front(&mut self) -> Option<&mut C> {
+        loop {
+            let c = self.idle.front()?;
+            if !c.draining() {
+                break;
+            }
+            let other = self.busy_serving > 0 || self.idle.iter().skip(1).any(|c| !c.draining());
+            if !other {
+                break;
+            }
+            self.idle.pop_front();
         }
-        self.seen = g;
-        self.attachments.take_latest_import(&self.name).ok()
+        self.idle.front_mut()
+    }
+
+    /// The front channel served a call: the next call goes to the next one.
+    fn rotate(&mut self) {
+        if self.idle.len() > 1 {
+            self.idle.rotate_left(1);
+        }
+    }
+
+    /// Lends the next channel out for a call.
+    #[cfg(feature = "tokio")]
+    fn lend(&mut self) -> Lent<C> {
+        if self.front().is_none() {
+            return if self.busy > 0 {
+                Lent::Busy
+            } else {
+                Lent::Empty
+            };
+        }
+        let Some(c) = self.idle.pop_front() else {
+            return Lent::Empty;
+        };
+        let serving = !c.draining();
+        self.busy += 1;
+        self.busy_serving += usize::from(serving);
+        Lent::Channel(c, serving)
+    }
+
+    /// A lent channel comes back (`None`: it was dropped).
+    #[cfg(feature = "tokio")]
+    fn give_back(&mut self, c: Option<C>, serving: bool) {
+        self.busy -= 1;
+        self.busy_serving -= usize::from(serving);
+        if let Some(c) = c {
+            self.idle.push_back(c);
+        }
     }
 
     fn no_end(&self, waited: Duration) -> ServiceError {
-        ServiceError::NoEnd {
-            service: self.name.clone(),
-            waited,
+        match self.follow {
+            Some(_) => ServiceError::NoEnd {
+                service: self.service.clone(),
+                waited,
+            },
+            None => ChannelError::PeerGone.into(),
         }
     }
-}
 
-fn open_client(fds: ChannelFds) -> Result<Client, ServiceError> {
-    Ok(Client::open(ClientEnd::from_fds(fds.memfd, fds.sock))?)
+    fn lost(&self) -> ServiceError {
+        ServiceError::Lost {
+            service: self.service.clone(),
+        }
+    }
+
+    /// Until when, and on what, a call without a channel waits for an end.
+    fn end_wait(&self) -> Option<(Attachments, u64)> {
+        self.follow
+            .as_ref()
+            .map(|f| (f.attachments.clone(), f.seen))
+    }
 }
 
 /// A blocking typed client of an imported service.
 ///
-/// Opened on a fixed end ([`open`](Self::open)) it fails once that end's
-/// exporter is gone. Opened with [`follow`](Self::follow) (or
-/// [`ModuleContext::import`]) it moves to every newer client end the
-/// supervisor attaches; see the [module docs](self).
+/// It holds one channel per exporter instance it may call and spreads
+/// calls over them, round-robin. Made by [`ModuleContext::import`] (or
+/// [`follow`](Self::follow)) it adopts every end the supervisor attaches
+/// later (a new replica, a restarted or released exporter) and drops the
+/// channels whose exporter is gone or draining; made by
+/// [`open`](Self::open) it stays on the ends it was given. See the
+/// [module docs](self).
 #[derive(Debug)]
 pub struct ServiceClient<Req, Resp> {
-    /// `None`: no end yet, or the current one's exporter is gone.
-    client: Option<Client>,
-    follow: Option<Follow>,
+    ends: Ends<Client>,
     retry: Retry,
     end_wait: Duration,
     _types: PhantomData<fn(Req) -> Resp>,
@@ -199,32 +486,33 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
     /// Opens the client end handed in by the supervisor; the client stays
     /// on it.
     pub fn open(fds: ChannelFds) -> Result<Self, ServiceError> {
-        Ok(Self {
-            client: Some(open_client(fds)?),
-            follow: None,
-            retry: Retry::Unsent,
-            end_wait: DEFAULT_END_WAIT,
-            _types: PhantomData,
-        })
+        Self::open_all([fds])
     }
 
-    /// A client of the imported service `name` that follows its exporter:
-    /// it takes the newest client end available now (granted at launch or
-    /// attached since), if any, and switches to newer ones as they arrive.
-    /// Fails only if an end is there and cannot be opened.
+    /// Opens several client ends (one per exporter instance) and spreads
+    /// calls over them; the client stays on these.
+    pub fn open_all(ends: impl IntoIterator<Item = ChannelFds>) -> Result<Self, ServiceError> {
+        Ok(Self::with_ends(Ends::fixed(ends)?))
+    }
+
+    /// A client of the imported service `name` that follows its exporter
+    /// instances: it takes every client end available now (granted at
+    /// launch or attached since), and adopts those attached later. Fails
+    /// only if an end is there and cannot be opened.
     pub fn follow(attachments: &Attachments, name: &str) -> Result<Self, ServiceError> {
-        let mut follow = Follow::new(attachments, name);
-        let client = follow.newer(true).map(open_client).transpose()?;
-        Ok(Self {
-            client,
-            follow: Some(follow),
+        Ok(Self::with_ends(Ends::following(attachments, name)?))
+    }
+
+    fn with_ends(ends: Ends<Client>) -> Self {
+        Self {
+            ends,
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
             _types: PhantomData,
-        })
+        }
     }
 
-    /// Sets which failed calls are repeated on a newer end.
+    /// Sets which failed calls are repeated on another channel.
     pub fn with_retry(mut self, retry: Retry) -> Self {
         self.retry = retry;
         self
@@ -236,129 +524,138 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
         self
     }
 
-    /// Whether the client holds an end whose exporter is not known to be
-    /// gone.
+    /// Whether the client holds a channel whose exporter is not known to
+    /// be gone.
     pub fn is_connected(&self) -> bool {
-        self.client.is_some()
+        self.ends.len() > 0
     }
 
-    /// How many times a following client moved to a newer end.
+    /// How many channels (exporter instances) the client holds.
+    pub fn channels(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// How many ends a following client adopted after its first (new
+    /// replicas, restarted or released exporters).
     pub fn switches(&self) -> u64 {
-        self.follow.as_ref().map_or(0, |f| f.switches)
+        self.ends.adopted
     }
 
-    /// Switches to a newer end if one arrived (one atomic load when none
-    /// did); with `force`, looks at the attachments even if the generation
-    /// did not move.
-    fn refresh(&mut self, force: bool) {
-        let Some(f) = self.follow.as_mut() else {
-            return;
-        };
-        if let Some(fds) = f.newer(force) {
-            match open_client(fds) {
-                Ok(c) => {
-                    if self.client.is_some() {
-                        f.switches += 1;
-                    }
-                    // Dropping the old end tells its exporter we left.
-                    self.client = Some(c);
-                }
-                Err(e) => tracing::warn!(
-                    target: "ember::service",
-                    "ignoring a new client end of `{}`: {e}",
-                    f.name
-                ),
-            }
-        }
-    }
-
-    /// Waits until a (newer) end is open or `until` passes.
+    /// Waits until a channel is open or `until` passes.
     fn wait_for_end(&mut self, until: Instant) -> bool {
         loop {
-            self.refresh(false);
-            if self.client.is_some() {
+            self.ends.refresh(false);
+            if self.ends.len() > 0 {
                 return true;
             }
-            let Some(f) = self.follow.as_ref() else {
+            let Some((attachments, seen)) = self.ends.end_wait() else {
                 return false;
             };
             if Instant::now() >= until {
                 return false;
             }
-            f.attachments.wait_generation(f.seen, until);
+            attachments.wait_generation(seen, until);
         }
     }
 
     /// Calls the service, waiting at most until `deadline` (`None`: until
-    /// the reply or the server's death). A following client first switches
-    /// to a newer end if one arrived; without an end it waits for one until
-    /// `deadline` (`None`: for the end wait, [`DEFAULT_END_WAIT`]); if the
-    /// exporter is gone it repeats the call on a newer end as [`Retry`]
-    /// allows.
+    /// the reply or the exporter's death). A following client first adopts
+    /// the ends that arrived (one atomic load when none did); the call
+    /// goes to the next channel in turn, and to another one if that
+    /// channel's exporter went away before taking it; one taken and lost
+    /// is repeated as [`Retry`] says. Without a channel the call waits for
+    /// an end until `deadline` (`None`: for the end wait,
+    /// [`DEFAULT_END_WAIT`]).
     pub fn call(&mut self, req: &Req, deadline: Option<Instant>) -> Result<Resp, ServiceError> {
-        let bytes = req.to_wire().map_err(ServiceError::Codec)?;
         let started = Instant::now();
         let end_until = deadline.unwrap_or(started + self.end_wait);
-        self.refresh(false);
+        self.ends.refresh(false);
         let mut repeated = false;
         loop {
-            if self.client.is_none() && !self.wait_for_end(end_until) {
-                return Err(match &self.follow {
-                    Some(f) => f.no_end(started.elapsed()),
-                    None => ChannelError::PeerGone.into(),
-                });
-            }
-            let following = self.follow.is_some();
-            let Some(client) = self.client.as_mut() else {
+            let Some(channel) = self.ends.front() else {
+                if !self.wait_for_end(end_until) {
+                    return Err(self.ends.no_end(started.elapsed()));
+                }
                 continue;
             };
-            let id = match client.send_with(deadline, |w| w.write(&bytes)) {
-                Ok(id) => id,
-                // Never published: safe to send again on a newer end.
-                Err(ChannelError::PeerGone) if following => {
-                    self.client = None;
-                    continue;
+            match call_on(channel, req, deadline) {
+                Ok(reply) => {
+                    self.ends.rotate();
+                    return Ok(reply);
                 }
-                Err(e) => return Err(e.into()),
-            };
-            match client.recv_reply(id, deadline, copy_out) {
-                Ok(reply) => return Resp::from_wire(&reply).map_err(ServiceError::Codec),
-                Err(ChannelError::PeerGone) if following => {
-                    self.client = None;
+                Err(Attempt::Untaken) => {
+                    self.ends.idle.pop_front();
+                }
+                Err(Attempt::Taken) => {
+                    self.ends.idle.pop_front();
                     if self.retry == Retry::Idempotent && !repeated {
                         repeated = true;
                         continue;
                     }
-                    return Err(ChannelError::PeerGone.into());
+                    return Err(self.ends.lost());
                 }
-                Err(e) => return Err(e.into()),
+                Err(Attempt::Failed(e)) => {
+                    if breaks_channel(&e) {
+                        self.ends.idle.pop_front();
+                    } else {
+                        self.ends.rotate();
+                    }
+                    return Err(e);
+                }
             }
         }
+    }
+
+    /// [`call`](Self::call) with the deadline `now + timeout`.
+    pub fn call_timeout(&mut self, req: &Req, timeout: Duration) -> Result<Resp, ServiceError> {
+        self.call(req, Some(Instant::now() + timeout))
     }
 }
 
 /// An async typed client of an imported service (feature `tokio`); the
-/// async counterpart of [`ServiceClient`], following its exporter the same
-/// way when made with [`follow`](Self::follow) or
-/// [`ModuleContext::import_async`].
+/// async counterpart of [`ServiceClient`], with the same constructors,
+/// channels, failover and [`Retry`], and the same `call(req, deadline)`.
 ///
-/// The async channel cannot tell whether a failed request had been
-/// published, so with [`Retry::Unsent`] it repeats only calls it did not
-/// send at all (the end was already known dead); use [`Retry::Idempotent`]
-/// where repeating is harmless.
+/// It takes `&self`: share it between tasks (in an `Arc`, no mutex).
+/// Concurrent calls go out on different channels, one call per channel at
+/// a time, so a client with a channel to each of two exporter replicas
+/// keeps both busy; a call finding every channel busy waits for one (until
+/// its deadline).
 #[cfg(feature = "tokio")]
 #[derive(Debug)]
 pub struct AsyncServiceClient<Req, Resp> {
-    client: Option<shm_ipc::channel::AsyncClient>,
-    follow: Option<Follow>,
+    ends: std::sync::Mutex<Ends<shm_ipc::channel::AsyncClient>>,
+    /// Signalled when a lent channel comes back.
+    freed: tokio::sync::Notify,
     retry: Retry,
     end_wait: Duration,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
+/// A channel lent to one call; it goes back (or, dropped, is forgotten)
+/// when the call ends, also when the call's future is dropped.
 #[cfg(feature = "tokio")]
-fn open_async(fds: ChannelFds) -> Result<shm_ipc::channel::AsyncClient, ServiceError> {
-    Ok(shm_ipc::channel::AsyncClient::new(open_client(fds)?)?)
+struct Lease<'a, Req, Resp> {
+    owner: &'a AsyncServiceClient<Req, Resp>,
+    channel: Option<shm_ipc::channel::AsyncClient>,
+    serving: bool,
+}
+
+#[cfg(feature = "tokio")]
+impl<Req, Resp> Drop for Lease<'_, Req, Resp> {
+    fn drop(&mut self) {
+        self.owner
+            .lock()
+            .give_back(self.channel.take(), self.serving);
+        self.owner.freed.notify_one();
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<Req, Resp> AsyncServiceClient<Req, Resp> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ends<shm_ipc::channel::AsyncClient>> {
+        self.ends.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[cfg(feature = "tokio")]
@@ -366,29 +663,31 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
     /// Opens the client end; must be called inside a tokio runtime. The
     /// client stays on this end.
     pub fn open(fds: ChannelFds) -> Result<Self, ServiceError> {
-        Ok(Self {
-            client: Some(open_async(fds)?),
-            follow: None,
-            retry: Retry::Unsent,
-            end_wait: DEFAULT_END_WAIT,
-            _types: PhantomData,
-        })
+        Self::open_all([fds])
+    }
+
+    /// As [`ServiceClient::open_all`]; must be called inside a tokio
+    /// runtime.
+    pub fn open_all(ends: impl IntoIterator<Item = ChannelFds>) -> Result<Self, ServiceError> {
+        Ok(Self::with_ends(Ends::fixed(ends)?))
     }
 
     /// As [`ServiceClient::follow`]; must be called inside a tokio runtime.
     pub fn follow(attachments: &Attachments, name: &str) -> Result<Self, ServiceError> {
-        let mut follow = Follow::new(attachments, name);
-        let client = follow.newer(true).map(open_async).transpose()?;
-        Ok(Self {
-            client,
-            follow: Some(follow),
+        Ok(Self::with_ends(Ends::following(attachments, name)?))
+    }
+
+    fn with_ends(ends: Ends<shm_ipc::channel::AsyncClient>) -> Self {
+        Self {
+            ends: std::sync::Mutex::new(ends),
+            freed: tokio::sync::Notify::new(),
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
             _types: PhantomData,
-        })
+        }
     }
 
-    /// Sets which failed calls are repeated on a newer end.
+    /// Sets which failed calls are repeated on another channel.
     pub fn with_retry(mut self, retry: Retry) -> Self {
         self.retry = retry;
         self
@@ -400,132 +699,112 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         self
     }
 
-    /// Whether the client holds an end whose exporter is not known to be
-    /// gone.
+    /// Whether the client holds a channel whose exporter is not known to
+    /// be gone.
     pub fn is_connected(&self) -> bool {
-        self.client.is_some()
+        self.lock().len() > 0
     }
 
-    /// How many times a following client moved to a newer end.
+    /// How many channels (exporter instances) the client holds.
+    pub fn channels(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// How many ends a following client adopted after its first.
     pub fn switches(&self) -> u64 {
-        self.follow.as_ref().map_or(0, |f| f.switches)
+        self.lock().adopted
     }
 
-    fn refresh(&mut self) {
-        let Some(f) = self.follow.as_mut() else {
-            return;
-        };
-        if let Some(fds) = f.newer(false) {
-            match open_async(fds) {
-                Ok(c) => {
-                    if self.client.is_some() {
-                        f.switches += 1;
-                    }
-                    self.client = Some(c);
-                }
-                Err(e) => tracing::warn!(
-                    target: "ember::service",
-                    "ignoring a new client end of `{}`: {e}",
-                    f.name
-                ),
-            }
-        }
-    }
-
-    async fn wait_for_end(&mut self, until: Instant) -> bool {
-        loop {
-            self.refresh();
-            if self.client.is_some() {
-                return true;
-            }
-            let Some(f) = self.follow.as_ref() else {
-                return false;
-            };
-            if Instant::now() >= until {
-                return false;
-            }
-            f.attachments.wait_generation_async(f.seen, until).await;
-        }
-    }
-
-    /// Calls the service with no deadline for the reply; a following client
-    /// waits at most its end wait ([`DEFAULT_END_WAIT`]) for an end.
-    pub async fn call(&mut self, req: &Req) -> Result<Resp, ServiceError> {
-        self.call_inner(req, None).await
-    }
-
-    /// Calls the service, giving up at `deadline` (the reply, and any wait
-    /// for a client end, count against it): `ChannelError::TimedOut` when
-    /// the reply is late, [`ServiceError::NoEnd`] when no end came.
-    pub async fn call_deadline(
-        &mut self,
-        req: &Req,
-        deadline: Instant,
-    ) -> Result<Resp, ServiceError> {
-        self.call_inner(req, Some(deadline)).await
-    }
-
-    /// [`call_deadline`](Self::call_deadline) with `now + timeout`.
-    pub async fn call_timeout(
-        &mut self,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, ServiceError> {
-        self.call_inner(req, Some(Instant::now() + timeout)).await
-    }
-
-    async fn call_inner(
-        &mut self,
-        req: &Req,
-        deadline: Option<Instant>,
-    ) -> Result<Resp, ServiceError> {
-        let bytes = req.to_wire().map_err(ServiceError::Codec)?;
+    /// Calls the service, as [`ServiceClient::call`]: `deadline` bounds
+    /// the wait for a free channel, for an end and for the reply (`None`:
+    /// no bound on the reply; an end is waited for [`DEFAULT_END_WAIT`]).
+    pub async fn call(&self, req: &Req, deadline: Option<Instant>) -> Result<Resp, ServiceError> {
         let started = Instant::now();
         let end_until = deadline.unwrap_or(started + self.end_wait);
-        self.refresh();
         let mut repeated = false;
         loop {
-            if self.client.is_none() && !self.wait_for_end(end_until).await {
-                return Err(match &self.follow {
-                    Some(f) => f.no_end(started.elapsed()),
-                    None => ChannelError::PeerGone.into(),
-                });
-            }
-            let following = self.follow.is_some();
-            let Some(client) = self.client.as_mut() else {
-                continue;
+            let lent = {
+                let mut ends = self.lock();
+                ends.refresh(false);
+                ends.lend()
             };
-            let call = client.call_with(|w| w.write(&bytes), copy_out);
-            let out = match deadline {
-                Some(d) => {
-                    match tokio::time::timeout_at(tokio::time::Instant::from_std(d), call).await {
-                        Ok(r) => r,
-                        Err(_) => Err(ChannelError::TimedOut),
+            let (channel, serving) = match lent {
+                Lent::Channel(c, serving) => (c, serving),
+                Lent::Busy => {
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| now >= d) {
+                        return Err(ChannelError::TimedOut.into());
+                    }
+                    // Woken when a channel comes back; a fresh look now and
+                    // then also finds ends attached meanwhile.
+                    let slice = now + BUSY_WAIT_SLICE;
+                    let until = deadline.map_or(slice, |d| d.min(slice));
+                    let _ = tokio::time::timeout_at(
+                        tokio::time::Instant::from_std(until),
+                        self.freed.notified(),
+                    )
+                    .await;
+                    continue;
+                }
+                Lent::Empty => {
+                    let (wait, no_end) = {
+                        let ends = self.lock();
+                        (ends.end_wait(), ends.no_end(started.elapsed()))
+                    };
+                    match wait {
+                        Some((attachments, seen)) if Instant::now() < end_until => {
+                            attachments.wait_generation_async(seen, end_until).await;
+                            continue;
+                        }
+                        _ => return Err(no_end),
                     }
                 }
-                None => call.await,
             };
-            match out {
-                Ok(reply) => return Resp::from_wire(&reply).map_err(ServiceError::Codec),
-                Err(ChannelError::PeerGone) if following => {
-                    self.client = None;
+            let mut lease = Lease {
+                owner: self,
+                channel: Some(channel),
+                serving,
+            };
+            let Some(channel) = lease.channel.as_mut() else {
+                continue;
+            };
+            match call_on_async(channel, req, deadline).await {
+                Ok(reply) => return Ok(reply),
+                Err(Attempt::Untaken) => lease.channel = None,
+                Err(Attempt::Taken) => {
+                    lease.channel = None;
+                    drop(lease);
                     if self.retry == Retry::Idempotent && !repeated {
                         repeated = true;
                         continue;
                     }
-                    return Err(ChannelError::PeerGone.into());
+                    return Err(self.lock().lost());
                 }
-                Err(e) => return Err(e.into()),
+                Err(Attempt::Failed(e)) => {
+                    if breaks_channel(&e) {
+                        lease.channel = None;
+                    }
+                    return Err(e);
+                }
             }
         }
     }
+
+    /// [`call`](Self::call) with the deadline `now + timeout`.
+    pub async fn call_timeout(&self, req: &Req, timeout: Duration) -> Result<Resp, ServiceError> {
+        self.call(req, Some(Instant::now() + timeout)).await
+    }
 }
+
+/// Longest wait of a call for a busy channel before it looks again.
+#[cfg(feature = "tokio")]
+const BUSY_WAIT_SLICE: Duration = Duration::from_millis(20);
 
 impl ModuleContext {
     /// A blocking client of the imported service `name` that follows its
-    /// exporter across restarts and releases
+    /// exporter instances across restarts, releases and scaling
     /// ([`ServiceClient::follow`] on [`attachments`](Self::attachments)).
-    /// One per import per instance: each newer end goes to one client.
+    /// One per import per instance: each new end goes to one client.
     pub fn import<Req: Wire, Resp: Wire>(
         &self,
         name: &str,
@@ -534,7 +813,8 @@ impl ModuleContext {
     }
 
     /// The async counterpart of [`import`](Self::import) (feature
-    /// `tokio`); must be called inside a tokio runtime.
+    /// `tokio`); must be called inside a tokio runtime. Share the client
+    /// between tasks: it takes `&self`.
     #[cfg(feature = "tokio")]
     pub fn import_async<Req: Wire, Resp: Wire>(
         &self,
@@ -703,6 +983,8 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
                     self.server.len(),
                     d.until.saturating_duration_since(Instant::now())
                 );
+                // Clients with another exporter leave at their next call.
+                self.server.set_draining();
                 drain = Some(d);
             }
             before_tick(self)?;
@@ -876,25 +1158,83 @@ mod tests {
     }
 
     #[test]
-    fn a_following_client_switches_to_a_newer_end() {
+    fn a_following_client_adopts_new_ends_and_spreads_calls_over_them() {
         let (c1, s1) = pair();
         let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
         let ctx = host.context();
         let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
-        let old = exporter(s1, "old");
+        let a = exporter(s1, "a");
         let r = client.call(&ping(1), None).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (1, "old"));
+        assert_eq!((r.n, r.text.as_str()), (1, "a"));
 
+        // A second replica: its end goes first, then calls alternate.
         let (c2, s2) = pair();
-        let new = exporter(s2, "new");
+        let b = exporter(s2, "b");
         host.attach(GrantKind::Import, "svc", c2);
-        let r = client.call(&ping(2), None).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (2, "new"));
-        assert_eq!(client.switches(), 1);
-        // The old exporter saw its client leave after one request.
-        assert_eq!(old.join().unwrap(), 1);
+        let answered: Vec<String> = (2..8)
+            .map(|n| client.call(&ping(n), None).unwrap().text)
+            .collect();
+        assert_eq!(answered, ["b", "a", "b", "a", "b", "a"]);
+        assert_eq!((client.channels(), client.switches()), (2, 1));
         drop(client);
-        assert_eq!(new.join().unwrap(), 1);
+        assert_eq!((a.join().unwrap(), b.join().unwrap()), (4, 3));
+    }
+
+    #[test]
+    fn a_call_goes_to_another_replica_when_its_exporter_died_before_taking_it() {
+        let (c1, s1) = pair();
+        let (c2, s2) = pair();
+        let host = TestHost::new(vec![
+            (GrantKind::Import, "svc", c1),
+            (GrantKind::Import, "svc", c2),
+        ]);
+        let ctx = host.context();
+        let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
+        assert_eq!(client.channels(), 2);
+        let b = exporter(s2, "b");
+        // The first channel's exporter opened its end and died, unnoticed
+        // so far: the call is published there, found untaken, and sent to
+        // the other.
+        drop(ServerChannel::open(ServerEnd::from_fds(s1.memfd, s1.sock)).unwrap());
+        for n in 0..4 {
+            assert_eq!(client.call(&ping(n), None).unwrap().text, "b");
+        }
+        assert_eq!(client.channels(), 1);
+        drop(client);
+        assert_eq!(b.join().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_client_leaves_a_draining_exporter_for_one_that_serves() {
+        let (c1, s1) = pair();
+        let (c2, s2) = pair();
+        let importer = TestHost::new(vec![
+            (GrantKind::Import, "svc", c1),
+            (GrantKind::Import, "svc", c2),
+        ]);
+        let old_host = TestHost::new(vec![(GrantKind::Export, "svc", s1)]);
+        let new_host = TestHost::new(vec![(GrantKind::Export, "svc", s2)]);
+        // No quiet limit and a far deadline: only a leaving client ends
+        // the old exporter's drain.
+        let old = echo_server(old_host, Duration::from_secs(3600));
+        let new = echo_server(new_host, Duration::from_secs(3600));
+        let ctx = importer.context();
+        let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
+        for n in 0..2 {
+            assert_eq!(client.call(&ping(n), None).unwrap().text, "serving");
+        }
+        old_host.request_shutdown(Duration::from_secs(3600));
+        // Calls go on (the old exporter answers what reaches it while
+        // draining); the client drops its channel once it comes up next.
+        while !old.is_finished() {
+            let text = client.call(&ping(9), None).unwrap().text;
+            assert!(text == "serving" || text == "draining", "{text}");
+        }
+        old.join().unwrap().unwrap();
+        assert_eq!(client.channels(), 1);
+        new_host.request_shutdown(Duration::from_secs(3600));
+        drop(client);
+        new.join().unwrap().unwrap();
     }
 
     /// An exporter that takes one request and dies without answering it,
@@ -919,7 +1259,7 @@ mod tests {
     }
 
     #[test]
-    fn a_call_whose_exporter_died_is_repeated_on_the_new_end_only_if_idempotent() {
+    fn a_call_its_exporter_took_and_lost_is_repeated_only_if_idempotent() {
         // Idempotent: the request the dead exporter took is sent again on
         // the end that arrived meanwhile.
         let (c1, s1) = pair();
@@ -946,9 +1286,10 @@ mod tests {
         let new = exporter(s2, "new");
         dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
         let e = client.call(&ping(8), Some(deadline)).unwrap_err();
-        assert!(
-            matches!(e, ServiceError::Channel(ChannelError::PeerGone)),
-            "{e:?}"
+        assert!(matches!(e, ServiceError::Lost { .. }), "{e:?}");
+        assert_eq!(
+            crate::error_chain(&e),
+            "the exporter of service `svc` went away with the request unanswered; it may have been processed"
         );
         assert!(!client.is_connected());
         let r = client.call(&ping(9), Some(deadline)).unwrap();
@@ -1060,10 +1401,13 @@ mod tests {
         let new = echo_server(new_host, Duration::from_secs(3600));
         importer.attach(GrantKind::Import, "svc", c2);
         old_host.request_shutdown(Duration::from_secs(3600));
-        // The old exporter waits for its client; the next call moves.
+        // The old exporter waits for its client; the next call goes to the
+        // new end, the one after drops the draining old one.
         assert_eq!(client.call(&ping(2), None).unwrap().text, "serving");
         assert_eq!(client.switches(), 1);
+        assert_eq!(client.call(&ping(3), None).unwrap().text, "serving");
         old.join().unwrap().unwrap();
+        assert_eq!(client.channels(), 1);
         new_host.request_shutdown(Duration::from_secs(3600));
         drop(client);
         new.join().unwrap().unwrap();
@@ -1080,7 +1424,7 @@ mod tests {
             let (c1, s1) = pair();
             let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
             let ctx = host.context();
-            let mut client: AsyncServiceClient<Ping, Ping> = ctx
+            let client: AsyncServiceClient<Ping, Ping> = ctx
                 .import_async("svc")
                 .unwrap()
                 .with_retry(Retry::Idempotent);
@@ -1088,28 +1432,122 @@ mod tests {
             let r = client.call_timeout(&ping(1), Duration::from_secs(30)).await;
             assert_eq!(r.unwrap().text, "old");
 
-            // A newer end: the next call moves to it.
+            // A new end: the next call goes to it.
             let (c2, s2) = pair();
             let new = exporter(s2, "new");
             host.attach(GrantKind::Import, "svc", c2);
-            let r = client.call(&ping(2)).await.unwrap();
+            let r = client.call(&ping(2), None).await.unwrap();
             assert_eq!(r.text, "new");
             assert_eq!(client.switches(), 1);
-            assert_eq!(old.join().unwrap(), 1);
 
-            // The next end's exporter dies holding the request; the call is
-            // repeated on the end attached meanwhile.
-            let (c3, s3) = pair();
-            let (c4, s4) = pair();
-            let last = exporter(s4, "last");
-            dies_mid_request(s3, move || host.attach(GrantKind::Import, "svc", c4));
-            host.attach(GrantKind::Import, "svc", c3);
-            let r = client.call_timeout(&ping(3), Duration::from_secs(30)).await;
-            assert_eq!(r.unwrap().text, "last");
+            // Both exporters go away; the next end's exporter dies holding
+            // the request, which is repeated on the end attached meanwhile.
+            drop(client);
+            assert_eq!(old.join().unwrap(), 1);
             assert_eq!(new.join().unwrap(), 1);
+            let (c1, s1) = pair();
+            let host = TestHost::new(vec![(GrantKind::Import, "svc", c1)]);
+            let ctx = host.context();
+            let client: AsyncServiceClient<Ping, Ping> = ctx
+                .import_async("svc")
+                .unwrap()
+                .with_retry(Retry::Idempotent);
+            let (c2, s2) = pair();
+            let last = exporter(s2, "last");
+            dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let r = client.call(&ping(3), Some(deadline)).await;
+            assert_eq!(r.unwrap().text, "last");
             drop(client);
             assert_eq!(last.join().unwrap(), 1);
         });
+    }
+
+    /// An exporter whose handler holds each request until `gate` says go,
+    /// after telling `arrived`.
+    fn gated_exporter(
+        end: ChannelFds,
+        tag: &'static str,
+        arrived: std::sync::mpsc::Sender<&'static str>,
+        gate: std::sync::mpsc::Receiver<()>,
+    ) -> std::thread::JoinHandle<u32> {
+        std::thread::spawn(move || {
+            let mut ch = ServerChannel::open(ServerEnd::from_fds(end.memfd, end.sock)).unwrap();
+            let mut served = 0;
+            loop {
+                let r = ch.serve_next(None, |req, w| {
+                    let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
+                    arrived.send(tag).map_err(|e| e.to_string())?;
+                    gate.recv_timeout(Duration::from_secs(30))
+                        .map_err(|e| e.to_string())?;
+                    w.write(&ping(p.n).to_wire().unwrap())
+                        .map_err(|e| e.to_string())
+                });
+                match r {
+                    Ok(()) => served += 1,
+                    Err(ChannelError::PeerGone) => return served,
+                    Err(e) => panic!("exporter {tag}: {e}"),
+                }
+            }
+        })
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn concurrent_async_calls_go_out_on_different_channels() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (c1, s1) = pair();
+        let (c2, s2) = pair();
+        let (arrived, at) = std::sync::mpsc::channel();
+        let (go_a, gate_a) = std::sync::mpsc::channel();
+        let (go_b, gate_b) = std::sync::mpsc::channel();
+        let a = gated_exporter(s1, "a", arrived.clone(), gate_a);
+        let b = gated_exporter(s2, "b", arrived, gate_b);
+        rt.block_on(async {
+            let client =
+                std::sync::Arc::new(AsyncServiceClient::<Ping, Ping>::open_all([c1, c2]).unwrap());
+            let calls: Vec<_> = (0..2)
+                .map(|n| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let d = Instant::now() + Duration::from_secs(30);
+                        client.call(&ping(n), Some(d)).await.map(|r| r.n)
+                    })
+                })
+                .collect();
+            // Both requests are held by their exporters at the same time:
+            // one went to each channel.
+            let mut held = tokio::task::spawn_blocking(move || {
+                let first = at.recv_timeout(Duration::from_secs(30)).unwrap();
+                let second = at.recv_timeout(Duration::from_secs(30)).unwrap();
+                vec![first, second]
+            })
+            .await
+            .unwrap();
+            held.sort_unstable();
+            assert_eq!(held, ["a", "b"]);
+            go_a.send(()).unwrap();
+            go_b.send(()).unwrap();
+            let mut ns = Vec::new();
+            for c in calls {
+                ns.push(c.await.unwrap().unwrap());
+            }
+            ns.sort_unstable();
+            assert_eq!(ns, [0, 1]);
+        });
+        assert_eq!((a.join().unwrap(), b.join().unwrap()), (1, 1));
+    }
+
+    #[test]
+    fn errors_render_their_cause_chain() {
+        let e = ServiceError::from(ChannelError::PeerGone);
+        assert_eq!(
+            crate::error_chain(&e),
+            "service channel failed: peer is gone"
+        );
     }
 
     #[test]

@@ -41,11 +41,13 @@ struct State {
     identity: String,
     version: String,
     catalog: Option<&'static CatalogTable>,
-    /// Follows the kv exporter: moves to each newer client end the
-    /// supervisor attaches (kv restarted or released) before a call. kv's
-    /// requests are idempotent (get, put of a value, delete), so a call
-    /// whose kv went away unanswered is repeated on the new end.
-    kv: tokio::sync::Mutex<KvClient>,
+    /// Follows the kv exporter: holds a channel to every ready kv replica
+    /// and adopts each new one the supervisor attaches (kv scaled,
+    /// restarted or released). Shared by every connection without a lock:
+    /// concurrent calls go out on different channels. kv's requests are
+    /// idempotent (get, put of a value, delete), so a call whose kv went
+    /// away unanswered is repeated on another channel.
+    kv: KvClient,
 }
 
 /// The greeter module.
@@ -86,7 +88,7 @@ impl AsyncModule for Greeter {
             identity: ctx.identity().to_string(),
             version: ctx.version().to_owned(),
             catalog,
-            kv: tokio::sync::Mutex::new(kv),
+            kv,
         });
         Ok(Greeter {
             listener: Some(listener),
@@ -225,15 +227,17 @@ async fn route(path: &str, state: &State) -> (u16, String) {
 }
 
 async fn kv_call(state: &State, req: KvRequest) -> (u16, String) {
-    let mut kv = state.kv.lock().await;
-    match kv.call_timeout(&req, KV_TIMEOUT).await {
+    match state.kv.call_timeout(&req, KV_TIMEOUT).await {
         Ok(KvResponse::Value(Some(v))) => (200, v),
         Ok(KvResponse::Value(None)) => (404, "no such key".into()),
         Ok(KvResponse::Done) => (200, "ok".into()),
         Ok(KvResponse::Error(e)) => (400, e),
         Err(ServiceError::NoEnd { .. }) => (503, "kv not imported".into()),
         Err(e) if e.is_timeout() => (504, "kv timed out".into()),
-        Err(e) => (502, format!("kv failed: {e}")),
+        Err(e) => (
+            502,
+            format!("kv failed: {}", module_runtime::error_chain(&e)),
+        ),
     }
 }
 

@@ -234,13 +234,12 @@ const ATTACH_WAIT_SLICE: Duration = Duration::from_millis(20);
 
 impl Attachments {
     /// Takes the newest client end of the imported service `name` that
-    /// arrived (at launch or attached since), closing older unused ones:
-    /// the supervisor sends a replacement when the exporter restarts or is
-    /// released. `NotGranted` when none is waiting.
-    ///
+    /// arrived (at launch or attached since), closing older unused ones.
+    /// `NotGranted` when none is waiting. With several exporter replicas
+    /// the older ends lead to the other replicas: a client that wants them
+    /// all takes them with [`take_imports`](Self::take_imports), as
     /// [`ServiceClient::follow`](crate::service::ServiceClient::follow)
-    /// does this for you, and only when [`generation`](Self::generation)
-    /// says something arrived.
+    /// does.
     pub fn take_latest_import(&self, name: &str) -> Result<ChannelFds, ContextError> {
         self.accept();
         let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
@@ -259,14 +258,29 @@ impl Attachments {
         }
     }
 
+    /// Takes every client end of the imported service `name` waiting in
+    /// the context (granted at launch or attached since), oldest first:
+    /// the supervisor sends one per exporter instance the importer may
+    /// call (each ready replica, and each replacement after a restart or a
+    /// release).
+    ///
+    /// [`ServiceClient::follow`](crate::service::ServiceClient::follow)
+    /// does this for you, and only when [`generation`](Self::generation)
+    /// says something arrived.
+    pub fn take_imports(&self, name: &str) -> Vec<ChannelFds> {
+        self.take_all(GrantKind::Import, name)
+    }
+
     /// Takes every server end of the exported service `name` waiting in
     /// the context (granted at launch or attached since).
     pub fn take_exports(&self, name: &str) -> Vec<ChannelFds> {
+        self.take_all(GrantKind::Export, name)
+    }
+
+    fn take_all(&self, kind: GrantKind, name: &str) -> Vec<ChannelFds> {
         self.accept();
         let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        let list = g
-            .remove(&(GrantKind::Export, name.to_owned()))
-            .unwrap_or_default();
+        let list = g.remove(&(kind, name.to_owned())).unwrap_or_default();
         list.into_iter()
             .filter_map(|fds| {
                 let mut it = fds.into_iter();
