@@ -42,6 +42,33 @@ pub struct ListenerSpec {
     pub address: ListenAddress,
 }
 
+/// A service a module exports or imports: its name and the schema version
+/// of its messages. An import is wired only to an export of the same name
+/// and version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    /// Service name.
+    pub name: String,
+    /// Schema version (≥ 1).
+    pub version: u32,
+}
+
+impl ServiceRef {
+    /// `name` at `version`.
+    pub fn new(name: impl Into<String>, version: u32) -> Self {
+        Self {
+            name: name.into(),
+            version,
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} version {}", self.name, self.version)
+    }
+}
+
 /// What the supervisor reads from a manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManifestSummary {
@@ -56,11 +83,11 @@ pub struct ManifestSummary {
     /// Listeners to bind.
     pub listeners: Vec<ListenerSpec>,
     /// Services exported.
-    pub exports: Vec<String>,
+    pub exports: Vec<ServiceRef>,
     /// Services imported.
-    pub imports: Vec<String>,
+    pub imports: Vec<ServiceRef>,
     /// The imports the module cannot start without (not `optional`).
-    pub required_imports: Vec<String>,
+    pub required_imports: Vec<ServiceRef>,
     /// `limits.memory`, in bytes.
     pub memory: Option<u64>,
     /// `limits.cpu`, in cores.
@@ -255,13 +282,21 @@ pub fn parse(text: &str) -> Result<ManifestSummary, ManifestError> {
         rollout: m.rollout.clone(),
         memory: m.limits.memory,
         cpu: m.limits.cpu,
-        exports: m.exports.iter().map(|e| e.name.clone()).collect(),
-        imports: m.imports.iter().map(|i| i.name.clone()).collect(),
+        exports: m
+            .exports
+            .iter()
+            .map(|e| ServiceRef::new(&e.name, e.version))
+            .collect(),
+        imports: m
+            .imports
+            .iter()
+            .map(|i| ServiceRef::new(&i.name, i.version))
+            .collect(),
         required_imports: m
             .imports
             .iter()
             .filter(|i| !i.optional)
-            .map(|i| i.name.clone())
+            .map(|i| ServiceRef::new(&i.name, i.version))
             .collect(),
         name: m.name,
         version: m.version,
@@ -330,8 +365,11 @@ greeting = "hello"
         );
         assert_eq!(m.start_deadline, Some(Duration::from_secs(3)));
         assert_eq!(m.stop_deadline, Some(Duration::from_secs(2)));
-        assert_eq!(m.imports, vec!["kv".to_owned(), "prices".to_owned()]);
-        assert_eq!(m.required_imports, vec!["kv".to_owned()]);
+        assert_eq!(
+            m.imports,
+            vec![ServiceRef::new("kv", 1), ServiceRef::new("prices", 1)]
+        );
+        assert_eq!(m.required_imports, vec![ServiceRef::new("kv", 1)]);
         assert_eq!(m.memory, Some(256 << 20));
     }
 

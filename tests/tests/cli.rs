@@ -230,7 +230,7 @@ fn status_shows_imports_and_an_exporter_without_a_process_leaves_them_waiting() 
     let text = human("needs-kv");
     assert!(
         text.lines()
-            .any(|l| l.trim_start() == "imports: kv wired (exporter kv)"),
+            .any(|l| l.trim_start() == "imports: kv v1 wired (exporter kv)"),
         "{text}"
     );
     assert!(
@@ -252,14 +252,14 @@ fn status_shows_imports_and_an_exporter_without_a_process_leaves_them_waiting() 
     let s = d.ctl_json(&["status", "needs-kv"])["status"].clone();
     assert_eq!(
         s["imports"],
-        serde_json::json!([{"name": "kv", "state": "waiting", "exporter": "kv"}]),
+        serde_json::json!([{"name": "kv", "version": 1, "state": "waiting", "exporter": "kv", "reason": "no running module exports it"}]),
         "{s}"
     );
     assert_eq!(s["state"], "running", "the importer keeps running: {s}");
     let text = human("needs-kv");
     assert!(
         text.lines()
-            .any(|l| l.trim_start() == "imports: kv waiting (exporter kv)"),
+            .any(|l| l.trim_start() == "imports: kv v1 waiting: no running module exports it"),
         "{text}"
     );
 }
@@ -289,7 +289,7 @@ fn an_import_is_wired_only_to_a_running_exporter() {
     let s = d.ctl_json(&["status", "importer"])["status"].clone();
     assert_eq!(
         s["imports"],
-        serde_json::json!([{"name": "kv", "state": "waiting", "exporter": "slow-kv"}]),
+        serde_json::json!([{"name": "kv", "version": 1, "state": "waiting", "exporter": "slow-kv", "reason": "no running module exports it"}]),
         "{s}"
     );
 }

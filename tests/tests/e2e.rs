@@ -75,7 +75,7 @@ fn greeter_calls_kv_over_shm_and_survives_restarts() {
     let hello_pid = pid_of(&d.wait_status("hello", "running", running)).unwrap();
     let kv_pid = pid_of(&d.wait_status("kv", "running", running)).unwrap();
     let g = d.wait_status("greeter", "wired", |s| {
-        running(s) && s["imports"] == json!([{"name": "kv", "state": "wired", "exporter": "kv"}])
+        running(s) && s["imports"] == json!([{"name": "kv", "version": 1, "state": "wired", "exporter": "kv", "reason": null}])
     });
     let greeter_pids: Vec<Value> = g["replicas"]
         .as_array()
@@ -205,7 +205,7 @@ fn an_import_waits_for_its_exporter() {
     let kv = kv_module(&d);
     assert!(d.ctl(&["install", kv.to_str().unwrap()]).status.success());
     d.wait_status("greeter", "wired", |s| {
-        s["imports"] == json!([{"name": "kv", "state": "wired", "exporter": "kv"}])
+        s["imports"] == json!([{"name": "kv", "version": 1, "state": "wired", "exporter": "kv", "reason": null}])
     });
     http_until(port, "/kv/put/x/y", |st, _| st == 200);
     assert_eq!(http_get(port, "/kv/get/x"), (200, "y".into()));

@@ -23,7 +23,9 @@ fn running(s: &Value) -> bool {
 }
 
 fn wired(s: &Value) -> bool {
-    running(s) && s["imports"] == json!([{"name": "kv", "state": "wired", "exporter": "kv"}])
+    running(s)
+        && s["imports"]
+            == json!([{"name": "kv", "version": 1, "state": "wired", "exporter": "kv", "reason": null}])
 }
 
 #[test]

@@ -42,8 +42,9 @@ pub struct ModuleStatus {
     pub memory: Option<Memory>,
     /// Worker CPU seconds, summed over replicas.
     pub cpu_seconds: Option<f64>,
-    /// Imported services and whether every running replica is wired to
-    /// an exporter (`wired`) or not yet (`waiting`).
+    /// Imported services and whether every running replica has a channel
+    /// to a running exporter of the same version (`wired`) or not
+    /// (`waiting`, with why).
     pub imports: Vec<ImportStatus>,
     /// Its limits and what enforces them.
     pub limits: LimitsStatus,
@@ -198,8 +199,14 @@ pub struct ListenerStatus {
 pub struct ImportStatus {
     /// Service name.
     pub name: String,
+    /// The schema version imported; only an export of this version is
+    /// wired to it.
+    pub version: u32,
     /// `wired` or `waiting`.
     pub state: String,
-    /// The installed module exporting it, if any.
+    /// The installed module exporting it at that version, if any.
     pub exporter: Option<String>,
+    /// Why it is `waiting` (no exporter, another version exported, not
+    /// every replica wired yet).
+    pub reason: Option<String>,
 }

@@ -502,15 +502,25 @@ fn listeners(v: &Value) -> String {
     }
 }
 
-/// `kv wired (exporter kv), prices waiting`: each import, its state and the
-/// module exporting it.
+/// `kv v1 wired (exporter kv), prices v2 waiting: prices exports version
+/// 1`: each import, its version, its state and the module exporting it, or
+/// why it waits.
 fn imports(v: &Value) -> String {
     match v.as_array() {
         Some(a) if !a.is_empty() => a
             .iter()
-            .map(|i| match i["exporter"].as_str() {
-                Some(e) => format!("{} {} (exporter {e})", cell(&i["name"]), cell(&i["state"])),
-                None => format!("{} {}", cell(&i["name"]), cell(&i["state"])),
+            .map(|i| {
+                let head = format!(
+                    "{} v{} {}",
+                    cell(&i["name"]),
+                    cell(&i["version"]),
+                    cell(&i["state"])
+                );
+                match (i["reason"].as_str(), i["exporter"].as_str()) {
+                    (Some(why), _) => format!("{head}: {why}"),
+                    (None, Some(e)) => format!("{head} (exporter {e})"),
+                    (None, None) => head,
+                }
             })
             .collect::<Vec<_>>()
             .join(", "),

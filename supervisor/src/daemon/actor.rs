@@ -28,7 +28,7 @@ use crate::control::status::StatusReply;
 use crate::control::{module_not_found, Request};
 use crate::fscred::Credentials;
 use crate::lifecycle::{Event, Lifecycle, Policy, State};
-use crate::manifest;
+use crate::manifest::{self, ServiceRef};
 use crate::pool::PoolHandle;
 use crate::sandbox::SandboxConfig;
 use crate::store::{DesiredState, ModuleRecord, Persister, Store};
@@ -139,7 +139,7 @@ pub struct Actor {
 pub(super) struct Dir<'a>(pub &'a BTreeMap<String, Module>);
 
 impl Directory for Dir<'_> {
-    fn services(&self, module: &str, generation: u64) -> Option<(&[String], &[String])> {
+    fn services(&self, module: &str, generation: u64) -> Option<(&[ServiceRef], &[ServiceRef])> {
         let run = self.0.get(module)?.run(generation)?;
         Some((run.exports.as_slice(), run.imports.as_slice()))
     }
@@ -162,15 +162,6 @@ impl Directory for Dir<'_> {
             }
             _ => Serving::No,
         }
-    }
-
-    fn preferred(&self, module: &str, generation: u64) -> bool {
-        self.0.get(module).is_some_and(|m| {
-            m.rollout
-                .as_ref()
-                .map_or(m.serving().generation, |r| r.to_gen)
-                == generation
-        })
     }
 }
 
@@ -303,19 +294,13 @@ impl Actor {
         p
     }
 
-    /// The first of `required` that no running module exports.
-    fn unmet_import(&self, required: &[String]) -> Option<String> {
-        required
-            .iter()
-            .find(|service| {
-                !self.modules.values().any(|e| {
-                    e.runs.iter().any(|r| {
-                        r.exports.contains(service)
-                            && r.replicas.iter().any(|l| l.state() == State::Running)
-                    })
-                })
-            })
-            .cloned()
+    /// Why the first of `required` that no running module exports (at
+    /// its version) is unmet.
+    fn unmet_import(&self, required: &[ServiceRef]) -> Option<String> {
+        required.iter().find_map(|want| {
+            render::unmet_import(want, self.modules.values())
+                .map(|cause| format!("waiting for service {want}: {cause}"))
+        })
     }
 
     /// Makes one run's lifecycles match its target: replicas below it that
@@ -356,7 +341,7 @@ impl Actor {
                 }
                 match (&run.failure, &unmet) {
                     (Some(reason), _) => run.replicas[r].fail(reason.clone(), now),
-                    (None, Some(service)) => run.replicas[r].hold(waiting_for(service), now),
+                    (None, Some(reason)) => run.replicas[r].hold(reason.clone(), now),
                     (None, None) => drive(&self.store, &self.os, run, r, |l, os| l.start(now, os)),
                 }
             } else if !matches!(state, State::Stopped | State::Stopping) {
@@ -760,10 +745,6 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
     if let Some(d) = deadline {
         tokio::time::sleep_until(d.into()).await;
     }
-}
-
-pub(super) fn waiting_for(service: &str) -> String {
-    format!("waiting for service {service}: no running module exports it")
 }
 
 pub(super) fn to_value<T: serde::Serialize>(v: T) -> Value {

@@ -17,6 +17,7 @@ use super::release::{Counts, Params, Phase};
 use crate::cgroup::{Limiter, Limits};
 use crate::config::LimitSources;
 use crate::lifecycle::{Lifecycle, State};
+use crate::manifest::ServiceRef;
 use crate::store::{ArtifactImage, ModuleRecord, Store};
 use crate::worker::{LaunchOrder, SandboxOrder};
 
@@ -51,10 +52,10 @@ pub(super) struct Run {
     /// socket).
     pub unix_paths: Vec<(PathBuf, (u64, u64))>,
     /// Services it exports and imports (manifest).
-    pub exports: Vec<String>,
-    pub imports: Vec<String>,
+    pub exports: Vec<ServiceRef>,
+    pub imports: Vec<ServiceRef>,
     /// The imports it is not launched without (not `optional`).
-    pub required: Vec<String>,
+    pub required: Vec<ServiceRef>,
     pub stop_deadline: Duration,
     pub start_deadline: Duration,
     /// Its effective limits: the manifest's, else the configuration's

@@ -13,6 +13,7 @@ use crate::control::status::{
     ImportStatus, LimitsStatus, ListenerStatus, ModuleStatus, ReplicaStatus, SandboxStatus,
 };
 use crate::lifecycle::{Lifecycle, State};
+use crate::manifest::ServiceRef;
 use crate::metrics::{Memory, MemoryCache};
 use crate::store::RevisionRecord;
 use crate::worker::SandboxReport;
@@ -164,8 +165,41 @@ pub(super) fn apply(mut status: ModuleStatus, readings: &HashMap<i32, Reading>) 
     status
 }
 
-/// Each import of the serving run: `wired` once every running replica has
-/// a channel to an exporter instance that runs.
+/// Why the import `want` is unmet: `None` if a running module exports it
+/// at its version, else the versions running modules export under its
+/// name (`counter exports version 1`), or that none does.
+pub(super) fn unmet_import<'a>(
+    want: &ServiceRef,
+    modules: impl Iterator<Item = &'a Module>,
+) -> Option<String> {
+    let mut others: Vec<String> = Vec::new();
+    for m in modules {
+        for run in m
+            .runs
+            .iter()
+            .filter(|r| r.replicas.iter().any(|l| l.state() == State::Running))
+        {
+            for e in run.exports.iter().filter(|e| e.name == want.name) {
+                if e.version == want.version {
+                    return None;
+                }
+                let other = format!("{} exports version {}", run.record.name, e.version);
+                if !others.contains(&other) {
+                    others.push(other);
+                }
+            }
+        }
+    }
+    Some(if others.is_empty() {
+        "no running module exports it".to_owned()
+    } else {
+        others.join(", ")
+    })
+}
+
+/// Each import of the serving run: `wired` while every running replica
+/// has a channel to an exporter instance that runs, else `waiting`, with
+/// why.
 pub(super) fn imports_status<'a>(
     m: &Module,
     modules: impl Iterator<Item = &'a Module> + Clone,
@@ -178,33 +212,52 @@ pub(super) fn imports_status<'a>(
         .filter(|l| l.state() == State::Running)
         .filter_map(Lifecycle::pid)
         .collect();
-    // A channel counts once its exporter instance runs: `pid` is the
-    // current worker of a running replica.
-    let exporter_runs = |pid: i32| {
-        registry.get(pid).is_some_and(|l| {
+    // A channel counts while its exporter instance runs: `pid` is the
+    // current worker of a running replica (the registry forgets exited
+    // workers).
+    let exporter_runs = |pid: &i32| {
+        registry.get(*pid).is_some_and(|l| {
             modules
                 .clone()
                 .filter_map(|e| e.run(l.generation))
                 .filter(|e| e.record.name == l.module)
                 .filter_map(|e| e.replicas.get(l.replica as usize))
-                .any(|r| r.pid() == Some(pid) && r.state() == State::Running)
+                .any(|r| r.pid() == Some(*pid) && r.state() == State::Running)
         })
     };
     run.imports
         .iter()
-        .map(|service| {
+        .map(|want| {
             let exporter = modules
                 .clone()
-                .find(|e| e.serving().exports.contains(service))
+                .find(|e| e.serving().exports.contains(want))
                 .map(|e| e.active().record.name.clone());
-            let all_wired = !running.is_empty()
-                && running
+            let wired = |p: &i32| {
+                registry
+                    .exporters_of(*p, &want.name)
                     .iter()
-                    .all(|p| registry.exporter_of(*p, service).is_some_and(exporter_runs));
+                    .any(exporter_runs)
+            };
+            let all_wired = !running.is_empty() && running.iter().all(wired);
+            let reason = if all_wired {
+                None
+            } else if running.is_empty() {
+                Some("no replica running".to_owned())
+            } else {
+                unmet_import(want, modules.clone()).or_else(|| {
+                    Some(format!(
+                        "{} of {} running replicas wired",
+                        running.iter().filter(|p| wired(p)).count(),
+                        running.len()
+                    ))
+                })
+            };
             ImportStatus {
-                name: service.clone(),
+                name: want.name.clone(),
+                version: want.version,
                 state: if all_wired { "wired" } else { "waiting" }.into(),
                 exporter,
+                reason,
             }
         })
         .collect()
