@@ -241,15 +241,17 @@ pub(super) fn imports_status<'a>(
             let all_wired = !running.is_empty() && running.iter().all(wired);
             let reason = if all_wired {
                 None
-            } else if running.is_empty() {
-                Some("no replica running".to_owned())
             } else {
                 unmet_import(want, modules.clone()).or_else(|| {
-                    Some(format!(
-                        "{} of {} running replicas wired",
-                        running.iter().filter(|p| wired(p)).count(),
-                        running.len()
-                    ))
+                    Some(if running.is_empty() {
+                        "no replica running".to_owned()
+                    } else {
+                        format!(
+                            "{} of {} running replicas wired",
+                            running.iter().filter(|p| wired(p)).count(),
+                            running.len()
+                        )
+                    })
                 })
             };
             ImportStatus {
