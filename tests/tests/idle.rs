@@ -135,7 +135,7 @@ fn idle_modules_cost_no_wakeups(env: &[(&str, &str)], mechanism_is_cgroup: Optio
     let hello_pid = pid_of(&d.wait_status("hello", "hello running", running));
     let kv_pid = pid_of(&d.wait_status("kv", "kv running", running));
     let greeter_pid = pid_of(&d.wait_status("greeter", "greeter wired to kv", |s| {
-        running(s) && s["imports"] == json!([{"name": "kv", "state": "wired", "exporter": "kv"}])
+        running(s) && s["imports"] == json!([{"name": "kv", "version": 1, "state": "wired", "exporter": "kv", "reason": null}])
     }));
     // kv has a client, which has called it.
     assert_eq!(http_get(port, "/kv/put/k/v"), (200, "ok".into()));
