@@ -369,7 +369,12 @@ fn emberctl_exit_codes_and_help() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing.sock"));
+    // The error and its cause.
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("nothing.sock: No such file or directory"),
+        "{err}"
+    );
 
     for verb in [
         "install",

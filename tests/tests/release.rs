@@ -719,8 +719,10 @@ fn an_exporter_release_fails_no_importer_call() {
         ..Web::greeter("1.0.0", "hi")
     };
     first_deploy(&d, &mut g);
-    let wired =
-        |s: &Value| s["imports"] == json!([{"name": "kv", "version": 1, "state": "wired", "exporter": "kv", "reason": null}]);
+    let wired = |s: &Value| {
+        s["imports"]
+            == json!([{"name": "kv", "version": 1, "state": "wired", "exporter": "kv", "reason": null}])
+    };
     d.wait_status("web", "wired to kv", wired);
     let greeters = replica_pids(&status(&d, "web"));
     poll_until("a kv call through greeter", EVERY, || {

@@ -260,8 +260,9 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) | Err(CtlError::StdoutClosed) => ExitCode::Ok,
         Err(e) => {
-            // Not `eprintln!`, which panics when stderr is closed too.
-            let _ = writeln!(std::io::stderr(), "emberctl: {e}");
+            // Not `eprintln!`, which panics when stderr is closed too. The
+            // cause chain too: `cannot reach emberd at …: Connection refused`.
+            let _ = writeln!(std::io::stderr(), "emberctl: {}", crate::error_chain(&e));
             e.exit_code()
         }
     }
