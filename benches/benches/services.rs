@@ -2,12 +2,12 @@
 //! 1 and with 2 replicas, through the SDK's client, in the same run.
 //!
 //! The importer is an `AsyncServiceClient` holding one channel per
-//! exporter replica, called by `CONCURRENCY` tasks of a current-thread
-//! tokio runtime (a module's default); each replica is a real process (this
-//! binary re-executed with `--peer exporter SOCKET REPLICA`) serving its
-//! channel with shm-ipc's `Server`, as `ServiceServer` does: it validates
-//! and decodes the request, does `WORK` of CPU work, and answers with its
-//! replica number. Rounds alternate 1 and 2 replicas; the figures are the
+//! exporter replica, called by `--concurrency` (4) tasks of a
+//! current-thread tokio runtime (a module's default); each replica is a
+//! real process (this binary re-executed with `--peer exporter SOCKET
+//! REPLICA`) serving its channel with shm-ipc's `Server`, as
+//! `ServiceServer` does: it validates and decodes the request, does
+//! `--work-us` (20) of CPU work, and answers with its replica number. Rounds alternate 1 and 2 replicas; the figures are the
 //! medians. The split of the calls between the two replicas is reported
 //! too.
 //!
@@ -28,28 +28,33 @@ use module_runtime::service::{AsyncServiceClient, Wire};
 use shm_ipc::channel::{channel_pair, ChannelConfig, ServerEnd};
 use shm_ipc::service::Server;
 
-/// CPU work per request in the exporter.
-const WORK: Duration = Duration::from_micros(20);
-/// Calls in flight at once (tasks sharing the client).
-const CONCURRENCY: usize = 4;
+/// CPU work per request in the exporter, µs (`--work-us`).
+const WORK_US: u64 = 20;
+/// Calls in flight at once: tasks sharing the client (`--concurrency`).
+const CONCURRENCY: u64 = 4;
 /// Calls per round, after `WARMUP`.
 const CALLS: u64 = 20_000;
 const WARMUP: u64 = 2_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let work = Duration::from_micros(arg_num("--work-us", WORK_US));
     if let Some(i) = args.iter().position(|a| a == "--peer") {
-        exporter(
-            Path::new(&args[i + 2]),
-            args[i + 3].parse().expect("replica"),
-        );
+        let replica = args[i + 3].parse().expect("replica");
+        exporter(Path::new(&args[i + 2]), replica, work);
         return;
     }
     let json = json_requested();
     let rounds = arg_num("--rounds", 5) as usize;
+    let concurrency = arg_num("--concurrency", CONCURRENCY) as usize;
     let dir = std::env::temp_dir().join(format!("ember-bench-services-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let result = std::panic::catch_unwind(|| run(&dir, rounds));
+    let cfg = Config {
+        rounds,
+        concurrency,
+        work,
+    };
+    let result = std::panic::catch_unwind(|| run(&dir, &cfg));
     let _ = std::fs::remove_dir_all(&dir);
     let line = match result {
         Ok(line) => line,
@@ -60,6 +65,13 @@ fn main() {
     }
 }
 
+/// What to run.
+struct Config {
+    rounds: usize,
+    concurrency: usize,
+    work: Duration,
+}
+
 /// One round's outcome: calls per second, the importer's CPU time per
 /// call, and calls served per replica.
 struct Round {
@@ -68,7 +80,8 @@ struct Round {
     per_replica: Vec<u64>,
 }
 
-fn run(dir: &Path, rounds: usize) -> String {
+fn run(dir: &Path, cfg: &Config) -> String {
+    let rounds = cfg.rounds;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -76,8 +89,8 @@ fn run(dir: &Path, rounds: usize) -> String {
     let mut one = Vec::new();
     let mut two = Vec::new();
     for r in 0..rounds {
-        one.push(round(&rt, dir, 1, r));
-        two.push(round(&rt, dir, 2, r));
+        one.push(round(&rt, dir, cfg, 1, r));
+        two.push(round(&rt, dir, cfg, 2, r));
         println!(
             "round {r}: 1 replica {:.0} calls/s, 2 replicas {:.0} calls/s (split {:?})",
             one[r].calls_per_s, two[r].calls_per_s, two[r].per_replica
@@ -105,8 +118,8 @@ fn run(dir: &Path, rounds: usize) -> String {
         share * 100.0
     );
     let mut out = JsonLine::default();
-    out.int("work_us", WORK.as_micros() as u64)
-        .int("concurrency", CONCURRENCY as u64)
+    out.int("work_us", cfg.work.as_micros() as u64)
+        .int("concurrency", cfg.concurrency as u64)
         .int("calls_per_round", CALLS)
         .int("rounds", rounds as u64)
         .num("throughput_1_replica_calls_per_s", t1)
@@ -123,12 +136,18 @@ fn run(dir: &Path, rounds: usize) -> String {
 }
 
 /// Starts `replicas` exporters, calls them `CALLS` times from
-/// `CONCURRENCY` tasks, stops them.
-fn round(rt: &tokio::runtime::Runtime, dir: &Path, replicas: usize, r: usize) -> Round {
+/// `cfg.concurrency` tasks, stops them.
+fn round(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    cfg: &Config,
+    replicas: usize,
+    r: usize,
+) -> Round {
     let mut children = Vec::new();
     let mut ends = Vec::new();
     for replica in 0..replicas {
-        let (child, sock) = spawn(dir, &format!("exporter-{r}-{replica}"), replica);
+        let (child, sock) = spawn(dir, &format!("exporter-{r}-{replica}"), replica, cfg.work);
         let (c, s) = channel_pair(&ChannelConfig::default()).expect("channel");
         shm_ipc::fdpass::send_with_fds(sock.as_fd(), b"S", &s.fds()).expect("send end");
         drop(s);
@@ -136,6 +155,7 @@ fn round(rt: &tokio::runtime::Runtime, dir: &Path, replicas: usize, r: usize) ->
         ends.push(ChannelFds { memfd, sock });
         children.push(child);
     }
+    let concurrency = cfg.concurrency;
     let out = rt.block_on(async move {
         let client =
             Arc::new(AsyncServiceClient::<u64, u64>::open_all(ends).expect("open client ends"));
@@ -143,7 +163,7 @@ fn round(rt: &tokio::runtime::Runtime, dir: &Path, replicas: usize, r: usize) ->
             Arc::new((0..replicas).map(|_| AtomicU64::new(0)).collect());
         let drive = |calls: u64| {
             let left = Arc::new(AtomicU64::new(calls));
-            let tasks: Vec<_> = (0..CONCURRENCY)
+            let tasks: Vec<_> = (0..concurrency)
                 .map(|_| {
                     let (client, left, per) = (client.clone(), left.clone(), per_replica.clone());
                     tokio::spawn(async move {
@@ -190,7 +210,7 @@ fn round(rt: &tokio::runtime::Runtime, dir: &Path, replicas: usize, r: usize) ->
     out
 }
 
-fn spawn(dir: &Path, role: &str, replica: usize) -> (Child, UnixStream) {
+fn spawn(dir: &Path, role: &str, replica: usize, work: Duration) -> (Child, UnixStream) {
     let path = dir.join(format!("{role}.sock"));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).expect("bind");
@@ -199,6 +219,8 @@ fn spawn(dir: &Path, role: &str, replica: usize) -> (Child, UnixStream) {
         .args(["--peer", "exporter"])
         .arg(&path)
         .arg(replica.to_string())
+        .arg("--work-us")
+        .arg(work.as_micros().to_string())
         .spawn()
         .expect("spawn exporter");
     let (sock, _) = listener.accept().expect("exporter connects");
@@ -218,7 +240,7 @@ fn reap(child: &mut Child) {
 }
 
 /// An exporter replica: serves its channel until the client leaves.
-fn exporter(path: &Path, replica: u64) {
+fn exporter(path: &Path, replica: u64, work: Duration) {
     let sock = UnixStream::connect(path).expect("connect");
     let mut buf = [0u8; 1];
     let (_, mut fds) = shm_ipc::fdpass::recv_with_fds(sock.as_fd(), &mut buf).expect("recv end");
@@ -238,7 +260,7 @@ fn exporter(path: &Path, replica: u64) {
             let n = u64::from_wire(&scratch).map_err(|e| e.to_string())?;
             let started = Instant::now();
             let mut x = n;
-            while started.elapsed() < WORK {
+            while started.elapsed() < work {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
             std::hint::black_box(x);
