@@ -619,17 +619,71 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
 /// It takes `&self`: share it between tasks (in an `Arc`, no mutex).
 /// Concurrent calls go out on different channels, one call per channel at
 /// a time, so a client with a channel to each of two exporter replicas
-/// keeps both busy; a call finding every channel busy waits for one (until
-/// its deadline).
+/// keeps both busy; calls finding every channel busy queue, first come
+/// first served, and each is handed the next channel that comes back
+/// (until its deadline).
 #[cfg(feature = "tokio")]
 #[derive(Debug)]
 pub struct AsyncServiceClient<Req, Resp> {
-    ends: std::sync::Mutex<Ends<shm_ipc::channel::AsyncClient>>,
-    /// Signalled when a lent channel comes back.
-    freed: tokio::sync::Notify,
+    pool: std::sync::Mutex<Channels>,
     retry: Retry,
     end_wait: Duration,
     _types: PhantomData<fn(Req) -> Resp>,
+}
+
+#[cfg(feature = "tokio")]
+type AsyncEnd = shm_ipc::channel::AsyncClient;
+
+/// What a queued call is handed.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+enum Handoff {
+    /// A channel, lent to it (and whether it was not draining).
+    Channel(AsyncEnd, bool),
+    /// No channel is left: look again (and wait for an end).
+    Look,
+}
+
+/// The async client's channels and the calls waiting for one.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+struct Channels {
+    ends: Ends<AsyncEnd>,
+    /// Calls waiting for a channel, first come first served.
+    queue: VecDeque<tokio::sync::oneshot::Sender<Handoff>>,
+}
+
+#[cfg(feature = "tokio")]
+impl Channels {
+    /// Hands free channels to the queued calls, in order; tells them all
+    /// to look again when no channel is left at all.
+    fn dispatch(&mut self) {
+        while let Some(tx) = self.queue.pop_front() {
+            match self.ends.lend() {
+                Lent::Channel(c, serving) => {
+                    if let Err(Handoff::Channel(c, serving)) = tx.send(Handoff::Channel(c, serving))
+                    {
+                        // That call gave up meanwhile.
+                        self.ends.give_back(Some(c), serving);
+                    }
+                }
+                Lent::Busy => {
+                    self.queue.push_front(tx);
+                    return;
+                }
+                Lent::Empty => {
+                    let _ = tx.send(Handoff::Look);
+                }
+            }
+        }
+    }
+
+    /// A lent channel comes back (`None`: dropped): to the first queued
+    /// call, else to the free ones.
+    fn give_back(&mut self, c: Option<AsyncEnd>, serving: bool) {
+        self.ends.give_back(c, serving);
+        self.dispatch();
+    }
 }
 
 /// A channel lent to one call; it goes back (or, dropped, is forgotten)
@@ -637,7 +691,7 @@ pub struct AsyncServiceClient<Req, Resp> {
 #[cfg(feature = "tokio")]
 struct Lease<'a, Req, Resp> {
     owner: &'a AsyncServiceClient<Req, Resp>,
-    channel: Option<shm_ipc::channel::AsyncClient>,
+    channel: Option<AsyncEnd>,
     serving: bool,
 }
 
@@ -647,15 +701,55 @@ impl<Req, Resp> Drop for Lease<'_, Req, Resp> {
         self.owner
             .lock()
             .give_back(self.channel.take(), self.serving);
-        self.owner.freed.notify_one();
+    }
+}
+
+/// A call's place in the queue. Dropped before it was served (its deadline
+/// passed, or its future was dropped), it gives back a channel handed to
+/// it meanwhile.
+#[cfg(feature = "tokio")]
+struct Queued<'a, Req, Resp> {
+    owner: &'a AsyncServiceClient<Req, Resp>,
+    rx: tokio::sync::oneshot::Receiver<Handoff>,
+    done: bool,
+}
+
+#[cfg(feature = "tokio")]
+impl<Req, Resp> Queued<'_, Req, Resp> {
+    async fn handoff(&mut self) -> Handoff {
+        let h = (&mut self.rx).await.unwrap_or(Handoff::Look);
+        self.done = true;
+        h
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<Req, Resp> Drop for Queued<'_, Req, Resp> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Nothing can be handed to it from now on; what was is given back.
+        self.rx.close();
+        if let Ok(Handoff::Channel(c, serving)) = self.rx.try_recv() {
+            self.owner.lock().give_back(Some(c), serving);
+        }
     }
 }
 
 #[cfg(feature = "tokio")]
 impl<Req, Resp> AsyncServiceClient<Req, Resp> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ends<shm_ipc::channel::AsyncClient>> {
-        self.ends.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What a call found when it asked for a channel.
+#[cfg(feature = "tokio")]
+enum Ask {
+    Channel(AsyncEnd, bool),
+    Queued(tokio::sync::oneshot::Receiver<Handoff>),
+    Empty,
 }
 
 #[cfg(feature = "tokio")]
@@ -677,10 +771,12 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         Ok(Self::with_ends(Ends::following(attachments, name)?))
     }
 
-    fn with_ends(ends: Ends<shm_ipc::channel::AsyncClient>) -> Self {
+    fn with_ends(ends: Ends<AsyncEnd>) -> Self {
         Self {
-            ends: std::sync::Mutex::new(ends),
-            freed: tokio::sync::Notify::new(),
+            pool: std::sync::Mutex::new(Channels {
+                ends,
+                queue: VecDeque::new(),
+            }),
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
             _types: PhantomData,
@@ -702,17 +798,39 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
     /// Whether the client holds a channel whose exporter is not known to
     /// be gone.
     pub fn is_connected(&self) -> bool {
-        self.lock().len() > 0
+        self.lock().ends.len() > 0
     }
 
     /// How many channels (exporter instances) the client holds.
     pub fn channels(&self) -> usize {
-        self.lock().len()
+        self.lock().ends.len()
     }
 
     /// How many ends a following client adopted after its first.
     pub fn switches(&self) -> u64 {
-        self.lock().adopted
+        self.lock().ends.adopted
+    }
+
+    /// A channel for a call, or its place in the queue.
+    fn ask(&self) -> Ask {
+        let mut pool = self.lock();
+        pool.ends.refresh(false);
+        // New ends go to the calls that queued first.
+        pool.dispatch();
+        if !pool.queue.is_empty() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            pool.queue.push_back(tx);
+            return Ask::Queued(rx);
+        }
+        match pool.ends.lend() {
+            Lent::Channel(c, serving) => Ask::Channel(c, serving),
+            Lent::Busy => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                pool.queue.push_back(tx);
+                Ask::Queued(rx)
+            }
+            Lent::Empty => Ask::Empty,
+        }
     }
 
     /// Calls the service, as [`ServiceClient::call`]: `deadline` bounds
@@ -723,33 +841,33 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         let end_until = deadline.unwrap_or(started + self.end_wait);
         let mut repeated = false;
         loop {
-            let lent = {
-                let mut ends = self.lock();
-                ends.refresh(false);
-                ends.lend()
-            };
-            let (channel, serving) = match lent {
-                Lent::Channel(c, serving) => (c, serving),
-                Lent::Busy => {
-                    let now = Instant::now();
-                    if deadline.is_some_and(|d| now >= d) {
-                        return Err(ChannelError::TimedOut.into());
+            let (channel, serving) = match self.ask() {
+                Ask::Channel(c, serving) => (c, serving),
+                Ask::Queued(rx) => {
+                    let mut queued = Queued {
+                        owner: self,
+                        rx,
+                        done: false,
+                    };
+                    let handed = match deadline {
+                        Some(d) => {
+                            let until = tokio::time::Instant::from_std(d);
+                            match tokio::time::timeout_at(until, queued.handoff()).await {
+                                Ok(h) => h,
+                                Err(_) => return Err(ChannelError::TimedOut.into()),
+                            }
+                        }
+                        None => queued.handoff().await,
+                    };
+                    match handed {
+                        Handoff::Channel(c, serving) => (c, serving),
+                        Handoff::Look => continue,
                     }
-                    // Woken when a channel comes back; a fresh look now and
-                    // then also finds ends attached meanwhile.
-                    let slice = now + BUSY_WAIT_SLICE;
-                    let until = deadline.map_or(slice, |d| d.min(slice));
-                    let _ = tokio::time::timeout_at(
-                        tokio::time::Instant::from_std(until),
-                        self.freed.notified(),
-                    )
-                    .await;
-                    continue;
                 }
-                Lent::Empty => {
+                Ask::Empty => {
                     let (wait, no_end) = {
-                        let ends = self.lock();
-                        (ends.end_wait(), ends.no_end(started.elapsed()))
+                        let pool = self.lock();
+                        (pool.ends.end_wait(), pool.ends.no_end(started.elapsed()))
                     };
                     match wait {
                         Some((attachments, seen)) if Instant::now() < end_until => {
@@ -778,7 +896,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
                         repeated = true;
                         continue;
                     }
-                    return Err(self.lock().lost());
+                    return Err(self.lock().ends.lost());
                 }
                 Err(Attempt::Failed(e)) => {
                     if breaks_channel(&e) {
@@ -795,10 +913,6 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         self.call(req, Some(Instant::now() + timeout)).await
     }
 }
-
-/// Longest wait of a call for a busy channel before it looks again.
-#[cfg(feature = "tokio")]
-const BUSY_WAIT_SLICE: Duration = Duration::from_millis(20);
 
 impl ModuleContext {
     /// A blocking client of the imported service `name` that follows its
@@ -1539,6 +1653,66 @@ mod tests {
             assert_eq!(ns, [0, 1]);
         });
         assert_eq!((a.join().unwrap(), b.join().unwrap()), (1, 1));
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn calls_queue_for_a_busy_channel_and_one_giving_up_loses_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (c, s) = pair();
+        let (arrived, at) = std::sync::mpsc::channel();
+        let (go, gate) = std::sync::mpsc::channel();
+        let a = gated_exporter(s, "a", arrived, gate);
+        rt.block_on(async {
+            let client = std::sync::Arc::new(AsyncServiceClient::<Ping, Ping>::open(c).unwrap());
+            let first = {
+                let client = client.clone();
+                tokio::spawn(async move { client.call(&ping(1), None).await.map(|r| r.n) })
+            };
+            let held = tokio::task::spawn_blocking(move || {
+                let tag = at.recv_timeout(Duration::from_secs(30)).unwrap();
+                (tag, at)
+            });
+            let (tag, at) = held.await.unwrap();
+            assert_eq!(tag, "a");
+            // The one channel is busy: this call queues, and gives up.
+            let e = client
+                .call(&ping(2), Some(Instant::now() + Duration::from_millis(50)))
+                .await
+                .unwrap_err();
+            assert!(e.is_timeout(), "{e:?}");
+            // Three more queue behind the first; each gets the channel in
+            // turn once it is released.
+            let rest: Vec<_> = (3..6)
+                .map(|n| {
+                    let client = client.clone();
+                    tokio::spawn(async move { client.call(&ping(n), None).await.map(|r| r.n) })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            let releaser = tokio::task::spawn_blocking(move || {
+                for _ in 0..4 {
+                    go.send(()).unwrap();
+                }
+                // Each request arrives after the one before was answered.
+                for _ in 0..3 {
+                    at.recv_timeout(Duration::from_secs(30)).unwrap();
+                }
+            });
+            assert_eq!(first.await.unwrap().unwrap(), 1);
+            let mut ns = Vec::new();
+            for t in rest {
+                ns.push(t.await.unwrap().unwrap());
+            }
+            ns.sort_unstable();
+            assert_eq!(ns, [3, 4, 5]);
+            releaser.await.unwrap();
+            assert_eq!(client.channels(), 1);
+        });
+        assert_eq!(a.join().unwrap(), 4);
     }
 
     #[test]
