@@ -55,7 +55,8 @@ use crate::sdk::{Attachments, ChannelFds, ModuleContext, Shutdown};
 /// (`service channel failed: peer is gone`).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// The channel failed (corrupt, timed out, remote error...).
+    /// The channel failed (corrupt, timed out, the handler's error...), or
+    /// every end of a client on fixed ends is gone (`PeerGone`).
     #[error("service channel failed")]
     Channel(#[from] ChannelError),
     /// A message did not encode or failed validation.
