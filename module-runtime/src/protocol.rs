@@ -1,24 +1,21 @@
-//! The worker control protocol: the typed messages a parent (the supervisor,
-//! or a test zygote) and a worker exchange over a `SOCK_SEQPACKET` Unix
-//! socket, one message per packet, descriptors attached with `SCM_RIGHTS`.
-//! Wire format: `docs/abi.md`, section "Worker control protocol".
-//!
-//! Every frame is `magic "EMBW" | u16 version | u16 kind | u32 body_len | body`,
-//! little-endian. Strings are `u32 len | UTF-8`. The length prefix also lets
-//! the frames travel over a stream transport.
+//! The control protocol: the typed messages emberd, the zygote and the
+//! workers exchange, one codec for all of them ([`codec`]: `EMBW` frames),
+//! carried by [`crate::transport`] (`SOCK_SEQPACKET`, descriptors with
+//! `SCM_RIGHTS`). This file holds the worker's messages (parent ↔ worker);
+//! [`zygote`] the zygote's (supervisor ↔ zygote) and the fork path's
+//! hand-off. Wire format: `docs/abi.md` §4.
 
-pub(crate) mod codec;
+pub mod codec;
+pub mod zygote;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::abi::GrantKind;
-pub use crate::transport::{
-    more_fds_frame, packets, socket_pair, Channel, ChannelError, FDS_PER_PACKET,
-};
-pub(crate) use crate::transport::{send_frame, wait_readable};
-use codec::{done, kind, open_frame, Dec, Enc};
+use crate::transport::Link;
+use codec::{kind, open_frame, Enc};
 pub use codec::{DecodeError, Message, MAX_FRAME, PROTOCOL_VERSION};
+pub use zygote::{FromZygote, ToZygote, WorkerExit};
 
 /// A descriptor grant in a launch order. The descriptors travel as
 /// `SCM_RIGHTS` in grant order, [`GrantKind::fd_count`] each.
@@ -318,6 +315,8 @@ pub enum FromWorker {
 }
 
 impl Message for ToWorker {
+    const DIRECTION: &'static str = "parent → worker";
+
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::Launch(o) => o.fd_count(),
@@ -340,7 +339,7 @@ impl Message for ToWorker {
                     Some(sb) => {
                         e.u8(1);
                         let (uid, gid) = sb.ids.unwrap_or((0, 0));
-                        e.u8(u8::from(sb.ids.is_some()));
+                        e.flag(sb.ids.is_some());
                         e.u32(uid);
                         e.u32(gid);
                         e.strs(sb.allow_syscalls.iter().map(String::as_str));
@@ -368,31 +367,34 @@ impl Message for ToWorker {
     }
 
     fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
-        let (k, body) = open_frame(buf)?;
-        let mut d = Dec(body);
+        let (k, mut d) = open_frame(buf)?;
         let msg = match k {
             kind::LAUNCH => {
-                let artifact = PathBuf::from(d.str()?);
-                let manifest = d.str()?;
-                let replica = d.u32()?;
-                let memory_enforced = match d.u32()? {
+                let artifact = PathBuf::from(d.str("artifact")?);
+                let manifest = d.str("manifest")?;
+                let replica = d.u32("replica")?;
+                let memory_enforced = match d.u32("memory enforced")? {
                     0 => false,
                     1 => true,
                     value => {
                         return Err(DecodeError::InvalidValue {
                             field: "memory enforced",
-                            value,
+                            value: value.into(),
                         })
                     }
                 };
                 let grants = d.grants()?;
                 let sandbox = if d.flag("sandbox")? {
-                    let own = d.flag("sandbox ids")?;
-                    let ids = (d.u32()?, d.u32()?);
+                    let own = d.flag("sandbox own ids")?;
+                    let ids = (d.u32("sandbox uid")?, d.u32("sandbox gid")?);
                     Some(SandboxOrder {
                         ids: own.then_some(ids),
-                        allow_syscalls: d.strs()?,
-                        writable: d.strs()?.into_iter().map(PathBuf::from).collect(),
+                        allow_syscalls: d.strs("allowed syscalls")?,
+                        writable: d
+                            .strs("writable paths")?
+                            .into_iter()
+                            .map(PathBuf::from)
+                            .collect(),
                     })
                 } else {
                     None
@@ -408,16 +410,23 @@ impl Message for ToWorker {
             }
             kind::ATTACH => ToWorker::Attach(d.grants()?),
             kind::STOP => ToWorker::Stop {
-                deadline: Duration::from_millis(d.u64()?),
+                deadline: Duration::from_millis(d.u64("stop deadline")?),
             },
-            other => return Err(DecodeError::UnknownKind(other)),
+            other => {
+                return Err(DecodeError::UnknownKind {
+                    kind: other,
+                    direction: Self::DIRECTION,
+                })
+            }
         };
-        done(d)?;
+        d.finish()?;
         Ok(msg)
     }
 }
 
 impl Message for FromWorker {
+    const DIRECTION: &'static str = "worker → parent";
+
     fn encode(&self) -> Vec<u8> {
         match self {
             FromWorker::Idle {
@@ -448,9 +457,9 @@ impl Message for FromWorker {
                 let mut e = Enc::new(kind::SANDBOXED);
                 e.u32(r.uid);
                 e.u32(r.gid);
-                e.u8(u8::from(r.own_ids));
-                e.u8(u8::from(r.no_new_privs));
-                e.u8(u8::from(r.dumpable));
+                e.flag(r.own_ids);
+                e.flag(r.no_new_privs);
+                e.flag(r.dumpable);
                 e.str(&r.seccomp);
                 e.str(&r.landlock);
                 let w: Vec<String> = r
@@ -476,32 +485,31 @@ impl Message for FromWorker {
     }
 
     fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
-        let (k, body) = open_frame(buf)?;
-        let mut d = Dec(body);
+        let (k, mut d) = open_frame(buf)?;
         let msg = match k {
             kind::IDLE => FromWorker::Idle {
-                pid: d.u32()?,
-                abi_version: d.u32()?,
-                sdk_version: d.str()?,
+                pid: d.u32("pid")?,
+                abi_version: d.u32("abi version")?,
+                sdk_version: d.str("sdk version")?,
             },
             kind::TRANSITION => {
-                let v = d.u8()?;
+                let v = d.u8("state")?;
                 let state = State::from_u8(v).ok_or(DecodeError::InvalidValue {
                     field: "state",
                     value: v.into(),
                 })?;
                 FromWorker::Transition {
                     state,
-                    detail: d.str()?,
+                    detail: d.str("detail")?,
                 }
             }
             kind::FAILED => {
-                let v = d.u8()?;
+                let v = d.u8("stage")?;
                 let stage = Stage::from_u8(v).ok_or(DecodeError::InvalidValue {
                     field: "stage",
                     value: v.into(),
                 })?;
-                let v = d.u16()?;
+                let v = d.u16("failure kind")?;
                 let kind = FailureKind::from_u16(v).ok_or(DecodeError::InvalidValue {
                     field: "failure kind",
                     value: v.into(),
@@ -509,45 +517,52 @@ impl Message for FromWorker {
                 FromWorker::Failed(Failure {
                     stage,
                     kind,
-                    message: d.str()?,
+                    message: d.str("message")?,
                 })
             }
             kind::SANDBOXED => FromWorker::Sandboxed(SandboxReport {
-                uid: d.u32()?,
-                gid: d.u32()?,
+                uid: d.u32("uid")?,
+                gid: d.u32("gid")?,
                 own_ids: d.flag("own ids")?,
                 no_new_privs: d.flag("no new privs")?,
                 dumpable: d.flag("dumpable")?,
-                seccomp: d.str()?,
-                landlock: d.str()?,
-                writable: d.strs()?.into_iter().map(PathBuf::from).collect(),
+                seccomp: d.str("seccomp")?,
+                landlock: d.str("landlock")?,
+                writable: d
+                    .strs("writable paths")?
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect(),
             }),
             kind::LOG => {
-                let level = LogLevel::from_u32(d.u8()?.into());
+                let level = LogLevel::from_u32(d.u8("log level")?.into());
                 FromWorker::Log {
                     level,
-                    target: d.str()?,
-                    message: d.str()?,
+                    target: d.str("log target")?,
+                    message: d.str("log message")?,
                 }
             }
-            other => return Err(DecodeError::UnknownKind(other)),
+            other => {
+                return Err(DecodeError::UnknownKind {
+                    kind: other,
+                    direction: Self::DIRECTION,
+                })
+            }
         };
-        done(d)?;
+        d.finish()?;
         Ok(msg)
     }
 }
 
-/// The parent's end.
-pub type ParentChannel = Channel<ToWorker, FromWorker>;
+/// The parent's end of a worker's link.
+pub type ParentChannel = Link<ToWorker, FromWorker>;
 /// The worker's end.
-pub type WorkerChannel = Channel<FromWorker, ToWorker>;
+pub type WorkerChannel = Link<FromWorker, ToWorker>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::send_frame;
     use codec::MAGIC;
-    use std::os::fd::AsFd;
 
     fn samples_to() -> Vec<ToWorker> {
         vec![
@@ -643,80 +658,62 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_frames_are_typed_errors() {
-        let mut f = samples_from()[2].encode();
-        assert_eq!(FromWorker::decode(&f[..5]), Err(DecodeError::Truncated));
-        f[0] = b'X';
-        assert_eq!(FromWorker::decode(&f), Err(DecodeError::BadMagic));
+    fn corrupt_frames_are_typed_errors_naming_the_field() {
+        let f = samples_from()[2].encode();
+        // Cut anywhere: a truncation error, never a panic or a wrong value.
+        for cut in 0..f.len() {
+            let e = FromWorker::decode(&f[..cut]).unwrap_err();
+            assert!(matches!(e, DecodeError::Truncated { .. }), "{cut}: {e}");
+        }
+        // A body cut short after its header was rewritten to match.
+        let mut short = f[..f.len() - 2].to_vec();
+        let body = (short.len() - codec::HEADER) as u32;
+        short[8..12].copy_from_slice(&body.to_le_bytes());
+        assert_eq!(
+            FromWorker::decode(&short).unwrap_err().to_string(),
+            "frame truncated: message needs 4 bytes, 2 left"
+        );
+        let mut bad = f.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            FromWorker::decode(&bad),
+            Err(DecodeError::BadMagic { .. })
+        ));
         let mut f = samples_from()[1].encode();
         f[12] = 99;
-        assert!(matches!(
-            FromWorker::decode(&f),
-            Err(DecodeError::InvalidValue { field: "state", .. })
-        ));
+        assert_eq!(
+            FromWorker::decode(&f).unwrap_err().to_string(),
+            "invalid value 99 for state"
+        );
         let mut f = samples_to()[1].encode();
         f.push(0);
-        assert_eq!(ToWorker::decode(&f), Err(DecodeError::Trailing));
-    }
-
-    #[test]
-    fn channel_carries_frames_and_descriptors() {
-        let (a, b) = socket_pair().unwrap();
-        let parent = ParentChannel::new(a);
-        let worker = WorkerChannel::new(b);
-        let (r, w) = nix::unistd::pipe().unwrap();
-        parent
-            .send(&samples_to()[0], &[r.as_fd(), w.as_fd(), r.as_fd()])
-            .unwrap();
-        let (msg, fds) = worker.recv_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(msg, samples_to()[0]);
-        assert_eq!(fds.len(), 3);
         assert!(matches!(
-            parent.recv_timeout(Some(Duration::from_millis(10))),
-            Err(ChannelError::Timeout)
+            ToWorker::decode(&f),
+            Err(DecodeError::Trailing(1))
         ));
-        drop(worker);
-        assert!(matches!(parent.recv(), Err(ChannelError::Closed)));
-    }
-
-    #[test]
-    fn any_number_of_descriptors_arrive_and_a_short_list_is_an_error() {
-        let (a, b) = socket_pair().unwrap();
-        let parent = ParentChannel::new(a);
-        let worker = WorkerChannel::new(b);
-        let (r, _w) = nix::unistd::pipe().unwrap();
-        let grants: Vec<Grant> = (0..50)
-            .map(|i| Grant {
-                kind: GrantKind::Import,
-                name: format!("s{i}"),
-            })
-            .collect();
-        let msg = ToWorker::Attach(grants.clone());
-        let n = msg.fd_count();
-        assert!(n > 3 * FDS_PER_PACKET, "{n}");
-        let fds = vec![r.as_fd(); n];
-        parent.send(&msg, &fds).unwrap();
-        let (got, fds) = worker.recv_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(got, msg);
-        assert_eq!(fds.len(), n);
-        // A message whose descriptors do not all arrive (a peer that sends
-        // the first packet only) is a typed error naming the counts.
-        send_frame(parent.fd(), &msg.encode(), &[r.as_fd(); FDS_PER_PACKET]).unwrap();
-        send_frame(
-            parent.fd(),
-            &ToWorker::Stop {
-                deadline: Duration::ZERO,
-            }
-            .encode(),
-            &[],
-        )
-        .unwrap();
-        match worker.recv() {
-            Err(ChannelError::Descriptors { expected, arrived }) => {
-                assert_eq!((expected, arrived), (n, FDS_PER_PACKET));
-            }
-            other => panic!("{other:?}"),
-        }
+        // Trailing bytes inside a body whose length says so.
+        let mut f = samples_to()[2].encode();
+        f.push(0);
+        let body = (f.len() - codec::HEADER) as u32;
+        f[8..12].copy_from_slice(&body.to_le_bytes());
+        assert_eq!(
+            ToWorker::decode(&f).unwrap_err().to_string(),
+            "1 trailing bytes after the message"
+        );
+        // Invalid UTF-8 in a string names the field.
+        let mut f = samples_from()[3].encode();
+        let at = codec::HEADER + 1 + 4;
+        f[at] = 0xff;
+        assert_eq!(
+            FromWorker::decode(&f).unwrap_err().to_string(),
+            "log target is not UTF-8"
+        );
+        assert_eq!(
+            ToWorker::decode(&samples_from()[0].encode())
+                .unwrap_err()
+                .to_string(),
+            "unknown frame kind 100 for a parent → worker message"
+        );
     }
 
     proptest::proptest! {

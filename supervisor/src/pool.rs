@@ -9,7 +9,7 @@
 //! The pool owns the zygote. If the zygote dies, the pool starts a new one
 //! (re-executing emberd in zygote mode, which loads the plugins again) and
 //! goes on; running modules are not touched (their workers are emberd's
-//! children, not the zygote's: see `zygote/fork.rs`), launches meanwhile
+//! children, not the zygote's: see `module_runtime::host::fork`), launches meanwhile
 //! wait for it, and a failed restart is retried with back-off.
 
 use std::collections::VecDeque;
@@ -94,7 +94,7 @@ pub enum WorkerError {
 async fn make_worker(zygote: &mut Zygote) -> Result<Worker, WorkerError> {
     let new = zygote.fork().await.map_err(WorkerError::Fork)?;
     let handshake = async {
-        let link = WorkerLink::new(new.channel).map_err(HandshakeError::Channel)?;
+        let mut link = WorkerLink::new(new.channel).map_err(HandshakeError::Channel)?;
         link.wait_idle(IDLE_TIMEOUT).await?;
         Ok::<_, HandshakeError>(link)
     }
@@ -272,7 +272,7 @@ type Respawn =
 /// cannot give one: then its death is noticed at the next fork).
 fn watch_exit(z: &Zygote) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
     let fd = crate::zygote::fork_pidfd_open(z.pid()).ok()?;
-    crate::zygote::channel::register(fd).ok()
+    crate::link::register(fd).ok()
 }
 
 impl Respawner {

@@ -3,7 +3,7 @@
 //! worker body is module-runtime's `host::worker::run`, called by the
 //! zygote's fork path.
 //!
-//! A worker is forked by the zygote (`zygote/fork.rs`) with stdin
+//! A worker is forked by the zygote (`module_runtime::host::fork`) with stdin
 //! (`/dev/null`), stdout and stderr (the daemon's until a
 //! [`GrantKind::Stdio`] grant redirects them into the module's log), its
 //! channel to the supervisor at the lowest free number (3: the zygote holds

@@ -9,7 +9,7 @@ pub mod process;
 pub mod sandbox;
 pub mod worker;
 
-pub use fork::fork_worker;
+pub use fork::{fork_worker, ForkError, NewWorker};
 pub use loader::{load_module, load_plugin, LoadError, LoadedModule};
 pub use plugins::{load_plugins, LoadedPlugin, PluginError, PluginSpec};
 pub use process::ProcessError;

@@ -1,14 +1,16 @@
 //! Process state a forked worker resets before it loads a module: signal
 //! dispositions and mask, descriptor numbers, process name, parent-death
-//! signal, and the fork itself. This is the one place in the worker that
-//! makes raw process-level calls.
+//! signal; and a zygote's own descriptors (inherited ones closed after
+//! `exec`, the placeholders where workers put listeners). This is the one
+//! place in the host that makes raw process-level calls; the fork itself is
+//! `super::fork`'s.
 //!
-//! Descriptors: a worker closes exactly the descriptors its zygote owns (the
-//! zygote drops them in the child, or names them to [`super::fork::fork_worker`]), never
-//! by sweeping: every other inherited descriptor belongs to a plugin (a log
-//! file, an epoll) and stays open at its number.
+//! Descriptors: a worker closes exactly the descriptors its zygote owns (it
+//! names them to [`super::fork::fork_worker`]), never by sweeping: every
+//! other inherited descriptor belongs to a plugin (a log file, an epoll)
+//! and stays open at its number.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -64,7 +66,14 @@ pub const RESERVED_FDS: RawFd = 16;
 /// Descriptors [`LISTEN_FDS_START`]`..`[`LISTEN_FDS_START`]` + `[`RESERVED_FDS`]
 /// held by a zygote (`/dev/null`, close-on-exec), dropped in each worker.
 #[derive(Debug)]
-pub struct ReservedFds(#[allow(dead_code)] Vec<OwnedFd>);
+pub struct ReservedFds(Vec<OwnedFd>);
+
+impl ReservedFds {
+    /// The placeholders (for the fork path to close in each worker).
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.0.iter().map(AsFd::as_fd)
+    }
+}
 
 /// Fills every free descriptor number in the reserved block with a
 /// placeholder. Call in the zygote before any plugin loads: a plugin's
@@ -88,6 +97,26 @@ pub fn reserve_listener_fds() -> Result<ReservedFds, ProcessError> {
         }
         held.push(fd);
     }
+}
+
+/// Closes every descriptor above stderr but `keep`: what a freshly
+/// exec'd zygote inherited without close-on-exec (a test harness's, a
+/// jobserver's) is not its plugins' and must not reach its workers. Call
+/// once, first thing after `exec`.
+///
+/// # Safety
+/// No object in this process may own a descriptor above 2 other than
+/// `keep` (it would be closed under it).
+pub unsafe fn close_inherited_fds(keep: RawFd) {
+    let close = |from: RawFd, to: u32| {
+        // SAFETY: close_range takes plain integers; the caller guarantees
+        // nothing owns the descriptors it closes.
+        unsafe { libc::syscall(libc::SYS_close_range, from as u32, to, 0u32) };
+    };
+    if keep > LISTEN_FDS_START {
+        close(LISTEN_FDS_START, (keep - 1) as u32);
+    }
+    close(keep.max(LISTEN_FDS_START - 1) + 1, u32::MAX);
 }
 
 /// Moves `fd` to the lowest free descriptor number from 3 (close-on-exec),

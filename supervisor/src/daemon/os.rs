@@ -541,7 +541,9 @@ async fn instance(
     log.note(&format!("launched in pid {pid}"));
     // One pidfd per worker: the actor signals through it, this task learns
     // of the exit and reaps through it.
-    let crate::pool::Worker { pidfd, link, .. } = worker;
+    let crate::pool::Worker {
+        pidfd, mut link, ..
+    } = worker;
     let pidfd = Arc::new(pidfd);
     send(
         Some(pid),

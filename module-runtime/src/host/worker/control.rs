@@ -11,7 +11,8 @@ use super::deadline::ready_wait;
 use super::grants::attach;
 use super::shared::Shared;
 use crate::manifest::Manifest;
-use crate::protocol::{self, LogLevel, ToWorker, WorkerChannel};
+use crate::protocol::{LogLevel, ToWorker, WorkerChannel};
+use crate::transport::LinkError;
 
 /// The worker's one helper thread: reads the control socket (`Stop`,
 /// `Attach`), turns SIGTERM/SIGINT into a graceful stop, and enforces the
@@ -21,7 +22,7 @@ use crate::protocol::{self, LogLevel, ToWorker, WorkerChannel};
 /// a thread start is a noticeable part of a launch on a small VM.
 pub(super) fn start_control_thread(
     shared: &'static Shared,
-    chan: WorkerChannel,
+    mut chan: WorkerChannel,
     sigs: nix::sys::signal::SigSet,
     stop_deadline: Duration,
     (launched, start_deadline): (Instant, Duration),
@@ -92,17 +93,21 @@ pub(super) fn start_control_thread(
                 }
             }
             if sock_ready {
-                match chan.recv() {
-                    Ok((ToWorker::Stop { deadline }, _)) => {
+                match chan.try_recv() {
+                    Ok(Some((ToWorker::Stop { deadline }, _))) => {
                         shared.request_shutdown(deadline, "stop requested")
                     }
-                    Ok((ToWorker::Attach(grants), fds)) => attach(shared, &manifest, grants, fds),
-                    Ok((ToWorker::Launch(_), _)) => shared.log(
+                    Ok(Some((ToWorker::Attach(grants), fds))) => {
+                        attach(shared, &manifest, grants, fds)
+                    }
+                    Ok(Some((ToWorker::Launch(_), _))) => shared.log(
                         LogLevel::Warn,
                         "ember::worker",
                         "ignoring a second launch order",
                     ),
-                    Err(protocol::ChannelError::Closed) => {
+                    // Part of a message; the rest follows.
+                    Ok(None) => {}
+                    Err(LinkError::Closed) => {
                         shared.request_shutdown(stop_deadline, "control socket closed");
                         return;
                     }

@@ -12,7 +12,8 @@ use std::os::fd::OwnedFd;
 
 use super::{loader, plugins, process, sandbox};
 use crate::abi;
-use crate::protocol::{self, Failure, FailureKind, FromWorker, Stage, ToWorker, WorkerChannel};
+use crate::protocol::{Failure, FailureKind, FromWorker, Stage, ToWorker, WorkerChannel};
+use crate::transport::LinkError;
 
 mod callbacks;
 mod control;
@@ -43,7 +44,7 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
         idle_exit(exit::LAUNCH);
     }
     process::set_process_name("ember: warm");
-    let chan = WorkerChannel::new(control);
+    let mut chan = WorkerChannel::new(control);
     let idle = FromWorker::Idle {
         pid: std::process::id(),
         abi_version: abi::ABI_VERSION,
@@ -60,12 +61,7 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
             Ok((ToWorker::Launch(o), fds)) => break (o, fds),
             // Nothing to attach to yet: drop the descriptors.
             Ok((ToWorker::Attach(_), _)) => continue,
-            Ok((ToWorker::Stop { .. }, _)) | Err(protocol::ChannelError::Closed) => {
-                idle_exit(exit::OK)
-            }
-            Err(protocol::ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
-                continue
-            }
+            Ok((ToWorker::Stop { .. }, _)) | Err(LinkError::Closed) => idle_exit(exit::OK),
             // A launch order that did not arrive whole (descriptors cut
             // off, a garbled frame): said, not a silent exit.
             Err(e) => {

@@ -12,7 +12,8 @@ use nix::sys::timerfd::TimerFd;
 
 use super::exit;
 use crate::abi::FfiGrant;
-use crate::protocol::{self, Failure, FailureKind, FromWorker, LogLevel, Message, Stage, State};
+use crate::protocol::{Failure, FailureKind, FromWorker, LogLevel, Message, Stage, State};
+use crate::transport::send_packet;
 
 pub(super) struct Shared {
     pub(super) sock: OwnedFd,
@@ -45,7 +46,7 @@ unsafe impl Sync for Shared {}
 
 impl Shared {
     pub(super) fn send(&self, msg: &FromWorker) {
-        if protocol::send_frame(self.sock.as_fd(), &msg.encode(), &[]).is_err() {
+        if send_packet(self.sock.as_fd(), &msg.encode(), &[]).is_err() {
             // The parent is gone or not listening: keep the record on stderr.
             eprintln!("[{}] {msg:?}", self.identity);
         }
