@@ -17,6 +17,9 @@ use codec::{kind, open_frame, Enc};
 pub use codec::{DecodeError, Message, MAX_FRAME, PROTOCOL_VERSION};
 pub use zygote::{FromZygote, ToZygote, WorkerExit};
 
+/// Most cgroups one `JoinCgroups` names (one per hierarchy in use).
+pub const MAX_CGROUPS: u32 = 8;
+
 /// A descriptor grant in a launch order. The descriptors travel as
 /// `SCM_RIGHTS` in grant order, [`GrantKind::fd_count`] each.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +110,15 @@ pub enum ToWorker {
     /// More descriptor grants for the running instance (descriptors
     /// attached), e.g. the server end for a newly launched importer.
     Attach(Vec<Grant>),
+    /// Join the cgroups whose `tasks` files (cgroup v1, opened for writing
+    /// by the parent) are attached, `count` of them: the worker writes `0`
+    /// to each (it moves its own, only thread, which spares the kernel's
+    /// global threadgroup lock and its RCU grace period) and closes them.
+    /// For an idle worker; a running instance ignores it.
+    JoinCgroups {
+        /// How many `tasks` files are attached.
+        count: u32,
+    },
     /// Stop gracefully; the process must be gone within `deadline`.
     Stop {
         /// Time the module gets to wind down.
@@ -207,6 +219,8 @@ pub enum FailureKind {
     /// The sandbox could not be applied (uid switch, seccomp, Landlock);
     /// the module's code was not loaded.
     Sandbox = 12,
+    /// The idle worker could not join its cgroup (`JoinCgroups`).
+    Cgroup = 13,
 }
 
 impl FailureKind {
@@ -225,6 +239,7 @@ impl FailureKind {
             10 => MemoryLimitExceeded,
             11 => Crashed,
             12 => Sandbox,
+            13 => Cgroup,
             _ => return None,
         })
     }
@@ -322,6 +337,7 @@ impl Message for ToWorker {
             ToWorker::Launch(o) => o.fd_count(),
             ToWorker::Attach(grants) => fd_count(grants),
             ToWorker::Stop { .. } => 0,
+            ToWorker::JoinCgroups { count } => *count as usize,
         }
     }
 
@@ -356,6 +372,11 @@ impl Message for ToWorker {
             ToWorker::Attach(grants) => {
                 let mut e = Enc::new(kind::ATTACH);
                 e.grants(grants);
+                e.finish()
+            }
+            ToWorker::JoinCgroups { count } => {
+                let mut e = Enc::new(kind::JOIN_CGROUPS);
+                e.u32(*count);
                 e.finish()
             }
             ToWorker::Stop { deadline } => {
@@ -409,6 +430,15 @@ impl Message for ToWorker {
                 })
             }
             kind::ATTACH => ToWorker::Attach(d.grants()?),
+            kind::JOIN_CGROUPS => match d.u32("cgroup count")? {
+                count @ 1..=MAX_CGROUPS => ToWorker::JoinCgroups { count },
+                v => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "cgroup count",
+                        value: v.into(),
+                    })
+                }
+            },
             kind::STOP => ToWorker::Stop {
                 deadline: Duration::from_millis(d.u64("stop deadline")?),
             },
@@ -602,6 +632,7 @@ mod tests {
                 kind: GrantKind::Export,
                 name: "kv".into(),
             }]),
+            ToWorker::JoinCgroups { count: 2 },
         ]
     }
 
@@ -714,6 +745,14 @@ mod tests {
                 .to_string(),
             "unknown frame kind 100 for a parent → worker message"
         );
+        for count in [0, MAX_CGROUPS + 1] {
+            let mut e = Enc::new(kind::JOIN_CGROUPS);
+            e.u32(count);
+            assert_eq!(
+                ToWorker::decode(&e.finish()).unwrap_err().to_string(),
+                format!("invalid value {count} for cgroup count")
+            );
+        }
     }
 
     proptest::proptest! {

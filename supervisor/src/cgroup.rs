@@ -30,6 +30,7 @@
 //! assert_eq!(d.cpu_mechanism(), Mechanism::None);
 //! ```
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -451,26 +452,53 @@ impl Limiter {
         format!("idle.{pid}")
     }
 
-    /// Moves a fresh idle worker into a cgroup of its own, ahead of any
-    /// launch. Attaching a process to a new cgroup waits for an RCU grace
-    /// period (about 8 ms on this project's VMs), so the pool does it while
-    /// refilling, off the launch path; [`Limiter::enter`] then only renames
-    /// the directory and writes the limits.
-    pub fn adopt(&self, pid: i32) -> Result<(), CgroupError> {
-        for (_, _, parent) in &self.parents {
+    /// Puts a fresh idle worker into a cgroup of its own (`idle.<pid>`),
+    /// ahead of any launch; [`Limiter::enter`] then only renames the
+    /// directory and writes the limits.
+    ///
+    /// A parent attaching a process (writing its pid to `cgroup.procs`)
+    /// takes the kernel's global threadgroup lock, which waits for an RCU
+    /// grace period: 5 to 15 ms on this project's VMs, the tail of a launch
+    /// that found no idle worker. A single-threaded process that moves its
+    /// own thread does not (Linux 5.19 and later). So in a v1 hierarchy
+    /// this returns the cgroup's `tasks` file, opened for writing, for the
+    /// worker to join itself (`ToWorker::JoinCgroups`, before anything
+    /// else it is sent); in a v2 hierarchy, where a thread cannot move
+    /// between domain cgroups on its own, emberd attaches it here.
+    pub fn adopt(&self, pid: i32) -> Result<Vec<OwnedFd>, CgroupError> {
+        let mut join: Vec<OwnedFd> = Vec::new();
+        let mut done: Vec<PathBuf> = Vec::new();
+        for (_, version, parent) in &self.parents {
             let dir = parent.join(Self::idle_name(pid));
+            if done.contains(&dir) {
+                continue;
+            }
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_at(&dir)(e)),
             }
-            let f = dir.join("cgroup.procs");
-            if let Err(e) = std::fs::write(&f, pid.to_string()) {
+            let attached = match version {
+                Version::V1 => {
+                    let f = dir.join("tasks");
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&f)
+                        .map(|file| join.push(OwnedFd::from(file)))
+                        .map_err(io_at(&f))
+                }
+                Version::V2 => {
+                    let f = dir.join("cgroup.procs");
+                    std::fs::write(&f, pid.to_string()).map_err(io_at(&f))
+                }
+            };
+            if let Err(e) = attached {
                 let _ = std::fs::remove_dir(&dir);
-                return Err(io_at(&f)(e));
+                return Err(e);
             }
+            done.push(dir);
         }
-        Ok(())
+        Ok(join)
     }
 
     /// Removes the cgroup of an idle worker that died or was discarded
@@ -863,6 +891,25 @@ mod tests {
             l.instance_dirs("kv", 0, 5),
             vec![t.0.join("memory/ember-7/kv.0.5")]
         );
+        // v1: adopting opens the idle cgroup's `tasks` file for the worker
+        // to join itself; emberd writes no pid.
+        t.file("memory/ember-7/idle.6/tasks", "");
+        let tasks = l.adopt(6).unwrap();
+        assert_eq!(tasks.len(), 1);
+        nix::unistd::write(&tasks[0], b"0").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(t.0.join("memory/ember-7/idle.6/tasks")).unwrap(),
+            "0"
+        );
+        // Without the file (not a cgroup), the error names it and the
+        // directory made for it is removed again.
+        let e = l.adopt(8).unwrap_err();
+        assert_eq!(e.path, t.0.join("memory/ember-7/idle.8/tasks"));
+        assert!(!t.0.join("memory/ember-7/idle.8").exists());
+        drop(tasks);
+        std::fs::remove_file(t.0.join("memory/ember-7/idle.6/tasks")).unwrap();
+        l.release_idle(6);
+        assert!(!t.0.join("memory/ember-7/idle.6").exists());
         l.shutdown();
         assert!(!t.0.join("memory/ember-7").exists());
     }

@@ -159,6 +159,13 @@ impl WorkerLink {
         self.send(&ToWorker::Stop { deadline }, &[]).await
     }
 
+    /// Has an idle worker join the cgroups whose `tasks` files these are
+    /// (see `Limiter::adopt`).
+    pub async fn join_cgroups(&self, tasks: &[BorrowedFd<'_>]) -> Result<(), LinkError> {
+        let count = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+        self.send(&ToWorker::JoinCgroups { count }, tasks).await
+    }
+
     /// Hands a running instance more grants (service ends).
     pub async fn attach(&self, grants: &[Grant], fds: &[BorrowedFd<'_>]) -> Result<(), LinkError> {
         self.send(&ToWorker::Attach(grants.to_vec()), fds).await

@@ -453,8 +453,18 @@ fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>) -> Fork {
             // Into its own cgroup now, while nobody waits for it.
             let pid = w.pid;
             let adopted = tokio::task::spawn_blocking(move || limiter.adopt(pid)).await;
-            if let Ok(Err(e)) = adopted {
-                tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+            match adopted {
+                // It joins them itself before it reads a launch order.
+                Ok(Ok(tasks)) if !tasks.is_empty() => {
+                    let tasks: Vec<_> = tasks.iter().map(AsFd::as_fd).collect();
+                    if let Err(e) = w.link.join_cgroups(&tasks).await {
+                        tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+                }
+                _ => {}
             }
         }
         (zygote, t0, r)

@@ -100,6 +100,7 @@ pub(crate) mod kind {
     pub(crate) const ATTACH: u16 = 3;
     /// More descriptors of the message before it (no body); any direction.
     pub(crate) const MORE_FDS: u16 = 4;
+    pub(crate) const JOIN_CGROUPS: u16 = 5;
     // Worker → parent.
     pub(crate) const IDLE: u16 = 100;
     pub(crate) const TRANSITION: u16 = 101;

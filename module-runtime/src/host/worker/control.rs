@@ -105,6 +105,11 @@ pub(super) fn start_control_thread(
                         "ember::worker",
                         "ignoring a second launch order",
                     ),
+                    Ok(Some((ToWorker::JoinCgroups { .. }, _))) => shared.log(
+                        LogLevel::Warn,
+                        "ember::worker",
+                        "ignoring a cgroup join after launch",
+                    ),
                     // Part of a message; the rest follows.
                     Ok(None) => {}
                     Err(LinkError::Closed) => {

@@ -61,6 +61,22 @@ pub fn run(control: OwnedFd, parent: Option<nix::unistd::Pid>) -> ! {
             Ok((ToWorker::Launch(o), fds)) => break (o, fds),
             // Nothing to attach to yet: drop the descriptors.
             Ok((ToWorker::Attach(_), _)) => continue,
+            Ok((ToWorker::JoinCgroups { .. }, tasks)) => {
+                if let Err(e) = process::join_cgroups(&tasks) {
+                    let _ = chan.send(
+                        &FromWorker::Failed(Failure {
+                            stage: Stage::Launch,
+                            kind: FailureKind::Cgroup,
+                            message: format!(
+                                "cannot join its cgroup: {}",
+                                crate::sdk::error_chain(&e)
+                            ),
+                        }),
+                        &[],
+                    );
+                    idle_exit(exit::LAUNCH)
+                }
+            }
             Ok((ToWorker::Stop { .. }, _)) | Err(LinkError::Closed) => idle_exit(exit::OK),
             // A launch order that did not arrive whole (descriptors cut
             // off, a garbled frame): said, not a silent exit.
