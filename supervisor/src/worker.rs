@@ -1,5 +1,5 @@
 //! The worker control protocol as the supervisor speaks it: module-runtime's
-//! `protocol` (docs/abi.md, "Worker control protocol"), used as is. The
+//! `protocol` (docs/abi.md §4, "Control protocol"), used as is. The
 //! worker body is module-runtime's `host::worker::run`, called by the
 //! zygote's fork path.
 //!
