@@ -445,11 +445,15 @@ type Fork = std::pin::Pin<
     Box<dyn std::future::Future<Output = (Zygote, Instant, Result<Worker, WorkerError>)> + Send>,
 >;
 
-fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>) -> Fork {
+/// Forks a worker; with `adopt`, puts it into a cgroup of its own while
+/// nobody waits for it (a refill). A fork for a waiting launch skips that:
+/// the launch's `Limiter::enter` makes its cgroup, one step instead of two
+/// on the launch's path (each a hop through the blocking pool).
+fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>, adopt: bool) -> Fork {
     Box::pin(async move {
         let t0 = Instant::now();
         let r = make_worker(&mut zygote).await;
-        if let Ok(w) = &r {
+        if let Some(w) = r.as_ref().ok().filter(|_| adopt) {
             // Into its own cgroup now, while nobody waits for it.
             let pid = w.pid;
             let adopted = tokio::task::spawn_blocking(move || limiter.adopt(pid)).await;
@@ -520,7 +524,10 @@ async fn run(
                 break;
             }
             if !waiting.is_empty() || (pool.needs_refill() && pool.refill_due()) {
-                in_flight = zygote.take().map(|z| start_fork(z, pool.limiter.clone()));
+                let adopt = waiting.is_empty();
+                in_flight = zygote
+                    .take()
+                    .map(|z| start_fork(z, pool.limiter.clone(), adopt));
             }
         }
         // Wake up for a fork retry, when a deferred refill falls due, or to
