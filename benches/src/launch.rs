@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use module_runtime::abi::GrantKind;
 use module_runtime::host::{self, PluginSpec};
-use module_runtime::protocol::{
-    self, ChannelError, FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker,
-};
+use module_runtime::protocol::{FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker};
+use module_runtime::transport::{self, LinkError};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -42,7 +41,7 @@ pub enum LaunchError {
         what: &'static str,
         /// Why.
         #[source]
-        source: ChannelError,
+        source: LinkError,
     },
     /// The worker reported a failure.
     #[error("worker {pid} failed: {message}")]
@@ -60,7 +59,10 @@ pub enum LaunchError {
     Plugins(#[from] host::PluginError),
     /// Forking failed.
     #[error("cannot fork a worker")]
-    Fork(#[from] host::ProcessError),
+    Fork(#[from] host::ForkError),
+    /// This process could not become its workers' reaper.
+    #[error("cannot become a child subreaper")]
+    Subreaper(#[source] nix::Error),
 }
 
 /// The base: the plugin every worker inherits, initialized.
@@ -125,7 +127,7 @@ impl Worker {
         self.pid
     }
 
-    fn channel(&self, what: &'static str) -> impl FnOnce(ChannelError) -> LaunchError {
+    fn channel(&self, what: &'static str) -> impl FnOnce(LinkError) -> LaunchError {
         let pid = self.pid;
         move |source| LaunchError::Channel { pid, what, source }
     }
@@ -328,7 +330,7 @@ pub struct ColdPending {
 /// start with [`ColdPending::finish`] or [`ColdPending::finish_sharing`].
 pub fn cold_spawn(exe: &Path, base: &Base) -> Result<ColdPending, LaunchError> {
     let (ours, theirs) =
-        protocol::socket_pair().map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))?;
+        transport::socket_pair().map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))?;
     let raw = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg(COLD_FLAG)
@@ -434,21 +436,26 @@ pub fn run_cold_child_if_requested() {
 }
 
 /// Loads and initializes `base` into this process, which becomes the
-/// zygote. Call once, while the process is single-threaded.
+/// zygote, and the reaper of the workers it forks (a child subreaper: the
+/// fork path's intermediate process exits and leaves each worker to it, as
+/// emberd's zygote leaves them to emberd). Call once, while the process is
+/// single-threaded.
 pub fn zygote_load(base: &Base) -> Result<(), LaunchError> {
     host::load_plugins(&[PluginSpec {
         path: base.plugin.clone(),
         config: base.config.clone(),
     }])?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(LaunchError::Subreaper)?;
     Ok(())
 }
 
-/// Forks a warm worker from this (zygote) process and waits for its `Idle`.
+/// Forks a warm worker from this (zygote) process through the fork path
+/// emberd's zygote uses, and waits for its `Idle`.
 pub fn zygote_fork(timeout: Duration) -> Result<Worker, LaunchError> {
-    let (pid, chan) = host::fork_worker(&[])?;
+    let new = host::fork_worker(&[], nix::unistd::getpid())?;
     let mut w = Worker {
-        pid: pid.as_raw() as u32,
-        chan,
+        pid: new.pid.as_raw() as u32,
+        chan: ParentChannel::new(new.channel),
         reaped: false,
     };
     w.wait_idle(timeout)?;

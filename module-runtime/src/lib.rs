@@ -43,6 +43,7 @@ pub mod manifest;
 pub mod protocol;
 pub mod sdk;
 pub mod service;
+pub mod transport;
 
 #[cfg(feature = "tokio")]
 pub use sdk::AsyncModule;

@@ -1,24 +1,24 @@
-//! The worker control protocol: the typed messages a parent (the supervisor,
-//! or a test zygote) and a worker exchange over a `SOCK_SEQPACKET` Unix
-//! socket, one message per packet, descriptors attached with `SCM_RIGHTS`.
-//! Wire format: `docs/abi.md`, section "Worker control protocol".
-//!
-//! Every frame is `magic "EMBW" | u16 version | u16 kind | u32 body_len | body`,
-//! little-endian. Strings are `u32 len | UTF-8`. The length prefix also lets
-//! the frames travel over a stream transport.
+//! The control protocol: the typed messages emberd, the zygote and the
+//! workers exchange, one codec for all of them ([`codec`]: `EMBW` frames),
+//! carried by [`crate::transport`] (`SOCK_SEQPACKET`, descriptors with
+//! `SCM_RIGHTS`). This file holds the worker's messages (parent ↔ worker);
+//! [`zygote`] the zygote's (supervisor ↔ zygote) and the fork path's
+//! hand-off. Wire format: `docs/abi.md` §4.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+pub mod codec;
+pub mod zygote;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::abi::GrantKind;
+use crate::transport::Link;
+use codec::{kind, open_frame, Enc};
+pub use codec::{DecodeError, Message, MAX_FRAME, PROTOCOL_VERSION};
+pub use zygote::{FromZygote, ToZygote, WorkerExit};
 
-/// Protocol version carried in every frame.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Largest frame accepted (header included).
-pub const MAX_FRAME: usize = 1 << 20;
-const MAGIC: [u8; 4] = *b"EMBW";
-const HEADER: usize = 12;
+/// Most cgroups one `JoinCgroups` names (one per hierarchy in use).
+pub const MAX_CGROUPS: u32 = 8;
 
 /// A descriptor grant in a launch order. The descriptors travel as
 /// `SCM_RIGHTS` in grant order, [`GrantKind::fd_count`] each.
@@ -110,6 +110,15 @@ pub enum ToWorker {
     /// More descriptor grants for the running instance (descriptors
     /// attached), e.g. the server end for a newly launched importer.
     Attach(Vec<Grant>),
+    /// Join the cgroups whose `tasks` files (cgroup v1, opened for writing
+    /// by the parent) are attached, `count` of them: the worker writes `0`
+    /// to each (it moves its own, only thread, which spares the kernel's
+    /// global threadgroup lock and its RCU grace period) and closes them.
+    /// For an idle worker; a running instance ignores it.
+    JoinCgroups {
+        /// How many `tasks` files are attached.
+        count: u32,
+    },
     /// Stop gracefully; the process must be gone within `deadline`.
     Stop {
         /// Time the module gets to wind down.
@@ -210,6 +219,8 @@ pub enum FailureKind {
     /// The sandbox could not be applied (uid switch, seccomp, Landlock);
     /// the module's code was not loaded.
     Sandbox = 12,
+    /// The idle worker could not join its cgroup (`JoinCgroups`).
+    Cgroup = 13,
 }
 
 impl FailureKind {
@@ -228,6 +239,7 @@ impl FailureKind {
             10 => MemoryLimitExceeded,
             11 => Crashed,
             12 => Sandbox,
+            13 => Cgroup,
             _ => return None,
         })
     }
@@ -317,244 +329,15 @@ pub enum FromWorker {
     },
 }
 
-/// A frame that could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    /// Shorter than its header or its declared body.
-    #[error("frame truncated")]
-    Truncated,
-    /// Wrong magic.
-    #[error("bad frame magic")]
-    BadMagic,
-    /// Unsupported protocol version.
-    #[error("unsupported protocol version {0}")]
-    Version(u16),
-    /// Unknown frame kind.
-    #[error("unknown frame kind {0}")]
-    UnknownKind(u16),
-    /// A field held a value outside its enum.
-    #[error("invalid value {value} for {field}")]
-    InvalidValue {
-        /// Field.
-        field: &'static str,
-        /// Value.
-        value: u32,
-    },
-    /// A string was not UTF-8.
-    #[error("string is not UTF-8")]
-    Utf8,
-    /// Bytes left after the body.
-    #[error("trailing bytes after frame body")]
-    Trailing,
-    /// Larger than [`MAX_FRAME`].
-    #[error("frame too large")]
-    TooLarge,
-}
-
-mod kind {
-    pub const LAUNCH: u16 = 1;
-    pub const STOP: u16 = 2;
-    pub const ATTACH: u16 = 3;
-    /// More descriptors of the message before it (no body).
-    pub const MORE_FDS: u16 = 4;
-    pub const IDLE: u16 = 100;
-    pub const TRANSITION: u16 = 101;
-    pub const FAILED: u16 = 102;
-    pub const LOG: u16 = 103;
-    pub const SANDBOXED: u16 = 104;
-}
-
-struct Enc(Vec<u8>);
-
-impl Enc {
-    fn new(kind: u16) -> Self {
-        let mut v = Vec::with_capacity(64);
-        v.extend_from_slice(&MAGIC);
-        v.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        v.extend_from_slice(&kind.to_le_bytes());
-        v.extend_from_slice(&0u32.to_le_bytes());
-        Self(v)
-    }
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn str(&mut self, s: &str) {
-        // Strings longer than u32::MAX cannot be framed anyway (MAX_FRAME).
-        self.u32(u32::try_from(s.len()).unwrap_or(u32::MAX));
-        self.0.extend_from_slice(s.as_bytes());
-    }
-    fn grants(&mut self, grants: &[Grant]) {
-        self.u32(u32::try_from(grants.len()).unwrap_or(u32::MAX));
-        for g in grants {
-            self.u32(g.kind as u32);
-            self.str(&g.name);
-        }
-    }
-    fn strs<'s>(&mut self, v: impl ExactSizeIterator<Item = &'s str>) {
-        self.u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
-        for x in v {
-            self.str(x);
-        }
-    }
-    fn finish(mut self) -> Vec<u8> {
-        let body = u32::try_from(self.0.len() - HEADER).unwrap_or(u32::MAX);
-        self.0[8..12].copy_from_slice(&body.to_le_bytes());
-        self.0
-    }
-}
-
-struct Dec<'a>(&'a [u8]);
-
-impl<'a> Dec<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.0.len() < n {
-            return Err(DecodeError::Truncated);
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn grants(&mut self) -> Result<Vec<Grant>, DecodeError> {
-        let n = self.u32()?;
-        let mut grants = Vec::new();
-        for _ in 0..n {
-            let v = self.u32()?;
-            let kind = GrantKind::from_u32(v).ok_or(DecodeError::InvalidValue {
-                field: "grant kind",
-                value: v,
-            })?;
-            grants.push(Grant {
-                kind,
-                name: self.str()?,
-            });
-        }
-        Ok(grants)
-    }
-    fn strs(&mut self) -> Result<Vec<String>, DecodeError> {
-        let n = self.u32()?;
-        let mut v = Vec::new();
-        for _ in 0..n {
-            v.push(self.str()?);
-        }
-        Ok(v)
-    }
-    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(DecodeError::InvalidValue {
-                field,
-                value: v.into(),
-            }),
-        }
-    }
-    fn str(&mut self) -> Result<String, DecodeError> {
-        let n = self.u32()? as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Utf8)
-    }
-}
-
-/// Splits a frame into `(kind, body)` after checking its header.
-fn open_frame(buf: &[u8]) -> Result<(u16, &[u8]), DecodeError> {
-    if buf.len() > MAX_FRAME {
-        return Err(DecodeError::TooLarge);
-    }
-    let mut d = Dec(buf);
-    if d.take(4)? != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let version = d.u16()?;
-    if version != PROTOCOL_VERSION {
-        return Err(DecodeError::Version(version));
-    }
-    let kind = d.u16()?;
-    let len = d.u32()? as usize;
-    let body = d.take(len)?;
-    if !d.0.is_empty() {
-        return Err(DecodeError::Trailing);
-    }
-    Ok((kind, body))
-}
-
-fn done(d: Dec<'_>) -> Result<(), DecodeError> {
-    if d.0.is_empty() {
-        Ok(())
-    } else {
-        Err(DecodeError::Trailing)
-    }
-}
-
-/// A message type of the protocol.
-pub trait Message: Sized {
-    /// Encodes the frame.
-    fn encode(&self) -> Vec<u8>;
-    /// Decodes one complete frame.
-    fn decode(buf: &[u8]) -> Result<Self, DecodeError>;
-    /// How many descriptors travel with this message.
-    fn fd_count(&self) -> usize {
-        0
-    }
-}
-
-/// Most descriptors one packet carries (what a receiver makes room for);
-/// a message with more sends the rest in continuation packets.
-pub const FDS_PER_PACKET: usize = shm_ipc::fdpass::MAX_FDS;
-
-/// A continuation packet's frame: it carries the next descriptors of the
-/// message before it, and nothing else.
-pub fn more_fds_frame() -> Vec<u8> {
-    Enc::new(kind::MORE_FDS).finish()
-}
-
-/// The packets one message travels in: its frame with the first
-/// [`FDS_PER_PACKET`] descriptors, then continuation frames with the rest,
-/// in order. The receiver ([`Channel::recv`]) reassembles them by the count
-/// the message declares.
-pub fn packets<'a, 'f>(
-    frame: Vec<u8>,
-    fds: &'a [BorrowedFd<'f>],
-) -> impl Iterator<Item = (Vec<u8>, &'a [BorrowedFd<'f>])> {
-    let first = fds.len().min(FDS_PER_PACKET);
-    std::iter::once((frame, &fds[..first])).chain(
-        fds[first..]
-            .chunks(FDS_PER_PACKET)
-            .map(|c| (more_fds_frame(), c)),
-    )
-}
-
 impl Message for ToWorker {
+    const DIRECTION: &'static str = "parent → worker";
+
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::Launch(o) => o.fd_count(),
             ToWorker::Attach(grants) => fd_count(grants),
             ToWorker::Stop { .. } => 0,
+            ToWorker::JoinCgroups { count } => *count as usize,
         }
     }
 
@@ -572,7 +355,7 @@ impl Message for ToWorker {
                     Some(sb) => {
                         e.u8(1);
                         let (uid, gid) = sb.ids.unwrap_or((0, 0));
-                        e.u8(u8::from(sb.ids.is_some()));
+                        e.flag(sb.ids.is_some());
                         e.u32(uid);
                         e.u32(gid);
                         e.strs(sb.allow_syscalls.iter().map(String::as_str));
@@ -591,6 +374,11 @@ impl Message for ToWorker {
                 e.grants(grants);
                 e.finish()
             }
+            ToWorker::JoinCgroups { count } => {
+                let mut e = Enc::new(kind::JOIN_CGROUPS);
+                e.u32(*count);
+                e.finish()
+            }
             ToWorker::Stop { deadline } => {
                 let mut e = Enc::new(kind::STOP);
                 e.u64(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX));
@@ -600,31 +388,34 @@ impl Message for ToWorker {
     }
 
     fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
-        let (k, body) = open_frame(buf)?;
-        let mut d = Dec(body);
+        let (k, mut d) = open_frame(buf)?;
         let msg = match k {
             kind::LAUNCH => {
-                let artifact = PathBuf::from(d.str()?);
-                let manifest = d.str()?;
-                let replica = d.u32()?;
-                let memory_enforced = match d.u32()? {
+                let artifact = PathBuf::from(d.str("artifact")?);
+                let manifest = d.str("manifest")?;
+                let replica = d.u32("replica")?;
+                let memory_enforced = match d.u32("memory enforced")? {
                     0 => false,
                     1 => true,
                     value => {
                         return Err(DecodeError::InvalidValue {
                             field: "memory enforced",
-                            value,
+                            value: value.into(),
                         })
                     }
                 };
                 let grants = d.grants()?;
                 let sandbox = if d.flag("sandbox")? {
-                    let own = d.flag("sandbox ids")?;
-                    let ids = (d.u32()?, d.u32()?);
+                    let own = d.flag("sandbox own ids")?;
+                    let ids = (d.u32("sandbox uid")?, d.u32("sandbox gid")?);
                     Some(SandboxOrder {
                         ids: own.then_some(ids),
-                        allow_syscalls: d.strs()?,
-                        writable: d.strs()?.into_iter().map(PathBuf::from).collect(),
+                        allow_syscalls: d.strs("allowed syscalls")?,
+                        writable: d
+                            .strs("writable paths")?
+                            .into_iter()
+                            .map(PathBuf::from)
+                            .collect(),
                     })
                 } else {
                     None
@@ -639,17 +430,33 @@ impl Message for ToWorker {
                 })
             }
             kind::ATTACH => ToWorker::Attach(d.grants()?),
-            kind::STOP => ToWorker::Stop {
-                deadline: Duration::from_millis(d.u64()?),
+            kind::JOIN_CGROUPS => match d.u32("cgroup count")? {
+                count @ 1..=MAX_CGROUPS => ToWorker::JoinCgroups { count },
+                v => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "cgroup count",
+                        value: v.into(),
+                    })
+                }
             },
-            other => return Err(DecodeError::UnknownKind(other)),
+            kind::STOP => ToWorker::Stop {
+                deadline: Duration::from_millis(d.u64("stop deadline")?),
+            },
+            other => {
+                return Err(DecodeError::UnknownKind {
+                    kind: other,
+                    direction: Self::DIRECTION,
+                })
+            }
         };
-        done(d)?;
+        d.finish()?;
         Ok(msg)
     }
 }
 
 impl Message for FromWorker {
+    const DIRECTION: &'static str = "worker → parent";
+
     fn encode(&self) -> Vec<u8> {
         match self {
             FromWorker::Idle {
@@ -680,9 +487,9 @@ impl Message for FromWorker {
                 let mut e = Enc::new(kind::SANDBOXED);
                 e.u32(r.uid);
                 e.u32(r.gid);
-                e.u8(u8::from(r.own_ids));
-                e.u8(u8::from(r.no_new_privs));
-                e.u8(u8::from(r.dumpable));
+                e.flag(r.own_ids);
+                e.flag(r.no_new_privs);
+                e.flag(r.dumpable);
                 e.str(&r.seccomp);
                 e.str(&r.landlock);
                 let w: Vec<String> = r
@@ -708,32 +515,31 @@ impl Message for FromWorker {
     }
 
     fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
-        let (k, body) = open_frame(buf)?;
-        let mut d = Dec(body);
+        let (k, mut d) = open_frame(buf)?;
         let msg = match k {
             kind::IDLE => FromWorker::Idle {
-                pid: d.u32()?,
-                abi_version: d.u32()?,
-                sdk_version: d.str()?,
+                pid: d.u32("pid")?,
+                abi_version: d.u32("abi version")?,
+                sdk_version: d.str("sdk version")?,
             },
             kind::TRANSITION => {
-                let v = d.u8()?;
+                let v = d.u8("state")?;
                 let state = State::from_u8(v).ok_or(DecodeError::InvalidValue {
                     field: "state",
                     value: v.into(),
                 })?;
                 FromWorker::Transition {
                     state,
-                    detail: d.str()?,
+                    detail: d.str("detail")?,
                 }
             }
             kind::FAILED => {
-                let v = d.u8()?;
+                let v = d.u8("stage")?;
                 let stage = Stage::from_u8(v).ok_or(DecodeError::InvalidValue {
                     field: "stage",
                     value: v.into(),
                 })?;
-                let v = d.u16()?;
+                let v = d.u16("failure kind")?;
                 let kind = FailureKind::from_u16(v).ok_or(DecodeError::InvalidValue {
                     field: "failure kind",
                     value: v.into(),
@@ -741,220 +547,52 @@ impl Message for FromWorker {
                 FromWorker::Failed(Failure {
                     stage,
                     kind,
-                    message: d.str()?,
+                    message: d.str("message")?,
                 })
             }
             kind::SANDBOXED => FromWorker::Sandboxed(SandboxReport {
-                uid: d.u32()?,
-                gid: d.u32()?,
+                uid: d.u32("uid")?,
+                gid: d.u32("gid")?,
                 own_ids: d.flag("own ids")?,
                 no_new_privs: d.flag("no new privs")?,
                 dumpable: d.flag("dumpable")?,
-                seccomp: d.str()?,
-                landlock: d.str()?,
-                writable: d.strs()?.into_iter().map(PathBuf::from).collect(),
+                seccomp: d.str("seccomp")?,
+                landlock: d.str("landlock")?,
+                writable: d
+                    .strs("writable paths")?
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect(),
             }),
             kind::LOG => {
-                let level = LogLevel::from_u32(d.u8()?.into());
+                let level = LogLevel::from_u32(d.u8("log level")?.into());
                 FromWorker::Log {
                     level,
-                    target: d.str()?,
-                    message: d.str()?,
+                    target: d.str("log target")?,
+                    message: d.str("log message")?,
                 }
             }
-            other => return Err(DecodeError::UnknownKind(other)),
+            other => {
+                return Err(DecodeError::UnknownKind {
+                    kind: other,
+                    direction: Self::DIRECTION,
+                })
+            }
         };
-        done(d)?;
+        d.finish()?;
         Ok(msg)
     }
 }
 
-/// Errors sending or receiving a frame.
-#[derive(Debug, thiserror::Error)]
-pub enum ChannelError {
-    /// The socket call failed.
-    #[error("control socket i/o failed")]
-    Io(#[source] std::io::Error),
-    /// The peer closed the socket.
-    #[error("control socket closed by peer")]
-    Closed,
-    /// Nothing arrived in time.
-    #[error("timed out waiting for a control message")]
-    Timeout,
-    /// The frame did not decode.
-    #[error("malformed control message")]
-    Decode(#[source] DecodeError),
-    /// A message's descriptors did not all arrive (or more did).
-    #[error("a control message lists {expected} descriptors but {arrived} arrived")]
-    Descriptors {
-        /// What the message declares.
-        expected: usize,
-        /// What arrived with it and its continuation packets.
-        arrived: usize,
-    },
-}
-
-/// Creates a connected `SOCK_SEQPACKET` pair (close-on-exec) for a parent and
-/// a worker.
-pub fn socket_pair() -> Result<(OwnedFd, OwnedFd), ChannelError> {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| ChannelError::Io(e.into()))
-}
-
-/// One end of a control socket, sending `Out` and receiving `In`.
-#[derive(Debug)]
-pub struct Channel<Out, In> {
-    sock: OwnedFd,
-    _marker: std::marker::PhantomData<fn(Out) -> In>,
-}
-
-/// The parent's end.
-pub type ParentChannel = Channel<ToWorker, FromWorker>;
+/// The parent's end of a worker's link.
+pub type ParentChannel = Link<ToWorker, FromWorker>;
 /// The worker's end.
-pub type WorkerChannel = Channel<FromWorker, ToWorker>;
-
-impl<Out: Message, In: Message> Channel<Out, In> {
-    /// Wraps a connected `SOCK_SEQPACKET` socket.
-    pub fn new(sock: OwnedFd) -> Self {
-        Self {
-            sock,
-            _marker: std::marker::PhantomData,
-        }
-    }
-
-    /// The socket.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
-    }
-
-    /// Gives the socket back.
-    pub fn into_inner(self) -> OwnedFd {
-        self.sock
-    }
-
-    /// Sends one message with `fds` attached (in several packets if there
-    /// are more than [`FDS_PER_PACKET`]).
-    pub fn send(&self, msg: &Out, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
-        for (frame, fds) in packets(msg.encode(), fds) {
-            send_frame(self.sock.as_fd(), &frame, fds)?;
-        }
-        Ok(())
-    }
-
-    /// Receives one message, blocking.
-    pub fn recv(&self) -> Result<(In, Vec<OwnedFd>), ChannelError> {
-        self.recv_timeout(None)
-    }
-
-    /// Receives one message, waiting at most `timeout` (`None`: forever).
-    pub fn recv_timeout(
-        &self,
-        timeout: Option<Duration>,
-    ) -> Result<(In, Vec<OwnedFd>), ChannelError> {
-        if let Some(t) = timeout {
-            if !wait_readable(self.sock.as_fd(), t)? {
-                return Err(ChannelError::Timeout);
-            }
-        }
-        let mut buf = vec![0u8; MAX_FRAME];
-        let (n, mut fds) = self.recv_packet(&mut buf)?;
-        let msg = In::decode(&buf[..n]).map_err(ChannelError::Decode)?;
-        // The rest of its descriptors follow in continuation packets, sent
-        // back to back by the peer.
-        let expected = msg.fd_count();
-        while fds.len() < expected {
-            let short = ChannelError::Descriptors {
-                expected,
-                arrived: fds.len(),
-            };
-            if !wait_readable(self.sock.as_fd(), CONTINUATION_WAIT)? {
-                return Err(short);
-            }
-            let (n, more) = self.recv_packet(&mut buf)?;
-            match open_frame(&buf[..n]) {
-                Ok((kind::MORE_FDS, [])) if !more.is_empty() => fds.extend(more),
-                _ => return Err(short),
-            }
-        }
-        if fds.len() > expected {
-            return Err(ChannelError::Descriptors {
-                expected,
-                arrived: fds.len(),
-            });
-        }
-        Ok((msg, fds))
-    }
-
-    /// One packet and its descriptors; a truncated descriptor list (more
-    /// than [`FDS_PER_PACKET`] in one packet) is an error.
-    fn recv_packet(&self, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), ChannelError> {
-        let (n, fds) = loop {
-            match shm_ipc::fdpass::recv_with_fds(self.sock.as_fd(), buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => break r.map_err(ChannelError::Io)?,
-            }
-        };
-        if n == 0 {
-            return Err(ChannelError::Closed);
-        }
-        Ok((n, fds))
-    }
-}
-
-/// How long a receiver waits for the continuation packets of a message
-/// (the peer sends them right after it).
-const CONTINUATION_WAIT: Duration = Duration::from_secs(5);
-
-/// Sends one raw frame. Used by the crash handler path too, which
-/// pre-encodes its frames.
-pub(crate) fn send_frame(
-    sock: BorrowedFd<'_>,
-    frame: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> Result<(), ChannelError> {
-    loop {
-        match shm_ipc::fdpass::send_with_fds(sock, frame, fds) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if e.raw_os_error() == Some(libc::EPIPE)
-                    || e.raw_os_error() == Some(libc::ECONNRESET) =>
-            {
-                return Err(ChannelError::Closed)
-            }
-            Err(e) => return Err(ChannelError::Io(e)),
-            Ok(_) => return Ok(()),
-        }
-    }
-}
-
-/// Waits until `fd` is readable (or hung up). `false` on timeout.
-pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool, ChannelError> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-            .unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match poll(&mut fds, ms) {
-            Ok(0) if left.is_zero() => return Ok(false),
-            Ok(0) => continue,
-            Ok(_) => return Ok(true),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(ChannelError::Io(e.into())),
-        }
-    }
-}
+pub type WorkerChannel = Link<FromWorker, ToWorker>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use codec::MAGIC;
 
     fn samples_to() -> Vec<ToWorker> {
         vec![
@@ -994,6 +632,7 @@ mod tests {
                 kind: GrantKind::Export,
                 name: "kv".into(),
             }]),
+            ToWorker::JoinCgroups { count: 2 },
         ]
     }
 
@@ -1050,79 +689,69 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_frames_are_typed_errors() {
-        let mut f = samples_from()[2].encode();
-        assert_eq!(FromWorker::decode(&f[..5]), Err(DecodeError::Truncated));
-        f[0] = b'X';
-        assert_eq!(FromWorker::decode(&f), Err(DecodeError::BadMagic));
+    fn corrupt_frames_are_typed_errors_naming_the_field() {
+        let f = samples_from()[2].encode();
+        // Cut anywhere: a truncation error, never a panic or a wrong value.
+        for cut in 0..f.len() {
+            let e = FromWorker::decode(&f[..cut]).unwrap_err();
+            assert!(matches!(e, DecodeError::Truncated { .. }), "{cut}: {e}");
+        }
+        // A body cut short after its header was rewritten to match.
+        let mut short = f[..f.len() - 2].to_vec();
+        let body = (short.len() - codec::HEADER) as u32;
+        short[8..12].copy_from_slice(&body.to_le_bytes());
+        assert_eq!(
+            FromWorker::decode(&short).unwrap_err().to_string(),
+            "frame truncated: message needs 4 bytes, 2 left"
+        );
+        let mut bad = f.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            FromWorker::decode(&bad),
+            Err(DecodeError::BadMagic { .. })
+        ));
         let mut f = samples_from()[1].encode();
         f[12] = 99;
-        assert!(matches!(
-            FromWorker::decode(&f),
-            Err(DecodeError::InvalidValue { field: "state", .. })
-        ));
+        assert_eq!(
+            FromWorker::decode(&f).unwrap_err().to_string(),
+            "invalid value 99 for state"
+        );
         let mut f = samples_to()[1].encode();
         f.push(0);
-        assert_eq!(ToWorker::decode(&f), Err(DecodeError::Trailing));
-    }
-
-    #[test]
-    fn channel_carries_frames_and_descriptors() {
-        let (a, b) = socket_pair().unwrap();
-        let parent = ParentChannel::new(a);
-        let worker = WorkerChannel::new(b);
-        let (r, w) = nix::unistd::pipe().unwrap();
-        parent
-            .send(&samples_to()[0], &[r.as_fd(), w.as_fd(), r.as_fd()])
-            .unwrap();
-        let (msg, fds) = worker.recv_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(msg, samples_to()[0]);
-        assert_eq!(fds.len(), 3);
         assert!(matches!(
-            parent.recv_timeout(Some(Duration::from_millis(10))),
-            Err(ChannelError::Timeout)
+            ToWorker::decode(&f),
+            Err(DecodeError::Trailing(1))
         ));
-        drop(worker);
-        assert!(matches!(parent.recv(), Err(ChannelError::Closed)));
-    }
-
-    #[test]
-    fn any_number_of_descriptors_arrive_and_a_short_list_is_an_error() {
-        let (a, b) = socket_pair().unwrap();
-        let parent = ParentChannel::new(a);
-        let worker = WorkerChannel::new(b);
-        let (r, _w) = nix::unistd::pipe().unwrap();
-        let grants: Vec<Grant> = (0..50)
-            .map(|i| Grant {
-                kind: GrantKind::Import,
-                name: format!("s{i}"),
-            })
-            .collect();
-        let msg = ToWorker::Attach(grants.clone());
-        let n = msg.fd_count();
-        assert!(n > 3 * FDS_PER_PACKET, "{n}");
-        let fds = vec![r.as_fd(); n];
-        parent.send(&msg, &fds).unwrap();
-        let (got, fds) = worker.recv_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(got, msg);
-        assert_eq!(fds.len(), n);
-        // A message whose descriptors do not all arrive (a peer that sends
-        // the first packet only) is a typed error naming the counts.
-        send_frame(parent.fd(), &msg.encode(), &[r.as_fd(); FDS_PER_PACKET]).unwrap();
-        send_frame(
-            parent.fd(),
-            &ToWorker::Stop {
-                deadline: Duration::ZERO,
-            }
-            .encode(),
-            &[],
-        )
-        .unwrap();
-        match worker.recv() {
-            Err(ChannelError::Descriptors { expected, arrived }) => {
-                assert_eq!((expected, arrived), (n, FDS_PER_PACKET));
-            }
-            other => panic!("{other:?}"),
+        // Trailing bytes inside a body whose length says so.
+        let mut f = samples_to()[2].encode();
+        f.push(0);
+        let body = (f.len() - codec::HEADER) as u32;
+        f[8..12].copy_from_slice(&body.to_le_bytes());
+        assert_eq!(
+            ToWorker::decode(&f).unwrap_err().to_string(),
+            "1 trailing bytes after the message"
+        );
+        // Invalid UTF-8 in a string names the field.
+        let mut f = samples_from()[3].encode();
+        let at = codec::HEADER + 1 + 4;
+        f[at] = 0xff;
+        assert_eq!(
+            FromWorker::decode(&f).unwrap_err().to_string(),
+            "log target is not UTF-8"
+        );
+        assert_eq!(
+            ToWorker::decode(&samples_from()[0].encode())
+                .unwrap_err()
+                .to_string(),
+            "unknown frame kind 100 for a parent → worker message"
+        );
+        for count in [0, MAX_CGROUPS + 1] {
+            let mut e = Enc::new(kind::JOIN_CGROUPS);
+            e.u32(count);
+            assert_eq!(
+                ToWorker::decode(&e.finish()).unwrap_err().to_string(),
+                format!("invalid value {count} for cgroup count")
+            );
         }
     }
 

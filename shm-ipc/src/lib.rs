@@ -11,7 +11,8 @@
 //!   straight from the segment, `for_each_chunk` and `copy_to` copy it out).
 //!   Waiting is a bounded spin, then a park
 //!   on a socketpair doorbell that also reports peer death. Blocking API and
-//!   an async one ([`channel::AsyncClient`], tokio).
+//!   an async one ([`channel::AsyncClient`], tokio; feature `tokio`, off by
+//!   default, so synchronous users do not link tokio).
 //! - [`service`]: one server serving many clients, one channel each, with a
 //!   per-client quota per round.
 //! - [`data`]: sealed read-only rkyv archives readers use without copying,

@@ -30,6 +30,7 @@
 //! assert_eq!(d.cpu_mechanism(), Mechanism::None);
 //! ```
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -451,26 +452,53 @@ impl Limiter {
         format!("idle.{pid}")
     }
 
-    /// Moves a fresh idle worker into a cgroup of its own, ahead of any
-    /// launch. Attaching a process to a new cgroup waits for an RCU grace
-    /// period (about 8 ms on this project's VMs), so the pool does it while
-    /// refilling, off the launch path; [`Limiter::enter`] then only renames
-    /// the directory and writes the limits.
-    pub fn adopt(&self, pid: i32) -> Result<(), CgroupError> {
-        for (_, _, parent) in &self.parents {
+    /// Puts a fresh idle worker into a cgroup of its own (`idle.<pid>`),
+    /// ahead of any launch; [`Limiter::enter`] then only renames the
+    /// directory and writes the limits.
+    ///
+    /// A parent attaching a process (writing its pid to `cgroup.procs`)
+    /// takes the kernel's global threadgroup lock, which waits for an RCU
+    /// grace period: 5 to 15 ms on this project's VMs, the tail of a launch
+    /// that found no idle worker. A single-threaded process that moves its
+    /// own thread does not (Linux 5.19 and later). So in a v1 hierarchy
+    /// this returns the cgroup's `tasks` file, opened for writing, for the
+    /// worker to join itself (`ToWorker::JoinCgroups`, before anything
+    /// else it is sent); in a v2 hierarchy, where a thread cannot move
+    /// between domain cgroups on its own, emberd attaches it here.
+    pub fn adopt(&self, pid: i32) -> Result<Vec<OwnedFd>, CgroupError> {
+        let mut join: Vec<OwnedFd> = Vec::new();
+        let mut done: Vec<PathBuf> = Vec::new();
+        for (_, version, parent) in &self.parents {
             let dir = parent.join(Self::idle_name(pid));
+            if done.contains(&dir) {
+                continue;
+            }
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_at(&dir)(e)),
             }
-            let f = dir.join("cgroup.procs");
-            if let Err(e) = std::fs::write(&f, pid.to_string()) {
+            let attached = match version {
+                Version::V1 => {
+                    let f = dir.join("tasks");
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&f)
+                        .map(|file| join.push(OwnedFd::from(file)))
+                        .map_err(io_at(&f))
+                }
+                Version::V2 => {
+                    let f = dir.join("cgroup.procs");
+                    std::fs::write(&f, pid.to_string()).map_err(io_at(&f))
+                }
+            };
+            if let Err(e) = attached {
                 let _ = std::fs::remove_dir(&dir);
-                return Err(io_at(&f)(e));
+                return Err(e);
             }
+            done.push(dir);
         }
-        Ok(())
+        Ok(join)
     }
 
     /// Removes the cgroup of an idle worker that died or was discarded
@@ -482,8 +510,12 @@ impl Limiter {
     }
 
     /// Creates the instance's cgroup(s) (or renames the idle worker's, see
-    /// [`Limiter::adopt`]), sets `limits` and moves `pid` into it. On error
-    /// what was created is removed again.
+    /// [`Limiter::adopt`]), sets `limits` and moves `pid` into it: a worker
+    /// that was not adopted (forked for a launch that was waiting) joins a
+    /// v1 cgroup by itself, through the `tasks` files
+    /// [`Instance::take_join`] hands out, which the caller sends it
+    /// (`ToWorker::JoinCgroups`) before the launch order; emberd attaches it
+    /// to a v2 cgroup here. On error what was created is removed again.
     pub fn enter(
         &self,
         module: &str,
@@ -503,10 +535,13 @@ impl Limiter {
             dirs: Vec::new(),
             memory: None,
             limit: limits.memory,
+            join: Vec::new(),
         };
         let name = instance_name(module, replica, pid);
-        // Directories the worker is already in (adopted while idle).
+        // Directories the worker is already in (adopted while idle), and
+        // the hierarchy of each one made here.
         let mut joined: Vec<PathBuf> = Vec::new();
+        let mut made: Vec<(PathBuf, Version)> = Vec::new();
         for (c, version, parent) in &self.parents {
             let dir = parent.join(&name);
             if !inst.dirs.contains(&dir) {
@@ -515,6 +550,7 @@ impl Limiter {
                     joined.push(dir.clone());
                 } else {
                     std::fs::create_dir(&dir).map_err(io_at(&dir))?;
+                    made.push((dir.clone(), *version));
                 }
                 inst.dirs.push(dir.clone());
             }
@@ -533,11 +569,25 @@ impl Limiter {
                 inst.memory = Some((*version, dir));
             }
         }
-        for dir in inst.dirs.iter().filter(|d| !joined.contains(d)) {
-            let f = dir.join("cgroup.procs");
-            if let Err(e) = std::fs::write(&f, pid.to_string()) {
+        for (dir, version) in made {
+            let attached = match version {
+                Version::V1 => {
+                    let f = dir.join("tasks");
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&f)
+                        .map(|file| inst.join.push(OwnedFd::from(file)))
+                        .map_err(io_at(&f))
+                }
+                Version::V2 => {
+                    let f = dir.join("cgroup.procs");
+                    std::fs::write(&f, pid.to_string()).map_err(io_at(&f))
+                }
+            };
+            if let Err(e) = attached {
+                inst.join.clear();
                 inst.remove();
-                return Err(io_at(&f)(e));
+                return Err(e);
             }
         }
         Ok(inst)
@@ -559,9 +609,18 @@ pub struct Instance {
     dirs: Vec<PathBuf>,
     memory: Option<(Version, PathBuf)>,
     limit: Option<u64>,
+    /// `tasks` files of v1 cgroups the worker is still to join.
+    join: Vec<OwnedFd>,
 }
 
 impl Instance {
+    /// The `tasks` files (v1) of the cgroups the worker is to join by
+    /// itself before its launch order (`ToWorker::JoinCgroups`); empty
+    /// when it is in them already.
+    pub fn take_join(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.join)
+    }
+
     /// Whether a memory limit is set on this instance's cgroup (the kernel
     /// enforces it; the memory watch need not).
     pub fn enforces_memory(&self) -> bool {
@@ -863,6 +922,40 @@ mod tests {
             l.instance_dirs("kv", 0, 5),
             vec![t.0.join("memory/ember-7/kv.0.5")]
         );
+        // v1: adopting opens the idle cgroup's `tasks` file for the worker
+        // to join itself; emberd writes no pid.
+        t.file("memory/ember-7/idle.6/tasks", "");
+        let tasks = l.adopt(6).unwrap();
+        assert_eq!(tasks.len(), 1);
+        nix::unistd::write(&tasks[0], b"0").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(t.0.join("memory/ember-7/idle.6/tasks")).unwrap(),
+            "0"
+        );
+        // Without the file (not a cgroup), the error names it and the
+        // directory made for it is removed again.
+        let e = l.adopt(8).unwrap_err();
+        assert_eq!(e.path, t.0.join("memory/ember-7/idle.8/tasks"));
+        assert!(!t.0.join("memory/ember-7/idle.8").exists());
+        drop(tasks);
+        // An adopted worker's cgroup is renamed: it is in it already, and
+        // has nothing to join.
+        let none = Limits {
+            memory: None,
+            cpu: None,
+            open_files: None,
+        };
+        let mut inst = l.enter("kv", 0, 6, &none).unwrap();
+        assert!(inst.take_join().is_empty());
+        assert!(t.0.join("memory/ember-7/kv.0.6/tasks").is_file());
+        std::fs::remove_file(t.0.join("memory/ember-7/kv.0.6/tasks")).unwrap();
+        assert!(inst.remove());
+        // One that was not adopted gets a new directory, whose `tasks` file
+        // it is handed to join by itself (here: none, not a cgroup, so the
+        // error names it and the directory is removed).
+        let e = l.enter("kv", 1, 9, &none).unwrap_err();
+        assert_eq!(e.path, t.0.join("memory/ember-7/kv.1.9/tasks"));
+        assert!(!t.0.join("memory/ember-7/kv.1.9").exists());
         l.shutdown();
         assert!(!t.0.join("memory/ember-7").exists());
     }

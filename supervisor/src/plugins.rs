@@ -5,17 +5,11 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// A plugin to load: its `cdylib` and its config table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PluginSpec {
-    /// The `cdylib`.
-    pub path: PathBuf,
-    /// Its configuration (handed to the plugin's `init`).
-    #[serde(default)]
-    pub config: toml::Table,
-}
+/// A plugin to load: its `cdylib` and its config table (module-runtime's
+/// type: it travels to the zygote in `ToZygote::Hello`).
+pub use module_runtime::host::plugins::PluginSpec;
 
 /// A plugin entry in the daemon config: a path, or a table with `path` and
 /// `config`.
@@ -79,14 +73,7 @@ impl Plugins {
 /// check, `init`, no-threads check). Runs in the single-threaded zygote
 /// before the first fork.
 pub fn preload(specs: &[PluginSpec]) -> Result<Plugins, PluginError> {
-    let specs: Vec<module_runtime::host::plugins::PluginSpec> = specs
-        .iter()
-        .map(|s| module_runtime::host::plugins::PluginSpec {
-            path: s.path.clone(),
-            config: s.config.clone(),
-        })
-        .collect();
     Ok(Plugins {
-        loaded: module_runtime::host::plugins::load_plugins(&specs)?,
+        loaded: module_runtime::host::plugins::load_plugins(specs)?,
     })
 }

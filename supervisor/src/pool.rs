@@ -9,7 +9,7 @@
 //! The pool owns the zygote. If the zygote dies, the pool starts a new one
 //! (re-executing emberd in zygote mode, which loads the plugins again) and
 //! goes on; running modules are not touched (their workers are emberd's
-//! children, not the zygote's: see `zygote/fork.rs`), launches meanwhile
+//! children, not the zygote's: see `module_runtime::host::fork`), launches meanwhile
 //! wait for it, and a failed restart is retried with back-off.
 
 use std::collections::VecDeque;
@@ -94,7 +94,7 @@ pub enum WorkerError {
 async fn make_worker(zygote: &mut Zygote) -> Result<Worker, WorkerError> {
     let new = zygote.fork().await.map_err(WorkerError::Fork)?;
     let handshake = async {
-        let link = WorkerLink::new(new.channel).map_err(HandshakeError::Channel)?;
+        let mut link = WorkerLink::new(new.channel).map_err(HandshakeError::Channel)?;
         link.wait_idle(IDLE_TIMEOUT).await?;
         Ok::<_, HandshakeError>(link)
     }
@@ -272,7 +272,7 @@ type Respawn =
 /// cannot give one: then its death is noticed at the next fork).
 fn watch_exit(z: &Zygote) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
     let fd = crate::zygote::fork_pidfd_open(z.pid()).ok()?;
-    crate::zygote::channel::register(fd).ok()
+    crate::link::register(fd).ok()
 }
 
 impl Respawner {
@@ -445,16 +445,30 @@ type Fork = std::pin::Pin<
     Box<dyn std::future::Future<Output = (Zygote, Instant, Result<Worker, WorkerError>)> + Send>,
 >;
 
-fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>) -> Fork {
+/// Forks a worker; with `adopt`, puts it into a cgroup of its own while
+/// nobody waits for it (a refill). A fork for a waiting launch skips that:
+/// the launch's `Limiter::enter` makes its cgroup, one step instead of two
+/// on the launch's path (each a hop through the blocking pool).
+fn start_fork(mut zygote: Zygote, limiter: Arc<Limiter>, adopt: bool) -> Fork {
     Box::pin(async move {
         let t0 = Instant::now();
         let r = make_worker(&mut zygote).await;
-        if let Ok(w) = &r {
+        if let Some(w) = r.as_ref().ok().filter(|_| adopt) {
             // Into its own cgroup now, while nobody waits for it.
             let pid = w.pid;
             let adopted = tokio::task::spawn_blocking(move || limiter.adopt(pid)).await;
-            if let Ok(Err(e)) = adopted {
-                tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+            match adopted {
+                // It joins them itself before it reads a launch order.
+                Ok(Ok(tasks)) if !tasks.is_empty() => {
+                    let tasks: Vec<_> = tasks.iter().map(AsFd::as_fd).collect();
+                    if let Err(e) = w.link.join_cgroups(&tasks).await {
+                        tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pid, error = %crate::error_chain(&e), "cannot pre-assign a cgroup");
+                }
+                _ => {}
             }
         }
         (zygote, t0, r)
@@ -510,7 +524,10 @@ async fn run(
                 break;
             }
             if !waiting.is_empty() || (pool.needs_refill() && pool.refill_due()) {
-                in_flight = zygote.take().map(|z| start_fork(z, pool.limiter.clone()));
+                let adopt = waiting.is_empty();
+                in_flight = zygote
+                    .take()
+                    .map(|z| start_fork(z, pool.limiter.clone(), adopt));
             }
         }
         // Wake up for a fork retry, when a deferred refill falls due, or to

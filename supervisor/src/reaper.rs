@@ -2,7 +2,7 @@
 //!
 //! emberd is a child subreaper ([`become_subreaper`]): workers are
 //! re-parented to it when the fork path's intermediate process exits
-//! (`zygote/fork.rs`), and so is any process orphaned below it: a module's
+//! (`module_runtime::host::fork`), and so is any process orphaned below it: a module's
 //! own child whose worker died, an intermediate whose zygote was killed
 //! mid-fork, a worker whose zygote died before answering. The owner of a
 //! worker (its instance task or the pool, through its pidfd) and of a

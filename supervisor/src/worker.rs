@@ -1,9 +1,9 @@
 //! The worker control protocol as the supervisor speaks it: module-runtime's
-//! `protocol` (docs/abi.md, "Worker control protocol"), used as is. The
+//! `protocol` (docs/abi.md §4, "Control protocol"), used as is. The
 //! worker body is module-runtime's `host::worker::run`, called by the
 //! zygote's fork path.
 //!
-//! A worker is forked by the zygote (`zygote/fork.rs`) with stdin
+//! A worker is forked by the zygote (`module_runtime::host::fork`) with stdin
 //! (`/dev/null`), stdout and stderr (the daemon's until a
 //! [`GrantKind::Stdio`] grant redirects them into the module's log), its
 //! channel to the supervisor at the lowest free number (3: the zygote holds

@@ -51,6 +51,26 @@ fn wait_idle(d: &Daemon, n: u64) -> Value {
     )
 }
 
+/// Each cgroup emberd reports for `name`'s replica is one the worker is in
+/// (`/proc/PID/cgroup`); how many there are (none without cgroups).
+fn in_its_cgroups(d: &Daemon, name: &str, pid: i64) -> usize {
+    let s = d.ctl_json(&["status", name])["status"].clone();
+    let dirs: Vec<String> = s["replicas"][0]["cgroups"]
+        .as_array()
+        .map(|a| a.iter().map(|g| g.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for dir in &dirs {
+        assert!(
+            own.lines()
+                .filter_map(|l| l.splitn(3, ':').nth(2))
+                .any(|path| path != "/" && dir.ends_with(path)),
+            "worker {pid} is not in {dir}: {own}"
+        );
+    }
+    dirs.len()
+}
+
 fn install_running(d: &Daemon, name: &str) -> i64 {
     let dir = module_dir(d.dir.path(), name, "1.0.0");
     d.ctl_ok(&["install", dir.to_str().unwrap()]);
@@ -135,6 +155,8 @@ fn an_empty_pool_misses_and_still_launches() {
     assert_eq!(p1["idle"], 0, "{p1}");
     assert_eq!(p1["fork_failures"], 0, "{p1}");
     assert!(p1["fork_us_avg"].as_u64().unwrap() > 0, "{p1}");
+    // Not adopted while idle (nobody was): it joined its cgroups at launch.
+    let cgroups = in_its_cgroups(&d, "cold", pid);
 
     // A second launch misses too.
     let pid2 = install_running(&d, "cold2");
@@ -142,6 +164,7 @@ fn an_empty_pool_misses_and_still_launches() {
     let p2 = pool(&d);
     assert_eq!(p2["misses"], 2, "{p2}");
     assert_eq!(p2["refills"], 0, "{p2}");
+    assert_eq!(in_its_cgroups(&d, "cold2", pid2), cgroups);
     d.ctl_ok(&["uninstall", "cold"]);
     d.ctl_ok(&["uninstall", "cold2"]);
     assert_eq!(pool(&d)["idle"], 0);
@@ -156,6 +179,8 @@ fn a_single_worker_pool_refills_behind_each_launch() {
     let warm = pids(&p0);
     let a = install_running(&d, "one");
     assert!(warm.contains(&a), "{p0}");
+    // Adopted while idle: its idle cgroups became the instance's.
+    in_its_cgroups(&d, "one", a);
     let p1 = wait_idle(&d, 1);
     assert_eq!(p1["hits"], 1, "{p1}");
     assert_eq!(p1["refills"], 2, "{p1}");

@@ -1,44 +1,49 @@
-//! A minimal zygote for module-runtime's tests (the real one lives in the
-//! supervisor): loads plugins, then forks workers on request.
+//! A minimal zygote for module-runtime's tests (the real one is emberd's):
+//! it speaks the zygote protocol (`docs/abi.md` §4, `protocol::zygote`) on
+//! the `SOCK_SEQPACKET` socket at descriptor 3 and forks through the one
+//! fork path (`host::fork_worker`), as emberd's zygote does. Unlike that
+//! one, it is its workers' reaper (a child subreaper), so it also reports
+//! each worker's end.
 //!
-//! `ember-test-zygote [--plugin PATH[=CONFIG.toml]]...` with a
-//! `SOCK_SEQPACKET` socket on descriptor 3. Text messages on that socket:
-//! - zygote → parent: `ready` once plugins are initialized, or `error: ...`;
-//! - parent → zygote: `fork`; reply `forked PID` with the worker's control
-//!   socket attached;
-//! - zygote → parent: `exit PID CODE` or `signal PID NAME` when a worker is reaped;
+//! - parent → zygote: `Hello { plugins }` first; reply `Ready` once they
+//!   are initialized, or `HelloFailed` (then it exits 1);
+//! - parent → zygote: `Fork { id }`; reply `Forked { id, pid }` with the
+//!   worker's pidfd and control socket attached, or `ForkFailed`;
+//! - zygote → parent: `Reaped { pid, exit }` when a worker is reaped;
 //! - parent closes the socket: the zygote kills its workers and exits.
 //!
 //! Before forking it ignores SIGHUP and blocks SIGUSR1 and SIGCHLD, so the
 //! tests can check that workers do not inherit a zygote's signal state.
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
-use module_runtime::host::{self, plugins};
+use module_runtime::host;
+use module_runtime::protocol::{FromZygote, ToZygote, WorkerExit};
+use module_runtime::transport::{Link, LinkError};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-fn send(sock: BorrowedFd<'_>, text: &str, fds: &[BorrowedFd<'_>]) -> bool {
-    shm_ipc::fdpass::send_with_fds(sock, text.as_bytes(), fds).is_ok()
-}
+type Parent = Link<FromZygote, ToZygote>;
 
-fn reap(sock: BorrowedFd<'_>, children: &mut Vec<Pid>) {
+fn reap(parent: &Parent, children: &mut Vec<Pid>) {
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => {
-                children.retain(|c| *c != pid);
-                send(sock, &format!("exit {pid} {code}"), &[]);
-            }
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                children.retain(|c| *c != pid);
-                send(sock, &format!("signal {pid} {sig}"), &[]);
-            }
+        let (pid, exit) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, WorkerExit::Code(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, WorkerExit::Signal(sig as i32)),
             Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => {}
-        }
+            Ok(_) => continue,
+        };
+        children.retain(|c| *c != pid);
+        let _ = parent.send(
+            &FromZygote::Reaped {
+                pid: pid.as_raw(),
+                exit,
+            },
+            &[],
+        );
     }
 }
 
@@ -48,38 +53,23 @@ fn main() -> ExitCode {
     // descriptor but the zygote's own, so close them here, as emberd's
     // zygote does.
     // SAFETY: this process was just exec'd; nothing in it owns a descriptor
-    // above 3.
-    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
+    // above 2 but the control socket, descriptor 3.
+    unsafe { host::process::close_inherited_fds(3) };
     // SAFETY: the parent passes the control socket as descriptor 3 and
     // nothing else in this process owns it.
-    let control = unsafe { OwnedFd::from_raw_fd(3) };
-    let mut specs = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match (a.as_str(), args.next()) {
-            ("--plugin", Some(p)) => match plugins::parse_spec(&p) {
-                Ok(s) => specs.push(s),
-                Err(e) => {
-                    send(control.as_fd(), &format!("error: {e}"), &[]);
-                    return ExitCode::from(2);
-                }
-            },
-            _ => {
-                send(
-                    control.as_fd(),
-                    &format!("error: unknown argument {a}"),
-                    &[],
-                );
-                return ExitCode::from(2);
-            }
-        }
+    let mut parent = Parent::new(unsafe { OwnedFd::from_raw_fd(3) });
+    let plugins = match parent.recv() {
+        Ok((ToZygote::Hello { plugins }, _)) => plugins,
+        _ => return ExitCode::from(2),
+    };
+    if let Err(e) = host::load_plugins(&plugins) {
+        let reason = module_runtime::sdk::error_chain(&e);
+        let _ = parent.send(&FromZygote::HelloFailed { reason }, &[]);
+        return ExitCode::from(1);
     }
-    if let Err(e) = host::load_plugins(&specs) {
-        send(
-            control.as_fd(),
-            &format!("error: {}", module_runtime::sdk::error_chain(&e)),
-            &[],
-        );
+    // Workers are re-parented to this process when the fork path's
+    // intermediate exits.
+    if nix::sys::prctl::set_child_subreaper(true).is_err() {
         return ExitCode::from(1);
     }
     // Deliberate leftovers that no worker may pass on to its module (the
@@ -103,15 +93,19 @@ fn main() -> ExitCode {
     else {
         return ExitCode::from(1);
     };
-    if !send(control.as_fd(), "ready", &[]) {
+    let ready = FromZygote::Ready {
+        pid: std::process::id() as i32,
+        plugins: plugins.len() as u32,
+    };
+    if parent.send(&ready, &[]).is_err() {
         return ExitCode::from(1);
     }
+    let me = nix::unistd::getpid();
     let mut children: Vec<Pid> = Vec::new();
-    let mut buf = [0u8; 256];
     loop {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let mut fds = [
-            PollFd::new(control.as_fd(), PollFlags::POLLIN),
+            PollFd::new(parent.fd(), PollFlags::POLLIN),
             PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
@@ -123,28 +117,37 @@ fn main() -> ExitCode {
         let child_ready = fds[1].revents().is_some_and(|r| !r.is_empty());
         if child_ready {
             while let Ok(Some(_)) = sfd.read_signal() {}
-            reap(control.as_fd(), &mut children);
+            reap(&parent, &mut children);
         }
-        if control_ready {
-            let n = match shm_ipc::fdpass::recv_with_fds(control.as_fd(), &mut buf) {
-                Ok((n, _)) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => 0,
-            };
-            if n == 0 {
-                break;
+        if !control_ready {
+            continue;
+        }
+        let id = match parent.try_recv() {
+            Ok(Some((ToZygote::Fork { id }, _))) => id,
+            Ok(Some((ToZygote::Hello { .. }, _))) | Ok(None) => continue,
+            Err(LinkError::Closed) | Err(_) => break,
+        };
+        let reply = match host::fork_worker(&[parent.fd(), sfd.as_fd()], me) {
+            Ok(w) => {
+                children.push(w.pid);
+                parent.send(
+                    &FromZygote::Forked {
+                        id,
+                        pid: w.pid.as_raw(),
+                    },
+                    &[w.pidfd.as_fd(), w.channel.as_fd()],
+                )
             }
-            if &buf[..n] == b"fork" {
-                match host::fork_worker(&[control.as_fd(), sfd.as_fd()]) {
-                    Ok((pid, chan)) => {
-                        children.push(pid);
-                        send(control.as_fd(), &format!("forked {pid}"), &[chan.fd()]);
-                    }
-                    Err(e) => {
-                        send(control.as_fd(), &format!("error: {e}"), &[]);
-                    }
-                }
-            }
+            Err(e) => parent.send(
+                &FromZygote::ForkFailed {
+                    id,
+                    reason: module_runtime::sdk::error_chain(&e),
+                },
+                &[],
+            ),
+        };
+        if reply.is_err() {
+            break;
         }
     }
     for c in &children {

@@ -2,14 +2,14 @@
 //! looked up by modules in the workers through [`crate::abi::HostApi::plugin_lookup`].
 
 use std::ffi::c_void;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use super::loader::{self, LoadError};
 use crate::abi::{self, FfiStr, PluginHostApi};
 
 /// A plugin to load: its `cdylib` and its config (a TOML table).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PluginSpec {
     /// The `cdylib`.
     pub path: PathBuf,
@@ -195,22 +195,4 @@ pub(crate) fn lookup(name: &str, table_version: u32, out: &mut abi::PluginRef) -
     }
     out.table = p.table as *const c_void;
     abi::LOOKUP_OK
-}
-
-/// Parses a `--plugin PATH[=CONFIG.toml]` style argument.
-pub fn parse_spec(arg: &str) -> Result<PluginSpec, String> {
-    let (path, config) = match arg.split_once('=') {
-        Some((p, c)) => {
-            let text = std::fs::read_to_string(c)
-                .map_err(|e| format!("cannot read plugin config {c}: {e}"))?;
-            let t: toml::Table =
-                toml::from_str(&text).map_err(|e| format!("invalid plugin config {c}: {e}"))?;
-            (p, t)
-        }
-        None => (arg, toml::Table::new()),
-    };
-    Ok(PluginSpec {
-        path: Path::new(path).to_owned(),
-        config,
-    })
 }

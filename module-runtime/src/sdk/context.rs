@@ -315,7 +315,7 @@ impl Attachments {
             Some(seq) => seq.load(Ordering::Acquire),
             None => {
                 let pending = self.host.attach_fd().is_some_and(|fd| {
-                    crate::protocol::wait_readable(fd, Duration::ZERO).unwrap_or(false)
+                    crate::transport::wait_readable(fd, Duration::ZERO).unwrap_or(false)
                 });
                 if pending {
                     self.accept();
@@ -338,7 +338,7 @@ impl Attachments {
             match self.host.attach_fd() {
                 // A poll failure only shortens this slice.
                 Some(fd) => {
-                    let _ = crate::protocol::wait_readable(fd, slice);
+                    let _ = crate::transport::wait_readable(fd, slice);
                 }
                 None => std::thread::sleep(slice),
             }
@@ -729,7 +729,7 @@ impl Shutdown {
     /// it was requested.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         // A poll failure other than EINTR falls back to the callback.
-        let _ = crate::protocol::wait_readable(self.fd(), timeout);
+        let _ = crate::transport::wait_readable(self.fd(), timeout);
         self.is_requested()
     }
 

@@ -12,9 +12,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use module_runtime::abi::GrantKind;
+use module_runtime::host::PluginSpec;
 use module_runtime::protocol::{
-    self, Failure, FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker,
+    Failure, FromWorker, FromZygote, Grant, LaunchOrder, ParentChannel, State, ToWorker, ToZygote,
+    WorkerExit,
 };
+use module_runtime::transport::{self, Link};
 
 #[allow(unused_imports)]
 pub use ember_tests::{artifact, workspace_root};
@@ -55,21 +58,22 @@ impl Drop for TempDir {
 /// The test zygote process and its control socket.
 pub struct Zygote {
     child: Child,
-    sock: Option<OwnedFd>,
-    pending: Vec<String>,
-    _dir: TempDir,
+    link: Option<Link<ToZygote, FromZygote>>,
+    next_id: u64,
+    /// Workers' ends reported but not asked for yet.
+    pending: Vec<(i32, WorkerExit)>,
 }
 
-fn recv_text(sock: &OwnedFd, timeout: Duration) -> Option<(String, Vec<OwnedFd>)> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(timeout.as_millis() as i32).unwrap();
-    if poll(&mut fds, ms).ok()? == 0 {
-        return None;
+/// A worker's end as the tests compare it: `exit PID CODE` or
+/// `signal PID NAME`.
+fn describe(pid: i32, exit: WorkerExit) -> String {
+    match exit {
+        WorkerExit::Code(c) => format!("exit {pid} {c}"),
+        WorkerExit::Signal(s) => match nix::sys::signal::Signal::try_from(s) {
+            Ok(sig) => format!("signal {pid} {sig}"),
+            Err(_) => format!("signal {pid} {s}"),
+        },
     }
-    let mut buf = [0u8; 512];
-    let (n, fds) = shm_ipc::fdpass::recv_with_fds(sock.as_fd(), &mut buf).ok()?;
-    (n > 0).then(|| (String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
 }
 
 impl Zygote {
@@ -95,16 +99,10 @@ impl Zygote {
         }
     }
 
+    /// Starts the zygote and says hello: `ready`, or `error: REASON`.
     fn spawn(plugins: &[(PathBuf, &str)]) -> (Self, String) {
-        let dir = TempDir::new();
-        let (ours, theirs) = protocol::socket_pair().unwrap();
+        let (ours, theirs) = transport::socket_pair().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember-test-zygote"));
-        for (i, (path, config)) in plugins.iter().enumerate() {
-            let cfg = dir.0.join(format!("plugin{i}.toml"));
-            std::fs::write(&cfg, config).unwrap();
-            cmd.arg("--plugin")
-                .arg(format!("{}={}", path.display(), cfg.display()));
-        }
         let raw = theirs.as_raw_fd();
         cmd.stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only
@@ -120,18 +118,34 @@ impl Zygote {
         }
         let child = cmd.spawn().expect("spawn ember-test-zygote");
         drop(theirs);
+        let mut link = Link::new(ours);
+        let plugins = plugins
+            .iter()
+            .map(|(path, config)| PluginSpec {
+                path: path.clone(),
+                config: toml::from_str(config).expect("plugin config is TOML"),
+            })
+            .collect();
+        link.send(&ToZygote::Hello { plugins }, &[]).unwrap();
+        let msg = match link.recv_timeout(Some(Duration::from_secs(60))) {
+            Ok((FromZygote::Ready { pid, .. }, _)) => {
+                assert_eq!(pid as u32, child.id());
+                "ready".to_owned()
+            }
+            Ok((FromZygote::HelloFailed { reason }, _)) => format!("error: {reason}"),
+            other => panic!("zygote did not answer hello: {other:?}"),
+        };
         let z = Self {
             child,
-            sock: Some(ours),
+            link: Some(link),
+            next_id: 0,
             pending: Vec::new(),
-            _dir: dir,
         };
-        let (msg, _) = recv_text(z.sock(), Duration::from_secs(60)).expect("zygote did not answer");
         (z, msg)
     }
 
-    fn sock(&self) -> &OwnedFd {
-        self.sock.as_ref().unwrap()
+    fn link(&mut self) -> &mut Link<ToZygote, FromZygote> {
+        self.link.as_mut().unwrap()
     }
 
     pub fn pid(&self) -> u32 {
@@ -145,47 +159,54 @@ impl Zygote {
 
     /// Forks a worker and checks it reports `Idle`.
     pub fn fork(&mut self) -> Worker {
-        shm_ipc::fdpass::send_with_fds(self.sock().as_fd(), b"fork", &[]).unwrap();
+        self.next_id += 1;
+        let id = self.next_id;
+        self.link().send(&ToZygote::Fork { id }, &[]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (msg, mut fds) = recv_text(self.sock(), left).expect("no reply to fork");
-            if let Some(pid) = msg.strip_prefix("forked ") {
-                let chan = ParentChannel::new(fds.pop().expect("worker socket attached"));
-                let mut w = Worker {
-                    pid: pid.parse().unwrap(),
-                    chan,
-                    events: Vec::new(),
-                };
-                match w.next(Duration::from_secs(10)) {
-                    FromWorker::Idle { pid, .. } => assert_eq!(pid as i32, w.pid),
-                    other => panic!("expected Idle, got {other:?}"),
+            match self
+                .link()
+                .recv_timeout(Some(left))
+                .expect("no reply to fork")
+            {
+                (FromZygote::Forked { id: got, pid }, mut fds) if got == id => {
+                    let chan = ParentChannel::new(fds.pop().expect("worker socket attached"));
+                    let mut w = Worker {
+                        pid,
+                        chan,
+                        events: Vec::new(),
+                    };
+                    match w.next(Duration::from_secs(10)) {
+                        FromWorker::Idle { pid, .. } => assert_eq!(pid as i32, w.pid),
+                        other => panic!("expected Idle, got {other:?}"),
+                    }
+                    return w;
                 }
-                return w;
+                (FromZygote::Reaped { pid, exit }, _) => self.pending.push((pid, exit)),
+                other => panic!("unexpected answer to fork: {other:?}"),
             }
-            assert!(!msg.starts_with("error"), "{msg}");
-            self.pending.push(msg);
         }
     }
 
     /// Waits for the zygote to report worker `pid`'s end: `exit PID CODE` or
     /// `signal PID NAME`.
     pub fn wait_exit(&mut self, pid: i32, timeout: Duration) -> String {
-        let prefix_e = format!("exit {pid} ");
-        let prefix_s = format!("signal {pid} ");
-        let matches = |m: &String| m.starts_with(&prefix_e) || m.starts_with(&prefix_s);
-        if let Some(i) = self.pending.iter().position(matches) {
-            return self.pending.remove(i);
+        if let Some(i) = self.pending.iter().position(|(p, _)| *p == pid) {
+            let (p, exit) = self.pending.remove(i);
+            return describe(p, exit);
         }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (msg, _) = recv_text(self.sock(), left)
-                .unwrap_or_else(|| panic!("worker {pid} did not exit in time"));
-            if matches(&msg) {
-                return msg;
+            match self.link().recv_timeout(Some(left)) {
+                Ok((FromZygote::Reaped { pid: p, exit }, _)) if p == pid => {
+                    return describe(p, exit)
+                }
+                Ok((FromZygote::Reaped { pid: p, exit }, _)) => self.pending.push((p, exit)),
+                Ok(other) => panic!("unexpected zygote message: {other:?}"),
+                Err(e) => panic!("worker {pid} did not exit in time: {e}"),
             }
-            self.pending.push(msg);
         }
     }
 }
@@ -193,7 +214,7 @@ impl Zygote {
 impl Drop for Zygote {
     fn drop(&mut self) {
         // Closing the socket makes the zygote kill its workers and exit.
-        drop(self.sock.take());
+        drop(self.link.take());
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.child.try_wait().ok().flatten().is_some() {

@@ -402,8 +402,10 @@ async fn instance(
     // The worker is idle in the pool: move it into its own cgroup before it
     // runs any module code. Without one, emberd's memory watch holds
     // `limits.memory`.
-    // On the blocking pool: a worker not adopted while idle is attached
-    // here, which waits for an RCU grace period (see `Limiter::adopt`).
+    // On the blocking pool (cgroupfs). A worker not adopted while idle (one
+    // forked for this launch) joins its v1 cgroup by itself, just below,
+    // or is attached to a v2 cgroup here, which waits for an RCU grace
+    // period (see `Limiter::adopt`).
     let entered = {
         let (limiter, module, replica, limits) = (
             plan.limiter.clone(),
@@ -414,7 +416,18 @@ async fn instance(
         tokio::task::spawn_blocking(move || limiter.enter(&module, replica, pid, &limits)).await
     };
     let mut cgroup = match entered {
-        Ok(Ok(c)) => Some(c),
+        Ok(Ok(mut c)) => {
+            let tasks = c.take_join();
+            if !tasks.is_empty() {
+                let tasks: Vec<_> = tasks.iter().map(|f| f.as_fd()).collect();
+                // Before the launch order, which it reads after this; if
+                // the worker is gone, the launch order fails too.
+                if let Err(e) = worker.link.join_cgroups(&tasks).await {
+                    tracing::debug!(module, pid, error = %error_chain(&e), "cannot send the cgroup join");
+                }
+            }
+            Some(c)
+        }
         Err(e) => {
             tracing::warn!(module, pid, error = %e, "no cgroup for this instance");
             None
@@ -541,7 +554,9 @@ async fn instance(
     log.note(&format!("launched in pid {pid}"));
     // One pidfd per worker: the actor signals through it, this task learns
     // of the exit and reaps through it.
-    let crate::pool::Worker { pidfd, link, .. } = worker;
+    let crate::pool::Worker {
+        pidfd, mut link, ..
+    } = worker;
     let pidfd = Arc::new(pidfd);
     send(
         Some(pid),

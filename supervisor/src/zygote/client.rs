@@ -1,15 +1,17 @@
 //! The supervisor's side of the zygote: start it (before tokio), then ask
 //! it for workers.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
-use super::channel::{self, AsyncChannel, ChannelError};
+use module_runtime::transport::{self, Link};
+
 use super::{FromZygote, ToZygote, ZYGOTE_ARG};
 use crate::lifecycle::ExitStatus;
+use crate::link::{AsyncLink, LinkError};
 use crate::reaper::{self, Claim};
 
 /// The zygote could not be started.
@@ -17,7 +19,7 @@ use crate::reaper::{self, Claim};
 pub enum ZygoteError {
     /// The channel could not be made or used.
     #[error("zygote channel")]
-    Channel(#[source] ChannelError),
+    Channel(#[source] LinkError),
     /// `/proc/self/exe` could not be executed.
     #[error("cannot start the zygote")]
     Spawn(#[source] std::io::Error),
@@ -40,7 +42,7 @@ pub enum ZygoteError {
 #[derive(Debug)]
 pub struct ZygoteProcess {
     child: Child,
-    channel: OwnedFd,
+    channel: Link<ToZygote, FromZygote>,
     pid: i32,
     plugins: usize,
     // Declared last: released after `child` is reaped (or dropped).
@@ -54,35 +56,22 @@ pub fn spawn(
     plugins: &[crate::plugins::PluginSpec],
     timeout: std::time::Duration,
 ) -> Result<ZygoteProcess, ZygoteError> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let (child, channel, claim) = exec_zygote()?;
     let mut z = ZygoteProcess {
         pid: child.id() as i32,
         child,
-        channel,
+        channel: Link::new(channel),
         plugins: 0,
         claim,
     };
-    let answered = || {
-        let mut fds = [PollFd::new(z.channel.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        loop {
-            match poll(&mut fds, ms) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                r => return matches!(r, Ok(n) if n > 0),
-            }
-        }
-    };
-    let ready = channel::send(&z.channel, &hello(plugins), &[]).and_then(|()| {
-        if answered() {
-            channel::recv::<FromZygote>(&z.channel).map(|(msg, _)| Some(msg))
-        } else {
-            Ok(None)
-        }
-    });
+    let ready = z
+        .channel
+        .send(&hello(plugins), &[])
+        .and_then(|()| z.channel.recv_timeout(Some(timeout)))
+        .map(|(msg, _)| msg);
     let ready = match ready {
-        Ok(Some(msg)) => Ok(msg),
-        Ok(None) => Err(ZygoteError::Timeout(timeout)),
+        Ok(msg) => Ok(msg),
+        Err(LinkError::Timeout) => Err(ZygoteError::Timeout(timeout)),
         Err(e) => Err(ZygoteError::Channel(e)),
     };
     match check_ready(ready, z.pid) {
@@ -112,7 +101,7 @@ pub fn spawn(
 /// the runtime itself, whose current-thread scheduler is the main thread),
 /// never a blocking-pool thread, which exits when idle.
 fn exec_zygote() -> Result<(Child, OwnedFd, Claim), ZygoteError> {
-    let (ours, theirs) = channel::pair().map_err(ZygoteError::Channel)?;
+    let (ours, theirs) = transport::socket_pair().map_err(ZygoteError::Channel)?;
     // The zygote's end must survive exec. emberd starts no other process,
     // so no concurrent spawn can inherit it by accident.
     fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| ZygoteError::Spawn(e.into()))?;
@@ -150,7 +139,7 @@ fn check_ready(
     expected_pid: i32,
 ) -> Result<usize, (ZygoteError, bool)> {
     match answer {
-        Ok(FromZygote::Ready { pid, plugins }) if pid == expected_pid => Ok(plugins),
+        Ok(FromZygote::Ready { pid, plugins }) if pid == expected_pid => Ok(plugins as usize),
         Ok(FromZygote::HelloFailed { reason }) => Err((ZygoteError::Plugins(reason), false)),
         Ok(_) => Err((ZygoteError::Protocol, true)),
         Err(e) => Err((e, true)),
@@ -190,7 +179,7 @@ impl ZygoteProcess {
             claim,
             ..
         } = self;
-        match AsyncChannel::new(channel) {
+        match AsyncLink::new(channel.into_inner()) {
             Ok(channel) => Ok(Zygote {
                 channel,
                 child,
@@ -211,7 +200,7 @@ impl ZygoteProcess {
 pub enum ForkError {
     /// The zygote is gone.
     #[error("zygote is gone")]
-    ZygoteGone(#[source] ChannelError),
+    ZygoteGone(#[source] LinkError),
     /// The zygote could not fork.
     #[error("zygote could not fork: {0}")]
     Fork(String),
@@ -223,7 +212,7 @@ pub enum ForkError {
 /// The zygote, from inside the runtime. Owned by the warm pool.
 #[derive(Debug)]
 pub struct Zygote {
-    channel: AsyncChannel,
+    channel: AsyncLink<ToZygote, FromZygote>,
     child: Child,
     pid: i32,
     next_id: u64,
@@ -240,7 +229,7 @@ impl Zygote {
     ) -> Result<Zygote, ZygoteError> {
         let (child, ours, claim) = exec_zygote()?;
         let pid = child.id() as i32;
-        let channel = match AsyncChannel::new(ours) {
+        let mut channel = match AsyncLink::new(ours) {
             Ok(c) => c,
             Err(e) => {
                 reap_off_thread(child, true, claim);
@@ -249,7 +238,7 @@ impl Zygote {
         };
         let answer = async {
             channel.send(&hello(plugins), &[]).await?;
-            channel.recv::<FromZygote>().await.map(|(msg, _)| msg)
+            channel.recv().await.map(|(msg, _)| msg)
         };
         let answer = match tokio::time::timeout(timeout, answer).await {
             Ok(a) => a.map_err(ZygoteError::Channel),
@@ -281,11 +270,7 @@ impl Zygote {
             .send(&ToZygote::Fork { id }, &[])
             .await
             .map_err(ForkError::ZygoteGone)?;
-        let (msg, fds) = self
-            .channel
-            .recv::<FromZygote>()
-            .await
-            .map_err(ForkError::ZygoteGone)?;
+        let (msg, fds) = self.channel.recv().await.map_err(ForkError::ZygoteGone)?;
         match msg {
             FromZygote::Forked { id: got, pid } if got == id && fds.len() == 2 => {
                 // Before anything can yield to the orphan reaper: from here

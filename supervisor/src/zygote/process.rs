@@ -2,10 +2,15 @@
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
-use super::channel::{self, ChannelError};
-use super::fork::{become_worker, fork_worker, ForkPathError, Forked};
+use module_runtime::host::{fork_worker, process::close_inherited_fds};
+use module_runtime::transport::{Link, LinkError};
+use nix::unistd::Pid;
+
 use super::{FromZygote, ToZygote};
 use crate::error_chain;
+
+/// The zygote's end of its link to emberd.
+type Supervisor = Link<FromZygote, ToZygote>;
 
 /// Exit code when the zygote's arguments are wrong.
 pub const EXIT_USAGE: i32 = 64;
@@ -51,13 +56,8 @@ pub fn main(args: &[String]) -> i32 {
     // Descriptors the daemon inherited without close-on-exec came along
     // through exec: close all but stdio and our channel.
     // SAFETY: this process was just exec'd; no Rust object owns any
-    // descriptor above 2 except the channel `fd`, which is skipped.
-    unsafe {
-        if fd > 3 {
-            libc::syscall(libc::SYS_close_range, 3u32, (fd - 1) as u32, 0u32);
-        }
-        libc::syscall(libc::SYS_close_range, (fd + 1) as u32, u32::MAX, 0u32);
-    }
+    // descriptor above 2 except the channel `fd`, which is kept.
+    unsafe { close_inherited_fds(fd) };
     // SAFETY: the supervisor passed us this descriptor (without
     // close-on-exec) for our exclusive use; nothing else in this fresh
     // process owns it.
@@ -70,7 +70,8 @@ pub fn main(args: &[String]) -> i32 {
 }
 
 fn serve(chan: OwnedFd, parent: i32) -> i32 {
-    let plugins = match channel::recv::<ToZygote>(&chan) {
+    let mut chan = Supervisor::new(chan);
+    let plugins = match chan.recv() {
         Ok((ToZygote::Hello { plugins }, _)) => plugins,
         _ => return EXIT_CHANNEL,
     };
@@ -85,47 +86,41 @@ fn serve(chan: OwnedFd, parent: i32) -> i32 {
         Ok(p) => {
             let ready = FromZygote::Ready {
                 pid: std::process::id() as i32,
-                plugins: p.len(),
+                plugins: p.len() as u32,
             };
-            if channel::send(&chan, &ready, &[]).is_err() {
+            if chan.send(&ready, &[]).is_err() {
                 return EXIT_CHANNEL;
             }
             p
         }
         Err(e) => {
             let reason = error_chain(&e);
-            let _ = channel::send(&chan, &FromZygote::HelloFailed { reason }, &[]);
+            let _ = chan.send(&FromZygote::HelloFailed { reason }, &[]);
             return EXIT_PLUGINS;
         }
     };
+    let emberd = Pid::from_raw(parent);
     loop {
-        let id = match channel::recv::<ToZygote>(&chan) {
+        let id = match chan.recv() {
             Ok((ToZygote::Fork { id }, _)) => id,
             Ok((ToZygote::Hello { .. }, _)) => continue,
             // The supervisor closed the channel: its shutdown is ours.
-            Err(ChannelError::Closed) => return 0,
+            Err(LinkError::Closed) => return 0,
             Err(_) => return EXIT_CHANNEL,
         };
-        let sent = match fork_one() {
-            Ok(Outcome::Worker(worker_end)) => {
-                // In the new worker: close exactly what the zygote owns (its
-                // channel to emberd, the placeholders); every other
-                // descriptor is a plugin's and keeps its number.
-                drop(chan);
-                drop(reserved);
-                become_worker(worker_end, parent)
-            }
-            Ok(Outcome::Forked {
-                pid,
-                pidfd,
-                sup_end,
-            }) => channel::send(
-                &chan,
-                &FromZygote::Forked { id, pid },
-                &[pidfd.as_fd(), sup_end.as_fd()],
+        // In the worker, the fork path closes exactly what the zygote owns
+        // (its channel to emberd, the placeholders); every other descriptor
+        // is a plugin's and keeps its number.
+        let own: Vec<_> = std::iter::once(chan.fd()).chain(reserved.fds()).collect();
+        let sent = match fork_worker(&own, emberd) {
+            Ok(w) => chan.send(
+                &FromZygote::Forked {
+                    id,
+                    pid: w.pid.as_raw(),
+                },
+                &[w.pidfd.as_fd(), w.channel.as_fd()],
             ),
-            Err(e) => channel::send(
-                &chan,
+            Err(e) => chan.send(
                 &FromZygote::ForkFailed {
                     id,
                     reason: error_chain(&e),
@@ -135,39 +130,6 @@ fn serve(chan: OwnedFd, parent: i32) -> i32 {
         };
         if sent.is_err() {
             return EXIT_CHANNEL;
-        }
-    }
-}
-
-/// What [`fork_one`] returns on each side of the fork.
-enum Outcome {
-    /// In the new worker: its end of the channel.
-    Worker(OwnedFd),
-    /// In the zygote: the worker's pid, pidfd and emberd's end of its
-    /// channel.
-    Forked {
-        pid: i32,
-        pidfd: OwnedFd,
-        sup_end: OwnedFd,
-    },
-}
-
-fn fork_one() -> Result<Outcome, ForkPathError> {
-    let (sup_end, worker_end) = channel::pair().map_err(ForkPathError::Socket)?;
-    // SAFETY: the zygote never starts a thread (no runtime, plugins must not
-    // leave threads), so it is single-threaded here.
-    match unsafe { fork_worker() }? {
-        Forked::Worker => {
-            drop(sup_end);
-            Ok(Outcome::Worker(worker_end))
-        }
-        Forked::Parent { pid, pidfd } => {
-            drop(worker_end);
-            Ok(Outcome::Forked {
-                pid,
-                pidfd,
-                sup_end,
-            })
         }
     }
 }
