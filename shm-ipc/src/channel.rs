@@ -37,6 +37,8 @@ const SLOT_HEADER: usize = 64;
 const S_LEN: usize = 0;
 const S_STATUS: usize = 4;
 const S_ID: usize = 8;
+/// Payload bytes a receiver asks for while it reads a slot's header.
+const PREFETCH: usize = 128;
 const REQUESTS: usize = 0;
 const REPLIES: usize = 1;
 
@@ -559,6 +561,11 @@ impl Endpoint {
     /// Reads the header of a received slot once and checks its length.
     fn read_header(&self, slot: u32) -> Result<SlotHeader, ChannelError> {
         let base = self.layout.slot(1 - self.tx_ring, slot);
+        // The header and the first payload lines come from the peer's core:
+        // ask for the payload now, so both transfers overlap instead of the
+        // payload's waiting for the length.
+        self.region
+            .prefetch(base + SLOT_HEADER, PREFETCH.min(self.layout.capacity));
         let len = self.region.u32_at(base + S_LEN).load(Ordering::Relaxed) as usize;
         if len > self.layout.capacity {
             return Err(ChannelError::Corrupt(
@@ -670,8 +677,20 @@ impl Client {
         deadline: Option<Instant>,
         write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
     ) -> Result<u64, ChannelError> {
+        self.send_in_place(deadline, |w| Ok(write(w)?))
+    }
+
+    /// As [`send_with`](Self::send_with), but `write` (an encoder writing
+    /// straight into the loaned slot) fails with the caller's own error
+    /// type. A request is published only once `write` returned `Ok`, so an
+    /// `Err` from this call, whatever its cause, means nothing was sent.
+    pub fn send_in_place<E: From<ChannelError>>(
+        &mut self,
+        deadline: Option<Instant>,
+        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), E>,
+    ) -> Result<u64, E> {
         if self.ep.peer_gone {
-            return Err(ChannelError::PeerGone);
+            return Err(ChannelError::PeerGone.into());
         }
         let slot = match deadline {
             None => self.ep.try_reserve()?.ok_or(ChannelError::Full)?,
@@ -680,11 +699,11 @@ impl Client {
         self.fill_and_publish(slot, write)
     }
 
-    fn fill_and_publish(
+    fn fill_and_publish<E>(
         &mut self,
         slot: u32,
-        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
-    ) -> Result<u64, ChannelError> {
+        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), E>,
+    ) -> Result<u64, E> {
         let mut w = self.ep.writer(slot);
         write(&mut w)?;
         let len = w.len();
@@ -786,8 +805,34 @@ impl AsyncClient {
         write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), SlotFull>,
         read: impl FnOnce(ShmSlice<'_>) -> R,
     ) -> Result<R, ChannelError> {
+        let id = self
+            .send_in_place::<ChannelError>(|w| Ok(write(w)?))
+            .await?;
+        self.recv_reply(id, read).await
+    }
+
+    /// Waits for a free request slot, lets `write` fill it in place and
+    /// publishes it; returns the request's id. As with
+    /// [`Client::send_in_place`], an `Err` means nothing was sent (a future
+    /// dropped while it waits for room sends nothing either).
+    pub async fn send_in_place<E: From<ChannelError>>(
+        &mut self,
+        write: impl FnOnce(&mut SlotWriter<'_>) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        if self.client.ep.peer_gone {
+            return Err(ChannelError::PeerGone.into());
+        }
         let slot = self.wait(true).await?;
-        let id = self.client.fill_and_publish(slot, write)?;
+        self.client.fill_and_publish(slot, write)
+    }
+
+    /// Waits for the reply to request `id` (skipping stale replies, as
+    /// [`Client::recv_reply`]) and lets `read` read it in place.
+    pub async fn recv_reply<R>(
+        &mut self,
+        id: u64,
+        read: impl FnOnce(ShmSlice<'_>) -> R,
+    ) -> Result<R, ChannelError> {
         let mut read = Some(read);
         loop {
             let slot = self.wait(false).await?;
@@ -914,8 +959,12 @@ impl ServerChannel {
             }
         };
         let len = w.len();
-        self.ep.release();
+        // Reply first, then free the request slot: the client waits for
+        // the reply, not for the slot (it caches the tail), and the
+        // release's fence would otherwise hold the reply back until the
+        // reply's stores reached the client's core.
         self.ep.publish(reply_slot, len, status, h.id);
+        self.ep.release();
         Ok(())
     }
 
