@@ -26,16 +26,14 @@ use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use rkyv::api::high::{HighSerializer, HighValidator};
-use rkyv::bytecheck::CheckBytes;
-use rkyv::de::Pool;
-use rkyv::rancor::{self, Strategy};
-use rkyv::ser::allocator::ArenaHandle;
-use rkyv::util::AlignedVec;
 pub use shm_ipc::channel::ChannelError;
 use shm_ipc::channel::{Client, ClientEnd, ServerEnd};
 
 use crate::sdk::{Attachments, ChannelFds, ModuleContext, Shutdown};
+
+mod wire;
+use wire::RecvBuf;
+pub use wire::{Reply, SlotSink, Wire};
 
 /// Why a typed call or serve loop failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +43,15 @@ pub enum ServiceError {
     Channel(#[from] ChannelError),
     /// A message did not encode or failed validation.
     #[error("invalid service message")]
-    Codec(#[source] rancor::Error),
+    Codec(#[source] rkyv::rancor::Error),
+    /// The request does not fit the channel's slots; nothing was sent.
+    #[error("message of {needed} bytes exceeds the channel's slot capacity, {capacity} bytes")]
+    TooLarge {
+        /// Bytes the archived message needs.
+        needed: usize,
+        /// Payload bytes per slot.
+        capacity: usize,
+    },
     /// No client end of the imported service was available, and none
     /// arrived in time (the exporter is not up yet, or it went away and no
     /// replacement came).
@@ -63,37 +69,6 @@ impl ServiceError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Channel(ChannelError::TimedOut))
     }
-}
-
-/// A type that travels over a service: archived with rkyv, validated on
-/// receipt. Implemented for every rkyv type with checkable archives.
-pub trait Wire: Sized {
-    /// Archives `self`.
-    fn to_wire(&self) -> Result<AlignedVec, rancor::Error>;
-    /// Validates and deserializes an archive (any alignment).
-    fn from_wire(bytes: &[u8]) -> Result<Self, rancor::Error>;
-}
-
-impl<T> Wire for T
-where
-    T: rkyv::Archive
-        + for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
-    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
-        + rkyv::Deserialize<T, Strategy<Pool, rancor::Error>>,
-{
-    fn to_wire(&self) -> Result<AlignedVec, rancor::Error> {
-        rkyv::to_bytes::<rancor::Error>(self)
-    }
-
-    fn from_wire(bytes: &[u8]) -> Result<Self, rancor::Error> {
-        let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
-        aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<T, rancor::Error>(&aligned)
-    }
-}
-
-fn copy_out(s: shm_ipc::ShmSlice<'_>) -> Vec<u8> {
-    s.to_vec()
 }
 
 /// How long a call without a deadline waits for a client end to arrive
@@ -192,6 +167,8 @@ pub struct ServiceClient<Req, Resp> {
     follow: Option<Follow>,
     retry: Retry,
     end_wait: Duration,
+    /// The last reply, copied out of the channel.
+    buf: RecvBuf,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -204,6 +181,7 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
             follow: None,
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
+            buf: RecvBuf::default(),
             _types: PhantomData,
         })
     }
@@ -220,6 +198,7 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
             follow: Some(follow),
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
+            buf: RecvBuf::default(),
             _types: PhantomData,
         })
     }
@@ -295,8 +274,16 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
     /// `deadline` (`None`: for the end wait, [`DEFAULT_END_WAIT`]); if the
     /// exporter is gone it repeats the call on a newer end as [`Retry`]
     /// allows.
-    pub fn call(&mut self, req: &Req, deadline: Option<Instant>) -> Result<Resp, ServiceError> {
-        let bytes = req.to_wire().map_err(ServiceError::Codec)?;
+    ///
+    /// The request is serialized straight into the channel's slot; the
+    /// reply is copied once into this client's buffer, validated, and read
+    /// in place through the returned [`Reply`] (no deserialization; see
+    /// [`call_owned`](Self::call_owned) for an owned value).
+    pub fn call(
+        &mut self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<Reply<'_, Resp>, ServiceError> {
         let started = Instant::now();
         let end_until = deadline.unwrap_or(started + self.end_wait);
         self.refresh(false);
@@ -312,17 +299,17 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
             let Some(client) = self.client.as_mut() else {
                 continue;
             };
-            let id = match client.send_with(deadline, |w| w.write(&bytes)) {
+            let id = match wire::send(client, req, deadline) {
                 Ok(id) => id,
                 // Never published: safe to send again on a newer end.
-                Err(ChannelError::PeerGone) if following => {
+                Err(ServiceError::Channel(ChannelError::PeerGone)) if following => {
                     self.client = None;
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
-            match client.recv_reply(id, deadline, copy_out) {
-                Ok(reply) => return Resp::from_wire(&reply).map_err(ServiceError::Codec),
+            match wire::recv_into(client, id, deadline, &mut self.buf) {
+                Ok(()) => break,
                 Err(ChannelError::PeerGone) if following => {
                     self.client = None;
                     if self.retry == Retry::Idempotent && !repeated {
@@ -334,6 +321,18 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
                 Err(e) => return Err(e.into()),
             }
         }
+        let reply = self.buf.access::<Resp>().map_err(ServiceError::Codec)?;
+        Ok(Reply::new(reply))
+    }
+
+    /// [`call`](Self::call), then deserializes the reply into an owned
+    /// value.
+    pub fn call_owned(
+        &mut self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<Resp, ServiceError> {
+        self.call(req, deadline)?.deserialize()
     }
 }
 
@@ -342,10 +341,11 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
 /// way when made with [`follow`](Self::follow) or
 /// [`ModuleContext::import_async`].
 ///
-/// The async channel cannot tell whether a failed request had been
-/// published, so with [`Retry::Unsent`] it repeats only calls it did not
-/// send at all (the end was already known dead); use [`Retry::Idempotent`]
-/// where repeating is harmless.
+/// As the blocking client, with [`Retry::Unsent`] it repeats only calls it
+/// never published (the end was known dead first); use
+/// [`Retry::Idempotent`] where repeating a published one is harmless. A
+/// call whose deadline passes while it waits for room in the ring was not
+/// published either, but fails with `ChannelError::TimedOut`.
 #[cfg(feature = "tokio")]
 #[derive(Debug)]
 pub struct AsyncServiceClient<Req, Resp> {
@@ -353,6 +353,8 @@ pub struct AsyncServiceClient<Req, Resp> {
     follow: Option<Follow>,
     retry: Retry,
     end_wait: Duration,
+    /// The last reply, copied out of the channel.
+    buf: RecvBuf,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -371,6 +373,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
             follow: None,
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
+            buf: RecvBuf::default(),
             _types: PhantomData,
         })
     }
@@ -384,6 +387,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
             follow: Some(follow),
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
+            buf: RecvBuf::default(),
             _types: PhantomData,
         })
     }
@@ -449,8 +453,11 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
     }
 
     /// Calls the service with no deadline for the reply; a following client
-    /// waits at most its end wait ([`DEFAULT_END_WAIT`]) for an end.
-    pub async fn call(&mut self, req: &Req) -> Result<Resp, ServiceError> {
+    /// waits at most its end wait ([`DEFAULT_END_WAIT`]) for an end. As
+    /// with [`ServiceClient::call`], the request is serialized straight
+    /// into the slot and the reply is read in place through [`Reply`]
+    /// ([`Reply::deserialize`] for an owned value).
+    pub async fn call(&mut self, req: &Req) -> Result<Reply<'_, Resp>, ServiceError> {
         self.call_inner(req, None).await
     }
 
@@ -461,7 +468,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         &mut self,
         req: &Req,
         deadline: Instant,
-    ) -> Result<Resp, ServiceError> {
+    ) -> Result<Reply<'_, Resp>, ServiceError> {
         self.call_inner(req, Some(deadline)).await
     }
 
@@ -470,7 +477,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         &mut self,
         req: &Req,
         timeout: Duration,
-    ) -> Result<Resp, ServiceError> {
+    ) -> Result<Reply<'_, Resp>, ServiceError> {
         self.call_inner(req, Some(Instant::now() + timeout)).await
     }
 
@@ -478,8 +485,15 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
         &mut self,
         req: &Req,
         deadline: Option<Instant>,
-    ) -> Result<Resp, ServiceError> {
-        let bytes = req.to_wire().map_err(ServiceError::Codec)?;
+    ) -> Result<Reply<'_, Resp>, ServiceError> {
+        /// How one attempt on one end ended.
+        enum Attempt {
+            Answered,
+            /// Nothing was published.
+            NotSent(ServiceError),
+            /// Published, then the reply did not come.
+            Sent(ChannelError),
+        }
         let started = Instant::now();
         let end_until = deadline.unwrap_or(started + self.end_wait);
         self.refresh();
@@ -495,19 +509,31 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
             let Some(client) = self.client.as_mut() else {
                 continue;
             };
-            let call = client.call_with(|w| w.write(&bytes), copy_out);
-            let out = match deadline {
-                Some(d) => {
-                    match tokio::time::timeout_at(tokio::time::Instant::from_std(d), call).await {
-                        Ok(r) => r,
-                        Err(_) => Err(ChannelError::TimedOut),
-                    }
+            let buf = &mut self.buf;
+            let attempt = async {
+                let id = match wire::send_async(client, req).await {
+                    Ok(id) => id,
+                    Err(e) => return Attempt::NotSent(e),
+                };
+                match wire::recv_into_async(client, id, buf).await {
+                    Ok(()) => Attempt::Answered,
+                    Err(e) => Attempt::Sent(e),
                 }
-                None => call.await,
+            };
+            let out = match deadline {
+                Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), attempt)
+                    .await
+                    .unwrap_or(Attempt::Sent(ChannelError::TimedOut)),
+                None => attempt.await,
             };
             match out {
-                Ok(reply) => return Resp::from_wire(&reply).map_err(ServiceError::Codec),
-                Err(ChannelError::PeerGone) if following => {
+                Attempt::Answered => break,
+                // Never published: safe to send again on a newer end.
+                Attempt::NotSent(ServiceError::Channel(ChannelError::PeerGone)) if following => {
+                    self.client = None;
+                }
+                Attempt::NotSent(e) => return Err(e),
+                Attempt::Sent(ChannelError::PeerGone) if following => {
                     self.client = None;
                     if self.retry == Retry::Idempotent && !repeated {
                         repeated = true;
@@ -515,9 +541,11 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
                     }
                     return Err(ChannelError::PeerGone.into());
                 }
-                Err(e) => return Err(e.into()),
+                Attempt::Sent(e) => return Err(e.into()),
             }
         }
+        let reply = self.buf.access::<Resp>().map_err(ServiceError::Codec)?;
+        Ok(Reply::new(reply))
     }
 }
 
@@ -623,7 +651,7 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         &mut self,
         ctx: &ModuleContext,
         name: &str,
-        handler: impl FnMut(Req) -> Resp,
+        handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         self.serve_attached(&ctx.attachments(), &ctx.shutdown(), name, handler)
     }
@@ -637,7 +665,7 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         attachments: &Attachments,
         shutdown: &Shutdown,
         name: &str,
-        handler: impl FnMut(Req) -> Resp,
+        handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut seen: Option<u64> = None;
         let mut adopt = |server: &mut Self| -> Result<bool, ServiceError> {
@@ -665,12 +693,36 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
     /// are disconnected. A request that fails validation is answered with
     /// an error; a client that corrupts its channel is dropped (and
     /// logged), the others go on.
+    ///
+    /// Each request is copied once out of shared memory into a buffer the
+    /// server reuses, validated there, and `handler` reads it in place
+    /// (`&Archived<Req>`, no deserialization); the response it returns is
+    /// serialized straight into the reply slot. A response larger than a
+    /// slot reaches the client as an error.
     pub fn serve(
         &mut self,
         shutdown: &Shutdown,
-        handler: impl FnMut(Req) -> Resp,
+        handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         self.serve_loop(shutdown, None, &mut |_| Ok(false), handler)
+    }
+
+    /// Serves the clients [`add`](Self::add)ed so far, as [`serve`](Self::serve)
+    /// does, until every one of them has left; nothing is adopted and no
+    /// shutdown is watched. For code that runs outside a module (tests,
+    /// benchmarks, a process holding ends it got some other way).
+    pub fn serve_until_clients_leave(
+        &mut self,
+        mut handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
+    ) -> Result<(), ServiceError> {
+        let mut buf = RecvBuf::default();
+        let gone = self.server.run(None, |_, req, w| {
+            wire::answer::<Req, Resp>(&mut buf, req, w, &mut handler)
+        })?;
+        for g in gone {
+            tracing::info!(target: "ember::service", "client left: {g:?}");
+        }
+        Ok(())
     }
 
     fn serve_loop(
@@ -678,21 +730,18 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         shutdown: &Shutdown,
         attach_fd: Option<std::os::fd::BorrowedFd<'_>>,
         before_tick: &mut dyn FnMut(&mut Self) -> Result<bool, ServiceError>,
-        mut handler: impl FnMut(Req) -> Resp,
+        mut handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut drain: Option<Drain> = None;
         let served = std::cell::Cell::new(0u64);
+        // Every request is copied into this one buffer, reused.
+        let mut buf = RecvBuf::default();
         let mut answer = |_id: shm_ipc::service::ClientId,
                           req: shm_ipc::ShmSlice<'_>,
                           w: &mut shm_ipc::SlotWriter<'_>|
          -> Result<(), String> {
             served.set(served.get() + 1);
-            let req =
-                Req::from_wire(&copy_out(req)).map_err(|e| format!("invalid request: {e}"))?;
-            let resp = handler(req)
-                .to_wire()
-                .map_err(|e| format!("cannot encode reply: {e}"))?;
-            w.write(&resp).map_err(|e| e.to_string())
+            wire::answer::<Req, Resp>(&mut buf, req, w, &mut handler)
         };
         loop {
             if drain.is_none() && shutdown.is_requested() {
@@ -856,15 +905,14 @@ mod tests {
     fn exporter(end: ChannelFds, tag: &'static str) -> std::thread::JoinHandle<u32> {
         std::thread::spawn(move || {
             let mut ch = ServerChannel::open(ServerEnd::from_fds(end.memfd, end.sock)).unwrap();
+            let mut buf = RecvBuf::default();
             let mut served = 0;
             loop {
                 let r = ch.serve_next(None, |req, w| {
-                    let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
-                    let r = Ping {
-                        n: p.n,
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| Ping {
+                        n: p.n.to_native(),
                         text: tag.into(),
-                    };
-                    w.write(&r.to_wire().unwrap()).map_err(|e| e.to_string())
+                    })
                 });
                 match r {
                     Ok(()) => served += 1,
@@ -883,13 +931,13 @@ mod tests {
         let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
         let old = exporter(s1, "old");
         let r = client.call(&ping(1), None).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (1, "old"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (1, "old"));
 
         let (c2, s2) = pair();
         let new = exporter(s2, "new");
         host.attach(GrantKind::Import, "svc", c2);
         let r = client.call(&ping(2), None).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (2, "new"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (2, "new"));
         assert_eq!(client.switches(), 1);
         // The old exporter saw its client leave after one request.
         assert_eq!(old.join().unwrap(), 1);
@@ -932,7 +980,7 @@ mod tests {
         dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
         let deadline = Instant::now() + Duration::from_secs(30);
         let r = client.call(&ping(7), Some(deadline)).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (7, "new"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (7, "new"));
         drop(client);
         assert_eq!(new.join().unwrap(), 1);
 
@@ -952,7 +1000,7 @@ mod tests {
         );
         assert!(!client.is_connected());
         let r = client.call(&ping(9), Some(deadline)).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (9, "new"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (9, "new"));
         drop(client);
         assert_eq!(new.join().unwrap(), 1);
     }
@@ -990,7 +1038,7 @@ mod tests {
             let mut server = ServiceServer::<Ping, Ping>::new();
             server.set_drain_quiet(quiet);
             server.serve_export(&ctx, "svc", |p| Ping {
-                n: p.n,
+                n: p.n.to_native(),
                 text: if shutdown.is_requested() {
                     "draining".into()
                 } else {
@@ -1007,7 +1055,7 @@ mod tests {
         // No quiet limit and a far deadline: only leaving clients end it.
         let server = echo_server(host, Duration::from_secs(3600));
         let mut a = ServiceClient::<Ping, Ping>::open(c1).unwrap();
-        assert_eq!(a.call(&ping(1), None).unwrap().text, "serving");
+        assert_eq!(a.call(&ping(1), None).unwrap().text.as_str(), "serving");
 
         host.request_shutdown(Duration::from_secs(3600));
         // A client attached after the request is adopted and served: the
@@ -1015,10 +1063,10 @@ mod tests {
         let (c2, s2) = pair();
         host.attach(GrantKind::Export, "svc", s2);
         let mut b = ServiceClient::<Ping, Ping>::open(c2).unwrap();
-        assert_eq!(b.call(&ping(2), None).unwrap().text, "draining");
-        assert_eq!(a.call(&ping(3), None).unwrap().text, "draining");
+        assert_eq!(b.call(&ping(2), None).unwrap().text.as_str(), "draining");
+        assert_eq!(a.call(&ping(3), None).unwrap().text.as_str(), "draining");
         drop(a);
-        assert_eq!(b.call(&ping(4), None).unwrap().text, "draining");
+        assert_eq!(b.call(&ping(4), None).unwrap().text.as_str(), "draining");
         assert!(!server.is_finished());
         drop(b);
         server.join().unwrap().unwrap();
@@ -1030,7 +1078,7 @@ mod tests {
         let host = TestHost::new(vec![(GrantKind::Export, "svc", s1)]);
         let server = echo_server(host, DRAIN_QUIET);
         let mut a = ServiceClient::<Ping, Ping>::open(c1).unwrap();
-        assert_eq!(a.call(&ping(1), None).unwrap().text, "serving");
+        assert_eq!(a.call(&ping(1), None).unwrap().text.as_str(), "serving");
         host.request_shutdown(Duration::from_secs(3600));
         server.join().unwrap().unwrap();
         // It disconnected the client that never left.
@@ -1051,7 +1099,10 @@ mod tests {
         let old = echo_server(old_host, Duration::from_secs(3600));
         let ctx = importer.context();
         let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
-        assert_eq!(client.call(&ping(1), None).unwrap().text, "serving");
+        assert_eq!(
+            client.call(&ping(1), None).unwrap().text.as_str(),
+            "serving"
+        );
 
         // The new revision is up; the importer gets its end, then the old
         // exporter is asked to stop.
@@ -1061,7 +1112,10 @@ mod tests {
         importer.attach(GrantKind::Import, "svc", c2);
         old_host.request_shutdown(Duration::from_secs(3600));
         // The old exporter waits for its client; the next call moves.
-        assert_eq!(client.call(&ping(2), None).unwrap().text, "serving");
+        assert_eq!(
+            client.call(&ping(2), None).unwrap().text.as_str(),
+            "serving"
+        );
         assert_eq!(client.switches(), 1);
         old.join().unwrap().unwrap();
         new_host.request_shutdown(Duration::from_secs(3600));
@@ -1112,58 +1166,188 @@ mod tests {
         });
     }
 
-    #[test]
-    fn wire_round_trip_and_rejects_garbage() {
-        let p = Ping {
-            n: 7,
-            text: "x".into(),
-        };
-        let b = p.to_wire().unwrap();
-        // Misaligned copy still decodes.
-        let mut shifted = vec![0u8];
-        shifted.extend_from_slice(&b);
-        assert_eq!(Ping::from_wire(&shifted[1..]).unwrap(), p);
-        assert!(Ping::from_wire(&[0xff; 3]).is_err());
-    }
-
-    #[test]
-    fn typed_call_over_a_real_channel() {
-        let (c, s) =
-            shm_ipc::channel::channel_pair(&shm_ipc::channel::ChannelConfig::default()).unwrap();
+    fn open_pair(cfg: &ChannelConfig) -> (ServiceClient<Ping, Ping>, ServerChannel) {
+        let (c, s) = channel_pair(cfg).unwrap();
         let (cm, cs) = c.into_fds();
-        let mut client: ServiceClient<Ping, Ping> = ServiceClient::open(ChannelFds {
+        let client = ServiceClient::open(ChannelFds {
             memfd: cm,
             sock: cs,
         })
         .unwrap();
+        (client, ServerChannel::open(s).unwrap())
+    }
+
+    #[test]
+    fn typed_call_over_a_real_channel_reads_both_sides_in_place() {
+        let (mut client, mut ch) = open_pair(&ChannelConfig::default());
         let server = std::thread::spawn(move || {
-            let mut ch = shm_ipc::channel::ServerChannel::open(s).unwrap();
-            ch.serve_next(None, |req, w| {
-                let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
-                let r = Ping {
-                    n: p.n + 1,
-                    text: p.text.to_uppercase(),
-                };
-                w.write(&r.to_wire().unwrap()).map_err(|e| e.to_string())
-            })
-            .unwrap();
+            let mut buf = RecvBuf::default();
+            for _ in 0..2 {
+                ch.serve_next(None, |req, w| {
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| Ping {
+                        n: p.n.to_native() + 1,
+                        text: p.text.to_uppercase(),
+                    })
+                })
+                .unwrap();
+            }
         });
-        let r = client
-            .call(
-                &Ping {
-                    n: 1,
-                    text: "hi".into(),
-                },
-                None,
-            )
-            .unwrap();
+        let hi = Ping {
+            n: 1,
+            text: "hi".into(),
+        };
+        let r = client.call(&hi, None).unwrap();
+        assert_eq!((r.n.to_native(), r.text.as_str()), (2, "HI"));
         assert_eq!(
-            r,
+            r.deserialize().unwrap(),
             Ping {
                 n: 2,
                 text: "HI".into()
             }
         );
+        assert_eq!(
+            client.call_owned(&ping(5), None).unwrap(),
+            Ping {
+                n: 6,
+                text: String::new()
+            }
+        );
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_larger_than_a_slot_is_refused_with_its_size_and_not_sent() {
+        let cfg = ChannelConfig {
+            slots: 2,
+            slot_capacity: 256,
+        };
+        let (mut client, mut ch) = open_pair(&cfg);
+        let big = Ping {
+            n: 1,
+            text: "x".repeat(1000),
+        };
+        let size = rkyv::to_bytes::<rkyv::rancor::Error>(&big).unwrap().len();
+        let e = client.call(&big, None).unwrap_err();
+        assert!(
+            matches!(e, ServiceError::TooLarge { needed, capacity: 256 } if needed == size),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&format!("{size} bytes")), "{e}");
+        // Nothing was published: the server finds no request.
+        let mut buf = RecvBuf::default();
+        let mut handler = |p: &ArchivedPing| Ping {
+            n: p.n.to_native(),
+            text: "x".repeat(p.n.to_native() as usize),
+        };
+        let mut serve = |ch: &mut ServerChannel| {
+            ch.serve_one(&mut |req, w| wire::answer::<Ping, Ping>(&mut buf, req, w, &mut handler))
+                .unwrap()
+        };
+        assert!(!serve(&mut ch));
+        // A reply that does not fit reaches the client as an error naming
+        // its size; the channel goes on.
+        let id = wire::send(client.client.as_mut().unwrap(), &ping(1000), None).unwrap();
+        assert!(serve(&mut ch));
+        let mut rbuf = RecvBuf::default();
+        let e = wire::recv_into(client.client.as_mut().unwrap(), id, None, &mut rbuf).unwrap_err();
+        assert!(
+            matches!(&e, ChannelError::Remote(m) if m.contains("exceeds the slot capacity, 256 bytes")),
+            "{e}"
+        );
+        let id = wire::send(client.client.as_mut().unwrap(), &ping(3), None).unwrap();
+        assert!(serve(&mut ch));
+        wire::recv_into(client.client.as_mut().unwrap(), id, None, &mut rbuf).unwrap();
+        assert_eq!(rbuf.access::<Ping>().unwrap().text.as_str(), "xxx");
+    }
+
+    #[test]
+    fn a_request_that_fails_validation_is_answered_with_an_error() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let mut raw = Client::open(c).unwrap();
+        let mut ch = ServerChannel::open(s).unwrap();
+        let mut buf = RecvBuf::default();
+        // Too short for a root; a string that is not UTF-8 (`n`, then an
+        // inline string: two bytes, padded with 0xff). All 0xff is valid:
+        // n = u32::MAX and an empty inline string.
+        let not_utf8 = [0, 0, 0, 0, 0xc3, 0x28, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        for garbage in [&[][..], &[0xff; 3], &not_utf8] {
+            let id = raw.send_with(None, |w| w.write(garbage)).unwrap();
+            assert!(ch
+                .serve_one(&mut |req, w| {
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |_| unreachable!())
+                })
+                .unwrap());
+            let e = raw.recv_reply(id, None, |_| ()).unwrap_err();
+            assert!(
+                matches!(&e, ChannelError::Remote(m) if m.starts_with("invalid request")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_handler_reads_a_private_copy_the_client_can_no_longer_change() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        // The client's own view of the segment, to rewrite the request
+        // while the server handles it (as a hostile client could).
+        let memfd = c.fds()[0].try_clone_to_owned().unwrap();
+        let mut client = Client::open(c).unwrap();
+        let mut ch = ServerChannel::open(s).unwrap();
+        let req = Ping {
+            n: 7,
+            text: "original text".into(),
+        };
+        let id = wire::send(&mut client, &req, None).unwrap();
+        let mut buf = RecvBuf::default();
+        let mut seen = None;
+        ch.serve_one(&mut |msg, w| {
+            wire::answer::<Ping, Ping>(&mut buf, msg, w, &mut |p| {
+                // Request slot 0's payload: docs/shm-layout.md.
+                nix::sys::uio::pwrite(&memfd, &[0xAA; 4096], 4096 + 64).unwrap();
+                seen = Some((p.n.to_native(), p.text.to_string()));
+                ping(0)
+            })
+        })
+        .unwrap();
+        assert_eq!(seen, Some((7, "original text".to_string())));
+        let mut rbuf = RecvBuf::default();
+        wire::recv_into(&mut client, id, None, &mut rbuf).unwrap();
+    }
+
+    #[test]
+    fn the_receive_buffer_is_reused_and_holds_the_last_message_only() {
+        let (mut client, mut ch) = open_pair(&ChannelConfig {
+            slots: 2,
+            slot_capacity: 64 * 1024,
+        });
+        let server = std::thread::spawn(move || {
+            let mut buf = RecvBuf::default();
+            let mut grew = Vec::new();
+            for _ in 0..3 {
+                ch.serve_next(None, |req, w| {
+                    let r = wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| Ping {
+                        n: p.n.to_native(),
+                        text: p.text.to_string(),
+                    });
+                    grew.push(buf.allocated());
+                    r
+                })
+                .unwrap();
+            }
+            grew
+        });
+        for len in [40_000, 3, 40_000] {
+            let p = Ping {
+                n: len,
+                text: "y".repeat(len as usize),
+            };
+            let r = client.call(&p, None).unwrap();
+            assert_eq!(r.text.len(), len as usize);
+            assert_eq!(r.n, len);
+        }
+        let grew = server.join().unwrap();
+        // One allocation, for the first large request, kept for the rest.
+        assert_eq!(grew[0], grew[1], "{grew:?}");
+        assert_eq!(grew[1], grew[2], "{grew:?}");
     }
 }
