@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 
 use ember_benches::{arg_num, json_requested, JsonLine};
 use module_runtime::sdk::ChannelFds;
-use module_runtime::service::{AsyncServiceClient, Wire};
-use shm_ipc::channel::{channel_pair, ChannelConfig, ServerEnd};
-use shm_ipc::service::Server;
+use module_runtime::service::{AsyncServiceClient, ServiceServer};
+use shm_ipc::channel::{channel_pair, ChannelConfig};
 
 /// CPU work per request in the exporter, µs (`--work-us`).
 const WORK_US: u64 = 20;
@@ -173,7 +172,7 @@ fn round(
                             })
                             .is_ok()
                         {
-                            let who = client.call(&7, None).await.expect("call");
+                            let who = client.call(&7, None).await.expect("call").to_native();
                             per[who as usize].fetch_add(1, Ordering::Relaxed);
                         }
                     })
@@ -246,26 +245,25 @@ fn exporter(path: &Path, replica: u64, work: Duration) {
     let (_, mut fds) = shm_ipc::fdpass::recv_with_fds(sock.as_fd(), &mut buf).expect("recv end");
     let doorbell = fds.pop().expect("doorbell");
     let memfd = fds.pop().expect("segment");
-    let mut server = Server::new();
+    let mut server = ServiceServer::<u64, u64>::new();
     server
-        .add(ServerEnd::from_fds(memfd, doorbell))
+        .add(ChannelFds {
+            memfd,
+            sock: doorbell,
+        })
         .expect("open");
-    let mut scratch = Vec::new();
     server
-        .run(None, |_, req, w| {
-            // As ServiceServer: copy out, validate and decode, handle,
-            // encode the reply into the slot.
-            scratch.clear();
-            scratch.extend_from_slice(&req.to_vec());
-            let n = u64::from_wire(&scratch).map_err(|e| e.to_string())?;
+        .serve_until_clients_leave(|n| {
+            // As every ServiceServer: the request was copied out once and
+            // validated; it is read in place, the reply serialized into
+            // the slot.
             let started = Instant::now();
-            let mut x = n;
+            let mut x = n.to_native();
             while started.elapsed() < work {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
             std::hint::black_box(x);
-            let reply = replica.to_wire().map_err(|e| e.to_string())?;
-            w.write(&reply).map_err(|e| e.to_string())
+            replica
         })
         .expect("serve");
 }

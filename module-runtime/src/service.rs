@@ -39,16 +39,16 @@ use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use rkyv::api::high::{HighSerializer, HighValidator};
-use rkyv::bytecheck::CheckBytes;
-use rkyv::de::Pool;
-use rkyv::rancor::{self, Strategy};
-use rkyv::ser::allocator::ArenaHandle;
-use rkyv::util::AlignedVec;
 pub use shm_ipc::channel::ChannelError;
 use shm_ipc::channel::{Client, ClientEnd, ServerEnd};
 
 use crate::sdk::{Attachments, ChannelFds, ModuleContext, Shutdown};
+
+mod wire;
+#[cfg(feature = "tokio")]
+pub use wire::AsyncReply;
+use wire::RecvBuf;
+pub use wire::{Reply, SlotSink, Wire};
 
 /// Why a typed call or serve loop failed. The cause is in `source()`;
 /// [`error_chain`](crate::error_chain) renders the whole chain
@@ -61,7 +61,15 @@ pub enum ServiceError {
     Channel(#[from] ChannelError),
     /// A message did not encode or failed validation.
     #[error("invalid service message")]
-    Codec(#[source] rancor::Error),
+    Codec(#[source] rkyv::rancor::Error),
+    /// The request does not fit the channel's slots; nothing was sent.
+    #[error("message of {needed} bytes exceeds the channel's slot capacity, {capacity} bytes")]
+    TooLarge {
+        /// Bytes the archived message needs.
+        needed: usize,
+        /// Payload bytes per slot.
+        capacity: usize,
+    },
     /// The client held no channel of the imported service, and none
     /// arrived in time (the exporter is not up yet, or it went away and no
     /// replacement came).
@@ -98,37 +106,6 @@ impl ServiceError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Channel(ChannelError::TimedOut))
     }
-}
-
-/// A type that travels over a service: archived with rkyv, validated on
-/// receipt. Implemented for every rkyv type with checkable archives.
-pub trait Wire: Sized {
-    /// Archives `self`.
-    fn to_wire(&self) -> Result<AlignedVec, rancor::Error>;
-    /// Validates and deserializes an archive (any alignment).
-    fn from_wire(bytes: &[u8]) -> Result<Self, rancor::Error>;
-}
-
-impl<T> Wire for T
-where
-    T: rkyv::Archive
-        + for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
-    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
-        + rkyv::Deserialize<T, Strategy<Pool, rancor::Error>>,
-{
-    fn to_wire(&self) -> Result<AlignedVec, rancor::Error> {
-        rkyv::to_bytes::<rancor::Error>(self)
-    }
-
-    fn from_wire(bytes: &[u8]) -> Result<Self, rancor::Error> {
-        let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
-        aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<T, rancor::Error>(&aligned)
-    }
-}
-
-fn copy_out(s: shm_ipc::ShmSlice<'_>) -> Vec<u8> {
-    s.to_vec()
 }
 
 /// How long a call without a deadline waits for a client end to arrive
@@ -189,22 +166,23 @@ fn failed(e: impl Into<ServiceError>) -> Attempt {
     Attempt::Failed(e.into())
 }
 
-/// One call on one chosen channel: encode the request, send it, wait for
-/// the reply until `deadline`, decode it. The client's data path; which
-/// channel, failover and retries are the caller's.
-fn call_on<Req: Wire, Resp: Wire>(
+/// One call on one chosen channel: the request is serialized straight
+/// into the slot, the reply copied once into `buf` (validated by the
+/// caller, read in place). The client's data path; which channel, failover
+/// and retries are the caller's.
+fn call_on<Req: Wire>(
     client: &mut Client,
     req: &Req,
     deadline: Option<Instant>,
-) -> Result<Resp, Attempt> {
-    let bytes = req.to_wire().map_err(|e| failed(ServiceError::Codec(e)))?;
-    let id = match client.send_with(deadline, |w| w.write(&bytes)) {
+    buf: &mut RecvBuf,
+) -> Result<(), Attempt> {
+    let id = match wire::send(client, req, deadline) {
         Ok(id) => id,
-        Err(ChannelError::PeerGone) => return Err(Attempt::Untaken),
+        Err(ServiceError::Channel(ChannelError::PeerGone)) => return Err(Attempt::Untaken),
         Err(e) => return Err(failed(e)),
     };
-    match client.recv_reply(id, deadline, copy_out) {
-        Ok(reply) => Resp::from_wire(&reply).map_err(|e| failed(ServiceError::Codec(e))),
+    match wire::recv_into(client, id, deadline, buf) {
+        Ok(()) => Ok(()),
         Err(ChannelError::PeerGone) if client.taken(id) => Err(Attempt::Taken),
         Err(ChannelError::PeerGone) => Err(Attempt::Untaken),
         Err(e) => Err(failed(e)),
@@ -213,20 +191,20 @@ fn call_on<Req: Wire, Resp: Wire>(
 
 /// [`call_on`] for the async client.
 #[cfg(feature = "tokio")]
-async fn call_on_async<Req: Wire, Resp: Wire>(
+async fn call_on_async<Req: Wire>(
     client: &mut shm_ipc::channel::AsyncClient,
     req: &Req,
     deadline: Option<Instant>,
-) -> Result<Resp, Attempt> {
-    let bytes = req.to_wire().map_err(|e| failed(ServiceError::Codec(e)))?;
+    buf: &mut RecvBuf,
+) -> Result<(), Attempt> {
     let exchange = async {
-        let id = match client.send_with(|w| w.write(&bytes)).await {
+        let id = match wire::send_async(client, req).await {
             Ok(id) => id,
-            Err(ChannelError::PeerGone) => return Err(Attempt::Untaken),
+            Err(ServiceError::Channel(ChannelError::PeerGone)) => return Err(Attempt::Untaken),
             Err(e) => return Err(failed(e)),
         };
-        match client.recv_reply(id, copy_out).await {
-            Ok(reply) => Resp::from_wire(&reply).map_err(|e| failed(ServiceError::Codec(e))),
+        match wire::recv_into_async(client, id, buf).await {
+            Ok(()) => Ok(()),
             Err(ChannelError::PeerGone) if client.client().taken(id) => Err(Attempt::Taken),
             Err(ChannelError::PeerGone) => Err(Attempt::Untaken),
             Err(e) => Err(failed(e)),
@@ -480,6 +458,8 @@ pub struct ServiceClient<Req, Resp> {
     ends: Ends<Client>,
     retry: Retry,
     end_wait: Duration,
+    /// The last reply, copied out of the channel.
+    buf: RecvBuf,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -509,6 +489,7 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
             ends,
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
+            buf: RecvBuf::default(),
             _types: PhantomData,
         }
     }
@@ -567,7 +548,16 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
     /// is repeated as [`Retry`] says. Without a channel the call waits for
     /// an end until `deadline` (`None`: for the end wait,
     /// [`DEFAULT_END_WAIT`]).
-    pub fn call(&mut self, req: &Req, deadline: Option<Instant>) -> Result<Resp, ServiceError> {
+    ///
+    /// The request is serialized straight into the channel's slot; the
+    /// reply is copied once into this client's buffer, validated, and read
+    /// in place through the returned [`Reply`] (no deserialization; see
+    /// [`call_owned`](Self::call_owned) for an owned value).
+    pub fn call(
+        &mut self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<Reply<'_, Resp>, ServiceError> {
         let started = Instant::now();
         let end_until = deadline.unwrap_or(started + self.end_wait);
         self.ends.refresh(false);
@@ -579,10 +569,10 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
                 }
                 continue;
             };
-            match call_on(channel, req, deadline) {
-                Ok(reply) => {
+            match call_on(channel, req, deadline, &mut self.buf) {
+                Ok(()) => {
                     self.ends.rotate();
-                    return Ok(reply);
+                    break;
                 }
                 Err(Attempt::Untaken) => {
                     self.ends.idle.pop_front();
@@ -605,10 +595,26 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
                 }
             }
         }
+        let reply = self.buf.access::<Resp>().map_err(ServiceError::Codec)?;
+        Ok(Reply::new(reply))
+    }
+
+    /// [`call`](Self::call), then deserializes the reply into an owned
+    /// value.
+    pub fn call_owned(
+        &mut self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<Resp, ServiceError> {
+        self.call(req, deadline)?.deserialize()
     }
 
     /// [`call`](Self::call) with the deadline `now + timeout`.
-    pub fn call_timeout(&mut self, req: &Req, timeout: Duration) -> Result<Resp, ServiceError> {
+    pub fn call_timeout(
+        &mut self,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Reply<'_, Resp>, ServiceError> {
         self.call(req, Some(Instant::now() + timeout))
     }
 }
@@ -623,12 +629,18 @@ impl<Req: Wire, Resp: Wire> ServiceClient<Req, Resp> {
 /// keeps both busy; calls finding every channel busy queue, first come
 /// first served, and each is handed the next channel that comes back
 /// (until its deadline).
+///
+/// A reply is copied once into a buffer the client keeps for reuse and is
+/// read in place through the returned [`AsyncReply`], which gives the
+/// buffer back when dropped.
 #[cfg(feature = "tokio")]
 #[derive(Debug)]
 pub struct AsyncServiceClient<Req, Resp> {
     pool: std::sync::Mutex<Channels>,
     retry: Retry,
     end_wait: Duration,
+    /// Reply buffers not lent to an [`AsyncReply`], for reuse.
+    spare: std::sync::Mutex<Vec<RecvBuf>>,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -780,6 +792,7 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
             }),
             retry: Retry::Unsent,
             end_wait: DEFAULT_END_WAIT,
+            spare: std::sync::Mutex::new(Vec::new()),
             _types: PhantomData,
         }
     }
@@ -837,7 +850,46 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
     /// Calls the service, as [`ServiceClient::call`]: `deadline` bounds
     /// the wait for a free channel, for an end and for the reply (`None`:
     /// no bound on the reply; an end is waited for [`DEFAULT_END_WAIT`]).
-    pub async fn call(&self, req: &Req, deadline: Option<Instant>) -> Result<Resp, ServiceError> {
+    /// As with [`ServiceClient::call`], the request is serialized straight
+    /// into the slot and the reply is read in place through [`AsyncReply`]
+    /// ([`AsyncReply::deserialize`], or [`call_owned`](Self::call_owned),
+    /// for an owned value).
+    pub async fn call(
+        &self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<AsyncReply<'_, Resp>, ServiceError> {
+        let mut buf = self.take_buf();
+        self.call_into(req, deadline, &mut buf).await?;
+        AsyncReply::new(buf, &self.spare)
+    }
+
+    /// [`call`](Self::call), then deserializes the reply into an owned
+    /// value.
+    pub async fn call_owned(
+        &self,
+        req: &Req,
+        deadline: Option<Instant>,
+    ) -> Result<Resp, ServiceError> {
+        self.call(req, deadline).await?.deserialize()
+    }
+
+    /// A reply buffer: a spare one, or a new one.
+    fn take_buf(&self) -> RecvBuf {
+        self.spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// The call, leaving the reply's bytes (not yet validated) in `buf`.
+    async fn call_into(
+        &self,
+        req: &Req,
+        deadline: Option<Instant>,
+        buf: &mut RecvBuf,
+    ) -> Result<(), ServiceError> {
         let started = Instant::now();
         let end_until = deadline.unwrap_or(started + self.end_wait);
         let mut repeated = false;
@@ -887,8 +939,8 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
             let Some(channel) = lease.channel.as_mut() else {
                 continue;
             };
-            match call_on_async(channel, req, deadline).await {
-                Ok(reply) => return Ok(reply),
+            match call_on_async(channel, req, deadline, buf).await {
+                Ok(()) => return Ok(()),
                 Err(Attempt::Untaken) => lease.channel = None,
                 Err(Attempt::Taken) => {
                     lease.channel = None;
@@ -910,7 +962,11 @@ impl<Req: Wire, Resp: Wire> AsyncServiceClient<Req, Resp> {
     }
 
     /// [`call`](Self::call) with the deadline `now + timeout`.
-    pub async fn call_timeout(&self, req: &Req, timeout: Duration) -> Result<Resp, ServiceError> {
+    pub async fn call_timeout(
+        &self,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<AsyncReply<'_, Resp>, ServiceError> {
         self.call(req, Some(Instant::now() + timeout)).await
     }
 }
@@ -1018,7 +1074,7 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         &mut self,
         ctx: &ModuleContext,
         name: &str,
-        handler: impl FnMut(Req) -> Resp,
+        handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         self.serve_attached(&ctx.attachments(), &ctx.shutdown(), name, handler)
     }
@@ -1032,7 +1088,7 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         attachments: &Attachments,
         shutdown: &Shutdown,
         name: &str,
-        handler: impl FnMut(Req) -> Resp,
+        handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut seen: Option<u64> = None;
         let mut adopt = |server: &mut Self| -> Result<bool, ServiceError> {
@@ -1060,12 +1116,36 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
     /// are disconnected. A request that fails validation is answered with
     /// an error; a client that corrupts its channel is dropped (and
     /// logged), the others go on.
+    ///
+    /// Each request is copied once out of shared memory into a buffer the
+    /// server reuses, validated there, and `handler` reads it in place
+    /// (`&Archived<Req>`, no deserialization); the response it returns is
+    /// serialized straight into the reply slot. A response larger than a
+    /// slot reaches the client as an error.
     pub fn serve(
         &mut self,
         shutdown: &Shutdown,
-        handler: impl FnMut(Req) -> Resp,
+        handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         self.serve_loop(shutdown, None, &mut |_| Ok(false), handler)
+    }
+
+    /// Serves the clients [`add`](Self::add)ed so far, as [`serve`](Self::serve)
+    /// does, until every one of them has left; nothing is adopted and no
+    /// shutdown is watched. For code that runs outside a module (tests,
+    /// benchmarks, a process holding ends it got some other way).
+    pub fn serve_until_clients_leave(
+        &mut self,
+        mut handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
+    ) -> Result<(), ServiceError> {
+        let mut buf = RecvBuf::default();
+        let gone = self.server.run(None, |_, req, w| {
+            wire::answer::<Req, Resp>(&mut buf, req, w, &mut handler)
+        })?;
+        for g in gone {
+            tracing::info!(target: "ember::service", "client left: {g:?}");
+        }
+        Ok(())
     }
 
     fn serve_loop(
@@ -1073,21 +1153,18 @@ impl<Req: Wire, Resp: Wire> ServiceServer<Req, Resp> {
         shutdown: &Shutdown,
         attach_fd: Option<std::os::fd::BorrowedFd<'_>>,
         before_tick: &mut dyn FnMut(&mut Self) -> Result<bool, ServiceError>,
-        mut handler: impl FnMut(Req) -> Resp,
+        mut handler: impl FnMut(&rkyv::Archived<Req>) -> Resp,
     ) -> Result<(), ServiceError> {
         let mut drain: Option<Drain> = None;
         let served = std::cell::Cell::new(0u64);
+        // Every request is copied into this one buffer, reused.
+        let mut buf = RecvBuf::default();
         let mut answer = |_id: shm_ipc::service::ClientId,
                           req: shm_ipc::ShmSlice<'_>,
                           w: &mut shm_ipc::SlotWriter<'_>|
          -> Result<(), String> {
             served.set(served.get() + 1);
-            let req =
-                Req::from_wire(&copy_out(req)).map_err(|e| format!("invalid request: {e}"))?;
-            let resp = handler(req)
-                .to_wire()
-                .map_err(|e| format!("cannot encode reply: {e}"))?;
-            w.write(&resp).map_err(|e| e.to_string())
+            wire::answer::<Req, Resp>(&mut buf, req, w, &mut handler)
         };
         loop {
             if drain.is_none() && shutdown.is_requested() {
@@ -1253,15 +1330,14 @@ mod tests {
     fn exporter(end: ChannelFds, tag: &'static str) -> std::thread::JoinHandle<u32> {
         std::thread::spawn(move || {
             let mut ch = ServerChannel::open(ServerEnd::from_fds(end.memfd, end.sock)).unwrap();
+            let mut buf = RecvBuf::default();
             let mut served = 0;
             loop {
                 let r = ch.serve_next(None, |req, w| {
-                    let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
-                    let r = Ping {
-                        n: p.n,
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| Ping {
+                        n: p.n.to_native(),
                         text: tag.into(),
-                    };
-                    w.write(&r.to_wire().unwrap()).map_err(|e| e.to_string())
+                    })
                 });
                 match r {
                     Ok(()) => served += 1,
@@ -1280,14 +1356,14 @@ mod tests {
         let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
         let a = exporter(s1, "a");
         let r = client.call(&ping(1), None).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (1, "a"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (1, "a"));
 
         // A second replica: its end goes first, then calls alternate.
         let (c2, s2) = pair();
         let b = exporter(s2, "b");
         host.attach(GrantKind::Import, "svc", c2);
         let answered: Vec<String> = (2..8)
-            .map(|n| client.call(&ping(n), None).unwrap().text)
+            .map(|n| client.call(&ping(n), None).unwrap().text.to_string())
             .collect();
         assert_eq!(answered, ["b", "a", "b", "a", "b", "a"]);
         assert_eq!((client.channels(), client.switches()), (2, 1));
@@ -1312,7 +1388,7 @@ mod tests {
         // the other.
         drop(ServerChannel::open(ServerEnd::from_fds(s1.memfd, s1.sock)).unwrap());
         for n in 0..4 {
-            assert_eq!(client.call(&ping(n), None).unwrap().text, "b");
+            assert_eq!(client.call(&ping(n), None).unwrap().text.as_str(), "b");
         }
         assert_eq!(client.channels(), 1);
         drop(client);
@@ -1336,13 +1412,16 @@ mod tests {
         let ctx = importer.context();
         let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
         for n in 0..2 {
-            assert_eq!(client.call(&ping(n), None).unwrap().text, "serving");
+            assert_eq!(
+                client.call(&ping(n), None).unwrap().text.as_str(),
+                "serving"
+            );
         }
         old_host.request_shutdown(Duration::from_secs(3600));
         // Calls go on (the old exporter answers what reaches it while
         // draining); the client drops its channel once it comes up next.
         while !old.is_finished() {
-            let text = client.call(&ping(9), None).unwrap().text;
+            let text = client.call(&ping(9), None).unwrap().text.to_string();
             assert!(text == "serving" || text == "draining", "{text}");
         }
         old.join().unwrap().unwrap();
@@ -1387,7 +1466,7 @@ mod tests {
         dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
         let deadline = Instant::now() + Duration::from_secs(30);
         let r = client.call(&ping(7), Some(deadline)).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (7, "new"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (7, "new"));
         drop(client);
         assert_eq!(new.join().unwrap(), 1);
 
@@ -1408,7 +1487,7 @@ mod tests {
         );
         assert!(!client.is_connected());
         let r = client.call(&ping(9), Some(deadline)).unwrap();
-        assert_eq!((r.n, r.text.as_str()), (9, "new"));
+        assert_eq!((r.n.to_native(), r.text.as_str()), (9, "new"));
         drop(client);
         assert_eq!(new.join().unwrap(), 1);
     }
@@ -1430,7 +1509,7 @@ mod tests {
         let r = client
             .call(&ping(2), Some(Instant::now() + Duration::from_secs(30)))
             .unwrap();
-        assert_eq!(r.text, "late");
+        assert_eq!(r.text.as_str(), "late");
         attacher.join().unwrap();
         drop(client);
         assert_eq!(srv.join().unwrap(), 1);
@@ -1446,7 +1525,7 @@ mod tests {
             let mut server = ServiceServer::<Ping, Ping>::new();
             server.set_drain_quiet(quiet);
             server.serve_export(&ctx, "svc", |p| Ping {
-                n: p.n,
+                n: p.n.to_native(),
                 text: if shutdown.is_requested() {
                     "draining".into()
                 } else {
@@ -1463,7 +1542,7 @@ mod tests {
         // No quiet limit and a far deadline: only leaving clients end it.
         let server = echo_server(host, Duration::from_secs(3600));
         let mut a = ServiceClient::<Ping, Ping>::open(c1).unwrap();
-        assert_eq!(a.call(&ping(1), None).unwrap().text, "serving");
+        assert_eq!(a.call(&ping(1), None).unwrap().text.as_str(), "serving");
 
         host.request_shutdown(Duration::from_secs(3600));
         // A client attached after the request is adopted and served: the
@@ -1471,10 +1550,10 @@ mod tests {
         let (c2, s2) = pair();
         host.attach(GrantKind::Export, "svc", s2);
         let mut b = ServiceClient::<Ping, Ping>::open(c2).unwrap();
-        assert_eq!(b.call(&ping(2), None).unwrap().text, "draining");
-        assert_eq!(a.call(&ping(3), None).unwrap().text, "draining");
+        assert_eq!(b.call(&ping(2), None).unwrap().text.as_str(), "draining");
+        assert_eq!(a.call(&ping(3), None).unwrap().text.as_str(), "draining");
         drop(a);
-        assert_eq!(b.call(&ping(4), None).unwrap().text, "draining");
+        assert_eq!(b.call(&ping(4), None).unwrap().text.as_str(), "draining");
         assert!(!server.is_finished());
         drop(b);
         server.join().unwrap().unwrap();
@@ -1486,7 +1565,7 @@ mod tests {
         let host = TestHost::new(vec![(GrantKind::Export, "svc", s1)]);
         let server = echo_server(host, DRAIN_QUIET);
         let mut a = ServiceClient::<Ping, Ping>::open(c1).unwrap();
-        assert_eq!(a.call(&ping(1), None).unwrap().text, "serving");
+        assert_eq!(a.call(&ping(1), None).unwrap().text.as_str(), "serving");
         host.request_shutdown(Duration::from_secs(3600));
         server.join().unwrap().unwrap();
         // It disconnected the client that never left.
@@ -1507,7 +1586,10 @@ mod tests {
         let old = echo_server(old_host, Duration::from_secs(3600));
         let ctx = importer.context();
         let mut client: ServiceClient<Ping, Ping> = ctx.import("svc").unwrap();
-        assert_eq!(client.call(&ping(1), None).unwrap().text, "serving");
+        assert_eq!(
+            client.call(&ping(1), None).unwrap().text.as_str(),
+            "serving"
+        );
 
         // The new revision is up; the importer gets its end, then the old
         // exporter is asked to stop.
@@ -1518,9 +1600,15 @@ mod tests {
         old_host.request_shutdown(Duration::from_secs(3600));
         // The old exporter waits for its client; the next call goes to the
         // new end, the one after drops the draining old one.
-        assert_eq!(client.call(&ping(2), None).unwrap().text, "serving");
+        assert_eq!(
+            client.call(&ping(2), None).unwrap().text.as_str(),
+            "serving"
+        );
         assert_eq!(client.switches(), 1);
-        assert_eq!(client.call(&ping(3), None).unwrap().text, "serving");
+        assert_eq!(
+            client.call(&ping(3), None).unwrap().text.as_str(),
+            "serving"
+        );
         old.join().unwrap().unwrap();
         assert_eq!(client.channels(), 1);
         new_host.request_shutdown(Duration::from_secs(3600));
@@ -1545,14 +1633,15 @@ mod tests {
                 .with_retry(Retry::Idempotent);
             let old = exporter(s1, "old");
             let r = client.call_timeout(&ping(1), Duration::from_secs(30)).await;
-            assert_eq!(r.unwrap().text, "old");
+            assert_eq!(r.unwrap().text.as_str(), "old");
 
             // A new end: the next call goes to it.
             let (c2, s2) = pair();
             let new = exporter(s2, "new");
             host.attach(GrantKind::Import, "svc", c2);
             let r = client.call(&ping(2), None).await.unwrap();
-            assert_eq!(r.text, "new");
+            assert_eq!(r.text.as_str(), "new");
+            drop(r);
             assert_eq!(client.switches(), 1);
 
             // Both exporters go away; the next end's exporter dies holding
@@ -1572,7 +1661,7 @@ mod tests {
             dies_mid_request(s1, move || host.attach(GrantKind::Import, "svc", c2));
             let deadline = Instant::now() + Duration::from_secs(30);
             let r = client.call(&ping(3), Some(deadline)).await;
-            assert_eq!(r.unwrap().text, "last");
+            assert_eq!(r.unwrap().text.as_str(), "last");
             drop(client);
             assert_eq!(last.join().unwrap(), 1);
         });
@@ -1589,14 +1678,13 @@ mod tests {
         std::thread::spawn(move || {
             let mut ch = ServerChannel::open(ServerEnd::from_fds(end.memfd, end.sock)).unwrap();
             let mut served = 0;
+            let mut buf = RecvBuf::default();
             loop {
                 let r = ch.serve_next(None, |req, w| {
-                    let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
                     arrived.send(tag).map_err(|e| e.to_string())?;
                     gate.recv_timeout(Duration::from_secs(30))
                         .map_err(|e| e.to_string())?;
-                    w.write(&ping(p.n).to_wire().unwrap())
-                        .map_err(|e| e.to_string())
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| ping(p.n.to_native()))
                 });
                 match r {
                     Ok(()) => served += 1,
@@ -1725,58 +1813,188 @@ mod tests {
         );
     }
 
-    #[test]
-    fn wire_round_trip_and_rejects_garbage() {
-        let p = Ping {
-            n: 7,
-            text: "x".into(),
-        };
-        let b = p.to_wire().unwrap();
-        // Misaligned copy still decodes.
-        let mut shifted = vec![0u8];
-        shifted.extend_from_slice(&b);
-        assert_eq!(Ping::from_wire(&shifted[1..]).unwrap(), p);
-        assert!(Ping::from_wire(&[0xff; 3]).is_err());
-    }
-
-    #[test]
-    fn typed_call_over_a_real_channel() {
-        let (c, s) =
-            shm_ipc::channel::channel_pair(&shm_ipc::channel::ChannelConfig::default()).unwrap();
+    fn open_pair(cfg: &ChannelConfig) -> (ServiceClient<Ping, Ping>, ServerChannel) {
+        let (c, s) = channel_pair(cfg).unwrap();
         let (cm, cs) = c.into_fds();
-        let mut client: ServiceClient<Ping, Ping> = ServiceClient::open(ChannelFds {
+        let client = ServiceClient::open(ChannelFds {
             memfd: cm,
             sock: cs,
         })
         .unwrap();
+        (client, ServerChannel::open(s).unwrap())
+    }
+
+    #[test]
+    fn typed_call_over_a_real_channel_reads_both_sides_in_place() {
+        let (mut client, mut ch) = open_pair(&ChannelConfig::default());
         let server = std::thread::spawn(move || {
-            let mut ch = shm_ipc::channel::ServerChannel::open(s).unwrap();
-            ch.serve_next(None, |req, w| {
-                let p = Ping::from_wire(&req.to_vec()).map_err(|e| e.to_string())?;
-                let r = Ping {
-                    n: p.n + 1,
-                    text: p.text.to_uppercase(),
-                };
-                w.write(&r.to_wire().unwrap()).map_err(|e| e.to_string())
-            })
-            .unwrap();
+            let mut buf = RecvBuf::default();
+            for _ in 0..2 {
+                ch.serve_next(None, |req, w| {
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| Ping {
+                        n: p.n.to_native() + 1,
+                        text: p.text.to_uppercase(),
+                    })
+                })
+                .unwrap();
+            }
         });
-        let r = client
-            .call(
-                &Ping {
-                    n: 1,
-                    text: "hi".into(),
-                },
-                None,
-            )
-            .unwrap();
+        let hi = Ping {
+            n: 1,
+            text: "hi".into(),
+        };
+        let r = client.call(&hi, None).unwrap();
+        assert_eq!((r.n.to_native(), r.text.as_str()), (2, "HI"));
         assert_eq!(
-            r,
+            r.deserialize().unwrap(),
             Ping {
                 n: 2,
                 text: "HI".into()
             }
         );
+        assert_eq!(
+            client.call_owned(&ping(5), None).unwrap(),
+            Ping {
+                n: 6,
+                text: String::new()
+            }
+        );
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_larger_than_a_slot_is_refused_with_its_size_and_not_sent() {
+        let cfg = ChannelConfig {
+            slots: 2,
+            slot_capacity: 256,
+        };
+        let (mut client, mut ch) = open_pair(&cfg);
+        let big = Ping {
+            n: 1,
+            text: "x".repeat(1000),
+        };
+        let size = rkyv::to_bytes::<rkyv::rancor::Error>(&big).unwrap().len();
+        let e = client.call(&big, None).unwrap_err();
+        assert!(
+            matches!(e, ServiceError::TooLarge { needed, capacity: 256 } if needed == size),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&format!("{size} bytes")), "{e}");
+        // Nothing was published: the server finds no request.
+        let mut buf = RecvBuf::default();
+        let mut handler = |p: &ArchivedPing| Ping {
+            n: p.n.to_native(),
+            text: "x".repeat(p.n.to_native() as usize),
+        };
+        let mut serve = |ch: &mut ServerChannel| {
+            ch.serve_one(&mut |req, w| wire::answer::<Ping, Ping>(&mut buf, req, w, &mut handler))
+                .unwrap()
+        };
+        assert!(!serve(&mut ch));
+        // A reply that does not fit reaches the client as an error naming
+        // its size; the channel goes on.
+        let id = wire::send(client.ends.front().unwrap(), &ping(1000), None).unwrap();
+        assert!(serve(&mut ch));
+        let mut rbuf = RecvBuf::default();
+        let e = wire::recv_into(client.ends.front().unwrap(), id, None, &mut rbuf).unwrap_err();
+        assert!(
+            matches!(&e, ChannelError::Remote(m) if m.contains("exceeds the slot capacity, 256 bytes")),
+            "{e}"
+        );
+        let id = wire::send(client.ends.front().unwrap(), &ping(3), None).unwrap();
+        assert!(serve(&mut ch));
+        wire::recv_into(client.ends.front().unwrap(), id, None, &mut rbuf).unwrap();
+        assert_eq!(rbuf.access::<Ping>().unwrap().text.as_str(), "xxx");
+    }
+
+    #[test]
+    fn a_request_that_fails_validation_is_answered_with_an_error() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        let mut raw = Client::open(c).unwrap();
+        let mut ch = ServerChannel::open(s).unwrap();
+        let mut buf = RecvBuf::default();
+        // Too short for a root; a string that is not UTF-8 (`n`, then an
+        // inline string: two bytes, padded with 0xff). All 0xff is valid:
+        // n = u32::MAX and an empty inline string.
+        let not_utf8 = [0, 0, 0, 0, 0xc3, 0x28, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        for garbage in [&[][..], &[0xff; 3], &not_utf8] {
+            let id = raw.send_with(None, |w| w.write(garbage)).unwrap();
+            assert!(ch
+                .serve_one(&mut |req, w| {
+                    wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |_| unreachable!())
+                })
+                .unwrap());
+            let e = raw.recv_reply(id, None, |_| ()).unwrap_err();
+            assert!(
+                matches!(&e, ChannelError::Remote(m) if m.starts_with("invalid request")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_handler_reads_a_private_copy_the_client_can_no_longer_change() {
+        let (c, s) = channel_pair(&ChannelConfig::default()).unwrap();
+        // The client's own view of the segment, to rewrite the request
+        // while the server handles it (as a hostile client could).
+        let memfd = c.fds()[0].try_clone_to_owned().unwrap();
+        let mut client = Client::open(c).unwrap();
+        let mut ch = ServerChannel::open(s).unwrap();
+        let req = Ping {
+            n: 7,
+            text: "original text".into(),
+        };
+        let id = wire::send(&mut client, &req, None).unwrap();
+        let mut buf = RecvBuf::default();
+        let mut seen = None;
+        ch.serve_one(&mut |msg, w| {
+            wire::answer::<Ping, Ping>(&mut buf, msg, w, &mut |p| {
+                // Request slot 0's payload: docs/shm-layout.md.
+                nix::sys::uio::pwrite(&memfd, &[0xAA; 4096], 4096 + 64).unwrap();
+                seen = Some((p.n.to_native(), p.text.to_string()));
+                ping(0)
+            })
+        })
+        .unwrap();
+        assert_eq!(seen, Some((7, "original text".to_string())));
+        let mut rbuf = RecvBuf::default();
+        wire::recv_into(&mut client, id, None, &mut rbuf).unwrap();
+    }
+
+    #[test]
+    fn the_receive_buffer_is_reused_and_holds_the_last_message_only() {
+        let (mut client, mut ch) = open_pair(&ChannelConfig {
+            slots: 2,
+            slot_capacity: 64 * 1024,
+        });
+        let server = std::thread::spawn(move || {
+            let mut buf = RecvBuf::default();
+            let mut grew = Vec::new();
+            for _ in 0..3 {
+                ch.serve_next(None, |req, w| {
+                    let r = wire::answer::<Ping, Ping>(&mut buf, req, w, &mut |p| Ping {
+                        n: p.n.to_native(),
+                        text: p.text.to_string(),
+                    });
+                    grew.push(buf.allocated());
+                    r
+                })
+                .unwrap();
+            }
+            grew
+        });
+        for len in [40_000, 3, 40_000] {
+            let p = Ping {
+                n: len,
+                text: "y".repeat(len as usize),
+            };
+            let r = client.call(&p, None).unwrap();
+            assert_eq!(r.text.len(), len as usize);
+            assert_eq!(r.n, len);
+        }
+        let grew = server.join().unwrap();
+        // One allocation, for the first large request, kept for the rest.
+        assert_eq!(grew[0], grew[1], "{grew:?}");
+        assert_eq!(grew[1], grew[2], "{grew:?}");
     }
 }

@@ -7,7 +7,7 @@
 //! server takes at most `quota` requests from each client.
 
 use std::os::fd::BorrowedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bytes::{ShmSlice, SlotWriter};
 use crate::channel::{ChannelError, HandlerResult, ServerChannel, ServerEnd, WaitStrategy};
@@ -35,6 +35,8 @@ pub struct Server {
     wait: WaitStrategy,
     /// Set by [`Server::set_draining`]: channels added later are marked too.
     draining: bool,
+    /// Moving average of idle periods, in ns.
+    avg_idle_ns: u64,
 }
 
 impl Default for Server {
@@ -53,6 +55,7 @@ impl Server {
             quota: 8,
             wait: WaitStrategy::default(),
             draining: false,
+            avg_idle_ns: 0,
         }
     }
 
@@ -61,7 +64,9 @@ impl Server {
         self.quota = quota.max(1);
     }
 
-    /// Sets how long to spin before parking.
+    /// Sets how long to spin before parking: at least `wait.spin`, and,
+    /// while requests come at most `wait.adaptive_max / 2` apart on
+    /// average, twice that average (an idle server parks after `spin`).
     pub fn set_wait(&mut self, wait: WaitStrategy) {
         self.wait = wait;
     }
@@ -164,12 +169,11 @@ impl Server {
         mut handler: impl FnMut(ClientId, ShmSlice<'_>, &mut SlotWriter<'_>) -> HandlerResult,
     ) -> Result<Vec<ClientGone>, ChannelError> {
         let mut gone = Vec::new();
-        let mut idle_since: Option<Instant> = None;
+        // While idle: when it began, how many empty rounds since, and how
+        // long to spin before parking.
+        let mut idle: Option<(Instant, u32, Duration)> = None;
         loop {
             if self.clients.is_empty() {
-                return Ok(gone);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(gone);
             }
             let served = self.serve_round(&mut handler, &mut gone);
@@ -177,15 +181,39 @@ impl Server {
                 return Ok(gone);
             }
             if served > 0 {
-                idle_since = None;
+                if let Some((since, _, _)) = idle.take() {
+                    self.note_idle(since.elapsed());
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(gone);
+                }
                 continue;
             }
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.wait.spin {
-                std::hint::spin_loop();
+            let (since, rounds, budget) = idle.get_or_insert_with(|| {
+                let budget = self.wait.budget(Duration::from_nanos(self.avg_idle_ns));
+                (Instant::now(), 0, budget)
+            });
+            *rounds += 1;
+            // The clock is read every few rounds only: an idle round is a
+            // few loads, a clock read costs as much as several.
+            if *rounds % 16 != 0 {
+                if *rounds % crate::channel::POLLS_PER_PAUSE == 0 {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
-            if self.park(deadline, wake, &mut gone)? {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(gone);
+            }
+            if now.duration_since(*since) < *budget {
+                continue;
+            }
+            let since = *since;
+            let woken = self.park(deadline, wake, &mut gone)?;
+            self.note_idle(since.elapsed());
+            idle = None;
+            if woken {
                 // Serve what rang with it, then let the caller adopt.
                 self.serve_round(&mut handler, &mut gone);
                 return Ok(gone);
@@ -193,8 +221,15 @@ impl Server {
             if !gone.is_empty() {
                 return Ok(gone);
             }
-            idle_since = None;
         }
+    }
+
+    /// Keeps the moving average (1/8 weight) of how long the server stays
+    /// idle between requests, which sets how long it spins (see
+    /// [`WaitStrategy::adaptive_max`]).
+    fn note_idle(&mut self, took: Duration) {
+        let took = took.as_nanos().min(u64::MAX as u128) as u64;
+        self.avg_idle_ns = self.avg_idle_ns - self.avg_idle_ns / 8 + took / 8;
     }
 
     /// Parks until some client rings, one of `wake` is readable or

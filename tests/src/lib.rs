@@ -126,6 +126,16 @@ pub fn recv_fds(sock: &UnixStream) -> (Option<u8>, Vec<OwnedFd>) {
     ((n == 1).then_some(buf[0]), fds)
 }
 
+/// The message of the typed shm-ipc tests (`ipc-peer typed-echo-server`
+/// answers each with itself).
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Echo {
+    /// A number the server returns unchanged.
+    pub n: u64,
+    /// Bytes the server returns unchanged.
+    pub bytes: Vec<u8>,
+}
+
 /// Every example and fixture crate the tests load.
 pub const EXAMPLES: &[&str] = &[
     "hello",

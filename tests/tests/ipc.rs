@@ -1,9 +1,12 @@
-//! shm-ipc between real processes: a server process, a crashing server, and
-//! peers that write garbage over the shared pages while the other side works.
+//! shm-ipc between real processes: a server process (raw and typed), a
+//! crashing server, and peers that write garbage over the shared pages while
+//! the other side works.
 
 use std::time::{Duration, Instant};
 
-use ember_tests::{send_fds, spawn_peer, TempDir};
+use ember_tests::{send_fds, spawn_peer, Echo, TempDir};
+use module_runtime::sdk::ChannelFds;
+use module_runtime::service::{ServiceClient, ServiceError};
 use shm_ipc::channel::{channel_pair, ChannelConfig, ChannelError, Client};
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipc-peer");
@@ -126,5 +129,91 @@ fn garbage_writing_server_yields_errors_never_a_crash_or_hang() {
     assert!(
         outcomes[1] > 0,
         "a scribbled channel must produce errors: {outcomes:?}"
+    );
+}
+
+fn typed_client(end: shm_ipc::channel::ClientEnd) -> ServiceClient<Echo, Echo> {
+    let (memfd, sock) = end.into_fds();
+    ServiceClient::open(ChannelFds { memfd, sock }).unwrap()
+}
+
+#[test]
+fn typed_calls_across_processes_all_sizes_and_one_too_large() {
+    let dir = TempDir::new("ipc-typed");
+    let cfg = ChannelConfig {
+        slots: 4,
+        slot_capacity: 64 * 1024,
+    };
+    let (mut child, ends) = server_with_clients(&dir, "typed-echo-server", &cfg, 1);
+    let mut client = typed_client(ends.into_iter().next().unwrap());
+    for size in [0usize, 1, 63, 64, 65, 4096, 60_000] {
+        let req = Echo {
+            n: size as u64,
+            bytes: (0..size).map(|i| (i * 7 + size) as u8).collect(),
+        };
+        // Read in place, in the client's buffer.
+        let reply = client.call(&req, None).unwrap();
+        assert_eq!(reply.n, size as u64, "size {size}");
+        assert_eq!(reply.bytes.as_slice(), &req.bytes[..], "size {size}");
+        assert_eq!(reply.deserialize().unwrap(), req);
+    }
+    // Larger than a slot: refused with its size, nothing sent; the channel
+    // goes on.
+    let big = Echo {
+        n: 0,
+        bytes: vec![1; 70_000],
+    };
+    let e = client.call(&big, None).unwrap_err();
+    assert!(
+        matches!(e, ServiceError::TooLarge { needed, capacity: 65536 } if needed > 70_000),
+        "{e:?}"
+    );
+    let req = Echo {
+        n: 9,
+        bytes: b"after".to_vec(),
+    };
+    assert_eq!(client.call_owned(&req, None).unwrap(), req);
+    drop(client);
+    let st = child
+        .wait_timeout(Duration::from_secs(10))
+        .expect("server exits when its only client leaves");
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn a_typed_client_of_a_garbage_writing_server_gets_errors_or_valid_replies() {
+    let dir = TempDir::new("ipc-typed-evil-server");
+    let (c, s) = channel_pair(&ChannelConfig {
+        slots: 4,
+        slot_capacity: 256,
+    })
+    .unwrap();
+    let (_scribbler, sock) = spawn_peer(&dir, PEER, &["scribbler"]);
+    send_fds(&sock, b'M', &[s.fds()[0]]);
+    let (_memfd, _server_sock) = s.into_fds();
+    let mut client = typed_client(c);
+    let (mut valid, mut errors) = (0usize, 0usize);
+    let req = Echo {
+        n: 1,
+        bytes: vec![2; 16],
+    };
+    for _ in 0..2_000 {
+        match client.call(&req, Some(Instant::now() + Duration::from_millis(2))) {
+            // Whatever the scribbler left there passed validation: it is a
+            // well-formed archive, read from the client's private copy.
+            Ok(reply) => {
+                assert!(reply.bytes.len() <= 256);
+                valid += 1;
+            }
+            Err(ServiceError::Codec(_))
+            | Err(ServiceError::Channel(
+                ChannelError::Corrupt(_) | ChannelError::TimedOut | ChannelError::Remote(_),
+            )) => errors += 1,
+            Err(e) => panic!("unexpected error kind: {e:?}"),
+        }
+    }
+    assert!(
+        errors > 0,
+        "a scribbled channel must produce errors ({valid} valid replies)"
     );
 }

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use example_schema::{CatalogTable, KvRequest, KvResponse, KV_SERVICE};
+use example_schema::{ArchivedKvResponse, CatalogTable, KvRequest, KvResponse, KV_SERVICE};
 use module_runtime::service::{AsyncServiceClient, Retry, ServiceError};
 use module_runtime::{export_module, tracing, AsyncModule, ModuleContext, ModuleError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,16 +227,21 @@ async fn route(path: &str, state: &State) -> (u16, String) {
 }
 
 async fn kv_call(state: &State, req: KvRequest) -> (u16, String) {
-    match state.kv.call_timeout(&req, KV_TIMEOUT).await {
-        Ok(KvResponse::Value(Some(v))) => (200, v),
-        Ok(KvResponse::Value(None)) => (404, "no such key".into()),
-        Ok(KvResponse::Done) => (200, "ok".into()),
-        Ok(KvResponse::Error(e)) => (400, e),
+    // The reply is read in place, in a buffer the client lends it
+    // (validated, not deserialized).
+    let reply = state.kv.call_timeout(&req, KV_TIMEOUT).await;
+    match reply.as_deref() {
+        Ok(ArchivedKvResponse::Value(v)) => match v.as_ref() {
+            Some(v) => (200, v.to_string()),
+            None => (404, "no such key".into()),
+        },
+        Ok(ArchivedKvResponse::Done) => (200, "ok".into()),
+        Ok(ArchivedKvResponse::Error(e)) => (400, e.to_string()),
         Err(ServiceError::NoEnd { .. }) => (503, "kv not imported".into()),
         Err(e) if e.is_timeout() => (504, "kv timed out".into()),
         Err(e) => (
             502,
-            format!("kv failed: {}", module_runtime::error_chain(&e)),
+            format!("kv failed: {}", module_runtime::error_chain(e)),
         ),
     }
 }

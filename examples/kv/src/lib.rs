@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use example_schema::{KvRequest, KvResponse, KV_SERVICE};
+use example_schema::{ArchivedKvRequest, KvRequest, KvResponse, KV_SERVICE};
 use module_runtime::service::ServiceServer;
 use module_runtime::{export_module, tracing, Module, ModuleContext, ModuleError};
 
@@ -40,17 +40,21 @@ impl Module for Kv {
         // serving until every importer has moved to the new kv (dropping
         // its old end), or no request came for a moment, or the stop
         // deadline is near.
+        //
+        // The handler reads each request in place, validated, as its
+        // archived form (no deserialization); the response is serialized
+        // straight into the reply slot.
         self.server.serve_export(ctx, KV_SERVICE, |req| match req {
-            KvRequest::Get { key } => KvResponse::Value(map.get(&key).cloned()),
-            KvRequest::Put { value, .. } if value.len() > max => {
+            ArchivedKvRequest::Get { key } => KvResponse::Value(map.get(key.as_str()).cloned()),
+            ArchivedKvRequest::Put { value, .. } if value.len() > max => {
                 KvResponse::Error(format!("value longer than {max} bytes"))
             }
-            KvRequest::Put { key, value } => {
-                map.insert(key, value);
+            ArchivedKvRequest::Put { key, value } => {
+                map.insert(key.to_string(), value.to_string());
                 KvResponse::Done
             }
-            KvRequest::Delete { key } => {
-                map.remove(&key);
+            ArchivedKvRequest::Delete { key } => {
+                map.remove(key.as_str());
                 KvResponse::Done
             }
         })?;

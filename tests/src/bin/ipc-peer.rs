@@ -6,6 +6,9 @@
 //!   serves them all, echoing each request, until every client is gone.
 //! - `sum-server`: like `echo-server` but replies with the 8-byte wrapping
 //!   sum of every request byte.
+//! - `typed-echo-server`: like `echo-server`, through the SDK's typed
+//!   server (`ServiceServer<Echo, Echo>`), answering each request with a
+//!   copy of itself.
 //! - `scribbler`: receives a segment (tag `M`) and writes pseudo-random
 //!   words all over it until killed.
 //! - `evil-client`: receives a client end (tag `C`), then alternates sending
@@ -16,7 +19,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ember_tests::recv_fds;
+use ember_tests::{recv_fds, Echo};
+use module_runtime::sdk::ChannelFds;
+use module_runtime::service::ServiceServer;
 use shm_ipc::channel::{Client, ClientEnd, ServerEnd};
 use shm_ipc::service::Server;
 
@@ -36,6 +41,7 @@ fn main() {
             req.for_each_chunk(|c| sum = c.iter().fold(sum, |s, &b| s.wrapping_add(b as u64)));
             w.write(&sum.to_le_bytes()).map_err(|e| e.to_string())
         }),
+        "typed-echo-server" => typed_echo(&sock),
         "scribbler" => {
             let (_, fds) = recv_fds(&sock);
             scribble_forever(&fds[0], None);
@@ -80,6 +86,23 @@ fn serve(
     for g in gone {
         eprintln!("ipc-peer: client left: {g:?}");
     }
+}
+
+fn typed_echo(sock: &UnixStream) {
+    let mut server = ServiceServer::<Echo, Echo>::new();
+    while let (Some(b'S'), mut fds) = recv_fds(sock) {
+        let sock = fds.pop().expect("doorbell");
+        let memfd = fds.pop().expect("segment");
+        server
+            .add(ChannelFds { memfd, sock })
+            .expect("open server end");
+    }
+    server
+        .serve_until_clients_leave(|req| Echo {
+            n: req.n.to_native(),
+            bytes: req.bytes.to_vec(),
+        })
+        .expect("serve");
 }
 
 /// xorshift: cheap, deterministic garbage.
