@@ -9,6 +9,9 @@
 //! - zygote → parent: `exit PID CODE` or `signal PID NAME` when a worker is reaped;
 //! - parent closes the socket: the zygote kills its workers and exits.
 //!
+//! Like emberd's zygote it preloads the shared runtime of slim modules
+//! (`module_runtime::host::runtime_libs`), found next to its executable.
+//!
 //! Before forking it ignores SIGHUP and blocks SIGUSR1 and SIGCHLD, so the
 //! tests can check that workers do not inherit a zygote's signal state.
 
@@ -72,6 +75,20 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+        }
+    }
+    // As emberd's zygote: small worker heaps, and the shared runtime of slim
+    // modules when it is there (built with the examples).
+    host::heap::keep_worker_heaps_small();
+    match host::RuntimeLibs::locate(None).map(|r| r.preload()) {
+        Ok(Ok(())) | Err(host::RuntimeLibsError::NotFound { .. }) => {}
+        Ok(Err(e)) | Err(e) => {
+            send(
+                control.as_fd(),
+                &format!("error: {}", module_runtime::sdk::error_chain(&e)),
+                &[],
+            );
+            return ExitCode::from(1);
         }
     }
     if let Err(e) = host::load_plugins(&specs) {

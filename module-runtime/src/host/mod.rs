@@ -2,12 +2,15 @@
 //! initializes plugins before the fork, forks workers, and runs a module's
 //! lifecycle inside a worker.
 
+pub mod heap;
 pub mod loader;
 pub mod plugins;
 pub mod process;
+pub mod runtime_libs;
 pub mod sandbox;
 pub mod worker;
 
 pub use loader::{load_module, load_plugin, LoadError, LoadedModule};
 pub use plugins::{load_plugins, LoadedPlugin, PluginError, PluginSpec};
 pub use process::{fork_worker, ProcessError};
+pub use runtime_libs::{RuntimeLibs, RuntimeLibsError};
