@@ -63,6 +63,9 @@ pub enum DaemonError {
     /// emberd could not make itself not dumpable.
     #[error("cannot make emberd not dumpable (PR_SET_DUMPABLE)")]
     Dumpable(#[source] nix::Error),
+    /// `[runtime_libs] dir` holds no usable shared runtime.
+    #[error("shared runtime of slim modules")]
+    RuntimeLibs(#[source] crate::runtime_libs::InitError),
     /// emberd could not become its workers' parent.
     #[error("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER)")]
     Subreaper(#[source] nix::Error),
@@ -109,6 +112,12 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     if let Err(e) = crate::reaper::become_subreaper() {
         let _ = std::fs::remove_file(&socket_path);
         return Err(DaemonError::Subreaper(e));
+    }
+    // The shared runtime the zygote preloads for slim modules (read before
+    // the zygote starts: it inherits the paths).
+    if let Err(e) = crate::runtime_libs::init(cfg.runtime_libs.dir.as_deref()) {
+        let _ = std::fs::remove_file(&socket_path);
+        return Err(DaemonError::RuntimeLibs(e));
     }
     // Still single-threaded here: the only safe moment to start the zygote.
     let zygote = match zygote::spawn(&cfg.plugin_specs(), cfg.pool.zygote_start_timeout()) {
