@@ -58,6 +58,9 @@ pub enum LaunchError {
     /// Loading the plugins into this process failed.
     #[error("cannot load the base plugins")]
     Plugins(#[from] host::PluginError),
+    /// The shared runtime of slim modules could not be loaded.
+    #[error("cannot load the shared runtime of slim modules")]
+    Runtime(#[source] host::RuntimeLibsError),
     /// Forking failed.
     #[error("cannot fork a worker")]
     Fork(#[from] host::ProcessError),
@@ -423,6 +426,10 @@ pub fn run_cold_child_if_requested() {
         path: PathBuf::from(&args[2]),
         config,
     };
+    if let Err(e) = preload_runtime() {
+        eprintln!("cold start: {}", module_runtime::sdk::error_chain(&e));
+        std::process::exit(1);
+    }
     if let Err(e) = host::load_plugins(&[spec]) {
         eprintln!("cold start: {}", module_runtime::sdk::error_chain(&e));
         std::process::exit(1);
@@ -436,11 +443,24 @@ pub fn run_cold_child_if_requested() {
 /// Loads and initializes `base` into this process, which becomes the
 /// zygote. Call once, while the process is single-threaded.
 pub fn zygote_load(base: &Base) -> Result<(), LaunchError> {
+    preload_runtime()?;
     host::load_plugins(&[PluginSpec {
         path: base.plugin.clone(),
         config: base.config.clone(),
     }])?;
     Ok(())
+}
+
+/// Prepares this process as emberd's zygote does before it forks: fixes
+/// malloc's mmap threshold (`module_runtime::host::heap`) and loads the
+/// shared runtime of slim modules (std and the SDK, found as emberd finds
+/// them by default: in this executable's target directory and the
+/// toolchain), without which a slim module cannot be loaded.
+pub fn preload_runtime() -> Result<(), LaunchError> {
+    host::heap::keep_worker_heaps_small();
+    host::RuntimeLibs::locate(None)
+        .and_then(|r| r.preload())
+        .map_err(LaunchError::Runtime)
 }
 
 /// Forks a warm worker from this (zygote) process and waits for its `Idle`.
