@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use module_runtime::abi::GrantKind;
 use module_runtime::host::{self, PluginSpec};
 use module_runtime::protocol::{
-    self, ChannelError, FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker,
+    self, ChannelError, FromWorker, Grant, LaunchOrder, ParentChannel, SandboxOrder, State,
+    ToWorker,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -156,8 +157,20 @@ impl Worker {
 
     /// Sends the launch order and waits for `Ready`.
     pub fn launch(&mut self, order: &Order, timeout: Duration) -> Result<(), LaunchError> {
+        self.launch_sandboxed(order, None, timeout)
+    }
+
+    /// [`Worker::launch`] with the worker applying `sandbox` before it
+    /// loads the module, as a worker of emberd's does
+    /// ([`sandbox_like_emberd`]).
+    pub fn launch_sandboxed(
+        &mut self,
+        order: &Order,
+        sandbox: Option<SandboxOrder>,
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
         let (grants, fds) = order.grants().map_err(LaunchError::Grants)?;
-        self.launch_granting(order, grants, fds, timeout)
+        self.launch_granting(order, grants, fds, sandbox, timeout)
     }
 
     /// [`Worker::launch`], handing the worker copies of `listeners`
@@ -178,7 +191,7 @@ impl Worker {
             });
             fds.push(fd.try_clone_to_owned().map_err(LaunchError::Grants)?);
         }
-        self.launch_granting(order, grants, fds, timeout)
+        self.launch_granting(order, grants, fds, None, timeout)
     }
 
     fn launch_granting(
@@ -186,6 +199,7 @@ impl Worker {
         order: &Order,
         grants: Vec<Grant>,
         fds: Vec<OwnedFd>,
+        sandbox: Option<SandboxOrder>,
         timeout: Duration,
     ) -> Result<(), LaunchError> {
         let launch = ToWorker::Launch(LaunchOrder {
@@ -196,7 +210,7 @@ impl Worker {
             // caps its address space, as without cgroups.
             memory_enforced: false,
             grants,
-            sandbox: None,
+            sandbox,
         });
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         self.chan
@@ -449,6 +463,35 @@ pub fn zygote_load(base: &Base) -> Result<(), LaunchError> {
         config: base.config.clone(),
     }])?;
     Ok(())
+}
+
+/// The sandbox a worker of emberd's default configuration applies before
+/// it loads a module (`[sandbox] enabled = true`: its own uid and gid when
+/// emberd is root, no new privileges, the seccomp deny list, Landlock),
+/// or `None` when `EMBER_BENCH_SANDBOX=off` turns it off for the bench's
+/// emberds too. The uid is one of emberd's default range that the system
+/// does not know, as emberd would pick.
+pub fn sandbox_like_emberd() -> Option<SandboxOrder> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    if std::env::var("EMBER_BENCH_SANDBOX").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    // emberd's default `[sandbox] uid_range`, from its top.
+    let ids = nix::unistd::geteuid()
+        .is_root()
+        .then(|| {
+            (0..64u32).map(|i| 1_879_113_727 - i).find(|&id| {
+                matches!(User::from_uid(Uid::from_raw(id)), Ok(None))
+                    && matches!(Group::from_gid(Gid::from_raw(id)), Ok(None))
+            })
+        })
+        .flatten()
+        .map(|id| (id, id));
+    Some(SandboxOrder {
+        ids,
+        allow_syscalls: Vec::new(),
+        writable: Vec::new(),
+    })
 }
 
 /// Prepares this process as emberd's zygote does before it forks: fixes

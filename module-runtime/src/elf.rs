@@ -255,11 +255,12 @@ const DT_SONAME: u64 = 14;
 const DT_GNU_HASH: u64 = 0x6fff_fef5;
 const SYM_SIZE: u64 = 24;
 
-/// The parts of a 64-bit little-endian ELF shared object the dynamic
-/// loader links by, found the way it finds them: program headers,
-/// `PT_DYNAMIC`, then virtual addresses translated through `PT_LOAD`.
-/// Every offset and size is checked against the file; nothing is trusted.
-struct Dynamic<'a, R: ?Sized> {
+/// The dynamic section of a 64-bit little-endian ELF shared object: what
+/// the dynamic loader links by, found the way it finds it (program
+/// headers, `PT_DYNAMIC`, then virtual addresses translated through
+/// `PT_LOAD`). Every offset and size is checked against the file; nothing
+/// in it is trusted.
+pub struct DynamicSection<'a, R: ?Sized> {
     file: &'a R,
     path: &'a Path,
     len: u64,
@@ -268,7 +269,7 @@ struct Dynamic<'a, R: ?Sized> {
     strtab: Vec<u8>,
 }
 
-impl<'a, R: ReadAt + ?Sized> Dynamic<'a, R> {
+impl<'a, R: ReadAt + ?Sized> DynamicSection<'a, R> {
     fn malformed(&self, what: &'static str) -> DynamicError {
         DynamicError::Malformed {
             path: self.path.to_owned(),
@@ -290,7 +291,9 @@ impl<'a, R: ReadAt + ?Sized> Dynamic<'a, R> {
         Ok(buf)
     }
 
-    fn open(file: &'a R, path: &'a Path) -> Result<Self, DynamicError> {
+    /// Reads the headers, the dynamic entries and the string table of the
+    /// shared object in `file` (errors name it `path`).
+    pub fn open(file: &'a R, path: &'a Path) -> Result<Self, DynamicError> {
         let len = file.len().map_err(|source| DynamicError::Read {
             path: path.to_owned(),
             source,
@@ -368,7 +371,8 @@ impl<'a, R: ReadAt + ?Sized> Dynamic<'a, R> {
         Ok(&s[..end])
     }
 
-    fn info(&self) -> Result<DynamicInfo, DynamicError> {
+    /// Its `DT_NEEDED` entries and `DT_SONAME`.
+    pub fn info(&self) -> Result<DynamicInfo, DynamicError> {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let mut info = DynamicInfo::default();
         for &(tag, val) in &self.entries {
@@ -427,7 +431,8 @@ impl<'a, R: ReadAt + ?Sized> Dynamic<'a, R> {
         }
     }
 
-    fn symbols(&self, mut f: impl FnMut(DynamicSymbol<'_>)) -> Result<(), DynamicError> {
+    /// Calls `f` for every named entry of its dynamic symbol table.
+    pub fn symbols(&self, mut f: impl FnMut(DynamicSymbol<'_>)) -> Result<(), DynamicError> {
         let Some(symtab) = self.tag(DT_SYMTAB) else {
             return Ok(());
         };
@@ -467,7 +472,7 @@ pub fn dynamic_info<R: ReadAt + ?Sized>(
     file: &R,
     path: &Path,
 ) -> Result<DynamicInfo, DynamicError> {
-    Dynamic::open(file, path)?.info()
+    DynamicSection::open(file, path)?.info()
 }
 
 /// Calls `f` for every named entry of the dynamic symbol table of the
@@ -478,7 +483,7 @@ pub fn for_each_dynamic_symbol<R: ReadAt + ?Sized>(
     path: &Path,
     f: impl FnMut(DynamicSymbol<'_>),
 ) -> Result<DynamicInfo, DynamicError> {
-    let d = Dynamic::open(file, path)?;
+    let d = DynamicSection::open(file, path)?;
     d.symbols(f)?;
     d.info()
 }
@@ -531,5 +536,203 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         let r = check_file(&exe);
         assert!(r.is_ok() || matches!(r, Err(ElfError::NotSharedObject { .. })));
+    }
+
+    /// A minimal ELF64 shared object: one `PT_LOAD` mapping the whole file
+    /// at address 0, a `PT_DYNAMIC`, a string table and a symbol table
+    /// (undefined symbols first, as linkers order them), hashed with
+    /// `DT_GNU_HASH` or `DT_HASH`.
+    fn build(
+        needed: &[&str],
+        soname: Option<&str>,
+        syms: &[(&str, bool, bool)],
+        gnu: bool,
+    ) -> Vec<u8> {
+        let mut strtab = vec![0u8];
+        let mut add = |s: &str| {
+            let at = strtab.len() as u64;
+            strtab.extend_from_slice(s.as_bytes());
+            strtab.push(0);
+            at
+        };
+        let needed: Vec<u64> = needed.iter().map(|n| add(n)).collect();
+        let soname = soname.map(&mut add);
+        let mut sorted: Vec<_> = syms.to_vec();
+        sorted.sort_by_key(|s| s.1);
+        let names: Vec<u64> = sorted.iter().map(|s| add(s.0)).collect();
+        let align = |n: usize| n.div_ceil(8) * 8;
+        let strtab_at = 64 + 2 * 56;
+        let symtab_at = align(strtab_at + strtab.len());
+        let nsyms = 1 + sorted.len();
+        let hash_at = symtab_at + nsyms * 24;
+        let undefined = sorted.iter().filter(|s| !s.1).count() as u32;
+        let defined = sorted.len() as u32 - undefined;
+        let mut hash = Vec::new();
+        let word = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_le_bytes());
+        if gnu {
+            let symoffset = 1 + undefined;
+            for x in [1, symoffset, 1, 6] {
+                word(&mut hash, x);
+            }
+            hash.extend_from_slice(&u64::MAX.to_le_bytes());
+            word(&mut hash, if defined > 0 { symoffset } else { 0 });
+            for i in 0..defined {
+                word(&mut hash, if i + 1 == defined { 1 } else { 0 });
+            }
+        } else {
+            for x in [1, nsyms as u32, 0] {
+                word(&mut hash, x);
+            }
+            for _ in 0..nsyms {
+                word(&mut hash, 0);
+            }
+        }
+        let dynamic_at = align(hash_at + hash.len());
+        let mut dynamic: Vec<(u64, u64)> = needed.iter().map(|&n| (DT_NEEDED, n)).collect();
+        if let Some(s) = soname {
+            dynamic.push((DT_SONAME, s));
+        }
+        dynamic.extend([
+            (DT_STRTAB, strtab_at as u64),
+            (DT_STRSZ, strtab.len() as u64),
+            (DT_SYMTAB, symtab_at as u64),
+            (if gnu { DT_GNU_HASH } else { DT_HASH }, hash_at as u64),
+            (DT_NULL, 0),
+        ]);
+        let total = dynamic_at + dynamic.len() * 16;
+        let mut f = header(2, ET_DYN, host_machine());
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        let phdr = |ty: u32, offset: usize, size: usize| {
+            let mut p = vec![0u8; 56];
+            p[0..4].copy_from_slice(&ty.to_le_bytes());
+            p[8..16].copy_from_slice(&(offset as u64).to_le_bytes());
+            p[16..24].copy_from_slice(&(offset as u64).to_le_bytes());
+            p[32..40].copy_from_slice(&(size as u64).to_le_bytes());
+            p[40..48].copy_from_slice(&(size as u64).to_le_bytes());
+            p
+        };
+        f.extend(phdr(PT_LOAD, 0, total));
+        f.extend(phdr(PT_DYNAMIC, dynamic_at, dynamic.len() * 16));
+        f.extend_from_slice(&strtab);
+        f.resize(symtab_at + 24, 0);
+        for (s, name) in sorted.iter().zip(&names) {
+            let mut e = vec![0u8; 24];
+            e[0..4].copy_from_slice(&(*name as u32).to_le_bytes());
+            e[4] = (if s.2 { 2 } else { 1 }) << 4;
+            e[6..8].copy_from_slice(&(if s.1 { 7u16 } else { 0 }).to_le_bytes());
+            f.extend(e);
+        }
+        f.extend(hash);
+        f.resize(dynamic_at, 0);
+        for (tag, val) in dynamic {
+            f.extend_from_slice(&tag.to_le_bytes());
+            f.extend_from_slice(&val.to_le_bytes());
+        }
+        f
+    }
+
+    fn symbols_of(file: &[u8]) -> Vec<(String, bool, bool)> {
+        let mut out = Vec::new();
+        for_each_dynamic_symbol(file, Path::new("x.so"), |s| {
+            out.push((
+                String::from_utf8_lossy(s.name).into_owned(),
+                s.defined,
+                s.weak,
+            ))
+        })
+        .unwrap();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn dynamic_section_is_read_with_either_hash_table() {
+        let syms = [
+            ("_ZN3std2io5stdio6_print17h0123456789abcdefE", false, false),
+            ("ember_module_descriptor", true, false),
+            ("__cxa_finalize", false, true),
+            ("helper", true, false),
+        ];
+        for gnu in [true, false] {
+            let f = build(
+                &["libember_sdk-00ff.so", "libc.so.6"],
+                Some("libhello.so"),
+                &syms,
+                gnu,
+            );
+            let info = dynamic_info(&f[..], Path::new("x.so")).unwrap();
+            assert_eq!(info.needed, ["libember_sdk-00ff.so", "libc.so.6"]);
+            assert_eq!(info.soname.as_deref(), Some("libhello.so"));
+            let mut want: Vec<_> = syms
+                .iter()
+                .map(|(n, d, w)| (n.to_string(), *d, *w))
+                .collect();
+            want.sort();
+            assert_eq!(symbols_of(&f), want, "gnu hash: {gnu}");
+        }
+        let none = build(&[], None, &[], true);
+        assert_eq!(
+            dynamic_info(&none[..], Path::new("x.so")).unwrap(),
+            DynamicInfo::default()
+        );
+        assert!(symbols_of(&none).is_empty());
+    }
+
+    #[test]
+    fn out_of_bounds_tables_are_errors_not_panics() {
+        let f = build(&["libc.so.6"], None, &[("a", true, false)], true);
+        for cut in [10, 64, 100, 200, f.len() - 1] {
+            assert!(
+                matches!(
+                    dynamic_info(&f[..cut], Path::new("x.so")),
+                    Err(DynamicError::Malformed { .. })
+                ),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn real_executable_names_its_libraries() {
+        // This test binary is a PIE executable (ET_DYN) linked against libc.
+        let exe = std::env::current_exe().unwrap();
+        let f = std::fs::File::open(&exe).unwrap();
+        if check_file(&exe).is_err() {
+            return;
+        }
+        let info = dynamic_info(&f, &exe).unwrap();
+        assert!(
+            info.needed.iter().any(|n| n.starts_with("libc.so")),
+            "{info:?}"
+        );
+        let mut undefined = 0;
+        for_each_dynamic_symbol(&f, &exe, |s| undefined += usize::from(!s.defined)).unwrap();
+        assert!(undefined > 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Whatever a file says, reading its dynamic section returns, without
+        /// panicking or reading past the file.
+        #[test]
+        fn any_corruption_is_survived(
+            flips in proptest::collection::vec((0usize..1024, proptest::prelude::any::<u8>()), 1..8),
+            gnu in proptest::prelude::any::<bool>(),
+        ) {
+            let mut f = build(
+                &["libstd-0123.so"],
+                Some("libx.so"),
+                &[("a", false, false), ("b", true, false), ("c", true, true)],
+                gnu,
+            );
+            for (at, byte) in flips {
+                let n = f.len();
+                f[at % n] = byte;
+            }
+            let _ = dynamic_info(&f[..], Path::new("x.so"));
+            let _ = for_each_dynamic_symbol(&f[..], Path::new("x.so"), |_| {});
+        }
     }
 }

@@ -251,7 +251,8 @@ fn check_against<R: ReadAt + ?Sized>(
     file: &R,
     path: &Path,
 ) -> Result<Linkage, RuntimeMismatch> {
-    let info = elf::dynamic_info(file, path).map_err(RuntimeMismatch::Inspect)?;
+    let dynamic = elf::DynamicSection::open(file, path).map_err(RuntimeMismatch::Inspect)?;
+    let info = dynamic.info().map_err(RuntimeMismatch::Inspect)?;
     let Some(first) = info.needed.iter().find(|n| rt::is_runtime_soname(n)) else {
         return Ok(Linkage::Fat);
     };
@@ -281,17 +282,18 @@ fn check_against<R: ReadAt + ?Sized>(
         }
     }
     let mut missing = None;
-    elf::for_each_dynamic_symbol(file, path, |s| {
-        if missing.is_none()
-            && !s.defined
-            && !s.weak
-            && is_rust_symbol(s.name)
-            && !offer.symbols.contains(&hash(s.name))
-        {
-            missing = Some(demangle(s.name));
-        }
-    })
-    .map_err(RuntimeMismatch::Inspect)?;
+    dynamic
+        .symbols(|s| {
+            if missing.is_none()
+                && !s.defined
+                && !s.weak
+                && is_rust_symbol(s.name)
+                && !offer.symbols.contains(&hash(s.name))
+            {
+                missing = Some(demangle(s.name));
+            }
+        })
+        .map_err(RuntimeMismatch::Inspect)?;
     match missing {
         Some(symbol) => Err(RuntimeMismatch::MissingSymbol {
             symbol,

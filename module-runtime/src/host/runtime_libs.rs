@@ -234,6 +234,43 @@ pub fn preload_from_env() -> Result<bool, RuntimeLibsError> {
     .map(|()| true)
 }
 
+/// The shared runtime libraries the shared object at `at` needs (its
+/// `DT_NEEDED` entries naming a Rust standard library or an SDK build) that
+/// this process has not loaded: why a slim module fails to load in a
+/// process whose zygote did not preload them. Empty if the file cannot be
+/// read.
+pub fn not_loaded(at: &Path) -> Vec<String> {
+    let Ok(file) = std::fs::File::open(at) else {
+        return Vec::new();
+    };
+    let Ok(info) = elf::dynamic_info(&file, at) else {
+        return Vec::new();
+    };
+    info.needed
+        .into_iter()
+        .filter(|n| is_runtime_soname(n))
+        .filter(|n| {
+            // SAFETY: RTLD_NOLOAD loads nothing (no initializer runs): it
+            // only finds an object already loaded under that name or soname.
+            let found = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(n.as_str()),
+                    libc::RTLD_NOW | libc::RTLD_NOLOAD,
+                )
+            };
+            match found {
+                // Already loaded for good; dropping would only undo this
+                // lookup's reference, but nothing needs it.
+                Ok(lib) => {
+                    std::mem::forget(lib);
+                    false
+                }
+                Err(_) => true,
+            }
+        })
+        .collect()
+}
+
 /// The running executable's directory, and its parent when that is
 /// cargo's `deps/`.
 fn exe_dirs() -> Vec<PathBuf> {
@@ -250,4 +287,82 @@ fn exe_dirs() -> Vec<PathBuf> {
         }
     }
     dirs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ember-rtlibs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn build_recorded_the_toolchain() {
+        assert!(RUSTC_VERSION.starts_with("rustc "), "{RUSTC_VERSION}");
+        assert!(is_runtime_soname(STD_SONAME), "{STD_SONAME}");
+        assert!(Path::new(TOOLCHAIN_LIBDIR).join(STD_SONAME).is_file());
+    }
+
+    #[test]
+    fn runtime_sonames_are_std_and_sdk_builds_only() {
+        assert!(is_runtime_soname("libstd-d1237ef7159db0a2.so"));
+        assert!(is_runtime_soname("libember_sdk-0123456789abcdef.so"));
+        assert!(!is_runtime_soname("libc.so.6"));
+        assert!(!is_runtime_soname("libember_sdk.so"));
+        assert!(!is_runtime_soname("libstdc++.so.6"));
+    }
+
+    #[test]
+    fn a_directory_without_the_runtime_names_what_it_looked_for() {
+        let d = temp_dir("empty");
+        match RuntimeLibs::locate(Some(&d)) {
+            Err(RuntimeLibsError::NotFound { what, looked }) => {
+                assert_eq!(what, "the Rust standard library");
+                assert_eq!(looked, [d.join(STD_SONAME)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_library_under_the_wrong_name_is_refused_by_its_soname() {
+        let Some(libc) = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib64/libc.so.6",
+            "/usr/lib/libc.so.6",
+        ]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists()) else {
+            return;
+        };
+        let d = temp_dir("soname");
+        std::os::unix::fs::symlink(libc, d.join(STD_SONAME)).unwrap();
+        std::os::unix::fs::symlink(libc, d.join(SDK_FILE)).unwrap();
+        let e = RuntimeLibs::locate(Some(&d)).unwrap_err();
+        assert!(
+            matches!(&e, RuntimeLibsError::Soname { expected, found: Some(f), .. }
+                if expected == STD_SONAME && f.starts_with("libc.so")),
+            "{e:?}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn environment_hand_over_names_both_libraries() {
+        let libs = RuntimeLibs {
+            std: "/x/libstd-1.so".into(),
+            sdk: "/y/libember_sdk.so".into(),
+            sdk_soname: "libember_sdk-2.so".into(),
+        };
+        let env = libs.to_env();
+        assert_eq!(env[0], (ENV_STD, OsString::from("/x/libstd-1.so")));
+        assert_eq!(env[1], (ENV_SDK, OsString::from("/y/libember_sdk.so")));
+    }
 }

@@ -94,6 +94,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
     nix::sys::prctl::set_dumpable(false).map_err(DaemonError::Dumpable)?;
     let cfg = load_config(&opts).map_err(DaemonError::Config)?;
+    // Large receive buffers in their own mappings, not zeroed heap blocks
+    // (`module_runtime::host::heap`).
+    module_runtime::host::heap::keep_worker_heaps_small();
     // Descriptors: a few per running module (see `crate::rlimit`).
     let nofile = crate::rlimit::raise();
     let state_dir = cfg.state_path();

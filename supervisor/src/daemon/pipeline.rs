@@ -201,8 +201,11 @@ pub(crate) struct UidQuery {
 }
 
 /// Spare uid candidates beyond the first: installs that raced for the same
-/// candidates while their files were read.
-const SPARE_UIDS: usize = 4;
+/// candidates while their files were read. Each candidate costs an NSS
+/// lookup of the uid and the gid (~90 us here with `files systemd`) on the
+/// install's path, and two installs in flight need the same first
+/// candidate (about 1 in 65536 in the default range) for a spare to be used.
+const SPARE_UIDS: usize = 1;
 
 /// What to do with an [`Input`] once read.
 pub(crate) enum Then {
