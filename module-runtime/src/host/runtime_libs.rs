@@ -58,6 +58,16 @@ pub enum RuntimeLibsError {
         /// Paths tried.
         looked: Vec<PathBuf>,
     },
+    /// A library is there but this process may not read it (a toolchain
+    /// in root's home and an emberd that is not root).
+    #[error("cannot read {}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A library's dynamic section could not be read.
     #[error("cannot inspect {}", path.display())]
     Inspect {
@@ -123,11 +133,20 @@ impl RuntimeLibs {
         };
         let find = |what: &'static str, name: &str, extra: &[PathBuf]| {
             let looked: Vec<PathBuf> = dirs.iter().chain(extra).map(|d| d.join(name)).collect();
-            looked
-                .iter()
-                .find(|p| p.is_file())
-                .cloned()
-                .ok_or(RuntimeLibsError::NotFound { what, looked })
+            let mut denied = None;
+            for p in &looked {
+                match std::fs::File::open(p).and_then(|f| f.metadata()) {
+                    Ok(m) if m.is_file() => return Ok(p.clone()),
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        denied.get_or_insert((p.clone(), e));
+                    }
+                    _ => {}
+                }
+            }
+            Err(match denied {
+                Some((path, source)) => RuntimeLibsError::Unreadable { path, source },
+                None => RuntimeLibsError::NotFound { what, looked },
+            })
         };
         let toolchain = if dir.is_none() && !TOOLCHAIN_LIBDIR.is_empty() {
             vec![PathBuf::from(TOOLCHAIN_LIBDIR)]
