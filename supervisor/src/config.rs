@@ -353,11 +353,12 @@ pub struct Config {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeLibsConfig {
-    /// A directory holding both `libstd-<hash>.so` (of the compiler that
-    /// built emberd) and `libember_sdk.so` (built with emberd). Default:
-    /// the SDK next to the `emberd` binary and std in that compiler's
-    /// toolchain; a directory set here must hold both, or emberd does not
-    /// start.
+    /// The directory holding `libember_sdk.so`, the SDK build slim modules
+    /// are linked against (a `target/release` where they were built), and
+    /// optionally `libstd-<hash>.so` of the compiler that built emberd
+    /// (else it is taken from that compiler's toolchain). Default: the
+    /// directory of the `emberd` binary. A directory set here without the
+    /// SDK stops emberd at start.
     pub dir: Option<PathBuf>,
 }
 

@@ -2,10 +2,10 @@
 //! library and the Ember SDK as shared libraries, which its zygote loads
 //! and relocates once before it forks (`module_runtime::host::runtime_libs`).
 //!
-//! Found at start-up ([`init`]): in `[runtime_libs] dir` of the
-//! configuration when set (both libraries; emberd refuses to start if they
-//! are not there), otherwise `libember_sdk.so` next to the `emberd` binary
-//! (where cargo writes it) and std in the toolchain that built emberd.
+//! Found at start-up ([`init`]): `libember_sdk.so` in `[runtime_libs] dir`
+//! of the configuration when set (emberd refuses to start if it is not
+//! there), otherwise next to the `emberd` binary (where cargo writes it);
+//! std in the same directory or in the toolchain that built emberd.
 //! Without them emberd still runs fat modules and refuses slim ones.
 //!
 //! At install, [`check`] reads the artifact's dynamic section: a module
@@ -217,8 +217,9 @@ pub enum RuntimeMismatch {
     /// Needs a Rust symbol the offered libraries lack.
     #[error(
         "the module needs `{symbol}`, which this emberd's {offered} and {std} do not define: it was \
-         linked against an SDK build with other features, dependency versions or build directory; \
-         rebuild it in the same cargo build as this emberd"
+         linked against another build of the SDK (another workspace, features or dependency \
+         versions); rebuild it in the workspace whose SDK this emberd offers (`emberctl health`), \
+         or give emberd the SDK it was linked against (`[runtime_libs] dir`)"
     )]
     MissingSymbol {
         /// The symbol, demangled.
@@ -326,6 +327,32 @@ fn hash(name: &[u8]) -> u64 {
     })
 }
 
+/// A legacy-mangled path component with its escapes (`$LT$`, `$u20$`,
+/// `..`) turned back into the characters they stand for.
+fn unescape(part: &str) -> String {
+    const ESCAPES: [(&str, &str); 12] = [
+        ("$LT$", "<"),
+        ("$GT$", ">"),
+        ("$RF$", "&"),
+        ("$BP$", "*"),
+        ("$SP$", "@"),
+        ("$C$", ","),
+        ("$LP$", "("),
+        ("$RP$", ")"),
+        ("$u20$", " "),
+        ("$u27$", "'"),
+        ("$u7b$", "{"),
+        ("$u7d$", "}"),
+    ];
+    let mut s = part
+        .strip_prefix("_$")
+        .map_or(part.to_owned(), |r| format!("${r}"));
+    for (from, to) in ESCAPES {
+        s = s.replace(from, to);
+    }
+    s.replace("..", "::")
+}
+
 /// `a::b::c::h0123…` from a legacy-mangled `_ZN1a1b1c17h0123…E`; anything
 /// else as it is.
 fn demangle(name: &[u8]) -> String {
@@ -348,7 +375,7 @@ fn demangle(name: &[u8]) -> String {
         let Some(part) = rest.get(digits..digits + len) else {
             return raw();
         };
-        parts.push(String::from_utf8_lossy(part).into_owned());
+        parts.push(unescape(&String::from_utf8_lossy(part)));
         rest = &rest[digits + len..];
     }
     raw()
@@ -374,6 +401,10 @@ mod tests {
         assert_eq!(
             demangle(b"_ZN14module_runtime3sdk5ready17h0123456789abcdefE"),
             "module_runtime::sdk::ready::h0123456789abcdef"
+        );
+        assert_eq!(
+            demangle(b"_ZN42_$LT$$RF$T$u20$as$u20$core..fmt..Debug$GT$3fmt17h3deb23aa4496a3e6E"),
+            "<&T as core::fmt::Debug>::fmt::h3deb23aa4496a3e6"
         );
         assert_eq!(demangle(b"_ZN99short"), "_ZN99short");
         assert_eq!(demangle(b"malloc"), "malloc");

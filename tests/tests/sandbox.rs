@@ -259,7 +259,10 @@ fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
     }
     std::fs::write(
         &config,
-        format!("{FAST}[runtime_libs]\ndir = {:?}\n", runtime.display().to_string()),
+        format!(
+            "{FAST}[runtime_libs]\ndir = {:?}\n",
+            runtime.display().to_string()
+        ),
     )
     .unwrap();
     let mut d = Daemon {

@@ -219,7 +219,8 @@ fn module_needing_a_symbol_the_sdk_lacks_is_refused_at_install() {
     let msg = refused(&d, &dir);
     assert!(msg.contains("module_runtime::"), "names the symbol: {msg}");
     assert!(msg.contains("do not define"), "{msg}");
-    assert!(msg.contains("rebuild it in the same cargo build"), "{msg}");
+    assert!(msg.contains("rebuild it in the workspace"), "{msg}");
+    assert!(msg.contains("[runtime_libs] dir"), "{msg}");
     untouched(&d, pid);
 }
 

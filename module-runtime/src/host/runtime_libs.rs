@@ -118,10 +118,10 @@ pub struct RuntimeLibs {
 }
 
 impl RuntimeLibs {
-    /// Finds the runtime. In `dir` when given (both libraries); otherwise
-    /// the SDK next to the running executable (or in the parent of its
-    /// directory when that is cargo's `deps/`: `target/<profile>/`, where
-    /// cargo puts `libember_sdk.so` beside `emberd`) and std there or in
+    /// Finds the runtime: the SDK in `dir` when given, otherwise next to
+    /// the running executable (or in the parent of its directory when that
+    /// is cargo's `deps/`: `target/<profile>/`, where cargo puts
+    /// `libember_sdk.so` beside `emberd`); std in the same place, else in
     /// the toolchain's library directory recorded at build time.
     pub fn locate(dir: Option<&Path>) -> Result<Self, RuntimeLibsError> {
         if STD_SONAME.is_empty() {
@@ -148,7 +148,7 @@ impl RuntimeLibs {
                 None => RuntimeLibsError::NotFound { what, looked },
             })
         };
-        let toolchain = if dir.is_none() && !TOOLCHAIN_LIBDIR.is_empty() {
+        let toolchain = if !TOOLCHAIN_LIBDIR.is_empty() {
             vec![PathBuf::from(TOOLCHAIN_LIBDIR)]
         } else {
             Vec::new()
@@ -336,12 +336,13 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_without_the_runtime_names_what_it_looked_for() {
+    fn a_directory_without_the_sdk_names_what_it_looked_for() {
+        // std is found in the toolchain; the SDK only in the directory.
         let d = temp_dir("empty");
         match RuntimeLibs::locate(Some(&d)) {
             Err(RuntimeLibsError::NotFound { what, looked }) => {
-                assert_eq!(what, "the Rust standard library");
-                assert_eq!(looked, [d.join(STD_SONAME)]);
+                assert_eq!(what, "the Ember SDK");
+                assert_eq!(looked, [d.join(SDK_FILE)]);
             }
             other => panic!("{other:?}"),
         }
