@@ -193,7 +193,8 @@ fn main() {
                 .num("limit_warm_worker_p50_ms", lw50)
                 .bool("limit_sandboxed", sandbox.is_some())
                 .num("ratio_cold_over_warm", ratio)
-                .num("ratio_warm_over_limit", w50 / l50);
+                .num("ratio_warm_over_limit", w50 / l50)
+                .bool("warm_over_limit_target_met", w50 <= 1.25 * l50);
         }
         Err(e) => {
             eprintln!("limit (zygote)    p50 {l50:.3} ms p99 {l99:.3} ms; into a warm worker p50 {lw50:.3} ms, n={n_limit}");

@@ -214,14 +214,14 @@ pub enum DynamicError {
 /// Something the dynamic-section reader reads from: a file (`pread`) or
 /// bytes in memory (tests).
 pub trait ReadAt {
-    /// Length in bytes.
-    fn len(&self) -> std::io::Result<u64>;
+    /// Size in bytes.
+    fn size(&self) -> std::io::Result<u64>;
     /// Fills `buf` from `offset`; fails at the end of the data.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 }
 
 impl ReadAt for std::fs::File {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         Ok(self.metadata()?.len())
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -230,8 +230,8 @@ impl ReadAt for std::fs::File {
 }
 
 impl ReadAt for [u8] {
-    fn len(&self) -> std::io::Result<u64> {
-        Ok(<[u8]>::len(self) as u64)
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let end = offset
@@ -294,7 +294,7 @@ impl<'a, R: ReadAt + ?Sized> DynamicSection<'a, R> {
     /// Reads the headers, the dynamic entries and the string table of the
     /// shared object in `file` (errors name it `path`).
     pub fn open(file: &'a R, path: &'a Path) -> Result<Self, DynamicError> {
-        let len = file.len().map_err(|source| DynamicError::Read {
+        let len = file.size().map_err(|source| DynamicError::Read {
             path: path.to_owned(),
             source,
         })?;

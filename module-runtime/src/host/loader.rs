@@ -38,6 +38,19 @@ pub enum LoadError {
         #[source]
         source: libloading::Error,
     },
+    /// A plugin built slim: it would run on the std every slim module
+    /// shares, in the zygote, before any fork.
+    #[error(
+        "{path} is a slim plugin (it needs {needed}): plugins are built fat, with their own std \
+         (depend on module-runtime, not ember-sdk), because a plugin's use of the std slim \
+         modules share, in the zygote, would be inherited by all of them"
+    )]
+    SlimPlugin {
+        /// The file.
+        path: PathBuf,
+        /// The shared runtime libraries it needs.
+        needed: String,
+    },
     /// The descriptor symbol is missing: not built with `export_module!` /
     /// `export_plugin!`.
     #[error("{path} does not export `{symbol}` (not an Ember {what}?)")]
@@ -244,6 +257,14 @@ pub fn load_module_as(at: &Path, path: &Path) -> Result<LoadedModule, LoadError>
 
 /// Loads a plugin `cdylib` and validates its descriptor. Never unloaded.
 pub fn load_plugin(path: &Path) -> Result<&'static PluginDescriptor, LoadError> {
+    elf::check_file(path)?;
+    let needed = super::runtime_libs::needed_by(path);
+    if !needed.is_empty() {
+        return Err(LoadError::SlimPlugin {
+            path: path.to_owned(),
+            needed: needed.join(", "),
+        });
+    }
     let ptr = descriptor(
         path,
         path,

@@ -253,12 +253,10 @@ pub fn preload_from_env() -> Result<bool, RuntimeLibsError> {
     .map(|()| true)
 }
 
-/// The shared runtime libraries the shared object at `at` needs (its
-/// `DT_NEEDED` entries naming a Rust standard library or an SDK build) that
-/// this process has not loaded: why a slim module fails to load in a
-/// process whose zygote did not preload them. Empty if the file cannot be
-/// read.
-pub fn not_loaded(at: &Path) -> Vec<String> {
+/// The shared runtime libraries the shared object at `at` needs: its
+/// `DT_NEEDED` entries naming a Rust standard library or an SDK build
+/// (none for a fat artifact, or a file that cannot be read).
+pub fn needed_by(at: &Path) -> Vec<String> {
     let Ok(file) = std::fs::File::open(at) else {
         return Vec::new();
     };
@@ -268,6 +266,15 @@ pub fn not_loaded(at: &Path) -> Vec<String> {
     info.needed
         .into_iter()
         .filter(|n| is_runtime_soname(n))
+        .collect()
+}
+
+/// The libraries of [`needed_by`] that this process has not loaded: why a
+/// slim module fails to load in a process whose zygote did not preload
+/// them.
+pub fn not_loaded(at: &Path) -> Vec<String> {
+    needed_by(at)
+        .into_iter()
         .filter(|n| {
             // SAFETY: RTLD_NOLOAD loads nothing (no initializer runs): it
             // only finds an object already loaded under that name or soname.
