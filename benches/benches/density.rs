@@ -281,7 +281,7 @@ fn main() {
     }
     let svg = svg::bar_panels(
         &format!(
-            "Memory per running module: Ember vs one process per module ({plugin_mib} MiB plugin, {n} modules)"
+            "Memory per module: Ember vs a process each ({plugin_mib} MiB plugin, {n} modules)"
         ),
         &machine_summary(),
         &[
