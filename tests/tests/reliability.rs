@@ -790,7 +790,9 @@ fn hostile_control_input_leaves_emberd_serving() {
         let before = idle();
         std::thread::sleep(Duration::from_millis(200));
         let after = idle();
-        let min = d.ctl_json(&["pool"])["pool"]["min_idle"].as_u64().unwrap_or(0);
+        let min = d.ctl_json(&["pool"])["pool"]["min_idle"]
+            .as_u64()
+            .unwrap_or(0);
         if before == after && after.as_array().map_or(0, Vec::len) as u64 >= min {
             Ok(())
         } else {
