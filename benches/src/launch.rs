@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use module_runtime::abi::GrantKind;
 use module_runtime::host::{self, PluginSpec};
-use module_runtime::protocol::{FromWorker, Grant, LaunchOrder, ParentChannel, State, ToWorker};
+use module_runtime::protocol::{
+    FromWorker, Grant, LaunchOrder, ParentChannel, SandboxOrder, State, ToWorker,
+};
 use module_runtime::transport::{self, LinkError};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -57,6 +59,9 @@ pub enum LaunchError {
     /// Loading the plugins into this process failed.
     #[error("cannot load the base plugins")]
     Plugins(#[from] host::PluginError),
+    /// The shared runtime of slim modules could not be loaded.
+    #[error("cannot load the shared runtime of slim modules")]
+    Runtime(#[source] host::RuntimeLibsError),
     /// Forking failed.
     #[error("cannot fork a worker")]
     Fork(#[from] host::ForkError),
@@ -155,8 +160,20 @@ impl Worker {
 
     /// Sends the launch order and waits for `Ready`.
     pub fn launch(&mut self, order: &Order, timeout: Duration) -> Result<(), LaunchError> {
+        self.launch_sandboxed(order, None, timeout)
+    }
+
+    /// [`Worker::launch`] with the worker applying `sandbox` before it
+    /// loads the module, as a worker of emberd's does
+    /// ([`sandbox_like_emberd`]).
+    pub fn launch_sandboxed(
+        &mut self,
+        order: &Order,
+        sandbox: Option<SandboxOrder>,
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
         let (grants, fds) = order.grants().map_err(LaunchError::Grants)?;
-        self.launch_granting(order, grants, fds, timeout)
+        self.launch_granting(order, grants, fds, sandbox, timeout)
     }
 
     /// [`Worker::launch`], handing the worker copies of `listeners`
@@ -177,7 +194,7 @@ impl Worker {
             });
             fds.push(fd.try_clone_to_owned().map_err(LaunchError::Grants)?);
         }
-        self.launch_granting(order, grants, fds, timeout)
+        self.launch_granting(order, grants, fds, None, timeout)
     }
 
     fn launch_granting(
@@ -185,6 +202,7 @@ impl Worker {
         order: &Order,
         grants: Vec<Grant>,
         fds: Vec<OwnedFd>,
+        sandbox: Option<SandboxOrder>,
         timeout: Duration,
     ) -> Result<(), LaunchError> {
         let launch = ToWorker::Launch(LaunchOrder {
@@ -195,7 +213,7 @@ impl Worker {
             // caps its address space, as without cgroups.
             memory_enforced: false,
             grants,
-            sandbox: None,
+            sandbox,
         });
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         self.chan
@@ -425,6 +443,10 @@ pub fn run_cold_child_if_requested() {
         path: PathBuf::from(&args[2]),
         config,
     };
+    if let Err(e) = preload_runtime() {
+        eprintln!("cold start: {}", module_runtime::sdk::error_chain(&e));
+        std::process::exit(1);
+    }
     if let Err(e) = host::load_plugins(&[spec]) {
         eprintln!("cold start: {}", module_runtime::sdk::error_chain(&e));
         std::process::exit(1);
@@ -441,12 +463,54 @@ pub fn run_cold_child_if_requested() {
 /// emberd's zygote leaves them to emberd). Call once, while the process is
 /// single-threaded.
 pub fn zygote_load(base: &Base) -> Result<(), LaunchError> {
+    preload_runtime()?;
     host::load_plugins(&[PluginSpec {
         path: base.plugin.clone(),
         config: base.config.clone(),
     }])?;
     nix::sys::prctl::set_child_subreaper(true).map_err(LaunchError::Subreaper)?;
     Ok(())
+}
+
+/// The sandbox a worker of emberd's default configuration applies before
+/// it loads a module (`[sandbox] enabled = true`: its own uid and gid when
+/// emberd is root, no new privileges, the seccomp deny list, Landlock),
+/// or `None` when `EMBER_BENCH_SANDBOX=off` turns it off for the bench's
+/// emberds too. The uid is one of emberd's default range that the system
+/// does not know, as emberd would pick.
+pub fn sandbox_like_emberd() -> Option<SandboxOrder> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    if std::env::var("EMBER_BENCH_SANDBOX").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    // emberd's default `[sandbox] uid_range`, from its top.
+    let ids = nix::unistd::geteuid()
+        .is_root()
+        .then(|| {
+            (0..64u32).map(|i| 1_879_113_727 - i).find(|&id| {
+                matches!(User::from_uid(Uid::from_raw(id)), Ok(None))
+                    && matches!(Group::from_gid(Gid::from_raw(id)), Ok(None))
+            })
+        })
+        .flatten()
+        .map(|id| (id, id));
+    Some(SandboxOrder {
+        ids,
+        allow_syscalls: Vec::new(),
+        writable: Vec::new(),
+    })
+}
+
+/// Prepares this process as emberd's zygote does before it forks: fixes
+/// malloc's mmap threshold (`module_runtime::host::heap`) and loads the
+/// shared runtime of slim modules (std and the SDK, found as emberd finds
+/// them by default: in this executable's target directory and the
+/// toolchain), without which a slim module cannot be loaded.
+pub fn preload_runtime() -> Result<(), LaunchError> {
+    host::heap::keep_worker_heaps_small();
+    host::RuntimeLibs::locate(None)
+        .and_then(|r| r.preload())
+        .map_err(LaunchError::Runtime)
 }
 
 /// Forks a warm worker from this (zygote) process through the fork path

@@ -1,9 +1,11 @@
 //! The C ABI between a host (zygote or worker) and a module or plugin `cdylib`.
 //!
-//! Every module and every plugin is compiled with its own copy of Rust's
-//! standard library and of this crate, so nothing Rust-specific crosses the
-//! boundary: only `#[repr(C)]` structs, C function pointers, UTF-8 byte
-//! ranges ([`FfiStr`]) and raw descriptor numbers. The layout is documented
+//! A fat module and every plugin is compiled with its own copy of Rust's
+//! standard library and of this crate; a slim module shares one with the
+//! other slim modules, not with its host (`host::runtime_libs`). Either
+//! way nothing Rust-specific crosses the boundary: only `#[repr(C)]`
+//! structs, C function pointers, UTF-8 byte ranges ([`FfiStr`]) and raw
+//! descriptor numbers. The layout is documented
 //! in `docs/abi.md`; changing any struct here means bumping [`ABI_VERSION`].
 //!
 //! Versioning rule: the [`DescriptorHeader`] (magic, ABI version, size) is

@@ -23,6 +23,9 @@
 //! memory_bytes = 268435456
 //! open_files = 1024
 //!
+//! [runtime_libs]     # the shared runtime of slim modules
+//! dir = "/usr/lib/ember"
+//!
 //! [sandbox]
 //! enabled = true
 //! uid_range = [1879048192, 1879113727]
@@ -341,6 +344,22 @@ pub struct Config {
     /// The module sandbox.
     #[serde(default)]
     pub sandbox: crate::sandbox::SandboxConfig,
+    /// Where the shared runtime of slim modules is.
+    #[serde(default)]
+    pub runtime_libs: RuntimeLibsConfig,
+}
+
+/// Where the shared runtime of slim modules is ([`crate::runtime_libs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeLibsConfig {
+    /// The directory holding `libember_sdk.so`, the SDK build slim modules
+    /// are linked against (a `target/release` where they were built), and
+    /// optionally `libstd-<hash>.so` of the compiler that built emberd
+    /// (else it is taken from that compiler's toolchain). Default: the
+    /// directory of the `emberd` binary. A directory set here without the
+    /// SDK stops emberd at start.
+    pub dir: Option<PathBuf>,
 }
 
 fn default_mode() -> String {
@@ -428,6 +447,17 @@ impl Config {
             return Err(invalid(
                 &["install.max_manifest_bytes", "install.max_artifact_bytes"],
                 "must be positive".into(),
+            ));
+        }
+        if self
+            .runtime_libs
+            .dir
+            .as_ref()
+            .is_some_and(|d| !d.is_absolute())
+        {
+            return Err(invalid(
+                &["runtime_libs.dir"],
+                "must be an absolute path".into(),
             ));
         }
         let l = &self.lifecycle;

@@ -32,6 +32,7 @@ pub mod plugins;
 pub mod pool;
 pub mod reaper;
 pub mod rlimit;
+pub mod runtime_libs;
 pub mod sandbox;
 pub mod store;
 pub mod varlink;

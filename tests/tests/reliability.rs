@@ -782,6 +782,23 @@ fn hostile_control_input_leaves_emberd_serving() {
     let status = d.wait_status("victim", "victim running", |s| s["state"] == "running");
     let modules_before = d.ctl_json(&["list"])["modules"].clone();
     std::fs::write(d.dir.path().join("garbage"), b"name = [[[\x00\xff").unwrap();
+    // The pool settled after the victim took a worker (it refills, up to
+    // max_idle after a miss; two descriptors each: its pidfd and channel),
+    // so the count below is not taken in the middle of a refill.
+    let idle = || d.ctl_json(&["pool"])["pool"]["idle_pids"].clone();
+    ember_tests::poll_until("the pool to settle", EVERY, || {
+        let before = idle();
+        std::thread::sleep(Duration::from_millis(200));
+        let after = idle();
+        let min = d.ctl_json(&["pool"])["pool"]["min_idle"]
+            .as_u64()
+            .unwrap_or(0);
+        if before == after && after.as_array().map_or(0, Vec::len) as u64 >= min {
+            Ok(())
+        } else {
+            Err(format!("{before} then {after}"))
+        }
+    });
     let fds_before = fd_count(d.pid());
 
     // Connections that send part of a call and stall, more of them than

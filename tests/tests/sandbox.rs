@@ -247,7 +247,24 @@ fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
     let dir = TempDir::new("nonroot");
     std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
     let config = dir.path().join("emberd.toml");
-    std::fs::write(&config, FAST).unwrap();
+    // The shared runtime of slim modules (`hello` is one) where `uid` can
+    // read it, as a deployment would install it: the toolchain's std is in
+    // root's home.
+    ember_tests::build_examples();
+    let libs = module_runtime::host::RuntimeLibs::locate(None).unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir_all(&runtime).unwrap();
+    for lib in [&libs.std, &libs.sdk] {
+        std::fs::copy(lib, runtime.join(lib.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        &config,
+        format!(
+            "{FAST}[runtime_libs]\ndir = {:?}\n",
+            runtime.display().to_string()
+        ),
+    )
+    .unwrap();
     let mut d = Daemon {
         child: None,
         socket: dir.path().join("ctl.sock"),

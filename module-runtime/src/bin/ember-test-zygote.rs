@@ -12,6 +12,9 @@
 //! - zygote → parent: `Reaped { pid, exit }` when a worker is reaped;
 //! - parent closes the socket: the zygote kills its workers and exits.
 //!
+//! Like emberd's zygote it preloads the shared runtime of slim modules
+//! (`module_runtime::host::runtime_libs`), found next to its executable.
+//!
 //! Before forking it ignores SIGHUP and blocks SIGUSR1 and SIGCHLD, so the
 //! tests can check that workers do not inherit a zygote's signal state.
 
@@ -62,6 +65,17 @@ fn main() -> ExitCode {
         Ok((ToZygote::Hello { plugins }, _)) => plugins,
         _ => return ExitCode::from(2),
     };
+    // As emberd's zygote: small worker heaps, and the shared runtime of slim
+    // modules when it is there (built with the examples).
+    host::heap::keep_worker_heaps_small();
+    match host::RuntimeLibs::locate(None).map(|r| r.preload()) {
+        Ok(Ok(())) | Err(host::RuntimeLibsError::NotFound { .. }) => {}
+        Ok(Err(e)) | Err(e) => {
+            let reason = module_runtime::sdk::error_chain(&e);
+            let _ = parent.send(&FromZygote::HelloFailed { reason }, &[]);
+            return ExitCode::from(1);
+        }
+    }
     if let Err(e) = host::load_plugins(&plugins) {
         let reason = module_runtime::sdk::error_chain(&e);
         let _ = parent.send(&FromZygote::HelloFailed { reason }, &[]);

@@ -23,6 +23,34 @@ pub enum LoadError {
         #[source]
         source: libloading::Error,
     },
+    /// A slim module whose shared runtime this process has not loaded (a
+    /// zygote that did not preload it, or another std or SDK build).
+    #[error(
+        "{path} is a slim module: it needs {needed}, which this host has not loaded \
+         (emberd's zygote preloads the shared runtime it offers; see docs/abi.md)"
+    )]
+    RuntimeNotLoaded {
+        /// The file.
+        path: PathBuf,
+        /// The sonames it needs that are not loaded.
+        needed: String,
+        /// The loader's message.
+        #[source]
+        source: libloading::Error,
+    },
+    /// A plugin built slim: it would run on the std every slim module
+    /// shares, in the zygote, before any fork.
+    #[error(
+        "{path} is a slim plugin (it needs {needed}): plugins are built fat, with their own std \
+         (depend on module-runtime, not ember-sdk), because a plugin's use of the std slim \
+         modules share, in the zygote, would be inherited by all of them"
+    )]
+    SlimPlugin {
+        /// The file.
+        path: PathBuf,
+        /// The shared runtime libraries it needs.
+        needed: String,
+    },
     /// The descriptor symbol is missing: not built with `export_module!` /
     /// `export_plugin!`.
     #[error("{path} does not export `{symbol}` (not an Ember {what}?)")]
@@ -122,9 +150,18 @@ fn open(at: &Path, path: &Path) -> Result<libloading::os::unix::Library, LoadErr
     // check; modules are untrusted, but they run in their own worker process,
     // which is exactly the isolation boundary. Plugins are trusted by design.
     unsafe { libloading::os::unix::Library::open(Some(at), flags) }.map_err(|source| {
-        LoadError::Dlopen {
-            path: path.to_owned(),
-            source,
+        let missing = super::runtime_libs::not_loaded(at);
+        if missing.is_empty() {
+            LoadError::Dlopen {
+                path: path.to_owned(),
+                source,
+            }
+        } else {
+            LoadError::RuntimeNotLoaded {
+                path: path.to_owned(),
+                needed: missing.join(", "),
+                source,
+            }
         }
     })
 }
@@ -220,6 +257,14 @@ pub fn load_module_as(at: &Path, path: &Path) -> Result<LoadedModule, LoadError>
 
 /// Loads a plugin `cdylib` and validates its descriptor. Never unloaded.
 pub fn load_plugin(path: &Path) -> Result<&'static PluginDescriptor, LoadError> {
+    elf::check_file(path)?;
+    let needed = super::runtime_libs::needed_by(path);
+    if !needed.is_empty() {
+        return Err(LoadError::SlimPlugin {
+            path: path.to_owned(),
+            needed: needed.join(", "),
+        });
+    }
     let ptr = descriptor(
         path,
         path,

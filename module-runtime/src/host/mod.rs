@@ -3,9 +3,11 @@
 //! lifecycle inside a worker.
 
 pub mod fork;
+pub mod heap;
 pub mod loader;
 pub mod plugins;
 pub mod process;
+pub mod runtime_libs;
 pub mod sandbox;
 pub mod worker;
 
@@ -13,3 +15,4 @@ pub use fork::{fork_worker, ForkError, NewWorker};
 pub use loader::{load_module, load_plugin, LoadError, LoadedModule};
 pub use plugins::{load_plugins, LoadedPlugin, PluginError, PluginSpec};
 pub use process::ProcessError;
+pub use runtime_libs::{RuntimeLibs, RuntimeLibsError};

@@ -28,7 +28,7 @@ struct Args {
 /// Exit codes (sysexits.h).
 fn exit_code(e: &DaemonError) -> u8 {
     match e {
-        DaemonError::Config(_) => 78,
+        DaemonError::Config(_) | DaemonError::RuntimeLibs(_) => 78,
         DaemonError::Store(_) => 73,
         DaemonError::Zygote(_)
         | DaemonError::Runtime(_)

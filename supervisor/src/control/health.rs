@@ -37,4 +37,6 @@ pub struct HealthReply {
     /// emberd's `RLIMIT_NOFILE` soft limit (raised to the hard one at
     /// start-up): where installs would start failing.
     pub open_files_limit: u64,
+    /// The shared runtime this emberd offers slim modules.
+    pub runtime_libs: crate::runtime_libs::RuntimeStatus,
 }

@@ -73,6 +73,18 @@ pub enum InstallError {
         #[source]
         source: module_runtime::elf::ElfError,
     },
+    /// The artifact is a slim module this emberd cannot run (it needs
+    /// another std or SDK build than the one offered, or none is).
+    #[error("invalid manifest {}: field `entry`: {}", path.display(), artifact.display())]
+    ArtifactRuntime {
+        /// The manifest path.
+        path: PathBuf,
+        /// The artifact.
+        artifact: PathBuf,
+        /// What it needs that is not offered.
+        #[source]
+        source: crate::runtime_libs::RuntimeMismatch,
+    },
     /// The artifact named by `entry` is refused before it is read (not a
     /// regular file, over its cap) or cannot be read.
     #[error("invalid manifest {}: field `entry`", path.display())]
@@ -130,7 +142,8 @@ pub enum InstallError {
 /// is installed: a regular file of at most `cap` bytes
 /// (`install.max_artifact_bytes`), an ELF shared object for this host (a
 /// worker would otherwise only find out at `dlopen`, after the install was
-/// accepted). Blocking: run it on the blocking pool. The file returned is
+/// accepted), and, for a slim module, one whose shared runtime this emberd
+/// offers ([`crate::runtime_libs::check`]). Blocking: run it on the blocking pool. The file returned is
 /// the one checked, for the install to copy.
 pub fn check_artifact(
     manifest: &Path,
@@ -172,6 +185,13 @@ pub fn check_artifact(
         }
     }
     module_runtime::elf::check_header(artifact, &head[..n]).map_err(unloadable)?;
+    crate::runtime_libs::check(&file, artifact).map_err(|source| {
+        InstallError::ArtifactRuntime {
+            path: manifest.to_owned(),
+            artifact: artifact.to_owned(),
+            source,
+        }
+    })?;
     Ok(file)
 }
 
@@ -191,6 +211,7 @@ impl From<InstallError> for ErrorReply {
             InstallError::Manifest { path, .. }
             | InstallError::ArtifactMissing { path, .. }
             | InstallError::ArtifactRefused { path, .. }
+            | InstallError::ArtifactRuntime { path, .. }
             | InstallError::ArtifactUnloadable { path, .. } => ErrorReply::new(
                 errors::INVALID_MANIFEST,
                 json!({ "path": path, "reason": reason }),

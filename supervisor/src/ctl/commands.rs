@@ -480,6 +480,7 @@ fn health(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlEr
                     cell(&v["open_files_limit"])
                 ),
             ),
+            ("slim modules", runtime_libs(&v["runtime_libs"])),
         ]))?;
     }
     if v["healthy"].as_bool() == Some(false) {
@@ -489,6 +490,20 @@ fn health(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlEr
         });
     }
     Ok(())
+}
+
+/// The shared runtime line of `health`: what slim modules must link.
+fn runtime_libs(v: &Value) -> String {
+    if v["offered"].as_bool() == Some(true) {
+        format!(
+            "{} + {} ({})",
+            cell(&v["sdk"]),
+            cell(&v["std"]),
+            cell(&v["rustc"])
+        )
+    } else {
+        format!("not offered: {}", cell(&v["reason"]))
+    }
 }
 
 fn listeners(v: &Value) -> String {

@@ -609,6 +609,7 @@ impl Actor {
             cpu_limits: self.os.limiter.detection().cpu_mechanism(),
             open_files: 0,
             open_files_limit: 0,
+            runtime_libs: crate::runtime_libs::status(),
         }
     }
 

@@ -63,6 +63,9 @@ pub enum DaemonError {
     /// emberd could not make itself not dumpable.
     #[error("cannot make emberd not dumpable (PR_SET_DUMPABLE)")]
     Dumpable(#[source] nix::Error),
+    /// `[runtime_libs] dir` holds no usable shared runtime.
+    #[error("shared runtime of slim modules")]
+    RuntimeLibs(#[source] crate::runtime_libs::InitError),
     /// emberd could not become its workers' parent.
     #[error("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER)")]
     Subreaper(#[source] nix::Error),
@@ -91,6 +94,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
     nix::sys::prctl::set_dumpable(false).map_err(DaemonError::Dumpable)?;
     let cfg = load_config(&opts).map_err(DaemonError::Config)?;
+    // Large receive buffers in their own mappings, not zeroed heap blocks
+    // (`module_runtime::host::heap`).
+    module_runtime::host::heap::keep_worker_heaps_small();
     // Descriptors: a few per running module (see `crate::rlimit`).
     let nofile = crate::rlimit::raise();
     let state_dir = cfg.state_path();
@@ -109,6 +115,12 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     if let Err(e) = crate::reaper::become_subreaper() {
         let _ = std::fs::remove_file(&socket_path);
         return Err(DaemonError::Subreaper(e));
+    }
+    // The shared runtime the zygote preloads for slim modules (read before
+    // the zygote starts: it inherits the paths).
+    if let Err(e) = crate::runtime_libs::init(cfg.runtime_libs.dir.as_deref()) {
+        let _ = std::fs::remove_file(&socket_path);
+        return Err(DaemonError::RuntimeLibs(e));
     }
     // Still single-threaded here: the only safe moment to start the zygote.
     let zygote = match zygote::spawn(&cfg.plugin_specs(), cfg.pool.zygote_start_timeout()) {

@@ -110,6 +110,7 @@ fn exec_zygote() -> Result<(Child, OwnedFd, Claim), ZygoteError> {
         .arg(ZYGOTE_ARG)
         .arg(theirs.as_raw_fd().to_string())
         .arg(std::process::id().to_string())
+        .envs(crate::runtime_libs::zygote_env())
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes two async-signal-safe system calls (no allocation, no lock).

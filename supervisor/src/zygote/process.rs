@@ -58,6 +58,15 @@ pub fn main(args: &[String]) -> i32 {
     // SAFETY: this process was just exec'd; no Rust object owns any
     // descriptor above 2 except the channel `fd`, which is kept.
     unsafe { close_inherited_fds(fd) };
+    // Workers' heaps stay small (see `heap.rs`); the shared runtime of slim
+    // modules is loaded and relocated once here so that every worker
+    // shares it (its paths, from emberd's environment, are removed from
+    // ours). Without it slim modules fail to load in their worker, with
+    // the loader's message; fat ones are unaffected.
+    module_runtime::host::heap::keep_worker_heaps_small();
+    if let Err(e) = module_runtime::host::runtime_libs::preload_from_env() {
+        eprintln!("ember-zygote: {}", error_chain(&e));
+    }
     // SAFETY: the supervisor passed us this descriptor (without
     // close-on-exec) for our exclusive use; nothing else in this fresh
     // process owns it.
