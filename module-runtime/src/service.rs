@@ -1,9 +1,35 @@
 //! Typed services on top of shm-ipc's byte channels: rkyv-archived requests
 //! and replies, a client for imports and a fan-in server for exports.
 //!
-//! Requests and replies are copied out of shared memory into an aligned
-//! buffer and validated (checked rkyv access) before use: the peer is
-//! untrusted and could rewrite shared bytes at any time.
+//! A request or reply is serialized once, straight into the channel's slot;
+//! the receiver copies it once out of shared memory into an aligned buffer
+//! it reuses, validates it there (checked rkyv access: the peer is
+//! untrusted and could rewrite shared bytes at any time) and reads it in
+//! place, as its archived form: handlers take `&Archived<Req>`, calls
+//! return a [`Reply`] that derefs to `&Archived<Resp>`. Nothing is
+//! deserialized unless asked for ([`Reply::deserialize`],
+//! [`ServiceClient::call_owned`]). The data path is in `service/wire.rs`.
+//!
+//! ```no_run
+//! # use module_runtime::ModuleContext;
+//! # use module_runtime::service::{ServiceError, ServiceServer};
+//! #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+//! struct Add { a: u64, b: u64 }
+//! #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+//! struct Sum(u64);
+//!
+//! fn exporter(ctx: &ModuleContext) -> Result<(), ServiceError> {
+//!     let mut server = ServiceServer::<Add, Sum>::new();
+//!     // `req` is an `&ArchivedAdd`: its fields are archived integers.
+//!     server.serve_export(ctx, "adder", |req| Sum(req.a.to_native() + req.b.to_native()))
+//! }
+//!
+//! fn importer(ctx: &ModuleContext) -> Result<u64, ServiceError> {
+//!     let mut adder = ctx.import::<Add, Sum>("adder")?;
+//!     let reply = adder.call(&Add { a: 2, b: 3 }, None)?;
+//!     Ok(reply.0.to_native())
+//! }
+//! ```
 //!
 //! # Replicas, restarts and releases
 //!

@@ -9,6 +9,9 @@
 //!   slot and writes its message in place ([`SlotWriter`]); the receiver
 //!   reads it in place ([`ShmSlice`]: `fold_words` scans it word by word
 //!   straight from the segment, `for_each_chunk` and `copy_to` copy it out).
+//!   Writes of 256 KiB or more use cached or streaming (non-temporal)
+//!   stores, whichever took less time lately on that endpoint: which one
+//!   is cheaper depends on whether the two processes' cores share a cache.
 //!   Waiting is a bounded spin, then a park
 //!   on a socketpair doorbell that also reports peer death. Blocking API and
 //!   an async one ([`channel::AsyncClient`], tokio; feature `tokio`, off by

@@ -34,9 +34,9 @@ use super::ServiceError;
 /// ([`rkyv::Archived<T>`]).
 ///
 /// Implemented for every type that derives `rkyv::Archive`,
-/// `rkyv::Serialize` and `rkyv::Deserialize` (and whose archive is
-/// checkable, which the derives give with rkyv's default `bytecheck`
-/// feature): module authors never implement it by hand.
+/// `rkyv::Serialize` and `rkyv::Deserialize` with rkyv 0.8 and its
+/// `bytecheck` feature on (which makes archives checkable): module authors
+/// never implement it by hand.
 pub trait Wire: rkyv::Archive + Sized {
     /// Serializes `self` into a loaned slot, in place. A value that does not
     /// fit is [`ServiceError::TooLarge`] (with its whole size); the slot's
