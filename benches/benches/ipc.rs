@@ -22,7 +22,7 @@ use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ember_benches::{json_requested, word_sum, JsonLine, Samples};
+use ember_benches::{json_requested, reap, word_sum, JsonLine, Samples};
 use module_runtime::sdk::ChannelFds;
 use module_runtime::service::{ServiceClient, ServiceServer};
 use shm_ipc::channel::{channel_pair, ChannelConfig, Client, ServerEnd, WaitStrategy};
@@ -577,18 +577,6 @@ impl Drop for Page {
         // outlives `self`.
         unsafe { nix::libc::munmap(self.ptr.cast(), 4096) };
     }
-}
-
-fn reap(child: &mut Child) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// CPU time (user + system) the process used over `window`, in percent.

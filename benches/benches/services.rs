@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember_benches::{arg_num, json_requested, JsonLine};
+use ember_benches::{arg_num, json_requested, reap, JsonLine};
 use module_runtime::sdk::ChannelFds;
 use module_runtime::service::{AsyncServiceClient, ServiceServer};
 use shm_ipc::channel::{channel_pair, ChannelConfig};
@@ -224,18 +224,6 @@ fn spawn(dir: &Path, role: &str, replica: usize, work: Duration) -> (Child, Unix
         .expect("spawn exporter");
     let (sock, _) = listener.accept().expect("exporter connects");
     (child, sock)
-}
-
-fn reap(child: &mut Child) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// An exporter replica: serves its channel until the client leaves.

@@ -115,6 +115,20 @@ pub fn word_sum(bytes: &[u8]) -> u64 {
         .fold(sum, |s, &b| s.wrapping_add(b as u64))
 }
 
+/// Waits up to 10 s for a child the bench started to exit, then kills
+/// (by its pid, through `Child`) and reaps it.
+pub fn reap(child: &mut std::process::Child) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Whether `--json` was passed.
 pub fn json_requested() -> bool {
     std::env::args().any(|a| a == "--json")
