@@ -355,7 +355,7 @@ impl<'a, R: ReadAt + ?Sized> DynamicSection<'a, R> {
         self.loads
             .iter()
             .find(|(vaddr, filesz, _)| addr >= *vaddr && addr - vaddr < *filesz)
-            .map(|(vaddr, _, offset)| addr - vaddr + offset)
+            .and_then(|(vaddr, _, offset)| (addr - vaddr).checked_add(*offset))
             .ok_or_else(|| self.malformed("address outside every PT_LOAD"))
     }
 

@@ -1695,6 +1695,7 @@ mod tests {
 
     /// An exporter whose handler holds each request until `gate` says go,
     /// after telling `arrived`.
+    #[cfg(feature = "tokio")]
     fn gated_exporter(
         end: ChannelFds,
         tag: &'static str,

@@ -188,10 +188,11 @@ fn a_typed_client_of_a_garbage_writing_server_gets_errors_or_valid_replies() {
         slot_capacity: 256,
     })
     .unwrap();
+    // The client opens (checks the header) before the scribbler may write.
+    let mut client = typed_client(c);
     let (_scribbler, sock) = spawn_peer(&dir, PEER, &["scribbler"]);
     send_fds(&sock, b'M', &[s.fds()[0]]);
     let (_memfd, _server_sock) = s.into_fds();
-    let mut client = typed_client(c);
     let (mut valid, mut errors, mut corrupt) = (0usize, 0usize, 0usize);
     let req = Echo {
         n: 1,

@@ -112,12 +112,36 @@ pub unsafe fn close_inherited_fds(keep: RawFd) {
     let close = |from: RawFd, to: u32| {
         // SAFETY: close_range takes plain integers; the caller guarantees
         // nothing owns the descriptors it closes.
-        unsafe { libc::syscall(libc::SYS_close_range, from as u32, to, 0u32) };
+        let r = unsafe { libc::syscall(libc::SYS_close_range, from as u32, to, 0u32) };
+        if r != 0 {
+            // close_range is Linux 5.9+: on an older kernel, close what
+            // /proc/self/fd lists in the range, one by one.
+            close_listed(from, to);
+        }
     };
     if keep > LISTEN_FDS_START {
         close(LISTEN_FDS_START, (keep - 1) as u32);
     }
     close(keep.max(LISTEN_FDS_START - 1) + 1, u32::MAX);
+}
+
+/// Closes the open descriptors in `from..=to` that `/proc/self/fd` lists
+/// (the fallback of [`close_inherited_fds`]). The listing's own descriptor
+/// is read to the end before anything is closed.
+fn close_listed(from: RawFd, to: u32) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd: &RawFd| fd >= from && fd as u32 <= to)
+        .collect();
+    for fd in fds {
+        // SAFETY: as in `close_inherited_fds`: nothing in this process owns
+        // these descriptors (the listing's own is closed already, and a
+        // close of it would fail with EBADF, harmlessly).
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// Moves `fd` to the lowest free descriptor number from 3 (close-on-exec),

@@ -68,6 +68,16 @@ pub enum RuntimeLibsError {
         #[source]
         source: std::io::Error,
     },
+    /// emberd runs as root and a library, or a directory above it, could
+    /// be replaced by another user: loading it would hand that user every
+    /// worker.
+    #[error("refusing {}: {why} (emberd runs as root; whoever can write there could run code in every worker: keep the runtime in root-owned directories no one else may write, e.g. with `[runtime_libs] dir`)", path.display())]
+    Untrusted {
+        /// The library.
+        path: PathBuf,
+        /// Which file or directory, and why.
+        why: String,
+    },
     /// A library's dynamic section could not be read.
     #[error("cannot inspect {}", path.display())]
     Inspect {
@@ -170,6 +180,10 @@ impl RuntimeLibs {
                     source,
                 })
         };
+        if nix::unistd::geteuid().is_root() {
+            trusted_by_root(&std)?;
+            trusted_by_root(&sdk)?;
+        }
         let std_soname = soname(&std)?;
         if std_soname.as_deref() != Some(STD_SONAME) {
             return Err(RuntimeLibsError::Soname {
@@ -299,6 +313,50 @@ pub fn not_loaded(at: &Path) -> Vec<String> {
 
 /// The running executable's directory, and its parent when that is
 /// cargo's `deps/`.
+/// For a root emberd: `path` and every directory above it belong to root,
+/// or to a user who could already replace this executable (the owner of it
+/// or of a directory above it), and no one else may write them (a
+/// world-writable directory is allowed only with the sticky bit, which
+/// keeps others from replacing its owners' entries): the rule `sshd`'s
+/// StrictModes applies, so that loading the runtime gives no one more than
+/// they have.
+fn trusted_by_root(path: &Path) -> Result<(), RuntimeLibsError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| RuntimeLibsError::Untrusted {
+        path: path.to_owned(),
+        why,
+    };
+    let mut owners = vec![0u32];
+    if let Ok(exe) = std::env::current_exe().and_then(std::fs::canonicalize) {
+        owners.extend(
+            exe.ancestors()
+                .filter_map(|p| Some(std::fs::metadata(p).ok()?.uid())),
+        );
+    }
+    let canonical =
+        std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve it: {e}")))?;
+    for p in canonical.ancestors() {
+        let m = std::fs::metadata(p)
+            .map_err(|e| refuse(format!("cannot stat {}: {e}", p.display())))?;
+        let sticky_dir = m.is_dir() && m.mode() & 0o1000 != 0;
+        if !owners.contains(&m.uid()) {
+            return Err(refuse(format!(
+                "{} belongs to uid {}, neither root nor the owner of emberd's executable or a directory above it",
+                p.display(),
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o022 != 0 && !sticky_dir {
+            return Err(refuse(format!(
+                "{} is writable by group or others (mode {:o})",
+                p.display(),
+                m.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn exe_dirs() -> Vec<PathBuf> {
     let Some(dir) = std::env::current_exe()
         .ok()
@@ -324,6 +382,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_library_others_may_replace_is_not_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = temp_dir("trust");
+        let lib = d.join("libx.so");
+        std::fs::write(&lib, b"x").unwrap();
+        let mode = |m| std::fs::set_permissions(&d, std::fs::Permissions::from_mode(m)).unwrap();
+        // Owned by whoever runs the test, which also owns the test
+        // executable's directories (root in CI).
+        mode(0o755);
+        let ok = trusted_by_root(&lib);
+        mode(0o777);
+        let open = trusted_by_root(&lib);
+        mode(0o755);
+        std::fs::remove_dir_all(&d).unwrap();
+        ok.unwrap();
+        match open {
+            Err(RuntimeLibsError::Untrusted { why, .. }) => {
+                assert!(
+                    why.contains("writable by group or others (mode 777)"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -160,35 +160,45 @@ impl RecvBuf {
 /// [`deserialize`](Self::deserialize) makes an owned copy that outlives it.
 #[cfg(feature = "tokio")]
 pub struct AsyncReply<'a, T: Wire> {
-    /// Holds a validated archive of `T`; never changed while held.
+    /// The root `T::access_archived` returned for `buf`'s bytes; valid
+    /// while `buf` is held (see `Deref`).
+    root: std::ptr::NonNull<T::Archived>,
+    /// Holds the reply's bytes; never changed or moved out while held.
     buf: Option<RecvBuf>,
     home: &'a std::sync::Mutex<Vec<RecvBuf>>,
-    _type: std::marker::PhantomData<fn() -> T>,
 }
+
+// SAFETY: an `AsyncReply` is an owned byte buffer plus what amounts to a
+// shared reference into it (`root`); sending it to another thread is
+// sending a `&T::Archived` along with its backing store, sound when
+// `T::Archived: Sync`. `home` is a `&Mutex`, which is Send and Sync.
+#[cfg(feature = "tokio")]
+unsafe impl<T: Wire> Send for AsyncReply<'_, T> where T::Archived: Sync {}
+// SAFETY: sharing an `AsyncReply` only gives out `&T::Archived` (through
+// `Deref`), sound when `T::Archived: Sync`.
+#[cfg(feature = "tokio")]
+unsafe impl<T: Wire> Sync for AsyncReply<'_, T> where T::Archived: Sync {}
 
 #[cfg(feature = "tokio")]
 impl<'a, T: Wire> AsyncReply<'a, T> {
-    /// Validates `buf` as an archive of `T`; on failure the buffer goes
-    /// home at once.
+    /// Validates `buf` as an archive of `T` and keeps the root it found;
+    /// on failure the buffer goes home at once.
     pub(crate) fn new(
         buf: RecvBuf,
         home: &'a std::sync::Mutex<Vec<RecvBuf>>,
     ) -> Result<Self, ServiceError> {
-        let reply = Self {
+        let root = match T::access_archived(&buf.bytes[..buf.len]) {
+            Ok(root) => std::ptr::NonNull::from(root),
+            Err(e) => {
+                give_home(home, buf);
+                return Err(ServiceError::Codec(e));
+            }
+        };
+        Ok(Self {
+            root,
             buf: Some(buf),
             home,
-            _type: std::marker::PhantomData,
-        };
-        // Validated once, here; on failure the buffer goes home.
-        T::access_archived(reply.bytes()).map_err(ServiceError::Codec)?;
-        Ok(reply)
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match &self.buf {
-            Some(b) => &b.bytes[..b.len],
-            None => unreachable!("an AsyncReply holds its buffer until dropped"),
-        }
+        })
     }
 
     /// Deserializes the archived response into an owned value.
@@ -198,18 +208,27 @@ impl<'a, T: Wire> AsyncReply<'a, T> {
 }
 
 #[cfg(feature = "tokio")]
+fn give_home(home: &std::sync::Mutex<Vec<RecvBuf>>, buf: RecvBuf) {
+    let mut home = home.lock().unwrap_or_else(|p| p.into_inner());
+    // Enough for the calls a client typically has in flight.
+    if home.len() < 64 {
+        home.push(buf);
+    }
+}
+
+#[cfg(feature = "tokio")]
 impl<T: Wire> Deref for AsyncReply<'_, T> {
     type Target = T::Archived;
 
     fn deref(&self) -> &T::Archived {
-        let bytes = self.bytes();
-        // SAFETY: `new` validated exactly these bytes as an archive of `T`
-        // (checked access, bytecheck) and nothing changes them until the
-        // reply is dropped: the buffer is private to this reply, which
-        // exposes no way to write it. The bytes sit at the same address
-        // (the buffer's heap allocation did not move), so the alignment the
-        // validation checked still holds.
-        unsafe { rkyv::access_unchecked::<T::Archived>(bytes) }
+        // SAFETY: `root` is the reference `T::access_archived` returned,
+        // borrowing `buf`'s bytes (or data that lives longer). Those bytes
+        // live in the buffer's heap allocation, which did not move when the
+        // `RecvBuf` did, and are neither changed nor freed while this reply
+        // holds `buf` (nothing here writes it; `Drop` gives it away last).
+        // No trust in `Wire`'s implementation is needed: whatever reference
+        // it returned stays valid as long as the bytes it borrowed.
+        unsafe { self.root.as_ref() }
     }
 }
 
@@ -217,11 +236,7 @@ impl<T: Wire> Deref for AsyncReply<'_, T> {
 impl<T: Wire> Drop for AsyncReply<'_, T> {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            let mut home = self.home.lock().unwrap_or_else(|p| p.into_inner());
-            // Enough for the calls a client typically has in flight.
-            if home.len() < 64 {
-                home.push(buf);
-            }
+            give_home(self.home, buf);
         }
     }
 }
