@@ -236,15 +236,27 @@ fn runtime_dir_without_the_runtime_stops_emberd_at_start() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(emberd())
+    let mut out = std::process::Command::new(emberd())
         .arg("--config")
         .arg(&cfg)
         .arg("--socket")
         .arg(dir.path().join("s.sock"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // It must refuse to start; one that starts anyway is killed (by its
+    // pid) after 60 s rather than hanging the test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while out.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if out.try_wait().unwrap().is_none() {
+        let _ = out.kill();
+    }
+    let out = out.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("runtime_libs.dir"), "{stderr}");
