@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ember_tests::{send_fds, spawn_peer, Echo, TempDir};
 use module_runtime::sdk::ChannelFds;
-use module_runtime::service::{ServiceClient, ServiceError};
+use module_runtime::service::{AsyncServiceClient, ServiceClient, ServiceError};
 use shm_ipc::channel::{channel_pair, ChannelConfig, ChannelError, Client};
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipc-peer");
@@ -178,6 +178,63 @@ fn typed_calls_across_processes_all_sizes_and_one_too_large() {
         .wait_timeout(Duration::from_secs(10))
         .expect("server exits when its only client leaves");
     assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn an_async_typed_client_of_a_garbage_writing_server_gets_errors_or_valid_replies() {
+    let dir = TempDir::new("ipc-typed-evil-server-async");
+    let (c, s) = channel_pair(&ChannelConfig {
+        slots: 4,
+        slot_capacity: 256,
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut valid, mut errors, mut corrupt) = (0usize, 0usize, 0usize);
+    rt.block_on(async {
+        // The client opens (checks the header) before the scribbler may
+        // write.
+        let (memfd, sock) = c.into_fds();
+        let client = AsyncServiceClient::<Echo, Echo>::open(ChannelFds { memfd, sock }).unwrap();
+        let (_scribbler, peer) = spawn_peer(&dir, PEER, &["scribbler"]);
+        send_fds(&peer, b'M', &[s.fds()[0]]);
+        let (_memfd, _server_sock) = s.into_fds();
+        let req = Echo {
+            n: 1,
+            bytes: vec![2; 16],
+        };
+        for _ in 0..2_000 {
+            let deadline = Some(Instant::now() + Duration::from_millis(2));
+            match client.call(&req, deadline).await {
+                // Read through the AsyncReply: a validated archive in the
+                // client's private buffer, whatever the scribbler wrote.
+                Ok(reply) => {
+                    assert!(reply.bytes.len() <= 256);
+                    // Every byte is read, from the private copy.
+                    std::hint::black_box(reply.bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
+                    valid += 1;
+                }
+                Err(ServiceError::Channel(ChannelError::Corrupt(_))) => {
+                    errors += 1;
+                    corrupt += 1;
+                }
+                Err(ServiceError::Codec(_))
+                | Err(ServiceError::Channel(ChannelError::TimedOut | ChannelError::Remote(_))) => {
+                    errors += 1
+                }
+                // A corrupt channel is dropped; a client on fixed ends then
+                // has none left.
+                Err(ServiceError::Channel(ChannelError::PeerGone)) if corrupt > 0 => break,
+                Err(e) => panic!("unexpected error kind: {e:?}"),
+            }
+        }
+    });
+    assert!(
+        errors > 0,
+        "a scribbled channel must produce errors ({valid} valid replies)"
+    );
 }
 
 #[test]
