@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ember_tests::{send_fds, spawn_peer, Echo, TempDir};
+use ember_tests::{send_fds, spawn_peer, ArchivedEcho, Echo, TempDir};
 use module_runtime::sdk::ChannelFds;
 use module_runtime::service::{AsyncServiceClient, ServiceClient, ServiceError};
 use shm_ipc::channel::{channel_pair, ChannelConfig, ChannelError, Client};
@@ -180,105 +180,114 @@ fn typed_calls_across_processes_all_sizes_and_one_too_large() {
     assert!(st.success(), "{st:?}");
 }
 
-#[test]
-fn an_async_typed_client_of_a_garbage_writing_server_gets_errors_or_valid_replies() {
-    let dir = TempDir::new("ipc-typed-evil-server-async");
+/// What a typed client got from a garbage-writing server.
+#[derive(Default)]
+struct Scribbled {
+    valid: usize,
+    errors: usize,
+    corrupt: usize,
+}
+
+impl Scribbled {
+    /// Records one call's outcome; false once the client has no channel
+    /// left (a corrupt channel is dropped, and a client on fixed ends then
+    /// has none).
+    fn record(&mut self, outcome: Result<&ArchivedEcho, &ServiceError>) -> bool {
+        match outcome {
+            // Whatever the scribbler left there passed validation: a
+            // well-formed archive, read (every byte) from the client's
+            // private copy.
+            Ok(reply) => {
+                assert!(reply.bytes.len() <= 256);
+                std::hint::black_box(reply.bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
+                self.valid += 1;
+            }
+            Err(ServiceError::Channel(ChannelError::Corrupt(_))) => {
+                self.errors += 1;
+                self.corrupt += 1;
+            }
+            Err(ServiceError::Codec(_))
+            | Err(ServiceError::Channel(ChannelError::TimedOut | ChannelError::Remote(_))) => {
+                self.errors += 1
+            }
+            Err(ServiceError::Channel(ChannelError::PeerGone)) if self.corrupt > 0 => return false,
+            Err(e) => panic!("unexpected error kind: {e:?}"),
+        }
+        true
+    }
+
+    fn check(&self) {
+        assert!(
+            self.errors > 0,
+            "a scribbled channel must produce errors ({} valid replies)",
+            self.valid
+        );
+    }
+}
+
+/// A channel whose server end goes to the scribbler peer, once `open` has
+/// opened (checked the header of) the client end, before it may write.
+fn scribbled_channel<C>(
+    dir: &TempDir,
+    open: impl FnOnce(ChannelFds) -> C,
+) -> (C, ember_tests::ChildGuard, OwnedFds) {
     let (c, s) = channel_pair(&ChannelConfig {
         slots: 4,
         slot_capacity: 256,
     })
     .unwrap();
+    let (memfd, sock) = c.into_fds();
+    let client = open(ChannelFds { memfd, sock });
+    let (scribbler, peer) = spawn_peer(dir, PEER, &["scribbler"]);
+    send_fds(&peer, b'M', &[s.fds()[0]]);
+    (client, scribbler, s.into_fds())
+}
+
+type OwnedFds = (std::os::fd::OwnedFd, std::os::fd::OwnedFd);
+
+fn echo_16() -> Echo {
+    Echo {
+        n: 1,
+        bytes: vec![2; 16],
+    }
+}
+
+#[test]
+fn an_async_typed_client_of_a_garbage_writing_server_gets_errors_or_valid_replies() {
+    let dir = TempDir::new("ipc-typed-evil-server-async");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (mut valid, mut errors, mut corrupt) = (0usize, 0usize, 0usize);
+    let mut seen = Scribbled::default();
     rt.block_on(async {
-        // The client opens (checks the header) before the scribbler may
-        // write.
-        let (memfd, sock) = c.into_fds();
-        let client = AsyncServiceClient::<Echo, Echo>::open(ChannelFds { memfd, sock }).unwrap();
-        let (_scribbler, peer) = spawn_peer(&dir, PEER, &["scribbler"]);
-        send_fds(&peer, b'M', &[s.fds()[0]]);
-        let (_memfd, _server_sock) = s.into_fds();
-        let req = Echo {
-            n: 1,
-            bytes: vec![2; 16],
-        };
+        let (client, _scribbler, _server_end) = scribbled_channel(&dir, |fds| {
+            AsyncServiceClient::<Echo, Echo>::open(fds).unwrap()
+        });
+        let req = echo_16();
         for _ in 0..2_000 {
             let deadline = Some(Instant::now() + Duration::from_millis(2));
-            match client.call(&req, deadline).await {
-                // Read through the AsyncReply: a validated archive in the
-                // client's private buffer, whatever the scribbler wrote.
-                Ok(reply) => {
-                    assert!(reply.bytes.len() <= 256);
-                    // Every byte is read, from the private copy.
-                    std::hint::black_box(reply.bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
-                    valid += 1;
-                }
-                Err(ServiceError::Channel(ChannelError::Corrupt(_))) => {
-                    errors += 1;
-                    corrupt += 1;
-                }
-                Err(ServiceError::Codec(_))
-                | Err(ServiceError::Channel(ChannelError::TimedOut | ChannelError::Remote(_))) => {
-                    errors += 1
-                }
-                // A corrupt channel is dropped; a client on fixed ends then
-                // has none left.
-                Err(ServiceError::Channel(ChannelError::PeerGone)) if corrupt > 0 => break,
-                Err(e) => panic!("unexpected error kind: {e:?}"),
+            let reply = client.call(&req, deadline).await;
+            if !seen.record(reply.as_deref()) {
+                break;
             }
         }
     });
-    assert!(
-        errors > 0,
-        "a scribbled channel must produce errors ({valid} valid replies)"
-    );
+    seen.check();
 }
 
 #[test]
 fn a_typed_client_of_a_garbage_writing_server_gets_errors_or_valid_replies() {
     let dir = TempDir::new("ipc-typed-evil-server");
-    let (c, s) = channel_pair(&ChannelConfig {
-        slots: 4,
-        slot_capacity: 256,
-    })
-    .unwrap();
-    // The client opens (checks the header) before the scribbler may write.
-    let mut client = typed_client(c);
-    let (_scribbler, sock) = spawn_peer(&dir, PEER, &["scribbler"]);
-    send_fds(&sock, b'M', &[s.fds()[0]]);
-    let (_memfd, _server_sock) = s.into_fds();
-    let (mut valid, mut errors, mut corrupt) = (0usize, 0usize, 0usize);
-    let req = Echo {
-        n: 1,
-        bytes: vec![2; 16],
-    };
+    let (mut client, _scribbler, _server_end) =
+        scribbled_channel(&dir, |fds| ServiceClient::<Echo, Echo>::open(fds).unwrap());
+    let req = echo_16();
+    let mut seen = Scribbled::default();
     for _ in 0..2_000 {
-        match client.call(&req, Some(Instant::now() + Duration::from_millis(2))) {
-            // Whatever the scribbler left there passed validation: it is a
-            // well-formed archive, read from the client's private copy.
-            Ok(reply) => {
-                assert!(reply.bytes.len() <= 256);
-                valid += 1;
-            }
-            Err(ServiceError::Channel(ChannelError::Corrupt(_))) => {
-                errors += 1;
-                corrupt += 1;
-            }
-            Err(ServiceError::Codec(_))
-            | Err(ServiceError::Channel(ChannelError::TimedOut | ChannelError::Remote(_))) => {
-                errors += 1
-            }
-            // A corrupt channel is dropped; a client on fixed ends then
-            // has none left.
-            Err(ServiceError::Channel(ChannelError::PeerGone)) if corrupt > 0 => break,
-            Err(e) => panic!("unexpected error kind: {e:?}"),
+        let reply = client.call(&req, Some(Instant::now() + Duration::from_millis(2)));
+        if !seen.record(reply.as_deref()) {
+            break;
         }
     }
-    assert!(
-        errors > 0,
-        "a scribbled channel must produce errors ({valid} valid replies)"
-    );
+    seen.check();
 }

@@ -216,10 +216,14 @@ mod tests {
 
     #[test]
     fn fork_refuses_in_a_multithreaded_process() {
-        let _t = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
-        assert!(matches!(
-            fork_worker(&[], nix::unistd::getpid()),
-            Err(ForkError::Threads(n)) if n > 1
-        ));
+        // A second thread that lives until the check is done.
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = wait.recv();
+        });
+        let r = fork_worker(&[], nix::unistd::getpid());
+        drop(done);
+        t.join().unwrap();
+        assert!(matches!(r, Err(ForkError::Threads(n)) if n > 1), "{r:?}");
     }
 }
