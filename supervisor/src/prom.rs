@@ -13,8 +13,7 @@ use std::time::Duration;
 /// module that loads a lot before it is ready). Observations above the last
 /// one land in the `+Inf` bucket.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// A latency histogram over [`LATENCY_BUCKETS`]: a plain value its owner
@@ -179,9 +178,18 @@ mod tests {
         let c = ControlCalls::default();
         c.record("io.ember.Supervisor.List", None);
         c.record("io.ember.Supervisor.List", None);
-        c.record("io.ember.Supervisor.Status", Some("io.ember.Supervisor.ModuleNotFound"));
-        c.record("made.up.Method1", Some("org.varlink.service.MethodNotFound"));
-        c.record("made.up.Method2", Some("org.varlink.service.MethodNotFound"));
+        c.record(
+            "io.ember.Supervisor.Status",
+            Some("io.ember.Supervisor.ModuleNotFound"),
+        );
+        c.record(
+            "made.up.Method1",
+            Some("org.varlink.service.MethodNotFound"),
+        );
+        c.record(
+            "made.up.Method2",
+            Some("org.varlink.service.MethodNotFound"),
+        );
         let s = c.snapshot();
         assert_eq!(
             s.calls,

@@ -388,9 +388,8 @@ impl Collector for Scrape {
             "ember_replica_cpu_seconds",
             "User and system CPU time of each replica's current worker",
             MetricType::Counter,
-            with_procs().filter_map(|(r, p)| {
-                Some((replica_labels(r), ConstCounter::new(p.cpu_seconds?)))
-            }),
+            with_procs()
+                .filter_map(|(r, p)| Some((replica_labels(r), ConstCounter::new(p.cpu_seconds?)))),
         )?;
         let mut startups: Vec<([(&str, String); 2], Latencies)> = Vec::new();
         for r in reps {
@@ -571,7 +570,12 @@ fn response(status: &str, extra: &str, content_type: &str, body: &str) -> Vec<u8
 async fn connection(mut stream: TcpStream, sources: &Arc<Sources>) {
     let text = "text/plain; charset=utf-8";
     let reply = match tokio::time::timeout(READ_DEADLINE, read_head(&mut stream)).await {
-        Err(_) => response("408 Request Timeout", "", text, "request head not received in time\n"),
+        Err(_) => response(
+            "408 Request Timeout",
+            "",
+            text,
+            "request head not received in time\n",
+        ),
         Ok(Ok(None)) => return,
         Ok(Err(why)) if why == "request head too large" => response(
             "431 Request Header Fields Too Large",
@@ -616,7 +620,10 @@ mod tests {
         assert_eq!(route(b"GET /metrics HTTP/1.1\r\n\r\n"), Route::Metrics);
         assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Route::Metrics);
         assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::MethodNotAllowed);
+        assert_eq!(
+            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Route::MethodNotAllowed
+        );
         assert_eq!(route(b"GET /metrics\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(b"\r\n\r\n"), Route::BadRequest);

@@ -418,7 +418,8 @@ impl Lifecycle {
             Event::Ready { .. } => {
                 if self.state == State::Starting && self.pid.is_some() {
                     // `since`: when this launch was asked for.
-                    self.startups.observe(now.saturating_duration_since(self.since));
+                    self.startups
+                        .observe(now.saturating_duration_since(self.since));
                     self.deadline = None;
                     self.ran_since = Some(now);
                     self.enter(State::Running, now);
