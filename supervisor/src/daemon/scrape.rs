@@ -537,12 +537,21 @@ fn route(head: &[u8]) -> Route {
     }
 }
 
+/// Why a request head was not read.
+#[derive(Debug)]
+enum HeadError {
+    /// Longer than [`MAX_HEAD`].
+    TooLarge,
+    /// The connection failed.
+    Io,
+}
+
 /// Reads the request head: `Ok(None)` when the client closed first.
-async fn read_head(stream: &mut TcpStream) -> Result<Option<Vec<u8>>, &'static str> {
+async fn read_head(stream: &mut TcpStream) -> Result<Option<Vec<u8>>, HeadError> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     loop {
-        let n = stream.read(&mut buf).await.map_err(|_| "read failed")?;
+        let n = stream.read(&mut buf).await.map_err(|_| HeadError::Io)?;
         if n == 0 {
             return Ok(None);
         }
@@ -554,7 +563,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<Option<Vec<u8>>, &'static s
             return Ok(Some(head));
         }
         if head.len() > MAX_HEAD {
-            return Err("request head too large");
+            return Err(HeadError::TooLarge);
         }
     }
 }
@@ -577,13 +586,13 @@ async fn connection(mut stream: TcpStream, sources: &Arc<Sources>) {
             "request head not received in time\n",
         ),
         Ok(Ok(None)) => return,
-        Ok(Err(why)) if why == "request head too large" => response(
+        Ok(Err(HeadError::TooLarge)) => response(
             "431 Request Header Fields Too Large",
             "",
             text,
             "request head too large\n",
         ),
-        Ok(Err(_)) => return,
+        Ok(Err(HeadError::Io)) => return,
         Ok(Ok(Some(head))) => match route(&head) {
             Route::Metrics => match sources.scrape().await {
                 Ok(body) => response(
