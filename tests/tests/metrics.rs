@@ -101,7 +101,18 @@ fn scrape(addr: SocketAddr) -> Scrape {
         headers["content-type"],
         "text/plain; version=0.0.4; charset=utf-8"
     );
-    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    let sc = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    // Prometheus refuses a scrape with a series twice.
+    let mut seen = std::collections::HashSet::new();
+    for s in &sc.samples {
+        assert!(
+            seen.insert(format!("{}{{{}}}", s.metric, s.labels)),
+            "duplicate series {} {}",
+            s.metric,
+            s.labels
+        );
+    }
+    sc
 }
 
 fn value(s: &Sample) -> f64 {
@@ -266,9 +277,28 @@ fn a_scrape_shows_every_family_of_a_running_daemon() {
     assert_eq!(one(&sc, "ember_pool_fork_failures_total", &[]), 0.0);
     assert_eq!(one(&sc, "ember_zygote_restarts_total", &[]), 0.0);
 
-    // The scrape's own counters moved between two scrapes; uptime grew.
-    let again = scrape(addr);
-    assert!(one(&again, "ember_uptime_seconds", &[]) > one(&sc, "ember_uptime_seconds", &[]));
+    // A new revision: its replicas under revision 2, the module's
+    // revision moved, the old run's series gone with it.
+    let manifest = m.join("module.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("1.0.0", "2.0.0")).unwrap();
+    d.ctl_ok(&["deploy", m.to_str().unwrap(), "--wait"]);
+    let sc2 = poll_until("revision 1 gone", Duration::from_millis(50), || {
+        let sc = scrape(addr);
+        match samples(&sc, "ember_replica_launches_total", &[("revision", "1")]).len() {
+            0 => Ok(sc),
+            n => Err(format!("{n} replicas of revision 1 left")),
+        }
+    });
+    assert_eq!(one(&sc2, "ember_module_revision", &hello), 2.0);
+    for r in ["0", "1"] {
+        let running = [("revision", "2"), ("replica", r), ("state", "running")];
+        assert_eq!(one(&sc2, "ember_replica_state", &running), 1.0);
+    }
+    assert!(
+        one(&sc2, "ember_uptime_seconds", &[]) > one(&sc, "ember_uptime_seconds", &[]),
+        "uptime grows"
+    );
 
     // Other paths and methods.
     let (code, _, _) = http(addr, "GET / HTTP/1.1\r\n\r\n");

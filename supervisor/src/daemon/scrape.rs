@@ -82,9 +82,26 @@ impl Actor {
         let mut s = ActorSnapshot::default();
         for (name, m) in &self.modules {
             s.modules.push((name.clone(), m.active().revision));
-            for run in &m.runs {
+            // The serving run first: a rollback can start a new run of a
+            // revision whose old run is still stopping, and a series may
+            // appear only once (Prometheus refuses a scrape with
+            // duplicates), so the serving run's replica wins.
+            let serving = m.serving().generation;
+            let runs = m
+                .runs
+                .iter()
+                .filter(|r| r.generation == serving)
+                .chain(m.runs.iter().filter(|r| r.generation != serving));
+            let first = s.replicas.len();
+            for run in runs {
                 for (i, l) in run.replicas.iter().enumerate() {
-                    s.replicas.push(facts(name, run.revision, i as u32, l));
+                    let (revision, replica) = (run.revision, i as u32);
+                    let seen = s.replicas[first..]
+                        .iter()
+                        .any(|r| r.revision == revision && r.replica == replica);
+                    if !seen {
+                        s.replicas.push(facts(name, revision, replica, l));
+                    }
                 }
             }
         }
