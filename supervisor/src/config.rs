@@ -26,6 +26,9 @@
 //! [runtime_libs]     # the shared runtime of slim modules
 //! dir = "/usr/lib/ember"
 //!
+//! [logging]           # "auto" (journal when stderr is the journal), "journal", "plain"
+//! format = "auto"
+//!
 //! [sandbox]
 //! enabled = true
 //! uid_range = [1879048192, 1879113727]
@@ -347,6 +350,9 @@ pub struct Config {
     /// Where the shared runtime of slim modules is.
     #[serde(default)]
     pub runtime_libs: RuntimeLibsConfig,
+    /// Log format and the journal ([`crate::journal`]).
+    #[serde(default)]
+    pub logging: crate::journal::LoggingConfig,
 }
 
 /// Where the shared runtime of slim modules is ([`crate::runtime_libs`]).

@@ -74,6 +74,8 @@ pub enum ActorMsg {
     Ping(oneshot::Sender<()>),
     /// Stop every module, then end.
     Shutdown(oneshot::Sender<()>),
+    /// The module counts of systemd's `STATUS=` line.
+    StatusCounts(oneshot::Sender<super::status_line::Counts>),
 }
 
 /// The OS-facing handles [`drive`] needs, kept apart from the modules so a
@@ -259,6 +261,7 @@ impl Actor {
                     }
                     Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
                     Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
+                    Some(ActorMsg::StatusCounts(tx)) => { let _ = tx.send(self.status_counts()); }
                 },
                 Some(ev) = self.events_rx.recv() => match ev {
                     OsMsg::Instance(ev) => self.instance_event(ev),

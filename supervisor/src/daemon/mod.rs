@@ -19,6 +19,7 @@ mod registry;
 pub mod release;
 mod render;
 pub mod server;
+pub mod status_line;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +58,9 @@ pub enum DaemonError {
     /// The control socket could not be bound.
     #[error("control socket")]
     Bind(#[source] server::BindError),
+    /// The socket passed by the service manager is unusable.
+    #[error("socket activation")]
+    Activation(#[source] crate::activation::ActivationError),
     /// The runtime could not be built.
     #[error("runtime")]
     Runtime(#[source] std::io::Error),
@@ -89,11 +93,26 @@ pub fn load_config(opts: &Options) -> Result<Config, ConfigError> {
 /// Runs the daemon until SIGTERM/SIGINT. Must be called from `main` before
 /// any thread is started.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = load_config(&opts).map_err(DaemonError::Config)?;
+    run_with_config(opts, cfg)
+}
+
+/// [`run`] with the configuration already loaded (`emberd` loads it first
+/// to set up its logging).
+pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
+    // Before anything uses descriptors 3 and up or the environment is read
+    // by a child: the control socket systemd may have passed.
+    let activated = crate::activation::take_control_socket().map_err(DaemonError::Activation)?;
+    // Module lines to the journal too, when emberd logs there.
+    if cfg.logging.journal_mode() {
+        if let Err(e) = crate::journal::install(&cfg.logging.journal_socket) {
+            tracing::warn!(error = %e, "module lines will not reach the journal");
+        }
+    }
     // Not dumpable: a module that keeps emberd's uid (emberd is not root)
     // can then neither read nor write emberd's memory through
     // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
     nix::sys::prctl::set_dumpable(false).map_err(DaemonError::Dumpable)?;
-    let cfg = load_config(&opts).map_err(DaemonError::Config)?;
     // Large receive buffers in their own mappings, not zeroed heap blocks
     // (`module_runtime::host::heap`).
     module_runtime::host::heap::keep_worker_heaps_small();
@@ -105,28 +124,50 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     // referenced.
     store.collect_garbage(&desired);
     store.remove_stale_logs(&desired);
-    // The socket first: a daemon that cannot serve starts no process.
-    let socket_path = cfg.socket_path();
-    let mode = cfg.mode().expect("validated");
-    let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
-        .map_err(DaemonError::Bind)?;
+    // The socket first: a daemon that cannot serve starts no process. A
+    // socket passed by systemd is systemd's: never unlinked here.
+    let (listener, socket_path, own_socket) = match activated {
+        Some(a) => {
+            let path = a.path.unwrap_or_else(|| cfg.socket_path());
+            if path != cfg.socket_path() {
+                tracing::info!(
+                    configured = %cfg.socket_path().display(),
+                    "the socket passed by the service manager replaces the configured one"
+                );
+            }
+            tracing::info!(fd = a.fd, socket = %path.display(), "control socket passed by the service manager");
+            (a.listener, path, false)
+        }
+        None => {
+            let socket_path = cfg.socket_path();
+            let mode = cfg.mode().expect("validated");
+            let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
+                .map_err(DaemonError::Bind)?;
+            (listener, socket_path, true)
+        }
+    };
+    let remove_socket = || {
+        if own_socket {
+            let _ = std::fs::remove_file(&socket_path);
+        }
+    };
     // Workers are forked by an intermediate process that exits at once:
     // they are re-parented to emberd, which reaps them, only as a subreaper.
     if let Err(e) = crate::reaper::become_subreaper() {
-        let _ = std::fs::remove_file(&socket_path);
+        remove_socket();
         return Err(DaemonError::Subreaper(e));
     }
     // The shared runtime the zygote preloads for slim modules (read before
     // the zygote starts: it inherits the paths).
     if let Err(e) = crate::runtime_libs::init(cfg.runtime_libs.dir.as_deref()) {
-        let _ = std::fs::remove_file(&socket_path);
+        remove_socket();
         return Err(DaemonError::RuntimeLibs(e));
     }
     // Still single-threaded here: the only safe moment to start the zygote.
     let zygote = match zygote::spawn(&cfg.plugin_specs(), cfg.pool.zygote_start_timeout()) {
         Ok(z) => z,
         Err(e) => {
-            let _ = std::fs::remove_file(&socket_path);
+            remove_socket();
             return Err(DaemonError::Zygote(e));
         }
     };
@@ -168,8 +209,16 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let result = rt.block_on(serve(cfg, store, desired, zygote, listener, protected));
-    let _ = std::fs::remove_file(&socket_path);
+    let result = rt.block_on(serve(
+        cfg,
+        store,
+        desired,
+        zygote,
+        listener,
+        socket_path.clone(),
+        protected,
+    ));
+    remove_socket();
     result
 }
 
@@ -179,6 +228,7 @@ async fn serve(
     desired: crate::store::DesiredState,
     zygote: ZygoteProcess,
     listener: std::os::unix::net::UnixListener,
+    socket_path: PathBuf,
     protected: Vec<PathBuf>,
 ) -> Result<(), DaemonError> {
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
@@ -192,13 +242,13 @@ async fn serve(
         limiter.clone(),
     );
 
-    let socket_path = cfg.socket_path();
     let access = Arc::new(server::Access {
         uids: cfg.allowed_uids.clone(),
         gids: cfg.allowed_gids.clone(),
         own_uid: nix::unistd::geteuid().as_raw(),
     });
 
+    let status_pool = pool.clone();
     let (actor_tx, actor_rx) = mpsc::channel(256);
     let a = actor::Actor::new(
         store,
@@ -232,6 +282,14 @@ async fn serve(
             socket_path.display()
         ));
     }
+    // Then the summary line, kept current.
+    let status = notifier.as_ref().map(|n| {
+        tokio::spawn(status_line::keep_current(
+            n.clone(),
+            actor_tx.clone(),
+            status_pool,
+        ))
+    });
     let watchdog = match (&notifier, crate::notify::watchdog_interval()) {
         (Some(n), Some(every)) => Some(tokio::spawn(watchdog(n.clone(), every, actor_tx.clone()))),
         _ => None,
@@ -246,7 +304,10 @@ async fn serve(
     };
     tracing::info!("shutting down");
     if let Some(n) = &notifier {
-        let _ = n.notify("STOPPING=1");
+        let _ = n.notify("STOPPING=1\nSTATUS=stopping modules");
+    }
+    if let Some(s) = status {
+        s.abort();
     }
     server_task.abort();
     if let Some(w) = watchdog {
