@@ -285,11 +285,12 @@ impl ModuleJournal {
     /// (the worker and whatever it started are gone).
     pub fn stdio_pipes(&self, log: &std::fs::File) -> std::io::Result<(OwnedFd, OwnedFd)> {
         let mut ends = Vec::new();
+        // One more handle on the log, shared by both forwarders.
+        let file = Arc::new(log.try_clone()?);
         for default in [6, 3] {
             let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
             let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(rx)?;
-            let file = log.try_clone()?;
-            tokio::spawn(forward(rx, file, self.clone(), default));
+            tokio::spawn(forward(rx, file.clone(), self.clone(), default));
             ends.push(tx);
         }
         let err = ends.pop().expect("two pipes");
@@ -312,11 +313,12 @@ pub fn split_priority(line: &str) -> (Option<u8>, &str) {
 /// Copies lines from a worker's pipe to its log file and the journal.
 async fn forward(
     mut rx: tokio::net::unix::pipe::Receiver,
-    mut file: std::fs::File,
+    file: Arc<std::fs::File>,
     journal: ModuleJournal,
     default: u8,
 ) {
     use tokio::io::AsyncReadExt;
+    let mut file: &std::fs::File = &file;
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
