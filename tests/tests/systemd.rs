@@ -516,3 +516,91 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
     assert!(find("<4>", "systemd notification disabled"), "{lines:#?}");
     assert!(find("<6>", "emberd ready"), "{lines:#?}");
 }
+
+#[test]
+fn plain_format_keeps_module_output_in_the_log_file_only() {
+    let dir = TempDir::new("journal-plain");
+    let journal_path = dir.path().join("journal.sock");
+    let journal = datagrams(&journal_path);
+    let socket = dir.path().join("ctl.sock");
+    let config = dir.path().join("emberd.toml");
+    // Forced plain although stderr is "the journal".
+    std::fs::write(
+        &config,
+        format!(
+            "{FAST}\n[logging]\nformat = \"plain\"\njournal_socket = {:?}\n",
+            journal_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let reader_thread = std::thread::spawn(move || {
+        BufReader::new(reader)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let mut d = Emberd(Some(
+        Command::new(emberd())
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("EMBER_LOG", "info")
+            .env("JOURNAL_STREAM", &stream)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .unwrap(),
+    ));
+    poll_until("emberd ready", Duration::from_millis(20), || {
+        UnixStream::connect(&socket)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let hello = real_module(
+        dir.path(),
+        "hello",
+        "hello",
+        "[config]\nprint = \"plain 3\"\n",
+    );
+    ctl_ok(&socket, &["install", hello.to_str().unwrap()]);
+    wait_running(&socket, "hello");
+    poll_until("hello's log", Duration::from_millis(30), || {
+        let text = ctl_ok(&socket, &["logs", "hello"]);
+        let l: Vec<&str> = text.lines().collect();
+        if l.contains(&"stdout: plain 3")
+            && l.contains(&"stderr: plain 3")
+            && text.contains("hello, world")
+        {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    // In journal mode each of these lines is sent as it is written to the
+    // log: in plain mode none was.
+    journal.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let got = journal.recv(&mut buf);
+    assert!(
+        got.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a datagram in plain mode: {:?}",
+        got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    assert!(d.stop().unwrap().success());
+    let lines = reader_thread.join().unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("emberd ready")),
+        "{lines:#?}"
+    );
+    assert!(!lines.iter().any(|l| l.starts_with('<')), "{lines:#?}");
+}
