@@ -8,7 +8,8 @@
 //! 3. the tokio runtime: warm pool, state owner ([`actor`]), control socket
 //!    ([`server`]), systemd notifications;
 //! 4. on SIGTERM/SIGINT: stop modules (graceful, then kill), stop the
-//!    zygote, remove the socket.
+//!    zygote, remove the socket (not one systemd passed: see
+//!    [`crate::activation`]).
 
 pub mod actor;
 pub mod logs;
