@@ -26,6 +26,9 @@
 //! [runtime_libs]     # the shared runtime of slim modules
 //! dir = "/usr/lib/ember"
 //!
+//! [logging]           # "auto" (journal when stderr is the journal), "journal", "plain"
+//! format = "auto"
+//!
 //! [sandbox]
 //! enabled = true
 //! uid_range = [1879048192, 1879113727]
@@ -350,6 +353,9 @@ pub struct Config {
     /// Where `/metrics` (Prometheus) is served: an IP address and port such
     /// as `"127.0.0.1:9464"`; unset, no metrics listener.
     pub metrics_address: Option<String>,
+    /// Log format and the journal ([`crate::journal`]).
+    #[serde(default)]
+    pub logging: crate::journal::LoggingConfig,
 }
 
 /// Where the shared runtime of slim modules is ([`crate::runtime_libs`]).

@@ -13,6 +13,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod cgroup;
 pub mod config;
 pub mod control;
@@ -20,6 +21,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod fscred;
 pub mod input;
+pub mod journal;
 pub mod lifecycle;
 pub mod link;
 pub mod listeners;

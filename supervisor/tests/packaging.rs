@@ -6,6 +6,7 @@
 use std::process::Command;
 
 const UNIT: &str = include_str!("../emberd.service");
+const SOCKET: &str = include_str!("../emberd.socket");
 
 /// The value of `key` in the unit's `[Service]` section (the last
 /// assignment wins, as in systemd).
@@ -41,6 +42,9 @@ fn unit_settings_emberd_depends_on() {
     // The defaults emberd uses as root stay writable under ProtectSystem.
     assert_eq!(service("RuntimeDirectory"), Some("ember"));
     assert_eq!(service("StateDirectory"), Some("ember"));
+    // The activated socket lives in /run/ember: kept when emberd stops.
+    assert_eq!(service("RuntimeDirectoryPreserve"), Some("yes"));
+    assert!(UNIT.contains("\nRequires=emberd.socket\n"));
 }
 
 #[test]
@@ -62,8 +66,11 @@ fn unit_file_verifies() {
         UNIT.replace("/usr/local/bin/emberd", env!("CARGO_BIN_EXE_emberd")),
     )
     .unwrap();
+    // It requires its socket unit, which must be beside it.
+    std::fs::write(dir.join("emberd.socket"), SOCKET).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
+        .arg(dir.join("emberd.socket"))
         .arg(&path)
         .output()
         .unwrap();

@@ -38,7 +38,7 @@ fn exit_code(e: &DaemonError) -> u8 {
         | DaemonError::Runtime(_)
         | DaemonError::Subreaper(_)
         | DaemonError::Dumpable(_) => 71,
-        DaemonError::Bind(_) | DaemonError::MetricsBind { .. } => 69,
+        DaemonError::Bind(_) | DaemonError::MetricsBind { .. } | DaemonError::Activation(_) => 69,
     }
 }
 
@@ -49,33 +49,36 @@ fn main() -> ExitCode {
         return ExitCode::from(supervisor::zygote::process::main(&argv[2..]) as u8);
     }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal: under systemd or in a log file they
-        // are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let opts = Options {
         config: args.config,
         socket: args.socket,
         state_dir: args.state_dir,
         metrics: args.metrics,
     };
+    // The configuration first: it says how to log.
+    let cfg = match daemon::load_config(&opts) {
+        Ok(c) => c,
+        Err(e) => {
+            let e = DaemonError::Config(e);
+            let journal = supervisor::journal::stderr_is_journal();
+            let prefix = if journal { "<3>" } else { "" };
+            eprintln!("{prefix}emberd: {}", supervisor::error_chain(&e));
+            return ExitCode::from(exit_code(&e));
+        }
+    };
+    let journal = cfg.logging.journal_mode();
+    supervisor::journal::init_tracing(journal);
     let result = if args.check_config {
-        daemon::load_config(&opts)
-            .map(drop)
-            .map_err(DaemonError::Config)
+        Ok(())
     } else {
-        daemon::run(opts)
+        daemon::run_with_config(opts, cfg)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("emberd: {}", supervisor::error_chain(&e));
+            // An error, for the journal too.
+            let prefix = if journal { "<3>" } else { "" };
+            eprintln!("{prefix}emberd: {}", supervisor::error_chain(&e));
             ExitCode::from(exit_code(&e))
         }
     }

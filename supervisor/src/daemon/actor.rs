@@ -76,6 +76,8 @@ pub enum ActorMsg {
     Shutdown(oneshot::Sender<()>),
     /// A copy of the facts `/metrics` shows (see [`super::scrape`]).
     Metrics(oneshot::Sender<super::scrape::ActorSnapshot>),
+    /// The module counts of systemd's `STATUS=` line.
+    StatusCounts(oneshot::Sender<super::status_line::Counts>),
 }
 
 /// The OS-facing handles [`drive`] needs, kept apart from the modules so a
@@ -262,6 +264,7 @@ impl Actor {
                     Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
                     Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
                     Some(ActorMsg::Metrics(tx)) => { let _ = tx.send(self.metrics_snapshot()); }
+                    Some(ActorMsg::StatusCounts(tx)) => { let _ = tx.send(self.status_counts()); }
                 },
                 Some(ev) = self.events_rx.recv() => match ev {
                     OsMsg::Instance(ev) => self.instance_event(ev),

@@ -8,7 +8,8 @@
 //! 3. the tokio runtime: warm pool, state owner ([`actor`]), control socket
 //!    ([`server`]), systemd notifications;
 //! 4. on SIGTERM/SIGINT: stop modules (graceful, then kill), stop the
-//!    zygote, remove the socket.
+//!    zygote, remove the socket (not one systemd passed: see
+//!    [`crate::activation`]).
 
 pub mod actor;
 pub mod logs;
@@ -20,6 +21,7 @@ pub mod release;
 mod render;
 pub mod scrape;
 pub mod server;
+pub mod status_line;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +71,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket passed by the service manager is unusable.
+    #[error("socket activation")]
+    Activation(#[source] crate::activation::ActivationError),
     /// The runtime could not be built.
     #[error("runtime")]
     Runtime(#[source] std::io::Error),
@@ -104,11 +109,26 @@ pub fn load_config(opts: &Options) -> Result<Config, ConfigError> {
 /// Runs the daemon until SIGTERM/SIGINT. Must be called from `main` before
 /// any thread is started.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = load_config(&opts).map_err(DaemonError::Config)?;
+    run_with_config(opts, cfg)
+}
+
+/// [`run`] with the configuration already loaded (`emberd` loads it first
+/// to set up its logging).
+pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
+    // Before anything uses descriptors 3 and up or the environment is read
+    // by a child: the control socket systemd may have passed.
+    let activated = crate::activation::take_control_socket().map_err(DaemonError::Activation)?;
+    // Module lines to the journal too, when emberd logs there.
+    if cfg.logging.journal_mode() {
+        if let Err(e) = crate::journal::install(&cfg.logging.journal_socket) {
+            tracing::warn!(error = %e, "module lines will not reach the journal");
+        }
+    }
     // Not dumpable: a module that keeps emberd's uid (emberd is not root)
     // can then neither read nor write emberd's memory through
     // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
     nix::sys::prctl::set_dumpable(false).map_err(DaemonError::Dumpable)?;
-    let cfg = load_config(&opts).map_err(DaemonError::Config)?;
     // Large receive buffers in their own mappings, not zeroed heap blocks
     // (`module_runtime::host::heap`).
     module_runtime::host::heap::keep_worker_heaps_small();
@@ -120,35 +140,57 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     // referenced.
     store.collect_garbage(&desired);
     store.remove_stale_logs(&desired);
-    // The socket first: a daemon that cannot serve starts no process.
-    let socket_path = cfg.socket_path();
-    let mode = cfg.mode().expect("validated");
-    let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
-        .map_err(DaemonError::Bind)?;
+    // The socket first: a daemon that cannot serve starts no process. A
+    // socket passed by systemd is systemd's: never unlinked here.
+    let (listener, socket_path, own_socket) = match activated {
+        Some(a) => {
+            let path = a.path.unwrap_or_else(|| cfg.socket_path());
+            if path != cfg.socket_path() {
+                tracing::info!(
+                    configured = %cfg.socket_path().display(),
+                    "the socket passed by the service manager replaces the configured one"
+                );
+            }
+            tracing::info!(fd = a.fd, socket = %path.display(), "control socket passed by the service manager");
+            (a.listener, path, false)
+        }
+        None => {
+            let socket_path = cfg.socket_path();
+            let mode = cfg.mode().expect("validated");
+            let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
+                .map_err(DaemonError::Bind)?;
+            (listener, socket_path, true)
+        }
+    };
+    let remove_socket = || {
+        if own_socket {
+            let _ = std::fs::remove_file(&socket_path);
+        }
+    };
     let metrics = match bind_metrics(&cfg) {
         Ok(m) => m,
         Err(e) => {
-            let _ = std::fs::remove_file(&socket_path);
+            remove_socket();
             return Err(e);
         }
     };
     // Workers are forked by an intermediate process that exits at once:
     // they are re-parented to emberd, which reaps them, only as a subreaper.
     if let Err(e) = crate::reaper::become_subreaper() {
-        let _ = std::fs::remove_file(&socket_path);
+        remove_socket();
         return Err(DaemonError::Subreaper(e));
     }
     // The shared runtime the zygote preloads for slim modules (read before
     // the zygote starts: it inherits the paths).
     if let Err(e) = crate::runtime_libs::init(cfg.runtime_libs.dir.as_deref()) {
-        let _ = std::fs::remove_file(&socket_path);
+        remove_socket();
         return Err(DaemonError::RuntimeLibs(e));
     }
     // Still single-threaded here: the only safe moment to start the zygote.
     let zygote = match zygote::spawn(&cfg.plugin_specs(), cfg.pool.zygote_start_timeout()) {
         Ok(z) => z,
         Err(e) => {
-            let _ = std::fs::remove_file(&socket_path);
+            remove_socket();
             return Err(DaemonError::Zygote(e));
         }
     };
@@ -191,10 +233,30 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     let result = rt.block_on(serve(
-        cfg, store, desired, zygote, listener, protected, metrics,
+        cfg,
+        store,
+        desired,
+        zygote,
+        Sockets {
+            control: listener,
+            control_path: socket_path.clone(),
+            metrics,
+        },
+        protected,
     ));
-    let _ = std::fs::remove_file(&socket_path);
+    remove_socket();
     result
+}
+
+/// The listening sockets `serve` answers on, bound before any process
+/// starts.
+struct Sockets {
+    /// The control socket (bound here or passed by the service manager).
+    control: std::os::unix::net::UnixListener,
+    /// Its path, for messages.
+    control_path: PathBuf,
+    /// `/metrics`, when configured.
+    metrics: Option<std::net::TcpListener>,
 }
 
 async fn serve(
@@ -202,10 +264,14 @@ async fn serve(
     store: Store,
     desired: crate::store::DesiredState,
     zygote: ZygoteProcess,
-    listener: std::os::unix::net::UnixListener,
+    sockets: Sockets,
     protected: Vec<PathBuf>,
-    metrics: Option<std::net::TcpListener>,
 ) -> Result<(), DaemonError> {
+    let Sockets {
+        control: listener,
+        control_path: socket_path,
+        metrics,
+    } = sockets;
     let started = (std::time::Instant::now(), std::time::SystemTime::now());
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
     // Orphans re-parented to emberd; on this thread, where claims are taken.
@@ -218,13 +284,13 @@ async fn serve(
         limiter.clone(),
     );
 
-    let socket_path = cfg.socket_path();
     let access = Arc::new(server::Access {
         uids: cfg.allowed_uids.clone(),
         gids: cfg.allowed_gids.clone(),
         own_uid: nix::unistd::geteuid().as_raw(),
     });
 
+    let status_pool = pool.clone();
     let (actor_tx, actor_rx) = mpsc::channel(256);
     let pool_handle = pool.clone();
     let a = actor::Actor::new(
@@ -276,6 +342,14 @@ async fn serve(
             socket_path.display()
         ));
     }
+    // Then the summary line, kept current.
+    let status = notifier.as_ref().map(|n| {
+        tokio::spawn(status_line::keep_current(
+            n.clone(),
+            actor_tx.clone(),
+            status_pool,
+        ))
+    });
     let watchdog = match (&notifier, crate::notify::watchdog_interval()) {
         (Some(n), Some(every)) => Some(tokio::spawn(watchdog(n.clone(), every, actor_tx.clone()))),
         _ => None,
@@ -290,7 +364,10 @@ async fn serve(
     };
     tracing::info!("shutting down");
     if let Some(n) = &notifier {
-        let _ = n.notify("STOPPING=1");
+        let _ = n.notify("STOPPING=1\nSTATUS=stopping modules");
+    }
+    if let Some(s) = status {
+        s.abort();
     }
     server_task.abort();
     if let Some(m) = metrics_task {

@@ -289,10 +289,13 @@ fn open_log(path: &PathBuf) -> std::io::Result<std::fs::File> {
 struct InstanceLog {
     file: std::fs::File,
     identity: String,
+    /// In journal mode (`crate::journal`): every line also goes there.
+    journal: Option<crate::journal::ModuleJournal>,
 }
 
 impl InstanceLog {
-    fn line(&mut self, level: Option<&str>, target: &str, message: &str) {
+    /// A line at syslog `priority` (for the journal).
+    fn line(&mut self, priority: u8, level: Option<&str>, target: &str, message: &str) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -300,11 +303,19 @@ impl InstanceLog {
         // One write per line: the file is opened O_APPEND, so lines from
         // several instances never interleave within a line.
         let _ = self.file.write_all(line.as_bytes());
+        if let Some(j) = &self.journal {
+            j.send(priority, &format!("{target}: {message}"));
+        }
     }
 
-    /// A note from emberd about this instance (launch, failure, exit).
+    /// A note from emberd about this instance (launch, exit).
     fn note(&mut self, message: &str) {
-        self.line(None, "ember", message);
+        self.line(6, None, "ember", message);
+    }
+
+    /// A note from emberd about this instance's failure.
+    fn failure(&mut self, message: &str) {
+        self.line(3, None, "ember", message);
     }
 }
 
@@ -344,6 +355,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// The syslog priority of a worker's record.
+fn log_priority(level: LogLevel) -> u8 {
+    match level {
+        LogLevel::Error => 3,
+        LogLevel::Warn => 4,
+        LogLevel::Info => 6,
+        LogLevel::Debug | LogLevel::Trace => 7,
+    }
 }
 
 fn level_name(level: LogLevel) -> &'static str {
@@ -389,6 +410,15 @@ async fn instance(
         Ok(file) => InstanceLog {
             file,
             identity: plan.identity.clone(),
+            journal: crate::journal::get().map(|j| {
+                crate::journal::ModuleJournal::new(
+                    j,
+                    &plan.module,
+                    &plan.identity,
+                    plan.order.replica,
+                    pid,
+                )
+            }),
         },
         Err(e) => {
             worker.discard().await;
@@ -460,11 +490,33 @@ async fn instance(
         _ => None,
     };
     let mut fds = Vec::new();
+    // In journal mode stdout and stderr are pipes emberd forwards (to the
+    // log file and the journal); else the log file itself.
+    let pipes = match &log.journal {
+        Some(j) => match j.stdio_pipes(&log.file) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(module, pid, error = %e, "no journal pipes: output goes to the log file only");
+                None
+            }
+        },
+        None => None,
+    };
     order.grants.push(Grant {
         kind: GrantKind::Stdio,
         name: "log".into(),
     });
-    fds.push(log.file.as_fd());
+    match &pipes {
+        Some((out, err)) => {
+            fds.push(out.as_fd());
+            order.grants.push(Grant {
+                kind: GrantKind::Stdio,
+                name: "stderr".into(),
+            });
+            fds.push(err.as_fd());
+        }
+        None => fds.push(log.file.as_fd()),
+    }
     for (name, fd) in &plan.listeners {
         order.grants.push(Grant {
             kind: GrantKind::Listener,
@@ -549,6 +601,9 @@ async fn instance(
         );
     }
     drop(fds);
+    // The worker has its ends of the pipes: the forwarders see the end of
+    // its output when it (and what it started) is gone.
+    drop(pipes);
     // The worker has its service ends; the supervisor keeps no copy.
     drop(services);
     log.note(&format!("launched in pid {pid}"));
@@ -633,7 +688,7 @@ async fn instance(
                     message: exceeded.to_string(),
                 }
                 .to_string();
-                log.note(&reason);
+                log.failure(&reason);
                 send(
                     Some(pid),
                     Event::Failed {
@@ -689,7 +744,7 @@ async fn instance(
                 cgroup = oom.0;
                 {
                     if let Some(reason) = oom.1 {
-                        log.note(&reason);
+                        log.failure(&reason);
                         send(
                             Some(pid),
                             Event::Failed {
@@ -702,7 +757,12 @@ async fn instance(
                     }
                 }
                 remove_cgroup(cgroup.take(), &module, pid).await;
-                log.note(&format!("pid {pid} {status}"));
+                let exit = format!("pid {pid} {status}");
+                if matches!(status, ExitStatus::Code(0)) {
+                    log.note(&exit);
+                } else {
+                    log.failure(&exit);
+                }
                 return send(Some(pid), Event::Exited { attempt, status }, None);
             }
         }
@@ -796,7 +856,7 @@ fn report(
         }
         FromWorker::Failed(failure) => {
             let reason = failure.to_string();
-            log.note(&reason);
+            log.failure(&reason);
             let permanent = crate::worker::is_permanent(failure.kind);
             send(
                 Some(pid),
@@ -813,7 +873,12 @@ fn report(
             target,
             message,
         } => {
-            log.line(Some(level_name(level)), &target, &message);
+            log.line(
+                log_priority(level),
+                Some(level_name(level)),
+                &target,
+                &message,
+            );
         }
         FromWorker::Idle { .. } | FromWorker::Sandboxed(_) => {}
     }

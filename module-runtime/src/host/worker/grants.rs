@@ -13,7 +13,7 @@ use crate::protocol::{self, Failure, FailureKind, FromWorker, LogLevel, Stage, W
 
 /// Takes the host's own grants out of a launch order: applies `Stdio` (the
 /// descriptor becomes fds 1 and 2, so the module's raw output lands in its
-/// log), keeps the `Artifact` descriptor to load from, and returns the other
+/// log; a later `Stdio` grant named `stderr` becomes fd 2 alone), keeps the `Artifact` descriptor to load from, and returns the other
 /// grants with their descriptors, in order.
 pub(super) fn take_host_grants(
     grants: Vec<protocol::Grant>,
@@ -28,8 +28,11 @@ pub(super) fn take_host_grants(
             continue;
         }
         if g.kind == GrantKind::Stdio {
+            // One named `stderr` (after the first) replaces descriptor 2
+            // alone: the host then reads stdout and stderr apart.
+            let targets: &[c_int] = if g.name == "stderr" { &[2] } else { &[1, 2] };
             if let Some(log) = mine.first() {
-                for target in [1, 2] {
+                for &target in targets {
                     // SAFETY: `log` is open; dup2 replaces descriptors 1
                     // and 2, which no Rust object in the worker owns.
                     unsafe { libc::dup2(log.as_raw_fd(), target) };
