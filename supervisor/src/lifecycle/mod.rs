@@ -645,8 +645,8 @@ mod tests {
         use std::sync::{Arc, Mutex};
         let t0 = Instant::now();
         let mut os = FakeOs::default();
-        let seen: Arc<Mutex<Vec<(State, State, Option<String>, Option<i32>, u64)>>> =
-            Arc::default();
+        type Seen = (State, State, Option<String>, Option<i32>, u64);
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let log = seen.clone();
         let mut l = Lifecycle::new("m", policy(), t0).observed(Observer::new(move |t| {
             log.lock()
