@@ -361,3 +361,67 @@ fn list_watch_redraws_when_a_module_is_installed() {
     );
     watch.kill();
 }
+
+#[test]
+fn rollouts_pool_misses_and_zygote_restarts_are_events() {
+    // No idle worker is kept: every launch is a pool miss.
+    let d = Daemon::start(&format!("{FAST}[pool]\nmin_idle = 0\nmax_idle = 0\n"));
+    let (mut follow, rx) = spawn_ctl(&d, &["events", "--json"]);
+    let v1 = module_dir(d.dir.path(), "hello", "1.0.0");
+    ping_until_subscribed(&d, &v1, "hello", &[&rx]);
+    let mut seen = Vec::new();
+    d.ctl_ok(&["install", v1.to_str().unwrap()]);
+    let miss = event_until(&rx, &mut seen, "a pool miss", |e| e["kind"] == "pool");
+    assert_eq!(miss["what"], "miss", "{miss}");
+
+    // A new revision: the rollout's start, its steps, its outcome.
+    let v2 = d.dir.path().join("v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    let manifest = std::fs::read_to_string(v1.join("module.toml")).unwrap();
+    std::fs::write(
+        v2.join("module.toml"),
+        manifest.replace("version = \"1.0.0\"", "version = \"2.0.0\""),
+    )
+    .unwrap();
+    d.ctl_ok(&["deploy", v2.to_str().unwrap(), "--wait"]);
+    let started = event_until(&rx, &mut seen, "the rollout's start", |e| {
+        e["kind"] == "rollout"
+    });
+    assert_eq!(started["step"], "started", "{started}");
+    assert_eq!(
+        (
+            started["from_revision"].as_u64(),
+            started["revision"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{started}"
+    );
+    let mut steps = Vec::new();
+    loop {
+        let e = event_until(&rx, &mut seen, "the rollout's outcome", |e| {
+            e["kind"] == "rollout" || state(e, "hello", "starting", "running")
+        });
+        if e["kind"] == "state" {
+            assert_eq!(e["revision"], 2, "{e}");
+            continue;
+        }
+        steps.push(e["step"].as_str().unwrap().to_owned());
+        if e["step"] == "completed" {
+            break;
+        }
+    }
+    assert!(steps.contains(&"stabilizing".to_owned()), "{steps:?}");
+
+    // The zygote dies: emberd says so, and that a new one serves.
+    let zygote = d.ctl_json(&["health"])["zygote_pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(zygote), Signal::SIGKILL).unwrap();
+    let died = event_until(&rx, &mut seen, "the zygote's death", |e| {
+        e["kind"] == "zygote"
+    });
+    assert_eq!(died["what"], "died", "{died}");
+    assert_eq!(died["pid"], zygote, "{died}");
+    let restarted = event_until(&rx, &mut seen, "a new zygote", |e| e["kind"] == "zygote");
+    assert_eq!(restarted["what"], "restarted", "{restarted}");
+    assert_ne!(restarted["pid"], zygote, "{restarted}");
+    follow.kill();
+}
