@@ -16,6 +16,10 @@ use crate::control::errors;
 /// its start, its pool refill) before it redraws once for all of them.
 const COALESCE: Duration = Duration::from_millis(100);
 
+/// The longest a burst is waited out: a module crash-looping faster than
+/// [`COALESCE`] still gets its view redrawn this often.
+const COALESCE_MAX: Duration = Duration::from_secs(1);
+
 /// ANSI: cursor home, clear the screen.
 const CLEAR: &str = "\x1b[H\x1b[2J";
 
@@ -213,10 +217,12 @@ pub(super) fn view(
     }
 }
 
-/// Blocks until an event arrives, then until none has for [`COALESCE`].
+/// Blocks until an event arrives, then until none has for [`COALESCE`]
+/// (or [`COALESCE_MAX`] has passed).
 fn wait_for_burst(events: &mut Client) -> Result<(), CtlError> {
     while events.next_more(None)?.is_none() {}
-    while events.next_more(Some(COALESCE))?.is_some() {}
+    let until = std::time::Instant::now() + COALESCE_MAX;
+    while std::time::Instant::now() < until && events.next_more(Some(COALESCE))?.is_some() {}
     Ok(())
 }
 
