@@ -347,6 +347,9 @@ pub struct Config {
     /// Where the shared runtime of slim modules is.
     #[serde(default)]
     pub runtime_libs: RuntimeLibsConfig,
+    /// Where `/metrics` (Prometheus) is served: an IP address and port such
+    /// as `"127.0.0.1:9464"`; unset, no metrics listener.
+    pub metrics_address: Option<String>,
     /// The event stream (`emberctl events`).
     #[serde(default)]
     pub events: EventsConfig,
@@ -382,11 +385,37 @@ pub struct RuntimeLibsConfig {
     pub dir: Option<PathBuf>,
 }
 
+/// An IP address and port; the message says what is wrong.
+fn parse_metrics_address(a: &str) -> Result<std::net::SocketAddr, String> {
+    a.parse::<std::net::SocketAddr>().map_err(|_| {
+        format!("{a:?} is not an IP address and port like \"127.0.0.1:9464\" or \"[::1]:9464\"")
+    })
+}
+
 fn default_mode() -> String {
     "0660".into()
 }
 
 impl Config {
+    /// The metrics address, if set (validated at load).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_address
+            .as_deref()
+            .and_then(|a| parse_metrics_address(a).ok())
+    }
+
+    /// Sets the metrics address from the command line (`--metrics`).
+    pub fn set_metrics_address(&mut self, addr: &str) -> Result<(), ConfigError> {
+        parse_metrics_address(addr).map_err(|message| ConfigError::Invalid {
+            path: PathBuf::from("<command line>"),
+            location: None,
+            field: "--metrics",
+            message,
+        })?;
+        self.metrics_address = Some(addr.to_owned());
+        Ok(())
+    }
+
     /// The embedded default.
     pub fn embedded() -> Self {
         Self::parse(DEFAULT_CONFIG, Path::new("<embedded default>"))
@@ -439,6 +468,9 @@ impl Config {
                 message,
             }
         };
+        if let Some(a) = &self.metrics_address {
+            parse_metrics_address(a).map_err(|m| invalid(&["metrics_address"], m))?;
+        }
         self.mode().map_err(|m| {
             invalid(
                 &["socket_mode"],
@@ -629,6 +661,24 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(s, Path::new("/etc/ember/emberd.toml"))
+    }
+
+    #[test]
+    fn metrics_address_is_an_ip_and_port() {
+        assert_eq!(Config::embedded().metrics_addr(), None);
+        let c = parse("metrics_address = \"127.0.0.1:9464\"\n").unwrap();
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:9464".parse().unwrap()));
+        let e = parse("socket_mode = \"0660\"\nmetrics_address = \"localhost\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/ember/emberd.toml:2:1: field `metrics_address`: \"localhost\" is not an IP \
+             address and port like \"127.0.0.1:9464\" or \"[::1]:9464\""
+        );
+        let mut c = Config::embedded();
+        let e = c.set_metrics_address("9464").unwrap_err();
+        assert!(e.to_string().contains("field `--metrics`: \"9464\""), "{e}");
+        c.set_metrics_address("[::1]:0").unwrap();
+        assert_eq!(c.metrics_addr(), Some("[::1]:0".parse().unwrap()));
     }
 
     #[test]

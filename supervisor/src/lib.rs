@@ -30,6 +30,7 @@ pub mod notify;
 pub mod paths;
 pub mod plugins;
 pub mod pool;
+pub mod prom;
 pub mod reaper;
 pub mod rlimit;
 pub mod runtime_libs;

@@ -150,6 +150,10 @@ pub struct PoolStats {
     pub zygote_pid: i32,
     /// Times the zygote died and was started again.
     pub zygote_restarts: u64,
+    /// Time to fork a worker and receive its `Idle`, per fork that gave a
+    /// worker (for `/metrics`; `emberctl pool` shows the mean).
+    #[serde(skip)]
+    pub fork_latency: crate::prom::Latencies,
 }
 
 /// The pool is no longer running.
@@ -425,8 +429,10 @@ impl Pool {
     }
 
     fn forked(&mut self, started: Instant) {
-        self.fork_total += started.elapsed();
+        let took = started.elapsed();
+        self.fork_total += took;
         self.forks = self.forks.saturating_add(1);
+        self.stats.fork_latency.observe(took);
     }
 
     fn snapshot(&mut self) -> PoolStats {

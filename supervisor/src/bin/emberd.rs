@@ -20,6 +20,10 @@ struct Args {
     /// State directory (overrides the configuration).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, ADDR an IP address
+    /// and port such as 127.0.0.1:9464 (overrides `metrics_address`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -34,7 +38,7 @@ fn exit_code(e: &DaemonError) -> u8 {
         | DaemonError::Runtime(_)
         | DaemonError::Subreaper(_)
         | DaemonError::Dumpable(_) => 71,
-        DaemonError::Bind(_) => 69,
+        DaemonError::Bind(_) | DaemonError::MetricsBind { .. } => 69,
     }
 }
 
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         config: args.config,
         socket: args.socket,
         state_dir: args.state_dir,
+        metrics: args.metrics,
     };
     let result = if args.check_config {
         daemon::load_config(&opts)

@@ -76,6 +76,8 @@ pub enum ActorMsg {
     Ping(oneshot::Sender<()>),
     /// Stop every module, then end.
     Shutdown(oneshot::Sender<()>),
+    /// A copy of the facts `/metrics` shows (see [`super::scrape`]).
+    Metrics(oneshot::Sender<super::scrape::ActorSnapshot>),
 }
 
 /// The OS-facing handles [`drive`] needs, kept apart from the modules so a
@@ -267,6 +269,7 @@ impl Actor {
                     }
                     Some(ActorMsg::Ping(tx)) => { let _ = tx.send(()); }
                     Some(ActorMsg::Shutdown(tx)) => self.begin_shutdown(tx),
+                    Some(ActorMsg::Metrics(tx)) => { let _ = tx.send(self.metrics_snapshot()); }
                 },
                 Some(ev) = self.events_rx.recv() => match ev {
                     OsMsg::Instance(ev) => self.instance_event(ev),

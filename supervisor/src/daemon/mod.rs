@@ -19,6 +19,7 @@ mod pipeline;
 mod registry;
 pub mod release;
 mod render;
+pub mod scrape;
 pub mod server;
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub struct Options {
     pub socket: Option<PathBuf>,
     /// `--state-dir DIR`.
     pub state_dir: Option<PathBuf>,
+    /// `--metrics ADDR`.
+    pub metrics: Option<String>,
 }
 
 /// The daemon could not start or stopped abnormally.
@@ -58,6 +61,15 @@ pub enum DaemonError {
     /// The control socket could not be bound.
     #[error("control socket")]
     Bind(#[source] server::BindError),
+    /// The metrics address could not be bound.
+    #[error("metrics listener: cannot bind {addr}")]
+    MetricsBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why (in use, not a local address...).
+        #[source]
+        source: std::io::Error,
+    },
     /// The runtime could not be built.
     #[error("runtime")]
     Runtime(#[source] std::io::Error),
@@ -83,6 +95,9 @@ pub fn load_config(opts: &Options) -> Result<Config, ConfigError> {
     }
     if let Some(d) = &opts.state_dir {
         cfg.state_dir = Some(std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+    }
+    if let Some(a) = &opts.metrics {
+        cfg.set_metrics_address(a)?;
     }
     Ok(cfg)
 }
@@ -111,6 +126,13 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let mode = cfg.mode().expect("validated");
     let listener = server::bind(&socket_path, mode, cfg.socket_uid, cfg.socket_gid)
         .map_err(DaemonError::Bind)?;
+    let metrics = match bind_metrics(&cfg) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
     // Workers are forked by an intermediate process that exits at once:
     // they are re-parented to emberd, which reaps them, only as a subreaper.
     if let Err(e) = crate::reaper::become_subreaper() {
@@ -169,7 +191,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let result = rt.block_on(serve(cfg, store, desired, zygote, listener, protected));
+    let result = rt.block_on(serve(
+        cfg, store, desired, zygote, listener, protected, metrics,
+    ));
     let _ = std::fs::remove_file(&socket_path);
     result
 }
@@ -181,7 +205,9 @@ async fn serve(
     zygote: ZygoteProcess,
     listener: std::os::unix::net::UnixListener,
     protected: Vec<PathBuf>,
+    metrics: Option<std::net::TcpListener>,
 ) -> Result<(), DaemonError> {
+    let started = (std::time::Instant::now(), std::time::SystemTime::now());
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
     // Orphans re-parented to emberd; on this thread, where claims are taken.
     let reaper_task = tokio::spawn(crate::reaper::run());
@@ -203,6 +229,7 @@ async fn serve(
     });
 
     let (actor_tx, actor_rx) = mpsc::channel(256);
+    let pool_handle = pool.clone();
     let a = actor::Actor::new(
         store,
         desired,
@@ -218,7 +245,24 @@ async fn serve(
         },
     );
     let actor_task = tokio::spawn(a.run(actor_rx));
-    let server_task = tokio::spawn(server::serve(listener, access, actor_tx.clone()));
+    let calls = Arc::new(crate::prom::ControlCalls::default());
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        access,
+        actor_tx.clone(),
+        calls.clone(),
+    ));
+    let metrics_task = metrics.map(|l| {
+        let sources = scrape::Sources {
+            actor: actor_tx.clone(),
+            pool: pool_handle.clone(),
+            calls,
+            started: started.0,
+            start_time: started.1,
+            memory: Default::default(),
+        };
+        tokio::spawn(scrape::serve(l, Arc::new(sources)))
+    });
     tracing::info!(socket = %socket_path.display(), "emberd ready");
 
     let notifier = match Notifier::from_env() {
@@ -253,6 +297,9 @@ async fn serve(
         let _ = n.notify("STOPPING=1");
     }
     server_task.abort();
+    if let Some(m) = metrics_task {
+        m.abort();
+    }
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -321,5 +368,24 @@ async fn watchdog(n: Arc<Notifier>, every: Duration, actor: mpsc::Sender<actor::
         if alive {
             let _ = n.notify("WATCHDOG=1");
         }
+    }
+}
+
+/// Binds `metrics_address`, if set: before any process starts, so a port in
+/// use stops emberd at once with the address in the error.
+fn bind_metrics(cfg: &Config) -> Result<Option<std::net::TcpListener>, DaemonError> {
+    let Some(addr) = cfg.metrics_addr() else {
+        return Ok(None);
+    };
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    });
+    match bound {
+        Ok(l) => {
+            tracing::info!(%addr, "metrics served at http://{addr}/metrics");
+            Ok(Some(l))
+        }
+        Err(source) => Err(DaemonError::MetricsBind { addr, source }),
     }
 }

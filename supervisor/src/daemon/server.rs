@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use super::actor::{ActorMsg, Response};
 use crate::control::{self, errors, Action, Decoded};
 use crate::fscred::Credentials;
+use crate::prom::ControlCalls;
 use crate::varlink::{Call, ErrorReply, FrameDecoder, FrameError, Reply, MAX_MESSAGE};
 
 /// Most connections served at once; beyond that the one idle the longest
@@ -222,11 +223,12 @@ pub fn bind(
     Ok(listener)
 }
 
-/// Accepts connections forever.
+/// Accepts connections forever; counts the calls answered in `calls`.
 pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     access: Arc<Access>,
     actor: mpsc::Sender<ActorMsg>,
+    calls: Arc<ControlCalls>,
 ) {
     let listener = match UnixListener::from_std(listener) {
         Ok(l) => l,
@@ -251,6 +253,7 @@ pub async fn serve(
         };
         let access = access.clone();
         let actor = actor.clone();
+        let calls = calls.clone();
         tokio::spawn(async move {
             // The peer as the kernel recorded it at `connect`.
             let Ok(cred) = stream.peer_cred() else {
@@ -274,7 +277,7 @@ pub async fn serve(
                 gid: cred.gid(),
                 groups: peer_groups(&stream, cred.pid()),
             };
-            Connection::new(stream, actor, slot, peer)
+            Connection::new(stream, actor, slot, peer, calls)
                 .run(&access)
                 .await;
         });
@@ -393,6 +396,8 @@ struct Connection {
     /// The peer's credentials: the allow list checks them, and `Install`
     /// and `Deploy` open the files they name with them.
     peer: Arc<Credentials>,
+    /// Calls answered, for `/metrics`.
+    calls: Arc<ControlCalls>,
 }
 
 enum Flow {
@@ -406,6 +411,7 @@ impl Connection {
         actor: mpsc::Sender<ActorMsg>,
         slot: Slot,
         peer: Credentials,
+        calls: Arc<ControlCalls>,
     ) -> Self {
         Self {
             stream,
@@ -413,6 +419,7 @@ impl Connection {
             decoder: FrameDecoder::new(MAX_MESSAGE),
             slot,
             peer: Arc::new(peer),
+            calls,
         }
     }
 
@@ -512,6 +519,8 @@ impl Connection {
             Ok(action) => self.dispatch(&call, action).await,
             Err(e) => Err(e),
         };
+        self.calls
+            .record(&call.method, result.as_ref().err().map(|e| e.name));
         let reply = match result {
             Ok(Some(r)) => r,
             Ok(None) => return Flow::Continue,

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::prom::Latencies;
+
 /// Restart and deadline policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -259,6 +261,10 @@ pub struct Lifecycle {
     /// The last stop overran the stop deadline: the worker was killed
     /// (by our SIGKILL, or by its own fence at the deadline).
     killed_at_stop: bool,
+    /// Launches asked for (first start and every restart).
+    launches: u64,
+    /// Launch-to-ready latencies of the launches that became ready.
+    startups: Latencies,
     /// The current attempt's worker, kept after it exited (transitions
     /// name it).
     last_pid: Option<i32>,
@@ -283,6 +289,8 @@ impl Lifecycle {
             pending_reason: None,
             ran_since: None,
             killed_at_stop: false,
+            launches: 0,
+            startups: Latencies::default(),
             last_pid: None,
             observer: None,
         }
@@ -332,6 +340,14 @@ impl Lifecycle {
     pub fn killed_at_stop(&self) -> bool {
         self.killed_at_stop
     }
+    /// Launches asked for so far (the first start and every restart).
+    pub fn launches(&self) -> u64 {
+        self.launches
+    }
+    /// How long each launch that became ready took, launch to ready.
+    pub fn startups(&self) -> &Latencies {
+        &self.startups
+    }
 
     fn enter(&mut self, state: State, now: Instant) {
         let from = self.state;
@@ -371,6 +387,7 @@ impl Lifecycle {
 
     fn launch(&mut self, now: Instant, os: &mut impl WorkerOs) {
         self.attempt += 1;
+        self.launches += 1;
         self.pid = None;
         self.last_pid = None;
         self.pending_reason = None;
@@ -470,6 +487,9 @@ impl Lifecycle {
             Event::Ready { attempt } if attempt != current => {}
             Event::Ready { .. } => {
                 if self.state == State::Starting && self.pid.is_some() {
+                    // `since`: when this launch was asked for.
+                    self.startups
+                        .observe(now.saturating_duration_since(self.since));
                     self.deadline = None;
                     self.ran_since = Some(now);
                     self.enter(State::Running, now);
@@ -841,6 +861,28 @@ mod tests {
         assert!(l.reason().is_none());
         assert!(l.last_error().unwrap().contains("signal 11"));
         assert_eq!(policy().backoff(10), Duration::from_millis(1000));
+        // Every launch counted, and each one ready at once (zero latency).
+        assert_eq!(l.launches(), 5);
+        assert_eq!(l.startups().count(), 5);
+        assert_eq!(l.startups().sum_seconds(), 0.0);
+    }
+
+    #[test]
+    fn startup_latency_runs_from_launch_to_ready() {
+        let t0 = Instant::now();
+        let mut os = FakeOs::default();
+        let mut l = Lifecycle::new("m", policy(), t0);
+        l.start(t0, &mut os);
+        let attempt = os.launches.last().unwrap().1;
+        let t1 = t0 + Duration::from_millis(3);
+        l.on_event(Event::Launched { attempt, pid: 10 }, t1, &mut os);
+        l.on_event(Event::Ready { attempt }, t1, &mut os);
+        assert_eq!(l.launches(), 1);
+        assert_eq!(l.startups().count(), 1);
+        assert!((l.startups().sum_seconds() - 0.003).abs() < 1e-9);
+        // A stale or repeated Ready is not another start-up.
+        l.on_event(Event::Ready { attempt }, t1, &mut os);
+        assert_eq!(l.startups().count(), 1);
     }
 
     #[test]
