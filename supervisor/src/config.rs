@@ -356,6 +356,26 @@ pub struct Config {
     /// Log format and the journal ([`crate::journal`]).
     #[serde(default)]
     pub logging: crate::journal::LoggingConfig,
+    /// The event stream (`emberctl events`).
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// The event stream ([`crate::daemon::events`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events a subscriber may fall behind by before it is dropped (with
+    /// `EventsLagged` naming how many it missed).
+    pub buffer: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            buffer: crate::daemon::events::DEFAULT_CAPACITY,
+        }
+    }
 }
 
 /// Where the shared runtime of slim modules is ([`crate::runtime_libs`]).
@@ -503,6 +523,12 @@ impl Config {
             return Err(invalid(
                 &["lifecycle.backoff_initial_ms", "lifecycle.backoff_max_ms"],
                 "must be positive and not above backoff_max_ms".into(),
+            ));
+        }
+        if self.events.buffer == 0 || self.events.buffer > 1 << 20 {
+            return Err(invalid(
+                &["events.buffer"],
+                "must be between 1 and 1048576".into(),
             ));
         }
         if l.crash_loop_after == 0 {

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::cgroup::Limiter;
 use crate::config::PoolConfig;
+use crate::daemon::events::{Event, EventHub};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
@@ -230,6 +231,7 @@ pub fn start(
     plugins: Vec<PluginSpec>,
     policy: PoolConfig,
     limiter: Arc<Limiter>,
+    events: EventHub,
 ) -> (PoolHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let zygote_pid = Arc::new(AtomicI32::new(zygote.pid()));
@@ -245,6 +247,7 @@ pub fn start(
         policy,
         limiter,
         rx,
+        events,
     ));
     (PoolHandle { tx, zygote_pid }, task)
 }
@@ -487,6 +490,7 @@ async fn run(
     policy: PoolConfig,
     limiter: Arc<Limiter>,
     mut rx: mpsc::Receiver<Request>,
+    events: EventHub,
 ) {
     let mut pool = Pool {
         limiter,
@@ -564,6 +568,7 @@ async fn run(
                             // closing its channel: the worker retires.
                             Some(tx) => { let _ = tx.send(Ok(w)); }
                             None => {
+                                events.emit(Event::Pool { what: "refill", pid: Some(w.pid) });
                                 pool.refill_times.push(t0);
                                 pool.stats.refills += 1;
                                 pool.idle.push_back(w);
@@ -582,6 +587,7 @@ async fn run(
                     }
                 }
                 if gone {
+                    events.emit(Event::Zygote { what: "died", pid: zygote.as_ref().map(Zygote::pid) });
                     zygote_exit = None;
                     respawning = Some(respawner.replace(zygote.take()));
                 }
@@ -589,6 +595,7 @@ async fn run(
             _ = async { zygote_exit.as_ref().expect("guarded").readable().await.map(drop) },
                 if zygote_exit.is_some() && zygote.is_some() =>
             {
+                events.emit(Event::Zygote { what: "died", pid: zygote.as_ref().map(Zygote::pid) });
                 zygote_exit = None;
                 respawning = Some(respawner.replace(zygote.take()));
             }
@@ -597,6 +604,7 @@ async fn run(
                 match r {
                     Ok(z) => {
                         tracing::info!(pid = z.pid(), "zygote restarted");
+                        events.emit(Event::Zygote { what: "restarted", pid: Some(z.pid()) });
                         respawner.pid.store(z.pid(), Ordering::Relaxed);
                         respawner.proven = false;
                         pool.stats.zygote_pid = z.pid();
@@ -635,6 +643,7 @@ async fn run(
                             let _ = tx.send(Ok(w));
                         }
                         None => {
+                            events.emit(Event::Pool { what: "miss", pid: None });
                             pool.stats.misses += 1;
                             waiting.push_back(tx);
                         }

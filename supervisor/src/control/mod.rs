@@ -4,6 +4,7 @@
 //! Varlink reply.
 
 pub mod deploy;
+pub mod events;
 pub mod health;
 pub mod history;
 pub mod install;
@@ -46,6 +47,9 @@ pub mod errors {
     pub const PROTOCOL_ERROR: &str = "io.ember.Supervisor.ProtocolError";
     /// The daemon is stopping.
     pub const SHUTTING_DOWN: &str = "io.ember.Supervisor.ShuttingDown";
+    /// An `Events` subscriber fell behind by more than emberd keeps and
+    /// was dropped; `missed` says how many events it lost.
+    pub const EVENTS_LAGGED: &str = "io.ember.Supervisor.EventsLagged";
 }
 
 /// A parsed `io.ember.Supervisor` call.
@@ -73,6 +77,8 @@ pub enum Request {
     History(history::History),
     /// `Rollout`.
     Rollout(rollout::Rollout),
+    /// `Events`.
+    Events(events::Events),
 }
 
 /// What one frame read from the control socket asks for: the call, and
@@ -167,6 +173,7 @@ pub fn parse(member: &str, parameters: &Map<String, Value>) -> Result<Request, E
         "Deploy" => Request::Deploy(decode(parameters)?),
         "Rollback" => Request::Rollback(decode(parameters)?),
         "History" => Request::History(decode(parameters)?),
+        "Events" => Request::Events(decode(parameters)?),
         "Rollout" => {
             let r: rollout::Rollout = decode(parameters)?;
             r.action()?;

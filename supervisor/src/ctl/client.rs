@@ -111,6 +111,10 @@ fn describe(name: &str, p: &Value) -> String {
             name = s("name"),
         ),
         NO_ROLLOUT => format!("{} has no rollout in progress", s("name")),
+        errors::EVENTS_LAGGED => format!(
+            "dropped by emberd: this reader fell behind and missed {} events",
+            n("missed")
+        ),
         // The reason names the file, the field and the line.
         errors::INVALID_MANIFEST => s("reason"),
         errors::INVALID_INPUT => format!("invalid input: {}", s("reason")),
@@ -233,6 +237,34 @@ impl Client {
         self.send(&Call::new(method, parameters))?;
         let r = Self::check(self.next_reply(Some(REPLY_TIMEOUT))?)?;
         Ok(Value::Object(r.parameters))
+    }
+
+    /// Starts a call with `more` whose replies are then read one at a time
+    /// with [`Client::next_more`]; returns the first.
+    pub fn start_more(&mut self, method: &str, parameters: Value) -> Result<Value, CtlError> {
+        let mut call = Call::new(method, parameters);
+        call.more = true;
+        self.send(&call)?;
+        let r = Self::check(self.next_reply(Some(REPLY_TIMEOUT))?)?;
+        Ok(Value::Object(r.parameters))
+    }
+
+    /// The next reply of a call started with [`Client::start_more`]: `None`
+    /// if none came within `timeout` (`None`: wait as long as it takes);
+    /// the error the stream ended with, if it did.
+    pub fn next_more(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, CtlError> {
+        match self.next_reply(timeout) {
+            Ok(r) => Self::check(r).map(|r| Some(Value::Object(r.parameters))),
+            Err(CtlError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A call with `more`: `each` sees every reply until the last, and

@@ -38,14 +38,29 @@ pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
         Command::History { name } => release::history(&mut c, out, name, cli.json),
         Command::Rollout { action } => release::rollout(&mut c, out, action, cli.json),
         Command::Uninstall { name } => uninstall(&mut c, out, name, cli.json),
-        Command::List => list(&mut c, out, cli.json),
-        Command::Status { name } => status(&mut c, out, name, cli.json),
+        Command::List { watch } => super::events::view(socket, &mut c, out, *watch, None, |c| {
+            list_text(c, cli.json)
+        }),
+        Command::Status {
+            name: Some(name),
+            watch,
+        } => super::events::view(socket, &mut c, out, *watch, Some(name), |c| {
+            status_text_of(c, name, cli.json)
+        }),
+        Command::Status { name: None, watch } => {
+            super::events::view(socket, &mut c, out, *watch, None, |c| {
+                super::events::status_table(c, cli.json)
+            })
+        }
+        Command::Events { name } => super::events::follow(&mut c, out, name.as_deref(), cli.json),
         Command::Logs {
             name,
             follow,
             lines,
         } => logs(&mut c, out, name, *follow, *lines, cli.json),
-        Command::Pool => pool(&mut c, out, cli.json),
+        Command::Pool { watch } => super::events::view(socket, &mut c, out, *watch, None, |c| {
+            pool_text(c, cli.json)
+        }),
         Command::Health => health(&mut c, out, cli.json),
         Command::Completions { .. } => unreachable!("handled before connecting"),
     }
@@ -169,12 +184,17 @@ fn install_and_wait(
     }))
 }
 
-fn list(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlError> {
+/// `v` as `--json` prints it: indented, with a newline.
+pub(super) fn json_text(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("a Value always serializes") + "\n"
+}
+
+fn list_text(c: &mut Client, json_out: bool) -> Result<String, CtlError> {
     let v = c.call(&method("List"), json!({}))?;
     if json_out {
-        return out.json(&v);
+        return Ok(json_text(&v));
     }
-    out.print(&list_table(&v))
+    Ok(list_table(&v))
 }
 
 /// `list`'s table; a ROLLOUT column only when a module has a rollout in
@@ -288,12 +308,12 @@ fn sandbox(replicas: &Value) -> String {
     text
 }
 
-fn status(c: &mut Client, out: &mut Printer, name: &str, json_out: bool) -> Result<(), CtlError> {
+fn status_text_of(c: &mut Client, name: &str, json_out: bool) -> Result<String, CtlError> {
     let v = c.call(&method("Status"), json!({ "name": name }))?;
     if json_out {
-        return out.json(&v);
+        return Ok(json_text(&v));
     }
-    out.print(&status_text(&v["status"]))
+    Ok(status_text(&v["status"]))
 }
 
 /// `status`'s output: the module's fields, its rollout in progress, and a
@@ -413,13 +433,13 @@ fn logs(
     }
 }
 
-fn pool(c: &mut Client, out: &mut Printer, json_out: bool) -> Result<(), CtlError> {
+fn pool_text(c: &mut Client, json_out: bool) -> Result<String, CtlError> {
     let v = c.call(&method("Pool"), json!({}))?;
     if json_out {
-        return out.json(&v);
+        return Ok(json_text(&v));
     }
     let p = &v["pool"];
-    out.print(&fields(&[
+    Ok(fields(&[
         (
             "idle",
             format!(

@@ -10,6 +10,7 @@
 
 pub mod client;
 mod commands;
+mod events;
 pub mod output;
 mod release;
 
@@ -107,12 +108,32 @@ pub enum Command {
         name: String,
     },
     /// List installed modules, their revisions and rollouts.
-    List,
+    List {
+        /// Keep the list on screen, redrawn each time something changes
+        /// (fed by the event stream).
+        #[arg(long, short)]
+        watch: bool,
+    },
     /// Show one module: state, revision, pid, restarts, last error, memory,
-    /// CPU, limits, listeners, imports, rollout, replicas.
+    /// CPU, limits, listeners, imports, rollout, replicas; without a name,
+    /// every module as a table.
     Status {
-        /// Module name.
-        name: String,
+        /// Module name (default: a table of every module).
+        name: Option<String>,
+        /// Keep it on screen, redrawn each time something changes (fed by
+        /// the event stream).
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Follow what happens: state changes (starts, crashes, restarts,
+    /// back-off), installs, uninstalls, rollouts, pool and zygote events,
+    /// one line each (with --json: one JSON object each) as they happen.
+    ///
+    /// Runs until interrupted; exits 1 if emberd drops it for falling
+    /// behind (saying how many events it missed).
+    Events {
+        /// Only events about this module.
+        name: Option<String>,
     },
     /// Show a module's output.
     Logs {
@@ -126,7 +147,12 @@ pub enum Command {
         lines: u32,
     },
     /// Show the warm pool.
-    Pool,
+    Pool {
+        /// Keep it on screen, redrawn each time something changes (fed by
+        /// the event stream).
+        #[arg(long, short)]
+        watch: bool,
+    },
     /// Show daemon health.
     Health,
     /// Print a shell completion script.

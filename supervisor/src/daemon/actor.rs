@@ -45,6 +45,8 @@ pub enum Response {
     Value(Value),
     /// The log file to serve (the connection streams it).
     Logs(PathBuf),
+    /// A subscription to the event hub (the connection streams it).
+    Events(tokio::sync::broadcast::Receiver<Arc<super::events::Record>>),
 }
 
 /// Where the answer to one call goes.
@@ -137,6 +139,8 @@ pub struct Actor {
     started: Instant,
     pub(super) next_generation: u64,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
+    /// The event hub (see `events.rs`).
+    pub(super) events: super::events::EventHub,
 }
 
 /// The registry's view of the modules.
@@ -181,6 +185,8 @@ pub struct Settings {
     pub sandbox: SandboxConfig,
     /// emberd's own directories (see [`protected_dirs`]).
     pub protected: Vec<PathBuf>,
+    /// Where state changes, installs and rollouts are published.
+    pub events: super::events::EventHub,
 }
 
 impl Actor {
@@ -199,6 +205,7 @@ impl Actor {
             install_caps,
             sandbox,
             protected,
+            events,
         } = settings;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (pending_tx, pending_rx) = mpsc::unbounded_channel();
@@ -233,6 +240,7 @@ impl Actor {
             started: Instant::now(),
             next_generation: 0,
             shutdown: None,
+            events,
         }
     }
 
@@ -467,6 +475,7 @@ impl Actor {
                 });
                 return;
             }
+            Request::Events(_) => Ok(Response::Events(self.events.subscribe())),
             Request::Logs(req) => match self.modules.get(&req.name) {
                 Some(_) => Ok(Response::Logs(self.store.log_path(&req.name))),
                 None => Err(module_not_found(&req.name)),

@@ -12,6 +12,7 @@
 //!    [`crate::activation`]).
 
 pub mod actor;
+pub mod events;
 pub mod logs;
 mod model;
 pub mod os;
@@ -277,11 +278,13 @@ async fn serve(
     // Orphans re-parented to emberd; on this thread, where claims are taken.
     let reaper_task = tokio::spawn(crate::reaper::run());
     let limiter = Arc::new(start_limiter());
+    let events = events::EventHub::new(cfg.events.buffer);
     let (pool, pool_task) = crate::pool::start(
         zygote,
         cfg.plugin_specs(),
         cfg.pool.clone(),
         limiter.clone(),
+        events.clone(),
     );
 
     let access = Arc::new(server::Access {
@@ -304,6 +307,7 @@ async fn serve(
             install_caps: cfg.install.clone(),
             sandbox: cfg.sandbox.clone(),
             protected,
+            events,
         },
     );
     let actor_task = tokio::spawn(a.run(actor_rx));

@@ -432,7 +432,10 @@ impl Actor {
                     } else {
                         format!("{}#{r}", record.name)
                     };
-                    Lifecycle::new(name, policy.clone(), now)
+                    Lifecycle::new(name, policy.clone(), now).observed(
+                        self.events
+                            .replica_observer(record.name.clone(), record.revision, r),
+                    )
                 })
                 .collect(),
             wanted: vec![false; replicas as usize],
@@ -843,6 +846,7 @@ impl Actor {
                     }
                 };
                 let _ = s.reply.send(Ok(reply));
+                self.emit_installed(&s.name, s.generation);
                 return;
             }
             Err(source) => source,
@@ -1000,6 +1004,9 @@ impl Actor {
         }
         let _ = std::fs::remove_file(self.store.log_path(&name));
         tracing::info!(module = %name, "uninstalled");
+        self.events.emit(super::events::Event::Uninstalled {
+            module: name.clone(),
+        });
         let reply = to_value(UninstallReply { killed });
         for w in m.uninstall.drain(..) {
             let _ = w.send(Ok(Response::Value(reply.clone())));
@@ -1525,6 +1532,7 @@ impl Actor {
             None => rollout.started_replies.push(reply),
         }
         m.rollout = Some(rollout);
+        self.emit_rollout(&name, "started", None);
         self.record_rollout(&name, spec.store, spec.kind)
     }
 
@@ -1705,7 +1713,10 @@ impl Actor {
                     "canary ready; rollout paused"
                 );
                 ro.paused = true;
+                self.emit_rollout(name, "paused", None);
             }
+            let m = self.modules.get_mut(name).expect("checked above");
+            let ro = m.rollout.as_mut().expect("checked above");
             let to_gen = ro.to_gen;
             match release::plan(&ro.params, &counts, ro.paused) {
                 Step::Abort => {
@@ -1729,6 +1740,8 @@ impl Actor {
                         // It serves now: its restarts are urgent.
                         run.background = false;
                     }
+                    self.emit_rollout(name, Phase::Stabilizing.as_str(), None);
+                    let m = self.modules.get_mut(name).expect("checked above");
                     let ro = m.rollout.as_mut().expect("checked above");
                     if ro.kind == Kind::AutoRollback {
                         let (told, reason) = (ro.final_outcome, ro.reason.clone());
@@ -1755,6 +1768,9 @@ impl Actor {
                     }
                     self.reconcile(name, to_gen);
                     self.reconcile(name, from_gen);
+                    if moved {
+                        self.emit_rollout(name, phase.as_str(), None);
+                    }
                     if !changed {
                         break;
                     }
@@ -1821,6 +1837,7 @@ impl Actor {
     /// run serves again; `completed`: the new one is committed).
     fn end_rollout(&mut self, name: &str, outcome: &'static str, reason: Option<String>) {
         self.report_rollout(name);
+        self.emit_rollout(name, outcome, reason.as_deref());
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };

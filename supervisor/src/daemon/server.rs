@@ -293,6 +293,11 @@ pub const FRAME_DEADLINE: Duration = Duration::from_secs(5);
 /// sends calls and never reads the replies is closed.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The send buffer of a connection following `Events`: a few dozen
+/// events (the kernel doubles it). Beyond that a reader that does not read
+/// falls behind in the event hub, which counts what it misses.
+const EVENTS_SNDBUF: usize = 8 * 1024;
+
 /// How long a connection accepted at [`MAX_CONNECTIONS`] waits for the idle
 /// one it evicted to let go of its slot.
 const EVICT_WAIT: Duration = Duration::from_secs(1);
@@ -540,6 +545,15 @@ impl Connection {
             control::Request::Logs(l) => Some(l.clone()),
             _ => None,
         };
+        let events = match &request {
+            control::Request::Events(_) if !call.more || call.oneway => {
+                return Err(control::invalid_input(
+                    "Events streams its replies: call it with `more` (and not `oneway`)",
+                ));
+            }
+            control::Request::Events(e) => Some(e.clone()),
+            _ => None,
+        };
         let (tx, rx) = oneshot::channel();
         let shutting_down = || ErrorReply::new(errors::SHUTTING_DOWN, json!({}));
         let follow = matches!(
@@ -573,6 +587,69 @@ impl Connection {
             Response::Logs(path) => {
                 let logs = logs.expect("logs response to a logs request");
                 self.logs(&path, logs.lines(), call.more, call.oneway).await
+            }
+            Response::Events(rx) => {
+                let filter = events.expect("events response to an events request");
+                self.events(rx, &filter).await
+            }
+        }
+    }
+
+    /// `Events` with `more`: a first reply `{subscribed: true}`, then one
+    /// reply `{event}` per event, each with `continues`, until the client hangs up. A
+    /// subscriber that fell behind by more than the hub keeps is dropped
+    /// with `EventsLagged` and how many events it missed; emberd never
+    /// waits for it. The socket's send buffer is kept small, so a stalled
+    /// reader falls behind in the hub (where it is counted), not in
+    /// kernel buffers.
+    async fn events(
+        &mut self,
+        mut rx: tokio::sync::broadcast::Receiver<Arc<super::events::Record>>,
+        filter: &control::events::Events,
+    ) -> Result<Option<Reply>, ErrorReply> {
+        use tokio::sync::broadcast::error::RecvError;
+        let _ = nix::sys::socket::setsockopt(
+            &self.stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &EVENTS_SNDBUF,
+        );
+        let mut first = Reply::ok(json!({ "subscribed": true }));
+        first.continues = true;
+        if self.write(&first).await.is_err() {
+            return Ok(None);
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            tokio::select! {
+                r = self.stream.read(&mut buf) => match r {
+                    // The client hung up (or pipelined another call, kept
+                    // for later).
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(n) => self.decoder.extend(&buf[..n]),
+                },
+                ev = rx.recv() => match ev {
+                    Ok(record) => {
+                        if !filter.wants(record.event.module()) {
+                            continue;
+                        }
+                        let v = serde_json::to_value(&*record).expect("events serialize");
+                        let mut r = Reply::ok(json!({ "event": v }));
+                        r.continues = true;
+                        if self.write(&r).await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "events subscriber fell behind; dropped");
+                        return Err(ErrorReply::new(
+                            errors::EVENTS_LAGGED,
+                            json!({ "missed": missed }),
+                        ));
+                    }
+                    Err(RecvError::Closed) => {
+                        return Err(ErrorReply::new(errors::SHUTTING_DOWN, json!({})));
+                    }
+                },
             }
         }
     }

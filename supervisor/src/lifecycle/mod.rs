@@ -200,6 +200,43 @@ pub trait WorkerOs {
     fn kill(&mut self, pid: i32);
 }
 
+/// A state change, as a [`Lifecycle`] reports it to its [`Observer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition<'a> {
+    /// The state left.
+    pub from: State,
+    /// The state entered.
+    pub to: State,
+    /// Why (a crash, a failure, a wait), when the new state has a reason.
+    pub reason: Option<&'a str>,
+    /// The worker concerned: the running one, or the one that just exited.
+    pub pid: Option<i32>,
+    /// Restarts so far.
+    pub restarts: u64,
+}
+
+/// Told of every state change of one lifecycle, as it happens (emberd's
+/// event hub: `daemon/events.rs`).
+pub struct Observer(Box<dyn Fn(&Transition<'_>) + Send + Sync>);
+
+impl Observer {
+    /// An observer calling `f` on each transition.
+    pub fn new(f: impl Fn(&Transition<'_>) + Send + Sync + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    /// Reports one transition.
+    pub fn notify(&self, t: &Transition<'_>) {
+        (self.0)(t)
+    }
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
 /// One module instance's lifecycle.
 #[derive(Debug)]
 pub struct Lifecycle {
@@ -228,6 +265,10 @@ pub struct Lifecycle {
     launches: u64,
     /// Launch-to-ready latencies of the launches that became ready.
     startups: Latencies,
+    /// The current attempt's worker, kept after it exited (transitions
+    /// name it).
+    last_pid: Option<i32>,
+    observer: Option<Observer>,
 }
 
 impl Lifecycle {
@@ -250,7 +291,15 @@ impl Lifecycle {
             killed_at_stop: false,
             launches: 0,
             startups: Latencies::default(),
+            last_pid: None,
+            observer: None,
         }
+    }
+
+    /// This lifecycle with `observer` told of each of its state changes.
+    pub fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Current state.
@@ -301,8 +350,26 @@ impl Lifecycle {
     }
 
     fn enter(&mut self, state: State, now: Instant) {
+        let from = self.state;
         self.state = state;
         self.since = now;
+        if let (Some(o), true) = (&self.observer, from != state) {
+            let reason = match state {
+                State::Waiting | State::BackOff | State::CrashLoop | State::Failed => {
+                    self.reason.as_deref()
+                }
+                _ => None,
+            };
+            o.notify(&Transition {
+                from,
+                to: state,
+                reason,
+                pid: self.pid.or(self.last_pid.filter(|_| {
+                    matches!(from, State::Starting | State::Running | State::Stopping)
+                })),
+                restarts: self.restarts,
+            });
+        }
     }
 
     /// Starts (or restarts) the module.
@@ -322,6 +389,7 @@ impl Lifecycle {
         self.attempt += 1;
         self.launches += 1;
         self.pid = None;
+        self.last_pid = None;
         self.pending_reason = None;
         self.reason = None;
         self.ran_since = None;
@@ -392,6 +460,7 @@ impl Lifecycle {
                 if attempt == current && self.state == State::Stopping && self.pid.is_none() =>
             {
                 self.pid = Some(pid);
+                self.last_pid = Some(pid);
                 os.terminate(pid);
             }
             Event::Launched { attempt, pid }
@@ -401,6 +470,7 @@ impl Lifecycle {
             }
             Event::Launched { pid, .. } => {
                 self.pid = Some(pid);
+                self.last_pid = Some(pid);
             }
             Event::LaunchFailed { attempt, .. } if attempt != current => {}
             Event::LaunchFailed { .. } if self.state == State::Stopping && self.pid.is_none() => {
@@ -588,6 +658,53 @@ mod tests {
         l.on_event(Event::Ready { attempt }, t0, os);
         assert_eq!(l.state(), State::Running);
         l
+    }
+
+    #[test]
+    fn an_observer_sees_each_transition_with_the_crashed_pid() {
+        use std::sync::{Arc, Mutex};
+        let t0 = Instant::now();
+        let mut os = FakeOs::default();
+        type Seen = (State, State, Option<String>, Option<i32>, u64);
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        let mut l = Lifecycle::new("m", policy(), t0).observed(Observer::new(move |t| {
+            log.lock()
+                .unwrap()
+                .push((t.from, t.to, t.reason.map(str::to_owned), t.pid, t.restarts))
+        }));
+        l.start(t0, &mut os);
+        l.on_event(
+            Event::Launched {
+                attempt: 1,
+                pid: 10,
+            },
+            t0,
+            &mut os,
+        );
+        l.on_event(Event::Ready { attempt: 1 }, t0, &mut os);
+        let exit = Event::Exited {
+            attempt: 1,
+            status: ExitStatus::Signal(9),
+        };
+        l.on_event(exit, t0, &mut os);
+        l.on_tick(t0 + Duration::from_secs(1), &mut os);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                (State::Installing, State::Starting, None, None, 0),
+                (State::Starting, State::Running, None, Some(10), 0),
+                (
+                    State::Running,
+                    State::BackOff,
+                    Some("worker killed by signal 9".into()),
+                    Some(10),
+                    0
+                ),
+                (State::BackOff, State::Starting, None, None, 1),
+            ]
+        );
     }
 
     #[test]
