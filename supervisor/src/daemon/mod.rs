@@ -294,6 +294,8 @@ async fn serve(
     });
 
     let status_pool = pool.clone();
+    // What the `STATUS=` line follows (dropped when not under systemd).
+    let status_events = events.subscribe();
     let (actor_tx, actor_rx) = mpsc::channel(256);
     let pool_handle = pool.clone();
     let a = actor::Actor::new(
@@ -352,6 +354,7 @@ async fn serve(
             n.clone(),
             actor_tx.clone(),
             status_pool,
+            status_events,
         ))
     });
     let watchdog = match (&notifier, crate::notify::watchdog_interval()) {

@@ -2,22 +2,24 @@
 //! `systemctl status emberd` shows under the unit's name): modules by state
 //! and the warm pool, e.g. `2 modules running, 1 failed; pool 4/4 idle`.
 //!
-//! The daemon asks the state owner for its counts on a short tick (a walk
-//! over the modules, no I/O) and the pool for its idle count, and sends the
-//! line only when it differs from the last one sent.
+//! After each burst of events the daemon asks the state owner for its
+//! counts (a walk over the modules, no I/O) and the pool for its idle count,
+//! and sends the line only when it differs from the last one sent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::events::Record;
 
 use super::actor::{Actor, ActorMsg};
 use crate::lifecycle::State;
 use crate::notify::Notifier;
 use crate::pool::{PoolHandle, PoolStats};
 
-/// How often the summary is rebuilt.
-pub const TICK: Duration = Duration::from_millis(500);
+/// A burst of events is summed up once, this long after its first event.
+pub const SETTLE: Duration = Duration::from_millis(100);
 
 /// Modules by the state of the replicas that serve them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,13 +78,17 @@ pub fn line(c: Counts, pool: Option<&PoolStats>) -> String {
     s
 }
 
-/// Sends `STATUS=` each time the summary changes, until aborted.
-pub async fn keep_current(n: Arc<Notifier>, actor: mpsc::Sender<ActorMsg>, pool: PoolHandle) {
+/// Sends `STATUS=` each time the summary changes, until aborted: rebuilt
+/// after each burst of events (state changes, installs, pool refills and
+/// misses), never on a timer, so an idle emberd is not woken for it.
+pub async fn keep_current(
+    n: Arc<Notifier>,
+    actor: mpsc::Sender<ActorMsg>,
+    pool: PoolHandle,
+    mut events: broadcast::Receiver<Arc<Record>>,
+) {
     let mut last = String::new();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
         let (tx, rx) = oneshot::channel();
         if actor.send(ActorMsg::StatusCounts(tx)).await.is_err() {
             return;
@@ -95,6 +101,21 @@ pub async fn keep_current(n: Arc<Notifier>, actor: mpsc::Sender<ActorMsg>, pool:
                 tracing::debug!(error = %crate::error_chain(&e), "cannot send STATUS");
             }
             last = now;
+        }
+        // The next change (a lagged receiver has missed some: rebuild all
+        // the same), then whatever follows it within the settle time.
+        if let Err(broadcast::error::RecvError::Closed) = events.recv().await {
+            return;
+        }
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                r = events.recv() => if let Err(broadcast::error::RecvError::Closed) = r {
+                    return;
+                },
+            }
         }
     }
 }
