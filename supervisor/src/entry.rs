@@ -362,7 +362,10 @@ mod tests {
         let Resolved::Cargo(c) = resolve(&manifest, entry, None, "debug").unwrap() else {
             panic!("not a cargo pick")
         };
-        assert_eq!((c.profile, c.preferred, c.other.is_none()), ("release", false, true));
+        assert_eq!(
+            (c.profile, c.preferred, c.other.is_none()),
+            ("release", false, true)
+        );
         assert!(c.to_string().contains("release build, the only one"), "{c}");
     }
 

@@ -169,35 +169,31 @@ fn install_and_wait(
     // The last state change reported: where the start settled.
     let mut settled = Value::Null;
     let mut installed = Value::Null;
-    c.call_more(
-        &method("Install"),
-        params,
-        |v, continues| {
-            if json_out {
-                out.line(&v.to_string())?;
-            }
-            let m = v["module"].clone();
-            if !continues {
-                installed = m;
-                return Ok(());
-            }
-            if !json_out {
-                let pids = m["pids"]
-                    .as_array()
-                    .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
-                    .filter(|p| !p.is_empty())
-                    .map(|p| format!(" pid {p}"))
-                    .unwrap_or_default();
-                out.line(&format!(
-                    "{}: {}{pids}",
-                    cell(&m["name"]),
-                    cell(&m["state"])
-                ))?;
-            }
-            settled = m;
-            Ok(())
-        },
-    )?;
+    c.call_more(&method("Install"), params, |v, continues| {
+        if json_out {
+            out.line(&v.to_string())?;
+        }
+        let m = v["module"].clone();
+        if !continues {
+            installed = m;
+            return Ok(());
+        }
+        if !json_out {
+            let pids = m["pids"]
+                .as_array()
+                .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
+                .filter(|p| !p.is_empty())
+                .map(|p| format!(" pid {p}"))
+                .unwrap_or_default();
+            out.line(&format!(
+                "{}: {}{pids}",
+                cell(&m["name"]),
+                cell(&m["state"])
+            ))?;
+        }
+        settled = m;
+        Ok(())
+    })?;
     if settled.is_null() {
         settled = installed.clone();
     }

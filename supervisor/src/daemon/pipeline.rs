@@ -1078,17 +1078,19 @@ impl Actor {
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
             let p = path.clone();
-            let input = tokio::task::spawn_blocking(move || read_input(&p, entry.as_deref(), &peer, &caps, &q))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(InstallError::Unreadable {
-                        path,
-                        source: crate::input::FileError::Io {
-                            path: PathBuf::new(),
-                            source: std::io::Error::other(e.to_string()),
-                        },
-                    })
-                });
+            let input = tokio::task::spawn_blocking(move || {
+                read_input(&p, entry.as_deref(), &peer, &caps, &q)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(InstallError::Unreadable {
+                    path,
+                    source: crate::input::FileError::Io {
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                })
+            });
             let _ = pending.send(Pending::Read { input, then });
         });
     }
