@@ -220,6 +220,12 @@ fn every_example_and_fixture_installs_as_it_is_as_the_readme_says() {
     let (_, line) = expected_pick(&workspace_root().join("examples/hello"));
     assert!(stdout.starts_with(&line), "{stdout}");
     assert!(stdout.contains("hello: unchanged (revision 1"), "{stdout}");
+    // With --json the pick goes to stderr: stdout stays one JSON reply.
+    let out = ctl_as_readme(&d, &["--json", "deploy", "examples/hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("a JSON reply");
+    assert_eq!(reply["outcome"], "unchanged", "{reply}");
+    assert!(text(&out.stderr).starts_with(&line), "{}", text(&out.stderr));
 }
 
 #[test]
