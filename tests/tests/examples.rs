@@ -225,7 +225,11 @@ fn every_example_and_fixture_installs_as_it_is_as_the_readme_says() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reply: Value = serde_json::from_slice(&out.stdout).expect("a JSON reply");
     assert_eq!(reply["outcome"], "unchanged", "{reply}");
-    assert!(text(&out.stderr).starts_with(&line), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with(&line),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -283,6 +287,22 @@ fn an_entry_found_nowhere_is_refused_naming_every_place_looked() {
     );
     // Nothing reached emberd.
     assert_eq!(d.ctl_json(&["list"])["modules"], Value::Array(Vec::new()));
+    // A raw client's `entry` must be absolute, like its `path`.
+    let mut raw = ember_tests::daemon::Raw::connect(&d.socket);
+    let reply = raw.call(
+        "io.ember.Supervisor.Install",
+        serde_json::json!({ "path": dir, "entry": "libnowhere.so" }),
+    );
+    assert_eq!(
+        reply["error"], "io.ember.Supervisor.InvalidInput",
+        "{reply}"
+    );
+    assert!(
+        reply["parameters"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("libnowhere.so is not absolute")),
+        "{reply}"
+    );
     // A packaged module (its library next to its manifest) is taken as it
     // is, with no cargo lookup to report.
     let packaged = ember_tests::daemon::copied_module(work.path(), "packaged", "hello");
