@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench density -- --json [--modules 200] [--naive 3]
 //! [--plugin-mib 256] [--module hello|greeter] [--launcher emberd|zygote]
-//! [--chart docs/img]`
+//! [--chart docs/img]`; `-- --chart docs/img --chart-from-json 'LINE'`
+//! draws the chart from an earlier run's JSON line without running.
 //!
 //! Ember's modules are launched through a real `emberd` (`Install` over the
 //! control socket); with `--launcher zygote` (or when emberd cannot run real
@@ -102,6 +103,10 @@ impl Measured {
 
 fn main() {
     launch::run_cold_child_if_requested();
+    if let Some(line) = arg_value("--chart-from-json") {
+        redraw(&line);
+        return;
+    }
     let json = json_requested();
     let n = arg_num("--modules", 1000) as usize;
     let naive_n = arg_num("--naive", 3) as usize;
@@ -279,9 +284,50 @@ fn main() {
     if let Some(e) = &emberd_error {
         out.str("emberd_error", e);
     }
-    let svg = svg::bar_panels(
+    let svg = chart(&Figures {
+        plugin_mib,
+        modules: n as u64,
+        uss_mib: ember.uss() / 1024.0,
+        host_mib: ember.host_kib() / 1024.0,
+        naive_host_mib: naive.host_kib() / 1024.0,
+        ram_gib: total_kib / 1048576.0,
+        fit: ember_fit,
+        naive_fit,
+    });
+    if let Some(p) = ember_benches::write_chart("density.svg", &svg) {
+        eprintln!("chart: {}", p.display());
+    }
+    drop(tmp);
+    if json {
+        println!("{}", out.render());
+    }
+}
+
+/// What the chart shows, from a run or from its JSON line.
+struct Figures {
+    plugin_mib: u64,
+    modules: u64,
+    uss_mib: f64,
+    host_mib: f64,
+    naive_host_mib: f64,
+    ram_gib: f64,
+    fit: f64,
+    naive_fit: f64,
+}
+
+/// `density.svg`. The count of modules that fit is memory's alone: emberd's
+/// descriptors (about three per module, under its `RLIMIT_NOFILE`), pids
+/// and threads are other limits, which the chart says.
+fn chart(f: &Figures) -> String {
+    let bar = |label: &str, value: f64, color: &'static str| Bar {
+        label: label.into(),
+        value,
+        color,
+    };
+    svg::bar_panels(
         &format!(
-            "Memory per module: Ember vs a process each ({plugin_mib} MiB plugin, {n} modules)"
+            "Memory per module: Ember vs a process each ({} MiB plugin, {} modules)",
+            f.plugin_mib, f.modules
         ),
         &machine_summary(),
         &[
@@ -289,50 +335,52 @@ fn main() {
                 "host memory per module (MiB, lower is better)",
                 "MiB",
                 vec![
-                    Bar {
-                        label: "Ember: USS".into(),
-                        value: ember.uss() / 1024.0,
-                        color: "#5dade2",
-                    },
-                    Bar {
-                        label: "Ember: USS + kernel".into(),
-                        value: ember.host_kib() / 1024.0,
-                        color: "#2471a3",
-                    },
-                    Bar {
-                        label: "naive: own plugin copy".into(),
-                        value: naive.host_kib() / 1024.0,
-                        color: "#c0392b",
-                    },
+                    bar("Ember: USS", f.uss_mib, "#5dade2"),
+                    bar("Ember: USS + kernel", f.host_mib, "#2471a3"),
+                    bar("naive: own plugin copy", f.naive_host_mib, "#c0392b"),
                 ],
             ),
             (
                 &format!(
-                    "modules that fit in {:.0} GiB (higher is better)",
-                    total_kib / 1048576.0
+                    "modules whose memory fits in {:.0} GiB (memory only; higher is better)",
+                    f.ram_gib
                 ),
                 "modules",
                 vec![
-                    Bar {
-                        label: "Ember".into(),
-                        value: ember_fit,
-                        color: "#2471a3",
-                    },
-                    Bar {
-                        label: "naive".into(),
-                        value: naive_fit,
-                        color: "#c0392b",
-                    },
+                    bar("Ember", f.fit.floor(), "#2471a3"),
+                    bar("naive", f.naive_fit.floor(), "#c0392b"),
                 ],
             ),
         ],
-    );
-    if let Some(p) = ember_benches::write_chart("density.svg", &svg) {
-        eprintln!("chart: {}", p.display());
-    }
-    drop(tmp);
-    if json {
-        println!("{}", out.render());
+        &[
+            "Memory only: RAM less the base, over each module's host memory. Descriptors (emberd",
+            "holds about 3 per module, under its RLIMIT_NOFILE), pids and threads are separate limits.",
+        ],
+    )
+}
+
+/// `--chart-from-json LINE --chart DIR`: draws `density.svg` from the JSON
+/// line of an earlier run (the one the README quotes) without running
+/// anything. The subtitle names this machine.
+fn redraw(line: &str) {
+    let v: serde_json::Value = serde_json::from_str(line).expect("--chart-from-json: a JSON line");
+    let num = |k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("--chart-from-json: no number `{k}`"))
+    };
+    let svg = chart(&Figures {
+        plugin_mib: num("base_plugin_mib") as u64,
+        modules: num("modules") as u64,
+        uss_mib: num("uss_per_module_kib") / 1024.0,
+        host_mib: num("host_mib_per_module"),
+        naive_host_mib: num("naive_host_mib_per_module"),
+        ram_gib: num("ram_gib"),
+        fit: num("modules_fit_in_ram"),
+        naive_fit: num("naive_modules_fit_in_ram"),
+    });
+    match ember_benches::write_chart("density.svg", &svg) {
+        Some(p) => eprintln!("chart: {}", p.display()),
+        None => eprintln!("--chart-from-json needs --chart DIR"),
     }
 }
 

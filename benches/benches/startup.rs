@@ -15,7 +15,8 @@
 //! `cargo bench --bench startup -- --json [--chart docs/img] [--module
 //! greeter|hello] [--cold N] [--warm N] [--no-idle N] [--limit N]
 //! [--catalog-mb MB]` prints human-readable lines on stderr, then one JSON
-//! object as the last line on stdout.
+//! object as the last line on stdout. `-- --chart docs/img --redraw` draws
+//! the chart again from the samples it shows, without running.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,6 +40,10 @@ struct Daemon {
 
 fn main() {
     launch::run_cold_child_if_requested();
+    if std::env::args().any(|a| a == "--redraw") {
+        redraw();
+        return;
+    }
     let json = json_requested();
     let module = arg_value("--module").unwrap_or_else(|| "greeter".into());
     let n_cold = arg_num("--cold", 8) as usize;
@@ -228,6 +233,26 @@ fn main() {
     drop(tmp);
     if json {
         println!("{}", out.render());
+    }
+}
+
+/// `--redraw --chart DIR`: draws `DIR/startup.svg` again with the current
+/// layout from the samples it shows ([`svg::read_distribution`]), without
+/// running anything: the samples of a run are kept nowhere else.
+fn redraw() {
+    let Some(dir) = arg_value("--chart") else {
+        panic!("--redraw needs --chart DIR");
+    };
+    let path = artifacts::workspace_root().join(dir).join("startup.svg");
+    let old = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("--redraw: {}: {e}", path.display()));
+    let (title, subtitle, series) = svg::read_distribution(&old)
+        .unwrap_or_else(|| panic!("--redraw: {} is not a start-up chart", path.display()));
+    if let Some(p) = ember_benches::write_chart(
+        "startup.svg",
+        &svg::distribution(&title, &subtitle, &series),
+    ) {
+        eprintln!("chart: {}", p.display());
     }
 }
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
+pub mod entry;
 pub mod fscred;
 pub mod input;
 pub mod journal;

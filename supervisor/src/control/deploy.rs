@@ -19,6 +19,10 @@ use crate::varlink::ErrorReply;
 pub struct Deploy {
     /// A module directory or manifest, as seen by the daemon.
     pub path: PathBuf,
+    /// The library to load instead of the manifest's `entry` (as for
+    /// `Install`).
+    #[serde(default)]
+    pub entry: Option<PathBuf>,
     /// `surge` or `rolling`.
     #[serde(default)]
     pub strategy: Option<String>,
@@ -107,6 +111,7 @@ mod tests {
     fn strategy_names_are_checked() {
         let d = |s: &str| Deploy {
             path: "/m".into(),
+            entry: None,
             strategy: Some(s.into()),
             max_surge: None,
             max_unavailable: None,

@@ -15,6 +15,11 @@ pub struct Install {
     /// A module directory (containing `module.toml`) or a manifest file,
     /// as seen by the daemon.
     pub path: PathBuf,
+    /// The library to load instead of the one the manifest's `entry` names
+    /// relative to the manifest (absolute): `emberctl` sets it when it found
+    /// a bare `entry` in a cargo target directory ([`crate::entry`]).
+    #[serde(default)]
+    pub entry: Option<PathBuf>,
 }
 
 /// Why an install was refused.

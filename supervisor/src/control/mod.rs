@@ -243,7 +243,10 @@ mod tests {
     fn parses_each_kind() {
         assert_eq!(
             parse("Install", &p(json!({"path": "/m"}))).unwrap(),
-            Request::Install(install::Install { path: "/m".into() })
+            Request::Install(install::Install {
+                path: "/m".into(),
+                entry: None
+            })
         );
         assert!(matches!(
             parse("List", &Map::new()).unwrap(),

@@ -26,6 +26,66 @@ pub(super) fn absolute_existing(path: &Path) -> Result<PathBuf, CtlError> {
     Ok(abs)
 }
 
+/// The library the manifest at `abs` (a module directory or its
+/// manifest) names in `entry`, when it is not where the manifest says but
+/// a cargo build of it is ([`crate::entry::resolve`]; the target directory
+/// is `$CARGO_TARGET_DIR` if set, else the cargo workspace's `target/`):
+/// the `entry` parameter of `Install` and `Deploy`, and a line saying which
+/// build was picked (on stderr with `--json`). `None` when the entry is
+/// where the manifest says, and when the manifest cannot be read or parsed
+/// here: emberd reports that, naming what is wrong. An entry found nowhere
+/// is an error listing every place looked.
+pub(super) fn pick_entry(
+    abs: &Path,
+    out: &mut Printer,
+    json_out: bool,
+) -> Result<Option<PathBuf>, CtlError> {
+    let manifest = crate::manifest::locate(abs);
+    let cap = crate::config::InstallConfig::default().max_manifest_bytes;
+    let Ok(text) = crate::input::read_text(&manifest, cap, "install.max_manifest_bytes") else {
+        return Ok(None);
+    };
+    let Ok(summary) = crate::manifest::parse(&text) else {
+        return Ok(None);
+    };
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            std::path::absolute(&t).map_err(|e| {
+                CtlError::Input(format!("CARGO_TARGET_DIR {}: {e}", Path::new(&t).display()))
+            })
+        })
+        .transpose()?;
+    // emberctl's own profile: the one emberd and the SDK it offers were
+    // built with when one `cargo build [--release]` built them all.
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    match crate::entry::resolve(&manifest, &summary.entry, target_dir.as_deref(), profile) {
+        Ok(crate::entry::Resolved::AsWritten(_)) => Ok(None),
+        Ok(crate::entry::Resolved::Cargo(pick)) => {
+            let note = format!("entry {}: {pick}", summary.entry.display());
+            if json_out {
+                eprintln!("{note}");
+            } else {
+                out.line(&note)?;
+            }
+            Ok(Some(pick.path))
+        }
+        Err(e) => Err(CtlError::Input(e.to_string())),
+    }
+}
+
+/// `{"path": abs}`, with `entry` when [`pick_entry`] found one.
+fn install_params(abs: &Path, entry: Option<&Path>) -> Value {
+    match entry {
+        Some(e) => json!({ "path": abs, "entry": e }),
+        None => json!({ "path": abs }),
+    }
+}
+
 pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
     let mut c = Client::connect(socket)?;
     let out = &mut Printer::new();
@@ -92,10 +152,11 @@ fn install(
     json_out: bool,
 ) -> Result<(), CtlError> {
     let abs = absolute_existing(path)?;
+    let params = install_params(&abs, pick_entry(&abs, out, json_out)?.as_deref());
     if wait {
-        return install_and_wait(c, out, &abs, json_out);
+        return install_and_wait(c, out, params, json_out);
     }
-    let v = c.call(&method("Install"), json!({ "path": abs }))?;
+    let v = c.call(&method("Install"), params)?;
     if json_out {
         return out.json(&v);
     }
@@ -117,41 +178,37 @@ fn install(
 fn install_and_wait(
     c: &mut Client,
     out: &mut Printer,
-    abs: &Path,
+    params: Value,
     json_out: bool,
 ) -> Result<(), CtlError> {
     // The last state change reported: where the start settled.
     let mut settled = Value::Null;
     let mut installed = Value::Null;
-    c.call_more(
-        &method("Install"),
-        json!({ "path": abs }),
-        |v, continues| {
-            if json_out {
-                out.line(&v.to_string())?;
-            }
-            let m = v["module"].clone();
-            if !continues {
-                installed = m;
-                return Ok(());
-            }
-            if !json_out {
-                let pids = m["pids"]
-                    .as_array()
-                    .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
-                    .filter(|p| !p.is_empty())
-                    .map(|p| format!(" pid {p}"))
-                    .unwrap_or_default();
-                out.line(&format!(
-                    "{}: {}{pids}",
-                    cell(&m["name"]),
-                    cell(&m["state"])
-                ))?;
-            }
-            settled = m;
-            Ok(())
-        },
-    )?;
+    c.call_more(&method("Install"), params, |v, continues| {
+        if json_out {
+            out.line(&v.to_string())?;
+        }
+        let m = v["module"].clone();
+        if !continues {
+            installed = m;
+            return Ok(());
+        }
+        if !json_out {
+            let pids = m["pids"]
+                .as_array()
+                .map(|p| p.iter().map(cell).collect::<Vec<_>>().join(","))
+                .filter(|p| !p.is_empty())
+                .map(|p| format!(" pid {p}"))
+                .unwrap_or_default();
+            out.line(&format!(
+                "{}: {}{pids}",
+                cell(&m["name"]),
+                cell(&m["state"])
+            ))?;
+        }
+        settled = m;
+        Ok(())
+    })?;
     if settled.is_null() {
         settled = installed.clone();
     }

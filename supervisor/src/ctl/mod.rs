@@ -47,6 +47,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Install a module from its directory or module.toml and start it.
+    ///
+    /// A bare `entry` (`libhello.so`) that is not next to the manifest is
+    /// taken from cargo's build of it: `release/` or `debug/` (this
+    /// emberctl's own profile first) of $CARGO_TARGET_DIR, else of the
+    /// cargo workspace's `target/`; the build picked is printed first.
     Install {
         /// Module directory or manifest file.
         path: PathBuf,

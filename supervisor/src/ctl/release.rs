@@ -23,7 +23,11 @@ pub(super) fn deploy(
     json_out: bool,
 ) -> Result<(), CtlError> {
     let abs = absolute_existing(path)?;
-    let params = deploy_params(&abs.to_string_lossy(), opts)?;
+    let entry = super::commands::pick_entry(&abs, out, json_out)?;
+    let mut params = deploy_params(&abs.to_string_lossy(), opts)?;
+    if let Some(e) = entry {
+        params["entry"] = e.to_string_lossy().into();
+    }
     release(c, out, "Deploy", params, opts.wait, json_out)
 }
 

@@ -408,6 +408,7 @@ impl Actor {
                 // a FIFO, a device, a huge file), with the client's rights.
                 return self.read_then(
                     req.path,
+                    req.entry,
                     peer,
                     super::pipeline::Then::Install {
                         reply,

@@ -252,14 +252,15 @@ pub(crate) enum Then {
 /// caps are read): run on the blocking pool, never on the actor.
 fn read_input(
     path: &Path,
+    entry: Option<&Path>,
     peer: &Credentials,
     caps: &InstallConfig,
     q: &UidQuery,
 ) -> Result<Input, InstallError> {
-    if !path.is_absolute() {
-        return Err(InstallError::Relative {
-            path: path.to_owned(),
-        });
+    for p in [Some(path), entry].into_iter().flatten() {
+        if !p.is_absolute() {
+            return Err(InstallError::Relative { path: p.to_owned() });
+        }
     }
     let as_peer = |source| InstallError::Rights {
         path: path.to_owned(),
@@ -304,7 +305,10 @@ fn read_input(
         .map_err(bind_error)?;
     }
     let dir = manifest_path.parent().unwrap_or(Path::new("/"));
-    let artifact = dir.join(&summary.entry);
+    // The client's pick of the library (`emberctl` looks for a bare
+    // `entry` in cargo's target directory: crate::entry), else the
+    // manifest's own.
+    let artifact = entry.map_or_else(|| dir.join(&summary.entry), Path::to_owned);
     let file = with_rights(peer, || {
         check_artifact(&manifest_path, &artifact, caps.max_artifact_bytes)
     })
@@ -1035,6 +1039,7 @@ impl Actor {
         };
         self.read_then(
             req.path,
+            req.entry,
             peer,
             Then::Deploy {
                 overrides,
@@ -1047,7 +1052,13 @@ impl Actor {
     /// Reads an install's or a deploy's files on the blocking pool, with
     /// the rights of `peer` (the client); the request goes on in
     /// [`Actor::input_read`].
-    pub(super) fn read_then(&mut self, path: PathBuf, peer: Arc<Credentials>, then: Then) {
+    pub(super) fn read_then(
+        &mut self,
+        path: PathBuf,
+        entry: Option<PathBuf>,
+        peer: Arc<Credentials>,
+        then: Then,
+    ) {
         // A read that never ends (a FUSE file whose server never answers)
         // holds a blocking-pool thread; so many would starve every other
         // use of the pool (reaping, cgroups, hashing).
@@ -1074,17 +1085,19 @@ impl Actor {
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
             let p = path.clone();
-            let input = tokio::task::spawn_blocking(move || read_input(&p, &peer, &caps, &q))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(InstallError::Unreadable {
-                        path,
-                        source: crate::input::FileError::Io {
-                            path: PathBuf::new(),
-                            source: std::io::Error::other(e.to_string()),
-                        },
-                    })
-                });
+            let input = tokio::task::spawn_blocking(move || {
+                read_input(&p, entry.as_deref(), &peer, &caps, &q)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(InstallError::Unreadable {
+                    path,
+                    source: crate::input::FileError::Io {
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                })
+            });
             let _ = pending.send(Pending::Read { input, then });
         });
     }
