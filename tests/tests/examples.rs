@@ -346,7 +346,8 @@ fn sigterm_stops_every_module_and_the_next_start_restores_them() {
         "SIGTERM",
         "stop_deadline",
         "the zygote and the idle workers exit",
-        "removes the control socket file, and exits 0",
+        "removes the control socket file it bound",
+        "and exits 0",
         "restores every module on its committed revision",
     ] {
         assert!(section.contains(claim), "README's Stopping emberd: {claim}");
