@@ -120,6 +120,8 @@ fn image(name: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
 struct Stub {
     calls: Mutex<Vec<Value>>,
     workers: Mutex<HashMap<String, Arc<Mutex<Child>>>>,
+    /// Containers whose worker "emberd's memory limit killed".
+    oom: Mutex<Vec<String>>,
 }
 
 fn reply(s: &mut UnixStream, v: Value) {
@@ -172,8 +174,18 @@ impl Stub {
             self.calls.lock().unwrap().push(seen);
             match method.as_str() {
                 "RunContainer" => {
-                    let mut cmd = Command::new("sleep");
-                    cmd.arg("1000");
+                    // A container named `oomer` is killed at once, as if by its memory limit.
+                    let oomer = p["labels"]["io.kubernetes.container.name"] == "oomer";
+                    let mut cmd = if oomer {
+                        self.oom.lock().unwrap().push(id.clone());
+                        let mut c = Command::new("sh");
+                        c.args(["-c", "kill -9 $$"]);
+                        c
+                    } else {
+                        let mut c = Command::new("sleep");
+                        c.arg("1000");
+                        c
+                    };
                     if let Some(out) = p["stdout"].as_str() {
                         let mut f = std::fs::OpenOptions::new()
                             .write(true)
@@ -207,10 +219,13 @@ impl Stub {
                         thread::sleep(Duration::from_millis(20));
                     };
                     use std::os::unix::process::ExitStatusExt;
-                    let (code, reason) = match status.signal() {
+                    let (code, mut reason) = match status.signal() {
                         Some(sig) => (128 + sig, "signaled"),
                         None => (status.code().unwrap(), "exited"),
                     };
+                    if self.oom.lock().unwrap().contains(&id) {
+                        reason = "oom";
+                    }
                     reply(
                         &mut w,
                         json!({"parameters": {"exit_status": code, "signal": status.signal(),
@@ -550,4 +565,156 @@ fn an_image_without_module_toml_is_refused_by_name_and_leaves_no_mount() {
         "{:?}",
         c.mounted_under_dir()
     );
+}
+
+#[test]
+fn a_pod_shares_one_shim_joins_the_sandboxs_netns_and_reports_oom_before_exit() {
+    if !runnable() {
+        return;
+    }
+    let c = Containerd::start();
+    c.import(
+        "ember.local/hello:0.1.0",
+        &[("module.toml", b"name = \"hello\"\nversion = \"0.1.0\"\n")],
+    );
+    let events_log = c.dir.join("events.log");
+    let mut events = Command::new("ctr")
+        .arg("--address")
+        .arg(c.dir.join("containerd.sock"))
+        .arg("events")
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .spawn()
+        .unwrap();
+    // What CRI's pod sandbox spec carries (the pod's network namespace).
+    let pod_netns = format!("/proc/{}/ns/net", std::process::id());
+    let run = |id: &str, extra: &[&str]| {
+        let mut args = vec!["run", "-d", "--runtime", "io.containerd.ember.v1"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["ember.local/hello:0.1.0", id]);
+        c.ok(&args)
+    };
+    let netns_arg = format!("network:{pod_netns}");
+    run(
+        "sb1",
+        &[
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=sb1",
+            "--with-ns",
+            &netns_arg,
+        ],
+    );
+    let (shim_pid, state) = c.tasks()["sb1"].clone();
+    assert_eq!(state, "RUNNING");
+    let cmdline = std::fs::read_to_string(format!("/proc/{shim_pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.contains("containerd-shim-ember-v1"),
+        "a sandbox's pid is its shim's: {cmdline:?}"
+    );
+    assert!(
+        c.stub.calls("RunContainer").is_empty(),
+        "a sandbox runs nothing in emberd"
+    );
+
+    // CRI gives app containers the sandbox pid's namespace: the shim's own.
+    let shim_ns = format!("network:/proc/{shim_pid}/ns/net");
+    let app = |name: &str| {
+        vec![
+            "--annotation".to_string(),
+            "io.kubernetes.cri.container-type=container".into(),
+            "--annotation".into(),
+            "io.kubernetes.cri.sandbox-id=sb1".into(),
+            "--annotation".into(),
+            format!("io.kubernetes.cri.container-name={name}"),
+            "--with-ns".into(),
+            shim_ns.clone(),
+        ]
+    };
+    let mut web = app("web");
+    web.extend(
+        [
+            "--memory-limit",
+            "67108864",
+            "--cpu-quota",
+            "50000",
+            "--cpu-period",
+            "100000",
+        ]
+        .map(String::from),
+    );
+    run("web1", &web.iter().map(String::as_str).collect::<Vec<_>>());
+    let p = c.stub.calls("RunContainer")[0]["parameters"].clone();
+    assert_eq!(p["id"], "web1");
+    assert_eq!(
+        p["netns"],
+        pod_netns.as_str(),
+        "the pod's namespace, not the shim's: {p}"
+    );
+    assert_eq!(p["memory_max"], 64 << 20);
+    assert_eq!(p["cpu"], 0.5);
+    assert_eq!(p["labels"]["io.kubernetes.container.name"], "web");
+    assert_eq!(p["labels"]["io.kubernetes.pod.sandbox-id"], "sb1");
+    let shims = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|b| {
+                    let b = String::from_utf8_lossy(&b);
+                    b.contains("containerd-shim-ember-v1")
+                        && b.contains(&c.dir.display().to_string())
+                })
+                .unwrap_or(false)
+        })
+        .count();
+    assert_eq!(shims, 1, "one shim serves the pod");
+
+    let oomer = app("oomer");
+    run(
+        "oom1",
+        &oomer.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    c.until("oom1 stopped", || {
+        (c.tasks()["oom1"].1 == "STOPPED").then_some(())
+    });
+    let lines = c.until("the exit event", || {
+        let log = std::fs::read_to_string(&events_log).unwrap();
+        let lines: Vec<String> = log.lines().map(String::from).collect();
+        lines
+            .iter()
+            .any(|l| l.contains("/tasks/exit") && l.contains("oom1"))
+            .then_some(lines)
+    });
+    let at = |topic: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(topic) && l.contains("oom1"))
+            .unwrap_or_else(|| panic!("no {topic} event for oom1: {lines:#?}"))
+    };
+    assert!(
+        at("/tasks/oom") < at("/tasks/exit"),
+        "OOM before exit: {lines:#?}"
+    );
+    let del = c.ctr(&["task", "delete", "oom1"]);
+    assert!(
+        String::from_utf8_lossy(&del.stderr).contains("137"),
+        "{del:?}"
+    );
+
+    // The sandbox stops on a stop signal like pause does.
+    c.ok(&["task", "kill", "web1"]);
+    c.ok(&["task", "kill", "sb1"]);
+    c.until("the pod stopped", || {
+        let t = c.tasks();
+        (t["web1"].1 == "STOPPED" && t["sb1"].1 == "STOPPED").then_some(())
+    });
+    for id in ["web1", "sb1"] {
+        c.ok(&["task", "delete", id]);
+    }
+    c.until("the shim to exit", || {
+        (!shim_alive_for(&c.dir)).then_some(())
+    });
+    let _ = events.kill();
+    let _ = events.wait();
 }
