@@ -145,9 +145,10 @@ fn spawn(opts: &StartOpts, grouping: &str) -> containerd_shim::Result<String> {
 }
 
 fn main() {
-    if env::args().nth(1).as_deref() == Some("--version")
-        || env::args().nth(1).as_deref() == Some("-v")
-    {
+    if matches!(
+        env::args().nth(1).as_deref(),
+        Some("-v" | "-version" | "--version")
+    ) {
         println!(
             "containerd-shim-ember-v1 {} ({RUNTIME}, task API v2)",
             env!("CARGO_PKG_VERSION")
