@@ -57,6 +57,8 @@ struct Ctr {
     exited_at: Option<Timestamp>,
     /// emberd has (or had) an instance for it.
     in_emberd: bool,
+    /// A signal that came while RunContainer was in flight.
+    pending_signal: Option<u32>,
 }
 
 /// An event for containerd, with an optional "published" acknowledgement.
@@ -329,6 +331,7 @@ impl EmberTask {
             exit_status: 0,
             exited_at: None,
             in_emberd: false,
+            pending_signal: None,
         })
     }
 }
@@ -432,6 +435,7 @@ impl containerd_shim::Task for EmberTask {
                 exit_status: 0,
                 exited_at: None,
                 in_emberd: false,
+                pending_signal: None,
             }
         } else {
             self.create_app(&req, s)?
@@ -514,12 +518,21 @@ impl containerd_shim::Task for EmberTask {
                             "container {} runs as {} (pid {})",
                             req.id, started.name, started.pid
                         );
-                        if let Some(c) = map.get_mut(&req.id) {
+                        let pending = map.get_mut(&req.id).and_then(|c| {
                             c.status = Status::Running;
                             c.pid = started.pid;
-                        }
+                            c.pending_signal.take()
+                        });
                         drop(map);
                         self.watch(req.id.clone());
+                        if let Some(sig) = pending {
+                            if let Err(e) = self
+                                .client()
+                                .and_then(|mut c| c.kill_container(&req.id, sig))
+                            {
+                                warn!("container {}: delivering signal {sig}: {e}", req.id);
+                            }
+                        }
                         started.pid
                     }
                     Err(e) => {
@@ -626,7 +639,14 @@ impl containerd_shim::Task for EmberTask {
                 self.stop_locally(&mut map, &req.id, status);
                 Ok(api::Empty::new())
             }
-            (Kind::App { .. }, Status::Starting | Status::Running) => {
+            (Kind::App { .. }, Status::Starting) => {
+                // Delivered once RunContainer has answered.
+                if let Some(c) = map.get_mut(&req.id) {
+                    c.pending_signal = Some(req.signal);
+                }
+                Ok(api::Empty::new())
+            }
+            (Kind::App { .. }, Status::Running) => {
                 drop(map);
                 match self
                     .client()
