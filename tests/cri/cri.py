@@ -2,8 +2,8 @@
 """Drives containerd's CRI endpoint the way the kubelet does, for Ember's tests.
 
 The CRI v1 stubs are generated at run time from api.proto (beside this file)
-into a temporary directory with grpc_tools.protoc, so nothing generated is
-checked in.
+with grpc_tools.protoc into $CRI_STUBS_DIR, else a temporary directory removed
+at exit, so nothing generated is checked in.
 
 Usage:
   cri.py ENDPOINT script
@@ -46,8 +46,12 @@ def stubs():
             "python3 -m pip install grpcio grpcio-tools"
         )
     here = os.path.dirname(os.path.abspath(__file__))
-    out = tempfile.mkdtemp(prefix="ember-cri-stubs-")
-    atexit.register(shutil.rmtree, out, True)
+    out = os.environ.get("CRI_STUBS_DIR")
+    if out:
+        os.makedirs(out, exist_ok=True)
+    else:
+        out = tempfile.mkdtemp(prefix="ember-cri-stubs-")
+        atexit.register(shutil.rmtree, out, True)
     shutil.copy(os.path.join(here, "api.proto"), out)
     rc = protoc.main(
         [

@@ -386,7 +386,7 @@ fn unescape_mountinfo(s: &str) -> String {
 /// request and one JSON reply a line.
 pub struct Cri {
     child: ChildGuard,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     stderr: PathBuf,
 }
@@ -400,6 +400,7 @@ impl Cri {
             .arg(&script)
             .arg(format!("unix://{}", containerd.socket.display()))
             .arg("script")
+            .env("CRI_STUBS_DIR", containerd.dir.path().join("cri-stubs"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -409,7 +410,7 @@ impl Cri {
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Cri {
             child: ChildGuard(child),
-            stdin,
+            stdin: Some(stdin),
             stdout,
             stderr,
         }
@@ -424,10 +425,8 @@ impl Cri {
             .insert("op".into(), json!(op));
         let mut line = serde_json::to_vec(&req).unwrap();
         line.push(b'\n');
-        let sent = self
-            .stdin
-            .write_all(&line)
-            .and_then(|()| self.stdin.flush());
+        let stdin = self.stdin.as_mut().expect("driver's stdin open");
+        let sent = stdin.write_all(&line).and_then(|()| stdin.flush());
         let mut reply = String::new();
         let read = sent.and_then(|()| self.stdout.read_line(&mut reply));
         if !matches!(read, Ok(n) if n > 0) {
@@ -445,5 +444,13 @@ impl Cri {
         let r = self.call(op, params.clone());
         assert_eq!(r["ok"], json!(true), "CRI {op} {params}: {r}");
         r
+    }
+}
+
+impl Drop for Cri {
+    fn drop(&mut self) {
+        // End of input ends the script loop; the guard kills it otherwise.
+        drop(self.stdin.take());
+        let _ = self.child.wait_timeout(Duration::from_secs(5));
     }
 }

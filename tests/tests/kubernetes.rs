@@ -248,9 +248,15 @@ fn ctr_run_starts_a_module_in_a_warm_worker() {
     for (n, signal, code) in [(0, "SIGTERM", 0), (1, "SIGKILL", 137)] {
         let id = format!("ctr{n}-{}", std::process::id());
         let out = node.ctd.dir.path().join(format!("{id}.out"));
-        let mut run =
-            node.ctd
-                .ctr_command(&["run", "--runtime", RUNTIME, "--rm", &img.reference, &id]);
+        let mut run = node.ctd.ctr_command(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--net-host",
+            "--rm",
+            &img.reference,
+            &id,
+        ]);
         run.stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(out.with_extension("err")).unwrap());
         let mut run = ChildGuard(run.spawn().expect("spawn ctr run"));
