@@ -113,7 +113,6 @@ class Driver:
             metadata=pb.PodSandboxMetadata(
                 name=name, namespace=namespace, uid=uid or f"uid-{name}", attempt=0
             ),
-            hostname=name,
             log_directory=log_dir,
             linux=pb.LinuxPodSandboxConfig(
                 security_context=pb.LinuxSandboxSecurityContext(
