@@ -108,7 +108,10 @@ class Driver:
         )
         return {"id": r.image.id, "size": r.image.size}
 
-    def run_sandbox(self, name, log_dir, handler="ember", namespace="default", uid=None):
+    def run_sandbox(self, name, log_dir, handler="ember", namespace="default", uid=None,
+                    network="node"):
+        """A pod on the host's network ("node") or in its own namespace ("pod")."""
+        modes = {"node": pb.NODE, "pod": pb.POD}
         cfg = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(
                 name=name, namespace=namespace, uid=uid or f"uid-{name}", attempt=0
@@ -116,7 +119,7 @@ class Driver:
             log_directory=log_dir,
             linux=pb.LinuxPodSandboxConfig(
                 security_context=pb.LinuxSandboxSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE)
+                    namespace_options=pb.NamespaceOption(network=modes[network])
                 )
             ),
         )
@@ -129,10 +132,25 @@ class Driver:
 
     def sandbox_status(self, sandbox):
         r = self.rt.PodSandboxStatus(
-            pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox), timeout=self.timeout
+            pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox, verbose=True),
+            timeout=self.timeout,
         )
         ready = r.status.state == pb.SANDBOX_READY
-        return {"state": "READY" if ready else "NOTREADY"}
+        # The network namespace CRI made for the pod (none on the host's
+        # network), from the sandbox's OCI spec in the verbose info.
+        netns = None
+        try:
+            spec = json.loads(r.info.get("info", "{}")).get("runtimeSpec") or {}
+            for ns in (spec.get("linux") or {}).get("namespaces") or []:
+                if ns.get("type") == "network":
+                    netns = ns.get("path")
+        except ValueError:
+            pass
+        return {
+            "state": "READY" if ready else "NOTREADY",
+            "ip": r.status.network.ip,
+            "netns": netns,
+        }
 
     def stop_sandbox(self, sandbox):
         self.rt.StopPodSandbox(

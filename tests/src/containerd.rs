@@ -109,6 +109,7 @@ impl Containerd {
         for sub in ["cni-bin", "cni-conf", "logs"] {
             std::fs::create_dir_all(t.join(sub)).unwrap();
         }
+        install_test_cni(t);
         let socket = t.join("containerd.sock");
         let config = t.join("config.toml");
         std::fs::write(&config, config_toml(t)).unwrap();
@@ -274,7 +275,8 @@ impl Drop for Containerd {
 }
 
 /// The config of a private containerd rooted at `t`: CRI with the `ember`
-/// handler as the default, the hand-made pause image, no CNI, and the
+/// handler as the default, the hand-made pause image, the test CNI plugin,
+/// pod network namespaces under the state dir, and the
 /// handler's table taken verbatim from the deploy snippet (so the tests
 /// prove the snippet an operator copies).
 fn config_toml(t: &Path) -> String {
@@ -302,6 +304,7 @@ state = "{t}/state"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "ember"
@@ -312,6 +315,43 @@ state = "{t}/state"
 # deploy/kubernetes/containerd-ember.toml, as an operator adds it:
 {snippet}"#
     )
+}
+
+/// The CNI plugin of the private containerd, for pods with their own
+/// network namespace, installed as `loopback` (CRI always runs that one,
+/// for `lo`) and as `ember-test-cni` (the pod network's, for `eth0`): CRI
+/// creates the namespace (under its state dir); the plugin only brings its
+/// loopback up and reports 127.0.0.1 on `lo`, 127.0.0.2 on `eth0`. It
+/// creates no interface, route or address on the host, so tests running in
+/// parallel (and the machine) share nothing.
+const TEST_CNI: &str = r#"#!/bin/sh
+conf=$(cat)
+version=$(printf '%s' "$conf" | sed -n 's/.*"cniVersion" *: *"\([^"]*\)".*/\1/p')
+case "$CNI_COMMAND" in
+ADD)
+    nsenter --net="$CNI_NETNS" ip link set lo up >&2 || exit 1
+    if [ "$CNI_IFNAME" = lo ]; then ip=127.0.0.1/8; else ip=127.0.0.2/8; fi
+    printf '{"cniVersion":"%s","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"%s","interface":0}],"dns":{}}' \
+        "$version" "$CNI_IFNAME" "$CNI_NETNS" "$ip"
+    ;;
+VERSION)
+    printf '{"cniVersion":"0.4.0","supportedVersions":["0.3.0","0.3.1","0.4.0"]}'
+    ;;
+esac
+"#;
+
+fn install_test_cni(t: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["loopback", "ember-test-cni"] {
+        let plugin = t.join("cni-bin").join(name);
+        std::fs::write(&plugin, TEST_CNI).unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(
+        t.join("cni-conf/10-ember-test.conflist"),
+        r#"{"cniVersion":"0.4.0","name":"ember-test","plugins":[{"type":"ember-test-cni"}]}"#,
+    )
+    .unwrap();
 }
 
 /// Paths of the Unix sockets `pid` listens on under `/run/containerd/s`.

@@ -298,21 +298,23 @@ fn ctr_run_starts_a_module_in_a_warm_worker() {
     }
 }
 
-/// Runs a host-network pod with the `ember` handler and one container of
-/// `image` created (not started); returns the sandbox id, the container id
+/// Runs a pod with the `ember` handler on the host's network (`network`
+/// "node") or in its own namespace ("pod"), and one container of `image`
+/// created (not started); returns the sandbox id, the container id
 /// and the path of its CRI log file.
 fn run_pod(
     cri: &mut Cri,
     node: &Node,
     name: &str,
     image: &Image,
+    network: &str,
     resources: serde_json::Value,
 ) -> (String, String, PathBuf) {
     let logs = node.ctd.log_dir().join(name);
     std::fs::create_dir_all(&logs).unwrap();
     let sb = cri.ok(
         "run_sandbox",
-        json!({ "name": name, "log_dir": logs, "handler": "ember" }),
+        json!({ "name": name, "log_dir": logs, "handler": "ember", "network": network }),
     )["id"]
         .as_str()
         .unwrap()
@@ -345,7 +347,7 @@ fn cri_runs_a_pod_like_the_kubelet() {
     let img = node.images("hello", "hello", "[config]\nprint = \"from-cri\"\n");
     let mut cri = Cri::start(&node.ctd);
 
-    let (sb, cid, log) = run_pod(&mut cri, &node, "hello", &img, json!({}));
+    let (sb, cid, log) = run_pod(&mut cri, &node, "hello", &img, "node", json!({}));
     let st = cri.ok("status", json!({ "container": cid }));
     assert_eq!(st["state"], "CREATED", "{st}");
     cri.ok("start", json!({ "container": cid }));
@@ -400,6 +402,7 @@ fn cri_memory_limit_ends_oom_killed() {
         &node,
         "hog",
         &img,
+        "node",
         json!({ "memory_limit": 64u64 << 20 }),
     );
     cri.ok("start", json!({ "container": cid }));
@@ -422,7 +425,7 @@ fn cri_exec_sync_gets_a_clear_error() {
     let node = Node::start();
     let img = node.images("hello", "hello", "");
     let mut cri = Cri::start(&node.ctd);
-    let (sb, cid, _) = run_pod(&mut cri, &node, "hello", &img, json!({}));
+    let (sb, cid, _) = run_pod(&mut cri, &node, "hello", &img, "node", json!({}));
     cri.ok("start", json!({ "container": cid }));
 
     let r = cri.call(
@@ -435,6 +438,44 @@ fn cri_exec_sync_gets_a_clear_error() {
     // The container is unharmed.
     let st = cri.ok("status", json!({ "container": cid }));
     assert_eq!(st["state"], "RUNNING", "{st}");
+
+    cri.ok("stop", json!({ "container": cid, "timeout": 10 }));
+    cri.ok("remove", json!({ "container": cid }));
+    remove_pod(&mut cri, &sb);
+}
+
+/// `(device, inode)` of a namespace file (`/proc/PID/ns/net`, a bind mount).
+fn ns_id(path: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}"));
+    (m.dev(), m.ino())
+}
+
+#[test]
+fn cri_pod_network_namespace_is_joined() {
+    let node = Node::start();
+    let img = node.images("hello", "hello", "");
+    let mut cri = Cri::start(&node.ctd);
+    let (sb, cid, _) = run_pod(&mut cri, &node, "netpod", &img, "pod", json!({}));
+    let st = cri.ok("sandbox_status", json!({ "sandbox": sb }));
+    let netns = st["netns"]
+        .as_str()
+        .expect("the pod's netns path")
+        .to_owned();
+    assert_eq!(st["ip"], "127.0.0.2", "{st}");
+    assert_ne!(
+        ns_id(&netns),
+        ns_id("/proc/self/ns/net"),
+        "a namespace of its own"
+    );
+
+    cri.ok("start", json!({ "container": cid }));
+    let st = cri.ok("status", json!({ "container": cid }));
+    assert_eq!(st["state"], "RUNNING", "{st}");
+    let pid = st["pid"].as_i64().expect("a pid");
+    assert_eq!(procs::ppid(pid as i32), Some(node.ember.pid()));
+    // The worker is in the pod's network namespace, not emberd's.
+    assert_eq!(ns_id(&format!("/proc/{pid}/ns/net")), ns_id(&netns));
 
     cri.ok("stop", json!({ "container": cid, "timeout": 10 }));
     cri.ok("remove", json!({ "container": cid }));
