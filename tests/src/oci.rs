@@ -26,9 +26,71 @@ pub struct Image {
     pub config: String,
 }
 
-/// Writes the module directory `dir` (its regular files, not recursing) as
-/// an OCI image archive `out` named `reference`.
+/// Packs the module directory `dir` as an OCI image archive `out` named
+/// `reference`, and reads its digests back from the archive.
 pub fn pack(dir: &Path, reference: &str, out: &Path) -> Image {
+    // The one line to swap for `emberctl pack DIR -o OUT --name REF`.
+    write_module_image(dir, reference, out);
+    read_image(out)
+}
+
+/// The reference and digests of the (first) image in an OCI archive.
+pub fn read_image(archive: &Path) -> Image {
+    let files = untar(&std::fs::read(archive).unwrap());
+    let get = |name: &str| -> serde_json::Value {
+        let data = files
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{} has no {name}", archive.display()));
+        serde_json::from_slice(&data.1).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let blob = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    let index = get("index.json");
+    let m = &index["manifests"][0];
+    let manifest = m["digest"].as_str().expect("a manifest digest").to_owned();
+    let config = get(&blob(&manifest))["config"]["digest"]
+        .as_str()
+        .expect("a config digest")
+        .to_owned();
+    Image {
+        reference: m["annotations"]["io.containerd.image.name"]
+            .as_str()
+            .expect("io.containerd.image.name")
+            .to_owned(),
+        archive: archive.to_owned(),
+        manifest,
+        config,
+    }
+}
+
+/// The regular files of a ustar archive: (name, content).
+pub fn untar(mut data: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    while data.len() >= 512 && data[..512].iter().any(|&b| b != 0) {
+        let h = &data[..512];
+        let field = |at: usize, len: usize| {
+            let f = &h[at..at + len];
+            let end = f.iter().position(|&b| b == 0).unwrap_or(len);
+            String::from_utf8_lossy(&f[..end]).trim().to_owned()
+        };
+        let mut name = field(0, 100);
+        let prefix = field(345, 155);
+        if !prefix.is_empty() {
+            name = format!("{prefix}/{name}");
+        }
+        let size = usize::from_str_radix(&field(124, 12), 8).expect("tar size field");
+        let body = &data[512..512 + size];
+        if matches!(h[156], b'0' | 0) {
+            out.push((name, body.to_vec()));
+        }
+        data = &data[(512 + size.div_ceil(512) * 512).min(data.len())..];
+    }
+    out
+}
+
+/// This crate's writer: the regular files of `dir` (not recursing) as the
+/// image's one layer.
+fn write_module_image(dir: &Path, reference: &str, out: &Path) {
     let mut files: Vec<(String, Vec<u8>, u32)> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read module dir {}: {e}", dir.display()))
         .flatten()
@@ -40,7 +102,7 @@ pub fn pack(dir: &Path, reference: &str, out: &Path) -> Image {
         })
         .collect();
     files.sort();
-    image_archive(reference, &tar(&files), &["/ember-module"], out)
+    image_archive(reference, &tar(&files), &["/ember-module"], out);
 }
 
 /// A pause image for the pod sandbox: Ember's shim runs no process for it,
@@ -191,5 +253,6 @@ mod tests {
         blank[148..156].fill(b' ');
         assert_eq!(stored, blank.iter().map(|&b| u32::from(b)).sum::<u32>());
         assert_eq!(&t[512..517], b"hello");
+        assert_eq!(untar(&t), [("a.txt".to_owned(), b"hello".to_vec())]);
     }
 }
