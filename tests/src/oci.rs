@@ -29,7 +29,9 @@ pub struct Image {
 /// Packs the module directory `dir` as an OCI image archive `out` named
 /// `reference`, and reads its digests back from the archive.
 pub fn pack(dir: &Path, reference: &str, out: &Path) -> Image {
-    // The one line to swap for `emberctl pack DIR -o OUT --name REF`.
+    // The one line to swap for `emberctl pack DIR -o OUT --name REF`, e.g.
+    // `run(Command::new(daemon::emberctl()).arg("pack").arg(dir).args(["-o", OUT, "--name", REF]))`
+    // (all of tests/tests/kubernetes.rs passed with that too, on a merge).
     write_module_image(dir, reference, out);
     read_image(out)
 }
