@@ -13,10 +13,11 @@
 //! every mount under the temp dir lazily unmounted, the dir removed.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -97,6 +98,9 @@ pub struct Containerd {
     pub dir: TempDir,
     /// The gRPC socket (CRI and `ctr`).
     pub socket: PathBuf,
+    /// Shim groupings (sandbox ids, `ctr run` container ids) whose sockets
+    /// teardown removes if their shim left them behind.
+    groupings: Mutex<Vec<String>>,
 }
 
 impl Containerd {
@@ -136,6 +140,7 @@ impl Containerd {
             child: Some(child),
             dir,
             socket,
+            groupings: Mutex::new(Vec::new()),
         };
         let child = c.child.as_mut().unwrap();
         let log = c.dir.path().join("containerd.log");
@@ -211,6 +216,24 @@ impl Containerd {
         })
     }
 
+    /// Notes a shim grouping (a pod's sandbox id, or the id of a container
+    /// `ctr run` started) so that teardown removes its socket should the
+    /// shim leave it: a shim unlinks its socket at exit only if it can
+    /// still read its bundle's `address` file, which containerd may have
+    /// deleted by then.
+    pub fn track_shim(&self, grouping: &str) {
+        self.groupings.lock().unwrap().push(grouping.to_owned());
+    }
+
+    /// The socket of the shim serving `grouping`: containerd-shim's
+    /// `socket_address` — `/run/containerd/s/` and the sha-256 of
+    /// `ADDRESS/NAMESPACE/GROUPING`.
+    fn shim_socket(&self, grouping: &str) -> PathBuf {
+        let key = format!("{}/{NAMESPACE}/{grouping}", self.socket.display());
+        let hex = crate::oci::digest(key.as_bytes());
+        Path::new("/run/containerd/s").join(hex.trim_start_matches("sha256:"))
+    }
+
     /// Pids of the shims this containerd started: their command line names
     /// this containerd's socket after `-address`.
     pub fn shim_pids(&self) -> Vec<i32> {
@@ -268,6 +291,12 @@ impl Drop for Containerd {
             crate::daemon::wait_dead(pid);
             for s in sockets {
                 let _ = std::fs::remove_file(s);
+            }
+        }
+        for g in self.groupings.lock().unwrap().iter() {
+            let path = self.shim_socket(g);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(path);
             }
         }
         unmount_under(self.dir.path());

@@ -247,6 +247,7 @@ fn ctr_run_starts_a_module_in_a_warm_worker() {
 
     for (n, signal, code) in [(0, "SIGTERM", 0), (1, "SIGKILL", 137)] {
         let id = format!("ctr{n}-{}", std::process::id());
+        node.ctd.track_shim(&id);
         let out = node.ctd.dir.path().join(format!("{id}.out"));
         let mut run = node.ctd.ctr_command(&[
             "run",
@@ -319,6 +320,7 @@ fn run_pod(
         .as_str()
         .unwrap()
         .to_owned();
+    node.ctd.track_shim(&sb);
     let st = cri.ok("sandbox_status", json!({ "sandbox": sb }));
     assert_eq!(st["state"], "READY", "{st}");
     let mut req = json!({
