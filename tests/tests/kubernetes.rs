@@ -5,9 +5,10 @@
 //! Also: the deploy/kubernetes manifests validate against the Kubernetes
 //! schemas, and a broken copy does not.
 //!
-//! Needs root (containerd, mounts), `apt-get install containerd` and
-//! `pip install grpcio grpcio-tools kubernetes-validate` (CI's .ci/run does
-//! both).
+//! Needs root (containerd, mounts, network namespaces), `apt-get install
+//! containerd iproute2`, `pip install grpcio grpcio-tools
+//! kubernetes-validate` (CI's .ci/run does both) and the shim's workspace
+//! `containerd-shim-ember/`, which the harness builds into this target dir.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
