@@ -1,11 +1,14 @@
 //! Shared helpers for the end-to-end tests: unique temp dirs, child
 //! processes that are killed (by pid) and reaped when a test ends, passing
 //! channel ends to a peer process, the example cdylibs and daemon binaries
-//! built from the workspace, and ([`daemon`]) a real `emberd` to drive.
+//! built from the workspace, ([`daemon`]) a real `emberd` to drive, and
+//! ([`containerd`], [`oci`]) a private containerd with module images.
 
 pub mod chaos;
+pub mod containerd;
 pub mod daemon;
 pub mod load;
+pub mod oci;
 pub mod procs;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
