@@ -60,12 +60,12 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// The shim binary, built once per test binary from the separate
-/// `containerd-shim-ember/` workspace into this build's target dir (so a
+/// `supervisor/containerd-shim-ember/` workspace into this build's target dir (so a
 /// fresh clone plus `cargo test` runs the current shim).
 pub fn shim() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let manifest = workspace_root().join("containerd-shim-ember/Cargo.toml");
+        let manifest = workspace_root().join("supervisor/containerd-shim-ember/Cargo.toml");
         assert!(
             manifest.is_file(),
             "{} is missing: the shim's workspace is needed for these tests",

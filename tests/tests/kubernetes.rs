@@ -8,7 +8,7 @@
 //! Needs root (containerd, mounts, network namespaces), `apt-get install
 //! containerd iproute2`, `pip install grpcio grpcio-tools
 //! kubernetes-validate` (CI's .ci/run does both) and the shim's workspace
-//! `containerd-shim-ember/`, which the harness builds into this target dir.
+//! `supervisor/containerd-shim-ember/`, which the harness builds into this target dir.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -483,4 +483,52 @@ fn cri_pod_network_namespace_is_joined() {
     cri.ok("stop", json!({ "container": cid, "timeout": 10 }));
     cri.ok("remove", json!({ "container": cid }));
     remove_pod(&mut cri, &sb);
+}
+
+/// The shim's own tests (spec parsing, its emberd client, `ctr run` against
+/// a stub emberd) live in its separate workspace, which `cargo test
+/// --workspace` does not reach: run them from here, so the README's one
+/// test command runs them too. `CI` is passed on: there they fail instead of
+/// skipping when containerd is missing.
+#[test]
+fn the_shims_own_tests_pass() {
+    let manifest = workspace_root().join("supervisor/containerd-shim-ember/Cargo.toml");
+    let target = ember_tests::profile_dir()
+        .parent()
+        .expect("target dir")
+        .to_owned();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.arg("test")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target);
+    if ember_tests::profile_dir()
+        .file_name()
+        .is_some_and(|n| n == "release")
+    {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("run cargo test for the shim");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the shim's tests failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its test binaries ran, the containerd one among them (a filter or an
+    // empty crate would pass too).
+    let passed: u32 = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .filter_map(|l| {
+            l.split_once(" passed")
+                .and_then(|(n, _)| n.parse::<u32>().ok())
+        })
+        .sum();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        passed > 0 && stderr.contains("tests/ctr_run.rs"),
+        "no shim test ran:\n{stdout}\n{stderr}"
+    );
 }
