@@ -50,8 +50,10 @@ pub enum Command {
     ///
     /// A bare `entry` (`libhello.so`) that is not next to the manifest is
     /// taken from cargo's build of it: `release/` or `debug/` (this
-    /// emberctl's own profile first) of $CARGO_TARGET_DIR, else of the
-    /// cargo workspace's `target/`; the build picked is printed first.
+    /// emberctl's own profile first) of $CARGO_TARGET_DIR (or
+    /// $CARGO_BUILD_TARGET_DIR), else of `build.target-dir` in a
+    /// `.cargo/config.toml`, else of the cargo workspace's `target/`; the
+    /// build picked is printed first.
     Install {
         /// Module directory or manifest file.
         path: PathBuf,
