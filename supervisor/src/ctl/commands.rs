@@ -118,11 +118,11 @@ pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
             name: Some(name),
             watch,
         } => super::events::view(socket, &mut c, out, *watch, Some(name), |c| {
-            status_text_of(c, name, cli.json)
+            status_text_of(c, name, cli.json, *watch)
         }),
         Command::Status { name: None, watch } => {
             super::events::view(socket, &mut c, out, *watch, None, |c| {
-                super::events::status_table(c, cli.json)
+                super::events::status_table(c, cli.json, *watch)
             })
         }
         Command::Events { name } => super::events::follow(&mut c, out, name.as_deref(), cli.json),
@@ -378,13 +378,28 @@ fn sandbox(replicas: &Value) -> String {
     text
 }
 
-fn status_text_of(c: &mut Client, name: &str, json_out: bool) -> Result<String, CtlError> {
+/// With `watch`, the text says which of its values are as of the drawing:
+/// they change without an event, and a watch redraws only on events.
+fn status_text_of(
+    c: &mut Client,
+    name: &str,
+    json_out: bool,
+    watch: bool,
+) -> Result<String, CtlError> {
     let v = c.call(&method("Status"), json!({ "name": name }))?;
     if json_out {
         return Ok(json_text(&v));
     }
-    Ok(status_text(&v["status"]))
+    let mut text = status_text(&v["status"]);
+    if watch {
+        text.push_str(WATCH_NOTE);
+    }
+    Ok(text)
 }
+
+/// Under `status NAME --watch`.
+const WATCH_NOTE: &str =
+    "(memory, cpu and time in state are as of this drawing: --watch redraws on events only)\n";
 
 /// `status`'s output: the module's fields, its rollout in progress, and a
 /// table of its replicas when there are several or a rollout runs.

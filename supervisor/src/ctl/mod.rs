@@ -128,7 +128,9 @@ pub enum Command {
         /// Module name (default: a table of every module).
         name: Option<String>,
         /// Keep it on screen, redrawn each time something changes (fed by
-        /// the event stream).
+        /// the event stream, no polling): the table then leaves out CPU,
+        /// PSS and uptime, and one module's view notes that its memory,
+        /// CPU and time in state are as of the drawing.
         #[arg(long, short)]
         watch: bool,
     },
