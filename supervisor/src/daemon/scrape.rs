@@ -229,6 +229,8 @@ struct Scrape {
     calls: CallCounts,
     uptime: f64,
     start_time: f64,
+    /// Module lines journald did not take, when module lines go there.
+    journal_lost: Option<u64>,
 }
 
 /// The snapshot could not be taken.
@@ -297,6 +299,7 @@ impl Sources {
                 .start_time
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            journal_lost: crate::journal::get().map(|j| j.lost()),
         };
         Ok(encode(scrape))
     }
@@ -421,6 +424,15 @@ impl Collector for Scrape {
                 .iter()
                 .map(|((m, e), n)| ([("method", *m), ("error", *e)], ConstCounter::new(*n))),
         )?;
+        if let Some(lost) = self.journal_lost {
+            family(
+                &mut enc,
+                "ember_journal_lost_lines",
+                "Module log lines journald did not take (only when module lines go to the journal)",
+                MetricType::Counter,
+                [(none, ConstCounter::new(lost))],
+            )?;
+        }
         // Modules and replicas.
         family(
             &mut enc,
@@ -879,6 +891,7 @@ mod tests {
             calls: calls.snapshot(),
             uptime: 1.5,
             start_time: 1e9,
+            journal_lost: Some(4),
         });
         for line in [
             "# TYPE ember_replica_restarts_total counter",
@@ -897,6 +910,7 @@ mod tests {
             "ember_pool_hits_total 0",
             "ember_pool_fork_seconds_count 0",
             "ember_zygote_restarts_total 0",
+            "ember_journal_lost_lines_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
