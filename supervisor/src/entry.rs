@@ -292,7 +292,7 @@ fn read_cargo_toml(dir: &Path) -> Option<toml::Table> {
 /// A TOML file parsed, if it is a readable regular file under
 /// [`MAX_CARGO_TOML_BYTES`].
 fn read_toml(path: &Path) -> Option<toml::Table> {
-    let meta = std::fs::metadata(&path).ok()?;
+    let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() || meta.len() > MAX_CARGO_TOML_BYTES {
         return None;
     }
