@@ -412,6 +412,64 @@ fn counters_never_go_back_across_restarts() {
     assert!(last.0 > 0.0, "{last:?} after {scrapes} scrapes");
 }
 
+/// `emberctl list --watch` draws from `List` calls, each one counted by
+/// emberd (`ember_control_calls_total`): fed by events, it makes none while
+/// nothing happens, and one burst of them when something does. A watch that
+/// polled would call `List` during the quiet period.
+#[test]
+fn list_watch_calls_list_only_after_events() {
+    // No warm pool: nothing happens in emberd until the install.
+    let (d, addr) = start_with_metrics(&format!("{FAST}[pool]\nmin_idle = 0\nmax_idle = 0\n"));
+    let mut watch = ember_tests::ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["list", "--watch"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = watch.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // (Receive timeouts below only guard against a hang.)
+    let first = rx.recv_timeout(ember_tests::PATIENCE).unwrap();
+    assert!(first.starts_with("NAME"), "{first}");
+    let list = [("method", "io.ember.Supervisor.List")];
+    let lists = |sc: &Scrape| sum(sc, "ember_control_calls_total", &list);
+    let before = lists(&scrape(addr));
+    assert!(before >= 1.0, "the first drawing called List");
+    // A quiet period: no List call, no redraw.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        lists(&scrape(addr)),
+        before,
+        "List called with nothing happening"
+    );
+    assert!(rx.try_recv().is_err(), "redrawn with nothing happening");
+    // Something happens: it is drawn.
+    let m = module_dir(d.dir.path(), "hello", "1.0.0");
+    d.ctl_ok(&["install", m.to_str().unwrap()]);
+    loop {
+        let line = rx.recv_timeout(ember_tests::PATIENCE).unwrap();
+        if line.starts_with("hello ") && line.contains(" running ") {
+            break;
+        }
+    }
+    assert!(lists(&scrape(addr)) > before);
+    watch.kill();
+}
+
 /// Socket inodes emberd has open that listen on TCP.
 fn listening_tcp_inodes(pid: i32) -> Vec<u64> {
     let mut listening = Vec::new();
