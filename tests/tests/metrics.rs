@@ -412,6 +412,38 @@ fn counters_never_go_back_across_restarts() {
     assert!(last.0 > 0.0, "{last:?} after {scrapes} scrapes");
 }
 
+#[test]
+fn a_rollback_continues_the_revisions_counters() {
+    let (d, addr) = start_with_metrics(FAST);
+    let m = real_module(d.dir.path(), "hello", "hello", "");
+    d.ctl_ok(&["install", m.to_str().unwrap(), "--wait"]);
+    let r1 = [("module", "hello"), ("revision", "1"), ("replica", "0")];
+    let hello1 = [("module", "hello"), ("revision", "1")];
+    let sc = scrape(addr);
+    assert_eq!(one(&sc, "ember_replica_launches_total", &r1), 1.0);
+    assert_eq!(one(&sc, "ember_module_startup_seconds_count", &hello1), 1.0);
+    let manifest = m.join("module.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("1.0.0", "2.0.0")).unwrap();
+    d.ctl_ok(&["deploy", m.to_str().unwrap(), "--wait"]);
+    // Back to revision 1: a new run of it, whose counts add to the first
+    // run's (one launch each).
+    d.ctl_ok(&["rollback", "hello", "--to", "1", "--wait"]);
+    let sc = poll_until("revision 2 gone", Duration::from_millis(50), || {
+        let sc = scrape(addr);
+        match samples(&sc, "ember_replica_launches_total", &[("revision", "2")]).len() {
+            0 => Ok(sc),
+            n => Err(format!("{n} replicas of revision 2 left")),
+        }
+    });
+    assert_eq!(
+        one(&sc, "ember_module_revision", &[("module", "hello")]),
+        1.0
+    );
+    assert_eq!(one(&sc, "ember_replica_launches_total", &r1), 2.0);
+    assert_eq!(one(&sc, "ember_module_startup_seconds_count", &hello1), 2.0);
+}
+
 /// `emberctl list --watch` draws from `List` calls, each one counted by
 /// emberd (`ember_control_calls_total`): fed by events, it makes none while
 /// nothing happens, and one burst of them when something does. A watch that
