@@ -7,8 +7,10 @@
 //! package names the bare file (`entry = "libhello.so"`) that cargo writes
 //! into its target directory: when no such file is next to the manifest,
 //! the entry is looked for in `release/` and `debug/` of the package's
-//! target directory (`CARGO_TARGET_DIR` of the caller if set, else
-//! `target/` of the cargo workspace root above the manifest): the build of
+//! target directory (`CARGO_TARGET_DIR`, else `CARGO_BUILD_TARGET_DIR`, of
+//! the caller if set, else `build.target-dir` of a `.cargo/config.toml` at
+//! or above the workspace root, else `target/` of the cargo workspace root
+//! above the manifest): the build of
 //! emberctl's own profile if there is one, else the other. This runs in `emberctl`, with the user's
 //! own rights; emberd receives the path picked and opens it with the same
 //! rights ([`crate::fscred`]), checking it as it checks any entry.
@@ -79,8 +81,11 @@ impl std::fmt::Display for CargoPick {
 /// Which target directory was searched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetFrom {
-    /// `CARGO_TARGET_DIR` of the caller.
-    Env,
+    /// This environment variable of the caller (`CARGO_TARGET_DIR` or
+    /// `CARGO_BUILD_TARGET_DIR`).
+    Env(&'static str),
+    /// `build.target-dir` of this cargo configuration file.
+    Config(PathBuf),
     /// `target/` of the cargo workspace (or lone package) at this root.
     Workspace(PathBuf),
 }
@@ -88,7 +93,8 @@ pub enum TargetFrom {
 impl std::fmt::Display for TargetFrom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TargetFrom::Env => write!(f, "from CARGO_TARGET_DIR"),
+            TargetFrom::Env(var) => write!(f, "from {var}"),
+            TargetFrom::Config(file) => write!(f, "build.target-dir of {}", file.display()),
             TargetFrom::Workspace(root) => {
                 write!(f, "target dir of the cargo workspace {}", root.display())
             }
@@ -125,7 +131,8 @@ fn list(paths: &[PathBuf]) -> String {
 }
 
 /// Finds the library the manifest at `manifest` (a file path) names in
-/// `entry`. `target_dir` is the caller's `CARGO_TARGET_DIR`, made absolute;
+/// `entry`. `target_dir` is the caller's `CARGO_TARGET_DIR` (or
+/// `CARGO_BUILD_TARGET_DIR`), made absolute, with the variable's name;
 /// `prefer` the profile whose build is taken when both profiles have one
 /// (`emberctl` passes its own: emberd, emberctl and the examples are built
 /// by one `cargo build [--release]`, and a slim module runs only on the SDK
@@ -133,7 +140,7 @@ fn list(paths: &[PathBuf]) -> String {
 pub fn resolve(
     manifest: &Path,
     entry: &Path,
-    target_dir: Option<&Path>,
+    target_dir: Option<(&Path, &'static str)>,
     prefer: &str,
 ) -> Result<Resolved, NotFound> {
     let dir = manifest.parent().unwrap_or(Path::new("/"));
@@ -152,9 +159,12 @@ pub fn resolve(
         return Err(not_found(looked, None));
     }
     let (target, target_from) = match target_dir {
-        Some(t) => (t.to_owned(), TargetFrom::Env),
+        Some((t, var)) => (t.to_owned(), TargetFrom::Env(var)),
         None => match workspace_root(dir) {
-            Some(root) => (root.join("target"), TargetFrom::Workspace(root)),
+            Some(root) => match config_target_dir(&root) {
+                Some((t, file)) => (t, TargetFrom::Config(file)),
+                None => (root.join("target"), TargetFrom::Workspace(root)),
+            },
             None => {
                 return Err(not_found(
                     looked,
@@ -241,15 +251,52 @@ pub fn workspace_root(dir: &Path) -> Option<PathBuf> {
     Some(package)
 }
 
+/// `build.target-dir` as cargo reads it for a build run in `root`: from the
+/// nearest `.cargo/config.toml` (or legacy `.cargo/config`) at or above
+/// `root` that sets it, then `$CARGO_HOME/config.toml` (`~/.cargo`); a
+/// relative path is taken from the directory holding that `.cargo`. With
+/// the file it came from.
+pub fn config_target_dir(root: &Path) -> Option<(PathBuf, PathBuf)> {
+    let home = std::env::var_os("CARGO_HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    let dirs = root.ancestors().map(|a| a.join(".cargo"));
+    for cargo_dir in dirs.chain(home) {
+        for name in ["config.toml", "config"] {
+            let file = cargo_dir.join(name);
+            let Some(t) = read_toml(&file) else {
+                continue;
+            };
+            if let Some(dir) = t
+                .get("build")
+                .and_then(|b| b.get("target-dir"))
+                .and_then(|d| d.as_str())
+            {
+                let base = cargo_dir.parent().unwrap_or(Path::new("/"));
+                return Some((normalize(&base.join(dir)), file));
+            }
+            // cargo reads `config` only when there is no `config.toml`.
+            break;
+        }
+    }
+    None
+}
+
 /// `dir/Cargo.toml` parsed, if it is a readable regular file of TOML
 /// under [`MAX_CARGO_TOML_BYTES`].
 fn read_cargo_toml(dir: &Path) -> Option<toml::Table> {
-    let path = dir.join("Cargo.toml");
-    let meta = std::fs::metadata(&path).ok()?;
+    read_toml(&dir.join("Cargo.toml"))
+}
+
+/// A TOML file parsed, if it is a readable regular file under
+/// [`MAX_CARGO_TOML_BYTES`].
+fn read_toml(path: &Path) -> Option<toml::Table> {
+    let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() || meta.len() > MAX_CARGO_TOML_BYTES {
         return None;
     }
-    std::fs::read_to_string(&path).ok()?.parse().ok()
+    std::fs::read_to_string(path).ok()?.parse().ok()
 }
 
 /// `path` without `.` components and with each `..` applied to what comes
@@ -376,14 +423,58 @@ mod tests {
         built(&ws.join("target/debug/libm.so"), 0);
         let elsewhere = t.0.join("elsewhere");
         built(&elsewhere.join("debug/libm.so"), 100);
-        let Resolved::Cargo(c) =
-            resolve(&manifest, Path::new("libm.so"), Some(&elsewhere), "debug").unwrap()
-        else {
+        let Resolved::Cargo(c) = resolve(
+            &manifest,
+            Path::new("libm.so"),
+            Some((&elsewhere, "CARGO_TARGET_DIR")),
+            "debug",
+        )
+        .unwrap() else {
             panic!("not a cargo pick")
         };
         assert_eq!(c.path, elsewhere.join("debug/libm.so"));
-        assert_eq!(c.target_from, TargetFrom::Env);
+        assert_eq!(c.target_from, TargetFrom::Env("CARGO_TARGET_DIR"));
         assert!(c.to_string().ends_with("; from CARGO_TARGET_DIR)"), "{c}");
+    }
+
+    #[test]
+    fn a_config_target_dir_replaces_the_workspace_target() {
+        let t = Tmp::new("cfg");
+        let (ws, manifest) = workspace(&t);
+        built(&ws.join("target/debug/libm.so"), 0);
+        built(&t.0.join("out/debug/libm.so"), 100);
+        // Above the workspace, relative to the directory holding `.cargo`;
+        // a `config` beside a `config.toml` is not read.
+        write(
+            &t.0.join(".cargo/config.toml"),
+            "[build]\ntarget-dir = \"out\"\n",
+        );
+        write(&ws.join(".cargo/config.toml"), "[net]\nretry = 1\n");
+        write(
+            &ws.join(".cargo/config"),
+            "[build]\ntarget-dir = \"nope\"\n",
+        );
+        let Resolved::Cargo(c) = resolve(&manifest, Path::new("libm.so"), None, "debug").unwrap()
+        else {
+            panic!("not a cargo pick")
+        };
+        assert_eq!(c.path, t.0.join("out/debug/libm.so"));
+        let file = t.0.join(".cargo/config.toml");
+        assert_eq!(c.target_from, TargetFrom::Config(file.clone()));
+        assert!(
+            c.to_string()
+                .ends_with(&format!("; build.target-dir of {})", file.display())),
+            "{c}"
+        );
+        // The nearest file that sets it wins.
+        write(
+            &ws.join(".cargo/config.toml"),
+            "[build]\ntarget-dir = \"/abs/t\"\n",
+        );
+        assert_eq!(
+            config_target_dir(&ws),
+            Some((PathBuf::from("/abs/t"), ws.join(".cargo/config.toml")))
+        );
     }
 
     #[test]

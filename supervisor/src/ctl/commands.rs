@@ -29,7 +29,9 @@ pub(super) fn absolute_existing(path: &Path) -> Result<PathBuf, CtlError> {
 /// The library the manifest at `abs` (a module directory or its
 /// manifest) names in `entry`, when it is not where the manifest says but
 /// a cargo build of it is ([`crate::entry::resolve`]; the target directory
-/// is `$CARGO_TARGET_DIR` if set, else the cargo workspace's `target/`):
+/// is `$CARGO_TARGET_DIR` or `$CARGO_BUILD_TARGET_DIR` if set, else a
+/// cargo configuration's `build.target-dir`, else the cargo workspace's
+/// `target/`):
 /// the `entry` parameter of `Install` and `Deploy`, and a line saying which
 /// build was picked (on stderr with `--json`). `None` when the entry is
 /// where the manifest says, and when the manifest cannot be read or parsed
@@ -48,12 +50,18 @@ pub(super) fn pick_entry(
     let Ok(summary) = crate::manifest::parse(&text) else {
         return Ok(None);
     };
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|t| !t.is_empty())
-        .map(|t| {
-            std::path::absolute(&t).map_err(|e| {
-                CtlError::Input(format!("CARGO_TARGET_DIR {}: {e}", Path::new(&t).display()))
-            })
+    // As cargo: `CARGO_TARGET_DIR`, else `CARGO_BUILD_TARGET_DIR`.
+    let target_dir = ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
+        .into_iter()
+        .find_map(|var| {
+            std::env::var_os(var)
+                .filter(|t| !t.is_empty())
+                .map(|t| (var, t))
+        })
+        .map(|(var, t)| {
+            std::path::absolute(&t)
+                .map(|t| (t, var))
+                .map_err(|e| CtlError::Input(format!("{var} {}: {e}", Path::new(&t).display())))
         })
         .transpose()?;
     // emberctl's own profile: the one emberd and the SDK it offers were
@@ -63,7 +71,12 @@ pub(super) fn pick_entry(
     } else {
         "release"
     };
-    match crate::entry::resolve(&manifest, &summary.entry, target_dir.as_deref(), profile) {
+    match crate::entry::resolve(
+        &manifest,
+        &summary.entry,
+        target_dir.as_ref().map(|(t, var)| (t.as_path(), *var)),
+        profile,
+    ) {
         Ok(crate::entry::Resolved::AsWritten(_)) => Ok(None),
         Ok(crate::entry::Resolved::Cargo(pick)) => {
             let note = format!("entry {}: {pick}", summary.entry.display());
@@ -105,11 +118,11 @@ pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
             name: Some(name),
             watch,
         } => super::events::view(socket, &mut c, out, *watch, Some(name), |c| {
-            status_text_of(c, name, cli.json)
+            status_text_of(c, name, cli.json, *watch)
         }),
         Command::Status { name: None, watch } => {
             super::events::view(socket, &mut c, out, *watch, None, |c| {
-                super::events::status_table(c, cli.json)
+                super::events::status_table(c, cli.json, *watch)
             })
         }
         Command::Events { name } => super::events::follow(&mut c, out, name.as_deref(), cli.json),
@@ -365,13 +378,28 @@ fn sandbox(replicas: &Value) -> String {
     text
 }
 
-fn status_text_of(c: &mut Client, name: &str, json_out: bool) -> Result<String, CtlError> {
+/// With `watch`, the text says which of its values are as of the drawing:
+/// they change without an event, and a watch redraws only on events.
+fn status_text_of(
+    c: &mut Client,
+    name: &str,
+    json_out: bool,
+    watch: bool,
+) -> Result<String, CtlError> {
     let v = c.call(&method("Status"), json!({ "name": name }))?;
     if json_out {
         return Ok(json_text(&v));
     }
-    Ok(status_text(&v["status"]))
+    let mut text = status_text(&v["status"]);
+    if watch {
+        text.push_str(WATCH_NOTE);
+    }
+    Ok(text)
 }
+
+/// Under `status NAME --watch`.
+const WATCH_NOTE: &str =
+    "(memory, cpu and time in state are as of this drawing: --watch redraws on events only)\n";
 
 /// `status`'s output: the module's fields, its rollout in progress, and a
 /// table of its replicas when there are several or a rollout runs.

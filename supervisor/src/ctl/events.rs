@@ -94,8 +94,14 @@ pub(super) fn event_line(e: &Value) -> String {
 }
 
 /// `status` without a name: every module's `Status` as one table (with
-/// `--json`: `{"modules": [status…]}`).
-pub(super) fn status_table(c: &mut Client, json_out: bool) -> Result<String, CtlError> {
+/// `--json`: `{"modules": [status…]}`). With `watch` the table leaves out
+/// CPU, PSS and uptime: they change without an event, and a watch redraws
+/// only on events.
+pub(super) fn status_table(
+    c: &mut Client,
+    json_out: bool,
+    watch: bool,
+) -> Result<String, CtlError> {
     let list = c.call(&method("List"), json!({}))?;
     let mut statuses = Vec::new();
     for m in list["modules"].as_array().into_iter().flatten() {
@@ -110,12 +116,12 @@ pub(super) fn status_table(c: &mut Client, json_out: bool) -> Result<String, Ctl
         let all: Vec<&Value> = statuses.iter().map(|(_, s)| s).collect();
         return Ok(json_text(&json!({ "modules": all })));
     }
-    Ok(status_rows(&statuses))
+    Ok(status_rows(&statuses, !watch))
 }
 
 /// The table of [`status_table`] from each module's `List` summary and
-/// `Status`.
-fn status_rows(statuses: &[(Value, Value)]) -> String {
+/// `Status`; CPU, PSS and uptime only with `volatile`.
+fn status_rows(statuses: &[(Value, Value)], volatile: bool) -> String {
     let rows: Vec<Vec<String>> = statuses
         .iter()
         .map(|(m, s)| {
@@ -136,7 +142,7 @@ fn status_rows(statuses: &[(Value, Value)]) -> String {
                 (Some("running"), Some(secs)) => duration(secs),
                 _ => "-".into(),
             };
-            vec![
+            let mut row = vec![
                 cell(&s["name"]),
                 cell(&s["version"]),
                 cell(&s["revision"]),
@@ -144,18 +150,20 @@ fn status_rows(statuses: &[(Value, Value)]) -> String {
                 format!("{ready}/{}", cell(&m["replicas"])),
                 cell(&s["restarts"]),
                 pids,
-                cpu,
-                mem,
-                uptime,
-            ]
+            ];
+            if volatile {
+                row.extend([cpu, mem, uptime]);
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "NAME", "VERSION", "REV", "STATE", "READY", "RESTARTS", "PIDS", "CPU", "PSS", "UPTIME",
-        ],
-        &rows,
-    )
+    let mut header = vec![
+        "NAME", "VERSION", "REV", "STATE", "READY", "RESTARTS", "PIDS",
+    ];
+    if volatile {
+        header.extend(["CPU", "PSS", "UPTIME"]);
+    }
+    table(&header, &rows)
 }
 
 /// `42s`, `3m12s`, `2h03m`, `1d02h`.
@@ -268,12 +276,21 @@ mod tests {
             "memory": { "pss": 2048 },
             "replicas": [{ "state": "running" }, { "state": "backoff" }]
         });
-        let t = status_rows(&[(m, s)]);
+        let t = status_rows(&[(m.clone(), s.clone())], true);
         let row = t.lines().nth(1).unwrap();
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
             cols,
             ["kv", "1.0.0", "1", "running", "1/2", "1", "10,11", "0.50s", "2.0", "KiB", "1m05s"]
         );
+        // Watching: no column that changes without an event.
+        let t = status_rows(&[(m, s)], false);
+        let head: Vec<&str> = t.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            head,
+            ["NAME", "VERSION", "REV", "STATE", "READY", "RESTARTS", "PIDS"]
+        );
+        let cols: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(cols, ["kv", "1.0.0", "1", "running", "1/2", "1", "10,11"]);
     }
 }

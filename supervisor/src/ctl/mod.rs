@@ -50,8 +50,10 @@ pub enum Command {
     ///
     /// A bare `entry` (`libhello.so`) that is not next to the manifest is
     /// taken from cargo's build of it: `release/` or `debug/` (this
-    /// emberctl's own profile first) of $CARGO_TARGET_DIR, else of the
-    /// cargo workspace's `target/`; the build picked is printed first.
+    /// emberctl's own profile first) of $CARGO_TARGET_DIR (or
+    /// $CARGO_BUILD_TARGET_DIR), else of `build.target-dir` in a
+    /// `.cargo/config.toml`, else of the cargo workspace's `target/`; the
+    /// build picked is printed first.
     Install {
         /// Module directory or manifest file.
         path: PathBuf,
@@ -126,7 +128,9 @@ pub enum Command {
         /// Module name (default: a table of every module).
         name: Option<String>,
         /// Keep it on screen, redrawn each time something changes (fed by
-        /// the event stream).
+        /// the event stream, no polling): the table then leaves out CPU,
+        /// PSS and uptime, and one module's view notes that its memory,
+        /// CPU and time in state are as of the drawing.
         #[arg(long, short)]
         watch: bool,
     },

@@ -515,7 +515,13 @@ impl Actor {
             pid,
             event,
             pidfd,
+            cpu_seconds,
         } = ev;
+        if let (Some(cpu), Some(m)) = (cpu_seconds, self.modules.get_mut(&module)) {
+            if let Some(revision) = m.run(generation).map(|r| r.revision) {
+                m.counted.exited_cpu(revision, replica, cpu);
+            }
+        }
         if let (Some(pid), Some(fd)) = (pid, pidfd) {
             self.os.pidfds.insert(pid, fd);
         }
@@ -797,6 +803,7 @@ pub(super) fn drop_run(m: &mut Module, generation: u64) {
         return;
     };
     let run: Run = m.runs.remove(i);
+    m.counted.retire(&run);
     for (p, id) in &run.unix_paths {
         if !m
             .runs

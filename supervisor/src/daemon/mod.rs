@@ -328,6 +328,7 @@ async fn serve(
             started: started.0,
             start_time: started.1,
             memory: Default::default(),
+            cpu_floor: Default::default(),
         };
         tokio::spawn(scrape::serve(l, Arc::new(sources)))
     });

@@ -251,6 +251,10 @@ pub(super) struct Module {
     pub removing: bool,
     /// An install being undone: removed even if its state write fails.
     pub rolling_back: bool,
+    /// What finished runs and exited workers added to each (revision,
+    /// replica)'s counters, so `/metrics` counters never go back while the
+    /// module is installed.
+    pub counted: super::scrape::Counted,
 }
 
 impl Module {
@@ -263,6 +267,7 @@ impl Module {
             uninstall: Vec::new(),
             removing: false,
             rolling_back: false,
+            counted: Default::default(),
         }
     }
 

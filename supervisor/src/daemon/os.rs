@@ -38,6 +38,10 @@ pub struct InstanceEvent {
     /// With [`Event::Launched`]: the worker's pidfd, for signalling it
     /// (shared with the task that watches it: one descriptor a worker).
     pub pidfd: Option<Arc<OwnedFd>>,
+    /// With [`Event::Exited`]: the worker's user and system CPU time, read
+    /// from its `/proc` entry before it was reaped (for the metrics'
+    /// per-replica total).
+    pub cpu_seconds: Option<f64>,
 }
 
 /// What an instance task tells the actor.
@@ -233,6 +237,7 @@ impl WorkerOs for RealOs<'_> {
                     permanent: true,
                 },
                 pidfd: None,
+                cpu_seconds: None,
             }));
             return;
         };
@@ -394,6 +399,7 @@ async fn instance(
             pid,
             event,
             pidfd,
+            cpu_seconds: None,
         }));
     };
     let failed = |reason: String| Event::LaunchFailed {
@@ -727,6 +733,9 @@ async fn instance(
                         _ => channel_open = false,
                     }
                 }
+                // Its CPU time while it is a zombie: after the reap the
+                // pid may name another process.
+                let cpu_seconds = crate::metrics::cpu_seconds(pid).ok();
                 let status = match r {
                     Ok(_) => pidfd_reap(exit.get_ref().as_fd()),
                     Err(_) => ExitStatus::Unknown,
@@ -763,7 +772,16 @@ async fn instance(
                 } else {
                     log.failure(&exit);
                 }
-                return send(Some(pid), Event::Exited { attempt, status }, None);
+                let _ = events.send(OsMsg::Instance(InstanceEvent {
+                    module: module.clone(),
+                    generation: plan.generation,
+                    replica: plan.order.replica,
+                    pid: Some(pid),
+                    event: Event::Exited { attempt, status },
+                    pidfd: None,
+                    cpu_seconds,
+                }));
+                return;
             }
         }
     }

@@ -11,12 +11,16 @@
 //! close): `GET /metrics` is answered, other paths get 404, other methods
 //! 405. A connection must send its request head within [`READ_DEADLINE`]
 //! and in at most [`MAX_HEAD`] bytes, and take the reply within
-//! [`WRITE_DEADLINE`]; at most [`MAX_CONNECTIONS`] are served at once (the
-//! ones beyond are closed), each in its own task: a slow or silent client
-//! holds nothing but its own connection.
+//! [`WRITE_DEADLINE`]; at most [`MAX_CONNECTIONS`] are served at once, each
+//! in its own task. When all are taken, the connection that has waited the
+//! longest for its request head is closed to make room for the new one (a
+//! connection being answered is never closed): a client holding many
+//! silent connections, or reconnecting as fast as they close, cannot lock
+//! a scraper out.
 
+use std::collections::HashMap;
 use std::net::TcpListener as StdTcpListener;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -27,16 +31,18 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::actor::{Actor, ActorMsg};
+use super::model::Run;
 use crate::lifecycle::{Lifecycle, State};
 use crate::metrics::{Memory, MemoryCache};
 use crate::pool::{PoolHandle, PoolStats};
 use crate::prom::{CallCounts, ControlCalls, Latencies};
 
-/// How long a client may take to send its request head.
-pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request head (a scraper sends
+/// it at once).
+pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a client may take to read the reply.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// The largest request head read (request line and headers).
@@ -46,7 +52,8 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// How long a scrape waits for the actor's and the pool's snapshots.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// One replica, as the actor sees it.
+/// One replica, as the actor sees it. Its counters cover every run of its
+/// revision the module had, and every worker it ran in.
 #[derive(Debug, Clone)]
 pub struct ReplicaFacts {
     /// The module.
@@ -57,8 +64,14 @@ pub struct ReplicaFacts {
     pub replica: u32,
     /// Its state.
     pub state: State,
-    /// Its worker, while one runs.
+    /// Its worker, while one runs (of the serving run, when two runs of
+    /// the revision overlap).
     pub pid: Option<i32>,
+    /// Every live worker of this revision's replica (one, or two while an
+    /// old run of the revision is stopping): their CPU time is added.
+    pub workers: Vec<i32>,
+    /// CPU time of its workers that have exited.
+    pub exited_cpu_seconds: f64,
     /// Restarts so far.
     pub restarts: u64,
     /// Launches so far.
@@ -67,12 +80,46 @@ pub struct ReplicaFacts {
     pub startups: Latencies,
 }
 
+/// What one (revision, replica) counted in runs that are gone and in
+/// workers that exited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    restarts: u64,
+    launches: u64,
+    startups: Latencies,
+    cpu_seconds: f64,
+}
+
+/// Per module: [`Totals`] by (revision, replica). Kept while the module is
+/// installed, so a counter of a revision never goes back: not when a
+/// worker exits (its CPU time), not when a run of the revision ends and
+/// another starts (a rollback to it).
+#[derive(Debug, Default)]
+pub struct Counted(HashMap<(u64, u32), Totals>);
+
+impl Counted {
+    /// A run ends: its replicas' counters are kept.
+    pub(super) fn retire(&mut self, run: &Run) {
+        for (i, l) in run.replicas.iter().enumerate() {
+            let t = self.0.entry((run.revision, i as u32)).or_default();
+            t.restarts += l.restarts();
+            t.launches += l.launches();
+            t.startups.merge(l.startups());
+        }
+    }
+
+    /// A worker of `revision`'s replica exited having used `seconds` of CPU.
+    pub(super) fn exited_cpu(&mut self, revision: u64, replica: u32, seconds: f64) {
+        self.0.entry((revision, replica)).or_default().cpu_seconds += seconds;
+    }
+}
+
 /// What the actor answers to [`ActorMsg::Metrics`].
 #[derive(Debug, Clone, Default)]
 pub struct ActorSnapshot {
     /// Each module's active revision.
     pub modules: Vec<(String, u64)>,
-    /// Every replica of every run (a release runs two revisions).
+    /// One per (module, revision, replica) with a live run.
     pub replicas: Vec<ReplicaFacts>,
 }
 
@@ -85,22 +132,25 @@ impl Actor {
             // The serving run first: a rollback can start a new run of a
             // revision whose old run is still stopping, and a series may
             // appear only once (Prometheus refuses a scrape with
-            // duplicates), so the serving run's replica wins.
+            // duplicates), so the serving run's replica gives the state
+            // and pid; the counters of both are added.
             let serving = m.serving().generation;
             let runs = m
                 .runs
                 .iter()
                 .filter(|r| r.generation == serving)
                 .chain(m.runs.iter().filter(|r| r.generation != serving));
-            let first = s.replicas.len();
+            let mut index: HashMap<(u64, u32), usize> = HashMap::new();
             for run in runs {
                 for (i, l) in run.replicas.iter().enumerate() {
-                    let (revision, replica) = (run.revision, i as u32);
-                    let seen = s.replicas[first..]
-                        .iter()
-                        .any(|r| r.revision == revision && r.replica == replica);
-                    if !seen {
-                        s.replicas.push(facts(name, revision, replica, l));
+                    let key = (run.revision, i as u32);
+                    match index.get(&key) {
+                        Some(&at) => add_run(&mut s.replicas[at], l),
+                        None => {
+                            index.insert(key, s.replicas.len());
+                            let gone = m.counted.0.get(&key).copied().unwrap_or_default();
+                            s.replicas.push(facts(name, key, l, &gone));
+                        }
                     }
                 }
             }
@@ -109,17 +159,34 @@ impl Actor {
     }
 }
 
-fn facts(module: &str, revision: u64, replica: u32, l: &Lifecycle) -> ReplicaFacts {
+fn facts(
+    module: &str,
+    (revision, replica): (u64, u32),
+    l: &Lifecycle,
+    gone: &Totals,
+) -> ReplicaFacts {
+    let mut startups = gone.startups;
+    startups.merge(l.startups());
     ReplicaFacts {
         module: module.to_owned(),
         revision,
         replica,
         state: l.state(),
         pid: l.pid(),
-        restarts: l.restarts(),
-        launches: l.launches(),
-        startups: *l.startups(),
+        workers: l.pid().into_iter().collect(),
+        exited_cpu_seconds: gone.cpu_seconds,
+        restarts: gone.restarts + l.restarts(),
+        launches: gone.launches + l.launches(),
+        startups,
     }
+}
+
+/// Another live run of the same revision's replica.
+fn add_run(r: &mut ReplicaFacts, l: &Lifecycle) {
+    r.workers.extend(l.pid());
+    r.restarts += l.restarts();
+    r.launches += l.launches();
+    r.startups.merge(l.startups());
 }
 
 /// What a scrape reads from.
@@ -137,13 +204,20 @@ pub struct Sources {
     /// Worker memory readings, reused for a second (a burst of scrapes
     /// walks each worker's page tables once).
     pub memory: MemoryCache,
+    /// The CPU total last shown per (module, revision, replica): a worker
+    /// reaped after the actor's snapshot and before its `/proc` read is in
+    /// neither, until the actor has its exit; the total shown meanwhile
+    /// stays at the last one.
+    pub cpu_floor: Mutex<HashMap<(String, u64, u32), f64>>,
 }
 
-/// Per-process readings of one replica's worker.
+/// Per-process readings of one replica's workers.
 #[derive(Debug, Clone, Copy, Default)]
 struct ProcFacts {
+    /// Of its worker.
     memory: Option<Memory>,
-    cpu_seconds: Option<f64>,
+    /// Total CPU time: its exited workers' and its live ones'.
+    cpu_seconds: f64,
 }
 
 /// Everything one exposition shows.
@@ -155,6 +229,8 @@ struct Scrape {
     calls: CallCounts,
     uptime: f64,
     start_time: f64,
+    /// Module lines journald did not take, when module lines go there.
+    journal_lost: Option<u64>,
 }
 
 /// The snapshot could not be taken.
@@ -181,21 +257,38 @@ impl Sources {
             .await
             .ok()
             .and_then(Result::ok);
-        let pids: Vec<Option<i32>> = actor.replicas.iter().map(|r| r.pid).collect();
+        let pids: Vec<(Option<i32>, Vec<i32>, f64)> = actor
+            .replicas
+            .iter()
+            .map(|r| (r.pid, r.workers.clone(), r.exited_cpu_seconds))
+            .collect();
         let me = self.clone();
-        let procs = tokio::task::spawn_blocking(move || {
+        let mut procs = tokio::task::spawn_blocking(move || {
             pids.into_iter()
-                .map(|pid| match pid {
-                    Some(pid) => ProcFacts {
-                        memory: me.memory.memory(pid),
-                        cpu_seconds: crate::metrics::cpu_seconds(pid).ok(),
-                    },
-                    None => ProcFacts::default(),
+                .map(|(pid, workers, exited)| ProcFacts {
+                    memory: pid.and_then(|pid| me.memory.memory(pid)),
+                    cpu_seconds: exited
+                        + workers
+                            .iter()
+                            .filter_map(|&w| crate::metrics::cpu_seconds(w).ok())
+                            .sum::<f64>(),
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .map_err(|_| Unavailable)?;
+        {
+            let mut floor = self.cpu_floor.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = HashMap::with_capacity(procs.len());
+            for (r, p) in actor.replicas.iter().zip(&mut procs) {
+                let key = (r.module.clone(), r.revision, r.replica);
+                if let Some(&last) = floor.get(&key) {
+                    p.cpu_seconds = p.cpu_seconds.max(last);
+                }
+                seen.insert(key, p.cpu_seconds);
+            }
+            *floor = seen;
+        }
         let scrape = Scrape {
             actor,
             procs,
@@ -206,6 +299,7 @@ impl Sources {
                 .start_time
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            journal_lost: crate::journal::get().map(|j| j.lost()),
         };
         Ok(encode(scrape))
     }
@@ -330,6 +424,15 @@ impl Collector for Scrape {
                 .iter()
                 .map(|((m, e), n)| ([("method", *m), ("error", *e)], ConstCounter::new(*n))),
         )?;
+        if let Some(lost) = self.journal_lost {
+            family(
+                &mut enc,
+                "ember_journal_lost_lines",
+                "Module log lines journald did not take (only when module lines go to the journal)",
+                MetricType::Counter,
+                [(none, ConstCounter::new(lost))],
+            )?;
+        }
         // Modules and replicas.
         family(
             &mut enc,
@@ -403,27 +506,33 @@ impl Collector for Scrape {
         family(
             &mut enc,
             "ember_replica_cpu_seconds",
-            "User and system CPU time of each replica's current worker",
+            "User and system CPU time of each replica's workers, the exited ones included",
             MetricType::Counter,
-            with_procs()
-                .filter_map(|(r, p)| Some((replica_labels(r), ConstCounter::new(p.cpu_seconds?)))),
+            with_procs().map(|(r, p)| (replica_labels(r), ConstCounter::new(p.cpu_seconds))),
         )?;
-        let mut startups: Vec<([(&str, String); 2], Latencies)> = Vec::new();
+        // In the order the replicas come (a module's revisions together).
+        let mut order: Vec<(&str, u64)> = Vec::new();
+        let mut startups: HashMap<(&str, u64), Latencies> = HashMap::new();
         for r in reps {
-            let labels = [
-                ("module", r.module.clone()),
-                ("revision", r.revision.to_string()),
-            ];
-            match startups.iter_mut().find(|(l, _)| *l == labels) {
-                Some((_, h)) => h.merge(&r.startups),
-                None => startups.push((labels, r.startups)),
-            }
+            let key = (r.module.as_str(), r.revision);
+            startups
+                .entry(key)
+                .or_insert_with(|| {
+                    order.push(key);
+                    Latencies::default()
+                })
+                .merge(&r.startups);
         }
         histograms(
             &mut enc,
             "ember_module_startup_seconds",
-            "Time from a launch to the module's readiness, by module and revision (its live replicas)",
-            startups,
+            "Time from a launch to the module's readiness, by module and revision (every launch while the module is installed)",
+            order.into_iter().map(|(m, rev)| {
+                (
+                    [("module", m.to_owned()), ("revision", rev.to_string())],
+                    startups[&(m, rev)],
+                )
+            }),
         )?;
         // Pool.
         if let Some(p) = &self.pool {
@@ -497,7 +606,7 @@ pub async fn serve(listener: StdTcpListener, sources: Arc<Sources>) {
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -507,15 +616,101 @@ pub async fn serve(listener: StdTcpListener, sources: Arc<Sources>) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("too many metrics connections; closing a new one");
+        let Some(slot) = slots.take().await else {
+            tracing::warn!("too many metrics connections, all being answered; closing a new one");
             continue;
         };
         let sources = sources.clone();
         tokio::spawn(async move {
-            connection(stream, &sources).await;
-            drop(slot);
+            connection(stream, &sources, &slot).await;
         });
+    }
+}
+
+/// How long a connection accepted at [`MAX_CONNECTIONS`] waits for the one
+/// it evicted to let go of its slot.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
+
+/// The connection slots. When all are taken, the connection that has
+/// waited the longest for its request head is told to close, and the new
+/// one takes its slot.
+struct Slots {
+    permits: Arc<Semaphore>,
+    table: Arc<Mutex<SlotTable>>,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next: u64,
+    /// Per connection still reading its head: since when, and how to tell
+    /// it to close. A connection being answered is not here.
+    reading: HashMap<u64, (Instant, Arc<Notify>)>,
+}
+
+/// One connection's slot, given back when dropped.
+struct Slot {
+    id: u64,
+    table: Arc<Mutex<SlotTable>>,
+    evict: Arc<Notify>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(n)),
+            table: Arc::default(),
+        }
+    }
+
+    fn lock(table: &Mutex<SlotTable>) -> std::sync::MutexGuard<'_, SlotTable> {
+        table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free slot, or the slot of the connection waiting the longest for
+    /// its head once it has closed; `None` if every connection is being
+    /// answered.
+    async fn take(&self) -> Option<Slot> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let oldest = Self::lock(&self.table)
+                    .reading
+                    .values()
+                    .min_by_key(|(since, _)| *since)
+                    .map(|(_, evict)| evict.clone());
+                oldest?.notify_one();
+                tokio::time::timeout(EVICT_WAIT, self.permits.clone().acquire_owned())
+                    .await
+                    .ok()?
+                    .ok()?
+            }
+        };
+        let evict = Arc::new(Notify::new());
+        let mut t = Self::lock(&self.table);
+        let id = t.next;
+        t.next += 1;
+        t.reading.insert(id, (Instant::now(), evict.clone()));
+        Some(Slot {
+            id,
+            table: self.table.clone(),
+            evict,
+            _permit: permit,
+        })
+    }
+}
+
+impl Slot {
+    /// The head is in: the connection is being answered and is no longer
+    /// evicted.
+    fn answering(&self) {
+        Slots::lock(&self.table).reading.remove(&self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        Slots::lock(&self.table).reading.remove(&self.id);
     }
 }
 
@@ -593,9 +788,15 @@ fn response(status: &str, extra: &str, content_type: &str, body: &str) -> Vec<u8
     .into_bytes()
 }
 
-async fn connection(mut stream: TcpStream, sources: &Arc<Sources>) {
+async fn connection(mut stream: TcpStream, sources: &Arc<Sources>, slot: &Slot) {
     let text = "text/plain; charset=utf-8";
-    let reply = match tokio::time::timeout(READ_DEADLINE, read_head(&mut stream)).await {
+    let head = tokio::select! {
+        head = tokio::time::timeout(READ_DEADLINE, read_head(&mut stream)) => head,
+        // Evicted for a newer connection: closed without a reply.
+        () = slot.evict.notified() => return,
+    };
+    slot.answering();
+    let reply = match head {
         Err(_) => response(
             "408 Request Timeout",
             "",
@@ -665,6 +866,8 @@ mod tests {
             replica: 1,
             state: State::Running,
             pid: Some(42),
+            workers: vec![42],
+            exited_cpu_seconds: 0.25,
             restarts: 2,
             launches: 3,
             startups,
@@ -682,12 +885,13 @@ mod tests {
                     pss: 200,
                     uss: 100,
                 }),
-                cpu_seconds: Some(0.5),
+                cpu_seconds: 0.5,
             }],
             pool: Some(PoolStats::default()),
             calls: calls.snapshot(),
             uptime: 1.5,
             start_time: 1e9,
+            journal_lost: Some(4),
         });
         for line in [
             "# TYPE ember_replica_restarts_total counter",
@@ -706,6 +910,7 @@ mod tests {
             "ember_pool_hits_total 0",
             "ember_pool_fork_seconds_count 0",
             "ember_zygote_restarts_total 0",
+            "ember_journal_lost_lines_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
