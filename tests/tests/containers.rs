@@ -366,3 +366,191 @@ fn bad_input_is_refused_clearly() {
     assert_eq!(ran["name"], "k8s-a");
     ok(call(&d, "RemoveContainer", json!({ "id": "a" })));
 }
+
+/// A private containerd (own root, state and socket), stopped on drop;
+/// `None` where containerd is not installed (outside CI).
+struct Containerd {
+    child: Child,
+    socket: PathBuf,
+    root: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Option<Self> {
+        if Command::new("containerd")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "containerd is not installed (.ci/run installs it)"
+            );
+            return None;
+        }
+        let socket = dir.join("containerd.sock");
+        let root = dir.join("root");
+        let config = dir.join("containerd.toml");
+        let d = dir.display();
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+                 [debug]\n  address = \"{d}/debug.sock\"\n\
+                 [metrics]\n  address = \"\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut c = Containerd {
+            child,
+            socket,
+            root,
+        };
+        poll_until("containerd's socket", Duration::from_millis(20), || {
+            if let Some(st) = c.child.try_wait().unwrap() {
+                panic!("containerd exited: {st}");
+            }
+            match std::os::unix::net::UnixStream::connect(&c.socket) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        Some(c)
+    }
+
+    fn ctr(&self, args: &[&str]) -> String {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "ember-test"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_packed_module_imports_into_containerd_and_runs_from_its_unpacked_image() {
+    let d = Daemon::start(FAST);
+    let dir = image_dir(
+        d.dir.path(),
+        "hello",
+        "hello",
+        "[config]\nprint = \"from the image\"\n",
+    );
+    let archive = d.dir.path().join("hello.oci.tar");
+    let packed = d.ctl_json(&[
+        "pack",
+        dir.to_str().unwrap(),
+        "-o",
+        archive.to_str().unwrap(),
+        "--name",
+        "ember.local/hello-test:1.0.0",
+    ]);
+    assert_eq!(packed["name"], "ember.local/hello-test:1.0.0");
+    let digest = packed["digest"].as_str().unwrap().to_owned();
+    let bytes = std::fs::read(&archive).unwrap();
+    assert_eq!(packed["size"], bytes.len());
+    // Deterministic: packing again gives the same bytes.
+    let again = d.dir.path().join("again.oci.tar");
+    d.ctl_ok(&[
+        "pack",
+        dir.to_str().unwrap(),
+        "-o",
+        again.to_str().unwrap(),
+        "--name",
+        "ember.local/hello-test:1.0.0",
+    ]);
+    assert_eq!(std::fs::read(&again).unwrap(), bytes);
+    // The blob named by the digest is there, and hashes to it.
+    use sha2::Digest;
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(
+        listing.contains(&format!("blobs/sha256/{hex}")),
+        "{listing}"
+    );
+    let blob = Command::new("tar")
+        .arg("-xOf")
+        .arg(&archive)
+        .arg(format!("blobs/sha256/{hex}"))
+        .output()
+        .unwrap()
+        .stdout;
+    let got: String = sha2::Sha256::digest(&blob)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, hex);
+
+    let ctd_dir = ember_tests::TempDir::new("containerd");
+    let Some(ctd) = Containerd::start(ctd_dir.path()) else {
+        return;
+    };
+    ctd.ctr(&["images", "import", archive.to_str().unwrap()]);
+    let images = ctd.ctr(&["images", "ls"]);
+    let line = images
+        .lines()
+        .find(|l| l.starts_with("ember.local/hello-test:1.0.0 "))
+        .unwrap_or_else(|| panic!("not imported by name: {images}"));
+    assert!(line.contains(&digest), "{line}");
+    // Unpacked by the overlayfs snapshotter: the image's files as the shim
+    // mounts them; emberd runs the module from there.
+    let snapshots = ctd
+        .root
+        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let fs = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("fs"))
+        .find(|p| p.join("module.toml").exists())
+        .expect("an unpacked layer with module.toml");
+    let out = d.dir.path().join("out.log");
+    let run = ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "from-image", "path": fs, "stdout": out }),
+    ));
+    assert_eq!(run["name"], "k8s-from-image");
+    poll_until("the module's output", Duration::from_millis(10), || {
+        let t = std::fs::read_to_string(&out).unwrap_or_default();
+        if t.contains("stdout: from the image") {
+            Ok(())
+        } else {
+            Err(t)
+        }
+    });
+    ok(call(&d, "RemoveContainer", json!({ "id": "from-image" })));
+}
