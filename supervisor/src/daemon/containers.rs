@@ -109,8 +109,9 @@ fn open_netns(path: &Path) -> Result<OwnedFd, ErrorReply> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| refuse(e.to_string()))?;
-    // SAFETY: fstatfs writes into a zeroed statfs we own.
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into the statfs we own, for an open descriptor.
     if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
         return Err(refuse(std::io::Error::last_os_error().to_string()));
     }
