@@ -621,13 +621,23 @@ impl Limiter {
                 });
             };
             let dir = parent.join(&name);
-            for (file, value) in settings(*version, c, limits) {
-                let f = dir.join(file);
-                match std::fs::write(&f, &value) {
-                    Ok(()) => {}
-                    Err(_) if optional(file) => {}
-                    Err(e) => return Err(io_at(&f)(e)),
+            let write = |files: &[(&'static str, String)]| -> Result<(), CgroupError> {
+                for (file, value) in files {
+                    let f = dir.join(file);
+                    match std::fs::write(&f, value) {
+                        Ok(()) => {}
+                        Err(_) if optional(file) => {}
+                        Err(e) => return Err(io_at(&f)(e)),
+                    }
                 }
+                Ok(())
+            };
+            let mut files = settings(*version, c, limits);
+            // v1 keeps memory.limit_in_bytes at most memory.memsw's: a
+            // raise writes memsw first.
+            if write(&files).is_err() {
+                files.reverse();
+                write(&files)?;
             }
         }
         Ok(())

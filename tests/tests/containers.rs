@@ -554,3 +554,54 @@ fn a_packed_module_imports_into_containerd_and_runs_from_its_unpacked_image() {
     });
     ok(call(&d, "RemoveContainer", json!({ "id": "from-image" })));
 }
+
+#[test]
+fn update_container_rewrites_the_running_workers_cgroup() {
+    use supervisor::cgroup::{detect, ROOT};
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let detected = detect(Path::new(ROOT), &own);
+    let d = Daemon::start(FAST);
+    let dir = image_dir(d.dir.path(), "hello", "hello", "");
+    ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "upd", "path": dir, "memory_max": 96u64 << 20 }),
+    ));
+    let update = call(
+        &d,
+        "UpdateContainer",
+        json!({ "id": "upd", "memory_max": 128u64 << 20 }),
+    );
+    if detected.memory.is_none() {
+        // emberd's memory watch takes no new limit: said so.
+        assert_eq!(
+            update["error"], "io.ember.Supervisor.InvalidInput",
+            "{update}"
+        );
+        assert!(
+            update.to_string().contains("no memory cgroup controller"),
+            "{update}"
+        );
+        return;
+    }
+    ok(update);
+    let s = d.ctl_json(&["status", "k8s-upd"])["status"].clone();
+    assert_eq!(s["limits"]["memory_bytes"], 128u64 << 20, "{s}");
+    assert_eq!(s["limits"]["memory_source"], "container", "{s}");
+    let limit = s["replicas"][0]["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| {
+            let c = Path::new(c.as_str().unwrap());
+            ["memory.max", "memory.limit_in_bytes"]
+                .iter()
+                .find_map(|f| std::fs::read_to_string(c.join(f)).ok())
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no memory cgroup in {s}"));
+    assert_eq!(limit.trim(), (128u64 << 20).to_string());
+    let bad = call(&d, "UpdateContainer", json!({ "id": "upd", "cpu": -2.0 }));
+    assert_eq!(bad["error"], "io.ember.Supervisor.InvalidInput", "{bad}");
+    ok(call(&d, "RemoveContainer", json!({ "id": "upd" })));
+}
