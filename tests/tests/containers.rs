@@ -252,21 +252,21 @@ struct NetNs(Child);
 
 impl NetNs {
     fn new() -> Self {
+        // Its loopback up, as a pod's is.
         let c = Command::new("unshare")
-            .args(["--net", "sleep", "600"])
+            .args(["--net", "sh", "-c", "ip link set lo up && exec sleep 600"])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
         let ns = NetNs(c);
         let me = std::fs::read_link("/proc/self/ns/net").unwrap();
-        poll_until(
-            "unshare's namespace",
-            Duration::from_millis(5),
-            || match std::fs::read_link(ns.path()) {
-                Ok(l) if l != me => Ok(()),
-                other => Err(format!("{other:?}")),
-            },
-        );
+        poll_until("unshare's namespace", Duration::from_millis(5), || {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", ns.0.id()));
+            match std::fs::read_link(ns.path()) {
+                Ok(l) if l != me && comm.as_deref().is_ok_and(|c| c.trim() == "sleep") => Ok(()),
+                other => Err(format!("{other:?} {comm:?}")),
+            }
+        });
         ns
     }
 
@@ -280,6 +280,22 @@ impl Drop for NetNs {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Runs `f` on a thread that entered the network namespace at `path`.
+fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(path).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an open namespace descriptor; only this thread moves.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 #[test]
@@ -298,6 +314,26 @@ fn a_container_joins_its_network_namespace() {
     assert_eq!(worker, std::fs::read_link(ns.path()).unwrap());
     assert_ne!(worker, std::fs::read_link("/proc/self/ns/net").unwrap());
     ok(call(&d, "RemoveContainer", json!({ "id": "netns" })));
+
+    // A module's listener is bound in the pod's namespace: greeter answers
+    // there, on the pod's loopback, and nothing listens on emberd's.
+    let port = free_port();
+    let greeter = image_dir(
+        d.dir.path(),
+        "greeter",
+        "greeter",
+        &format!("[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[config]\ngreeting = \"hi\"\n"),
+    );
+    ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "web", "path": greeter, "netns": ns.path() }),
+    ));
+    let (status, body) = in_netns(&ns.path(), move || http_get(port, "/hello/pod"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hi"), "{body}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    ok(call(&d, "RemoveContainer", json!({ "id": "web" })));
 
     // Without one: emberd's own network.
     let pid = ok(call(

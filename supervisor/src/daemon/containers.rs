@@ -63,6 +63,34 @@ pub(crate) struct ContainerRead {
     req: RunContainer,
     input: Result<Input, InstallError>,
     io: Result<ContainerIo, ErrorReply>,
+    /// With a network namespace: the manifest's listeners, bound in it.
+    bound: Option<Result<Vec<crate::listeners::Bound>, ErrorReply>>,
+}
+
+/// Binds `specs` in the network namespace behind `netns`, on a thread of
+/// its own (`setns` moves only the calling thread), so the module's
+/// listeners are on the pod's addresses, as its code will be.
+fn bind_in_netns(
+    netns: &OwnedFd,
+    specs: &[crate::manifest::ListenerSpec],
+) -> Result<Vec<crate::listeners::Bound>, ErrorReply> {
+    let fd = netns
+        .try_clone()
+        .map_err(|e| invalid_input(format!("netns: {e}")))?;
+    let specs = specs.to_vec();
+    std::thread::spawn(move || {
+        // SAFETY: `fd` is an open namespace descriptor; this thread is ours
+        // and ends right after.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(invalid_input(format!(
+                "cannot enter the network namespace to bind the listeners: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        crate::listeners::bind_all(&specs).map_err(|e| bind_error(e).into())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(invalid_input("binding the listeners panicked")))
 }
 
 /// NSFS_MAGIC: the filesystem of `/proc/PID/ns/*` and bind mounts of them.
@@ -212,22 +240,35 @@ impl Actor {
             let read = tokio::task::spawn_blocking(move || {
                 let io = open_io(&r);
                 let input = read_input(&r.path, None, &peer, &caps, &q);
-                (input, io)
+                let bound = match (&input, &io) {
+                    (
+                        Ok(i),
+                        Ok(ContainerIo {
+                            netns: Some(ns), ..
+                        }),
+                    ) if !i.summary.listeners.is_empty() => {
+                        Some(bind_in_netns(ns, &i.summary.listeners))
+                    }
+                    _ => None,
+                };
+                (input, io, bound)
             })
             .await;
-            let (input, io) = match read {
+            let (input, io, bound) = match read {
                 Ok(v) => v,
                 Err(e) => (
                     Err(InstallError::Relative {
                         path: req.path.clone(),
                     }),
                     Err(invalid_input(e.to_string())),
+                    None,
                 ),
             };
             let _ = pending.send(Pending::Container(Box::new(ContainerRead {
                 req,
                 input,
                 io,
+                bound,
             })));
         });
     }
@@ -235,7 +276,12 @@ impl Actor {
     /// A `RunContainer`'s files are read: start its instance, or answer why
     /// not.
     pub(super) fn container_read(&mut self, read: ContainerRead) {
-        let ContainerRead { req, input, io } = read;
+        let ContainerRead {
+            req,
+            input,
+            io,
+            bound,
+        } = read;
         let id = req.id.clone();
         let Some(c) = self.containers.get_mut(&id) else {
             return;
@@ -254,12 +300,12 @@ impl Actor {
                 ErrorReply::new(crate::control::errors::SHUTTING_DOWN, json!({})),
             );
         }
-        let (input, io) = match (input, io) {
-            (Ok(i), Ok(io)) => (i, io),
-            (Err(e), _) => return fail(self, reply, e.into()),
-            (_, Err(e)) => return fail(self, reply, e),
+        let (input, io, bound) = match (input, io, bound.transpose()) {
+            (Ok(i), Ok(io), Ok(b)) => (i, io, b),
+            (Err(e), _, _) => return fail(self, reply, e.into()),
+            (_, Err(e), _) | (_, _, Err(e)) => return fail(self, reply, e),
         };
-        match self.start_container(&req, input, io) {
+        match self.start_container(&req, input, io, bound) {
             Ok(generation) => {
                 if let Some(c) = self.containers.get_mut(&id) {
                     c.generation = generation;
@@ -276,6 +322,7 @@ impl Actor {
         req: &RunContainer,
         input: Input,
         io: ContainerIo,
+        bound: Option<Vec<crate::listeners::Bound>>,
     ) -> Result<u64, InstallError> {
         let name = instance_name(&req.id);
         let Input {
@@ -299,7 +346,12 @@ impl Actor {
                 name: summary.name.clone(),
                 range: self.sandbox.uid_range,
             })?;
-        let bound = crate::listeners::bind_all(&summary.listeners).map_err(bind_error)?;
+        // In the pod's network namespace when there is one (bound while
+        // the files were read), else in emberd's.
+        let bound = match bound {
+            Some(b) => b,
+            None => crate::listeners::bind_all(&summary.listeners).map_err(bind_error)?,
+        };
         self.next_placeholder += 1;
         let record = ModuleRecord {
             name: name.clone(),
