@@ -288,10 +288,8 @@ fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'stat
     std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
         // SAFETY: an open namespace descriptor; only this thread moves.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         f()
     })
     .join()
