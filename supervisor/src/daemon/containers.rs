@@ -207,6 +207,15 @@ impl Actor {
             let _ = reply.send(Err(conflict(&req.id, "a container of that id exists")));
             return;
         }
+        // As installs: a read that never ends holds a blocking thread.
+        if self.reads_in_flight >= super::pipeline::MAX_READS {
+            let _ = reply.send(Err(invalid_input(format!(
+                "{} installs, deploys or containers are still reading their files; \
+                 try again when one has finished",
+                super::pipeline::MAX_READS
+            ))));
+            return;
+        }
         if self.modules.contains_key(&name) || self.is_container(&name) {
             let _ = reply.send(Err(conflict(
                 &req.id,
@@ -228,6 +237,7 @@ impl Actor {
                 labels: req.labels.clone().unwrap_or_default(),
             },
         );
+        self.reads_in_flight += 1;
         let caps = self.install_caps.clone();
         let q = UidQuery {
             sandbox: self.sandbox.clone(),
@@ -282,6 +292,7 @@ impl Actor {
             io,
             bound,
         } = read;
+        self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
         let id = req.id.clone();
         let Some(c) = self.containers.get_mut(&id) else {
             return;
