@@ -333,11 +333,13 @@ fn a_container_joins_its_network_namespace() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     ok(call(&d, "RemoveContainer", json!({ "id": "web" })));
 
-    // Without one: emberd's own network.
+    // Without one: emberd's own network. One replica, whatever the
+    // manifest asks.
+    let three = image_dir(d.dir.path(), "three", "hello", "replicas = 3\n");
     let pid = ok(call(
         &d,
         "RunContainer",
-        json!({ "id": "hostnet", "path": dir }),
+        json!({ "id": "hostnet", "path": three }),
     ))["pid"]
         .as_i64()
         .unwrap();
@@ -345,6 +347,9 @@ fn a_container_joins_its_network_namespace() {
         std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
         std::fs::read_link("/proc/self/ns/net").unwrap()
     );
+    let s = d.ctl_json(&["status", "k8s-hostnet"])["status"].clone();
+    assert_eq!(s["replicas"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(s["replicas"][0]["pid"], pid, "{s}");
     ok(call(&d, "RemoveContainer", json!({ "id": "hostnet" })));
 }
 
