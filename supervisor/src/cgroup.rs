@@ -593,6 +593,56 @@ impl Limiter {
         Ok(inst)
     }
 
+    /// Changes the limits of a running instance (`UpdateContainer`): the
+    /// settings of `limits` that are set, written to its cgroups. A limit
+    /// no cgroup of this emberd holds cannot be changed while it runs.
+    pub fn update(
+        &self,
+        module: &str,
+        replica: u32,
+        pid: i32,
+        limits: &Limits,
+    ) -> Result<(), CgroupError> {
+        let name = instance_name(module, replica, pid);
+        for (wanted, c) in [
+            (limits.memory.is_some(), Controller::Memory),
+            (limits.cpu.is_some(), Controller::Cpu),
+        ] {
+            if !wanted {
+                continue;
+            }
+            let Some((_, version, parent)) = self.parents.iter().find(|(k, _, _)| *k == c) else {
+                return Err(CgroupError {
+                    path: PathBuf::from(name.clone()),
+                    source: std::io::Error::other(format!(
+                        "no {} cgroup controller is in use",
+                        c.name()
+                    )),
+                });
+            };
+            let dir = parent.join(&name);
+            let write = |files: &[(&'static str, String)]| -> Result<(), CgroupError> {
+                for (file, value) in files {
+                    let f = dir.join(file);
+                    match std::fs::write(&f, value) {
+                        Ok(()) => {}
+                        Err(_) if optional(file) => {}
+                        Err(e) => return Err(io_at(&f)(e)),
+                    }
+                }
+                Ok(())
+            };
+            let mut files = settings(*version, c, limits);
+            // v1 keeps memory.limit_in_bytes at most memory.memsw's: a
+            // raise writes memsw first.
+            if write(&files).is_err() {
+                files.reverse();
+                write(&files)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes our parents (and any empty instance cgroups left in them).
     pub fn shutdown(&self) {
         for (_, _, parent) in &self.parents {

@@ -208,6 +208,7 @@ impl LifecycleConfig {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             crash_loop_after: self.crash_loop_after,
             stable_after: Duration::from_millis(self.stable_after_ms),
+            restart: true,
         }
     }
 }
@@ -242,6 +243,9 @@ pub enum LimitSource {
     Manifest,
     /// The daemon configuration's `[limits]` default.
     Config,
+    /// The container's resources (`RunContainer`, `UpdateContainer`: the
+    /// pod spec's limits).
+    Container,
     /// Neither sets it: no limit.
     #[default]
     None,

@@ -30,6 +30,7 @@ pub mod manifest;
 pub mod memwatch;
 pub mod metrics;
 pub mod notify;
+pub mod oci;
 pub mod paths;
 pub mod plugins;
 pub mod pool;

@@ -3,6 +3,7 @@
 //! single state owner, and its typed result or error is turned back into a
 //! Varlink reply.
 
+pub mod container;
 pub mod deploy;
 pub mod events;
 pub mod health;
@@ -50,10 +51,13 @@ pub mod errors {
     /// An `Events` subscriber fell behind by more than emberd keeps and
     /// was dropped; `missed` says how many events it lost.
     pub const EVENTS_LAGGED: &str = "io.ember.Supervisor.EventsLagged";
+    /// A container of that id exists already (or its instance name is
+    /// taken).
+    pub const CONFLICT: &str = "io.ember.Supervisor.Conflict";
 }
 
 /// A parsed `io.ember.Supervisor` call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// `Install`.
     Install(install::Install),
@@ -79,6 +83,18 @@ pub enum Request {
     Rollout(rollout::Rollout),
     /// `Events`.
     Events(events::Events),
+    /// `RunContainer`.
+    RunContainer(container::RunContainer),
+    /// `WaitContainer`.
+    WaitContainer(container::ContainerId),
+    /// `KillContainer`.
+    KillContainer(container::KillContainer),
+    /// `RemoveContainer`.
+    RemoveContainer(container::ContainerId),
+    /// `ContainerStatus`.
+    ContainerStatus(container::ContainerId),
+    /// `UpdateContainer`.
+    UpdateContainer(container::UpdateContainer),
 }
 
 /// What one frame read from the control socket asks for: the call, and
@@ -174,6 +190,16 @@ pub fn parse(member: &str, parameters: &Map<String, Value>) -> Result<Request, E
         "Rollback" => Request::Rollback(decode(parameters)?),
         "History" => Request::History(decode(parameters)?),
         "Events" => Request::Events(decode(parameters)?),
+        "RunContainer" => {
+            Request::RunContainer(decode::<container::RunContainer>(parameters)?.validated()?)
+        }
+        "WaitContainer" => Request::WaitContainer(decode(parameters)?),
+        "KillContainer" => Request::KillContainer(decode(parameters)?),
+        "RemoveContainer" => Request::RemoveContainer(decode(parameters)?),
+        "ContainerStatus" => Request::ContainerStatus(decode(parameters)?),
+        "UpdateContainer" => {
+            Request::UpdateContainer(decode::<container::UpdateContainer>(parameters)?.validated()?)
+        }
         "Rollout" => {
             let r: rollout::Rollout = decode(parameters)?;
             r.action()?;

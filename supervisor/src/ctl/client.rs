@@ -150,9 +150,10 @@ impl CtlError {
                 | errors::INVALID_MANIFEST
                 | NO_ROLLOUT
                 | "org.varlink.service.InvalidParameter" => ExitCode::InvalidInput,
-                errors::ALREADY_INSTALLED | errors::PORT_IN_USE | ROLLOUT_IN_PROGRESS => {
-                    ExitCode::Conflict
-                }
+                errors::ALREADY_INSTALLED
+                | errors::PORT_IN_USE
+                | ROLLOUT_IN_PROGRESS
+                | errors::CONFLICT => ExitCode::Conflict,
                 errors::PERMISSION_DENIED => ExitCode::PermissionDenied,
                 errors::PROTOCOL_ERROR => ExitCode::Protocol,
                 _ => ExitCode::Failure,

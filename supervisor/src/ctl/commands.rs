@@ -135,7 +135,9 @@ pub(super) fn run(socket: &Path, cli: &Cli) -> Result<(), CtlError> {
             pool_text(c, cli.json)
         }),
         Command::Health => health(&mut c, out, cli.json),
-        Command::Completions { .. } => unreachable!("handled before connecting"),
+        Command::Completions { .. } | Command::Pack { .. } => {
+            unreachable!("handled before connecting")
+        }
     }
 }
 
@@ -645,6 +647,66 @@ fn imports(v: &Value) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         _ => "-".into(),
+    }
+}
+
+/// `emberctl pack`: the module at `path` as an OCI image archive
+/// ([`crate::oci`]).
+pub(super) fn pack(
+    path: &Path,
+    output: Option<&Path>,
+    name: Option<&str>,
+    json_out: bool,
+) -> Result<(), CtlError> {
+    let abs = absolute_existing(path)?;
+    let manifest = crate::manifest::locate(&abs);
+    let cap = crate::config::InstallConfig::default().max_manifest_bytes;
+    let text = crate::input::read_text(&manifest, cap, "install.max_manifest_bytes")
+        .map_err(|e| CtlError::Input(crate::error_chain(&e)))?;
+    let summary = crate::manifest::parse(&text).map_err(|e| {
+        CtlError::Input(format!(
+            "invalid manifest {}: {}",
+            manifest.display(),
+            crate::error_chain(&e)
+        ))
+    })?;
+    let mut out = Printer::new();
+    let library = match pick_entry(&abs, &mut out, json_out)? {
+        Some(lib) => lib,
+        None => manifest
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(&summary.entry),
+    };
+    let packed = crate::oci::pack(&manifest, &library, name)
+        .map_err(|e| CtlError::Input(crate::error_chain(&e)))?;
+    let file = output.map_or_else(
+        || {
+            PathBuf::from(format!(
+                "{}-{}.oci.tar",
+                summary.name,
+                summary.version.replace('+', "_")
+            ))
+        },
+        Path::to_owned,
+    );
+    std::fs::write(&file, &packed.archive)
+        .map_err(|e| CtlError::Input(format!("cannot write {}: {e}", file.display())))?;
+    if json_out {
+        out.json(&json!({
+            "path": file,
+            "name": packed.name,
+            "digest": packed.digest,
+            "size": packed.archive.len(),
+        }))
+    } else {
+        out.line(&format!(
+            "wrote {} ({} bytes): image {} ({})",
+            file.display(),
+            packed.archive.len(),
+            packed.name,
+            packed.digest
+        ))
     }
 }
 

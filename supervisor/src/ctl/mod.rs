@@ -164,6 +164,22 @@ pub enum Command {
     },
     /// Show daemon health.
     Health,
+    /// Write a module as an OCI image archive, for `ctr images import`.
+    ///
+    /// The image holds module.toml and the library its `entry` names
+    /// (found as `install` finds it), at its root, with `entry` rewritten
+    /// to the library's file name; the annotation `dev.ember.module =
+    /// "module.toml"` says where the manifest is. Runs without emberd.
+    Pack {
+        /// Module directory or manifest file.
+        path: PathBuf,
+        /// The archive to write (default: NAME-VERSION.oci.tar here).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The image name (default: ember.local/NAME:VERSION).
+        #[arg(long, value_name = "REF")]
+        name: Option<String>,
+    },
     /// Print a shell completion script.
     Completions {
         /// Shell.
@@ -290,6 +306,11 @@ pub enum ExitCode {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Completions { shell } => completions(shell),
+        Command::Pack {
+            ref path,
+            ref output,
+            ref name,
+        } => commands::pack(path, output.as_deref(), name.as_deref(), cli.json),
         _ => commands::run(&crate::paths::client_socket(cli.socket.clone()), &cli),
     };
     match result {

@@ -141,6 +141,8 @@ pub struct Actor {
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
     /// The event hub (see `events.rs`).
     pub(super) events: super::events::EventHub,
+    /// Containers run for the containerd shim (see `containers.rs`).
+    pub(super) containers: super::containers::Containers,
 }
 
 /// The registry's view of the modules.
@@ -241,6 +243,7 @@ impl Actor {
             next_generation: 0,
             shutdown: None,
             events,
+            containers: HashMap::new(),
         }
     }
 
@@ -287,6 +290,7 @@ impl Actor {
             self.settle_uninstalls();
             self.report_progress();
             self.persist_started();
+            self.settle_containers();
             if self.shutdown_done() {
                 break;
             }
@@ -418,10 +422,26 @@ impl Actor {
                 );
             }
             Request::Deploy(req) => return self.deploy(req, reply, progress, peer),
+            Request::RunContainer(req) => return self.run_container(req, reply, peer),
+            Request::WaitContainer(req) => return self.wait_container(req.id, reply, progress),
+            Request::KillContainer(req) => self
+                .kill_container(req)
+                .map(|()| Response::Value(serde_json::json!({}))),
+            Request::RemoveContainer(req) => return self.remove_container(req.id, reply),
+            Request::ContainerStatus(req) => self
+                .container_status(&req.id)
+                .map(|r| Response::Value(to_value(r))),
+            Request::UpdateContainer(req) => return self.update_container(req, reply),
             Request::Rollback(req) => return self.rollback(req, reply, progress),
             Request::Rollout(req) => value(self.rollout_action(req)),
             Request::History(req) => value(self.history(&req.name)),
-            Request::Uninstall(req) => return self.uninstall(req.name, reply),
+            Request::Uninstall(req) => {
+                if let Err(e) = self.refuse_container(&req.name) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                return self.uninstall(req.name, reply);
+            }
             Request::List(_) => value(Ok(to_value(ListReply {
                 modules: self.modules.values().map(render::summary).collect(),
             }))),
@@ -525,6 +545,7 @@ impl Actor {
         if let (Some(pid), Some(fd)) = (pid, pidfd) {
             self.os.pidfds.insert(pid, fd);
         }
+        self.container_event(&module, generation, &event);
         // A worker that exited, or one registered whose launch order then
         // failed (it is discarded), is forgotten.
         let exited = matches!(event, Event::Exited { .. } | Event::LaunchFailed { .. });

@@ -12,6 +12,7 @@
 //!    [`crate::activation`]).
 
 pub mod actor;
+mod containers;
 pub mod events;
 pub mod logs;
 mod model;

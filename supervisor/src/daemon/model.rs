@@ -73,6 +73,9 @@ pub(super) struct Run {
     /// Its replicas start at background priority until ready: a release's
     /// new revision while the old one serves.
     pub background: bool,
+    /// A container's instance: where its output goes and the network
+    /// namespace it joins (see `containers.rs`).
+    pub container: Option<Arc<super::os::ContainerIo>>,
 }
 
 impl Run {
@@ -177,6 +180,7 @@ impl Run {
             limiter: limiter.clone(),
             background: self.background,
             start_deadline: self.start_deadline,
+            container: self.container.clone(),
         }
     }
 }

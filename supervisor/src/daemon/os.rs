@@ -130,6 +130,22 @@ pub struct LaunchPlan {
     pub background: bool,
     /// How long it may take to be ready (`limits.start_deadline`).
     pub start_deadline: Duration,
+    /// A container's output and network namespace.
+    pub container: Option<Arc<ContainerIo>>,
+}
+
+/// What a container's instance gets instead of the module's log file as
+/// stdout and stderr, and the network namespace its worker joins before
+/// the module's code runs (sent as `Stdio` grants named `log`, `stderr`
+/// and `netns`).
+#[derive(Debug, Default)]
+pub struct ContainerIo {
+    /// The module's stdout (and stderr when `stderr` is absent).
+    pub stdout: Option<OwnedFd>,
+    /// The module's stderr.
+    pub stderr: Option<OwnedFd>,
+    /// The network namespace file, opened read-only.
+    pub netns: Option<OwnedFd>,
 }
 
 // A release's new replicas start in the idle scheduling class, until they
@@ -508,20 +524,44 @@ async fn instance(
         },
         None => None,
     };
+    let io = plan.container.as_deref();
+    let stdout = io.and_then(|c| c.stdout.as_ref());
+    let stderr = io.and_then(|c| c.stderr.as_ref());
     order.grants.push(Grant {
         kind: GrantKind::Stdio,
         name: "log".into(),
     });
-    match &pipes {
-        Some((out, err)) => {
+    let stderr_grant = Grant {
+        kind: GrantKind::Stdio,
+        name: "stderr".into(),
+    };
+    // A container's output goes where the shim said (its CRI log).
+    match (stdout, stderr, &pipes) {
+        (Some(out), err, _) => {
             fds.push(out.as_fd());
-            order.grants.push(Grant {
-                kind: GrantKind::Stdio,
-                name: "stderr".into(),
-            });
+            if let Some(err) = err {
+                order.grants.push(stderr_grant);
+                fds.push(err.as_fd());
+            }
+        }
+        (None, Some(err), _) => {
+            fds.push(log.file.as_fd());
+            order.grants.push(stderr_grant);
             fds.push(err.as_fd());
         }
-        None => fds.push(log.file.as_fd()),
+        (None, None, Some((out, err))) => {
+            fds.push(out.as_fd());
+            order.grants.push(stderr_grant);
+            fds.push(err.as_fd());
+        }
+        (None, None, None) => fds.push(log.file.as_fd()),
+    }
+    if let Some(ns) = io.and_then(|c| c.netns.as_ref()) {
+        order.grants.push(Grant {
+            kind: GrantKind::Stdio,
+            name: "netns".into(),
+        });
+        fds.push(ns.as_fd());
     }
     for (name, fd) in &plan.listeners {
         order.grants.push(Grant {

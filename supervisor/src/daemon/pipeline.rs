@@ -102,6 +102,9 @@ pub(crate) enum Pending {
         to_gen: u64,
         result: Saved,
     },
+    /// A `RunContainer`'s files are read and its output and network
+    /// namespace opened (or refused).
+    Container(Box<super::containers::ContainerRead>),
 }
 
 /// An install the persister has finished with.
@@ -150,7 +153,7 @@ pub(super) struct Listeners {
 }
 
 impl Listeners {
-    fn bound(bound: Vec<listeners::Bound>) -> Self {
+    pub(super) fn bound(bound: Vec<listeners::Bound>) -> Self {
         Self {
             addrs: bound
                 .iter()
@@ -165,7 +168,7 @@ impl Listeners {
     }
 }
 
-fn bind_error(source: ListenError) -> InstallError {
+pub(super) fn bind_error(source: ListenError) -> InstallError {
     match source {
         ListenError::PortInUse { port, .. } => InstallError::PortInUse { port, source },
         source => InstallError::Listener { source },
@@ -179,28 +182,31 @@ pub(super) const MAX_READS: usize = 64;
 /// An install's or a deploy's files, read and checked on the blocking pool
 /// (see [`read_input`]).
 pub(crate) struct Input {
-    manifest_path: PathBuf,
-    text: String,
-    summary: ManifestSummary,
+    pub(super) manifest_path: PathBuf,
+    pub(super) text: String,
+    pub(super) summary: ManifestSummary,
     /// The artifact's path, for messages and the run.
-    artifact: PathBuf,
+    pub(super) artifact: PathBuf,
     /// The image of the artifact as checked (a regular file, under its
     /// cap, an ELF shared object for this host, its runtime offered): the
     /// copy of that descriptor, not of whatever the path names by then,
     /// started on its own blocking thread as soon as the file was checked,
     /// so that it runs beside the uid lookups and the actor's work instead
     /// of after them (it was ~0.2 ms of a warm launch's critical path).
-    image: ImageCopy,
+    pub(super) image: ImageCopy,
     /// Uids for the module should this be its install, free in passwd and
     /// group (see [`crate::sandbox::SandboxConfig::free_candidates`]).
-    uids: Vec<u32>,
+    pub(super) uids: Vec<u32>,
 }
 
 /// An artifact copy in progress ([`Input::image`]).
-type ImageCopy = tokio::task::JoinHandle<Result<ArtifactImage, StoreError>>;
+pub(super) type ImageCopy = tokio::task::JoinHandle<Result<ArtifactImage, StoreError>>;
 
 /// The copy of an [`ImageCopy`], or why there is none.
-async fn image_of(copy: ImageCopy, artifact: &Path) -> Result<ArtifactImage, StoreError> {
+pub(super) async fn image_of(
+    copy: ImageCopy,
+    artifact: &Path,
+) -> Result<ArtifactImage, StoreError> {
     copy.await.unwrap_or_else(|e| {
         Err(StoreError::Io {
             op: "copy",
@@ -215,9 +221,9 @@ async fn image_of(copy: ImageCopy, artifact: &Path) -> Result<ArtifactImage, Sto
 /// module's uid; to copy the artifact, the images in use (an identical one
 /// is shared, not copied).
 pub(crate) struct UidQuery {
-    sandbox: crate::sandbox::SandboxConfig,
-    recorded: Vec<(String, u32)>,
-    known: Vec<ArtifactImage>,
+    pub(super) sandbox: crate::sandbox::SandboxConfig,
+    pub(super) recorded: Vec<(String, u32)>,
+    pub(super) known: Vec<ArtifactImage>,
 }
 
 /// Spare uid candidates beyond the first: installs that raced for the same
@@ -250,7 +256,7 @@ pub(crate) enum Then {
 /// a field quoted in an error. Blocking (a path may name anything: the
 /// files are opened without blocking and only regular files under their
 /// caps are read): run on the blocking pool, never on the actor.
-fn read_input(
+pub(super) fn read_input(
     path: &Path,
     entry: Option<&Path>,
     peer: &Credentials,
@@ -459,11 +465,12 @@ impl Actor {
             failure,
             sandbox,
             background: false,
+            container: None,
         }
     }
 
     /// Adds a module with one run and starts every replica.
-    fn add_and_start(&mut self, mut run: Run) {
+    pub(super) fn add_and_start(&mut self, mut run: Run) {
         let name = run.record.name.clone();
         run.set_target(run.replicas.len() as u32);
         let generation = run.generation;
@@ -532,7 +539,7 @@ impl Actor {
     }
 
     /// Every image in use, once.
-    fn known_images(&self) -> Vec<ArtifactImage> {
+    pub(super) fn known_images(&self) -> Vec<ArtifactImage> {
         let mut known: Vec<ArtifactImage> = Vec::new();
         for i in self
             .modules
@@ -582,6 +589,7 @@ impl Actor {
                 to_gen,
                 result,
             } => self.rollout_committed(&name, to_gen, result),
+            Pending::Container(read) => self.container_read(*read),
         }
     }
 
@@ -877,7 +885,11 @@ impl Actor {
     /// syscall the configuration does not grant, or whose `writable` names a
     /// path outside `sandbox.writable_roots` or over emberd's own
     /// directories (see [`crate::sandbox::SandboxConfig::check_writable`]).
-    fn check_sandbox(&self, manifest_path: &Path, text: &str) -> Result<(), InstallError> {
+    pub(super) fn check_sandbox(
+        &self,
+        manifest_path: &Path,
+        text: &str,
+    ) -> Result<(), InstallError> {
         let Ok(m) = module_runtime::manifest::Manifest::parse(text) else {
             return Ok(()); // refused by the parser already
         };

@@ -561,6 +561,7 @@ impl Connection {
             control::Request::Install(_)
                 | control::Request::Deploy(_)
                 | control::Request::Rollback(_)
+                | control::Request::WaitContainer(_)
         ) && call.more
             && !call.oneway;
         let (progress, progress_rx) = match follow {

@@ -35,6 +35,10 @@ pub struct Policy {
     pub crash_loop_after: u32,
     /// Running this long resets the consecutive-failure count.
     pub stable_after: Duration,
+    /// A worker that exits (or fails to start) is started again after its
+    /// back-off. `false` for a container's instance: its worker's exit is
+    /// final (`Failed`), the kubelet decides about a restart.
+    pub restart: bool,
 }
 
 impl Default for Policy {
@@ -46,6 +50,7 @@ impl Default for Policy {
             backoff_max: Duration::from_secs(30),
             crash_loop_after: 5,
             stable_after: Duration::from_secs(10),
+            restart: true,
         }
     }
 }
@@ -272,6 +277,12 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
+    /// Turns restarts off (see [`Policy::restart`]).
+    pub fn without_restart(mut self) -> Self {
+        self.policy.restart = false;
+        self
+    }
+
     /// A module that is being installed.
     pub fn new(name: impl Into<String>, policy: Policy, now: Instant) -> Self {
         Self {
@@ -551,7 +562,7 @@ impl Lifecycle {
         self.last_error = Some(reason.clone());
         self.reason = Some(reason);
         self.ran_since = None;
-        if permanent {
+        if permanent || !self.policy.restart {
             self.deadline = None;
             self.enter(State::Failed, now);
             return;
@@ -647,6 +658,7 @@ mod tests {
             backoff_max: Duration::from_millis(1000),
             crash_loop_after: 3,
             stable_after: Duration::from_secs(10),
+            restart: true,
         }
     }
 

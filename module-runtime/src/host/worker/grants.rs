@@ -11,20 +11,40 @@ use crate::abi::{FfiGrant, FfiStr, GrantKind};
 use crate::manifest::Manifest;
 use crate::protocol::{self, Failure, FailureKind, FromWorker, LogLevel, Stage, WorkerChannel};
 
+/// The host's own grants, taken out of a launch order.
+pub(super) struct HostGrants {
+    /// The other grants, in order.
+    pub grants: Vec<protocol::Grant>,
+    /// Their descriptors, in order.
+    pub fds: Vec<OwnedFd>,
+    /// The `Artifact` descriptor to load from.
+    pub artifact: Option<OwnedFd>,
+    /// A `Stdio` grant named `netns`: a network namespace file (a
+    /// container's pod network) to join before the sandbox is applied.
+    pub netns: Option<OwnedFd>,
+}
+
 /// Takes the host's own grants out of a launch order: applies `Stdio` (the
 /// descriptor becomes fds 1 and 2, so the module's raw output lands in its
-/// log; a later `Stdio` grant named `stderr` becomes fd 2 alone), keeps the `Artifact` descriptor to load from, and returns the other
-/// grants with their descriptors, in order.
-pub(super) fn take_host_grants(
-    grants: Vec<protocol::Grant>,
-    fds: Vec<OwnedFd>,
-) -> (Vec<protocol::Grant>, Vec<OwnedFd>, Option<OwnedFd>) {
+/// log; a later `Stdio` grant named `stderr` becomes fd 2 alone; one named
+/// `netns` is kept to join), keeps the `Artifact` descriptor to load from,
+/// and returns the other grants with their descriptors, in order.
+pub(super) fn take_host_grants(grants: Vec<protocol::Grant>, fds: Vec<OwnedFd>) -> HostGrants {
     let mut fds = fds.into_iter();
-    let mut kept = (Vec::new(), Vec::new(), None);
+    let mut kept = HostGrants {
+        grants: Vec::new(),
+        fds: Vec::new(),
+        artifact: None,
+        netns: None,
+    };
     for g in grants {
         let mut mine: Vec<OwnedFd> = fds.by_ref().take(g.kind.fd_count()).collect();
         if g.kind == GrantKind::Artifact {
-            kept.2 = mine.pop();
+            kept.artifact = mine.pop();
+            continue;
+        }
+        if g.kind == GrantKind::Stdio && g.name == "netns" {
+            kept.netns = mine.pop();
             continue;
         }
         if g.kind == GrantKind::Stdio {
@@ -40,10 +60,22 @@ pub(super) fn take_host_grants(
             }
             continue;
         }
-        kept.0.push(g);
-        kept.1.extend(mine);
+        kept.grants.push(g);
+        kept.fds.extend(mine);
     }
     kept
+}
+
+/// Joins the network namespace behind `fd` (`setns(CLONE_NEWNET)`): while
+/// this is the only thread and before the sandbox, which forbids it.
+pub(super) fn join_netns(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open descriptor; setns only reads it.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Socket activation for modules that expect it: the listeners also appear

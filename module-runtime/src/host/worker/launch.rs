@@ -17,7 +17,7 @@ use super::callbacks::{
 use super::control::start_control_thread;
 use super::crash::{install_crash_handlers, STAGE};
 use super::deadline::{arm_load_deadline, disarm_load_deadline};
-use super::grants::{ffi_grants, socket_activation, take_host_grants};
+use super::grants::{ffi_grants, join_netns, socket_activation, take_host_grants};
 use super::limits::cap_address_space;
 use super::shared::{Shared, SHARED};
 use super::{exit, idle_exit, loader, process, sandbox};
@@ -74,7 +74,19 @@ pub(super) fn launch(chan: WorkerChannel, order: LaunchOrder, fds: Vec<OwnedFd>)
             ),
         );
     }
-    let (grants, fds, artifact_fd) = take_host_grants(order.grants, fds);
+    let host = take_host_grants(order.grants, fds);
+    let (grants, fds, artifact_fd) = (host.grants, host.fds, host.artifact);
+    // A container's pod network: joined before the sandbox (which forbids
+    // setns) and before any of the module's code.
+    if let Some(ns) = host.netns {
+        if let Err(e) = join_netns(&ns) {
+            early_fail(
+                &chan,
+                FailureKind::BadLaunchOrder,
+                format!("joining the network namespace: {e}"),
+            );
+        }
+    }
     let (chan, fds) = socket_activation(chan, &grants, fds);
     let order = LaunchOrder { grants, ..order };
     let identity = manifest.identity(order.replica);
