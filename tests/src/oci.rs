@@ -5,8 +5,8 @@
 //! The layout is the one `emberctl pack` writes (docs/kubernetes.md): an
 //! uncompressed layer, the annotation `io.containerd.image.name` naming the
 //! image, `dev.ember.module = "module.toml"` on the manifest and as a label
-//! of the config. [`pack`] is the one place the tests make an archive, so
-//! moving them to `emberctl pack` is a change of its body alone.
+//! of the config. Module images are made by `emberctl pack` itself ([`pack`]);
+//! the pause image, which holds no module, by this crate's writer.
 
 use std::path::{Path, PathBuf};
 
@@ -29,10 +29,21 @@ pub struct Image {
 /// Packs the module directory `dir` as an OCI image archive `out` named
 /// `reference`, and reads its digests back from the archive.
 pub fn pack(dir: &Path, reference: &str, out: &Path) -> Image {
-    // The one line to swap for `emberctl pack DIR -o OUT --name REF`, e.g.
-    // `run(Command::new(daemon::emberctl()).arg("pack").arg(dir).args(["-o", OUT, "--name", REF]))`
-    // (all of tests/tests/kubernetes.rs passed with that too, on a merge).
-    write_module_image(dir, reference, out);
+    // What a user runs: `emberctl pack DIR -o OUT --name REF`.
+    let done = std::process::Command::new(crate::daemon::emberctl())
+        .arg("pack")
+        .arg(dir)
+        .arg("-o")
+        .arg(out)
+        .args(["--name", reference])
+        .output()
+        .expect("run emberctl pack");
+    assert!(
+        done.status.success(),
+        "emberctl pack {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&done.stderr)
+    );
     read_image(out)
 }
 
@@ -88,23 +99,6 @@ pub fn untar(mut data: &[u8]) -> Vec<(String, Vec<u8>)> {
         data = &data[(512 + size.div_ceil(512) * 512).min(data.len())..];
     }
     out
-}
-
-/// This crate's writer: the regular files of `dir` (not recursing) as the
-/// image's one layer.
-fn write_module_image(dir: &Path, reference: &str, out: &Path) {
-    let mut files: Vec<(String, Vec<u8>, u32)> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read module dir {}: {e}", dir.display()))
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let mode = if name.ends_with(".so") { 0o755 } else { 0o644 };
-            (name, std::fs::read(e.path()).unwrap(), mode)
-        })
-        .collect();
-    files.sort();
-    image_archive(reference, &tar(&files), &["/ember-module"], out);
 }
 
 /// A pause image for the pod sandbox: Ember's shim runs no process for it,
