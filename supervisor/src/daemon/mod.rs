@@ -298,6 +298,9 @@ async fn serve(
     // What the `STATUS=` line follows (dropped when not under systemd).
     let status_events = events.subscribe();
     let (actor_tx, actor_rx) = mpsc::channel(256);
+    // Only the scrape task keeps it (dropped with the closure when there is
+    // no metrics listener): the pool ends, its idle workers with it, once
+    // every handle is gone, so one kept here would hold the shutdown up.
     let pool_handle = pool.clone();
     let a = actor::Actor::new(
         store,
@@ -324,7 +327,7 @@ async fn serve(
     let metrics_task = metrics.map(|l| {
         let sources = scrape::Sources {
             actor: actor_tx.clone(),
-            pool: pool_handle.clone(),
+            pool: pool_handle,
             calls,
             started: started.0,
             start_time: started.1,
