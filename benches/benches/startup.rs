@@ -7,13 +7,20 @@
 //!   `running`, with a warm idle worker available (real emberd);
 //! - launch with no idle worker: the same against an emberd with an empty
 //!   pool (fork on the critical path);
+//! - CRI start: as the kubelet starts a container, over containerd's CRI
+//!   (a private containerd, `containerd-shim-ember-v1`, a module image made
+//!   by `emberctl pack`, host network): CreateContainer + StartContainer
+//!   until the module is ready, pool warm; beside it emberd's
+//!   `RunContainer` of the same directory alone, and the pod sandbox's
+//!   start (its shim process). Needs root and containerd, like the
+//!   Kubernetes tests; without them the JSON line says why in `cri_error`;
 //! - limit: this process as the zygote, no supervisor: fork → `Idle` →
 //!   `Launch` → sandbox → dlopen → module init → `Ready`, the worker
 //!   applying the same sandbox as emberd's (none with
 //!   `EMBER_BENCH_SANDBOX=off`, which turns emberd's off too).
 //!
 //! `cargo bench --bench startup -- --json [--chart docs/img] [--module
-//! greeter|hello] [--cold N] [--warm N] [--no-idle N] [--limit N]
+//! greeter|hello] [--cold N] [--warm N] [--no-idle N] [--cri N] [--limit N]
 //! [--catalog-mb MB]` prints human-readable lines on stderr, then one JSON
 //! object as the last line on stdout. `-- --chart docs/img --redraw` draws
 //! the chart again from the samples it shows, without running.
@@ -50,6 +57,7 @@ fn main() {
     let n_warm = arg_num("--warm", 100) as usize;
     let n_no_idle = arg_num("--no-idle", 30) as usize;
     let n_limit = arg_num("--limit", 100) as usize;
+    let n_cri = arg_num("--cri", 30) as usize;
     let catalog_mb = arg_num("--catalog-mb", 200);
 
     eprintln!("building catalog, {module} and emberd…");
@@ -109,7 +117,25 @@ fn main() {
         eprintln!("emberd phases failed: {e}");
     }
 
-    // 4. The floor: this process is the zygote (still single-threaded), its
+    // 4. As the kubelet starts a container: CRI through a private
+    // containerd and the shim into emberd's warm pool.
+    let mut cri = match &built_emberd {
+        Ok(_) => cri::run(&daemon::emberd_bin(&profile), &base, &mod_dir, n_cri),
+        Err(e) => Err(module_runtime::sdk::error_chain(e)),
+    };
+    match &mut cri {
+        Ok(c) => eprintln!(
+            "CRI start         p50 {:.3} ms p99 {:.3} ms, n={} (emberd RunContainer alone p50 {:.3} ms; pod sandbox with its shim {:.1} ms)",
+            ms(c.start.percentile(50.0)),
+            ms(c.start.percentile(99.0)),
+            c.start.len(),
+            ms(c.run_container.percentile(50.0)),
+            c.sandbox.as_secs_f64() * 1e3
+        ),
+        Err(e) => eprintln!("CRI phase failed: {e}"),
+    }
+
+    // 5. The floor: this process is the zygote (still single-threaded), its
     // workers apply the same sandbox as emberd's.
     launch::zygote_load(&base).expect("load the plugin into the bench process");
     let sandbox = launch::sandbox_like_emberd();
@@ -211,6 +237,30 @@ fn main() {
                 .str("emberd_error", &e);
         }
     }
+    match cri {
+        Ok(mut c) => {
+            let (p50, p99) = (ms(c.start.percentile(50.0)), ms(c.start.percentile(99.0)));
+            let rc50 = ms(c.run_container.percentile(50.0));
+            out.int("cri_samples", c.start.len() as u64)
+                .num("cri_start_p50_ms", p50)
+                .num("cri_start_p99_ms", p99)
+                .num("cri_run_container_p50_ms", rc50)
+                .num("cri_overhead_p50_ms", p50 - rc50)
+                .num("cri_sandbox_start_ms", c.sandbox.as_secs_f64() * 1e3)
+                .num("ratio_cold_over_cri", c50 / p50)
+                .bool("cri_target_met", c50 / p50 >= 10.0);
+            met = met && c50 / p50 >= 10.0;
+            series.push(Series {
+                label: "CRI create+start (containerd, shim)".into(),
+                ms: c.start.ms(),
+                color: "#8e44ad",
+            });
+        }
+        Err(e) => {
+            out.str("cri_error", &e);
+            met = false;
+        }
+    }
     series.push(Series {
         label: "limit: zygote fork+launch".into(),
         ms: limit.ms(),
@@ -294,6 +344,135 @@ fn launch_once(
     }
     d.uninstall(name)?;
     Ok((total, reply))
+}
+
+/// The CRI phase: what a pod's container start costs on a node whose
+/// containerd runs modules through `containerd-shim-ember-v1`.
+mod cri {
+    use std::panic::AssertUnwindSafe;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use ember_benches::daemon::{Emberd, Options};
+    use ember_benches::launch::Base;
+    use ember_benches::Samples;
+    use ember_tests::containerd::{Containerd, Cri, PAUSE_IMAGE};
+    use ember_tests::oci;
+    use serde_json::json;
+
+    use super::TIMEOUT;
+
+    /// Timings of the CRI phase.
+    pub struct Timings {
+        /// CreateContainer + StartContainer (StartContainer answers once the
+        /// module is ready), pool warm.
+        pub start: Samples,
+        /// emberd's `RunContainer` of the same module directory, called
+        /// directly (no containerd, no shim, no image): what is left of a
+        /// container start without the container runtime.
+        pub run_container: Samples,
+        /// RunPodSandbox of the pod the samples run in: starts the pod's
+        /// shim process (the pause container is no process).
+        pub sandbox: Duration,
+    }
+
+    /// Runs the phase; the harness's panics (containerd missing, not root…)
+    /// become the error the JSON line reports.
+    pub fn run(bin: &Path, base: &Base, dir: &Path, n: usize) -> Result<Timings, String> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| measure(bin, base, dir, n))) {
+            Ok(r) => r,
+            Err(p) => Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "the CRI harness panicked".into())),
+        }
+    }
+
+    fn measure(bin: &Path, base: &Base, dir: &Path, n: usize) -> Result<Timings, String> {
+        let err = |e: ember_benches::daemon::DaemonError| module_runtime::sdk::error_chain(&e);
+        let mut d = Emberd::start(
+            bin,
+            &Options {
+                base: Some(base.clone()),
+                ..Options::default()
+            },
+        )
+        .map_err(err)?;
+        d.wait_pool_idle(2, TIMEOUT).map_err(err)?;
+
+        // emberd alone: RunContainer of the module directory.
+        let mut run_container = Samples::with_capacity(n);
+        for i in 0..n + 3 {
+            d.wait_pool_idle(2, TIMEOUT).map_err(err)?;
+            std::thread::sleep(Duration::from_millis(30));
+            let id = format!("bench-direct-{i}");
+            let t = Instant::now();
+            d.call("RunContainer", json!({ "id": id, "path": dir }))
+                .map_err(err)?;
+            let took = t.elapsed();
+            d.call("RemoveContainer", json!({ "id": id }))
+                .map_err(err)?;
+            if i >= 3 {
+                run_container.push(took);
+            }
+        }
+
+        let ctd = Containerd::start(d.socket());
+        let pause = oci::pause(PAUSE_IMAGE, &ctd.dir.path().join("pause.tar"));
+        ctd.import(&pause.archive);
+        let img = oci::pack(
+            dir,
+            "ember.local/bench-module:0.1.0",
+            &ctd.dir.path().join("module.tar"),
+        );
+        ctd.import(&img.archive);
+        let mut cri = Cri::start(&ctd);
+        let logs = ctd.log_dir().join("bench");
+        std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let sb = cri.ok(
+            "run_sandbox",
+            json!({ "name": "bench", "log_dir": logs, "handler": "ember", "network": "node" }),
+        )["id"]
+            .as_str()
+            .expect("sandbox id")
+            .to_owned();
+        let sandbox = t.elapsed();
+        ctd.track_shim(&sb);
+
+        let mut start = Samples::with_capacity(n);
+        for i in 0..n + 3 {
+            d.wait_pool_idle(2, TIMEOUT).map_err(err)?;
+            std::thread::sleep(Duration::from_millis(30));
+            let name = format!("bench-{i}");
+            let t = Instant::now();
+            let cid = cri.ok(
+                "create",
+                json!({ "sandbox": sb, "name": name, "image": img.reference }),
+            )["id"]
+                .as_str()
+                .expect("container id")
+                .to_owned();
+            cri.ok("start", json!({ "container": cid }));
+            let took = t.elapsed();
+            cri.ok("stop", json!({ "container": cid, "timeout": 5 }));
+            cri.ok("remove", json!({ "container": cid }));
+            if i >= 3 {
+                start.push(took);
+            }
+        }
+        cri.ok("stop_sandbox", json!({ "sandbox": sb }));
+        cri.ok("remove_sandbox", json!({ "sandbox": sb }));
+        drop(cri);
+        drop(ctd);
+        d.stop(Duration::from_secs(15));
+        Ok(Timings {
+            start,
+            run_container,
+            sandbox,
+        })
+    }
 }
 
 fn run_emberd(
