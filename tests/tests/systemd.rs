@@ -470,10 +470,11 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
         })
     };
     recv_until(&journal, "hello's and the panic's lines", &mut seen, |s| {
-        // Raw stdout (6) and stderr (3), a tracing record (info, 6), a
+        // Raw stdout and stderr (both info, 6, without their own `<N>`), a
+        // tracing record (info, 6), a
         // panic's tracing record (error, 3).
         has(s, "hello", "6", &|m| m == "stdout: journal 7")
-            && has(s, "hello", "3", &|m| m == "stderr: journal 7")
+            && has(s, "hello", "6", &|m| m == "stderr: journal 7")
             && has(s, "hello", "6", &|m| m.ends_with("hello, world"))
             && has(s, "panics", "3", &|m| m.contains("fixture panic in start"))
     });
@@ -603,4 +604,112 @@ fn plain_format_keeps_module_output_in_the_log_file_only() {
         "{lines:#?}"
     );
     assert!(!lines.iter().any(|l| l.starts_with('<')), "{lines:#?}");
+}
+
+/// `emberctl ARGS` that must answer; the deadline ([`PATIENCE`]) only
+/// guards the test against a hang, it measures nothing.
+fn ctl_answers(socket: &Path, args: &[&str]) -> String {
+    let mut child = ember_tests::ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let st = child
+        .wait_timeout(ember_tests::PATIENCE)
+        .unwrap_or_else(|| panic!("emberctl {args:?} never answered"));
+    let out = reader.join().unwrap();
+    assert!(st.success(), "emberctl {args:?}: {st} {out}");
+    out
+}
+
+#[test]
+fn a_flooding_module_in_journal_mode_neither_stalls_the_control_socket_nor_floods_the_journal() {
+    let dir = TempDir::new("journal-flood");
+    let journal_path = dir.path().join("journal.sock");
+    let journal = datagrams(&journal_path);
+    let socket = dir.path().join("ctl.sock");
+    let config = dir.path().join("emberd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{FAST}\n[logging]\nformat = \"journal\"\njournal_socket = {:?}\n",
+            journal_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let _d = Emberd(Some(
+        Command::new(emberd())
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    poll_until("emberd ready", Duration::from_millis(20), || {
+        UnixStream::connect(&socket)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let flood = real_module(
+        dir.path(),
+        "flood",
+        "fixture-hostile",
+        "[config]\nflood = true\n",
+    );
+    ctl_ok(&socket, &["install", flood.to_str().unwrap()]);
+    wait_running(&socket, "flood");
+
+    // While it floods, the control socket answers every call.
+    for _ in 0..5 {
+        let list = ctl_answers(&socket, &["list", "--json"]);
+        assert!(list.contains("\"flood\""), "{list}");
+    }
+    // The journal gets its lines, stdout and stderr at their priorities
+    // (stdout unprefixed: info; stderr `<4>`: warning), and a report of
+    // the lines beyond the rate.
+    let mut seen = Vec::new();
+    let has = |s: &[String], priority: &str, message: &dyn Fn(&str) -> bool| {
+        s.iter().map(|d| fields(d)).any(|f| {
+            f.get("EMBER_MODULE").map(String::as_str) == Some("flood")
+                && f.get("PRIORITY").map(String::as_str) == Some(priority)
+                && f.get("MESSAGE").is_some_and(|m| message(m))
+        })
+    };
+    recv_until(&journal, "flood lines and a rate report", &mut seen, |s| {
+        has(s, "6", &|m| m.starts_with("flood "))
+            && has(s, "4", &|m| m.starts_with("flood "))
+            && has(s, "4", &|m| {
+                m.starts_with("journal rate limit: ") && m.contains(" lines of module flood ")
+            })
+    });
+    let report = seen
+        .iter()
+        .map(|d| fields(d))
+        .find(|f| f.contains_key("EMBER_JOURNAL_DROPPED"))
+        .unwrap();
+    assert!(report["EMBER_JOURNAL_DROPPED"].parse::<u64>().unwrap() > 0);
+    // Every line is in the log file.
+    let logs = ctl_answers(&socket, &["logs", "flood", "-n", "50"]);
+    assert!(logs.lines().any(|l| l.starts_with("flood ")), "{logs}");
+    ctl_answers(&socket, &["uninstall", "flood"]);
 }
