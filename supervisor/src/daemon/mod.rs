@@ -24,6 +24,7 @@ pub mod scrape;
 pub mod server;
 pub mod status_line;
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,9 +164,25 @@ pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
             (listener, socket_path, true)
         }
     };
+    // The socket file it bound, by device and inode: at exit it is
+    // removed only if the path still names that file. A newer emberd that
+    // found this one not answering (stopping) and bound the same path
+    // keeps its socket.
+    let bound = own_socket
+        .then(|| std::fs::symlink_metadata(&socket_path).ok())
+        .flatten()
+        .map(|m| (m.dev(), m.ino()));
     let remove_socket = || {
-        if own_socket {
-            let _ = std::fs::remove_file(&socket_path);
+        let Some((dev, ino)) = bound else { return };
+        match std::fs::symlink_metadata(&socket_path) {
+            Ok(m) if m.dev() == dev && m.ino() == ino => {
+                let _ = std::fs::remove_file(&socket_path);
+            }
+            Ok(_) => tracing::info!(
+                socket = %socket_path.display(),
+                "the socket path now names another socket; left in place"
+            ),
+            Err(_) => {}
         }
     };
     let metrics = match bind_metrics(&cfg) {
