@@ -127,6 +127,9 @@ pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
             tracing::warn!(error = %e, "module lines will not reach the journal");
         }
     }
+    // The rest of what systemd passed, read and removed while still
+    // single-threaded: the zygote and the workers inherit none of it.
+    let systemd_env = crate::notify::take_env();
     // Not dumpable: a module that keeps emberd's uid (emberd is not root)
     // can then neither read nor write emberd's memory through
     // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
@@ -259,6 +262,7 @@ pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
             control: listener,
             control_path: socket_path.clone(),
             metrics,
+            systemd: systemd_env,
         },
         protected,
     ));
@@ -275,6 +279,8 @@ struct Sockets {
     control_path: PathBuf,
     /// `/metrics`, when configured.
     metrics: Option<std::net::TcpListener>,
+    /// What systemd passed in the environment (read and removed).
+    systemd: crate::notify::SystemdEnv,
 }
 
 async fn serve(
@@ -289,6 +295,7 @@ async fn serve(
         control: listener,
         control_path: socket_path,
         metrics,
+        systemd: systemd_env,
     } = sockets;
     let started = (std::time::Instant::now(), std::time::SystemTime::now());
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
@@ -350,7 +357,7 @@ async fn serve(
     });
     tracing::info!(socket = %socket_path.display(), "emberd ready");
 
-    let notifier = match Notifier::from_env() {
+    let notifier = match Notifier::from_env(&systemd_env) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "systemd notification disabled");
@@ -374,7 +381,7 @@ async fn serve(
             status_events,
         ))
     });
-    let watchdog = match (&notifier, crate::notify::watchdog_interval()) {
+    let watchdog = match (&notifier, crate::notify::watchdog_interval(&systemd_env)) {
         (Some(n), Some(every)) => Some(tokio::spawn(watchdog(n.clone(), every, actor_tx.clone()))),
         _ => None,
     };
