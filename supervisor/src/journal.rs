@@ -196,7 +196,7 @@ pub struct Journal {
     /// The thread that reads every instance's stdout and stderr, started
     /// with the first instance (never before: emberd forks its zygote
     /// single-threaded).
-    forwarder: OnceLock<Arc<Forwarder>>,
+    forwarder: Mutex<Option<Arc<Forwarder>>>,
 }
 
 /// One module's rate window.
@@ -246,7 +246,7 @@ impl Journal {
             lost: AtomicU64::new(0),
             warned: AtomicBool::new(false),
             windows: Mutex::default(),
-            forwarder: OnceLock::new(),
+            forwarder: Mutex::new(None),
         })
     }
 
@@ -346,10 +346,12 @@ impl Journal {
         ]);
     }
 
-    /// The forwarder thread, started on first use.
-    fn forwarder(self: &Arc<Self>) -> std::io::Result<&Arc<Forwarder>> {
-        if let Some(f) = self.forwarder.get() {
-            return Ok(f);
+    /// The forwarder thread, started on first use (once: the lock is
+    /// held while it starts).
+    fn forwarder(self: &Arc<Self>) -> std::io::Result<Arc<Forwarder>> {
+        let mut slot = self.forwarder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &*slot {
+            return Ok(f.clone());
         }
         let f = Arc::new(Forwarder {
             new: Mutex::default(),
@@ -359,7 +361,8 @@ impl Journal {
         std::thread::Builder::new()
             .name("ember-journal".into())
             .spawn(move || thread.run(&journal))?;
-        Ok(self.forwarder.get_or_init(|| f))
+        *slot = Some(f.clone());
+        Ok(f)
     }
 }
 
