@@ -356,7 +356,7 @@ mod cri {
     use ember_benches::daemon::{Emberd, Options};
     use ember_benches::launch::Base;
     use ember_benches::Samples;
-    use ember_tests::containerd::{Containerd, Cri, PAUSE_IMAGE};
+    use ember_tests::containerd::{shim, Containerd, Cri, PAUSE_IMAGE};
     use ember_tests::oci;
     use serde_json::json;
 
@@ -418,6 +418,9 @@ mod cri {
             }
         }
 
+        // The shim, built into this profile's target dir, where the
+        // harness's containerd finds it.
+        shim();
         let ctd = Containerd::start(d.socket());
         let pause = oci::pause(PAUSE_IMAGE, &ctd.dir.path().join("pause.tar"));
         ctd.import(&pause.archive);

@@ -23,10 +23,11 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// From `$NOTIFY_SOCKET`; `Ok(None)` when it is not set.
-    pub fn from_env() -> Result<Option<Self>, NotifyError> {
-        match std::env::var("NOTIFY_SOCKET") {
-            Ok(s) if !s.is_empty() => Self::new(&s).map(Some),
+    /// From `$NOTIFY_SOCKET` as [`take_env`] read it; `Ok(None)` when it
+    /// was not set.
+    pub fn from_env(env: &SystemdEnv) -> Result<Option<Self>, NotifyError> {
+        match env.notify_socket.as_deref() {
+            Some(s) if !s.is_empty() => Self::new(s).map(Some),
             _ => Ok(None),
         }
     }
@@ -54,11 +55,45 @@ impl Notifier {
     }
 }
 
+/// What the service manager told emberd in its environment, read once.
+#[derive(Debug, Default)]
+pub struct SystemdEnv {
+    /// `$NOTIFY_SOCKET`.
+    pub notify_socket: Option<String>,
+    /// `$WATCHDOG_USEC`.
+    pub watchdog_usec: Option<String>,
+    /// `$WATCHDOG_PID`.
+    pub watchdog_pid: Option<String>,
+}
+
+/// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, and removes
+/// them and `JOURNAL_STREAM` (read before, by [`crate::journal`]) from the
+/// environment: the zygote and the workers inherit none of them (a module
+/// must not notify or feed systemd's watchdog in emberd's name). Must run
+/// while the process is single-threaded (it changes the environment).
+pub fn take_env() -> SystemdEnv {
+    let var = |k| std::env::var(k).ok();
+    let env = SystemdEnv {
+        notify_socket: var("NOTIFY_SOCKET"),
+        watchdog_usec: var("WATCHDOG_USEC"),
+        watchdog_pid: var("WATCHDOG_PID"),
+    };
+    for k in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+    ] {
+        std::env::remove_var(k);
+    }
+    env
+}
+
 /// The watchdog interval asked by `$WATCHDOG_USEC`, if it is meant for
 /// this process (`$WATCHDOG_PID` unset or ours).
-pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+pub fn watchdog_interval(env: &SystemdEnv) -> Option<Duration> {
+    let usec: u64 = env.watchdog_usec.as_deref()?.parse().ok()?;
+    if let Some(pid) = env.watchdog_pid.as_deref() {
         if pid.parse::<u32>().ok()? != std::process::id() {
             return None;
         }

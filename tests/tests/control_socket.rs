@@ -487,3 +487,25 @@ fn unprivileged_defaults_use_xdg_dirs() {
     assert!(daemon.wait().unwrap().success());
     assert!(!socket.exists(), "socket removed on shutdown");
 }
+
+#[test]
+fn a_stopping_emberd_leaves_a_newer_emberds_socket_on_the_same_path() {
+    let mut old = Daemon::start(FAST);
+    // The path is taken over (here: the old socket file removed, a second
+    // emberd started on the same path, as one would that found the old one
+    // no longer answering while it stops).
+    let mut new = Daemon::start(FAST);
+    new.stop();
+    new.socket = old.socket.clone();
+    std::fs::remove_file(&old.socket).unwrap();
+    new.spawn(&[]);
+    // The old one stops: the path still names the new one's socket.
+    old.stop();
+    let mut raw = Raw::connect(&new.socket);
+    let r = raw.call("io.ember.Supervisor.List", json!({}));
+    assert!(r["parameters"]["modules"].is_array(), "{r}");
+    drop(raw);
+    // The new one removes its own socket when it stops.
+    new.stop();
+    assert!(!new.socket.exists(), "{}", new.socket.display());
+}

@@ -210,8 +210,14 @@ fn events_show_a_crash_and_its_restart_as_they_happen() {
 
 #[test]
 fn a_stalled_reader_is_dropped_with_the_count_it_missed() {
-    // A small hub: a reader more than 4 events behind is dropped.
-    let d = Daemon::start(&format!("{FAST}[events]\nbuffer = 4\n"));
+    // A small hub: a reader more than 4 events behind is dropped. The
+    // write deadline (a reader that reads nothing for that long is closed,
+    // see the next test) is out of the way: this test may take as long as
+    // it takes, and the readers still get their `EventsLagged`.
+    let d = Daemon::start_with(
+        &format!("{FAST}[events]\nbuffer = 4\n"),
+        &[("EMBER_TEST_WRITE_DEADLINE_MS", "86400000")],
+    );
     // A raw client that subscribes, then does not read.
     let mut raw = Raw::connect(&d.socket);
     raw.send(json!({
@@ -220,6 +226,12 @@ fn a_stalled_reader_is_dropped_with_the_count_it_missed() {
     let first = raw.recv().expect("the subscription");
     assert_eq!(first["parameters"]["subscribed"], true, "{first}");
     assert_eq!(first["continues"], true, "{first}");
+    let last_seq = first["parameters"]["last_seq"].as_u64().expect("last_seq");
+    let daemon = first["parameters"]["daemon"]
+        .as_str()
+        .expect("daemon")
+        .to_owned();
+    assert!(daemon.starts_with(&format!("{}-", d.pid())), "{first}");
     // And the real emberctl, stopped (SIGSTOP) while events pile up.
     let (mut ctl, ctl_rx) = spawn_ctl(&d, &["events", "--json"]);
     let hello = module_dir(d.dir.path(), "hello", "1.0.0");
@@ -245,9 +257,14 @@ fn a_stalled_reader_is_dropped_with_the_count_it_missed() {
             break r;
         }
         assert_eq!(r["continues"], true, "{r}");
-        assert!(r["parameters"]["event"]["seq"].is_u64(), "{r}");
+        let seq = r["parameters"]["event"]["seq"].as_u64().unwrap();
+        // The first event after the subscription is `last_seq + 1`.
+        assert_eq!(seq, last_seq + 1 + events, "{r}");
+        assert_eq!(r["parameters"]["event"]["daemon"], daemon.as_str(), "{r}");
         events += 1;
     };
+    // Then the connection is closed.
+    assert!(raw.recv().is_none(), "closed after EventsLagged");
     assert_eq!(
         error["error"], "io.ember.Supervisor.EventsLagged",
         "{error}"
@@ -275,6 +292,102 @@ fn a_stalled_reader_is_dropped_with_the_count_it_missed() {
     let (mut again, again_rx) = spawn_ctl(&d, &["events", "hello", "--json"]);
     ping_until_subscribed(&d, &hello, "hello", &[&again_rx]);
     again.kill();
+}
+
+#[test]
+fn a_reader_stalled_past_the_write_deadline_is_closed_not_left_hanging() {
+    // A big hub (it never lags by count) and a 300 ms write deadline.
+    let d = Daemon::start_with(FAST, &[("EMBER_TEST_WRITE_DEADLINE_MS", "300")]);
+    let mut raw = Raw::connect(&d.socket);
+    raw.send(json!({
+        "method": "io.ember.Supervisor.Events", "parameters": {}, "more": true
+    }));
+    let first = raw.recv().expect("the subscription");
+    assert_eq!(first["parameters"]["subscribed"], true, "{first}");
+    // More events than its socket holds (as in the test above), while it
+    // reads nothing.
+    let hello = module_dir(d.dir.path(), "hello", "1.0.0");
+    for _ in 0..20 {
+        d.ctl_ok(&["install", hello.to_str().unwrap()]);
+        d.ctl_ok(&["uninstall", "hello"]);
+    }
+    // It stalls well past the deadline (the sleep makes the stall longer
+    // than the deadline; it measures nothing).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // What fitted in its socket (whole events, perhaps a half one), maybe
+    // the error, then the end: never a connection left open (Raw's read
+    // timeout fails the test if it hangs).
+    let mut events = 0;
+    while let Some(r) = raw.recv() {
+        if r.get("error").is_some() {
+            assert_eq!(r["error"], "io.ember.Supervisor.EventsLagged", "{r}");
+            assert!(raw.recv().is_none(), "closed after the error");
+            break;
+        }
+        assert!(r["parameters"]["event"]["seq"].is_u64(), "{r}");
+        events += 1;
+    }
+    assert!(events > 0);
+    let last = d.ctl_json(&["list"]);
+    assert!(last["modules"].as_array().unwrap().is_empty(), "{last}");
+}
+
+/// emberd's resident memory, kB (`VmRSS` of `/proc/PID/status`).
+fn rss_kb(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Sends `mib` MiB of bytes with no terminator on `raw`, from a thread,
+/// ignoring the error once emberd closes the connection.
+fn pour(raw: &Raw, mib: usize) -> std::thread::JoinHandle<()> {
+    let mut s = raw.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let chunk = vec![b' '; 1 << 20];
+        for _ in 0..mib {
+            if std::io::Write::write_all(&mut s, &chunk).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn bytes_sent_during_a_stream_are_capped_and_the_connection_closed() {
+    let d = Daemon::start(FAST);
+    let hello = module_dir(d.dir.path(), "hello", "1.0.0");
+    d.ctl_ok(&["install", hello.to_str().unwrap()]);
+    let before = rss_kb(d.pid());
+    for (method, params) in [
+        ("io.ember.Supervisor.Events", json!({})),
+        ("io.ember.Supervisor.Logs", json!({ "name": "hello" })),
+    ] {
+        let mut raw = Raw::connect(&d.socket);
+        raw.send(json!({ "method": method, "parameters": params, "more": true }));
+        let first = raw.recv().expect("the first reply");
+        assert_eq!(first["continues"], true, "{first}");
+        // 24 MiB, far more than a call may be (MAX_MESSAGE).
+        let writer = pour(&raw, 24);
+        // emberd closes the connection: whatever came, then the end (Raw's
+        // read timeout fails the test if it never comes).
+        let mut last = first;
+        while let Some(r) = raw.recv() {
+            last = r;
+        }
+        assert_eq!(
+            last["error"], "io.ember.Supervisor.ProtocolError",
+            "{method}: {last}"
+        );
+        writer.join().unwrap();
+    }
+    // emberd did not keep what was poured into it.
+    let grown = rss_kb(d.pid()).saturating_sub(before);
+    assert!(grown < 8 * 1024, "emberd grew by {grown} kB");
+    d.ctl_ok(&["list"]);
 }
 
 #[test]

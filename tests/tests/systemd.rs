@@ -104,12 +104,22 @@ fn unit_files_pass_systemd_analyze_verify() {
     );
     std::fs::write(dir.path().join("emberd.service"), service).unwrap();
     std::fs::copy(src.join("emberd.socket"), dir.path().join("emberd.socket")).unwrap();
-    let out = Command::new("systemd-analyze")
+    let out = match Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("emberd.socket"))
         .arg(dir.path().join("emberd.service"))
         .output()
-        .expect("systemd-analyze");
+    {
+        Ok(out) => out,
+        // On CI it must be there; elsewhere the test says why it skips.
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("systemd-analyze cannot run ({e}), and CI is set: install systemd (systemd-analyze) to run this test")
+        }
+        Err(e) => {
+            eprintln!("systemd-analyze cannot run ({e}); skipping unit_files_pass_systemd_analyze_verify (it fails instead when CI is set)");
+            return;
+        }
+    };
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {stderr}");
     // Unknown keys are only warnings: none about these two units either.
@@ -145,12 +155,15 @@ fn spawn_activated(args: &[&std::ffi::OsStr], listener: &UnixListener, stderr: S
     vars.insert("EMBER_LOG".into(), "error".into());
     vars.insert("LISTEN_FDS".into(), "1".into());
     vars.insert("LISTEN_FDNAMES".into(), "control".into());
-    let mut envp: Vec<CString> = vars
+    let envp: Vec<CString> = vars
         .iter()
         .map(|(k, v)| CString::new(format!("{k}={v}")).unwrap())
         .collect();
-    // Ten digits, filled in by the child: "LISTEN_PID=0000012345".
-    envp.push(CString::new("LISTEN_PID=0000000000").unwrap());
+    // Ten digits, filled in by the child: "LISTEN_PID=0000012345\0", in a
+    // buffer of its own that is written through a pointer from
+    // `as_mut_ptr` (never through a CString's const pointer).
+    let mut listen_pid: Vec<u8> = b"LISTEN_PID=0000000000\0".to_vec();
+    let listen_pid_ptr = listen_pid.as_mut_ptr();
     let argv_ptrs: Vec<usize> = argv
         .iter()
         .map(|c| c.as_ptr() as usize)
@@ -159,14 +172,15 @@ fn spawn_activated(args: &[&std::ffi::OsStr], listener: &UnixListener, stderr: S
     let envp_ptrs: Vec<usize> = envp
         .iter()
         .map(|c| c.as_ptr() as usize)
-        .chain([0])
+        .chain([listen_pid_ptr as usize, 0])
         .collect();
-    let pid_digits = envp.last().unwrap().as_ptr() as usize + "LISTEN_PID=".len();
+    // SAFETY: "LISTEN_PID=".len() is within the buffer (22 bytes).
+    let pid_digits = unsafe { listen_pid_ptr.add("LISTEN_PID=".len()) } as usize;
     let listen_fd = listener.as_raw_fd();
     let mut cmd = Command::new("/nonexistent-exec-happens-in-pre-exec");
     cmd.stdin(Stdio::null()).stderr(stderr);
     // Keeps the buffers alive (moved into the closure) for the child.
-    let keep = (program, argv, envp);
+    let keep = (program, argv, envp, listen_pid);
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe calls (getpid, dup2, fcntl, execve) and writes
     // into buffers allocated before the fork (`keep`, owned by the closure).
@@ -437,7 +451,8 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
             .env("JOURNAL_STREAM", &stream)
             // Not a usable address: emberd warns and goes on.
             .env("NOTIFY_SOCKET", "not-an-address")
-            .env_remove("WATCHDOG_USEC")
+            .env("WATCHDOG_USEC", "60000000")
+            .env("WATCHDOG_PID", "1")
             .env_remove("LISTEN_FDS")
             .stdin(Stdio::null())
             .stderr(writer)
@@ -458,6 +473,30 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
     );
     ctl_ok(&socket, &["install", hello.to_str().unwrap()]);
     wait_running(&socket, "hello");
+    // What systemd told emberd is emberd's: its worker (and so the zygote
+    // it was forked from) inherits none of it.
+    let status: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&socket, &["status", "hello", "--json"])).unwrap();
+    let worker = status["status"]["pid"].as_i64().unwrap();
+    let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
+    let names: Vec<String> = environ
+        .split(|&b| b == 0)
+        .filter_map(|v| v.splitn(2, |&b| b == b'=').next())
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(names.iter().any(|k| k == "EMBER_LOG"), "{names:?}");
+    for k in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "LISTEN_FDS",
+    ] {
+        assert!(
+            !names.iter().any(|n| n == k),
+            "{k} in the worker's environment: {names:?}"
+        );
+    }
     let panics = real_module(dir.path(), "panics", "fixture-panic-start", "");
     ctl_ok(&socket, &["install", panics.to_str().unwrap()]);
 
@@ -470,10 +509,11 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
         })
     };
     recv_until(&journal, "hello's and the panic's lines", &mut seen, |s| {
-        // Raw stdout (6) and stderr (3), a tracing record (info, 6), a
+        // Raw stdout and stderr (both info, 6, without their own `<N>`), a
+        // tracing record (info, 6), a
         // panic's tracing record (error, 3).
         has(s, "hello", "6", &|m| m == "stdout: journal 7")
-            && has(s, "hello", "3", &|m| m == "stderr: journal 7")
+            && has(s, "hello", "6", &|m| m == "stderr: journal 7")
             && has(s, "hello", "6", &|m| m.ends_with("hello, world"))
             && has(s, "panics", "3", &|m| m.contains("fixture panic in start"))
     });
@@ -603,4 +643,120 @@ fn plain_format_keeps_module_output_in_the_log_file_only() {
         "{lines:#?}"
     );
     assert!(!lines.iter().any(|l| l.starts_with('<')), "{lines:#?}");
+}
+
+/// `emberctl ARGS` that must answer; the deadline ([`PATIENCE`]) only
+/// guards the test against a hang, it measures nothing.
+fn ctl_answers(socket: &Path, args: &[&str]) -> String {
+    let mut child = ember_tests::ChildGuard(
+        Command::new(emberctl())
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let st = child
+        .wait_timeout(ember_tests::PATIENCE)
+        .unwrap_or_else(|| panic!("emberctl {args:?} never answered"));
+    let out = reader.join().unwrap();
+    assert!(st.success(), "emberctl {args:?}: {st} {out}");
+    out
+}
+
+#[test]
+fn a_flooding_module_in_journal_mode_neither_stalls_the_control_socket_nor_floods_the_journal() {
+    let dir = TempDir::new("journal-flood");
+    let journal_path = dir.path().join("journal.sock");
+    let journal = datagrams(&journal_path);
+    let socket = dir.path().join("ctl.sock");
+    let config = dir.path().join("emberd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{FAST}\n[logging]\nformat = \"journal\"\njournal_socket = {:?}\n",
+            journal_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let d = Emberd(Some(
+        Command::new(emberd())
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    poll_until("emberd ready", Duration::from_millis(20), || {
+        UnixStream::connect(&socket)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let flood = real_module(
+        dir.path(),
+        "flood",
+        "fixture-hostile",
+        "[config]\nflood = true\n",
+    );
+    ctl_ok(&socket, &["install", flood.to_str().unwrap()]);
+    wait_running(&socket, "flood");
+
+    // Its output is read by emberd's journal thread, not the runtime's.
+    let threads = ember_tests::daemon::thread_names(d.pid());
+    assert!(threads.iter().any(|n| n == "ember-journal"), "{threads:?}");
+    // While it floods, the control socket answers every call.
+    for _ in 0..5 {
+        let list = ctl_answers(&socket, &["list", "--json"]);
+        assert!(list.contains("\"flood\""), "{list}");
+    }
+    // The journal gets its lines, stdout and stderr at their priorities
+    // (stdout unprefixed: info; stderr `<4>`: warning), and a report of
+    // the lines beyond the rate.
+    let mut seen = Vec::new();
+    let has = |s: &[String], priority: &str, message: &dyn Fn(&str) -> bool| {
+        s.iter().map(|d| fields(d)).any(|f| {
+            f.get("EMBER_MODULE").map(String::as_str) == Some("flood")
+                && f.get("PRIORITY").map(String::as_str) == Some(priority)
+                && f.get("MESSAGE").is_some_and(|m| message(m))
+        })
+    };
+    recv_until(&journal, "flood lines and a rate report", &mut seen, |s| {
+        has(s, "6", &|m| m.starts_with("flood "))
+            && has(s, "4", &|m| m.starts_with("flood "))
+            && has(s, "4", &|m| {
+                m.starts_with("journal rate limit: ") && m.contains(" lines of module flood ")
+            })
+    });
+    let report = seen
+        .iter()
+        .map(|d| fields(d))
+        .find(|f| f.contains_key("EMBER_JOURNAL_DROPPED"))
+        .unwrap();
+    assert!(report["EMBER_JOURNAL_DROPPED"].parse::<u64>().unwrap() > 0);
+    // Every line is in the log file.
+    let logs = ctl_answers(&socket, &["logs", "flood", "-n", "50"]);
+    // (untouched: a stderr line keeps its `<4>`).
+    assert!(
+        logs.lines()
+            .all(|l| l.starts_with("flood ") || l.starts_with("<4>flood ")),
+        "{logs}"
+    );
+    ctl_answers(&socket, &["uninstall", "flood"]);
 }

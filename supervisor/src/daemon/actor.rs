@@ -46,7 +46,7 @@ pub enum Response {
     /// The log file to serve (the connection streams it).
     Logs(PathBuf),
     /// A subscription to the event hub (the connection streams it).
-    Events(tokio::sync::broadcast::Receiver<Arc<super::events::Record>>),
+    Events(super::events::Subscription),
 }
 
 /// Where the answer to one call goes.
@@ -496,7 +496,7 @@ impl Actor {
                 });
                 return;
             }
-            Request::Events(_) => Ok(Response::Events(self.events.subscribe())),
+            Request::Events(_) => Ok(Response::Events(self.events.follow())),
             Request::Logs(req) => match self.modules.get(&req.name) {
                 Some(_) => Ok(Response::Logs(self.store.log_path(&req.name))),
                 None => Err(module_not_found(&req.name)),

@@ -117,12 +117,41 @@ impl Event {
 pub struct Record {
     /// Its number: one more than the previous event's of this daemon.
     pub seq: u64,
+    /// This emberd: its pid and start time (`PID-UNIXMILLIS`). `seq`
+    /// starts again at 1 when emberd restarts; a different `daemon` tells
+    /// a reader that a restart, not a gap, is why it did.
+    pub daemon: &'static str,
     /// When it was emitted, UTC with milliseconds
     /// (`2026-12-05T21:00:00.123Z`).
     pub time: String,
     /// What happened.
     #[serde(flatten)]
     pub event: Event,
+}
+
+/// This process's daemon instance id, `PID-UNIXMILLIS` (its start).
+pub fn daemon_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        format!("{}-{ms}", std::process::id())
+    })
+}
+
+/// An `Events` follower's start.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Every event from now on.
+    pub rx: broadcast::Receiver<Arc<Record>>,
+    /// How many events (of those it wants) it may fall behind by.
+    pub capacity: usize,
+    /// The last event's number before it subscribed.
+    pub last_seq: u64,
+    /// [`daemon_id`].
+    pub daemon: &'static str,
 }
 
 /// The hub: cheap to clone, one per daemon.
@@ -161,6 +190,7 @@ impl EventHub {
         *seq += 1;
         let record = Record {
             seq: *seq,
+            daemon: daemon_id(),
             time: timestamp(SystemTime::now()),
             event,
         };
@@ -176,6 +206,19 @@ impl EventHub {
     /// A new subscriber: it receives every event emitted from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
         self.tx.subscribe()
+    }
+
+    /// A new `Events` follower: its receiver, and the number of the last
+    /// event before it (taken together: the first event it receives is
+    /// `last_seq + 1`).
+    pub fn follow(&self) -> Subscription {
+        let seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        Subscription {
+            rx: self.tx.subscribe(),
+            capacity: self.capacity,
+            last_seq: *seq,
+            daemon: daemon_id(),
+        }
     }
 
     /// What a replica's [`crate::lifecycle::Lifecycle`] reports its
@@ -255,7 +298,9 @@ mod tests {
     fn events_are_numbered_in_order_and_flattened_on_the_wire() {
         let hub = EventHub::new(8);
         hub.emit(installed("early"));
-        let mut rx = hub.subscribe();
+        let follow = hub.follow();
+        assert_eq!((follow.last_seq, follow.capacity), (1, 8));
+        let mut rx = follow.rx;
         hub.emit(installed("a"));
         hub.emit(Event::Pool {
             what: "miss",
@@ -269,13 +314,17 @@ mod tests {
         assert_eq!(v["kind"], "installed");
         assert_eq!(v["module"], "a");
         assert_eq!(v["seq"], 2);
+        let id = v["daemon"].as_str().unwrap();
+        assert!(id.starts_with(&format!("{}-", std::process::id())), "{id}");
         let time = v["time"].as_str().unwrap();
         assert_eq!(time.len(), 24, "{time}");
         assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{time}");
         assert_eq!(b.event.module(), None);
         assert_eq!(
             serde_json::to_value(&*b).unwrap(),
-            serde_json::json!({ "seq": 3, "time": b.time, "kind": "pool", "what": "miss" })
+            serde_json::json!({
+                "seq": 3, "daemon": daemon_id(), "time": b.time, "kind": "pool", "what": "miss"
+            })
         );
     }
 

@@ -25,6 +25,7 @@ pub mod scrape;
 pub mod server;
 pub mod status_line;
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +128,9 @@ pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
             tracing::warn!(error = %e, "module lines will not reach the journal");
         }
     }
+    // The rest of what systemd passed, read and removed while still
+    // single-threaded: the zygote and the workers inherit none of it.
+    let systemd_env = crate::notify::take_env();
     // Not dumpable: a module that keeps emberd's uid (emberd is not root)
     // can then neither read nor write emberd's memory through
     // `/proc/PID/mem` nor trace it; emberd's `/proc` files belong to root.
@@ -164,9 +168,25 @@ pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
             (listener, socket_path, true)
         }
     };
+    // The socket file it bound, by device and inode: at exit it is
+    // removed only if the path still names that file. A newer emberd that
+    // found this one not answering (stopping) and bound the same path
+    // keeps its socket.
+    let bound = own_socket
+        .then(|| std::fs::symlink_metadata(&socket_path).ok())
+        .flatten()
+        .map(|m| (m.dev(), m.ino()));
     let remove_socket = || {
-        if own_socket {
-            let _ = std::fs::remove_file(&socket_path);
+        let Some((dev, ino)) = bound else { return };
+        match std::fs::symlink_metadata(&socket_path) {
+            Ok(m) if m.dev() == dev && m.ino() == ino => {
+                let _ = std::fs::remove_file(&socket_path);
+            }
+            Ok(_) => tracing::info!(
+                socket = %socket_path.display(),
+                "the socket path now names another socket; left in place"
+            ),
+            Err(_) => {}
         }
     };
     let metrics = match bind_metrics(&cfg) {
@@ -243,6 +263,7 @@ pub fn run_with_config(opts: Options, cfg: Config) -> Result<(), DaemonError> {
             control: listener,
             control_path: socket_path.clone(),
             metrics,
+            systemd: systemd_env,
         },
         protected,
     ));
@@ -259,6 +280,8 @@ struct Sockets {
     control_path: PathBuf,
     /// `/metrics`, when configured.
     metrics: Option<std::net::TcpListener>,
+    /// What systemd passed in the environment (read and removed).
+    systemd: crate::notify::SystemdEnv,
 }
 
 async fn serve(
@@ -273,6 +296,7 @@ async fn serve(
         control: listener,
         control_path: socket_path,
         metrics,
+        systemd: systemd_env,
     } = sockets;
     let started = (std::time::Instant::now(), std::time::SystemTime::now());
     let zygote = zygote.into_async().map_err(DaemonError::Zygote)?;
@@ -338,7 +362,7 @@ async fn serve(
     });
     tracing::info!(socket = %socket_path.display(), "emberd ready");
 
-    let notifier = match Notifier::from_env() {
+    let notifier = match Notifier::from_env(&systemd_env) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "systemd notification disabled");
@@ -362,7 +386,7 @@ async fn serve(
             status_events,
         ))
     });
-    let watchdog = match (&notifier, crate::notify::watchdog_interval()) {
+    let watchdog = match (&notifier, crate::notify::watchdog_interval(&systemd_env)) {
         (Some(n), Some(every)) => Some(tokio::spawn(watchdog(n.clone(), every, actor_tx.clone()))),
         _ => None,
     };

@@ -293,6 +293,19 @@ pub const FRAME_DEADLINE: Duration = Duration::from_secs(5);
 /// sends calls and never reads the replies is closed.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// [`WRITE_DEADLINE`], unless `EMBER_TEST_WRITE_DEADLINE_MS` (for tests
+/// only: a stalled reader dropped in a test's time, or never) says
+/// otherwise.
+fn write_deadline() -> Duration {
+    static D: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("EMBER_TEST_WRITE_DEADLINE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(WRITE_DEADLINE, Duration::from_millis)
+    })
+}
+
 /// The send buffer of a connection following `Events`: a few dozen
 /// events (the kernel doubles it). Beyond that a reader that does not read
 /// falls behind in the event hub, which counts what it misses.
@@ -398,6 +411,10 @@ struct Connection {
     peer: Arc<Credentials>,
     /// Calls answered, for `/metrics`.
     calls: Arc<ControlCalls>,
+    /// The connection must close once the current call returns: a write
+    /// failed or timed out (a frame may be half sent), or a stream ended
+    /// in a way that ends the connection.
+    close: bool,
 }
 
 enum Flow {
@@ -420,14 +437,35 @@ impl Connection {
             slot,
             peer: Arc::new(peer),
             calls,
+            close: false,
         }
     }
 
+    /// Writes one reply; on failure (or past the deadline, perhaps half
+    /// written) the connection is marked to close.
     async fn write(&mut self, reply: &Reply) -> Result<(), std::io::Error> {
-        match tokio::time::timeout(WRITE_DEADLINE, self.stream.write_all(&reply.encode())).await {
+        let r = match tokio::time::timeout(write_deadline(), self.stream.write_all(&reply.encode()))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        };
+        if r.is_err() {
+            self.close = true;
         }
+        r
+    }
+
+    /// Keeps `n` bytes the client sent during a stream (a pipelined call)
+    /// unless that makes more than [`MAX_MESSAGE`] buffered: then `false`
+    /// (the connection is to be closed).
+    fn keep_input(&mut self, bytes: &[u8]) -> bool {
+        if self.decoder.pending() + bytes.len() > MAX_MESSAGE {
+            self.close = true;
+            return false;
+        }
+        self.decoder.extend(bytes);
+        true
     }
 
     async fn run(mut self, access: &Access) {
@@ -523,15 +561,19 @@ impl Connection {
             .record(&call.method, result.as_ref().err().map(|e| e.name));
         let reply = match result {
             Ok(Some(r)) => r,
+            Ok(None) if self.close => return Flow::Close,
             Ok(None) => return Flow::Continue,
             Err(e) => e.to_reply(),
         };
         if call.oneway {
-            return Flow::Continue;
+            return match self.close {
+                true => Flow::Close,
+                false => Flow::Continue,
+            };
         }
         match self.write(&reply).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Close,
+            Ok(()) if !self.close => Flow::Continue,
+            _ => Flow::Close,
         }
     }
 
@@ -589,70 +631,153 @@ impl Connection {
                 let logs = logs.expect("logs response to a logs request");
                 self.logs(&path, logs.lines(), call.more, call.oneway).await
             }
-            Response::Events(rx) => {
+            Response::Events(sub) => {
                 let filter = events.expect("events response to an events request");
-                self.events(rx, &filter).await
+                self.events(sub, &filter).await
             }
         }
     }
 
-    /// `Events` with `more`: a first reply `{subscribed: true}`, then one
-    /// reply `{event}` per event, each with `continues`, until the client hangs up. A
-    /// subscriber that fell behind by more than the hub keeps is dropped
-    /// with `EventsLagged` and how many events it missed; emberd never
-    /// waits for it. The socket's send buffer is kept small, so a stalled
-    /// reader falls behind in the hub (where it is counted), not in
-    /// kernel buffers.
+    /// `Events` with `more`: a first reply `{subscribed: true, last_seq,
+    /// daemon}`, then one reply `{event}` per event, each with `continues`,
+    /// until the client hangs up; the connection then closes (it serves no
+    /// further call). While a reply is being written the connection keeps
+    /// taking events from the hub into a queue of its own of up to the
+    /// hub's capacity (`[events] buffer`, exactly): a subscriber further
+    /// behind, or one whose reply has made no progress for the write
+    /// deadline (a stalled reader), is dropped: the rest of the reply in
+    /// flight and `EventsLagged {missed}` (the events it will not get) are
+    /// sent if the socket takes them, and the connection is closed. emberd
+    /// never waits for it. The socket's send buffer is kept small, so a
+    /// stalled reader falls behind here, where it is counted, not in
+    /// kernel buffers. Bytes the client sends meanwhile are discarded; more
+    /// than [`MAX_MESSAGE`] of them closes the connection.
     async fn events(
         &mut self,
-        mut rx: tokio::sync::broadcast::Receiver<Arc<super::events::Record>>,
+        sub: super::events::Subscription,
         filter: &control::events::Events,
     ) -> Result<Option<Reply>, ErrorReply> {
-        use tokio::sync::broadcast::error::RecvError;
+        use std::collections::VecDeque;
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        // However the stream ends, the connection ends with it.
+        self.close = true;
         let _ = nix::sys::socket::setsockopt(
             &self.stream,
             nix::sys::socket::sockopt::SndBuf,
             &EVENTS_SNDBUF,
         );
-        let mut first = Reply::ok(json!({ "subscribed": true }));
+        let super::events::Subscription {
+            mut rx,
+            capacity,
+            last_seq,
+            daemon,
+        } = sub;
+        let deadline = write_deadline();
+        let mut first = Reply::ok(json!({
+            "subscribed": true, "last_seq": last_seq, "daemon": daemon
+        }));
         first.continues = true;
-        if self.write(&first).await.is_err() {
-            return Ok(None);
-        }
+        // The reply being written, and how much of it is sent.
+        let mut out = first.encode();
+        let mut sent = 0;
+        let mut progress = Instant::now();
+        let mut queue: VecDeque<Arc<super::events::Record>> = VecDeque::new();
+        let mut input = 0usize;
+        // Events still in the hub that the filter wants: also missed.
+        let drain = |rx: &mut tokio::sync::broadcast::Receiver<Arc<super::events::Record>>| -> u64 {
+            let mut n = 0;
+            loop {
+                match rx.try_recv() {
+                    Ok(r) if filter.wants(r.event.module()) => n += 1,
+                    Ok(_) => {}
+                    Err(TryRecvError::Lagged(k)) => n += k,
+                    Err(_) => return n,
+                }
+            }
+        };
+        let lagged =
+            |missed: u64| ErrorReply::new(errors::EVENTS_LAGGED, json!({ "missed": missed }));
         let mut buf = [0u8; 4096];
-        loop {
-            tokio::select! {
-                r = self.stream.read(&mut buf) => match r {
-                    // The client hung up (or pipelined another call, kept
-                    // for later).
-                    Ok(0) | Err(_) => return Ok(None),
-                    Ok(n) => self.decoder.extend(&buf[..n]),
-                },
-                ev = rx.recv() => match ev {
-                    Ok(record) => {
-                        if !filter.wants(record.event.module()) {
-                            continue;
-                        }
+        let (end, stalled) = {
+            let (mut rd, mut wr) = self.stream.split();
+            loop {
+                if sent == out.len() {
+                    out.clear();
+                    sent = 0;
+                    if let Some(record) = queue.pop_front() {
                         let v = serde_json::to_value(&*record).expect("events serialize");
                         let mut r = Reply::ok(json!({ "event": v }));
                         r.continues = true;
-                        if self.write(&r).await.is_err() {
-                            return Ok(None);
+                        out = r.encode();
+                        progress = Instant::now();
+                    }
+                }
+                let writing = !out.is_empty();
+                tokio::select! {
+                    r = rd.read(&mut buf) => match r {
+                        // The client hung up.
+                        Ok(0) | Err(_) => return Ok(None),
+                        Ok(n) => {
+                            input += n;
+                            if input > MAX_MESSAGE {
+                                let e = ErrorReply::new(
+                                    errors::PROTOCOL_ERROR,
+                                    json!({ "reason": too_much_input() }),
+                                );
+                                break (Some(e), false);
+                            }
                         }
+                    },
+                    ev = rx.recv() => match ev {
+                        Ok(record) => {
+                            if !filter.wants(record.event.module()) {
+                                continue;
+                            }
+                            if queue.len() >= capacity {
+                                let missed = 1 + drain(&mut rx);
+                                break (Some(lagged(missed)), false);
+                            }
+                            queue.push_back(record);
+                        }
+                        Err(RecvError::Lagged(n)) => {
+                            let missed = n + queue.len() as u64 + drain(&mut rx);
+                            break (Some(lagged(missed)), false);
+                        }
+                        Err(RecvError::Closed) => {
+                            break (Some(ErrorReply::new(errors::SHUTTING_DOWN, json!({}))), false);
+                        }
+                    },
+                    w = wr.write(&out[sent..]), if writing => match w {
+                        Ok(0) | Err(_) => return Ok(None),
+                        Ok(n) => {
+                            sent += n;
+                            progress = Instant::now();
+                        }
+                    },
+                    _ = tokio::time::sleep_until((progress + deadline).into()), if writing => {
+                        let missed = queue.len() as u64 + drain(&mut rx);
+                        break (Some(lagged(missed)), true);
                     }
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "events subscriber fell behind; dropped");
-                        return Err(ErrorReply::new(
-                            errors::EVENTS_LAGGED,
-                            json!({ "missed": missed }),
-                        ));
-                    }
-                    Err(RecvError::Closed) => {
-                        return Err(ErrorReply::new(errors::SHUTTING_DOWN, json!({})));
-                    }
-                },
+                }
+            }
+        };
+        if let Some(e) = end {
+            if e.name == errors::EVENTS_LAGGED {
+                tracing::warn!(missed = %e.parameters["missed"], stalled, "events subscriber fell behind; dropped");
+            }
+            // The rest of the reply in flight, then the error.
+            let mut rest = out[sent..].to_vec();
+            rest.extend_from_slice(&e.to_reply().encode());
+            if stalled {
+                // It read nothing for the whole deadline: what the socket
+                // takes now, no more waiting.
+                let _ = self.stream.try_write(&rest);
+            } else {
+                let _ = tokio::time::timeout(deadline, self.stream.write_all(&rest)).await;
             }
         }
+        let _ = self.stream.shutdown().await;
+        Ok(None)
     }
 
     /// `Install`, `Deploy` or `Rollback` with `more`: the module's summary
@@ -725,7 +850,10 @@ impl Connection {
                     // The client hung up (or pipelined another call, kept
                     // for later).
                     Ok(0) | Err(_) => return Ok(None),
-                    Ok(n) => self.decoder.extend(&buf[..n]),
+                    Ok(n) => if !self.keep_input(&buf[..n]) {
+                        self.protocol_error(too_much_input()).await;
+                        return Ok(None);
+                    },
                 },
                 _ = tokio::time::sleep(super::logs::POLL) => {
                     use super::logs::Followed;
@@ -749,6 +877,11 @@ impl Connection {
             }
         }
     }
+}
+
+/// Why a connection that sent too much while it was streaming is closed.
+fn too_much_input() -> String {
+    format!("more than {MAX_MESSAGE} bytes sent while a stream was being answered")
 }
 
 #[cfg(test)]
