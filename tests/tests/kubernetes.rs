@@ -155,6 +155,9 @@ fn deploy_manifests_validate() {
         "kind: DaemonSet",
         "path: /run/ember",
         "containerd-shim-ember-v1",
+        // The pods' network namespaces CRI pins, which emberd opens.
+        "path: /var/run/netns",
+        "mountPropagation: HostToContainer",
     ] {
         assert!(ds.contains(must), "daemonset.yaml lacks {must}");
     }
