@@ -742,6 +742,18 @@ fn the_container_methods_are_refused_to_other_allowed_clients() {
     let s = ok(call(&d, "ContainerStatus", json!({ "id": "mine" })));
     assert_eq!(s["state"], "running", "{s}");
     ok(call(&d, "RemoveContainer", json!({ "id": "mine" })));
+
+    // An output path that is a symbolic link is not followed.
+    let link = d.dir.path().join("out-link");
+    std::os::unix::fs::symlink(&keys, &link).unwrap();
+    let e = call(
+        &d,
+        "RunContainer",
+        json!({ "id": "linked", "path": dir, "stdout": link }),
+    );
+    assert_eq!(e["error"], "io.ember.Supervisor.InvalidInput", "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(!keys.exists(), "emberd followed {}", link.display());
 }
 
 /// The uid `pid` runs as (its real uid).
