@@ -782,12 +782,12 @@ fn a_container_has_a_uid_of_its_own_whatever_its_manifest_is_named() {
     let a = ok(call(
         &d,
         "RunContainer",
-        json!({ "id": "pod-a", "path": dir }),
+        json!({ "id": "my-greeter-pod-a", "path": dir }),
     ));
     let b = ok(call(
         &d,
         "RunContainer",
-        json!({ "id": "pod-b", "path": dir }),
+        json!({ "id": "my-greeter-pod-b", "path": dir }),
     ));
     let (ua, ub) = (
         uid_of(a["pid"].as_i64().unwrap()),
@@ -798,8 +798,16 @@ fn a_container_has_a_uid_of_its_own_whatever_its_manifest_is_named() {
     assert_ne!(ua, ub, "two containers of one module share a uid");
     assert_ne!(ua, 0);
     assert_ne!(ub, 0);
-    ok(call(&d, "RemoveContainer", json!({ "id": "pod-a" })));
-    ok(call(&d, "RemoveContainer", json!({ "id": "pod-b" })));
+    ok(call(
+        &d,
+        "RemoveContainer",
+        json!({ "id": "my-greeter-pod-a" }),
+    ));
+    ok(call(
+        &d,
+        "RemoveContainer",
+        json!({ "id": "my-greeter-pod-b" }),
+    ));
 }
 
 #[test]
@@ -819,4 +827,30 @@ fn a_modules_own_message_does_not_make_an_oom() {
     let exit = wait_exit(&d, id);
     assert_eq!(exit["reason"], "exited", "{exit}");
     ok(call(&d, "RemoveContainer", json!({ "id": id })));
+}
+
+#[test]
+fn installs_and_containers_never_take_each_others_uids() {
+    // Two uids in all: a container takes one, an install the other, and a
+    // second container finds none.
+    let d = Daemon::start(&format!(
+        "{FAST}\n[sandbox]\nuid_range = [1879048192, 1879048193]\n"
+    ));
+    let dir = image_dir(d.dir.path(), "hello", "hello", "");
+    let c = ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "first", "path": dir }),
+    ));
+    let container = uid_of(c["pid"].as_i64().unwrap());
+    let installed = real_module(d.dir.path(), "victim", "hello", "");
+    d.ctl_ok(&["install", installed.to_str().unwrap()]);
+    let s = d.wait_status("victim", "victim running", |s| {
+        s["state"] == "running" && s["pid"].is_i64()
+    });
+    assert_ne!(uid_of(s["pid"].as_i64().unwrap()), container, "{s}");
+    let e = call(&d, "RunContainer", json!({ "id": "second", "path": dir }));
+    assert!(e.get("error").is_some(), "{e}");
+    assert!(e.to_string().contains("uid"), "{e}");
+    ok(call(&d, "RemoveContainer", json!({ "id": "first" })));
 }
