@@ -31,6 +31,15 @@ fn image_dir(parent: &Path, name: &str, krate: &str, extra: &str) -> PathBuf {
     d
 }
 
+/// The instance a container runs as: `k8s-` and 12 hex digits of the
+/// SHA-256 of its id.
+fn instance(id: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = h[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("k8s-{hex}")
+}
+
 fn call(d: &Daemon, method: &str, params: Value) -> Value {
     Raw::connect(&d.socket).call(&format!("io.ember.Supervisor.{method}"), params)
 }
@@ -99,7 +108,7 @@ fn a_container_runs_in_a_warm_worker_with_its_output_where_asked() {
             "labels": { "io.kubernetes.pod.name": "hello-pod" }
         }),
     ));
-    assert_eq!(run["name"], "k8s-0123456789ab");
+    assert_eq!(run["name"], instance(id));
     let pid = run["pid"].as_i64().unwrap();
     // A worker forked by the zygote (handed to emberd, its subreaper), not
     // a process of its own.
@@ -116,7 +125,7 @@ fn a_container_runs_in_a_warm_worker_with_its_output_where_asked() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["name"] == "k8s-0123456789ab")
+        .find(|m| m["name"] == instance(id).as_str())
         .cloned()
         .unwrap_or_else(|| panic!("not listed: {list}"));
     assert_eq!(listed["state"], "running");
@@ -141,7 +150,7 @@ fn a_container_runs_in_a_warm_worker_with_its_output_where_asked() {
     let again = call(&d, "RunContainer", json!({ "id": id, "path": dir }));
     assert_eq!(again["error"], "io.ember.Supervisor.Conflict", "{again}");
     // Not the installer's to remove.
-    let e = d.ctl(&["uninstall", "k8s-0123456789ab"]);
+    let e = d.ctl(&["uninstall", &instance(id)]);
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("container"));
 
@@ -201,7 +210,7 @@ fn sigkill_is_137_and_no_restart() {
     assert_eq!(exit["reason"], "signaled");
     assert!(wait_reaped(pid as i32));
     // emberd did not restart it: the instance stays failed, with no worker.
-    let s = d.wait_status("k8s-killme", "the instance failed", |s| {
+    let s = d.wait_status(&instance(id), "the instance failed", |s| {
         s["state"] == "failed"
     });
     assert_eq!(s["restarts"], 0, "{s}");
@@ -240,7 +249,7 @@ fn an_over_limit_container_ends_oom() {
     let exit = wait_exit(&d, id);
     assert_eq!(exit["reason"], "oom", "{exit}");
     assert_eq!(exit["exit_status"], 137, "{exit}");
-    let s = d.wait_status("k8s-oom-containe", "the instance failed", |s| {
+    let s = d.wait_status(&instance(id), "the instance failed", |s| {
         s["state"] == "failed"
     });
     assert_eq!(s["limits"]["memory_bytes"], 64u64 << 20, "{s}");
@@ -347,7 +356,7 @@ fn a_container_joins_its_network_namespace() {
         std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
         std::fs::read_link("/proc/self/ns/net").unwrap()
     );
-    let s = d.ctl_json(&["status", "k8s-hostnet"])["status"].clone();
+    let s = d.ctl_json(&["status", &instance("hostnet")])["status"].clone();
     assert_eq!(s["replicas"].as_array().map(Vec::len), Some(1), "{s}");
     assert_eq!(s["replicas"][0]["pid"], pid, "{s}");
     ok(call(&d, "RemoveContainer", json!({ "id": "hostnet" })));
@@ -402,7 +411,7 @@ fn bad_input_is_refused_clearly() {
     }
     // Nothing was left behind by the refusals; the id is free.
     let ran = ok(call(&d, "RunContainer", json!({ "id": "a", "path": dir })));
-    assert_eq!(ran["name"], "k8s-a");
+    assert_eq!(ran["name"], instance("a"));
     ok(call(&d, "RemoveContainer", json!({ "id": "a" })));
 }
 
@@ -582,7 +591,7 @@ fn a_packed_module_imports_into_containerd_and_runs_from_its_unpacked_image() {
         "RunContainer",
         json!({ "id": "from-image", "path": fs, "stdout": out }),
     ));
-    assert_eq!(run["name"], "k8s-from-image");
+    assert_eq!(run["name"], instance("from-image"));
     poll_until("the module's output", Duration::from_millis(10), || {
         let t = std::fs::read_to_string(&out).unwrap_or_default();
         if t.contains("stdout: from the image") {
@@ -624,7 +633,7 @@ fn update_container_rewrites_the_running_workers_cgroup() {
         return;
     }
     ok(update);
-    let s = d.ctl_json(&["status", "k8s-upd"])["status"].clone();
+    let s = d.ctl_json(&["status", &instance("upd")])["status"].clone();
     assert_eq!(s["limits"]["memory_bytes"], 128u64 << 20, "{s}");
     assert_eq!(s["limits"]["memory_source"], "container", "{s}");
     let limit = s["replicas"][0]["cgroups"]
@@ -643,4 +652,205 @@ fn update_container_rewrites_the_running_workers_cgroup() {
     let bad = call(&d, "UpdateContainer", json!({ "id": "upd", "cpu": -2.0 }));
     assert_eq!(bad["error"], "io.ember.Supervisor.InvalidInput", "{bad}");
     ok(call(&d, "RemoveContainer", json!({ "id": "upd" })));
+}
+
+/// One Varlink call over the control socket by a client running as user
+/// `nobody` (a `python3` process, uid and gid 65534 set before its exec):
+/// the reply.
+fn call_as_nobody(d: &Daemon, method: &str, params: Value) -> Value {
+    use std::os::unix::process::CommandExt;
+    const CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\0")
+b = b""
+while not b.endswith(b"\0"):
+    c = s.recv(65536)
+    if not c:
+        break
+    b += c
+sys.stdout.write(b.rstrip(b"\0").decode())
+"#;
+    let msg = json!({ "method": format!("io.ember.Supervisor.{method}"), "parameters": params });
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(CLIENT)
+        .arg(&d.socket)
+        .arg(msg.to_string())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn the_container_methods_are_refused_to_other_allowed_clients() {
+    use std::os::unix::fs::PermissionsExt;
+    // nobody may talk to emberd (allowed_uids, a socket anyone may open),
+    // but is neither root nor emberd's uid.
+    let d = Daemon::start(&format!(
+        "socket_mode = \"0666\"\nallowed_uids = [65534]\n{FAST}"
+    ));
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = image_dir(d.dir.path(), "hello", "hello", "");
+    // A directory only root may write to: what emberd's rights would
+    // create a file in for nobody.
+    let private = d.dir.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let keys = private.join("authorized_keys");
+    let e = call_as_nobody(
+        &d,
+        "RunContainer",
+        json!({ "id": "sneaky", "path": dir, "stdout": keys, "netns": "/proc/1/ns/net" }),
+    );
+    assert_eq!(e["error"], "io.ember.Supervisor.PermissionDenied", "{e}");
+    assert_eq!(e["parameters"]["uid"], 65534, "{e}");
+    let why = e["parameters"]["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("root and emberd's own uid"), "{e}");
+    assert!(!keys.exists(), "emberd created {}", keys.display());
+    let list = d.ctl_json(&["list"]);
+    assert_eq!(list["modules"], json!([]), "{list}");
+
+    // Every container method, also on a container root runs.
+    ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "mine", "path": dir }),
+    ));
+    for (method, params) in [
+        ("KillContainer", json!({ "id": "mine", "signal": 9 })),
+        ("RemoveContainer", json!({ "id": "mine" })),
+        ("UpdateContainer", json!({ "id": "mine", "cpu": 1.0 })),
+        ("ContainerStatus", json!({ "id": "mine" })),
+        ("WaitContainer", json!({ "id": "mine" })),
+    ] {
+        let e = call_as_nobody(&d, method, params);
+        assert_eq!(
+            e["error"], "io.ember.Supervisor.PermissionDenied",
+            "{method}: {e}"
+        );
+    }
+    let s = ok(call(&d, "ContainerStatus", json!({ "id": "mine" })));
+    assert_eq!(s["state"], "running", "{s}");
+    ok(call(&d, "RemoveContainer", json!({ "id": "mine" })));
+
+    // An output path that is a symbolic link is not followed.
+    let link = d.dir.path().join("out-link");
+    std::os::unix::fs::symlink(&keys, &link).unwrap();
+    let e = call(
+        &d,
+        "RunContainer",
+        json!({ "id": "linked", "path": dir, "stdout": link }),
+    );
+    assert_eq!(e["error"], "io.ember.Supervisor.InvalidInput", "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(!keys.exists(), "emberd followed {}", link.display());
+}
+
+/// The uid `pid` runs as (its real uid).
+fn uid_of(pid: i64) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_container_has_a_uid_of_its_own_whatever_its_manifest_is_named() {
+    let d = Daemon::start(FAST);
+    let installed = real_module(d.dir.path(), "victim", "hello", "");
+    d.ctl_ok(&["install", installed.to_str().unwrap()]);
+    let s = d.wait_status("victim", "victim running", |s| {
+        s["state"] == "running" && s["pid"].is_i64()
+    });
+    let victim = uid_of(s["pid"].as_i64().unwrap());
+    assert_ne!(victim, 0, "{s}");
+    // A container whose manifest names itself victim.
+    let dir = image_dir(d.dir.path(), "victim", "hello", "");
+    let a = ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "my-greeter-pod-a", "path": dir }),
+    ));
+    let b = ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "my-greeter-pod-b", "path": dir }),
+    ));
+    let (ua, ub) = (
+        uid_of(a["pid"].as_i64().unwrap()),
+        uid_of(b["pid"].as_i64().unwrap()),
+    );
+    assert_ne!(ua, victim, "the container runs as the installed victim");
+    assert_ne!(ub, victim, "the container runs as the installed victim");
+    assert_ne!(ua, ub, "two containers of one module share a uid");
+    assert_ne!(ua, 0);
+    assert_ne!(ub, 0);
+    ok(call(
+        &d,
+        "RemoveContainer",
+        json!({ "id": "my-greeter-pod-a" }),
+    ));
+    ok(call(
+        &d,
+        "RemoveContainer",
+        json!({ "id": "my-greeter-pod-b" }),
+    ));
+}
+
+#[test]
+fn a_modules_own_message_does_not_make_an_oom() {
+    let d = Daemon::start(FAST);
+    // Its start fails with an error quoting its config:
+    // "unknown panic_in `MemoryLimitExceeded` ...".
+    let dir = image_dir(
+        d.dir.path(),
+        "liar",
+        "fixture-panic-start",
+        "[config]\npanic_in = \"MemoryLimitExceeded\"\n",
+    );
+    let id = "liar";
+    let r = call(&d, "RunContainer", json!({ "id": id, "path": dir }));
+    assert!(r.to_string().contains("MemoryLimitExceeded"), "{r}");
+    let exit = wait_exit(&d, id);
+    assert_eq!(exit["reason"], "exited", "{exit}");
+    ok(call(&d, "RemoveContainer", json!({ "id": id })));
+}
+
+#[test]
+fn installs_and_containers_never_take_each_others_uids() {
+    // Two uids in all: a container takes one, an install the other, and a
+    // second container finds none.
+    let d = Daemon::start(&format!(
+        "{FAST}\n[sandbox]\nuid_range = [1879048192, 1879048193]\n"
+    ));
+    let dir = image_dir(d.dir.path(), "hello", "hello", "");
+    let c = ok(call(
+        &d,
+        "RunContainer",
+        json!({ "id": "first", "path": dir }),
+    ));
+    let container = uid_of(c["pid"].as_i64().unwrap());
+    let installed = real_module(d.dir.path(), "victim", "hello", "");
+    d.ctl_ok(&["install", installed.to_str().unwrap()]);
+    let s = d.wait_status("victim", "victim running", |s| {
+        s["state"] == "running" && s["pid"].is_i64()
+    });
+    assert_ne!(uid_of(s["pid"].as_i64().unwrap()), container, "{s}");
+    let e = call(&d, "RunContainer", json!({ "id": "second", "path": dir }));
+    assert!(e.get("error").is_some(), "{e}");
+    assert!(e.to_string().contains("uid"), "{e}");
+    ok(call(&d, "RemoveContainer", json!({ "id": "first" })));
 }

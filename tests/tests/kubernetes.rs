@@ -54,9 +54,13 @@ impl Node {
     }
 }
 
-/// The emberd instance a container runs as: `k8s-<first 12 of its id>`.
+/// The emberd instance a container runs as: `k8s-` and 12 hex digits of
+/// the SHA-256 of its id.
 fn instance(id: &str) -> String {
-    format!("k8s-{}", &id[..id.len().min(12)])
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = h[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("k8s-{hex}")
 }
 
 /// A module directory (manifest + its own copy of `krate`'s cdylib, entry
@@ -377,7 +381,14 @@ fn cri_runs_a_pod_like_the_kubelet() {
             Err(text)
         }
     });
-    assert!(!text.is_empty());
+    // Every line is in the CRI log format: `TIMESTAMP STREAM P|F TEXT`.
+    for line in text.lines() {
+        let mut f = line.splitn(4, ' ');
+        let ts = f.next().unwrap_or_default();
+        assert!(ts.len() > 19 && ts.as_bytes()[10] == b'T', "{line}");
+        assert!(matches!(f.next(), Some("stdout" | "stderr")), "{line}");
+        assert!(matches!(f.next(), Some("F" | "P")), "{line}");
+    }
 
     cri.ok("stop", json!({ "container": cid, "timeout": 10 }));
     let st = cri.ok("status", json!({ "container": cid }));

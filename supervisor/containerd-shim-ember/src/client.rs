@@ -6,6 +6,7 @@ use std::fmt;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -14,6 +15,20 @@ use serde_json::{json, Map, Value};
 pub const DEFAULT_SOCKET: &str = "/run/ember/control.sock";
 
 const INTERFACE: &str = "io.ember.Supervisor";
+
+/// How long connecting to emberd may take (a socket whose listen backlog is
+/// full, an emberd that stopped accepting).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long emberd may take to answer a call (and to take its bytes), but
+/// `RunContainer` ([`RUN_TIMEOUT`]) and `WaitContainer` (no limit: it
+/// waits for the exit, and sees emberd's end as the connection closing).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `RunContainer` may take: reading the image's files and the
+/// module's start until it is ready (its start deadline), with room; the
+/// kubelet's own CRI request timeout is 2 minutes.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The emberd control socket: `$EMBER_SOCKET`, else [`DEFAULT_SOCKET`].
 pub fn socket_from_env() -> PathBuf {
@@ -28,6 +43,12 @@ pub fn socket_from_env() -> PathBuf {
 pub enum ClientError {
     /// emberd's socket could not be reached.
     Connect { socket: PathBuf, err: io::Error },
+    /// emberd did not answer `method` within `after`.
+    Timeout {
+        socket: PathBuf,
+        method: String,
+        after: Duration,
+    },
     /// The connection broke or emberd closed it mid-call.
     Io { socket: PathBuf, err: io::Error },
     /// emberd answered something that is not a Varlink reply.
@@ -56,6 +77,16 @@ impl fmt::Display for ClientError {
                 f,
                 "cannot reach emberd at {} ({err}); is emberd running? (set EMBER_SOCKET in containerd's environment for another socket)",
                 socket.display()
+            ),
+            ClientError::Timeout {
+                socket,
+                method,
+                after,
+            } => write!(
+                f,
+                "emberd at {} did not answer {method} within {} s; is it stuck?",
+                socket.display(),
+                after.as_secs_f64()
             ),
             ClientError::Io { socket, err } => {
                 write!(f, "connection to emberd at {} failed: {err}", socket.display())
@@ -124,29 +155,83 @@ pub struct Exited {
 pub struct Client {
     socket: PathBuf,
     reader: BufReader<UnixStream>,
+    /// The reply deadline of calls but `RunContainer` and `WaitContainer`.
+    call_timeout: Duration,
+    /// The method of the call in flight, and its deadline (`None`: none).
+    pending: (&'static str, Option<Duration>),
 }
 
 impl Client {
-    /// Connects to emberd's control socket.
+    /// Connects to emberd's control socket, within [`CONNECT_TIMEOUT`].
     pub fn connect(socket: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
+        Self::connect_within(socket, CONNECT_TIMEOUT)
+    }
+
+    /// Connects within `limit`: `connect(2)` on a Unix socket blocks while
+    /// the listener's backlog is full, so it runs on a thread of its own
+    /// that is left behind if it takes longer.
+    pub fn connect_within(socket: &Path, limit: Duration) -> Result<Self, ClientError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = socket.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(UnixStream::connect(&path));
+        });
+        let stream = match rx.recv_timeout(limit) {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting took over {} s", limit.as_secs_f64()),
+            )),
+        }
+        .map_err(|err| ClientError::Connect {
             socket: socket.to_path_buf(),
             err,
         })?;
         Ok(Self {
             socket: socket.to_path_buf(),
             reader: BufReader::new(stream),
+            call_timeout: CALL_TIMEOUT,
+            pending: ("", None),
         })
     }
 
+    /// Sets the reply deadline of the calls but `RunContainer` and
+    /// `WaitContainer` (default [`CALL_TIMEOUT`]; the tests' shorter).
+    #[cfg(test)]
+    pub fn set_call_timeout(&mut self, limit: Duration) {
+        self.call_timeout = limit;
+    }
+
     fn io(&self, err: io::Error) -> ClientError {
-        ClientError::Io {
-            socket: self.socket.clone(),
-            err,
+        match (err.kind(), self.pending) {
+            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, (method, Some(after))) => {
+                ClientError::Timeout {
+                    socket: self.socket.clone(),
+                    method: method.to_owned(),
+                    after,
+                }
+            }
+            _ => ClientError::Io {
+                socket: self.socket.clone(),
+                err,
+            },
         }
     }
 
-    fn send(&mut self, method: &str, parameters: Value, more: bool) -> Result<(), ClientError> {
+    /// Sends a call whose reply may take up to `limit` (`None`: no limit).
+    fn send(
+        &mut self,
+        method: &'static str,
+        parameters: Value,
+        more: bool,
+        limit: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        self.pending = (method, limit);
+        let stream = self.reader.get_ref();
+        let set = stream
+            .set_read_timeout(limit)
+            .and_then(|()| stream.set_write_timeout(Some(limit.unwrap_or(CALL_TIMEOUT))));
+        set.map_err(|e| self.io(e))?;
         let mut call = json!({
             "method": format!("{INTERFACE}.{method}"),
             "parameters": parameters,
@@ -195,13 +280,23 @@ impl Client {
         Ok((parameters, continues))
     }
 
-    /// One call, one reply.
+    /// One call, one reply, within the call timeout.
     pub fn call(
         &mut self,
-        method: &str,
+        method: &'static str,
         parameters: Value,
     ) -> Result<Map<String, Value>, ClientError> {
-        self.send(method, parameters, false)?;
+        let limit = self.call_timeout;
+        self.call_within(method, parameters, limit)
+    }
+
+    fn call_within(
+        &mut self,
+        method: &'static str,
+        parameters: Value,
+        limit: Duration,
+    ) -> Result<Map<String, Value>, ClientError> {
+        self.send(method, parameters, false, Some(limit))?;
         Ok(self.receive()?.0)
     }
 
@@ -218,16 +313,18 @@ impl Client {
 
     /// RunContainer: answers once the instance is running.
     pub fn run_container(&mut self, params: &RunParams) -> Result<Started, ClientError> {
-        let reply = self.call(
+        let reply = self.call_within(
             "RunContainer",
             serde_json::to_value(params).expect("serializes"),
+            RUN_TIMEOUT.max(self.call_timeout),
         )?;
         self.decode("RunContainer", reply)
     }
 
-    /// WaitContainer: blocks until the container's worker has exited.
+    /// WaitContainer: blocks until the container's worker has exited, with
+    /// no deadline; emberd's end closes the connection (an error).
     pub fn wait_container(&mut self, id: &str) -> Result<Exited, ClientError> {
-        self.send("WaitContainer", json!({ "id": id }), true)?;
+        self.send("WaitContainer", json!({ "id": id }), true, None)?;
         loop {
             let (reply, continues) = self.receive()?;
             if !continues {
@@ -409,6 +506,53 @@ mod tests {
         );
         let calls = h.join().unwrap();
         assert_eq!(calls[0]["parameters"]["signal"], 15);
+    }
+
+    #[test]
+    fn a_call_emberd_never_answers_times_out_but_a_wait_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = thread::spawn(move || {
+            // A call read and never answered; the connection kept open
+            // until the client gave up.
+            let (mut s, _) = listener.accept().unwrap();
+            let call = read_frame(&mut s);
+            done_rx.recv().unwrap();
+            drop(s);
+            // A wait subscribed, answered nothing for longer than the
+            // calls' deadline, then emberd's end: the connection closes.
+            let (mut s, _) = listener.accept().unwrap();
+            let wait = read_frame(&mut s);
+            write_frame(&mut s, json!({"parameters": {}, "continues": true}));
+            done_rx.recv().unwrap();
+            drop(s);
+            (call, wait)
+        });
+        let mut c = Client::connect(&path).unwrap();
+        c.set_call_timeout(Duration::from_millis(100));
+        let e = c.kill_container("x", 15).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("did not answer KillContainer"),
+            "{e}"
+        );
+        done_tx.send(()).unwrap();
+
+        let mut c = Client::connect(&path).unwrap();
+        c.set_call_timeout(Duration::from_millis(100));
+        let waiter = thread::spawn(move || c.wait_container("x"));
+        // Still waiting well past the calls' deadline.
+        thread::sleep(Duration::from_millis(500));
+        assert!(!waiter.is_finished(), "WaitContainer gave up on its own");
+        done_tx.send(()).unwrap();
+        let e = waiter.join().unwrap().unwrap_err();
+        assert!(matches!(e, ClientError::Io { .. }), "{e:?}");
+        assert!(e.to_string().contains("closed the connection"), "{e}");
+        let (call, wait) = h.join().unwrap();
+        assert_eq!(call["method"], "io.ember.Supervisor.KillContainer");
+        assert_eq!(wait["method"], "io.ember.Supervisor.WaitContainer");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `RemoveContainer`, `ContainerStatus`, `UpdateContainer`): what the
 //! containerd shim (`containerd-shim-ember-v1`) asks of emberd for one
 //! container of a pod. Each is keyed by the containerd container id; the
-//! instance is named `k8s-<first 12 characters of the id>`, runs one
+//! instance is named `k8s-<first 12 hex digits of sha256(id)>`, runs one
 //! replica, is never restarted by emberd (the kubelet restarts) and is not
 //! recorded in the desired state.
 
@@ -49,7 +49,7 @@ pub struct RunContainer {
 /// Reply of `RunContainer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunContainerReply {
-    /// The instance's name (`k8s-<id[..12]>`).
+    /// The instance's name ([`instance_name`]).
     pub name: String,
     /// Its worker's pid.
     pub pid: i32,
@@ -121,10 +121,14 @@ pub struct ContainerStatusReply {
     pub labels: BTreeMap<String, String>,
 }
 
-/// The instance name of container `id`.
+/// The instance name of container `id`: `k8s-` and the first 12 hex
+/// digits of the SHA-256 of the id, one per id (containerd ids of one pod
+/// often share their first characters).
 pub fn instance_name(id: &str) -> String {
-    let short: String = id.chars().take(12).collect();
-    format!("k8s-{short}")
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("k8s-{hex}")
 }
 
 /// Checks a container id: 1 to 76 characters of `[A-Za-z0-9_.-]`, as
@@ -240,9 +244,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_take_twelve_characters() {
-        assert_eq!(instance_name("0123456789abcdef"), "k8s-0123456789ab");
-        assert_eq!(instance_name("short"), "k8s-short");
+    fn names_are_twelve_hex_digits_of_the_ids_sha256() {
+        // printf abc | sha256sum: ba7816bf8f01cfea...
+        assert_eq!(instance_name("abc"), "k8s-ba7816bf8f01");
+        // Ids sharing their first 12 characters get names of their own.
+        assert_ne!(
+            instance_name("my-greeter-pod-a"),
+            instance_name("my-greeter-pod-b")
+        );
     }
 
     #[test]

@@ -422,6 +422,16 @@ impl Actor {
                 );
             }
             Request::Deploy(req) => return self.deploy(req, reply, progress, peer),
+            Request::RunContainer(_)
+            | Request::WaitContainer(_)
+            | Request::KillContainer(_)
+            | Request::RemoveContainer(_)
+            | Request::ContainerStatus(_)
+            | Request::UpdateContainer(_)
+                if !super::containers::may_drive_containers(peer.uid) =>
+            {
+                Err(super::containers::containers_denied(peer.uid))
+            }
             Request::RunContainer(req) => return self.run_container(req, reply, peer),
             Request::WaitContainer(req) => return self.wait_container(req.id, reply, progress),
             Request::KillContainer(req) => self
@@ -686,11 +696,17 @@ impl Actor {
 
     /// Every module's uid, by name, as recorded now: what an install's
     /// read phase skips (see [`SandboxConfig::free_candidates`]).
+    /// Containers' uids count too (they are in no desired state).
     pub(super) fn recorded_uids(&self) -> Vec<(String, u32)> {
         self.desired
             .modules
             .values()
             .filter_map(|r| Some((r.name.clone(), r.uid?)))
+            .chain(
+                self.containers
+                    .values()
+                    .filter_map(|c| Some((c.name.clone(), c.uid?))),
+            )
             .collect()
     }
 
@@ -703,6 +719,12 @@ impl Actor {
             .values()
             .filter(|r| r.name != name)
             .filter_map(|r| r.uid)
+            .chain(
+                self.containers
+                    .values()
+                    .filter(|c| c.name != name)
+                    .filter_map(|c| c.uid),
+            )
             .collect();
         candidates.iter().copied().find(|id| !taken.contains(id))
     }

@@ -56,6 +56,10 @@ pub(super) struct Container {
     pub removing: Vec<Reply>,
     /// Labels from `RunContainer`.
     pub labels: BTreeMap<String, String>,
+    /// The uid its worker runs as, once allocated (from its instance
+    /// name: no two containers, and no container and installed module,
+    /// share one).
+    pub uid: Option<u32>,
 }
 
 /// A `RunContainer` whose files were read on the blocking pool.
@@ -93,6 +97,27 @@ fn bind_in_netns(
     .unwrap_or_else(|_| Err(invalid_input("binding the listeners panicked")))
 }
 
+/// Whether a control client of uid `uid` may call the container methods:
+/// only root and emberd's own uid (the containerd shim runs as root). They
+/// name files emberd opens (the output paths, the network namespace) and
+/// make instances that no desired state records, so the allow list's other
+/// clients (`allowed_uids`, `allowed_gids`) are refused them.
+pub(super) fn may_drive_containers(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// `PermissionDenied` for a client refused the container methods.
+pub(super) fn containers_denied(uid: u32) -> ErrorReply {
+    ErrorReply::new(
+        crate::control::errors::PERMISSION_DENIED,
+        json!({
+            "uid": uid,
+            "reason": "the container methods are only for root and emberd's own uid \
+                       (the containerd shim)",
+        }),
+    )
+}
+
 /// NSFS_MAGIC: the filesystem of `/proc/PID/ns/*` and bind mounts of them.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
@@ -103,11 +128,13 @@ fn open_output(field: &str, path: &Path) -> Result<OwnedFd, ErrorReply> {
         .append(true)
         .create(true)
         .mode(0o640)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| {
             let why = if e.raw_os_error() == Some(libc::ENXIO) {
                 "it is a FIFO nobody reads".to_owned()
+            } else if e.raw_os_error() == Some(libc::ELOOP) {
+                "it is a symbolic link (not followed)".to_owned()
             } else {
                 e.to_string()
             };
@@ -129,14 +156,19 @@ fn open_output(field: &str, path: &Path) -> Result<OwnedFd, ErrorReply> {
     Ok(fd)
 }
 
-/// Opens a network namespace file and checks it is one.
+/// Opens a network namespace file and checks it is one. With another
+/// client's rights (see [`open_io`]) an open that fails says only that it
+/// failed, never whether the file exists.
 fn open_netns(path: &Path) -> Result<OwnedFd, ErrorReply> {
     let refuse = |why: String| invalid_input(format!("netns {}: {why}", path.display()));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| refuse(e.to_string()))?;
+        .map_err(|e| match crate::fscred::acting_for() {
+            Some(uid) => refuse(format!("cannot be opened with the rights of uid {uid}")),
+            None => refuse(e.to_string()),
+        })?;
     // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatfs writes into the statfs we own, for an open descriptor.
@@ -151,20 +183,28 @@ fn open_netns(path: &Path) -> Result<OwnedFd, ErrorReply> {
     Ok(f.into())
 }
 
-fn open_io(req: &RunContainer) -> Result<ContainerIo, ErrorReply> {
-    Ok(ContainerIo {
-        stdout: req
-            .stdout
-            .as_deref()
-            .map(|p| open_output("stdout", p))
-            .transpose()?,
-        stderr: req
-            .stderr
-            .as_deref()
-            .map(|p| open_output("stderr", p))
-            .transpose()?,
-        netns: req.netns.as_deref().map(open_netns).transpose()?,
+/// Opens a container's output files and network namespace with the rights
+/// of `peer`, the client that named them (as `Install` reads its files):
+/// emberd's own rights never create or join what the client could not.
+/// The output files are opened without following a symbolic link.
+fn open_io(req: &RunContainer, peer: &Credentials) -> Result<ContainerIo, ErrorReply> {
+    let rights = |e: crate::fscred::SwitchError| invalid_input(e.to_string());
+    crate::fscred::with_rights(peer, || {
+        Ok(ContainerIo {
+            stdout: req
+                .stdout
+                .as_deref()
+                .map(|p| open_output("stdout", p))
+                .transpose()?,
+            stderr: req
+                .stderr
+                .as_deref()
+                .map(|p| open_output("stderr", p))
+                .transpose()?,
+            netns: req.netns.as_deref().map(open_netns).transpose()?,
+        })
     })
+    .map_err(rights)?
 }
 
 /// How an exit is reported: status, signal, reason.
@@ -235,6 +275,7 @@ impl Actor {
                 waiters: Vec::new(),
                 removing: Vec::new(),
                 labels: req.labels.clone().unwrap_or_default(),
+                uid: None,
             },
         );
         self.reads_in_flight += 1;
@@ -243,12 +284,13 @@ impl Actor {
             sandbox: self.sandbox.clone(),
             recorded: self.recorded_uids(),
             known: self.known_images(),
+            uid_key: Some(instance_name(&req.id)),
         };
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
             let r = req.clone();
             let read = tokio::task::spawn_blocking(move || {
-                let io = open_io(&r);
+                let io = open_io(&r, &peer);
                 let input = read_input(&r.path, None, &peer, &caps, &q);
                 let bound = match (&input, &io) {
                     (
@@ -351,12 +393,18 @@ impl Actor {
             });
         }
         self.check_sandbox(&manifest_path, &text)?;
+        // From the instance name, not the manifest's: a manifest naming
+        // an installed module must not get its uid, nor two containers of
+        // one module share one.
         let uid = self
-            .allocate_uid(&summary.name, &uids)
+            .allocate_uid(&name, &uids)
             .ok_or_else(|| InstallError::NoUid {
-                name: summary.name.clone(),
+                name: name.clone(),
                 range: self.sandbox.uid_range,
             })?;
+        if let Some(c) = self.containers.get_mut(&req.id) {
+            c.uid = Some(uid);
+        }
         // In the pod's network namespace when there is one (bound while
         // the files were read), else in emberd's.
         let bound = match bound {
@@ -435,7 +483,7 @@ impl Actor {
         };
         match event {
             Event::Exited { status, .. } => c.status = Some(*status),
-            Event::Failed { reason, .. } if reason.contains("MemoryLimitExceeded") => c.oom = true,
+            Event::Failed { oom: true, .. } => c.oom = true,
             _ => {}
         }
     }

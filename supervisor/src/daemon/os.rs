@@ -741,6 +741,7 @@ async fn instance(
                         attempt,
                         reason,
                         permanent: false,
+                        oom: true,
                     },
                     None,
                 );
@@ -800,6 +801,7 @@ async fn instance(
                                 attempt,
                                 reason,
                                 permanent: false,
+                                oom: true,
                             },
                             None,
                         );
@@ -922,6 +924,7 @@ fn report(
                     attempt,
                     reason,
                     permanent,
+                    oom: false,
                 },
                 None,
             )

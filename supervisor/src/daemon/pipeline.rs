@@ -224,6 +224,10 @@ pub(crate) struct UidQuery {
     pub(super) sandbox: crate::sandbox::SandboxConfig,
     pub(super) recorded: Vec<(String, u32)>,
     pub(super) known: Vec<ArtifactImage>,
+    /// The name the uid is derived from, when it is not the manifest's
+    /// (a container's instance name: unique per container, whatever name
+    /// its manifest gives).
+    pub(super) uid_key: Option<String>,
 }
 
 /// Spare uid candidates beyond the first: installs that raced for the same
@@ -325,18 +329,16 @@ pub(super) fn read_input(
             .spawn_blocking(move || ArtifactImage::snapshot_file(file, &src, &known, cap))
     };
     // Here, not on the actor: NSS (LDAP, sssd) may take its time.
+    let key = q.uid_key.as_deref().unwrap_or(&summary.name);
     let taken = q
         .recorded
         .iter()
-        .filter(|(n, _)| *n != summary.name)
+        .filter(|(n, _)| n != key)
         .map(|(_, uid)| *uid)
         .collect();
-    let uids = q.sandbox.free_candidates(
-        &summary.name,
-        &taken,
-        crate::sandbox::id_in_use,
-        1 + SPARE_UIDS,
-    );
+    let uids = q
+        .sandbox
+        .free_candidates(key, &taken, crate::sandbox::id_in_use, 1 + SPARE_UIDS);
     Ok(Input {
         manifest_path,
         text,
@@ -1093,6 +1095,7 @@ impl Actor {
             sandbox: self.sandbox.clone(),
             recorded: self.recorded_uids(),
             known: self.known_images(),
+            uid_key: None,
         };
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {

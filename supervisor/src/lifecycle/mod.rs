@@ -184,6 +184,10 @@ pub enum Event {
         reason: String,
         /// Restarting cannot help (bad artifact, ABI mismatch).
         permanent: bool,
+        /// emberd's memory limit detection (its watch or the cgroup's OOM
+        /// kill count) reported it, not the worker: the one source of a
+        /// container's `oom` (a module's own message may say anything).
+        oom: bool,
     },
     /// The worker exited.
     Exited {
@@ -987,6 +991,7 @@ mod tests {
                 attempt: 1,
                 reason: "serve failed (panic): boom".into(),
                 permanent: false,
+                oom: false,
             },
             t0,
             &mut os,
@@ -1029,6 +1034,7 @@ mod tests {
                 attempt: 1,
                 reason: "abi version 3, expected 1".into(),
                 permanent: true,
+                oom: false,
             },
             t0,
             &mut os,
