@@ -13,9 +13,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use ember_tests::daemon::{emberctl, emberd, real_module, FAST};
@@ -411,72 +411,116 @@ fn fields(d: &str) -> HashMap<String, String> {
         .collect()
 }
 
-#[test]
-fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
-    let dir = TempDir::new("journal");
-    let journal_path = dir.path().join("journal.sock");
-    let journal = datagrams(&journal_path);
-    let socket = dir.path().join("ctl.sock");
-    let config = dir.path().join("emberd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{FAST}\n[logging]\nformat = \"auto\"\njournal_socket = {:?}\n",
-            journal_path.display().to_string()
-        ),
-    )
-    .unwrap();
-    // stderr is a pipe the test reads, named by JOURNAL_STREAM as systemd
-    // names the journal's stream.
-    let (reader, writer) = std::io::pipe().unwrap();
-    let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
-    let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let collected = lines.clone();
-    let reader_thread = std::thread::spawn(move || {
-        for l in BufReader::new(reader).lines() {
-            let Ok(l) = l else { break };
-            collected.lock().unwrap().push(l);
-        }
-    });
-    let mut d = Emberd(Some(
-        Command::new(emberd())
-            .arg("--config")
+/// emberd whose `[logging]` section names a datagram socket the test reads
+/// as the journal (`format` as given). With `stderr_pipe`, its stderr is a
+/// pipe named by `JOURNAL_STREAM`, as systemd names the journal's stream,
+/// whose lines a thread collects; else stderr is /dev/null. Fields drop
+/// in order: emberd is stopped before the directory goes.
+struct JournalEmberd {
+    emberd: Emberd,
+    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
+    journal: UnixDatagram,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl JournalEmberd {
+    /// Started and accepting on its control socket. The service manager's
+    /// variables are removed, then `env` is set.
+    fn start(name: &str, format: &str, stderr_pipe: bool, env: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new(name);
+        let journal_path = dir.path().join("journal.sock");
+        let journal = datagrams(&journal_path);
+        let socket = dir.path().join("ctl.sock");
+        let config = dir.path().join("emberd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{FAST}\n[logging]\nformat = {format:?}\njournal_socket = {:?}\n",
+                journal_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(emberd());
+        cmd.arg("--config")
             .arg(&config)
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
-            .env("EMBER_LOG", "info")
-            .env("JOURNAL_STREAM", &stream)
-            // Not a usable address: emberd warns and goes on.
-            .env("NOTIFY_SOCKET", "not-an-address")
-            .env("WATCHDOG_USEC", "60000000")
-            .env("WATCHDOG_PID", "1")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
             .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stderr(writer)
-            .spawn()
-            .unwrap(),
-    ));
-    poll_until("emberd ready", Duration::from_millis(20), || {
-        UnixStream::connect(&socket)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    });
+            .stdin(Stdio::null());
+        let stderr = if stderr_pipe {
+            // Close-on-exec: no other child of the test holds it open.
+            let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+            let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+                .stderr(writer);
+            Some(std::thread::spawn(move || {
+                BufReader::new(std::fs::File::from(reader))
+                    .lines()
+                    .map_while(Result::ok)
+                    .collect::<Vec<String>>()
+            }))
+        } else {
+            cmd.stderr(Stdio::null());
+            None
+        };
+        cmd.envs(env.iter().copied());
+        let emberd = Emberd(Some(cmd.spawn().unwrap()));
+        // The pipe's write end is emberd's alone, so the reader sees EOF.
+        drop(cmd);
+        poll_until("emberd ready", Duration::from_millis(20), || {
+            UnixStream::connect(&socket)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
+        JournalEmberd {
+            emberd,
+            stderr,
+            journal,
+            socket,
+            dir,
+        }
+    }
 
-    let hello = real_module(
-        dir.path(),
-        "hello",
-        "hello",
-        "[config]\nprint = \"journal 7\"\n",
+    /// Stops emberd, which must exit successfully, and returns its stderr
+    /// lines (none without `stderr_pipe`).
+    fn stop(&mut self) -> Vec<String> {
+        let st = self.emberd.stop().unwrap();
+        assert!(st.success(), "{st}");
+        self.stderr
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
+    let mut j = JournalEmberd::start(
+        "journal",
+        "auto",
+        true,
+        &[
+            ("EMBER_LOG", "info"),
+            // Not a usable address: emberd warns and goes on.
+            ("NOTIFY_SOCKET", "not-an-address"),
+            ("WATCHDOG_USEC", "60000000"),
+            ("WATCHDOG_PID", "1"),
+        ],
     );
-    ctl_ok(&socket, &["install", hello.to_str().unwrap()]);
-    wait_running(&socket, "hello");
+    let (dir, socket, journal) = (j.dir.path(), j.socket.as_path(), &j.journal);
+
+    let hello = real_module(dir, "hello", "hello", "[config]\nprint = \"journal 7\"\n");
+    ctl_ok(socket, &["install", hello.to_str().unwrap()]);
+    wait_running(socket, "hello");
     // What systemd told emberd is emberd's: its worker (and so the zygote
     // it was forked from) inherits none of it.
     let status: serde_json::Value =
-        serde_json::from_str(&ctl_ok(&socket, &["status", "hello", "--json"])).unwrap();
+        serde_json::from_str(&ctl_ok(socket, &["status", "hello", "--json"])).unwrap();
     let worker = status["status"]["pid"].as_i64().unwrap();
     let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
     let names: Vec<String> = environ
@@ -497,8 +541,8 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
             "{k} in the worker's environment: {names:?}"
         );
     }
-    let panics = real_module(dir.path(), "panics", "fixture-panic-start", "");
-    ctl_ok(&socket, &["install", panics.to_str().unwrap()]);
+    let panics = real_module(dir, "panics", "fixture-panic-start", "");
+    ctl_ok(socket, &["install", panics.to_str().unwrap()]);
 
     let mut seen = Vec::new();
     let has = |s: &[String], module: &str, priority: &str, message: &dyn Fn(&str) -> bool| {
@@ -508,7 +552,7 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
                 && f.get("MESSAGE").is_some_and(|m| message(m))
         })
     };
-    recv_until(&journal, "hello's and the panic's lines", &mut seen, |s| {
+    recv_until(journal, "hello's and the panic's lines", &mut seen, |s| {
         // Raw stdout and stderr (both info, 6, without their own `<N>`), a
         // tracing record (info, 6), a
         // panic's tracing record (error, 3).
@@ -529,7 +573,7 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
 
     // The module's log file still has every line (emberctl logs).
     poll_until("hello's log", Duration::from_millis(30), || {
-        let text = ctl_ok(&socket, &["logs", "hello"]);
+        let text = ctl_ok(socket, &["logs", "hello"]);
         let l: Vec<&str> = text.lines().collect();
         if l.contains(&"stdout: journal 7")
             && l.contains(&"stderr: journal 7")
@@ -541,10 +585,7 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
         }
     });
 
-    let st = d.stop().unwrap();
-    assert!(st.success(), "{st}");
-    reader_thread.join().unwrap();
-    let lines = lines.lock().unwrap().clone();
+    let lines = j.stop();
     // Every line of emberd's carries a priority, and no timestamp.
     assert!(
         lines
@@ -559,62 +600,14 @@ fn journal_mode_prefixes_priorities_and_sends_module_lines_with_their_module() {
 
 #[test]
 fn plain_format_keeps_module_output_in_the_log_file_only() {
-    let dir = TempDir::new("journal-plain");
-    let journal_path = dir.path().join("journal.sock");
-    let journal = datagrams(&journal_path);
-    let socket = dir.path().join("ctl.sock");
-    let config = dir.path().join("emberd.toml");
     // Forced plain although stderr is "the journal".
-    std::fs::write(
-        &config,
-        format!(
-            "{FAST}\n[logging]\nformat = \"plain\"\njournal_socket = {:?}\n",
-            journal_path.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (reader, writer) = std::io::pipe().unwrap();
-    let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
-    let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let reader_thread = std::thread::spawn(move || {
-        BufReader::new(reader)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    let mut d = Emberd(Some(
-        Command::new(emberd())
-            .arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("EMBER_LOG", "info")
-            .env("JOURNAL_STREAM", &stream)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stderr(writer)
-            .spawn()
-            .unwrap(),
-    ));
-    poll_until("emberd ready", Duration::from_millis(20), || {
-        UnixStream::connect(&socket)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    });
-    let hello = real_module(
-        dir.path(),
-        "hello",
-        "hello",
-        "[config]\nprint = \"plain 3\"\n",
-    );
-    ctl_ok(&socket, &["install", hello.to_str().unwrap()]);
-    wait_running(&socket, "hello");
+    let mut j = JournalEmberd::start("journal-plain", "plain", true, &[("EMBER_LOG", "info")]);
+    let (dir, socket, journal) = (j.dir.path(), j.socket.as_path(), &j.journal);
+    let hello = real_module(dir, "hello", "hello", "[config]\nprint = \"plain 3\"\n");
+    ctl_ok(socket, &["install", hello.to_str().unwrap()]);
+    wait_running(socket, "hello");
     poll_until("hello's log", Duration::from_millis(30), || {
-        let text = ctl_ok(&socket, &["logs", "hello"]);
+        let text = ctl_ok(socket, &["logs", "hello"]);
         let l: Vec<&str> = text.lines().collect();
         if l.contains(&"stdout: plain 3")
             && l.contains(&"stderr: plain 3")
@@ -636,8 +629,7 @@ fn plain_format_keeps_module_output_in_the_log_file_only() {
         "a datagram in plain mode: {:?}",
         got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
     );
-    assert!(d.stop().unwrap().success());
-    let lines = reader_thread.join().unwrap();
+    let lines = j.stop();
     assert!(
         lines.iter().any(|l| l.contains("emberd ready")),
         "{lines:#?}"
@@ -675,55 +667,18 @@ fn ctl_answers(socket: &Path, args: &[&str]) -> String {
 
 #[test]
 fn a_flooding_module_in_journal_mode_neither_stalls_the_control_socket_nor_floods_the_journal() {
-    let dir = TempDir::new("journal-flood");
-    let journal_path = dir.path().join("journal.sock");
-    let journal = datagrams(&journal_path);
-    let socket = dir.path().join("ctl.sock");
-    let config = dir.path().join("emberd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{FAST}\n[logging]\nformat = \"journal\"\njournal_socket = {:?}\n",
-            journal_path.display().to_string()
-        ),
-    )
-    .unwrap();
-    let d = Emberd(Some(
-        Command::new(emberd())
-            .arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    poll_until("emberd ready", Duration::from_millis(20), || {
-        UnixStream::connect(&socket)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    });
-    let flood = real_module(
-        dir.path(),
-        "flood",
-        "fixture-hostile",
-        "[config]\nflood = true\n",
-    );
-    ctl_ok(&socket, &["install", flood.to_str().unwrap()]);
-    wait_running(&socket, "flood");
+    let j = JournalEmberd::start("journal-flood", "journal", false, &[]);
+    let (dir, socket, journal) = (j.dir.path(), j.socket.as_path(), &j.journal);
+    let flood = real_module(dir, "flood", "fixture-hostile", "[config]\nflood = true\n");
+    ctl_ok(socket, &["install", flood.to_str().unwrap()]);
+    wait_running(socket, "flood");
 
     // Its output is read by emberd's journal thread, not the runtime's.
-    let threads = ember_tests::daemon::thread_names(d.pid());
+    let threads = ember_tests::daemon::thread_names(j.emberd.pid());
     assert!(threads.iter().any(|n| n == "ember-journal"), "{threads:?}");
     // While it floods, the control socket answers every call.
     for _ in 0..5 {
-        let list = ctl_answers(&socket, &["list", "--json"]);
+        let list = ctl_answers(socket, &["list", "--json"]);
         assert!(list.contains("\"flood\""), "{list}");
     }
     // The journal gets its lines, stdout and stderr at their priorities
@@ -737,7 +692,7 @@ fn a_flooding_module_in_journal_mode_neither_stalls_the_control_socket_nor_flood
                 && f.get("MESSAGE").is_some_and(|m| message(m))
         })
     };
-    recv_until(&journal, "flood lines and a rate report", &mut seen, |s| {
+    recv_until(journal, "flood lines and a rate report", &mut seen, |s| {
         has(s, "6", &|m| m.starts_with("flood "))
             && has(s, "4", &|m| m.starts_with("flood "))
             && has(s, "4", &|m| {
@@ -751,12 +706,12 @@ fn a_flooding_module_in_journal_mode_neither_stalls_the_control_socket_nor_flood
         .unwrap();
     assert!(report["EMBER_JOURNAL_DROPPED"].parse::<u64>().unwrap() > 0);
     // Every line is in the log file.
-    let logs = ctl_answers(&socket, &["logs", "flood", "-n", "50"]);
+    let logs = ctl_answers(socket, &["logs", "flood", "-n", "50"]);
     // (untouched: a stderr line keeps its `<4>`).
     assert!(
         logs.lines()
             .all(|l| l.starts_with("flood ") || l.starts_with("<4>flood ")),
         "{logs}"
     );
-    ctl_answers(&socket, &["uninstall", "flood"]);
+    ctl_answers(socket, &["uninstall", "flood"]);
 }
