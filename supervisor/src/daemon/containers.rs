@@ -18,7 +18,9 @@ use tokio::sync::watch;
 
 use super::actor::{to_value, Actor, Progress, Reply, Response};
 use super::os::ContainerIo;
-use super::pipeline::{bind_error, image_of, read_input, Input, Listeners, Pending, UidQuery};
+use super::pipeline::{
+    bind_error, image_for_run, image_of, read_input, Input, Listeners, Pending, UidQuery,
+};
 use crate::config::{manifest_with_memory, LimitSource};
 use crate::control::container::{
     conflict, instance_name, not_found, rfc3339_now, ContainerExit, ContainerStatusReply,
@@ -449,18 +451,7 @@ impl Actor {
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
             let made = image_of(image, &artifact).await;
-            image_tx.send_replace(Some(
-                made.as_ref()
-                    .map(|i| i.fd.clone())
-                    .map_err(|e| format!("artifact copy: {}", error_chain(e))),
-            ));
-            if let Ok(image) = made {
-                let _ = pending.send(Pending::Verified {
-                    name,
-                    generation,
-                    image,
-                });
-            }
+            image_for_run(&image_tx, &pending, name, generation, made, "artifact copy");
         });
         self.add_and_start(run);
         Ok(generation)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::actor::{drop_run, finished_runs, to_value, unix_now, Actor, Progress, Reply, Response};
 use super::model::{nobody, Kind, Module, Rollout, Run, Watch};
@@ -214,6 +214,37 @@ pub(super) async fn image_of(
             source: std::io::Error::other(e.to_string()),
         })
     })
+}
+
+/// Tells the launches waiting on `tx` how an artifact's copy came out:
+/// its descriptor, or the error after `what` (the step that failed).
+pub(super) fn publish_image(tx: &ImageTx, image: &Result<ArtifactImage, StoreError>, what: &str) {
+    tx.send_replace(Some(
+        image
+            .as_ref()
+            .map(|i| i.fd.clone())
+            .map_err(|e| format!("{what}: {}", error_chain(e))),
+    ));
+}
+
+/// [`publish_image`], then hands a made image to the run `name` of
+/// `generation` through the actor.
+pub(super) fn image_for_run(
+    tx: &ImageTx,
+    pending: &mpsc::UnboundedSender<Pending>,
+    name: String,
+    generation: u64,
+    image: Result<ArtifactImage, StoreError>,
+    what: &str,
+) {
+    publish_image(tx, &image, what);
+    if let Ok(image) = image {
+        let _ = pending.send(Pending::Verified {
+            name,
+            generation,
+            image,
+        });
+    }
 }
 
 /// What an install's read phase needs from the actor's state when the
@@ -512,19 +543,7 @@ impl Actor {
                                 source: std::io::Error::other(e.to_string()),
                             })
                         });
-                    tx.send_replace(Some(
-                        image
-                            .as_ref()
-                            .map(|i| i.fd.clone())
-                            .map_err(|e| format!("stored artifact: {}", error_chain(e))),
-                    ));
-                    if let Ok(image) = image {
-                        let _ = pending.send(Pending::Verified {
-                            name,
-                            generation,
-                            image,
-                        });
-                    }
+                    image_for_run(&tx, &pending, name, generation, image, "stored artifact");
                 });
             }
         }
@@ -628,11 +647,7 @@ impl Actor {
                 let pending = self.pending_tx.clone();
                 tokio::spawn(async move {
                     let made = image_of(image, &artifact).await;
-                    image_tx.send_replace(Some(
-                        made.as_ref()
-                            .map(|i| i.fd.clone())
-                            .map_err(|e| format!("artifact copy: {}", error_chain(e))),
-                    ));
+                    publish_image(&image_tx, &made, "artifact copy");
                     let _ = pending.send(Pending::Copied {
                         install: InstallSaved {
                             name,
