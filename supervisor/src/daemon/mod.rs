@@ -23,6 +23,7 @@ pub mod release;
 mod render;
 pub mod scrape;
 pub mod server;
+mod slots;
 pub mod status_line;
 
 use std::os::unix::fs::MetadataExt as _;

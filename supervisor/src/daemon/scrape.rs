@@ -31,10 +31,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, ActorMsg};
 use super::model::Run;
+use super::slots::{Slot, Slots};
 use crate::lifecycle::{Lifecycle, State};
 use crate::metrics::{Memory, MemoryCache};
 use crate::pool::{PoolHandle, PoolStats};
@@ -627,93 +628,6 @@ pub async fn serve(listener: StdTcpListener, sources: Arc<Sources>) {
     }
 }
 
-/// How long a connection accepted at [`MAX_CONNECTIONS`] waits for the one
-/// it evicted to let go of its slot.
-const EVICT_WAIT: Duration = Duration::from_secs(1);
-
-/// The connection slots. When all are taken, the connection that has
-/// waited the longest for its request head is told to close, and the new
-/// one takes its slot.
-struct Slots {
-    permits: Arc<Semaphore>,
-    table: Arc<Mutex<SlotTable>>,
-}
-
-#[derive(Default)]
-struct SlotTable {
-    next: u64,
-    /// Per connection still reading its head: since when, and how to tell
-    /// it to close. A connection being answered is not here.
-    reading: HashMap<u64, (Instant, Arc<Notify>)>,
-}
-
-/// One connection's slot, given back when dropped.
-struct Slot {
-    id: u64,
-    table: Arc<Mutex<SlotTable>>,
-    evict: Arc<Notify>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Slots {
-    fn new(n: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(n)),
-            table: Arc::default(),
-        }
-    }
-
-    fn lock(table: &Mutex<SlotTable>) -> std::sync::MutexGuard<'_, SlotTable> {
-        table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A free slot, or the slot of the connection waiting the longest for
-    /// its head once it has closed; `None` if every connection is being
-    /// answered.
-    async fn take(&self) -> Option<Slot> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let oldest = Self::lock(&self.table)
-                    .reading
-                    .values()
-                    .min_by_key(|(since, _)| *since)
-                    .map(|(_, evict)| evict.clone());
-                oldest?.notify_one();
-                tokio::time::timeout(EVICT_WAIT, self.permits.clone().acquire_owned())
-                    .await
-                    .ok()?
-                    .ok()?
-            }
-        };
-        let evict = Arc::new(Notify::new());
-        let mut t = Self::lock(&self.table);
-        let id = t.next;
-        t.next += 1;
-        t.reading.insert(id, (Instant::now(), evict.clone()));
-        Some(Slot {
-            id,
-            table: self.table.clone(),
-            evict,
-            _permit: permit,
-        })
-    }
-}
-
-impl Slot {
-    /// The head is in: the connection is being answered and is no longer
-    /// evicted.
-    fn answering(&self) {
-        Slots::lock(&self.table).reading.remove(&self.id);
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        Slots::lock(&self.table).reading.remove(&self.id);
-    }
-}
-
 /// What a request head asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
@@ -795,7 +709,7 @@ async fn connection(mut stream: TcpStream, sources: &Arc<Sources>, slot: &Slot) 
         // Evicted for a newer connection: closed without a reply.
         () = slot.evict.notified() => return,
     };
-    slot.answering();
+    slot.set_idle(false);
     let reply = match head {
         Err(_) => response(
             "408 Request Timeout",

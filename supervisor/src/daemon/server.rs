@@ -1,18 +1,18 @@
 //! The control socket: bind with the configured mode, check each peer's
 //! credentials, decode Varlink calls, dispatch, reply.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{ActorMsg, Response};
+use super::slots::{Slot, Slots};
 use crate::control::{self, errors, Action, Decoded};
 use crate::fscred::Credentials;
 use crate::prom::ControlCalls;
@@ -310,96 +310,6 @@ fn write_deadline() -> Duration {
 /// events (the kernel doubles it). Beyond that a reader that does not read
 /// falls behind in the event hub, which counts what it misses.
 const EVENTS_SNDBUF: usize = 8 * 1024;
-
-/// How long a connection accepted at [`MAX_CONNECTIONS`] waits for the idle
-/// one it evicted to let go of its slot.
-const EVICT_WAIT: Duration = Duration::from_secs(1);
-
-/// The connection slots. When all are taken, the connection idle the
-/// longest (waiting for a call, or stalled in the middle of one) is closed
-/// to make room: a client holding many idle connections cannot lock the
-/// others out. Connections busy with a call are never evicted.
-struct Slots {
-    permits: Arc<Semaphore>,
-    table: Arc<Mutex<SlotTable>>,
-}
-
-#[derive(Default)]
-struct SlotTable {
-    next: u64,
-    /// Per connection: idle since when (`None`: busy with a call), and how
-    /// to tell it to close.
-    conns: HashMap<u64, (Option<Instant>, Arc<Notify>)>,
-}
-
-/// One connection's slot, given back when dropped.
-struct Slot {
-    id: u64,
-    table: Arc<Mutex<SlotTable>>,
-    evict: Arc<Notify>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Slots {
-    fn new(n: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(n)),
-            table: Arc::default(),
-        }
-    }
-
-    /// A slot for a new connection: a free one, or the one of the
-    /// connection idle the longest, once it has closed. `None` if every
-    /// connection is busy with a call.
-    async fn take(&self) -> Option<Slot> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let oldest = {
-                    let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-                    t.conns
-                        .values()
-                        .filter_map(|(idle, evict)| idle.map(|i| (i, evict.clone())))
-                        .min_by_key(|(i, _)| *i)
-                        .map(|(_, evict)| evict)
-                };
-                oldest?.notify_one();
-                tokio::time::timeout(EVICT_WAIT, self.permits.clone().acquire_owned())
-                    .await
-                    .ok()?
-                    .ok()?
-            }
-        };
-        let evict = Arc::new(Notify::new());
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let id = t.next;
-        t.next += 1;
-        t.conns.insert(id, (Some(Instant::now()), evict.clone()));
-        Some(Slot {
-            id,
-            table: self.table.clone(),
-            evict,
-            _permit: permit,
-        })
-    }
-}
-
-impl Slot {
-    /// Marks the connection idle (waiting for bytes) or busy (a call).
-    fn set_idle(&self, idle: bool) {
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = t.conns.get_mut(&self.id) {
-            e.0 = idle.then(Instant::now);
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        t.conns.remove(&self.id);
-    }
-}
 
 struct Connection {
     stream: UnixStream,
