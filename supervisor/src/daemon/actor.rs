@@ -22,6 +22,7 @@ use super::render;
 use crate::cgroup::Limiter;
 use crate::config::LimitsConfig;
 use crate::control::health::HealthReply;
+use crate::control::install::InstallError;
 use crate::control::list::ListReply;
 use crate::control::pool::PoolReply;
 use crate::control::status::StatusReply;
@@ -711,8 +712,9 @@ impl Actor {
     }
 
     /// A uid for the module `name`: the first of `candidates` (free in
-    /// passwd and group, checked off this thread) that no other module has.
-    pub(super) fn allocate_uid(&self, name: &str, candidates: &[u32]) -> Option<u32> {
+    /// passwd and group, checked off this thread) that no other module has;
+    /// [`InstallError::NoUid`] when there is none.
+    pub(super) fn allocate_uid(&self, name: &str, candidates: &[u32]) -> Result<u32, InstallError> {
         let taken: std::collections::HashSet<u32> = self
             .desired
             .modules
@@ -726,7 +728,14 @@ impl Actor {
                     .filter_map(|c| c.uid),
             )
             .collect();
-        candidates.iter().copied().find(|id| !taken.contains(id))
+        candidates
+            .iter()
+            .copied()
+            .find(|id| !taken.contains(id))
+            .ok_or_else(|| InstallError::NoUid {
+                name: name.to_owned(),
+                range: self.sandbox.uid_range,
+            })
     }
 
     /// Whether a `Shutdown` began.

@@ -398,12 +398,7 @@ impl Actor {
         // From the instance name, not the manifest's: a manifest naming
         // an installed module must not get its uid, nor two containers of
         // one module share one.
-        let uid = self
-            .allocate_uid(&name, &uids)
-            .ok_or_else(|| InstallError::NoUid {
-                name: name.clone(),
-                range: self.sandbox.uid_range,
-            })?;
+        let uid = self.allocate_uid(&name, &uids)?;
         if let Some(c) = self.containers.get_mut(&req.id) {
             c.uid = Some(uid);
         }

@@ -687,12 +687,7 @@ impl Actor {
             });
         }
         self.check_sandbox(&manifest_path, &text)?;
-        let uid = self
-            .allocate_uid(&summary.name, &uids)
-            .ok_or_else(|| InstallError::NoUid {
-                name: summary.name.clone(),
-                range: self.sandbox.uid_range,
-            })?;
+        let uid = self.allocate_uid(&summary.name, &uids)?;
         let bound = listeners::bind_all(&summary.listeners).map_err(bind_error)?;
         self.next_placeholder += 1;
         let placeholder = store::placeholder(self.next_placeholder);

@@ -609,18 +609,13 @@ pub async fn serve(listener: StdTcpListener, sources: Arc<Sources>) {
     };
     let slots = Slots::new(MAX_CONNECTIONS);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(slot) = slots.take().await else {
-            tracing::warn!("too many metrics connections, all being answered; closing a new one");
-            continue;
-        };
+        let (stream, slot) = slots
+            .accept(
+                || listener.accept(),
+                "metrics accept failed",
+                "too many metrics connections, all being answered; closing a new one",
+            )
+            .await;
         let sources = sources.clone();
         tokio::spawn(async move {
             connection(stream, &sources, &slot).await;

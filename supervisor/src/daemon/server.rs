@@ -239,18 +239,13 @@ pub async fn serve(
     };
     let slots = Slots::new(MAX_CONNECTIONS);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(slot) = slots.take().await else {
-            tracing::warn!("too many control connections, none idle; closing one");
-            continue;
-        };
+        let (stream, slot) = slots
+            .accept(
+                || listener.accept(),
+                "accept failed",
+                "too many control connections, none idle; closing one",
+            )
+            .await;
         let access = access.clone();
         let actor = actor.clone();
         let calls = calls.clone();

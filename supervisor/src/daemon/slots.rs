@@ -4,6 +4,7 @@
 //! A connection busy with a request is never evicted.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,7 @@ impl Slots {
     /// A slot for a new connection: a free one, or the one of the
     /// connection idle the longest, once it has closed. `None` if every
     /// connection is busy.
-    pub(super) async fn take(&self) -> Option<Slot> {
+    async fn take(&self) -> Option<Slot> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -79,6 +80,34 @@ impl Slots {
             evict,
             _permit: permit,
         })
+    }
+
+    /// The next connection `accept` gives, with its slot. An accept that
+    /// fails is logged with `failed` and tried again 50 ms later; a
+    /// connection for which no slot is found is closed, logged with `full`.
+    pub(super) async fn accept<S, A, F>(
+        &self,
+        mut accept: impl FnMut() -> F,
+        failed: &str,
+        full: &str,
+    ) -> (S, Slot)
+    where
+        F: Future<Output = std::io::Result<(S, A)>>,
+    {
+        loop {
+            let stream = match accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{failed}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match self.take().await {
+                Some(slot) => return (stream, slot),
+                None => tracing::warn!("{full}"),
+            }
+        }
     }
 }
 
