@@ -41,20 +41,23 @@ impl Daemon {
     }
 
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Self {
-        let dir = TempDir::new("d");
-        let socket = dir.path().join("ctl.sock");
-        let state = dir.path().join("state");
-        let cfg = dir.path().join("emberd.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let mut d = Daemon {
-            child: None,
-            socket,
-            state,
-            config: cfg,
-            dir,
-        };
+        let mut d = Self::in_dir(TempDir::new("d"), config);
         d.spawn(env);
         d
+    }
+
+    /// An emberd not started yet, its files in `dir`: `config` written to
+    /// `emberd.toml`, the socket `ctl.sock`, the state dir `state`.
+    pub fn in_dir(dir: TempDir, config: &str) -> Self {
+        let cfg = dir.path().join("emberd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        Daemon {
+            child: None,
+            socket: dir.path().join("ctl.sock"),
+            state: dir.path().join("state"),
+            config: cfg,
+            dir,
+        }
     }
 
     pub fn spawn(&mut self, env: &[(&str, &str)]) {

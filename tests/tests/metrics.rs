@@ -23,16 +23,7 @@ fn free_addr() -> SocketAddr {
 /// emberd with `--metrics ADDR` on a free port (another port is tried if
 /// something took it between the probe and the bind).
 fn start_with_metrics(config: &str) -> (Daemon, SocketAddr) {
-    let dir = TempDir::new("m");
-    let cfg = dir.path().join("emberd.toml");
-    std::fs::write(&cfg, config).unwrap();
-    let mut d = Daemon {
-        child: None,
-        socket: dir.path().join("ctl.sock"),
-        state: dir.path().join("state"),
-        config: cfg,
-        dir,
-    };
+    let mut d = Daemon::in_dir(TempDir::new("m"), config);
     for _ in 0..5 {
         let addr = free_addr();
         let mut child = Command::new(emberd())

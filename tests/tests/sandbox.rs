@@ -246,7 +246,6 @@ fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
     // module keeps `uid` too.
     let dir = TempDir::new("nonroot");
     std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
-    let config = dir.path().join("emberd.toml");
     // The shared runtime of slim modules (`hello` is one) where `uid` can
     // read it, as a deployment would install it: the toolchain's std is in
     // root's home.
@@ -257,21 +256,11 @@ fn a_module_keeping_emberds_uid_cannot_reach_emberd() {
     for lib in [&libs.std, &libs.sdk] {
         std::fs::copy(lib, runtime.join(lib.file_name().unwrap())).unwrap();
     }
-    std::fs::write(
-        &config,
-        format!(
-            "{FAST}[runtime_libs]\ndir = {:?}\n",
-            runtime.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut d = Daemon {
-        child: None,
-        socket: dir.path().join("ctl.sock"),
-        state: dir.path().join("state"),
-        config,
-        dir,
-    };
+    let config = format!(
+        "{FAST}[runtime_libs]\ndir = {:?}\n",
+        runtime.display().to_string()
+    );
+    let mut d = Daemon::in_dir(dir, &config);
     let mut cmd = std::process::Command::new(emberd());
     cmd.arg("--config")
         .arg(&d.config)
@@ -834,15 +823,7 @@ fn an_installs_passwd_and_group_lookups_block_no_other_client() {
     let dir = TempDir::new("nss");
     let fifo = dir.path().join("passwd");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-    let cfg = dir.path().join("emberd.toml");
-    std::fs::write(&cfg, FAST).unwrap();
-    let mut d = Daemon {
-        child: None,
-        socket: dir.path().join("ctl.sock"),
-        state: dir.path().join("state"),
-        config: cfg,
-        dir,
-    };
+    let mut d = Daemon::in_dir(dir, FAST);
     let child = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg("mount --bind \"$0\" /etc/passwd && exec \"$@\"")
