@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ember_tests::containerd::Containerd;
 use ember_tests::daemon::*;
 use ember_tests::{artifact, poll_until};
 use serde_json::{json, Value};
@@ -415,95 +416,6 @@ fn bad_input_is_refused_clearly() {
     ok(call(&d, "RemoveContainer", json!({ "id": "a" })));
 }
 
-/// A private containerd (own root, state and socket), stopped on drop;
-/// `None` where containerd is not installed (outside CI).
-struct Containerd {
-    child: Child,
-    socket: PathBuf,
-    root: PathBuf,
-}
-
-impl Containerd {
-    fn start(dir: &Path) -> Option<Self> {
-        if Command::new("containerd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "containerd is not installed (.ci/run installs it)"
-            );
-            return None;
-        }
-        let socket = dir.join("containerd.sock");
-        let root = dir.join("root");
-        let config = dir.join("containerd.toml");
-        let d = dir.display();
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
-                 [debug]\n  address = \"{d}/debug.sock\"\n\
-                 [metrics]\n  address = \"\"\n\
-                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut c = Containerd {
-            child,
-            socket,
-            root,
-        };
-        poll_until("containerd's socket", Duration::from_millis(20), || {
-            if let Some(st) = c.child.try_wait().unwrap() {
-                panic!("containerd exited: {st}");
-            }
-            match std::os::unix::net::UnixStream::connect(&c.socket) {
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            }
-        });
-        Some(c)
-    }
-
-    fn ctr(&self, args: &[&str]) -> String {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "ember-test"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) of our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_packed_module_imports_into_containerd_and_runs_from_its_unpacked_image() {
     let d = Daemon::start(FAST);
@@ -563,12 +475,9 @@ fn a_packed_module_imports_into_containerd_and_runs_from_its_unpacked_image() {
         .collect();
     assert_eq!(got, hex);
 
-    let ctd_dir = ember_tests::TempDir::new("containerd");
-    let Some(ctd) = Containerd::start(ctd_dir.path()) else {
-        return;
-    };
-    ctd.ctr(&["images", "import", archive.to_str().unwrap()]);
-    let images = ctd.ctr(&["images", "ls"]);
+    let ctd = Containerd::start(&d.socket);
+    ctd.import(&archive);
+    let images = ctd.ctr_ok(&["images", "ls"]);
     let line = images
         .lines()
         .find(|l| l.starts_with("ember.local/hello-test:1.0.0 "))
@@ -577,8 +486,9 @@ fn a_packed_module_imports_into_containerd_and_runs_from_its_unpacked_image() {
     // Unpacked by the overlayfs snapshotter: the image's files as the shim
     // mounts them; emberd runs the module from there.
     let snapshots = ctd
-        .root
-        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+        .dir
+        .path()
+        .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
     let fs = std::fs::read_dir(&snapshots)
         .unwrap()
         .flatten()
