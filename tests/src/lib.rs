@@ -259,6 +259,36 @@ pub fn poll<T>(every: Duration, mut f: impl FnMut() -> Result<T, String>) -> Res
     }
 }
 
+/// Stops a child: SIGTERM by its pid, then waits for its exit (SIGKILL if
+/// it has not exited after [`PATIENCE`]); its status.
+pub fn stop_child(c: &mut Child) -> Option<std::process::ExitStatus> {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    match poll(Duration::from_millis(20), || match c.try_wait() {
+        Ok(Some(st)) => Ok(st),
+        Ok(None) => Err("running".into()),
+        Err(e) => Err(e.to_string()),
+    }) {
+        Ok(st) => Some(st),
+        Err(_) => {
+            let _ = c.kill();
+            c.wait().ok()
+        }
+    }
+}
+
+/// Waits for a child to exit on its own (within [`PATIENCE`]), without
+/// reaping it.
+pub fn exited_by_itself(c: &mut Child) -> bool {
+    poll(Duration::from_millis(20), || match c.try_wait() {
+        Ok(Some(_)) => Ok(()),
+        _ => Err("running".into()),
+    })
+    .is_ok()
+}
+
 /// Like [`poll`], but fails the test, naming `what` and what was last seen.
 pub fn poll_until<T>(what: &str, every: Duration, f: impl FnMut() -> Result<T, String>) -> T {
     poll(every, f).unwrap_or_else(|last| panic!("gave up waiting for {what}: {last}"))

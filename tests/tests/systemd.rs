@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_tests::daemon::{emberctl, emberd, real_module, FAST};
 use ember_tests::{poll_until, workspace_root, TempDir};
@@ -29,22 +29,9 @@ impl Emberd {
         self.0.as_ref().unwrap().id() as i32
     }
 
-    /// SIGTERM, then waits for the exit (SIGKILL by pid after a minute).
+    /// SIGTERM, then waits for the exit (SIGKILL by pid if it does not come).
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.0.take()?;
-        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return Some(st);
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                let _ = c.kill();
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        ember_tests::stop_child(&mut self.0.take()?)
     }
 }
 
@@ -305,13 +292,11 @@ fn a_passed_socket_that_is_not_a_listener_is_refused_clearly() {
         let _ = pipe.read_to_string(&mut err);
         err
     });
-    // emberd exits by itself (else `stop` kills it after a minute).
-    let t0 = Instant::now();
-    while d.0.as_mut().unwrap().try_wait().unwrap().is_none()
-        && t0.elapsed() < Duration::from_secs(60)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // emberd exits by itself (else `stop` kills it).
+    assert!(
+        ember_tests::exited_by_itself(d.0.as_mut().unwrap()),
+        "emberd kept running with a passed socket that is not a listener"
+    );
     let st = d.stop().unwrap();
     let err = reader.join().unwrap();
     assert_eq!(st.code(), Some(69), "{st}: {err}");
@@ -338,17 +323,18 @@ fn recv_until(
     seen: &mut Vec<String>,
     done: impl Fn(&[String]) -> bool,
 ) {
-    let t0 = Instant::now();
     let mut buf = vec![0u8; 65536];
-    while !done(seen) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "never {what}: {seen:#?}"
-        );
+    // Each receive waits up to the socket's read timeout.
+    poll_until(what, Duration::ZERO, || {
         if let Ok(n) = s.recv(&mut buf) {
             seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
-    }
+        if done(seen) {
+            Ok(())
+        } else {
+            Err(format!("{seen:#?}"))
+        }
+    });
 }
 
 #[test]
